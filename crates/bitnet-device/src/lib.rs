@@ -1,0 +1,11 @@
+//! Device-level code for bitnet-rs: what the machine can do, and the few OS
+//! facilities (memory-mapped model files) that need `unsafe`.
+//!
+//! This crate and `bitnet-kernels` are the only places where `unsafe` is allowed;
+//! every block states its invariant in a `// SAFETY:` comment.
+
+pub mod cpu;
+pub mod mmap;
+
+pub use cpu::CpuInfo;
+pub use mmap::MappedFile;
