@@ -1,0 +1,97 @@
+//! `bitnet`: the command-line program of bitnet-rs.
+//!
+//! Exit status: 0 on success, 1 when the command failed (the error chain is
+//! printed), 2 for usage errors (from clap).
+
+mod convert;
+mod default_model;
+mod generate;
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "bitnet", version, about = "BitNet b1.58 inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt.
+    Generate(generate::GenerateArgs),
+    /// Show a model file's metadata and tensors, and validate it.
+    Inspect(inspect::InspectArgs),
+    /// Convert between GGUF (I2_S) and HF safetensors folders.
+    Convert(convert::ConvertArgs),
+    /// Print CPU capabilities.
+    Devices {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Devices { json } => devices(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn devices(json: bool) -> anyhow::Result<()> {
+    let cpu = bitnet_device::CpuInfo::probe();
+    if json {
+        let value = serde_json::json!({
+            "cpu": {
+                "arch": cpu.arch,
+                "logical_cores": cpu.logical_cores,
+                "features": cpu.feature_names(),
+                "total_memory_bytes": cpu.total_memory_bytes,
+                "available_memory_bytes": cpu.available_memory_bytes,
+            },
+            "gpus": [],
+            "gpu_support": "not compiled in (the CUDA backend is not part of this build)",
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("cpu: {cpu}");
+        if let Some(total) = cpu.total_memory_bytes {
+            println!("memory: {:.1} GiB total", total as f64 / (1u64 << 30) as f64);
+        }
+        println!("gpus: none (the CUDA backend is not part of this build)");
+    }
+    Ok(())
+}
+
+/// Loads `--model PATH`, or the embedded default model when it is absent.
+pub(crate) fn load_model(path: Option<&PathBuf>) -> anyhow::Result<bitnet_models::BitNetModel> {
+    use anyhow::Context;
+    let (model, report) = match path {
+        Some(path) => {
+            bitnet_models::BitNetModel::load(path).with_context(|| format!("loading model {}", path.display()))?
+        }
+        None => default_model::load().context("loading the embedded default model")?,
+    };
+    for name in &report.unused_tensors {
+        eprintln!("warning: tensor `{name}` in the model file is not used");
+    }
+    Ok(model)
+}
