@@ -322,7 +322,9 @@ impl BitNetConfig {
 
     /// An HF `config.json` (as a JSON value) in the layout of
     /// microsoft/bitnet-b1.58-2B-4T, loadable by transformers' `BitNetForCausalLM`
-    /// as an offline-quantized `autobitlinear` model.
+    /// as an offline-quantized `autobitlinear` model (tools/hf_reference/hf_layout.md).
+    /// `head_dim` is not written: transformers derives it as hidden / heads,
+    /// which `validate` guarantees.
     pub fn to_hf_config_json(&self, bos_token_id: Option<u32>, eos_token_id: Option<u32>) -> Value {
         json!({
             "architectures": ["BitNetForCausalLM"],
@@ -331,7 +333,6 @@ impl BitNetConfig {
             "attention_dropout": 0.0,
             "hidden_act": "relu2",
             "hidden_size": self.hidden_size,
-            "head_dim": self.head_dim,
             "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size,
             "max_position_embeddings": self.max_position_embeddings,
@@ -340,7 +341,6 @@ impl BitNetConfig {
             "num_key_value_heads": self.n_kv_heads,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": null,
             "tie_word_embeddings": true,
             "torch_dtype": "bfloat16",
             "use_cache": true,
@@ -350,10 +350,7 @@ impl BitNetConfig {
             "quantization_config": {
                 "quant_method": "bitnet",
                 "linear_class": "autobitlinear",
-                "quantization_mode": "offline",
-                "modules_to_not_convert": null,
-                "use_rms_norm": false,
-                "rms_norm_eps": 1e-6
+                "quantization_mode": "offline"
             }
         })
     }
