@@ -1,6 +1,7 @@
 //! The reference forward pass: exactly the math of HF `modeling_bitnet.py`
-//! (FORMATS.md), written for clarity, with a KV cache. Every faster path is
-//! checked against this one.
+//! (FORMATS.md), written for clarity, with a KV cache. Activations are f64
+//! (see `ops`), so differences against another implementation measure that
+//! implementation's rounding. Every faster path is checked against this one.
 
 use bitnet_models::{BitNetConfig, BitNetModel, LayerWeights};
 
@@ -16,12 +17,12 @@ pub enum LogitsMode {
     Last,
 }
 
-/// Keys and values of past positions, per layer, in f32.
+/// Keys and values of past positions, per layer, in f64.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     /// Per layer, `[positions, kv_dim]`.
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<f64>>,
+    values: Vec<Vec<f64>>,
     kv_dim: usize,
     len: usize,
 }
@@ -61,7 +62,7 @@ impl KvCache {
 #[derive(Debug)]
 pub struct ReferenceForward<'m> {
     model: &'m BitNetModel,
-    inv_freq: Vec<f32>,
+    inv_freq: Vec<f64>,
 }
 
 impl<'m> ReferenceForward<'m> {
@@ -83,19 +84,20 @@ impl<'m> ReferenceForward<'m> {
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending them to `cache`.
-    /// Returns logits, `[n, vocab]` flattened, for the positions `mode` asks for.
+    /// Returns logits, `[n, vocab]` flattened, for the positions `mode` asks for
+    /// (computed in f64, returned as f32).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, mode: LogitsMode) -> Result<Vec<f32>, InferenceError> {
         self.forward_traced(tokens, cache, mode, |_, _| {})
     }
 
     /// Like [`Self::forward`], calling `trace(layer, hidden)` with the residual
-    /// stream (`[n, hidden]`) after each block, for divergence hunting.
+    /// stream (`[n, hidden]`, f64) after each block, for divergence hunting.
     pub fn forward_traced(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         mode: LogitsMode,
-        mut trace: impl FnMut(usize, &[f32]),
+        mut trace: impl FnMut(usize, &[f64]),
     ) -> Result<Vec<f32>, InferenceError> {
         let c = &self.model.config;
         if tokens.is_empty() {
@@ -118,9 +120,13 @@ impl<'m> ReferenceForward<'m> {
             }
         }
         let (n, h) = (tokens.len(), c.hidden_size);
-        let mut x = vec![0f32; n * h];
+        let mut x = vec![0f64; n * h];
+        let mut row = vec![0f32; h];
         for (t, &token) in tokens.iter().enumerate() {
-            self.model.embedding.row_to_f32(token as usize, &mut x[t * h..(t + 1) * h]);
+            self.model.embedding.row_to_f32(token as usize, &mut row);
+            for (xv, rv) in x[t * h..(t + 1) * h].iter_mut().zip(&row) {
+                *xv = f64::from(*rv);
+            }
         }
         for (idx, layer) in self.model.layers.iter().enumerate() {
             self.block(layer, idx, &mut x, n, cache);
@@ -134,9 +140,10 @@ impl<'m> ReferenceForward<'m> {
         };
         let head = self.model.head();
         let mut logits = vec![0f32; rows.len() * c.vocab_size];
-        let mut normed = vec![0f32; h];
+        let mut normed = vec![0f64; h];
         let mut head_row = vec![0f32; h];
-        let normed_rows: Vec<Vec<f32>> = rows
+        let mut head_row64 = vec![0f64; h];
+        let normed_rows: Vec<Vec<f64>> = rows
             .iter()
             .map(|&t| {
                 ops::rms_norm(&x[t * h..(t + 1) * h], &self.model.output_norm, c.rms_norm_eps, &mut normed);
@@ -145,28 +152,31 @@ impl<'m> ReferenceForward<'m> {
             .collect();
         for v in 0..c.vocab_size {
             head.row_to_f32(v, &mut head_row);
+            for (a, b) in head_row64.iter_mut().zip(&head_row) {
+                *a = f64::from(*b);
+            }
             for (r, normed) in normed_rows.iter().enumerate() {
-                logits[r * c.vocab_size + v] = ops::dot(normed, &head_row);
+                logits[r * c.vocab_size + v] = ops::dot(normed, &head_row64) as f32;
             }
         }
         Ok(logits)
     }
 
     /// One transformer block over `n` new positions, updating `x` in place.
-    fn block(&self, layer: &LayerWeights, idx: usize, x: &mut [f32], n: usize, cache: &mut KvCache) {
+    fn block(&self, layer: &LayerWeights, idx: usize, x: &mut [f64], n: usize, cache: &mut KvCache) {
         let c = &self.model.config;
         let (h, kv_dim, hd, inter) = (c.hidden_size, c.kv_dim(), c.head_dim, c.intermediate_size);
         let eps = c.rms_norm_eps;
         let start = cache.len;
 
         // Attention.
-        let mut normed = vec![0f32; n * h];
+        let mut normed = vec![0f64; n * h];
         for t in 0..n {
             ops::rms_norm(&x[t * h..(t + 1) * h], &layer.attn_norm, eps, &mut normed[t * h..(t + 1) * h]);
         }
-        let mut q = vec![0f32; n * h];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
+        let mut q = vec![0f64; n * h];
+        let mut k = vec![0f64; n * kv_dim];
+        let mut v = vec![0f64; n * kv_dim];
         ops::bitlinear(&normed, n, &layer.attn_q, &mut q);
         ops::bitlinear(&normed, n, &layer.attn_k, &mut k);
         ops::bitlinear(&normed, n, &layer.attn_v, &mut v);
@@ -178,12 +188,12 @@ impl<'m> ReferenceForward<'m> {
         cache.values[idx].extend_from_slice(&v);
         let (keys, values) = (&cache.keys[idx], &cache.values[idx]);
 
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = 1.0 / (hd as f64).sqrt();
         let group = c.group_size();
-        let mut attn = vec![0f32; n * h];
+        let mut attn = vec![0f64; n * h];
         for t in 0..n {
             let visible = start + t + 1; // causal: positions 0..=start+t
-            let mut scores = vec![0f32; visible];
+            let mut scores = vec![0f64; visible];
             for head in 0..c.n_heads {
                 let kv_head = head / group;
                 let qh = &q[t * h + head * hd..t * h + (head + 1) * hd];
@@ -194,12 +204,7 @@ impl<'m> ReferenceForward<'m> {
                 ops::softmax(&mut scores);
                 let out = &mut attn[t * h + head * hd..t * h + (head + 1) * hd];
                 for (d, o) in out.iter_mut().enumerate() {
-                    let sum: f64 = scores
-                        .iter()
-                        .enumerate()
-                        .map(|(p, w)| f64::from(*w) * f64::from(values[p * kv_dim + kv_head * hd + d]))
-                        .sum();
-                    *o = sum as f32;
+                    *o = scores.iter().enumerate().map(|(p, w)| w * values[p * kv_dim + kv_head * hd + d]).sum();
                 }
             }
         }
@@ -207,7 +212,7 @@ impl<'m> ReferenceForward<'m> {
         for t in 0..n {
             ops::rms_norm(&attn[t * h..(t + 1) * h], &layer.attn_sub_norm, eps, &mut normed[t * h..(t + 1) * h]);
         }
-        let mut o = vec![0f32; n * h];
+        let mut o = vec![0f64; n * h];
         ops::bitlinear(&normed, n, &layer.attn_output, &mut o);
         for (xv, ov) in x.iter_mut().zip(&o) {
             *xv += ov;
@@ -217,13 +222,13 @@ impl<'m> ReferenceForward<'m> {
         for t in 0..n {
             ops::rms_norm(&x[t * h..(t + 1) * h], &layer.ffn_norm, eps, &mut normed[t * h..(t + 1) * h]);
         }
-        let mut gate = vec![0f32; n * inter];
-        let mut up = vec![0f32; n * inter];
+        let mut gate = vec![0f64; n * inter];
+        let mut up = vec![0f64; n * inter];
         ops::bitlinear(&normed, n, &layer.ffn_gate, &mut gate);
         ops::bitlinear(&normed, n, &layer.ffn_up, &mut up);
-        let mut act = vec![0f32; n * inter];
+        let mut act = vec![0f64; n * inter];
         ops::relu2_mul(&gate, &up, &mut act);
-        let mut act_normed = vec![0f32; n * inter];
+        let mut act_normed = vec![0f64; n * inter];
         for t in 0..n {
             ops::rms_norm(
                 &act[t * inter..(t + 1) * inter],
@@ -232,7 +237,7 @@ impl<'m> ReferenceForward<'m> {
                 &mut act_normed[t * inter..(t + 1) * inter],
             );
         }
-        let mut down = vec![0f32; n * h];
+        let mut down = vec![0f64; n * h];
         ops::bitlinear(&act_normed, n, &layer.ffn_down, &mut down);
         for (xv, dv) in x.iter_mut().zip(&down) {
             *xv += dv;

@@ -1,6 +1,7 @@
 //! Per-token absmax int8 quantization of activations, the input half of every BitLinear (HF transformers' `ActQuant`).
 //!
-//! For a token (one row) `x`: `s = 127 / max(max |x|, 1e-5)` and
+//! For a token (one row) `x`: `s = 127 / max(max |x|, 1e-5)` (evaluated as
+//! `(1 / max) * 127` in f32, exactly as torch evaluates HF's expression) and
 //! `q = clamp(round(x * s), -128, 127)`; the matmul result is divided by `s`
 //! (and multiplied by the weight scale) afterwards.
 //!
@@ -73,7 +74,10 @@ fn quantize_row(x: &[f32], out: &mut [i8], first_index: usize) -> Result<f32, Qu
         }
         abs_max = abs_max.max(value.abs());
     }
-    let scale = 127.0 / abs_max.max(ACT_QUANT_EPS);
+    // `(1 / m) * 127`, not `127 / m`: this is how torch evaluates HF's
+    // `127 / tensor` (`Tensor.__rtruediv__` is `reciprocal() * 127`), and the
+    // two can differ by one ulp, which moves `.5` ties.
+    let scale = (1.0 / abs_max.max(ACT_QUANT_EPS)) * 127.0;
     for (q, &value) in out.iter_mut().zip(x) {
         *q = (value * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
     }
@@ -103,10 +107,10 @@ mod tests {
         // A negative maximum maps to -127; s = 127 / 2 = 63.5, 1 * 63.5 ties to 64.
         check(&[-2.0, 1.0, 0.0], &[-127, 64, 0], 63.5);
         // All-zero row: the maximum is clamped to 1e-5, s = 127 / 1e-5.
-        check(&[0.0; 5], &[0; 5], 127.0 / 1e-5);
+        check(&[0.0; 5], &[0; 5], (1.0 / 1e-5) * 127.0);
         // Below the clamp: x = 1e-6 -> 1e-6 * 1.27e7 = 12.7 -> 13.
-        check(&[1e-6, -5e-7], &[13, -6], 127.0 / 1e-5);
-        check(&[], &[], 127.0 / 1e-5);
+        check(&[1e-6, -5e-7], &[13, -6], (1.0 / 1e-5) * 127.0);
+        check(&[], &[], (1.0 / 1e-5) * 127.0);
     }
 
     #[test]
@@ -118,7 +122,7 @@ mod tests {
         let mut scales = [0.0f32; 3];
         quantize_activations_rows(&x, 3, &mut out, &mut scales).unwrap();
         assert_eq!(out, [127, 0, -1, 0, 0, 0, 64, -127, 0]);
-        assert_eq!(scales, [1.0, 127.0 / 1e-5, 254.0]);
+        assert_eq!(scales, [1.0, (1.0 / 1e-5) * 127.0, 254.0]);
     }
 
     #[test]
@@ -158,6 +162,20 @@ mod tests {
         );
     }
 
+    #[test]
+    fn scale_is_evaluated_like_torch() {
+        // torch evaluates `127 / t` as `t.reciprocal() * 127`; find a maximum
+        // where that differs from a true division and check we follow torch.
+        let m = (1..100_000)
+            .map(|i| 1.0f32 + i as f32 * 1.0e-3)
+            .find(|m| (1.0 / m) * 127.0 != 127.0 / m)
+            .expect("some maximum rounds differently");
+        let mut out = [0i8; 2];
+        let scale = quantize_activations(&[m, -0.5], &mut out).unwrap();
+        assert_eq!(scale, (1.0 / m) * 127.0);
+        assert_ne!(scale, 127.0 / m);
+    }
+
     proptest! {
         #[test]
         fn quantized_values_reconstruct_the_input(
@@ -166,7 +184,7 @@ mod tests {
             let mut out = vec![0i8; x.len()];
             let scale = quantize_activations(&x, &mut out).unwrap();
             let abs_max = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            prop_assert_eq!(scale, 127.0 / abs_max.max(ACT_QUANT_EPS));
+            prop_assert_eq!(scale, (1.0 / abs_max.max(ACT_QUANT_EPS)) * 127.0);
             for (&value, &q) in x.iter().zip(&out) {
                 prop_assert!(q >= -127, "q = {q}");
                 // Rounding error is at most half a step (plus float slack).

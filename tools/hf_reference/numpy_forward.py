@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Independent BitNet b1.58 forward in pure numpy (float32), written from FORMATS.md, no torch/transformers.
+
+    python numpy_forward.py --model DIR --tokens FILE.json --out OUTDIR [--greedy N]
+
+Same outputs as hf_forward.py (see run_io.py). Math per BitLinear:
+    s = 127 / max(max|x|, 1e-5)  (per token, f32; computed as (1/amax)*127 like torch, see act_scale)
+    q = clamp(round_half_even(x * s), -128, 127)
+    y = (q @ t^T) / s * weight_scale         (q @ t^T is exact in f32: |sum| < 2^24)
+RMSNorm in f32: x * 1/sqrt(mean(x^2) + eps) * w. RoPE rotate_half pairing (i, i + head_dim/2),
+inv_freq = theta^(-2i/d) in f32. GQA: query head h uses kv head h // (heads / kv_heads).
+Greedy decoding uses a KV cache (same math as a full pass) and float32 argmax, no EOS stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bitnet_hf_format as fmt  # noqa: E402
+import run_io  # noqa: E402
+
+F32 = np.float32
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=F32)
+    return (x * (F32(1.0) / np.sqrt(var + F32(eps)))).astype(F32) * w
+
+
+# transformers computes `127 / amax` as torch's __rtruediv__, i.e. reciprocal(amax) * 127, which can
+# differ from a correctly rounded division by one ulp and flip an int8 rounding. TRUE_DIV = False
+# reproduces transformers bit for bit; --true-div switches to FORMATS.md's literal 127 / amax.
+TRUE_DIV = False
+
+
+def act_scale(amax: np.ndarray) -> np.ndarray:
+    if TRUE_DIV:
+        return F32(127.0) / amax
+    return (F32(1.0) / amax) * F32(127.0)
+
+
+def bitlinear(x: np.ndarray, t_transposed_f32: np.ndarray, w_scale: float) -> np.ndarray:
+    amax = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), F32(1e-5))
+    s = act_scale(amax)
+    q = np.clip(np.round(x * s), -128, 127).astype(F32)
+    acc = q @ t_transposed_f32  # exact integer sums
+    return (acc / s * F32(w_scale)).astype(F32)
+
+
+def relu2(x: np.ndarray) -> np.ndarray:
+    r = np.maximum(x, F32(0))
+    return r * r
+
+
+class NumpyBitNet:
+    def __init__(self, model_dir: Path):
+        cfg, tensors = fmt.read_model_folder(model_dir)
+        qc = cfg.get("quantization_config", {})
+        if qc.get("linear_class") != "autobitlinear" or qc.get("quantization_mode") != "offline":
+            raise ValueError(f"unsupported quantization_config {qc}: "
+                             "weight_scale is a multiplier only for autobitlinear")
+        if cfg.get("hidden_act") != "relu2" or not cfg.get("tie_word_embeddings", False):
+            raise ValueError("expected hidden_act relu2 and tie_word_embeddings true")
+        self.cfg = cfg
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg["num_key_value_heads"]
+        self.head_dim = cfg["hidden_size"] // self.n_heads
+        self.eps = float(cfg["rms_norm_eps"])
+        theta = float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 500000.0)))
+        # Same expression and precision as transformers: theta ** (arange(0, d, 2, f32) / d), in f32.
+        exponent = np.arange(0, self.head_dim, 2, dtype=F32) / F32(self.head_dim)
+        self.inv_freq = (F32(1.0) / np.power(F32(theta), exponent, dtype=F32)).astype(F32)
+        self.embed = tensors["model.embed_tokens.weight"]
+        self.final_norm = tensors["model.norm.weight"]
+        self.layers = []
+        for layer in range(self.n_layers):
+            p = f"model.layers.{layer}."
+            entry = {norm: tensors[p + norm + ".weight"] for norm in fmt.LAYER_NORMS}
+            for proj in fmt.PROJECTIONS:
+                entry[proj] = (
+                    np.ascontiguousarray(tensors[p + proj + ".weight"].astype(F32).T),
+                    float(tensors[p + proj + ".weight_scale"][0]),
+                )
+            self.layers.append(entry)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x: [n_heads, n_tok, head_dim]."""
+        freqs = positions.astype(F32)[:, None] * self.inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos, sin = np.cos(emb).astype(F32), np.sin(emb).astype(F32)
+        half = self.head_dim // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return (x * cos + rotated * sin).astype(F32)
+
+    def new_cache(self) -> list[dict]:
+        return [{"k": np.zeros((self.n_kv, 0, self.head_dim), F32), "v": np.zeros((self.n_kv, 0, self.head_dim), F32)}
+                for _ in range(self.n_layers)]
+
+    def forward(self, tokens: list[int], cache: list[dict]) -> np.ndarray:
+        """Process new tokens after what cache holds; returns [n_new, vocab] f32 logits."""
+        start = cache[0]["k"].shape[1]
+        n = len(tokens)
+        positions = np.arange(start, start + n)
+        x = self.embed[np.asarray(tokens)].astype(F32)
+        rep = self.n_heads // self.n_kv
+        scale = F32(self.head_dim ** -0.5)
+        for layer, c in zip(self.layers, cache):
+            h = rms_norm(x, layer["input_layernorm"], self.eps)
+            q = bitlinear(h, *layer["self_attn.q_proj"]).reshape(n, self.n_heads, self.head_dim).transpose(1, 0, 2)
+            k = bitlinear(h, *layer["self_attn.k_proj"]).reshape(n, self.n_kv, self.head_dim).transpose(1, 0, 2)
+            v = bitlinear(h, *layer["self_attn.v_proj"]).reshape(n, self.n_kv, self.head_dim).transpose(1, 0, 2)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            c["k"] = np.concatenate([c["k"], k], axis=1)
+            c["v"] = np.concatenate([c["v"], v], axis=1)
+            total = c["k"].shape[1]
+            # Causal: new token i (absolute position start+i) sees keys 0..start+i.
+            mask = np.arange(total)[None, :] > (start + np.arange(n))[:, None]
+            attn = np.empty((self.n_heads, n, self.head_dim), F32)
+            for head in range(self.n_heads):
+                kv = head // rep
+                scores = (q[head] @ c["k"][kv].T) * scale
+                scores = np.where(mask, -np.inf, scores)
+                scores = scores - scores.max(axis=-1, keepdims=True)
+                p = np.exp(scores)
+                p = (p / p.sum(axis=-1, keepdims=True)).astype(F32)
+                attn[head] = p @ c["v"][kv]
+            a = attn.transpose(1, 0, 2).reshape(n, self.n_heads * self.head_dim)
+            a = rms_norm(a, layer["self_attn.attn_sub_norm"], self.eps)
+            x = x + bitlinear(a, *layer["self_attn.o_proj"])
+            z = rms_norm(x, layer["post_attention_layernorm"], self.eps)
+            f = relu2(bitlinear(z, *layer["mlp.gate_proj"])) * bitlinear(z, *layer["mlp.up_proj"])
+            f = rms_norm(f, layer["mlp.ffn_sub_norm"], self.eps)
+            x = x + bitlinear(f, *layer["mlp.down_proj"])
+        x = rms_norm(x, self.final_norm, self.eps)
+        return (x @ self.embed.T).astype(F32)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self.forward(tokens, self.new_cache())
+
+    def greedy(self, tokens: list[int], n_new: int) -> list[int]:
+        cache = self.new_cache()
+        last = self.forward(tokens, cache)[-1]
+        new = []
+        for _ in range(n_new):
+            nxt = int(np.argmax(last))
+            new.append(nxt)
+            if len(new) == n_new:
+                break
+            last = self.forward([nxt], cache)[-1]
+        return new
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--tokens", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--greedy", type=int, default=0, metavar="N")
+    p.add_argument("--true-div", action="store_true",
+                   help="activation scale as 127/amax (FORMATS.md, bitnet.cpp) instead of torch's (1/amax)*127")
+    args = p.parse_args()
+    global TRUE_DIV
+    TRUE_DIV = args.true_div
+
+    seqs = run_io.read_tokens(args.tokens)
+    t0 = time.time()
+    model = NumpyBitNet(args.model)
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    logits = [model.logits(s) for s in seqs]
+    names = run_io.write_logits(args.out, logits)
+    print(f"wrote {', '.join(names)} to {args.out}")
+    if args.greedy > 0:
+        run_io.write_greedy(args.out, [model.greedy(s, args.greedy) for s in seqs])
+        print(f"wrote greedy.json ({args.greedy} tokens per sequence)")
+    run_io.write_meta(args.out, {"producer": "numpy_forward.py", "model": str(args.model),
+                                 "tokens": str(args.tokens), "greedy": args.greedy, "dtype": "float32",
+                                 "true_div": args.true_div,
+                                 "logits_files": names})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
