@@ -12,12 +12,14 @@
 //! assert_eq!(out.tokens.len(), 4);
 //! ```
 
+pub mod backend;
 mod error;
 mod generate;
 pub mod ops;
 mod reference;
 pub mod sampling;
 
+pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use reference::{KvCache, LogitsMode, ReferenceForward};

@@ -1,0 +1,250 @@
+//! `Backend`: the batched-step interface every forward-pass implementation
+//! offers (the reference, the CPU SIMD backend, the CUDA backend), so the
+//! scheduler and the fallback engine can drive any of them.
+//!
+//! A backend owns a set of sequences, each with its own KV cache and
+//! position. One [`Backend::step`] runs a batch in which every entry appends
+//! some tokens to one sequence: a whole prompt or a chunk of it (prefill), or
+//! the one token sampled last (decode). Prefill and decode entries may be
+//! mixed in one batch.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bitnet_models::{BitNetConfig, BitNetModel};
+
+use crate::error::InferenceError;
+use crate::reference::{KvCache, LogitsMode, ReferenceForward};
+
+/// Caller-chosen identifier of a sequence within one backend.
+pub type SeqId = u64;
+
+/// One entry of a batched step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    pub seq: SeqId,
+    /// New tokens, appended at positions `len(seq)..`.
+    pub tokens: &'a [u32],
+}
+
+/// Errors of a backend. Request errors (bad tokens, overflow) are separate
+/// from device failures, which the fallback engine reacts to.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum BackendError {
+    #[error(transparent)]
+    Request(#[from] InferenceError),
+    #[error("unknown sequence {0}")]
+    UnknownSequence(SeqId),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(SeqId),
+    #[error("sequence {seq} appears twice in one step")]
+    RepeatedInStep { seq: SeqId },
+    #[error("sequence {seq} would reach {needed} positions, beyond the {reserved} reserved for it")]
+    ReservationExceeded { seq: SeqId, needed: usize, reserved: usize },
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("device failure: {0}")]
+    Device(String),
+}
+
+/// What the engine and server need to know about a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// `"reference"`, `"cpu"`, `"cuda"`.
+    pub device: String,
+    /// `"f64"`, `"f32"`, `"f16"`, `"bf16"`.
+    pub precision: String,
+    /// Weight format the kernels read, e.g. `"i2s"`.
+    pub quantization: String,
+    /// The CPU kernel or GPU in use, for logs.
+    pub detail: String,
+}
+
+/// A batched forward-pass implementation.
+pub trait Backend: Send {
+    fn info(&self) -> BackendInfo;
+
+    fn config(&self) -> &BitNetConfig;
+
+    /// Registers a sequence and reserves KV space for `max_positions`.
+    fn add_sequence(&mut self, seq: SeqId, max_positions: usize) -> Result<(), BackendError>;
+
+    /// Frees a sequence; unknown ids are ignored (a cancelled request may be
+    /// removed twice).
+    fn remove_sequence(&mut self, seq: SeqId);
+
+    /// Positions already processed for `seq`.
+    fn sequence_len(&self, seq: SeqId) -> Option<usize>;
+
+    /// Runs one batched step and returns, for each input in order, the
+    /// logits (`vocab` values) of its last new position. On error no
+    /// sequence of the batch has advanced.
+    fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+}
+
+/// Checks a batch against the registered sequences before anything runs,
+/// so a bad entry cannot leave half the batch advanced.
+pub fn validate_step(
+    batch: &[StepInput<'_>],
+    config: &BitNetConfig,
+    lookup: impl Fn(SeqId) -> Option<(usize, usize)>,
+) -> Result<(), BackendError> {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    for input in batch {
+        if !seen.insert(input.seq) {
+            return Err(BackendError::RepeatedInStep { seq: input.seq });
+        }
+        let (len, reserved) = lookup(input.seq).ok_or(BackendError::UnknownSequence(input.seq))?;
+        if input.tokens.is_empty() {
+            return Err(InferenceError::EmptyPrompt.into());
+        }
+        let needed = len + input.tokens.len();
+        if needed > config.max_position_embeddings {
+            return Err(InferenceError::ContextOverflow { needed, max: config.max_position_embeddings }.into());
+        }
+        if needed > reserved {
+            return Err(BackendError::ReservationExceeded { seq: input.seq, needed, reserved });
+        }
+        for (i, &token) in input.tokens.iter().enumerate() {
+            if token as usize >= config.vocab_size {
+                return Err(InferenceError::TokenOutOfRange {
+                    token,
+                    position: len + i,
+                    vocab_size: config.vocab_size,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reference forward pass as a [`Backend`]: each sequence runs on its
+/// own, one after another. Slow and exact; the yardstick for the others.
+pub struct ReferenceBackend {
+    model: Arc<BitNetModel>,
+    sequences: HashMap<SeqId, (KvCache, usize)>,
+}
+
+impl ReferenceBackend {
+    pub fn new(model: Arc<BitNetModel>) -> Self {
+        Self { model, sequences: HashMap::new() }
+    }
+}
+
+impl fmt::Debug for ReferenceBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReferenceBackend").field("sequences", &self.sequences.len()).finish()
+    }
+}
+
+impl Backend for ReferenceBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            device: "reference".into(),
+            precision: "f64".into(),
+            quantization: "i2s".into(),
+            detail: "scalar reference forward pass".into(),
+        }
+    }
+
+    fn config(&self) -> &BitNetConfig {
+        &self.model.config
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, max_positions: usize) -> Result<(), BackendError> {
+        if self.sequences.contains_key(&seq) {
+            return Err(BackendError::DuplicateSequence(seq));
+        }
+        let max = self.config().max_position_embeddings;
+        if max_positions > max {
+            return Err(InferenceError::ContextOverflow { needed: max_positions, max }.into());
+        }
+        self.sequences.insert(seq, (KvCache::new(&self.model.config), max_positions));
+        Ok(())
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.sequences.remove(&seq);
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.sequences.get(&seq).map(|(cache, _)| cache.len())
+    }
+
+    fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        validate_step(batch, &self.model.config, |seq| {
+            self.sequences.get(&seq).map(|(cache, reserved)| (cache.len(), *reserved))
+        })?;
+        let forward = ReferenceForward::new(&self.model);
+        let mut out = Vec::with_capacity(batch.len());
+        for input in batch {
+            let (cache, _) = self.sequences.get_mut(&input.seq).expect("validated above");
+            out.push(forward.forward(input.tokens, cache, LogitsMode::Last)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_models::synthetic::{self, Preset};
+
+    #[test]
+    fn batched_steps_equal_independent_runs() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 9).unwrap());
+        let mut backend = ReferenceBackend::new(model.clone());
+        backend.add_sequence(1, 16).unwrap();
+        backend.add_sequence(2, 16).unwrap();
+        // Mixed batch: a 3-token prefill and a 2-token prefill, then decode + prefill chunk.
+        let first =
+            backend.step(&[StepInput { seq: 1, tokens: &[1, 2, 3] }, StepInput { seq: 2, tokens: &[4, 5] }]).unwrap();
+        let second =
+            backend.step(&[StepInput { seq: 2, tokens: &[6] }, StepInput { seq: 1, tokens: &[7, 8] }]).unwrap();
+        let f = ReferenceForward::new(&model);
+        let alone = |tokens: &[u32]| f.forward(tokens, &mut f.new_cache(), LogitsMode::Last).unwrap();
+        assert_eq!(first[0], alone(&[1, 2, 3]));
+        assert_eq!(first[1], alone(&[4, 5]));
+        assert_eq!(second[0], alone(&[4, 5, 6]));
+        assert_eq!(second[1], alone(&[1, 2, 3, 7, 8]));
+        assert_eq!(backend.sequence_len(1), Some(5));
+    }
+
+    #[test]
+    fn a_bad_entry_fails_the_batch_before_anything_runs() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 9).unwrap());
+        let mut backend = ReferenceBackend::new(model.clone());
+        backend.add_sequence(1, 4).unwrap();
+        backend.add_sequence(2, 4).unwrap();
+        let cases: Vec<(Vec<StepInput<'_>>, BackendError)> = vec![
+            (
+                vec![StepInput { seq: 1, tokens: &[1] }, StepInput { seq: 3, tokens: &[1] }],
+                BackendError::UnknownSequence(3),
+            ),
+            (
+                vec![StepInput { seq: 1, tokens: &[1] }, StepInput { seq: 1, tokens: &[1] }],
+                BackendError::RepeatedInStep { seq: 1 },
+            ),
+            (
+                vec![StepInput { seq: 1, tokens: &[1] }, StepInput { seq: 2, tokens: &[1, 2, 3, 4, 5] }],
+                BackendError::ReservationExceeded { seq: 2, needed: 5, reserved: 4 },
+            ),
+            (
+                vec![StepInput { seq: 1, tokens: &[1] }, StepInput { seq: 2, tokens: &[9999] }],
+                InferenceError::TokenOutOfRange { token: 9999, position: 0, vocab_size: 512 }.into(),
+            ),
+            (vec![StepInput { seq: 2, tokens: &[] }], InferenceError::EmptyPrompt.into()),
+        ];
+        for (batch, expected) in cases {
+            assert_eq!(backend.step(&batch).unwrap_err(), expected);
+            assert_eq!((backend.sequence_len(1), backend.sequence_len(2)), (Some(0), Some(0)));
+        }
+        assert_eq!(backend.add_sequence(1, 4).unwrap_err(), BackendError::DuplicateSequence(1));
+        backend.remove_sequence(1);
+        backend.remove_sequence(1);
+        assert_eq!(backend.sequence_len(1), None);
+    }
+}
