@@ -1,0 +1,34 @@
+//! CPU kernels with run-time instruction-set dispatch.
+//!
+//! Every public function takes a [`CpuKernel`], checks it against the running
+//! CPU, validates every length (returning [`KernelError`](crate::KernelError)
+//! with expected and found values) and only then touches memory.
+//!
+//! Numerics in one place:
+//! - I2_S x int8 kernels are exact (`i32`), identical across kernels.
+//! - [`quantize_act_i8`], [`relu2_mul_f32`] and [`rope_neox_f32`] are
+//!   bit-identical across kernels (same operations in the same order, no FMA
+//!   contraction).
+//! - Float GEMV/dot, [`rms_norm_f32`] and [`softmax_f32`] differ between
+//!   kernels only by summation order and (softmax) the `exp` approximation;
+//!   the tests state the bounds.
+
+mod float;
+mod i2s;
+mod kernel;
+mod ops;
+mod partition;
+mod token;
+
+pub use float::{
+    convert_bf16_f32, convert_f16_f32, dot_bf16_f32, dot_f16_f32, dot_f32_f32, gemv_bf16_f32, gemv_bf16_f32_par,
+    gemv_f16_f32, gemv_f16_f32_par, gemv_f32_f32, gemv_f32_f32_par, FloatDtype, FloatMatrixRef, FloatWeight,
+};
+pub use i2s::{
+    gemm_i2s_i8, gemm_i2s_i8_par, gemv_i2s_i8, gemv_i2s_i8_par, I2sMatrixRef, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS,
+    I2S_MAX_K,
+};
+pub use kernel::{select_kernel, select_kernel_from, CpuKernel, KERNEL_ENV_VAR};
+pub use ops::{
+    quantize_act_i8, quantize_act_i8_rows, relu2_mul_f32, rms_norm_f32, rope_neox_f32, softmax_f32, ACT_QUANT_EPS,
+};

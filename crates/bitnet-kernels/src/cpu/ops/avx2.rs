@@ -1,0 +1,225 @@
+//! AVX2 + FMA element-wise kernels. Only `sum_squares_f64` (summation order)
+//! and `softmax_with_max` (a Cephes-style `exp`, within 2 ulp) differ from the
+//! scalar references; the rest are the same operations in the same order.
+
+use std::arch::x86_64::*;
+
+use super::scalar;
+use crate::cpu::token::Avx2Token;
+
+// SAFETY (every wrapper below): an `Avx2Token` exists only after run-time
+// detection of AVX2, FMA and F16C, the features each `*_impl` enables.
+
+pub(super) fn sum_squares_f64(_token: Avx2Token, x: &[f32]) -> f64 {
+    // SAFETY: see the note above the wrappers.
+    unsafe { sum_squares_f64_impl(x) }
+}
+
+pub(super) fn scale_mul(_token: Avx2Token, x: &[f32], inv: f64, weight: &[f32], out: &mut [f32]) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { scale_mul_impl(x, inv, weight, out) }
+}
+
+pub(super) fn softmax_with_max(_token: Avx2Token, x: &mut [f32], max: f32) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { softmax_with_max_impl(x, max) }
+}
+
+pub(super) fn relu2_mul(_token: Avx2Token, gate: &mut [f32], up: &[f32]) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { relu2_mul_impl(gate, up) }
+}
+
+pub(super) fn rotate(_token: Avx2Token, first: &mut [f32], second: &mut [f32], cos: &[f32], sin: &[f32]) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { rotate_impl(first, second, cos, sin) }
+}
+
+pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
+    // SAFETY: see the note above the wrappers.
+    unsafe { abs_max_impl(x) }
+}
+
+pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8]) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { quantize_impl(x, scale, out) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn load(values: &[f32; 8]) -> __m256 {
+    // SAFETY: `values` refers to 8 readable floats; `vmovups` has no alignment requirement.
+    unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store(out: &mut [f32; 8], v: __m256) {
+    // SAFETY: `out` refers to 8 writable floats borrowed exclusively; `vmovups` has no alignment requirement.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn sum_squares_f64_impl(x: &[f32]) -> f64 {
+    let (chunks, tail) = x.as_chunks::<8>();
+    let mut acc = [_mm256_setzero_pd(); 2];
+    for chunk in chunks {
+        let v = load(chunk);
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+        acc[0] = _mm256_fmadd_pd(lo, lo, acc[0]);
+        acc[1] = _mm256_fmadd_pd(hi, hi, acc[1]);
+    }
+    let sum = _mm256_add_pd(acc[0], acc[1]);
+    let pair = _mm_add_pd(_mm256_castpd256_pd128(sum), _mm256_extractf128_pd::<1>(sum));
+    let total = _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+    total + scalar::sum_squares_f64(tail)
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn scale_mul_impl(x: &[f32], inv: f64, weight: &[f32], out: &mut [f32]) {
+    let (x_chunks, x_tail) = x.as_chunks::<8>();
+    let (w_chunks, w_tail) = weight.as_chunks::<8>();
+    let (out_chunks, out_tail) = out.as_chunks_mut::<8>();
+    let inv_v = _mm256_set1_pd(inv);
+    for ((xs, ws), os) in x_chunks.iter().zip(w_chunks).zip(out_chunks.iter_mut()) {
+        let v = load(xs);
+        // (x * inv) in f64, rounded once to f32, then times the weight in f32: as the scalar code.
+        let lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), inv_v));
+        let hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), inv_v));
+        let scaled = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi);
+        store(os, _mm256_mul_ps(scaled, load(ws)));
+    }
+    scalar::scale_mul(x_tail, inv, w_tail, out_tail);
+}
+
+/// `exp(x)` for `x <= 0` (softmax arguments), Cephes' `expf` polynomial:
+/// `x = n ln2 + r`, `|r| <= ln2 / 2`, `exp(r)` by a degree-7 polynomial,
+/// times `2^n` built in the exponent field. Results below `exp(-87.3)` (and
+/// `exp(-inf)`) are 0; the scalar `expf` gives subnormals there, a difference
+/// below 1.2e-38.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp_nonpositive(x: __m256) -> __m256 {
+    let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.3));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_2e-3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+    let r2 = _mm256_mul_ps(r, r);
+    let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+    // n is in [-126, 0]: 2^n is a normal float.
+    let pow2n =
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_andnot_ps(underflow, _mm256_mul_ps(y, pow2n))
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn softmax_with_max_impl(x: &mut [f32], max: f32) {
+    let max_v = _mm256_set1_ps(max);
+    let mut sum = [_mm256_setzero_pd(); 2];
+    let (chunks, tail) = x.as_chunks_mut::<8>();
+    for chunk in chunks.iter_mut() {
+        let e = exp_nonpositive(_mm256_sub_ps(load(chunk), max_v));
+        store(chunk, e);
+        sum[0] = _mm256_add_pd(sum[0], _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        sum[1] = _mm256_add_pd(sum[1], _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+    }
+    let mut lanes = [0.0f64; 4];
+    // SAFETY: `lanes` is 4 writable f64s; `vmovupd` has no alignment requirement.
+    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(sum[0], sum[1])) };
+    let mut total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for v in tail.iter_mut() {
+        *v = (*v - max).exp();
+        total += f64::from(*v);
+    }
+    let total_v = _mm256_set1_pd(total);
+    for chunk in chunks.iter_mut() {
+        let v = load(chunk);
+        // (v / total) in f64, rounded once to f32: as the scalar code.
+        let lo = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), total_v));
+        let hi = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), total_v));
+        store(chunk, _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(lo), hi));
+    }
+    for v in tail.iter_mut() {
+        *v = (f64::from(*v) / total) as f32;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn relu2_mul_impl(gate: &mut [f32], up: &[f32]) {
+    let (g_chunks, g_tail) = gate.as_chunks_mut::<8>();
+    let (u_chunks, u_tail) = up.as_chunks::<8>();
+    for (g, u) in g_chunks.iter_mut().zip(u_chunks) {
+        // `vmaxps` returns its second operand (0) when the first is NaN, as `f32::max(NaN, 0)` does.
+        let r = _mm256_max_ps(load(g), _mm256_setzero_ps());
+        store(g, _mm256_mul_ps(_mm256_mul_ps(r, r), load(u)));
+    }
+    scalar::relu2_mul(g_tail, u_tail);
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn rotate_impl(first: &mut [f32], second: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (a_chunks, a_tail) = first.as_chunks_mut::<8>();
+    let (b_chunks, b_tail) = second.as_chunks_mut::<8>();
+    let (c_chunks, c_tail) = cos.as_chunks::<8>();
+    let (s_chunks, s_tail) = sin.as_chunks::<8>();
+    for (((a, b), c), s) in a_chunks.iter_mut().zip(b_chunks.iter_mut()).zip(c_chunks).zip(s_chunks) {
+        let (x0, x1, cv, sv) = (load(a), load(b), load(c), load(s));
+        // Separate multiplies and adds (no FMA): bit-identical to the scalar code.
+        store(a, _mm256_sub_ps(_mm256_mul_ps(x0, cv), _mm256_mul_ps(x1, sv)));
+        store(b, _mm256_add_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x0, sv)));
+    }
+    scalar::rotate(a_tail, b_tail, c_tail, s_tail);
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn abs_max_impl(x: &[f32]) -> f32 {
+    let (chunks, tail) = x.as_chunks::<8>();
+    let mask = _mm256_set1_epi32(0x7fff_ffff);
+    let mut acc = _mm256_setzero_si256();
+    for chunk in chunks {
+        // Unsigned maximum of sign-cleared bit patterns (see `scalar::abs_max`).
+        acc = _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(load(chunk)), mask));
+    }
+    let s = _mm_max_epu32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+    let s = _mm_max_epu32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_max_epu32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    let lanes_max = _mm_cvtsi128_si32(s) as u32;
+    f32::from_bits(lanes_max.max(scalar::abs_max(tail).to_bits()))
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn quantize_impl(x: &[f32], scale: f32, out: &mut [i8]) {
+    let (x_chunks, x_tail) = x.as_chunks::<32>();
+    let (out_chunks, out_tail) = out.as_chunks_mut::<32>();
+    let scale_v = _mm256_set1_ps(scale);
+    let lo = _mm256_set1_ps(-128.0);
+    let hi = _mm256_set1_ps(127.0);
+    // `packs` interleaves 128-bit lanes; this puts the 32-bit groups back in order.
+    let unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (xs, qs) in x_chunks.iter().zip(out_chunks.iter_mut()) {
+        let (parts, _) = xs.as_chunks::<8>();
+        let mut ints = [_mm256_setzero_si256(); 4];
+        for (int, part) in ints.iter_mut().zip(parts) {
+            let y = _mm256_mul_ps(load(part), scale_v);
+            let rounded = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+            *int = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(rounded, lo), hi));
+        }
+        let words01 = _mm256_packs_epi32(ints[0], ints[1]);
+        let words23 = _mm256_packs_epi32(ints[2], ints[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words01, words23), unshuffle);
+        // SAFETY: `qs` refers to 32 writable bytes borrowed exclusively; `vmovdqu` has no alignment requirement.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
+    }
+    scalar::quantize(x_tail, scale, out_tail);
+}

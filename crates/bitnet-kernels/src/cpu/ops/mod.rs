@@ -1,0 +1,230 @@
+//! The element-wise steps of the forward pass: RMSNorm, softmax, the
+//! `relu(gate)^2 * up` activation, NEOX RoPE, and per-token int8 activation
+//! quantization.
+//!
+//! These touch a few thousand floats per token, so they are written for
+//! exactness first: [`relu2_mul_f32`], [`rope_neox_f32`] and
+//! [`quantize_act_i8`] give the same bits on every kernel, and
+//! [`rms_norm_f32`] / [`softmax_f32`] follow the reference forward pass
+//! (f64 sums) with only summation order and `exp` differing.
+//! AVX-VNNI and AVX-512 use the AVX2 versions; NEON uses the portable ones
+//! (`wide` compiles to NEON there).
+
+mod portable;
+mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2;
+
+use super::kernel::{CpuKernel, Resolved};
+use crate::KernelError;
+
+/// Lower bound of a token's absolute maximum in [`quantize_act_i8`], so an
+/// all-zero token gets a finite scale (`127 / 1e-5`); as `bitnet_quant::act_quant`.
+pub const ACT_QUANT_EPS: f32 = 1e-5;
+
+#[derive(Debug, Clone, Copy)]
+enum Isa {
+    Scalar,
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(super::token::Avx2Token),
+}
+
+fn isa(kernel: CpuKernel) -> Result<Isa, KernelError> {
+    Ok(match kernel.resolve()? {
+        Resolved::Scalar => Isa::Scalar,
+        Resolved::Portable => Isa::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Avx2(token) => Isa::Avx2(token),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::AvxVnni(token) => Isa::Avx2(token.avx2()),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Avx512(token) => Isa::Avx2(token.avx2()),
+        #[cfg(target_arch = "aarch64")]
+        Resolved::Neon(_) => Isa::Portable,
+    })
+}
+
+fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), KernelError> {
+    if expected != found {
+        return Err(KernelError::LengthMismatch { what, expected, found });
+    }
+    Ok(())
+}
+
+/// RMSNorm: `out = x * rsqrt(mean(x^2) + eps) * weight`, as the reference
+/// forward pass computes it: the mean of squares and the reciprocal root in
+/// f64, `(x * inv) as f32 * weight` per element.
+///
+/// `weight` and `out` must have `x.len()` elements; an empty `x` does nothing.
+pub fn rms_norm_f32(
+    kernel: CpuKernel,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    check_len("rms_norm weight", x.len(), weight.len())?;
+    check_len("rms_norm output", x.len(), out.len())?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let sum_sq = match isa {
+        Isa::Scalar => scalar::sum_squares_f64(x),
+        Isa::Portable => portable::sum_squares_f64(x),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::sum_squares_f64(token, x),
+    };
+    let inv = 1.0 / (sum_sq / x.len() as f64 + f64::from(eps)).sqrt();
+    match isa {
+        Isa::Scalar | Isa::Portable => scalar::scale_mul(x, inv, weight, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::scale_mul(token, x, inv, weight, out),
+    }
+    Ok(())
+}
+
+/// Softmax in place: `exp(x - max) / sum`, the sum in f64.
+///
+/// Entries of `-inf` (masked positions) become 0. The maximum must be finite:
+/// a row that is all `-inf` (or NaN), or holds `+inf`, is
+/// [`KernelError::NonFiniteValue`] and is left unchanged. A NaN entry beside
+/// finite ones makes the row NaN. An empty row does nothing.
+pub fn softmax_f32(kernel: CpuKernel, x: &mut [f32]) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        let index = x.iter().position(|&v| v == max).unwrap_or(0);
+        return Err(KernelError::NonFiniteValue { what: "softmax maximum", index, value: max });
+    }
+    match isa {
+        Isa::Scalar => scalar::softmax_with_max(x, max),
+        Isa::Portable => portable::softmax_with_max(x, max),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::softmax_with_max(token, x, max),
+    }
+    Ok(())
+}
+
+/// BitNet's gated activation in place: `gate = relu(gate)^2 * up`, as
+/// `(r * r) * up` with `r = max(gate, 0)` (a NaN gate counts as 0).
+/// f32 throughout; the product can exceed the f16 range, never f32's here.
+pub fn relu2_mul_f32(kernel: CpuKernel, gate: &mut [f32], up: &[f32]) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    check_len("relu2_mul up", gate.len(), up.len())?;
+    match isa {
+        Isa::Scalar => scalar::relu2_mul(gate, up),
+        Isa::Portable => portable::relu2_mul(gate, up),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::relu2_mul(token, gate, up),
+    }
+    Ok(())
+}
+
+/// NEOX-style (rotate_half) rotary embedding in place on `x = [n_heads, head_dim]`:
+/// with `h = head_dim / 2`, for each head and `i < h`,
+/// `x[i], x[i + h] = x[i] * cos[i] - x[i + h] * sin[i], x[i + h] * cos[i] + x[i] * sin[i]`.
+///
+/// `cos`/`sin` hold the `h` values for this token's position
+/// (`cos(position * inv_freq[i])`); `head_dim` must be even and non-zero and
+/// divide `x.len()`.
+pub fn rope_neox_f32(
+    kernel: CpuKernel,
+    x: &mut [f32],
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    if head_dim == 0 {
+        return Err(KernelError::ZeroDimension { what: "head_dim" });
+    }
+    if !head_dim.is_multiple_of(2) {
+        return Err(KernelError::NotMultiple { what: "head_dim", value: head_dim, multiple: 2 });
+    }
+    if !x.len().is_multiple_of(head_dim) {
+        return Err(KernelError::NotMultiple { what: "rope input length", value: x.len(), multiple: head_dim });
+    }
+    check_len("rope cos table (head_dim / 2)", head_dim / 2, cos.len())?;
+    check_len("rope sin table (head_dim / 2)", head_dim / 2, sin.len())?;
+    for head in x.chunks_exact_mut(head_dim) {
+        let (first, second) = head.split_at_mut(head_dim / 2);
+        match isa {
+            Isa::Scalar => scalar::rotate(first, second, cos, sin),
+            Isa::Portable => portable::rotate(first, second, cos, sin),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(token) => avx2::rotate(token, first, second, cos, sin),
+        }
+    }
+    Ok(())
+}
+
+/// Per-token absmax int8 quantization of one token, bit-identical to
+/// `bitnet_quant::act_quant::quantize_activations`: `s = (1 / max(max|x|, 1e-5)) * 127`,
+/// `q = clamp(round_half_even(x * s), -128, 127)`. Returns `s` (`x ≈ q / s`).
+///
+/// `out.len()` must equal `x.len()`. A NaN or infinite activation is
+/// [`KernelError::NonFiniteValue`] naming the lowest such index, with `out` unchanged.
+pub fn quantize_act_i8(kernel: CpuKernel, x: &[f32], out: &mut [i8]) -> Result<f32, KernelError> {
+    let isa = isa(kernel)?;
+    check_len("quantized activations", x.len(), out.len())?;
+    quantize_row(isa, x, out, 0)
+}
+
+/// [`quantize_act_i8`] on a row-major `[n_rows, n_cols]` matrix, one scale
+/// per row into `scales`. A non-finite value is an error naming its flat
+/// index; rows before it have been written.
+pub fn quantize_act_i8_rows(
+    kernel: CpuKernel,
+    x: &[f32],
+    n_cols: usize,
+    out: &mut [i8],
+    scales: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    if n_cols == 0 {
+        return Err(KernelError::ZeroDimension { what: "n_cols" });
+    }
+    if !x.len().is_multiple_of(n_cols) {
+        return Err(KernelError::NotMultiple { what: "activation count", value: x.len(), multiple: n_cols });
+    }
+    check_len("quantized activations", x.len(), out.len())?;
+    check_len("activation scales", x.len() / n_cols, scales.len())?;
+    let rows = x.chunks_exact(n_cols).zip(out.chunks_exact_mut(n_cols));
+    for (row_idx, ((x_row, out_row), scale)) in rows.zip(scales.iter_mut()).enumerate() {
+        *scale = quantize_row(isa, x_row, out_row, row_idx * n_cols)?;
+    }
+    Ok(())
+}
+
+fn quantize_row(isa: Isa, x: &[f32], out: &mut [i8], first_index: usize) -> Result<f32, KernelError> {
+    let abs_max = match isa {
+        Isa::Scalar => scalar::abs_max(x),
+        Isa::Portable => portable::abs_max(x),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::abs_max(token, x),
+    };
+    // `abs_max` (a maximum over bit patterns) is NaN or infinite exactly when
+    // some value is; find the first.
+    if !abs_max.is_finite() {
+        let (index, &value) = x.iter().enumerate().find(|(_, v)| !v.is_finite()).unwrap_or((0, &abs_max));
+        return Err(KernelError::NonFiniteValue { what: "activations", index: first_index + index, value });
+    }
+    // `(1 / m) * 127`, not `127 / m`, as `bitnet_quant::act_quant` (and torch,
+    // which evaluates HF's `127 / tensor` as `reciprocal() * 127`); the two can
+    // differ by one ulp, which moves `.5` ties.
+    let scale = (1.0 / abs_max.max(ACT_QUANT_EPS)) * 127.0;
+    match isa {
+        Isa::Scalar => scalar::quantize(x, scale, out),
+        Isa::Portable => portable::quantize(x, scale, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::quantize(token, x, scale, out),
+    }
+    Ok(scale)
+}

@@ -1,0 +1,200 @@
+//! I2_S x int8 kernels: the scalar kernel against a decode-with-bitnet_quant
+//! reference, and every other kernel against the scalar one, exactly.
+
+mod common;
+
+use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef, I2S_MAX_K};
+use bitnet_kernels::KernelError;
+use bitnet_quant::i2s;
+use common::{runner, test_each_kernel};
+use proptest::prelude::*;
+
+/// The obvious reference: decode every row with `bitnet_quant`, then an i64 dot product.
+fn naive_gemm(ternary: &[i8], rows: usize, k: usize, q: &[i8], n_tokens: usize) -> Vec<i32> {
+    let codes = i2s::encode_i2s(ternary, 1.0).unwrap();
+    let mut row = vec![0i8; k];
+    let mut out = vec![0i32; n_tokens * rows];
+    for j in 0..rows {
+        i2s::decode_i2s_codes_into(&codes[j * k / 4..(j + 1) * k / 4], &mut row).unwrap();
+        for t in 0..n_tokens {
+            let dot: i64 = row.iter().zip(&q[t * k..(t + 1) * k]).map(|(&w, &a)| i64::from(w) * i64::from(a)).sum();
+            out[t * rows + j] = i32::try_from(dot).unwrap();
+        }
+    }
+    out
+}
+
+fn gemm(kernel: CpuKernel, codes: &[u8], rows: usize, k: usize, q: &[i8], n_tokens: usize) -> Vec<i32> {
+    let w = I2sMatrixRef::new(codes, rows, k).unwrap();
+    let mut out = vec![i32::MIN; n_tokens * rows];
+    cpu::gemm_i2s_i8(kernel, w, q, n_tokens, &mut out).unwrap();
+    out
+}
+
+/// Shapes with 0..=5 blocks per row (odd counts exercise the AVX-512 tail
+/// block), 0..=37 rows (not a multiple of the 4-row or 16-row groupings) and
+/// 0..=9 tokens (full and partial token tiles).
+fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
+    (0..=37usize, 0..=5usize, 0..=9usize).prop_map(|(rows, blocks, n_tokens)| (rows, blocks * 128, n_tokens))
+}
+
+#[test]
+fn scalar_matches_decode_then_dot() {
+    let strategy = shape().prop_flat_map(|(rows, k, n_tokens)| {
+        (
+            Just((rows, k, n_tokens)),
+            prop::collection::vec(prop::sample::select(vec![-1i8, 0, 1]), rows * k),
+            prop::collection::vec(any::<i8>(), n_tokens * k),
+        )
+    });
+    runner(64)
+        .run(&strategy, |((rows, k, n_tokens), ternary, q)| {
+            let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
+            let found = gemm(CpuKernel::Scalar, &codes[..rows * k / 4], rows, k, &q, n_tokens);
+            prop_assert_eq!(found, naive_gemm(&ternary, rows, k, &q, n_tokens));
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Arbitrary code bytes, including the unused code 3: every kernel computes
+/// `sum(code * q) - sum(q)`, so even those must agree exactly.
+fn matches_scalar_on_random_inputs(kernel: CpuKernel) {
+    let strategy = shape().prop_flat_map(|(rows, k, n_tokens)| {
+        (
+            Just((rows, k, n_tokens)),
+            prop::collection::vec(any::<u8>(), rows * k / 4),
+            prop::collection::vec(any::<i8>(), n_tokens * k),
+        )
+    });
+    runner(96)
+        .run(&strategy, |((rows, k, n_tokens), codes, q)| {
+            let expected = gemm(CpuKernel::Scalar, &codes, rows, k, &q, n_tokens);
+            prop_assert_eq!(&gemm(kernel, &codes, rows, k, &q, n_tokens), &expected);
+
+            let w = I2sMatrixRef::new(&codes, rows, k).unwrap();
+            let mut par = vec![i32::MIN; n_tokens * rows];
+            cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par).unwrap();
+            prop_assert_eq!(&par, &expected);
+
+            // Token by token through the GEMV entry points.
+            for t in 0..n_tokens {
+                let token_q = &q[t * k..(t + 1) * k];
+                let mut single = vec![i32::MIN; rows];
+                cpu::gemv_i2s_i8(kernel, w, token_q, &mut single).unwrap();
+                prop_assert_eq!(&single[..], &expected[t * rows..(t + 1) * rows]);
+                cpu::gemv_i2s_i8_par(kernel, w, token_q, &mut single).unwrap();
+                prop_assert_eq!(&single[..], &expected[t * rows..(t + 1) * rows]);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+test_each_kernel!(random_inputs_match_scalar, matches_scalar_on_random_inputs);
+
+/// The 2B-4T projection width (k = 2560, 20 blocks) with enough rows for
+/// several parallel chunks, ternary weights, and a prefill of 7 tokens.
+fn matches_reference_at_model_width(kernel: CpuKernel) {
+    let (rows, k, n_tokens) = (200, 2560, 7);
+    let ternary: Vec<i8> = (0..rows * k).map(|i| ((i * 7 + i / 13) % 3) as i8 - 1).collect();
+    let q: Vec<i8> = (0..n_tokens * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
+    let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
+    let expected = naive_gemm(&ternary, rows, k, &q, n_tokens);
+    assert_eq!(gemm(kernel, &codes[..rows * k / 4], rows, k, &q, n_tokens), expected);
+    let w = I2sMatrixRef::from_gguf_tensor(&codes, rows, k).unwrap();
+    let mut par = vec![0; n_tokens * rows];
+    cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par).unwrap();
+    assert_eq!(par, expected);
+}
+test_each_kernel!(model_width_matches_reference, matches_reference_at_model_width);
+
+/// The largest magnitudes: codes 2 (and 0) against -128 and 127 over a long
+/// row, where a saturating or 16-bit accumulation would show.
+fn extreme_values_are_exact(kernel: CpuKernel) {
+    let k = 16 * 1024;
+    for (code_byte, value) in [(0xAAu8, -128i8), (0xAA, 127), (0x00, -128), (0x00, 127), (0xFF, -128), (0xFF, 127)] {
+        let codes = vec![code_byte; k / 4];
+        let q = vec![value; k];
+        let code = i64::from(code_byte & 3);
+        let expected = i32::try_from((code - 1) * i64::from(value) * k as i64).unwrap();
+        assert_eq!(gemm(kernel, &codes, 1, k, &q, 1), [expected], "code byte {code_byte:#x}, q {value}");
+    }
+}
+test_each_kernel!(extreme_values, extreme_values_are_exact);
+
+/// Rows of a known pattern: row j is +1 at column j only, so the output is
+/// the activation itself, in the right slot for every token.
+fn identity_rows_pick_columns(kernel: CpuKernel) {
+    let (rows, k, n_tokens) = (128, 128, 5);
+    let mut ternary = vec![0i8; rows * k];
+    for j in 0..rows {
+        ternary[j * k + j] = 1;
+    }
+    let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
+    let q: Vec<i8> = (0..n_tokens * k).map(|i| (i % 200) as i8).collect();
+    assert_eq!(
+        gemm(kernel, &codes[..rows * k / 4], rows, k, &q, n_tokens),
+        q.iter().map(|&v| i32::from(v)).collect::<Vec<_>>()
+    );
+}
+test_each_kernel!(identity_rows, identity_rows_pick_columns);
+
+#[test]
+fn bad_lengths_are_errors_not_panics() {
+    let codes = vec![0x55u8; 2 * 32];
+    let w = I2sMatrixRef::new(&codes, 2, 128).unwrap();
+    for kernel in CpuKernel::all_available() {
+        let mut out = vec![0; 2];
+        assert_eq!(
+            cpu::gemv_i2s_i8(kernel, w, &[0; 127], &mut out),
+            Err(KernelError::LengthMismatch { what: "activations (n_tokens * k)", expected: 128, found: 127 })
+        );
+        assert_eq!(
+            cpu::gemv_i2s_i8(kernel, w, &[0; 128], &mut out[..1]),
+            Err(KernelError::LengthMismatch { what: "output (n_tokens * rows)", expected: 2, found: 1 })
+        );
+        assert_eq!(
+            cpu::gemm_i2s_i8_par(kernel, w, &[0; 256], 2, &mut out),
+            Err(KernelError::LengthMismatch { what: "output (n_tokens * rows)", expected: 4, found: 2 })
+        );
+        assert!(matches!(
+            cpu::gemm_i2s_i8(kernel, w, &[0; 128], usize::MAX, &mut out),
+            Err(KernelError::DimensionTooLarge { .. })
+        ));
+        // Zero tokens or zero rows: nothing to do, no error.
+        assert_eq!(cpu::gemm_i2s_i8(kernel, w, &[], 0, &mut []), Ok(()));
+    }
+    assert!(matches!(I2sMatrixRef::new(&[], 0, I2S_MAX_K * 2), Err(KernelError::DimensionTooLarge { .. })));
+}
+
+#[test]
+fn unavailable_kernels_are_refused() {
+    let codes = vec![0x55u8; 32];
+    let w = I2sMatrixRef::new(&codes, 1, 128).unwrap();
+    for kernel in CpuKernel::ALL {
+        let mut out = [7];
+        let result = cpu::gemv_i2s_i8(kernel, w, &[1; 128], &mut out);
+        if kernel.is_available() {
+            assert_eq!((result, out), (Ok(()), [0]), "{kernel}");
+        } else {
+            assert_eq!(result, Err(KernelError::KernelUnavailable { kernel: kernel.name() }));
+            assert_eq!(out, [7], "{kernel} wrote output");
+        }
+    }
+}
+
+#[test]
+fn par_uses_the_current_pool() {
+    // Results do not depend on the pool size; a one-thread pool runs everything inline.
+    let (rows, k) = (100, 256);
+    let codes: Vec<u8> = (0..rows * k / 4).map(|i| (i * 37 % 251) as u8).collect();
+    let q: Vec<i8> = (0..3 * k).map(|i| (i as i32 * 5 - 300) as i8).collect();
+    let expected = gemm(CpuKernel::Scalar, &codes, rows, k, &q, 3);
+    let w = I2sMatrixRef::new(&codes, rows, k).unwrap();
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut out = vec![0; 3 * rows];
+        pool.install(|| cpu::gemm_i2s_i8_par(cpu::select_kernel_from(None).unwrap(), w, &q, 3, &mut out)).unwrap();
+        assert_eq!(out, expected, "{threads} threads");
+    }
+}

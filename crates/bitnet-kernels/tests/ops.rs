@@ -1,0 +1,208 @@
+//! Element-wise kernels: every kernel against the scalar reference (and
+//! `bitnet_quant::act_quant` for quantization). Exact where the module docs
+//! promise it; otherwise within the tolerances stated at each check.
+
+mod common;
+
+use bitnet_kernels::cpu::{self, CpuKernel};
+use bitnet_kernels::KernelError;
+use bitnet_quant::act_quant;
+use common::{runner, test_each_kernel};
+use proptest::prelude::*;
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Activations with exact ties: with max |x| = 127 the scale is 1, so
+/// `k + 0.5` must round to even, and negative ties too.
+fn tie_row(len: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..len).map(|i| (i % 60) as f32 - 30.0 + 0.5).collect();
+    if let Some(first) = x.first_mut() {
+        *first = 127.0;
+    }
+    x
+}
+
+fn check_quantize(kernel: CpuKernel, x: &[f32]) -> Result<(), TestCaseError> {
+    let mut expected = vec![0i8; x.len()];
+    let expected_scale = act_quant::quantize_activations(x, &mut expected).unwrap();
+    let mut found = vec![0i8; x.len()];
+    let scale = cpu::quantize_act_i8(kernel, x, &mut found).unwrap();
+    prop_assert_eq!(scale.to_bits(), expected_scale.to_bits());
+    prop_assert_eq!(found, expected);
+    Ok(())
+}
+
+fn quantize_matches_act_quant(kernel: CpuKernel) {
+    // Magnitudes from tiny (below the 1e-5 clamp) to huge (relu^2 outputs).
+    let strategy = (0..=300usize, prop::sample::select(vec![1e-7f32, 1e-3, 1.0, 50.0, 1e4, 1e8]))
+        .prop_flat_map(|(len, magnitude)| prop::collection::vec(-magnitude..magnitude, len));
+    runner(128).run(&strategy, |x| check_quantize(kernel, &x)).unwrap();
+    for len in [1, 31, 32, 33, 64, 2560, 6912] {
+        check_quantize(kernel, &tie_row(len)).unwrap();
+    }
+}
+test_each_kernel!(quantize_exact, quantize_matches_act_quant);
+
+fn quantize_rows_and_errors(kernel: CpuKernel) {
+    let n_cols = 70;
+    let x: Vec<f32> = (0..3 * n_cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * (1 + i / n_cols) as f32).collect();
+    let mut expected = vec![0i8; x.len()];
+    let mut expected_scales = [0.0f32; 3];
+    act_quant::quantize_activations_rows(&x, n_cols, &mut expected, &mut expected_scales).unwrap();
+    let mut found = vec![0i8; x.len()];
+    let mut scales = [0.0f32; 3];
+    cpu::quantize_act_i8_rows(kernel, &x, n_cols, &mut found, &mut scales).unwrap();
+    assert_eq!((found, scales), (expected, expected_scales));
+
+    // A non-finite value anywhere (also in a SIMD-width chunk, not just a tail) names its flat index.
+    for (index, bad) in [(0, f32::NAN), (40, f32::INFINITY), (69, f32::NEG_INFINITY), (150, f32::NAN)] {
+        let mut x = x.clone();
+        x[index] = bad;
+        let mut out = vec![5i8; x.len()];
+        let mut scales = [0.0f32; 3];
+        let err = cpu::quantize_act_i8_rows(kernel, &x, n_cols, &mut out, &mut scales).unwrap_err();
+        assert!(
+            matches!(err, KernelError::NonFiniteValue { what: "activations", index: i, .. } if i == index),
+            "{err:?}"
+        );
+    }
+    let mut out = [0i8; 4];
+    assert_eq!(
+        cpu::quantize_act_i8(kernel, &[1.0; 5], &mut out),
+        Err(KernelError::LengthMismatch { what: "quantized activations", expected: 5, found: 4 })
+    );
+    assert_eq!(
+        cpu::quantize_act_i8_rows(kernel, &[1.0; 6], 0, &mut [0; 6], &mut []),
+        Err(KernelError::ZeroDimension { what: "n_cols" })
+    );
+    assert_eq!(
+        cpu::quantize_act_i8_rows(kernel, &[1.0; 6], 3, &mut [0; 6], &mut [0.0; 3]),
+        Err(KernelError::LengthMismatch { what: "activation scales", expected: 2, found: 3 })
+    );
+}
+test_each_kernel!(quantize_rows, quantize_rows_and_errors);
+
+/// RMSNorm: the same f64 algorithm as the scalar reference, only the sum of
+/// squares is added in another order, which can move `inv` by an f64 ulp and
+/// so an output by at most one f32 ulp: `|a - b| <= 2.5e-7 * |b|`.
+fn rms_norm_matches_scalar(kernel: CpuKernel) {
+    let strategy = (0..=200usize, prop::sample::select(vec![1e-3f32, 1.0, 1e3])).prop_flat_map(|(len, magnitude)| {
+        (prop::collection::vec(-magnitude..magnitude, len), prop::collection::vec(-2.0f32..2.0, len))
+    });
+    runner(96)
+        .run(&strategy, |(x, weight)| {
+            let mut expected = vec![0.0f32; x.len()];
+            cpu::rms_norm_f32(CpuKernel::Scalar, &x, &weight, 1e-5, &mut expected).unwrap();
+            let mut found = vec![0.0f32; x.len()];
+            cpu::rms_norm_f32(kernel, &x, &weight, 1e-5, &mut found).unwrap();
+            for (i, (&a, &b)) in found.iter().zip(&expected).enumerate() {
+                prop_assert!((a - b).abs() <= 2.5e-7 * b.abs(), "index {i}: {a} vs {b}");
+            }
+            Ok(())
+        })
+        .unwrap();
+    let mut out = [0.0f32; 2];
+    cpu::rms_norm_f32(kernel, &[3.0, -4.0], &[1.0, 2.0], 0.0, &mut out).unwrap();
+    // mean(x^2) = 12.5, rsqrt = 0.28284271...
+    assert!((out[0] - 0.848_528_1).abs() < 1e-6 && (out[1] + 2.262_741_7).abs() < 1e-6, "{out:?}");
+    assert_eq!(
+        cpu::rms_norm_f32(kernel, &[1.0; 3], &[1.0; 2], 1e-5, &mut [0.0; 3]),
+        Err(KernelError::LengthMismatch { what: "rms_norm weight", expected: 3, found: 2 })
+    );
+}
+test_each_kernel!(rms_norm, rms_norm_matches_scalar);
+
+/// Softmax: a polynomial `exp` (within 2 ulp) against libm's `expf`, sums in
+/// f64: `|a - b| <= 1e-6 * |b| + 1e-37` per probability.
+fn softmax_matches_scalar(kernel: CpuKernel) {
+    let value = prop_oneof![8 => -40.0f32..40.0, 1 => Just(f32::NEG_INFINITY)];
+    let strategy =
+        prop::collection::vec(value, 1..=300).prop_filter("some finite entry", |x| x.iter().any(|v| v.is_finite()));
+    runner(128)
+        .run(&strategy, |x| {
+            let mut expected = x.clone();
+            cpu::softmax_f32(CpuKernel::Scalar, &mut expected).unwrap();
+            let mut found = x.clone();
+            cpu::softmax_f32(kernel, &mut found).unwrap();
+            for (i, (&a, &b)) in found.iter().zip(&expected).enumerate() {
+                prop_assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-37, "index {i} (x = {}): {a} vs {b}", x[i]);
+            }
+            let total: f64 = found.iter().map(|&v| f64::from(v)).sum();
+            prop_assert!((total - 1.0).abs() < 1e-5);
+            Ok(())
+        })
+        .unwrap();
+    let mut x = [0.0, 2f32.ln(), f32::NEG_INFINITY];
+    cpu::softmax_f32(kernel, &mut x).unwrap();
+    assert!((x[0] - 1.0 / 3.0).abs() < 1e-7 && (x[1] - 2.0 / 3.0).abs() < 1e-7 && x[2] == 0.0, "{x:?}");
+    let mut masked = [f32::NEG_INFINITY; 9];
+    assert_eq!(
+        cpu::softmax_f32(kernel, &mut masked),
+        Err(KernelError::NonFiniteValue { what: "softmax maximum", index: 0, value: f32::NEG_INFINITY })
+    );
+    assert_eq!(masked, [f32::NEG_INFINITY; 9]);
+    assert_eq!(cpu::softmax_f32(kernel, &mut []), Ok(()));
+}
+test_each_kernel!(softmax, softmax_matches_scalar);
+
+fn relu2_mul_is_exact(kernel: CpuKernel) {
+    let strategy = (0..=200usize)
+        .prop_flat_map(|len| (prop::collection::vec(-1e3f32..1e3, len), prop::collection::vec(-1e3f32..1e3, len)));
+    runner(96)
+        .run(&strategy, |(gate, up)| {
+            let mut expected = gate.clone();
+            cpu::relu2_mul_f32(CpuKernel::Scalar, &mut expected, &up).unwrap();
+            let mut found = gate.clone();
+            cpu::relu2_mul_f32(kernel, &mut found, &up).unwrap();
+            prop_assert_eq!(bits(&found), bits(&expected));
+            Ok(())
+        })
+        .unwrap();
+    // relu(-2)^2 * 5 = 0, 3^2 * 2 = 18, 300^2 * 1 = 90000 (beyond f16), NaN gate -> 0.
+    let mut gate = [-2.0, 3.0, 300.0, f32::NAN, 1.0, 1.0, 1.0, 1.0, 2.0];
+    cpu::relu2_mul_f32(kernel, &mut gate, &[5.0, 2.0, 1.0, 7.0, 1.0, 1.0, 1.0, 1.0, -1.0]).unwrap();
+    assert_eq!(gate, [0.0, 18.0, 90_000.0, 0.0, 1.0, 1.0, 1.0, 1.0, -4.0]);
+    assert_eq!(
+        cpu::relu2_mul_f32(kernel, &mut [0.0; 3], &[0.0; 4]),
+        Err(KernelError::LengthMismatch { what: "relu2_mul up", expected: 3, found: 4 })
+    );
+}
+test_each_kernel!(relu2_mul, relu2_mul_is_exact);
+
+fn rope_is_exact(kernel: CpuKernel) {
+    let strategy = (1..=4usize, 1..=40usize, 0..100_000usize).prop_flat_map(|(n_heads, half, position)| {
+        let head_dim = 2 * half;
+        (prop::collection::vec(-10.0f32..10.0, n_heads * head_dim), Just(head_dim), Just(position))
+    });
+    runner(96)
+        .run(&strategy, |(x, head_dim, position)| {
+            let half = head_dim / 2;
+            let angles: Vec<f32> =
+                (0..half).map(|i| position as f32 / 500_000f32.powf((2 * i) as f32 / head_dim as f32)).collect();
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let mut expected = x.clone();
+            cpu::rope_neox_f32(CpuKernel::Scalar, &mut expected, head_dim, &cos, &sin).unwrap();
+            let mut found = x.clone();
+            cpu::rope_neox_f32(kernel, &mut found, head_dim, &cos, &sin).unwrap();
+            prop_assert_eq!(bits(&found), bits(&expected));
+            Ok(())
+        })
+        .unwrap();
+    // head_dim 4, pair (0, 2) rotated by 90 degrees: (1, 0) -> (0, 1); pair (1, 3) unrotated.
+    let mut x = [1.0, 5.0, 0.0, 7.0];
+    cpu::rope_neox_f32(kernel, &mut x, 4, &[0.0, 1.0], &[1.0, 0.0]).unwrap();
+    assert_eq!(x, [0.0, 5.0, 1.0, 7.0]);
+    for (head_dim, cos_len, expected) in [
+        (0, 0, KernelError::ZeroDimension { what: "head_dim" }),
+        (3, 1, KernelError::NotMultiple { what: "head_dim", value: 3, multiple: 2 }),
+        (6, 3, KernelError::NotMultiple { what: "rope input length", value: 4, multiple: 6 }),
+        (4, 3, KernelError::LengthMismatch { what: "rope cos table (head_dim / 2)", expected: 2, found: 3 }),
+    ] {
+        let cos = vec![1.0; cos_len];
+        assert_eq!(cpu::rope_neox_f32(kernel, &mut [0.0; 4], head_dim, &cos, &cos), Err(expected));
+    }
+}
+test_each_kernel!(rope, rope_is_exact);
