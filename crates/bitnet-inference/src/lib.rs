@@ -1,18 +1,21 @@
 //! BitNet b1.58 inference: the reference forward pass (the yardstick every
-//! faster path is checked against), sampling, and generation.
+//! faster path is checked against), the fast CPU backend, the `Backend`
+//! interface they share, sampling, and generation.
 //!
 //! ```
-//! use bitnet_inference::{generate, GenerationConfig, ReferenceForward};
+//! use std::sync::Arc;
+//! use bitnet_inference::{generate, CpuBackend, CpuBackendConfig, GenerationConfig};
 //! use bitnet_models::synthetic::{self, Preset};
 //!
-//! let model = synthetic::generate(Preset::Tiny, 1).unwrap();
-//! let forward = ReferenceForward::new(&model);
+//! let model = Arc::new(synthetic::generate(Preset::Tiny, 1).unwrap());
+//! let mut backend = CpuBackend::new(model.clone(), &CpuBackendConfig::default()).unwrap();
 //! let prompt = model.tokenizer.encode("Hello", true).unwrap();
-//! let out = generate(&forward, &prompt, &GenerationConfig::greedy(4), |_| {}).unwrap();
+//! let out = generate(&mut backend, &prompt, &GenerationConfig::greedy(4), |_| {}).unwrap();
 //! assert_eq!(out.tokens.len(), 4);
 //! ```
 
 pub mod backend;
+mod cpu;
 mod error;
 mod generate;
 pub mod ops;
@@ -20,6 +23,7 @@ mod reference;
 pub mod sampling;
 
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
+pub use cpu::{CpuBackend, CpuBackendConfig};
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use reference::{KvCache, LogitsMode, ReferenceForward};

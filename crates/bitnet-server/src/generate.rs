@@ -1,11 +1,15 @@
-//! `bitnet generate`: text generation with the reference forward pass.
+//! `bitnet generate`: text generation on the fast CPU backend (or the
+//! reference forward pass, for comparison).
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use bitnet_inference::{generate, GenerationConfig, ReferenceForward, SamplingConfig, StopReason};
+use bitnet_inference::{
+    generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, ReferenceBackend, SamplingConfig, StopReason,
+};
 use bitnet_models::tokenizer::{ChatMessage, ChatRole};
 
 #[derive(Debug, clap::Args)]
@@ -37,10 +41,22 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Forward pass: the fast CPU backend, or the slow exact reference.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendChoice,
+    /// CPU worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Cpu,
+    Reference,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let model = crate::load_model(args.model.as_ref())?;
+    let model = Arc::new(crate::load_model(args.model.as_ref())?);
     let tokenizer = &model.tokenizer;
     let prompt_tokens = if args.chat {
         let text = tokenizer.chat_prompt(&[ChatMessage { role: ChatRole::User, content: args.prompt.clone() }])?;
@@ -57,9 +73,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         },
-        stop_at_eos: !args.ignore_eos,
+        stop_tokens: if args.ignore_eos {
+            Vec::new()
+        } else {
+            [tokenizer.eos_id(), tokenizer.eot_id()].into_iter().flatten().collect()
+        },
     };
-    let forward = ReferenceForward::new(&model);
+    let mut backend: Box<dyn Backend> = match args.backend {
+        BackendChoice::Cpu => {
+            Box::new(CpuBackend::new(model.clone(), &CpuBackendConfig { threads: args.threads, kernel: None })?)
+        }
+        BackendChoice::Reference => Box::new(ReferenceBackend::new(model.clone())),
+    };
+    let info = backend.info();
     let mut stdout = std::io::stdout().lock();
     if !args.chat {
         write!(stdout, "{}", args.prompt)?;
@@ -70,7 +96,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut printed = 0usize;
     let start = Instant::now();
     let mut first_token_at = None;
-    let out = generate(&forward, &prompt_tokens, &config, |token| {
+    let out = generate(backend.as_mut(), &prompt_tokens, &config, |token| {
         first_token_at.get_or_insert_with(Instant::now);
         generated.push(token);
         if let Ok(text) = tokenizer.decode(&generated, true) {
@@ -90,7 +116,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let decode_s = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let reason = match out.stop_reason {
-        StopReason::Eos => "end of sequence",
+        StopReason::Stop => "end of sequence",
         StopReason::Length => "max tokens",
     };
     let decode_rate = if out.tokens.len() > 1 && decode_s > 0.0 {
@@ -99,10 +125,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         "n/a".into()
     };
     eprintln!(
-        "[{} prompt tokens, {} generated ({reason}), {:.2} s, decode {decode_rate}, device cpu (reference forward)]",
+        "[{} prompt tokens, {} generated ({reason}), {:.2} s, decode {decode_rate}, device {} ({}, {})]",
         prompt_tokens.len(),
         out.tokens.len(),
-        elapsed
+        elapsed,
+        info.device,
+        info.precision,
+        info.detail
     );
     Ok(())
 }

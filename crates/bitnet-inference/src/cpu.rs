@@ -1,0 +1,377 @@
+//! `CpuBackend`: the fast CPU forward pass. Ternary weights stay packed in
+//! I2_S and are multiplied by int8 activations with the SIMD kernels of
+//! `bitnet-kernels` (chosen at run time); everything else is f32. A batched
+//! step runs all new tokens of all sequences through each projection in one
+//! GEMM, so prefill chunks and decode tokens of many sequences share the
+//! weight reads.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
+use bitnet_kernels::KernelError;
+use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
+use rayon::prelude::*;
+
+use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
+use crate::error::InferenceError;
+
+/// How to run the CPU backend.
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackendConfig {
+    /// Worker threads; 0 means one per logical core.
+    pub threads: usize,
+    /// Kernel to use; `None` picks the best available (or `BITNET_CPU_KERNEL`).
+    pub kernel: Option<CpuKernel>,
+}
+
+/// One sequence's KV cache: per layer, `[positions, kv_dim]` keys and values.
+struct CpuSequence {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    reserved: usize,
+}
+
+pub struct CpuBackend {
+    model: Arc<BitNetModel>,
+    kernel: CpuKernel,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    /// `[max_positions, head_dim / 2]` rotary tables.
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
+    sequences: HashMap<SeqId, CpuSequence>,
+}
+
+impl fmt::Debug for CpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuBackend")
+            .field("kernel", &self.kernel)
+            .field("threads", &self.threads)
+            .field("sequences", &self.sequences.len())
+            .finish()
+    }
+}
+
+fn kernel_error(err: KernelError) -> BackendError {
+    BackendError::Device(format!("CPU kernel: {err}"))
+}
+
+impl CpuBackend {
+    pub fn new(model: Arc<BitNetModel>, config: &CpuBackendConfig) -> Result<Self, BackendError> {
+        let kernel = match config.kernel {
+            Some(kernel) => kernel,
+            None => k::select_kernel().map_err(kernel_error)?,
+        };
+        if !kernel.is_available() {
+            return Err(BackendError::Device(format!("CPU kernel {} is not available on this CPU", kernel.name())));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.threads)
+            .thread_name(|i| format!("bitnet-cpu-{i}"))
+            .build()
+            .map_err(|e| BackendError::Device(format!("cannot start CPU worker threads: {e}")))?;
+        let threads = pool.current_num_threads();
+        let c = &model.config;
+        let half = c.head_dim / 2;
+        let mut rope_cos = Vec::with_capacity(c.max_position_embeddings * half);
+        let mut rope_sin = Vec::with_capacity(c.max_position_embeddings * half);
+        for pos in 0..c.max_position_embeddings {
+            for i in 0..half {
+                // Angles in f64, then rounded once, so long positions stay accurate.
+                let inv_freq = 1.0 / f64::from(c.rope_theta).powf((2 * i) as f64 / c.head_dim as f64);
+                let (sin, cos) = (pos as f64 * inv_freq).sin_cos();
+                rope_cos.push(cos as f32);
+                rope_sin.push(sin as f32);
+            }
+        }
+        Ok(Self { model, kernel, pool, threads, rope_cos, rope_sin, sequences: HashMap::new() })
+    }
+
+    pub fn kernel(&self) -> CpuKernel {
+        self.kernel
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn run_step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, KernelError> {
+        let model = Arc::clone(&self.model);
+        let c = &model.config;
+        let kernel = self.kernel;
+        let (h, kv_dim, hd, inter) = (c.hidden_size, c.kv_dim(), c.head_dim, c.intermediate_size);
+
+        // Rows of this step: (entry index, absolute position).
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        for (e, input) in batch.iter().enumerate() {
+            let start = self.sequences[&input.seq].len;
+            for (i, &token) in input.tokens.iter().enumerate() {
+                rows.push((e, start + i));
+                tokens.push(token);
+            }
+        }
+        let n = rows.len();
+        let mut x = vec![0f32; n * h];
+        for (row, &token) in x.chunks_exact_mut(h).zip(&tokens) {
+            float_row(kernel, &model.embedding, token as usize, row)?;
+        }
+
+        let mut normed = vec![0f32; n * h];
+        let mut q8 = vec![0i8; n * inter.max(h)];
+        let mut scales = vec![0f32; n];
+        let mut acc = vec![0i32; n * inter.max(h)];
+        let mut q = vec![0f32; n * h];
+        let mut kk = vec![0f32; n * kv_dim];
+        let mut vv = vec![0f32; n * kv_dim];
+        let mut attn = vec![0f32; n * h];
+        let mut proj = vec![0f32; n * h];
+        let mut gate = vec![0f32; n * inter];
+        let mut up = vec![0f32; n * inter];
+        let mut act_normed = vec![0f32; n * inter];
+        let pool = &self.pool;
+        let sequences = &mut self.sequences;
+        let (rope_cos, rope_sin) = (&self.rope_cos, &self.rope_sin);
+        let half = hd / 2;
+
+        pool.install(|| -> Result<(), KernelError> {
+            for (layer_idx, layer) in model.layers.iter().enumerate() {
+                // Attention block.
+                rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
+                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_q, &mut acc, &mut q)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_k, &mut acc, &mut kk)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_v, &mut acc, &mut vv)?;
+                for (r, &(_, pos)) in rows.iter().enumerate() {
+                    let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
+                    k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
+                    k::rope_neox_f32(kernel, &mut kk[r * kv_dim..(r + 1) * kv_dim], hd, cos, sin)?;
+                }
+                for (r, &(e, _)) in rows.iter().enumerate() {
+                    let seq = sequences.get_mut(&batch[e].seq).expect("validated sequence");
+                    seq.keys[layer_idx].extend_from_slice(&kk[r * kv_dim..(r + 1) * kv_dim]);
+                    seq.values[layer_idx].extend_from_slice(&vv[r * kv_dim..(r + 1) * kv_dim]);
+                }
+                let caches: Vec<(&[f32], &[f32])> = batch
+                    .iter()
+                    .map(|input| {
+                        let seq = &sequences[&input.seq];
+                        (seq.keys[layer_idx].as_slice(), seq.values[layer_idx].as_slice())
+                    })
+                    .collect();
+                attention(kernel, c, &rows, &caches, &q, &mut attn)?;
+                rms_norm_rows(kernel, &attn, &layer.attn_sub_norm, c.rms_norm_eps, &mut normed, h)?;
+                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)?;
+                add_in_place(&mut x, &proj);
+
+                // Feed-forward block. relu^2 and its sub-norm stay in f32.
+                rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
+                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.ffn_gate, &mut acc, &mut gate)?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.ffn_up, &mut acc, &mut up)?;
+                k::relu2_mul_f32(kernel, &mut gate, &up)?;
+                rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
+                k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
+                bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)?;
+                add_in_place(&mut x, &proj);
+            }
+            Ok(())
+        })?;
+
+        // Logits of each entry's last new position.
+        let head = model.head();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut last = 0usize;
+        let mut normed_row = vec![0f32; h];
+        for input in batch {
+            last += input.tokens.len();
+            let r = last - 1;
+            k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, &mut normed_row)?;
+            let mut logits = vec![0f32; c.vocab_size];
+            pool.install(|| head_gemv(kernel, head, &normed_row, &mut logits))?;
+            out.push(logits);
+        }
+        for input in batch {
+            let seq = sequences.get_mut(&input.seq).expect("validated sequence");
+            seq.len += input.tokens.len();
+        }
+        Ok(out)
+    }
+}
+
+/// Converts row `row` of a float tensor to f32.
+fn float_row(kernel: CpuKernel, t: &FloatTensor, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    let size = t.dtype().size_bytes();
+    let bytes = &t.bytes()[row * t.cols() * size..(row + 1) * t.cols() * size];
+    match t.dtype() {
+        FloatDType::F16 => k::convert_f16_f32(kernel, bytes, out),
+        FloatDType::BF16 => k::convert_bf16_f32(kernel, bytes, out),
+        FloatDType::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `logits = head @ x` for the tied embedding or untied output matrix.
+fn head_gemv(kernel: CpuKernel, head: &FloatTensor, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+    let (bytes, rows, cols) = (head.bytes().as_slice(), head.rows(), head.cols());
+    match head.dtype() {
+        FloatDType::F16 => k::gemv_f16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
+        FloatDType::BF16 => k::gemv_bf16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
+        FloatDType::F32 => k::gemv_f32_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
+    }
+}
+
+fn rms_norm_rows(
+    kernel: CpuKernel,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    width: usize,
+) -> Result<(), KernelError> {
+    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        k::rms_norm_f32(kernel, xr, weight, eps, or)?;
+    }
+    Ok(())
+}
+
+/// `out[t, j] = (sum_k q[t, k] * w[j, k]) / s[t] * w_scale` for `n` tokens.
+fn bitlinear(
+    kernel: CpuKernel,
+    q8: &[i8],
+    scales: &[f32],
+    n: usize,
+    w: &TernaryMatrix,
+    acc: &mut [i32],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let rows = w.out_features();
+    let matrix = I2sMatrixRef::new(w.codes(), rows, w.in_features())?;
+    let acc = &mut acc[..n * rows];
+    k::gemm_i2s_i8_par(kernel, matrix, q8, n, acc)?;
+    for ((out_row, acc_row), s) in out[..n * rows].chunks_exact_mut(rows).zip(acc.chunks_exact(rows)).zip(scales) {
+        let factor = w.scale() / s;
+        for (o, a) in out_row.iter_mut().zip(acc_row) {
+            *o = *a as f32 * factor;
+        }
+    }
+    Ok(())
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Causal GQA attention of every row over its sequence's cache (which
+/// already holds this step's keys and values), parallel over rows x heads.
+fn attention(
+    kernel: CpuKernel,
+    c: &BitNetConfig,
+    rows: &[(usize, usize)],
+    caches: &[(&[f32], &[f32])],
+    q: &[f32],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (h, hd, kv_dim, group) = (c.hidden_size, c.head_dim, c.kv_dim(), c.group_size());
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd).enumerate().try_for_each(|(idx, out_head)| -> Result<(), KernelError> {
+        let (r, head) = (idx / c.n_heads, idx % c.n_heads);
+        let (entry, pos) = rows[r];
+        let (keys, values) = caches[entry];
+        let kv_head = head / group;
+        let qh = &q[r * h + head * hd..r * h + (head + 1) * hd];
+        let visible = pos + 1;
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|p| {
+                let kh = &keys[p * kv_dim + kv_head * hd..p * kv_dim + (kv_head + 1) * hd];
+                qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        k::softmax_f32(kernel, &mut scores)?;
+        out_head.fill(0.0);
+        for (p, w) in scores.iter().enumerate() {
+            let vh = &values[p * kv_dim + kv_head * hd..p * kv_dim + (kv_head + 1) * hd];
+            for (o, v) in out_head.iter_mut().zip(vh) {
+                *o += w * v;
+            }
+        }
+        Ok(())
+    })
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            device: "cpu".into(),
+            precision: "f32".into(),
+            quantization: "i2s".into(),
+            detail: format!("{} kernels, {} threads", self.kernel.name(), self.threads),
+        }
+    }
+
+    fn config(&self) -> &BitNetConfig {
+        &self.model.config
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, max_positions: usize) -> Result<(), BackendError> {
+        if self.sequences.contains_key(&seq) {
+            return Err(BackendError::DuplicateSequence(seq));
+        }
+        let c = &self.model.config;
+        if max_positions > c.max_position_embeddings {
+            return Err(
+                InferenceError::ContextOverflow { needed: max_positions, max: c.max_position_embeddings }.into()
+            );
+        }
+        let per_layer = max_positions * c.kv_dim();
+        let alloc = || -> Result<Vec<Vec<f32>>, BackendError> {
+            (0..c.n_layers)
+                .map(|_| {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(per_layer).map_err(|e| {
+                        BackendError::OutOfMemory(format!("KV cache of {max_positions} positions: {e}"))
+                    })?;
+                    Ok(v)
+                })
+                .collect()
+        };
+        let keys = alloc()?;
+        let values = alloc()?;
+        self.sequences.insert(seq, CpuSequence { keys, values, len: 0, reserved: max_positions });
+        Ok(())
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.sequences.remove(&seq);
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.sequences.get(&seq).map(|s| s.len)
+    }
+
+    fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
+        let lens: Vec<usize> = batch.iter().map(|i| self.sequences[&i.seq].len).collect();
+        self.run_step(batch).map_err(|err| {
+            // Undo partial KV appends so the failed step leaves no trace.
+            for (input, &len) in batch.iter().zip(&lens) {
+                if let Some(seq) = self.sequences.get_mut(&input.seq) {
+                    let kv = len * self.model.config.kv_dim();
+                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(kv));
+                    seq.len = len;
+                }
+            }
+            kernel_error(err)
+        })
+    }
+}

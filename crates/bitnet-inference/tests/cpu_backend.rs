@@ -1,0 +1,121 @@
+//! The CPU backend against the reference forward pass, and batching invariants.
+
+use std::sync::Arc;
+
+use bitnet_inference::{
+    argmax, Backend, CpuBackend, CpuBackendConfig, LogitsMode, ReferenceBackend, ReferenceForward, StepInput,
+};
+use bitnet_kernels::cpu::CpuKernel;
+use bitnet_models::synthetic::{self, Preset};
+
+fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt()
+}
+
+fn backend(model: &Arc<bitnet_models::BitNetModel>, kernel: CpuKernel) -> CpuBackend {
+    CpuBackend::new(model.clone(), &CpuBackendConfig { threads: 2, kernel: Some(kernel) }).unwrap()
+}
+
+/// Teacher-forced logits of every position, one token per step (decode path).
+fn decode_logits(b: &mut dyn Backend, seq: u64, tokens: &[u32]) -> Vec<Vec<f32>> {
+    b.add_sequence(seq, tokens.len()).unwrap();
+    tokens.iter().map(|&t| b.step(&[StepInput { seq, tokens: &[t] }]).unwrap().remove(0)).collect()
+}
+
+#[test]
+fn cpu_backend_tracks_the_reference_on_every_kernel() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 21).unwrap());
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 500).collect();
+    let forward = ReferenceForward::new(&model);
+    let reference = forward.forward(&tokens, &mut forward.new_cache(), LogitsMode::All).unwrap();
+    let vocab = model.config.vocab_size;
+    let mut checked = 0;
+    for kernel in CpuKernel::all_available() {
+        let mut b = backend(&model, kernel);
+        let ours = decode_logits(&mut b, 1, &tokens);
+        let mut top1 = 0;
+        for (pos, logits) in ours.iter().enumerate() {
+            let want = &reference[pos * vocab..(pos + 1) * vocab];
+            let r = pearson(logits, want);
+            assert!(r > 0.999, "{}: position {pos}: Pearson {r}", kernel.name());
+            top1 += usize::from(argmax(logits) == argmax(want));
+        }
+        assert!(top1 >= tokens.len() - 1, "{}: top-1 agreement {top1}/{}", kernel.name(), tokens.len());
+        checked += 1;
+    }
+    assert!(checked >= 1);
+}
+
+#[test]
+fn prefill_in_one_step_equals_decoding_token_by_token() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 22).unwrap());
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 53 + 3) % 500).collect();
+    let mut a = backend(&model, CpuKernel::Scalar);
+    let step_by_step = decode_logits(&mut a, 1, &tokens);
+    let mut b = backend(&model, CpuKernel::Scalar);
+    b.add_sequence(7, tokens.len()).unwrap();
+    let prefill = b.step(&[StepInput { seq: 7, tokens: &tokens }]).unwrap();
+    // Every row is computed independently of the others in the step: exact equality.
+    assert_eq!(prefill[0], *step_by_step.last().unwrap());
+}
+
+#[test]
+fn batch_composition_does_not_change_results() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 23).unwrap());
+    let kernel = CpuKernel::all_available().into_iter().last().unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3, 4], &[9, 8], &[100, 200, 300, 400, 500, 7]];
+    // Alone.
+    let mut alone = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut b = backend(&model, kernel);
+        b.add_sequence(i as u64, 16).unwrap();
+        let first = b.step(&[StepInput { seq: i as u64, tokens: p }]).unwrap().remove(0);
+        let next = argmax(&first);
+        let second = b.step(&[StepInput { seq: i as u64, tokens: &[next] }]).unwrap().remove(0);
+        alone.push((first, second));
+    }
+    // Together: all prefills in one step, then all decodes in one step.
+    let mut b = backend(&model, kernel);
+    for i in 0..3 {
+        b.add_sequence(i, 16).unwrap();
+    }
+    let batch: Vec<StepInput<'_>> =
+        prompts.iter().enumerate().map(|(i, p)| StepInput { seq: i as u64, tokens: p }).collect();
+    let firsts = b.step(&batch).unwrap();
+    let nexts: Vec<[u32; 1]> = firsts.iter().map(|l| [argmax(l)]).collect();
+    let batch: Vec<StepInput<'_>> =
+        nexts.iter().enumerate().rev().map(|(i, t)| StepInput { seq: i as u64, tokens: t }).collect();
+    let mut seconds = b.step(&batch).unwrap();
+    seconds.reverse();
+    for i in 0..3 {
+        assert_eq!(firsts[i], alone[i].0, "prefill of sequence {i}");
+        assert_eq!(seconds[i], alone[i].1, "decode of sequence {i}");
+    }
+}
+
+#[test]
+fn failed_steps_leave_sequences_untouched_and_errors_match_the_reference() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 24).unwrap());
+    let mut cpu = backend(&model, CpuKernel::Scalar);
+    let mut reference = ReferenceBackend::new(model.clone());
+    for b in [&mut cpu as &mut dyn Backend, &mut reference] {
+        b.add_sequence(1, 4).unwrap();
+    }
+    let bad: [&[u32]; 3] = [&[], &[1, 2, 3, 4, 5], &[100_000]];
+    for tokens in bad {
+        let batch = [StepInput { seq: 1, tokens }];
+        assert_eq!(cpu.step(&batch).unwrap_err(), reference.step(&batch).unwrap_err());
+        assert_eq!(cpu.sequence_len(1), Some(0));
+    }
+    assert!(cpu.add_sequence(2, 1_000_000).is_err());
+}
