@@ -2,6 +2,15 @@
 //! realistic statistics, a real BPE tokenizer and complete metadata, in the
 //! shapes of named presets (`tiny`, `small`, and the real `2b4t` shapes).
 //!
+//! Scales follow a trained model's regime rather than an initialisation's:
+//! embedding entries have unit variance, so the residual stream is O(1) from
+//! the first layer and each block adds a comparable amount (each projection's
+//! scale keeps unit-RMS inputs at unit-RMS outputs); the final norm's weights
+//! are about 4/sqrt(hidden), so logits spread over a few units like a trained
+//! model's. (With a tiny embedding and logits near N(0, 1) a random model is
+//! chaotic: one int8 rounding flip anywhere changes later tokens, which makes
+//! every comparison between two correct implementations look noisy.)
+//!
 //! Every float (norms, scales, embedding) is drawn on the grid of values that
 //! are exact in both bf16 and f16, so the same model written as GGUF (F16
 //! embedding, F32 norms) and as an HF folder (bf16) holds identical numbers.
@@ -119,9 +128,9 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
 }
 
-fn norm_vector(seed: u64, name: &str, len: usize) -> Vec<f32> {
+fn norm_vector(seed: u64, name: &str, len: usize, center: f32) -> Vec<f32> {
     let mut rng = tensor_rng(seed, name);
-    (0..len).map(|_| to_shared_grid(rng.random_range(0.8f32..1.2))).collect()
+    (0..len).map(|_| to_shared_grid(center * rng.random_range(0.8f32..1.2))).collect()
 }
 
 /// Ternary weights with P(0) = 1/3, P(+-1) = 1/3 each, and a scale that keeps
@@ -162,29 +171,28 @@ pub fn generate_with_config(config: BitNetConfig, seed: u64) -> Result<BitNetMod
     let (h, i, kv, v) = (config.hidden_size, config.intermediate_size, config.kv_dim(), config.vocab_size);
 
     let mut rng = tensor_rng(seed, "token_embd.weight");
-    let embed_std = 1.0 / (h as f32).sqrt();
-    let embedding: Vec<f32> = (0..v * h).map(|_| to_shared_grid(standard_normal(&mut rng) * embed_std)).collect();
+    let embedding: Vec<f32> = (0..v * h).map(|_| to_shared_grid(standard_normal(&mut rng))).collect();
     let embedding = FloatTensor::from_f32("token_embd.weight", v, h, &embedding, FloatDType::F16)?;
 
     let mut layers = Vec::with_capacity(config.n_layers);
     for idx in 0..config.n_layers {
         let name = |short: &str| format!("blk.{idx}.{short}.weight");
         layers.push(LayerWeights {
-            attn_norm: norm_vector(seed, &name("attn_norm"), h),
+            attn_norm: norm_vector(seed, &name("attn_norm"), h, 1.0),
             attn_q: ternary_matrix(seed, &name("attn_q"), h, h)?,
             attn_k: ternary_matrix(seed, &name("attn_k"), kv, h)?,
             attn_v: ternary_matrix(seed, &name("attn_v"), kv, h)?,
             attn_output: ternary_matrix(seed, &name("attn_output"), h, h)?,
-            attn_sub_norm: norm_vector(seed, &name("attn_sub_norm"), h),
-            ffn_norm: norm_vector(seed, &name("ffn_norm"), h),
+            attn_sub_norm: norm_vector(seed, &name("attn_sub_norm"), h, 1.0),
+            ffn_norm: norm_vector(seed, &name("ffn_norm"), h, 1.0),
             ffn_gate: ternary_matrix(seed, &name("ffn_gate"), i, h)?,
             ffn_up: ternary_matrix(seed, &name("ffn_up"), i, h)?,
             ffn_down: ternary_matrix(seed, &name("ffn_down"), h, i)?,
-            ffn_sub_norm: norm_vector(seed, &name("ffn_sub_norm"), i),
+            ffn_sub_norm: norm_vector(seed, &name("ffn_sub_norm"), i, 1.0),
         });
     }
     Ok(BitNetModel {
-        output_norm: norm_vector(seed, "output_norm.weight", h),
+        output_norm: norm_vector(seed, "output_norm.weight", h, 4.0 / (h as f32).sqrt()),
         config,
         tokenizer,
         embedding,
