@@ -178,7 +178,9 @@ impl Rewrite {
             }
             match self.replace_tensor.get(&t.name) {
                 Some((dims, ty, data)) => w.add_tensor(t.name.clone(), dims.clone(), *ty, data.clone()).unwrap(),
-                None => w.add_tensor(t.name.clone(), t.dims.clone(), t.ggml_type, file.tensor_bytes(&t.name).unwrap()).unwrap(),
+                None => w
+                    .add_tensor(t.name.clone(), t.dims.clone(), t.ggml_type, file.tensor_bytes(&t.name).unwrap())
+                    .unwrap(),
             }
         }
         for (name, dims, ty, data) in self.add_tensor {

@@ -62,7 +62,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             let shown = if args.all || text.len() <= 100 {
                 text
             } else {
-                format!("{}...", &text[..text.floor_char_boundary(100)])
+                format!("{}...", text.chars().take(100).collect::<String>())
             };
             println!("  {key} = {shown}");
         }
