@@ -4,9 +4,10 @@
 //! (tools/hf_reference/compare.py).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
-use bitnet_inference::{generate, GenerationConfig, LogitsMode, ReferenceForward};
+use bitnet_inference::{generate, GenerationConfig, LogitsMode, ReferenceBackend, ReferenceForward};
 use bitnet_models::BitNetModel;
 use serde_json::json;
 
@@ -56,7 +57,9 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let sequences = prompt_tokens(&model, &prompts, args.positions)?;
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("tokens.json"), json!({ "sequences": sequences }).to_string())?;
+    let model = Arc::new(model);
     let forward = ReferenceForward::new(&model);
+    let mut backend = ReferenceBackend::new(model.clone());
     let vocab = model.config.vocab_size;
     let mut all = Vec::with_capacity(sequences.len() * args.positions * vocab);
     let mut greedy = Vec::new();
@@ -64,7 +67,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
         let logits = forward.forward(tokens, &mut forward.new_cache(), LogitsMode::All)?;
         all.extend_from_slice(&logits);
         if args.greedy > 0 {
-            let out = generate(&forward, tokens, &GenerationConfig::greedy(args.greedy), |_| {})?;
+            let out = generate(&mut backend, tokens, &GenerationConfig::greedy(args.greedy), |_| {})?;
             greedy.push(out.tokens);
         }
         eprintln!("sequence {}/{} done", i + 1, sequences.len());

@@ -1,0 +1,447 @@
+//! `cargo xtask crossval`: every fast path against the reference forward pass,
+//! over the committed prompt set, with thresholds that fail the run.
+//!
+//! Per scenario: teacher-forced top-1 agreement, greedy continuations compared
+//! token by token, logit Pearson correlation, cosine similarity, max absolute
+//! difference and mean KL divergence KL(reference || scenario). A scenario
+//! whose backend is missing (no GPU) is SKIPPED with its reason and never
+//! counts as a pass.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bitnet_inference::{
+    argmax, generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, LogitsMode, ReferenceBackend,
+    ReferenceForward, StepInput,
+};
+use bitnet_models::synthetic::{self, Preset};
+use bitnet_models::BitNetModel;
+use serde_json::json;
+
+use crate::logits::prompt_tokens;
+
+#[derive(Debug, clap::Args)]
+pub struct CrossvalArgs {
+    /// Synthetic preset to generate (seed 42); ignored with --model.
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// A model file or HF folder instead of a preset.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Comma-separated scenarios (default: all).
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    #[arg(long, default_value = "tests/data/crossval_prompts.txt")]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    positions: usize,
+    #[arg(long, default_value_t = 32)]
+    greedy: usize,
+    /// Judge token accuracy (top-1, greedy) too. On by default for --model,
+    /// off for random presets, whose nearly tied logits make it noise.
+    #[arg(long)]
+    token_gates: Option<bool>,
+    /// Write the JSON report here (and the markdown table beside it, .md).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub const ALL_SCENARIOS: [&str; 4] = ["cpu_i2s", "gpu_fp32", "gpu_fp16", "gpu_bf16"];
+
+/// Metrics of one scenario against the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    pub positions: usize,
+    pub top1_agreement: f64,
+    pub greedy_sequences_equal: usize,
+    pub greedy_sequences: usize,
+    pub greedy_token_agreement: f64,
+    pub pearson: f64,
+    pub cosine: f64,
+    pub max_abs_diff: f64,
+    pub mean_kl: f64,
+}
+
+/// Thresholds of a scenario; `None` = reported, not judged.
+#[derive(Debug, Clone, Copy)]
+pub struct Gates {
+    pub min_token_accuracy: Option<f64>,
+    pub min_pearson: f64,
+}
+
+impl Gates {
+    pub fn for_scenario(name: &str, token_gates: bool) -> Self {
+        let min_pearson = if name.starts_with("gpu") { 0.998 } else { 0.995 };
+        Self { min_token_accuracy: token_gates.then_some(0.99), min_pearson }
+    }
+
+    /// Failed checks, as readable sentences (empty = pass). NaN fails.
+    pub fn failures(&self, m: &Metrics) -> Vec<String> {
+        let below = |value: f64, min: f64| value.is_nan() || value < min;
+        let mut out = Vec::new();
+        if below(m.pearson, self.min_pearson) {
+            out.push(format!("Pearson {:.6} < {}", m.pearson, self.min_pearson));
+        }
+        if let Some(min) = self.min_token_accuracy {
+            if below(m.top1_agreement, min) {
+                out.push(format!("top-1 agreement {:.4} < {min}", m.top1_agreement));
+            }
+            if below(m.greedy_token_agreement, min) {
+                out.push(format!("greedy token agreement {:.4} < {min}", m.greedy_token_agreement));
+            }
+        }
+        out
+    }
+}
+
+/// Accumulates logit statistics position by position.
+#[derive(Debug, Default)]
+pub struct LogitStats {
+    n: f64,
+    sum_a: f64,
+    sum_b: f64,
+    sum_aa: f64,
+    sum_bb: f64,
+    sum_ab: f64,
+    max_abs: f64,
+    kl_sum: f64,
+    positions: usize,
+    top1_equal: usize,
+}
+
+impl LogitStats {
+    /// Adds one position: `reference` and `ours` are its logits.
+    pub fn add(&mut self, reference: &[f32], ours: &[f32]) {
+        for (&r, &o) in reference.iter().zip(ours) {
+            let (r, o) = (f64::from(r), f64::from(o));
+            self.n += 1.0;
+            self.sum_a += r;
+            self.sum_b += o;
+            self.sum_aa += r * r;
+            self.sum_bb += o * o;
+            self.sum_ab += r * o;
+            self.max_abs = self.max_abs.max((r - o).abs());
+        }
+        // Rounding can push a KL of identical distributions a hair below zero.
+        self.kl_sum += kl_divergence(reference, ours).max(0.0);
+        self.positions += 1;
+        self.top1_equal += usize::from(argmax(reference) == argmax(ours));
+    }
+
+    pub fn pearson(&self) -> f64 {
+        let cov = self.sum_ab - self.sum_a * self.sum_b / self.n;
+        let var_a = self.sum_aa - self.sum_a * self.sum_a / self.n;
+        let var_b = self.sum_bb - self.sum_b * self.sum_b / self.n;
+        cov / (var_a * var_b).sqrt()
+    }
+
+    pub fn cosine(&self) -> f64 {
+        self.sum_ab / (self.sum_aa * self.sum_bb).sqrt()
+    }
+}
+
+/// KL(softmax(p) || softmax(q)) in nats, computed stably in f64.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |x: &[f32]| -> Vec<f64> {
+        let max = x.iter().map(|&v| f64::from(v)).fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + x.iter().map(|&v| (f64::from(v) - max).exp()).sum::<f64>().ln();
+        x.iter().map(|&v| f64::from(v) - lse).collect()
+    };
+    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
+/// The reference side, computed once per run.
+pub struct ReferenceRun {
+    pub sequences: Vec<Vec<u32>>,
+    /// Per sequence, `[positions, vocab]` flattened.
+    pub logits: Vec<Vec<f32>>,
+    pub greedy: Vec<Vec<u32>>,
+}
+
+pub fn reference_run(
+    model: &Arc<BitNetModel>,
+    sequences: Vec<Vec<u32>>,
+    greedy: usize,
+) -> anyhow::Result<ReferenceRun> {
+    let forward = ReferenceForward::new(model);
+    let mut backend = ReferenceBackend::new(model.clone());
+    let mut logits = Vec::new();
+    let mut continuations = Vec::new();
+    for tokens in &sequences {
+        logits.push(forward.forward(tokens, &mut forward.new_cache(), LogitsMode::All)?);
+        continuations.push(generate(&mut backend, tokens, &GenerationConfig::greedy(greedy), |_| {})?.tokens);
+    }
+    Ok(ReferenceRun { sequences, logits, greedy: continuations })
+}
+
+/// Runs one backend over the reference's sequences: teacher-forced logits by
+/// decoding one token per step, then greedy continuations.
+pub fn measure(backend: &mut dyn Backend, reference: &ReferenceRun) -> anyhow::Result<Metrics> {
+    let vocab = backend.config().vocab_size;
+    let mut stats = LogitStats::default();
+    let (mut equal_seqs, mut equal_tokens, mut total_tokens) = (0, 0, 0);
+    for (i, tokens) in reference.sequences.iter().enumerate() {
+        let seq = i as u64;
+        backend.add_sequence(seq, tokens.len())?;
+        for (pos, &token) in tokens.iter().enumerate() {
+            let ours = backend.step(&[StepInput { seq, tokens: &[token] }])?.remove(0);
+            stats.add(&reference.logits[i][pos * vocab..(pos + 1) * vocab], &ours);
+        }
+        backend.remove_sequence(seq);
+        let want = &reference.greedy[i];
+        let got = generate(backend, tokens, &GenerationConfig::greedy(want.len()), |_| {})?.tokens;
+        // Tokens agree up to the first divergence; after it the contexts differ.
+        let agree = want.iter().zip(&got).take_while(|(a, b)| a == b).count();
+        equal_tokens += agree;
+        total_tokens += want.len();
+        equal_seqs += usize::from(agree == want.len());
+    }
+    Ok(Metrics {
+        positions: stats.positions,
+        top1_agreement: stats.top1_equal as f64 / stats.positions as f64,
+        greedy_sequences_equal: equal_seqs,
+        greedy_sequences: reference.sequences.len(),
+        greedy_token_agreement: if total_tokens == 0 { 1.0 } else { equal_tokens as f64 / total_tokens as f64 },
+        pearson: stats.pearson(),
+        cosine: stats.cosine(),
+        max_abs_diff: stats.max_abs,
+        mean_kl: stats.kl_sum / stats.positions as f64,
+    })
+}
+
+/// A scenario's backend, or the reason it cannot run here.
+pub fn scenario_backend(name: &str, model: &Arc<BitNetModel>) -> anyhow::Result<Result<Box<dyn Backend>, String>> {
+    match name {
+        "cpu_i2s" => Ok(Ok(Box::new(CpuBackend::new(model.clone(), &CpuBackendConfig::default())?))),
+        "gpu_fp32" | "gpu_fp16" | "gpu_bf16" => {
+            Ok(Err("no CUDA backend in this build (the CUDA backend is not implemented yet)".into()))
+        }
+        other => anyhow::bail!("unknown scenario {other:?}; expected one of {ALL_SCENARIOS:?}"),
+    }
+}
+
+pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (model, subject) = match &args.model {
+        Some(path) => {
+            let (m, _) = BitNetModel::load(path).with_context(|| format!("loading {}", path.display()))?;
+            (m, path.display().to_string())
+        }
+        None => (synthetic::generate(args.preset, 42)?, format!("synthetic {} (seed 42)", args.preset)),
+    };
+    let model = Arc::new(model);
+    let token_gates = args.token_gates.unwrap_or(args.model.is_some());
+    let scenarios: Vec<String> =
+        if args.scenarios.is_empty() { ALL_SCENARIOS.iter().map(|s| s.to_string()).collect() } else { args.scenarios };
+    let prompts =
+        std::fs::read_to_string(&args.prompts).with_context(|| format!("reading {}", args.prompts.display()))?;
+    let sequences = prompt_tokens(&model, &prompts, args.positions)?;
+    eprintln!(
+        "crossval: {subject}, {} sequences x {} positions, reference forward...",
+        sequences.len(),
+        args.positions
+    );
+    let reference = reference_run(&model, sequences, args.greedy)?;
+
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for name in &scenarios {
+        let gates = Gates::for_scenario(name, token_gates);
+        match scenario_backend(name, &model)? {
+            Err(reason) => {
+                eprintln!("{name}: SKIPPED ({reason})");
+                rows.push(json!({"scenario": name, "status": "SKIPPED", "reason": reason}));
+            }
+            Ok(mut backend) => {
+                let info = backend.info();
+                let m = measure(backend.as_mut(), &reference)?;
+                let failures = gates.failures(&m);
+                failed |= !failures.is_empty();
+                let status = if failures.is_empty() { "PASS" } else { "FAIL" };
+                eprintln!("{name}: {status} {failures:?}");
+                rows.push(json!({
+                    "scenario": name, "status": status, "failures": failures,
+                    "backend": format!("{} {} ({})", info.device, info.precision, info.detail),
+                    "positions": m.positions, "top1_agreement": m.top1_agreement,
+                    "greedy_sequences_equal": m.greedy_sequences_equal, "greedy_sequences": m.greedy_sequences,
+                    "greedy_token_agreement": m.greedy_token_agreement, "pearson": m.pearson, "cosine": m.cosine,
+                    "max_abs_diff": m.max_abs_diff, "mean_kl": m.mean_kl,
+                    "gates": {"min_pearson": gates.min_pearson, "min_token_accuracy": gates.min_token_accuracy},
+                }));
+            }
+        }
+    }
+    let cpu = bitnet_device::CpuInfo::probe();
+    let report = json!({
+        "model": subject,
+        "commit": git_commit(),
+        "date_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "machine": cpu.to_string(),
+        "sequences": reference.sequences.len(),
+        "positions": args.positions,
+        "greedy_tokens": args.greedy,
+        "token_gates": token_gates,
+        "seconds": started.elapsed().as_secs_f64(),
+        "scenarios": rows,
+    });
+    let table = markdown(&report);
+    println!("{table}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(path.with_extension("md"), &table)?;
+    }
+    anyhow::ensure!(!failed, "crossval failed: a scenario is below its thresholds");
+    Ok(())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn markdown(report: &serde_json::Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "crossval: {} | commit {} | {} | {} sequences x {} positions, greedy {} | token gates {}\n",
+        report["model"].as_str().unwrap_or(""),
+        report["commit"].as_str().unwrap_or(""),
+        report["machine"].as_str().unwrap_or(""),
+        report["sequences"],
+        report["positions"],
+        report["greedy_tokens"],
+        if report["token_gates"] == true { "on" } else { "off (random weights: reported only)" },
+    );
+    s.push_str(
+        "| scenario | status | top-1 | greedy equal | greedy tokens | Pearson | cosine | max abs diff | mean KL |\n",
+    );
+    s.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for row in report["scenarios"].as_array().into_iter().flatten() {
+        if row["status"] == "SKIPPED" {
+            let _ = writeln!(
+                s,
+                "| {} | SKIPPED: {} | | | | | | | |",
+                row["scenario"].as_str().unwrap_or(""),
+                row["reason"].as_str().unwrap_or("")
+            );
+            continue;
+        }
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.4} | {}/{} | {:.4} | {:.6} | {:.6} | {:.3e} | {:.3e} |",
+            row["scenario"].as_str().unwrap_or(""),
+            row["status"].as_str().unwrap_or(""),
+            f("top1_agreement"),
+            row["greedy_sequences_equal"],
+            row["greedy_sequences"],
+            f("greedy_token_agreement"),
+            f("pearson"),
+            f("cosine"),
+            f("max_abs_diff"),
+            f("mean_kl"),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_and_correlation_by_hand() {
+        // Equal logits: KL 0. p = softmax([0, ln 3]) = [1/4, 3/4], q uniform: KL = 1/4 ln(1/2) + 3/4 ln(3/2).
+        assert!(kl_divergence(&[1.0, 2.0], &[1.0, 2.0]).abs() < 1e-12);
+        let expected = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
+        assert!((kl_divergence(&[0.0, 3f32.ln()], &[0.0, 0.0]) - expected).abs() < 1e-7);
+        let mut stats = LogitStats::default();
+        stats.add(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]);
+        assert!((stats.pearson() - 1.0).abs() < 1e-12);
+        assert_eq!(stats.max_abs, 3.0);
+        let mut anti = LogitStats::default();
+        anti.add(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]);
+        assert!((anti.pearson() + 1.0).abs() < 1e-12);
+        assert_eq!(anti.top1_equal, 0);
+    }
+
+    #[test]
+    fn gates_fail_and_pass_as_stated() {
+        let good = Metrics {
+            positions: 10,
+            top1_agreement: 1.0,
+            greedy_sequences_equal: 2,
+            greedy_sequences: 2,
+            greedy_token_agreement: 1.0,
+            pearson: 0.999,
+            cosine: 0.999,
+            max_abs_diff: 0.1,
+            mean_kl: 1e-4,
+        };
+        assert!(Gates::for_scenario("cpu_i2s", true).failures(&good).is_empty());
+        assert_eq!(Gates::for_scenario("gpu_bf16", true).failures(&good), Vec::<String>::new());
+        let weak = Metrics { pearson: 0.997, top1_agreement: 0.9, ..good.clone() };
+        assert_eq!(Gates::for_scenario("gpu_bf16", true).failures(&weak).len(), 2);
+        assert_eq!(Gates::for_scenario("cpu_i2s", false).failures(&weak).len(), 0);
+        let nan = Metrics { pearson: f64::NAN, ..good };
+        assert_eq!(Gates::for_scenario("cpu_i2s", false).failures(&nan).len(), 1);
+    }
+
+    /// A model read with the I2_S codes 0 and 1 swapped (-1 read as 0 and 0
+    /// as -1: the mistake a guessed weight format makes). The gate must catch it.
+    fn swap_codes_0_and_1(model: &BitNetModel) -> BitNetModel {
+        let mut broken = model.clone();
+        for layer in &mut broken.layers {
+            for m in [
+                &mut layer.attn_q,
+                &mut layer.attn_k,
+                &mut layer.attn_v,
+                &mut layer.attn_output,
+                &mut layer.ffn_gate,
+                &mut layer.ffn_up,
+                &mut layer.ffn_down,
+            ] {
+                let swapped: Vec<i8> = m.to_ternary().iter().map(|&v| if v == 1 { 1 } else { -1 - v }).collect();
+                *m = bitnet_models::TernaryMatrix::from_ternary(
+                    m.name(),
+                    m.out_features(),
+                    m.in_features(),
+                    &swapped,
+                    m.scale(),
+                )
+                .unwrap();
+            }
+        }
+        broken
+    }
+
+    #[test]
+    fn crossval_passes_the_real_backend_and_fails_a_broken_code_mapping() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 42).unwrap());
+        let prompts =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/crossval_prompts.txt"))
+                .unwrap();
+        let mut sequences = prompt_tokens(&model, &prompts, 24).unwrap();
+        sequences.truncate(4);
+        let reference = reference_run(&model, sequences, 8).unwrap();
+        let gates = Gates::for_scenario("cpu_i2s", false);
+
+        let mut good = CpuBackend::new(model.clone(), &CpuBackendConfig::default()).unwrap();
+        let m = measure(&mut good, &reference).unwrap();
+        assert!(gates.failures(&m).is_empty(), "{m:?}");
+
+        let broken = Arc::new(swap_codes_0_and_1(&model));
+        let mut bad = CpuBackend::new(broken, &CpuBackendConfig::default()).unwrap();
+        let m = measure(&mut bad, &reference).unwrap();
+        assert!(!gates.failures(&m).is_empty(), "a swapped code mapping passed: {m:?}");
+    }
+}
