@@ -1,6 +1,9 @@
 //! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
 
+mod crossval;
+mod eval;
 mod gen_model;
+mod loadtest;
 mod logits;
 mod npy;
 
@@ -19,15 +22,24 @@ struct Cli {
 enum Command {
     /// Write a deterministic synthetic model (GGUF I2_S or HF folder).
     GenModel(gen_model::GenModelArgs),
+    /// Held-out exact-match accuracy of the task model, per backend (and against HF).
+    Eval(eval::EvalArgs),
+    /// Compare every backend with the reference forward pass; fails below thresholds.
+    Crossval(crossval::CrossvalArgs),
     /// Reference-forward logits and greedy continuations over the prompt set (.npy + JSON).
     Logits(logits::LogitsArgs),
+    /// Load-test a `bitnet serve` (started here from target/release/bitnet unless --url is given).
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::GenModel(args) => gen_model::run(args),
+        Command::Crossval(args) => crossval::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Loadtest(args) => loadtest::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

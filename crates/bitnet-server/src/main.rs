@@ -28,6 +28,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Convert between GGUF (I2_S) and HF safetensors folders.
     Convert(convert::ConvertArgs),
+    /// Serve the OpenAI-compatible HTTP API (continuous batching).
+    Serve(bitnet_server::server::ServeArgs),
     /// Print CPU capabilities.
     Devices {
         /// Print JSON instead of text.
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Devices { json } => devices(json),
+        Command::Serve(args) => bitnet_server::server::run(args, load_model),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

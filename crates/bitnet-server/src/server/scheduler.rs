@@ -1,0 +1,411 @@
+//! The continuous-batching engine: one loop per backend on its own OS thread
+//! (backends are blocking compute), fed through a channel.
+//!
+//! Each iteration drops requests whose client went away, then builds one
+//! batch under a token budget (`max_batch_tokens`) and a cap on running
+//! sequences (`max_batch_size`): first one decode token for every running
+//! sequence, then prompt chunks of sequences still in prefill, then new
+//! requests admitted first come, first served. KV space for prompt plus
+//! `max_tokens` is reserved at admission and freed when the request ends.
+//! A failed step is retried one sequence at a time, so a fault fails only
+//! the sequences that still fail alone.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitnet_inference::{Backend, Sampler, SamplingConfig, SeqId, StepInput};
+use bitnet_models::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
+use super::text::{OutputText, TextUpdate};
+
+/// Limits of the batcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most sequences in one step (running sequences).
+    pub max_batch_size: usize,
+    /// Most tokens (decode tokens plus prompt chunks) in one step.
+    pub max_batch_tokens: usize,
+}
+
+/// One generation request, validated and tokenized.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// At least 1; `prompt.len() + max_tokens` fits the context.
+    pub max_tokens: usize,
+    pub sampling: SamplingConfig,
+    pub stop: Vec<String>,
+    pub arrived: Instant,
+    /// Where the engine reports; a closed channel means the client left.
+    pub events: UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// How a request ran, for its `bitnet` object.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunStats {
+    /// The first engine step the request took part in.
+    pub batch_id: u64,
+    /// The largest step (in sequences) the request took part in.
+    pub batch_size: usize,
+    pub queue: Duration,
+    pub compute: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    /// The whole output text (stop string trimmed).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub stats: RunStats,
+}
+
+/// What the engine tells a request's handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New output text, in order; their concatenation is the final text.
+    Delta(String),
+    Done(Finished),
+    /// The request failed inside the engine; the detail is for the log.
+    Failed(String),
+}
+
+/// Starts the engine thread. It runs until every sender of the returned
+/// channel is dropped and all accepted jobs are finished.
+pub fn spawn(
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let engine = Engine {
+        backend,
+        tokenizer,
+        config,
+        metrics,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        next_seq: 0,
+        next_batch_id: 0,
+        rotation: 0,
+    };
+    let handle = std::thread::Builder::new().name("bitnet-engine".into()).spawn(move || engine.run(rx))?;
+    Ok((tx, handle))
+}
+
+/// Runs a step; a panicking backend counts as a failed step instead of
+/// taking the engine thread (and every request in flight) down with it.
+fn guarded_step(backend: &mut dyn Backend, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.step(inputs))) {
+        Ok(result) => result.map_err(|err| err.to_string()),
+        Err(_) => Err("the backend panicked".to_owned()),
+    }
+}
+
+struct Running {
+    seq: SeqId,
+    job: Job,
+    sampler: Sampler,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    generated: Vec<u32>,
+    output: OutputText,
+    admitted: Instant,
+    last_token_at: Option<Instant>,
+    first_batch_id: Option<u64>,
+    largest_batch: usize,
+    /// Set when the request has ended and its sequence must be removed.
+    done: bool,
+}
+
+impl Running {
+    fn in_prefill(&self) -> bool {
+        self.prefilled < self.job.prompt.len()
+    }
+}
+
+/// One entry of a planned step: the running index and what it feeds.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Decode,
+    Prefill { len: usize },
+}
+
+struct Engine {
+    backend: Box<dyn Backend>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    next_seq: SeqId,
+    next_batch_id: u64,
+    /// Where the decode pass starts, so that a token budget smaller than the
+    /// running set does not starve the same sequences every step.
+    rotation: usize,
+}
+
+impl Engine {
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish_gauges();
+                match rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.drop_cancelled();
+            self.step();
+            self.running.retain(|r| !r.done);
+            self.publish_gauges();
+        }
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.num_requests_running.store(self.running.len() as u64, Ordering::Relaxed);
+        self.metrics.num_requests_waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Frees the requests whose handler is gone (client disconnected or timed out).
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|job| !job.events.is_closed());
+        let mut cancelled = before - self.waiting.len();
+        for r in &mut self.running {
+            if r.job.events.is_closed() {
+                self.backend.remove_sequence(r.seq);
+                r.done = true;
+                cancelled += 1;
+            }
+        }
+        self.running.retain(|r| !r.done);
+        self.metrics.requests_cancelled_total.fetch_add(cancelled as u64, Ordering::Relaxed);
+    }
+
+    /// Plans and runs one batched step, then samples and reports.
+    fn step(&mut self) {
+        let plan = self.plan();
+        if plan.is_empty() {
+            return;
+        }
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        let inputs: Vec<StepInput<'_>> = plan
+            .iter()
+            .map(|&(idx, work)| {
+                let r = &self.running[idx];
+                let tokens = match work {
+                    Work::Decode => &r.generated[r.generated.len() - 1..],
+                    Work::Prefill { len } => &r.job.prompt[r.prefilled..r.prefilled + len],
+                };
+                StepInput { seq: r.seq, tokens }
+            })
+            .collect();
+        let results: Vec<(Result<Vec<f32>, String>, usize)> = match guarded_step(self.backend.as_mut(), &inputs) {
+            Ok(logits) if logits.len() == inputs.len() => {
+                self.metrics.batch_size.observe(inputs.len() as f64);
+                logits.into_iter().map(|l| (Ok(l), inputs.len())).collect()
+            }
+            outcome => {
+                let reason = match outcome {
+                    Ok(logits) => format!("backend returned {} results for {} inputs", logits.len(), inputs.len()),
+                    Err(err) => err,
+                };
+                eprintln!(
+                    "bitnet serve: step {batch_id} of {} sequences failed ({reason}); retrying each alone",
+                    inputs.len()
+                );
+                // On error no sequence has advanced, so each may run again alone.
+                inputs
+                    .iter()
+                    .map(|input| match guarded_step(self.backend.as_mut(), std::slice::from_ref(input)) {
+                        Ok(mut logits) if logits.len() == 1 => {
+                            self.metrics.batch_size.observe(1.0);
+                            (Ok(logits.pop().unwrap_or_default()), 1)
+                        }
+                        Ok(_) => (Err("backend returned a wrong number of results".to_owned()), 1),
+                        Err(err) => (Err(err), 1),
+                    })
+                    .collect()
+            }
+        };
+        drop(inputs);
+        for ((idx, work), (result, ran_in)) in plan.into_iter().zip(results) {
+            let logits = match result {
+                Ok(logits) => logits,
+                Err(reason) => {
+                    self.fail(idx, format!("sequence failed in step {batch_id}: {reason}"));
+                    continue;
+                }
+            };
+            let r = &mut self.running[idx];
+            r.first_batch_id.get_or_insert(batch_id);
+            r.largest_batch = r.largest_batch.max(ran_in);
+            match work {
+                Work::Prefill { len } => {
+                    r.prefilled += len;
+                    self.metrics.prompt_tokens_total.fetch_add(len as u64, Ordering::Relaxed);
+                    if r.in_prefill() {
+                        continue;
+                    }
+                }
+                Work::Decode => {}
+            }
+            let token = r.sampler.sample(&logits);
+            self.on_token(idx, token);
+        }
+    }
+
+    /// Chooses this step's entries: decodes, then prefill chunks, then
+    /// newly admitted requests, within the token budget.
+    fn plan(&mut self) -> Vec<(usize, Work)> {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = Vec::new();
+        let n = self.running.len();
+        for k in 0..n {
+            let idx = (k + self.rotation) % n;
+            if budget > 0 && !self.running[idx].in_prefill() {
+                plan.push((idx, Work::Decode));
+                budget -= 1;
+            }
+        }
+        self.rotation = self.rotation.wrapping_add(1);
+        for idx in 0..n {
+            let r = &self.running[idx];
+            if budget > 0 && r.in_prefill() {
+                let len = (r.job.prompt.len() - r.prefilled).min(budget);
+                plan.push((idx, Work::Prefill { len }));
+                budget -= len;
+            }
+        }
+        while budget > 0 && self.running.len() < self.config.max_batch_size {
+            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(idx) = self.admit(job) else { continue };
+            let len = self.running[idx].job.prompt.len().min(budget);
+            plan.push((idx, Work::Prefill { len }));
+            budget -= len;
+        }
+        plan
+    }
+
+    /// Reserves KV space and starts a request; reports failure to its handler.
+    fn admit(&mut self, job: Job) -> Option<usize> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let sampler = match Sampler::new(job.sampling.clone()) {
+            Ok(sampler) => sampler,
+            Err(err) => {
+                let _ = job.events.send(Event::Failed(format!("bad sampling settings: {err}")));
+                self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        if let Err(err) = self.backend.add_sequence(seq, job.prompt.len() + job.max_tokens) {
+            let _ = job.events.send(Event::Failed(format!("could not reserve the KV cache: {err}")));
+            self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let now = Instant::now();
+        self.metrics.request_queue_time.observe_duration(now.duration_since(job.arrived));
+        let stops = job.stop.clone();
+        self.running.push(Running {
+            seq,
+            job,
+            sampler,
+            prefilled: 0,
+            generated: Vec::new(),
+            output: OutputText::new(stops),
+            admitted: now,
+            last_token_at: None,
+            first_batch_id: None,
+            largest_batch: 0,
+            done: false,
+        });
+        Some(self.running.len() - 1)
+    }
+
+    fn fail(&mut self, idx: usize, reason: String) {
+        let r = &mut self.running[idx];
+        eprintln!("bitnet serve: {reason}");
+        self.backend.remove_sequence(r.seq);
+        let _ = r.job.events.send(Event::Failed(reason));
+        r.done = true;
+        self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a sampled token and ends the request when a stop condition holds.
+    fn on_token(&mut self, idx: usize, token: u32) {
+        let now = Instant::now();
+        let r = &mut self.running[idx];
+        match r.last_token_at {
+            None => self.metrics.time_to_first_token.observe_duration(now.duration_since(r.job.arrived)),
+            Some(last) => self.metrics.inter_token_latency.observe_duration(now.duration_since(last)),
+        }
+        r.last_token_at = Some(now);
+        r.generated.push(token);
+        self.metrics.generation_tokens_total.fetch_add(1, Ordering::Relaxed);
+
+        let stop_token = self.tokenizer.is_stop(token);
+        let shown = if stop_token { &r.generated[..r.generated.len() - 1] } else { &r.generated[..] };
+        let text = match self.tokenizer.decode(shown, true) {
+            Ok(text) => text,
+            Err(err) => return self.fail(idx, format!("decoding generated tokens failed: {err}")),
+        };
+        let (final_text, delta, reason) = match r.output.update(&text) {
+            TextUpdate::Stopped { text, delta } => (text, delta, Some(FinishReason::Stop)),
+            TextUpdate::Continue { delta } if stop_token => {
+                (text.clone(), delta + &r.output.finish(&text), Some(FinishReason::Stop))
+            }
+            TextUpdate::Continue { delta } if r.generated.len() >= r.job.max_tokens => {
+                (text.clone(), delta + &r.output.finish(&text), Some(FinishReason::Length))
+            }
+            TextUpdate::Continue { delta } => (String::new(), delta, None),
+        };
+        if !delta.is_empty() {
+            let _ = r.job.events.send(Event::Delta(delta));
+        }
+        let Some(finish_reason) = reason else { return };
+        self.backend.remove_sequence(r.seq);
+        r.done = true;
+        self.metrics.e2e_request_latency.observe_duration(now.duration_since(r.job.arrived));
+        self.metrics.request_success.inc(finish_reason.as_str());
+        let _ = r.job.events.send(Event::Done(Finished {
+            text: final_text,
+            finish_reason,
+            prompt_tokens: r.job.prompt.len(),
+            completion_tokens: r.generated.len(),
+            stats: RunStats {
+                batch_id: r.first_batch_id.unwrap_or_default(),
+                batch_size: r.largest_batch,
+                queue: r.admitted.duration_since(r.job.arrived),
+                compute: now.duration_since(r.admitted),
+            },
+        }));
+    }
+}

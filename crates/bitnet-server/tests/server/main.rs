@@ -1,0 +1,11 @@
+//! The HTTP server, tested by starting the real router on 127.0.0.1:0 with
+//! the tiny synthetic model (the embedded default model's recipe) and
+//! talking HTTP to it.
+
+mod batching;
+mod cli_serve;
+mod common;
+mod errors;
+mod openai_client;
+mod shutdown;
+mod snapshots;
