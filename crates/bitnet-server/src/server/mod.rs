@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bitnet_inference::{Backend, ReferenceBackend};
+use bitnet_inference::{Backend, CpuBackend, CpuBackendConfig, ReferenceBackend};
 use bitnet_models::{BitNetModel, Tokenizer};
 use tokio::net::TcpListener;
 
@@ -197,10 +197,24 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = ServerConfig::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+    /// Forward pass: the fast CPU backend, or the slow exact reference.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: ServeBackend,
+    /// CPU worker threads for the engine (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Which forward pass `bitnet serve` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServeBackend {
+    Cpu,
+    Reference,
 }
 
 /// `bitnet serve`: binds, loads the model (`load_model` gets `--model`),
-/// serves the reference backend until SIGTERM or SIGINT, then drains.
+/// serves the chosen backend (the CPU SIMD backend by default) until SIGTERM
+/// or SIGINT, then drains.
 pub fn run<F>(args: ServeArgs, load_model: F) -> anyhow::Result<()>
 where
     F: FnOnce(Option<&PathBuf>) -> anyhow::Result<BitNetModel> + Send + 'static,
@@ -229,10 +243,17 @@ where
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         eprintln!("bitnet serve: listening on http://{} (model `{}`)", listener.local_addr()?, config.model_id);
         let path = args.model;
+        let (choice, threads) = (args.backend, args.threads);
         let load = move || -> Result<(Box<dyn Backend>, Tokenizer), LoadError> {
-            let model = load_model(path.as_ref())?;
+            let model = Arc::new(load_model(path.as_ref())?);
             let tokenizer = model.tokenizer.clone();
-            let backend: Box<dyn Backend> = Box::new(ReferenceBackend::new(Arc::new(model)));
+            let backend: Box<dyn Backend> = match choice {
+                ServeBackend::Cpu => Box::new(
+                    CpuBackend::new(model, &CpuBackendConfig { threads, kernel: None })
+                        .map_err(|e| anyhow::anyhow!("starting the CPU backend: {e}"))?,
+                ),
+                ServeBackend::Reference => Box::new(ReferenceBackend::new(model)),
+            };
             eprintln!("bitnet serve: model loaded ({})", backend.info().detail);
             Ok((backend, tokenizer))
         };
