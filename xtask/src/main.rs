@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation, in Rust so it runs wherever cargo does.
 
+mod bench;
 mod crossval;
 mod eval;
 mod gen_model;
@@ -24,6 +25,8 @@ enum Command {
     GenModel(gen_model::GenModelArgs),
     /// Held-out exact-match accuracy of the task model, per backend (and against HF).
     Eval(eval::EvalArgs),
+    /// End-to-end CPU speed on the 2b4t preset (or --model): tok/s, bandwidth floor, peak RSS.
+    Bench(bench::BenchArgs),
     /// Compare every backend with the reference forward pass; fails below thresholds.
     Crossval(crossval::CrossvalArgs),
     /// Reference-forward logits and greedy continuations over the prompt set (.npy + JSON).
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::GenModel(args) => gen_model::run(args),
         Command::Crossval(args) => crossval::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Loadtest(args) => loadtest::run(args),

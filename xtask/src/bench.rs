@@ -1,0 +1,157 @@
+//! `cargo xtask bench`: end-to-end CPU speed on a model file (by default the
+//! synthetic `2b4t` preset, whose shapes are the real 2B-4T model's): prompt
+//! and generation throughput, the memory-bandwidth floor measured in the same
+//! run, peak resident memory, as a table and JSON.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bitnet_inference::{argmax, Backend, CpuBackend, CpuBackendConfig, StepInput};
+use bitnet_models::BitNetModel;
+use rayon::prelude::*;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model file; by default the synthetic 2b4t preset, generated to
+    /// target/bench/2b4t.gguf on first use (in a child process, so its memory
+    /// does not count here).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Read bandwidth in bytes/s: the best of several passes summing a buffer
+/// far larger than the caches, on the same threads as the forward pass.
+fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = pool.install(|| buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add));
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(BYTES as f64 / secs);
+    }
+    best
+}
+
+fn ensure_default_model(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    eprintln!("bench: generating the 2b4t preset to {} (once)...", path.display());
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(["gen-model", "--preset", "2b4t", "--seed", "42", "--format", "gguf", "--out"])
+        .arg(path)
+        .status()?;
+    anyhow::ensure!(status.success(), "gen-model failed");
+    Ok(())
+}
+
+/// Bytes a decode step must read: every ternary matrix, the norms, and the head.
+fn bytes_per_token(model: &BitNetModel) -> u64 {
+    let ternary: usize = model.layers.iter().flat_map(|l| l.projections()).map(|m| m.codes().len()).sum();
+    let norms: usize = model.layers.iter().flat_map(|l| l.norms()).map(|(_, v)| v.len() * 4).sum();
+    (ternary + norms + model.head().bytes().len() + model.output_norm.len() * 4) as u64
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from("target/bench/2b4t.gguf");
+            ensure_default_model(&p)?;
+            p
+        }
+    };
+    let file_size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+    let load_start = Instant::now();
+    let (model, _) = BitNetModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let model = Arc::new(model);
+    let c = model.config.clone();
+    let mut backend = CpuBackend::new(model.clone(), &CpuBackendConfig { threads: args.threads, kernel: None })?;
+    let threads = backend.threads();
+
+    // A deterministic prompt of valid ids.
+    let prompt: Vec<u32> = (0..args.prompt_tokens).map(|i| ((i * 7919 + 13) % c.vocab_size) as u32).collect();
+    let positions = args.prompt_tokens + args.gen_tokens;
+    anyhow::ensure!(positions <= c.max_position_embeddings, "prompt + generation exceed the context");
+    backend.add_sequence(0, positions)?;
+    let start = Instant::now();
+    let logits = backend.step(&[StepInput { seq: 0, tokens: &prompt }])?.remove(0);
+    let prefill_s = start.elapsed().as_secs_f64();
+    let mut token = argmax(&logits);
+    let start = Instant::now();
+    for _ in 1..args.gen_tokens {
+        let logits = backend.step(&[StepInput { seq: 0, tokens: &[token] }])?.remove(0);
+        token = argmax(&logits);
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+    let decode_steps = args.gen_tokens.saturating_sub(1).max(1);
+    let ms_per_token = decode_s * 1e3 / decode_steps as f64;
+    // Peak memory first: the bandwidth buffer below must not count.
+    let peak_rss = peak_rss_bytes();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let bandwidth = read_bandwidth(&pool);
+    let bytes = bytes_per_token(&model);
+    let floor_ms = bytes as f64 / bandwidth * 1e3;
+    let kv_bytes = (2 * c.n_layers * positions * c.kv_dim() * 4) as u64;
+    let cpu = bitnet_device::CpuInfo::probe();
+    let info = backend.info();
+    let report = json!({
+        "model": path, "file_size_bytes": file_size, "load_seconds": load_s,
+        "machine": cpu.to_string(), "backend": info.detail, "threads": threads,
+        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+        "prompt_tok_per_s": args.prompt_tokens as f64 / prefill_s,
+        "gen_tok_per_s": decode_steps as f64 / decode_s,
+        "ms_per_token": ms_per_token,
+        "bytes_per_token": bytes,
+        "read_bandwidth_gb_per_s": bandwidth / 1e9,
+        "floor_ms_per_token": floor_ms,
+        "fraction_of_floor": floor_ms / ms_per_token,
+        "peak_rss_bytes": peak_rss,
+        "kv_cache_bytes": kv_bytes,
+        "rss_over_file_plus_kv": peak_rss.map(|r| r as f64 / (file_size + kv_bytes) as f64),
+        "bandwidth_buffer_bytes": 1u64 << 30,
+    });
+    let gb = |b: u64| b as f64 / 1e9;
+    println!("bench: {} ({}), {} threads, {}", path.display(), info.detail, threads, cpu);
+    println!("| metric | value |\n|---|---:|");
+    println!("| prompt ({} tokens) | {:.1} tok/s |", args.prompt_tokens, args.prompt_tokens as f64 / prefill_s);
+    println!("| generation ({} tokens) | {:.2} tok/s ({ms_per_token:.1} ms/token) |", args.gen_tokens, decode_steps as f64 / decode_s);
+    println!("| bytes read per token | {:.3} GB |", gb(bytes));
+    println!("| read bandwidth (same run, {threads} threads) | {:.1} GB/s |", bandwidth / 1e9);
+    println!("| bandwidth floor | {floor_ms:.1} ms/token |");
+    println!("| fraction of floor reached | {:.0}% |", 100.0 * floor_ms / ms_per_token);
+    if let Some(r) = peak_rss {
+        println!("| peak RSS | {:.2} GB ({:.2}x file + KV cache) |", gb(r), r as f64 / (file_size + kv_bytes) as f64);
+    }
+    println!("| model file / KV cache | {:.2} GB / {:.3} GB |", gb(file_size), gb(kv_bytes));
+    if let Some(out) = &args.json {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
