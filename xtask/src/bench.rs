@@ -48,7 +48,11 @@ fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
     let mut best = 0.0f64;
     for _ in 0..5 {
         let start = Instant::now();
-        let sum: u64 = pool.install(|| buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add));
+        let sum: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
         best = best.max(BYTES as f64 / secs);
@@ -141,7 +145,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("bench: {} ({}), {} threads, {}", path.display(), info.detail, threads, cpu);
     println!("| metric | value |\n|---|---:|");
     println!("| prompt ({} tokens) | {:.1} tok/s |", args.prompt_tokens, args.prompt_tokens as f64 / prefill_s);
-    println!("| generation ({} tokens) | {:.2} tok/s ({ms_per_token:.1} ms/token) |", args.gen_tokens, decode_steps as f64 / decode_s);
+    println!(
+        "| generation ({} tokens) | {:.2} tok/s ({ms_per_token:.1} ms/token) |",
+        args.gen_tokens,
+        decode_steps as f64 / decode_s
+    );
     println!("| bytes read per token | {:.3} GB |", gb(bytes));
     println!("| read bandwidth (same run, {threads} threads) | {:.1} GB/s |", bandwidth / 1e9);
     println!("| bandwidth floor | {floor_ms:.1} ms/token |");

@@ -7,6 +7,7 @@ mod gen_model;
 mod loadtest;
 mod logits;
 mod npy;
+mod tidy;
 
 use std::process::ExitCode;
 
