@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bitnet_inference::{
-    argmax, generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, LogitsMode, ReferenceBackend,
-    ReferenceForward, StepInput,
+    argmax, generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, LogitsMode,
+    ReferenceBackend, ReferenceForward, StepInput,
 };
 use bitnet_models::synthetic::{self, Preset};
 use bitnet_models::BitNetModel;
@@ -49,7 +49,9 @@ pub struct CrossvalArgs {
     json: Option<PathBuf>,
 }
 
-pub const ALL_SCENARIOS: [&str; 4] = ["cpu_i2s", "gpu_fp32", "gpu_fp16", "gpu_bf16"];
+/// `cpu_i2s_int8_head` is `cpu_i2s` with the output head quantized to int8
+/// (`HeadPrecision::Int8`), under the same CPU gates.
+pub const ALL_SCENARIOS: [&str; 5] = ["cpu_i2s", "cpu_i2s_int8_head", "gpu_fp32", "gpu_fp16", "gpu_bf16"];
 
 /// Metrics of one scenario against the reference.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,6 +219,10 @@ pub fn measure(backend: &mut dyn Backend, reference: &ReferenceRun) -> anyhow::R
 pub fn scenario_backend(name: &str, model: &Arc<BitNetModel>) -> anyhow::Result<Result<Box<dyn Backend>, String>> {
     match name {
         "cpu_i2s" => Ok(Ok(Box::new(CpuBackend::new(model.clone(), &CpuBackendConfig::default())?))),
+        "cpu_i2s_int8_head" => {
+            let config = CpuBackendConfig { head: HeadPrecision::Int8, ..CpuBackendConfig::default() };
+            Ok(Ok(Box::new(CpuBackend::new(model.clone(), &config)?)))
+        }
         "gpu_fp32" | "gpu_fp16" | "gpu_bf16" => {
             Ok(Err("no CUDA backend in this build (the CUDA backend is not implemented yet)".into()))
         }
@@ -388,6 +394,7 @@ mod tests {
             mean_kl: 1e-4,
         };
         assert!(Gates::for_scenario("cpu_i2s", true).failures(&good).is_empty());
+        assert!(Gates::for_scenario("cpu_i2s_int8_head", true).failures(&good).is_empty());
         assert_eq!(Gates::for_scenario("gpu_bf16", true).failures(&good), Vec::<String>::new());
         let weak = Metrics { pearson: 0.997, top1_agreement: 0.9, ..good.clone() };
         assert_eq!(Gates::for_scenario("gpu_bf16", true).failures(&weak).len(), 2);
@@ -422,6 +429,17 @@ mod tests {
             }
         }
         broken
+    }
+
+    #[test]
+    fn every_cpu_scenario_has_a_backend() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 42).unwrap());
+        for (name, detail_suffix) in [("cpu_i2s", "threads"), ("cpu_i2s_int8_head", "int8 head")] {
+            assert!(ALL_SCENARIOS.contains(&name));
+            let backend = scenario_backend(name, &model).unwrap().unwrap();
+            assert!(backend.info().detail.ends_with(detail_suffix), "{name}: {}", backend.info().detail);
+        }
+        assert!(scenario_backend("cpu_fp8", &model).is_err());
     }
 
     #[test]

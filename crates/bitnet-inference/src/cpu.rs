@@ -3,7 +3,8 @@
 //! `bitnet-kernels` (chosen at run time); everything else is f32. A batched
 //! step runs all new tokens of all sequences through each projection in one
 //! GEMM, so prefill chunks and decode tokens of many sequences share the
-//! weight reads.
+//! weight reads. The output head is the file's float tensor, or optionally
+//! an int8 copy ([`HeadPrecision::Int8`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
 use crate::error::InferenceError;
+use crate::int8_head::{HeadPrecision, Int8Head};
 
 /// How to run the CPU backend.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +26,8 @@ pub struct CpuBackendConfig {
     pub threads: usize,
     /// Kernel to use; `None` picks the best available (or `BITNET_CPU_KERNEL`).
     pub kernel: Option<CpuKernel>,
+    /// Output head precision; [`HeadPrecision::Native`] reads the file's tensor.
+    pub head: HeadPrecision,
 }
 
 /// One sequence's KV cache: per layer, `[positions, kv_dim]` keys and values.
@@ -42,6 +46,8 @@ pub struct CpuBackend {
     /// `[max_positions, head_dim / 2]` rotary tables.
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
+    /// The int8 copy of the head, with [`HeadPrecision::Int8`].
+    int8_head: Option<Int8Head>,
     sequences: HashMap<SeqId, CpuSequence>,
 }
 
@@ -50,6 +56,7 @@ impl fmt::Debug for CpuBackend {
         f.debug_struct("CpuBackend")
             .field("kernel", &self.kernel)
             .field("threads", &self.threads)
+            .field("int8_head", &self.int8_head.is_some())
             .field("sequences", &self.sequences.len())
             .finish()
     }
@@ -87,7 +94,11 @@ impl CpuBackend {
                 rope_sin.push(sin as f32);
             }
         }
-        Ok(Self { model, kernel, pool, threads, rope_cos, rope_sin, sequences: HashMap::new() })
+        let int8_head = match config.head {
+            HeadPrecision::Native => None,
+            HeadPrecision::Int8 => Some(pool.install(|| Int8Head::quantize(kernel, model.head()))?),
+        };
+        Ok(Self { model, kernel, pool, threads, rope_cos, rope_sin, int8_head, sequences: HashMap::new() })
     }
 
     pub fn kernel(&self) -> CpuKernel {
@@ -96,6 +107,24 @@ impl CpuBackend {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// The output head's precision.
+    pub fn head_precision(&self) -> HeadPrecision {
+        if self.int8_head.is_some() {
+            HeadPrecision::Int8
+        } else {
+            HeadPrecision::Native
+        }
+    }
+
+    /// Bytes of output-head weights read per decode token: the file's tensor,
+    /// or the owned int8 copy and its f32 row scales.
+    pub fn head_bytes(&self) -> usize {
+        match &self.int8_head {
+            Some(head) => head.bytes(),
+            None => self.model.head().bytes().len(),
+        }
     }
 
     fn run_step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, KernelError> {
@@ -187,12 +216,22 @@ impl CpuBackend {
         let mut out = Vec::with_capacity(batch.len());
         let mut last = 0usize;
         let mut normed_row = vec![0f32; h];
+        // Scratch of the int8 head: the quantized row and the exact dot products.
+        let (mut head_q8, mut head_acc) = match &self.int8_head {
+            Some(_) => (vec![0i8; h], vec![0i32; c.vocab_size]),
+            None => (Vec::new(), Vec::new()),
+        };
         for input in batch {
             last += input.tokens.len();
             let r = last - 1;
             k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, &mut normed_row)?;
             let mut logits = vec![0f32; c.vocab_size];
-            pool.install(|| head_gemv(kernel, head, &normed_row, &mut logits))?;
+            match &self.int8_head {
+                Some(int8_head) => {
+                    pool.install(|| int8_head.logits(kernel, &normed_row, &mut head_q8, &mut head_acc, &mut logits))?
+                }
+                None => pool.install(|| head_gemv(kernel, head, &normed_row, &mut logits))?,
+            }
             out.push(logits);
         }
         for input in batch {
@@ -315,7 +354,10 @@ impl Backend for CpuBackend {
             device: "cpu".into(),
             precision: "f32".into(),
             quantization: "i2s".into(),
-            detail: format!("{} kernels, {} threads", self.kernel.name(), self.threads),
+            detail: match self.int8_head {
+                Some(_) => format!("{} kernels, {} threads, int8 head", self.kernel.name(), self.threads),
+                None => format!("{} kernels, {} threads", self.kernel.name(), self.threads),
+            },
         }
     }
 

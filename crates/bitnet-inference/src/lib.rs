@@ -18,6 +18,7 @@ pub mod backend;
 mod cpu;
 mod error;
 mod generate;
+mod int8_head;
 pub mod ops;
 mod reference;
 pub mod sampling;
@@ -26,5 +27,6 @@ pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, S
 pub use cpu::{CpuBackend, CpuBackendConfig};
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
+pub use int8_head::HeadPrecision;
 pub use reference::{KvCache, LogitsMode, ReferenceForward};
 pub use sampling::{argmax, Sampler, SamplingConfig};

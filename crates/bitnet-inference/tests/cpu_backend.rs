@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use bitnet_inference::{
-    argmax, Backend, CpuBackend, CpuBackendConfig, LogitsMode, ReferenceBackend, ReferenceForward, StepInput,
+    argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, LogitsMode, ReferenceBackend, ReferenceForward,
+    StepInput,
 };
 use bitnet_kernels::cpu::CpuKernel;
 use bitnet_models::synthetic::{self, Preset};
@@ -23,7 +24,8 @@ fn pearson(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn backend(model: &Arc<bitnet_models::BitNetModel>, kernel: CpuKernel) -> CpuBackend {
-    CpuBackend::new(model.clone(), &CpuBackendConfig { threads: 2, kernel: Some(kernel) }).unwrap()
+    CpuBackend::new(model.clone(), &CpuBackendConfig { threads: 2, kernel: Some(kernel), ..Default::default() })
+        .unwrap()
 }
 
 /// Teacher-forced logits of every position, one token per step (decode path).
@@ -118,4 +120,38 @@ fn failed_steps_leave_sequences_untouched_and_errors_match_the_reference() {
         assert_eq!(cpu.sequence_len(1), Some(0));
     }
     assert!(cpu.add_sequence(2, 1_000_000).is_err());
+}
+
+#[test]
+fn int8_head_tracks_the_reference_and_differs_from_the_native_head() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 25).unwrap());
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 41 + 5) % 500).collect();
+    let forward = ReferenceForward::new(&model);
+    let reference = forward.forward(&tokens, &mut forward.new_cache(), LogitsMode::All).unwrap();
+    let vocab = model.config.vocab_size;
+    let kernel = CpuKernel::all_available()[0];
+    let config = CpuBackendConfig { threads: 2, kernel: Some(kernel), head: HeadPrecision::Int8 };
+    let mut int8 = CpuBackend::new(model.clone(), &config).unwrap();
+    assert_eq!(int8.head_precision(), HeadPrecision::Int8);
+    assert!(int8.info().detail.ends_with("int8 head"), "{}", int8.info().detail);
+    // One byte per weight plus one f32 scale per row, against the file's f16 or f32.
+    let head = model.head();
+    assert_eq!(int8.head_bytes(), head.rows() * head.cols() + head.rows() * 4);
+    let mut native = backend(&model, kernel);
+    assert_eq!(native.head_precision(), HeadPrecision::Native);
+    assert_eq!(native.head_bytes(), head.bytes().len());
+    assert!(!native.info().detail.contains("int8"));
+
+    let ours = decode_logits(&mut int8, 1, &tokens);
+    let theirs = decode_logits(&mut native, 1, &tokens);
+    let (mut top1, mut differing) = (0, 0);
+    for (pos, logits) in ours.iter().enumerate() {
+        let want = &reference[pos * vocab..(pos + 1) * vocab];
+        let r = pearson(logits, want);
+        assert!(r > 0.99, "position {pos}: Pearson {r}");
+        top1 += usize::from(argmax(logits) == argmax(want));
+        differing += usize::from(logits != &theirs[pos]);
+    }
+    assert!(top1 + 2 >= tokens.len(), "top-1 agreement {top1}/{}", tokens.len());
+    assert_eq!(differing, tokens.len(), "the int8 head gave the native head's logits");
 }

@@ -15,10 +15,11 @@
 //!   per iteration, as decode streams the layers from memory.
 //! - `i2s_prefill`: 64 tokens through 2560x2560 as one GEMM vs 64 GEMVs.
 //! - `f16_head_gemv`: the tied output head, 128256x2560 f16 (626 MiB).
+//! - `i8_head_gemv`: the same head quantized to int8 (313 MiB), int8 activations.
 
 use std::hint::black_box;
 
-use bitnet_kernels::cpu::{self, CpuKernel, FloatMatrixRef, I2sMatrixRef};
+use bitnet_kernels::cpu::{self, CpuKernel, FloatMatrixRef, I2sMatrixRef, I8MatrixRef};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use rayon::prelude::*;
@@ -189,5 +190,25 @@ fn f16_head(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read_bandwidth, i2s_gemv, i2s_gemv_dram, i2s_prefill, f16_head);
+fn i8_head(c: &mut Criterion) {
+    let (rows, k) = (VOCAB, HIDDEN);
+    let weights = activations(rows * k, 7);
+    let w = I8MatrixRef::new(&weights, rows, k).unwrap();
+    let q = activations(k, 8);
+    let mut out = vec![0i32; rows];
+    let mut group = c.benchmark_group("i8_head_gemv");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(weights.len() as u64));
+    for kernel in CpuKernel::all_available().into_iter().filter(|&kernel| kernel != CpuKernel::Scalar) {
+        group.bench_function(BenchmarkId::new("128256x2560/1thread", kernel), |b| {
+            b.iter(|| cpu::gemv_i8_i8(kernel, w, black_box(&q), &mut out).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("128256x2560/par", kernel), |b| {
+            b.iter(|| cpu::gemv_i8_i8_par(kernel, w, black_box(&q), &mut out).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, read_bandwidth, i2s_gemv, i2s_gemv_dram, i2s_prefill, f16_head, i8_head);
 criterion_main!(benches);

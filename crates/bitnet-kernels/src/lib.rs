@@ -10,6 +10,8 @@
 //!
 //! - I2_S ternary weights x int8 activations, exact in `i32`:
 //!   [`cpu::gemv_i2s_i8`], [`cpu::gemm_i2s_i8`], [`cpu::gemm_i2s_i8_par`].
+//! - Int8 weights x int8 activations, exact in `i32`, for an int8 output head:
+//!   [`cpu::gemv_i8_i8`], [`cpu::gemv_i8_i8_par`].
 //! - Float weights (f16, bf16, f32, read from little-endian bytes without a
 //!   copy) x f32 vector: [`cpu::gemv_f16_f32`] and friends, for the tied output head.
 //! - The element-wise steps: [`cpu::rms_norm_f32`], [`cpu::softmax_f32`],

@@ -5,7 +5,7 @@
 //! with expected and found values) and only then touches memory.
 //!
 //! Numerics in one place:
-//! - I2_S x int8 kernels are exact (`i32`), identical across kernels.
+//! - I2_S x int8 and int8 x int8 kernels are exact (`i32`), identical across kernels.
 //! - [`quantize_act_i8`], [`relu2_mul_f32`] and [`rope_neox_f32`] are
 //!   bit-identical across kernels (same operations in the same order, no FMA
 //!   contraction).
@@ -15,6 +15,7 @@
 
 mod float;
 mod i2s;
+mod int8;
 mod kernel;
 mod ops;
 mod partition;
@@ -28,6 +29,7 @@ pub use i2s::{
     gemm_i2s_i8, gemm_i2s_i8_par, gemv_i2s_i8, gemv_i2s_i8_par, I2sMatrixRef, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS,
     I2S_MAX_K,
 };
+pub use int8::{gemv_i8_i8, gemv_i8_i8_par, I8MatrixRef, I8_MAX_K};
 pub use kernel::{select_kernel, select_kernel_from, CpuKernel, KERNEL_ENV_VAR};
 pub use ops::{
     quantize_act_i8, quantize_act_i8_rows, relu2_mul_f32, rms_norm_f32, rope_neox_f32, softmax_f32, ACT_QUANT_EPS,
