@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bitnet_inference::{
-    generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, ReferenceBackend, SamplingConfig, StopReason,
+    generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, ReferenceBackend, SamplingConfig,
+    StopReason,
 };
 use bitnet_models::tokenizer::{ChatMessage, ChatRole};
 
@@ -47,6 +48,9 @@ pub struct GenerateArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Quantize the output head to int8 (faster decode, small accuracy cost: docs/perf/cpu.md).
+    #[arg(long)]
+    int8_head: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -80,9 +84,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
     };
     let mut backend: Box<dyn Backend> = match args.backend {
-        BackendChoice::Cpu => {
-            Box::new(CpuBackend::new(model.clone(), &CpuBackendConfig { threads: args.threads, kernel: None })?)
-        }
+        BackendChoice::Cpu => Box::new(CpuBackend::new(
+            model.clone(),
+            &CpuBackendConfig {
+                threads: args.threads,
+                kernel: None,
+                head: if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native },
+            },
+        )?),
         BackendChoice::Reference => Box::new(ReferenceBackend::new(model.clone())),
     };
     let info = backend.info();

@@ -35,10 +35,14 @@ fn embedded_default_model_is_the_committed_trained_model() {
 #[test]
 fn the_readme_example_prompt_gets_the_right_answer() {
     // README: 221 + 696 = 917, which this model writes least-significant digit first, padded to 4 digits.
-    let out = bitnet(&["generate", "--prompt", "221+696=", "--max-tokens", "8"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "221+696=7190\n");
-    assert!(stderr(&out).contains("end of sequence"), "{}", stderr(&out));
+    for extra in [&[][..], &["--int8-head"][..], &["--backend", "reference"][..]] {
+        let mut args = vec!["generate", "--prompt", "221+696=", "--max-tokens", "8"];
+        args.extend_from_slice(extra);
+        let out = bitnet(&args);
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "221+696=7190\n", "{extra:?}");
+        assert!(stderr(&out).contains("end of sequence"), "{}", stderr(&out));
+    }
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bitnet_inference::{Backend, CpuBackend, CpuBackendConfig, ReferenceBackend};
+use bitnet_inference::{Backend, CpuBackend, CpuBackendConfig, HeadPrecision, ReferenceBackend};
 use bitnet_models::{BitNetModel, Tokenizer};
 use tokio::net::TcpListener;
 
@@ -203,6 +203,9 @@ pub struct ServeArgs {
     /// CPU worker threads for the engine (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Quantize the output head to int8 (faster decode, small accuracy cost: docs/perf/cpu.md).
+    #[arg(long)]
+    pub int8_head: bool,
 }
 
 /// Which forward pass `bitnet serve` runs.
@@ -244,12 +247,13 @@ where
         eprintln!("bitnet serve: listening on http://{} (model `{}`)", listener.local_addr()?, config.model_id);
         let path = args.model;
         let (choice, threads) = (args.backend, args.threads);
+        let head = if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native };
         let load = move || -> Result<(Box<dyn Backend>, Tokenizer), LoadError> {
             let model = Arc::new(load_model(path.as_ref())?);
             let tokenizer = model.tokenizer.clone();
             let backend: Box<dyn Backend> = match choice {
                 ServeBackend::Cpu => Box::new(
-                    CpuBackend::new(model, &CpuBackendConfig { threads, kernel: None })
+                    CpuBackend::new(model, &CpuBackendConfig { threads, kernel: None, head })
                         .map_err(|e| anyhow::anyhow!("starting the CPU backend: {e}"))?,
                 ),
                 ServeBackend::Reference => Box::new(ReferenceBackend::new(model)),
