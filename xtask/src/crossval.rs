@@ -47,6 +47,111 @@ pub struct CrossvalArgs {
     /// Write the JSON report here (and the markdown table beside it, .md).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also compare with an implementation we did not write: `hf` exports the
+    /// model as an HF folder and runs transformers' BitNetForCausalLM
+    /// (tools/hf_reference) in float64 (gated: max relative error <= 1e-4 and
+    /// equal greedy continuations against our reference) and float32 (reported).
+    #[arg(long, value_enum)]
+    external: Option<External>,
+    /// Python interpreter with torch and transformers, for --external hf.
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum External {
+    Hf,
+}
+
+/// Per position `max |a - b| / max |b|` over the vocabulary; the maximum over positions.
+pub fn max_relative_error(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
+    ours.chunks_exact(vocab)
+        .zip(reference.chunks_exact(vocab))
+        .map(|(a, b)| {
+            let diff = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).fold(0.0, f64::max);
+            let scale = b.iter().map(|y| f64::from(y.abs())).fold(0.0, f64::max);
+            if scale == 0.0 {
+                diff
+            } else {
+                diff / scale
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Exports `model` as an HF folder, runs transformers on the reference's
+/// sequences, and compares. Returns the report rows and whether the gate failed.
+fn external_hf(
+    model: &BitNetModel,
+    reference: &ReferenceRun,
+    python: &str,
+    work: &std::path::Path,
+) -> anyhow::Result<(Vec<serde_json::Value>, bool)> {
+    let dir = work.join("model");
+    let report = bitnet_models::hf::write_hf_dir(model, &dir)?;
+    anyhow::ensure!(
+        report.rounded.is_empty(),
+        "the model's floats are not exact in bf16 ({} tensors rounded); run crossval --external hf on an HF folder",
+        report.rounded.len()
+    );
+    let tokens = work.join("tokens.json");
+    std::fs::write(&tokens, json!({ "sequences": reference.sequences }).to_string())?;
+    let script_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/hf_reference");
+    let greedy = reference.greedy.first().map_or(0, Vec::len).to_string();
+    let runs =
+        [("hf_float64", "hf_forward_exact.py", vec![]), ("hf_float32", "hf_forward.py", vec!["--dtype", "float32"])];
+    let vocab = model.config.vocab_size;
+    let ours: Vec<f32> = reference.logits.concat();
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for (name, script, extra) in runs {
+        let out = work.join(name);
+        let status = std::process::Command::new(python)
+            .arg(script_dir.join(script))
+            .args([
+                "--model".as_ref(),
+                dir.as_os_str(),
+                "--tokens".as_ref(),
+                tokens.as_os_str(),
+                "--out".as_ref(),
+                out.as_os_str(),
+            ])
+            .args(["--greedy", greedy.as_str()])
+            .args(extra)
+            .status()
+            .with_context(|| format!("running {python} {script} (needs torch and transformers)"))?;
+        anyhow::ensure!(status.success(), "{script} failed ({status}); see its output above");
+        let (shape, hf) = crate::npy::read_f32(&out.join("logits.npy"))?;
+        anyhow::ensure!(shape.iter().product::<usize>() == ours.len(), "HF logits shape {shape:?} does not match ours");
+        let hf_greedy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("greedy.json"))?)?;
+        let hf_greedy: Vec<Vec<u32>> = serde_json::from_value(hf_greedy["sequences"].clone())?;
+        let greedy_equal = hf_greedy.iter().zip(&reference.greedy).filter(|(a, b)| a == b).count();
+        let mut stats = LogitStats::default();
+        for (a, b) in hf.chunks_exact(vocab).zip(ours.chunks_exact(vocab)) {
+            stats.add(a, b);
+        }
+        let max_rel = max_relative_error(&ours, &hf, vocab);
+        let gated = name == "hf_float64";
+        let pass = !gated || (max_rel <= 1e-4 && greedy_equal == reference.greedy.len());
+        failed |= !pass;
+        let status = if !gated {
+            "INFO"
+        } else if pass {
+            "PASS"
+        } else {
+            "FAIL"
+        };
+        eprintln!(
+            "reference vs {name}: {status}, max relative error {max_rel:.3e}, greedy {greedy_equal}/{}",
+            reference.greedy.len()
+        );
+        rows.push(json!({
+            "comparison": format!("reference vs {name}"), "status": status, "max_relative_error": max_rel,
+            "top1_agreement": stats.top1_equal as f64 / stats.positions as f64, "pearson": stats.pearson(),
+            "greedy_sequences_equal": greedy_equal, "greedy_sequences": reference.greedy.len(),
+        }));
+    }
+    Ok((rows, failed))
 }
 
 /// `cpu_i2s_int8_head` is `cpu_i2s` with the output head quantized to int8
@@ -255,6 +360,15 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut failed = false;
+    let mut external_rows = Vec::new();
+    if args.external == Some(External::Hf) {
+        let work = std::env::temp_dir().join(format!("bitnet-crossval-hf-{}", std::process::id()));
+        let result = external_hf(&model, &reference, &args.python, &work);
+        let _ = std::fs::remove_dir_all(&work);
+        let (ext_rows, ext_failed) = result?;
+        external_rows = ext_rows;
+        failed |= ext_failed;
+    }
     for name in &scenarios {
         let gates = Gates::for_scenario(name, token_gates);
         match scenario_backend(name, &model)? {
@@ -293,6 +407,7 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
         "token_gates": token_gates,
         "seconds": started.elapsed().as_secs_f64(),
         "scenarios": rows,
+        "external": external_rows,
     });
     let table = markdown(&report);
     println!("{table}");
@@ -357,6 +472,22 @@ pub fn markdown(report: &serde_json::Value) -> String {
             f("mean_kl"),
         );
     }
+    if let Some(ext) = report["external"].as_array().filter(|e| !e.is_empty()) {
+        s.push_str("\n| external comparison | status | max rel err | top-1 | Pearson | greedy equal |\n|---|---|---:|---:|---:|---:|\n");
+        for row in ext {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3e} | {:.4} | {:.8} | {}/{} |",
+                row["comparison"].as_str().unwrap_or(""),
+                row["status"].as_str().unwrap_or(""),
+                row["max_relative_error"].as_f64().unwrap_or(f64::NAN),
+                row["top1_agreement"].as_f64().unwrap_or(f64::NAN),
+                row["pearson"].as_f64().unwrap_or(f64::NAN),
+                row["greedy_sequences_equal"],
+                row["greedy_sequences"],
+            );
+        }
+    }
     s
 }
 
@@ -378,6 +509,15 @@ mod tests {
         anti.add(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]);
         assert!((anti.pearson() + 1.0).abs() < 1e-12);
         assert_eq!(anti.top1_equal, 0);
+    }
+
+    #[test]
+    fn max_relative_error_by_hand() {
+        // Position 0: max diff 0.5 over max |ref| 2 = 0.25; position 1: 0.1 / 1 = 0.1.
+        let ours = [1.5, 2.0, 0.0, 1.1];
+        let reference = [1.0, 2.0, 0.0, 1.0];
+        assert!((max_relative_error(&ours, &reference, 2) - 0.25).abs() < 1e-7);
+        assert_eq!(max_relative_error(&reference, &reference, 2), 0.0);
     }
 
     #[test]

@@ -31,3 +31,58 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> anyhow::Result<(
     file.write_all(&out)?;
     Ok(())
 }
+
+/// Reads a little-endian f32 `.npy` file (format 1.x or 2.x, C order):
+/// returns its shape and values.
+pub fn read_f32(path: &Path) -> anyhow::Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY", "{}: not a .npy file", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 => {
+            anyhow::ensure!(bytes.len() >= 12, "{}: truncated header", path.display());
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        }
+        v => anyhow::bail!("{}: unsupported .npy version {v}", path.display()),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + header_len).context("truncated header")?)?;
+    anyhow::ensure!(
+        header.contains("'descr': '<f4'"),
+        "{}: expected little-endian f32, header {header}",
+        path.display()
+    );
+    anyhow::ensure!(header.contains("'fortran_order': False"), "{}: Fortran order is not supported", path.display());
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .with_context(|| format!("{}: no shape in header {header}", path.display()))?;
+    let shape: Vec<usize> =
+        shape_text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect::<Result<_, _>>()?;
+    let n: usize = shape.iter().product();
+    let data = &bytes[start + header_len..];
+    anyhow::ensure!(data.len() == n * 4, "{}: {} data bytes for shape {shape:?}", path.display(), data.len());
+    Ok((shape, data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_bad_files() {
+        let dir = std::env::temp_dir().join(format!("npy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.npy");
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write_f32(&path, &[2, 3, 4], &values).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!((10 + usize::from(u16::from_le_bytes([bytes[8], bytes[9]]))) % 64, 0, "header padded to 64");
+        assert_eq!(read_f32(&path).unwrap(), (vec![2, 3, 4], values));
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_f32(&path).unwrap_err().to_string().contains("data bytes"));
+        std::fs::write(&path, b"not numpy").unwrap();
+        assert!(read_f32(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
