@@ -56,6 +56,57 @@ pub struct CrossvalArgs {
     /// Python interpreter with torch and transformers, for --external hf.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Compare the residual stream after every block of the reference and the
+    /// CPU backend on the first prompt, and name the first divergence.
+    #[arg(long)]
+    trace: bool,
+}
+
+/// Relative difference of a block's output above which `--trace` calls it a divergence.
+pub const TRACE_DIVERGENCE: f64 = 1e-2;
+
+/// One layer of a `--trace` comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceLayer {
+    pub layer: usize,
+    /// Max over positions of `max |ref - ours| / max |ref|` over the hidden width.
+    pub max_relative_diff: f64,
+    pub worst_position: usize,
+}
+
+/// Runs `tokens` through the reference on `model` and the CPU backend on
+/// `backend_model` (normally the same model; a different one in tests), in one
+/// prefill step, comparing the residual stream after every block.
+pub fn trace_layers(
+    model: &Arc<BitNetModel>,
+    backend_model: &Arc<BitNetModel>,
+    tokens: &[u32],
+) -> anyhow::Result<Vec<TraceLayer>> {
+    let h = model.config.hidden_size;
+    let forward = ReferenceForward::new(model);
+    let mut reference: Vec<Vec<f64>> = Vec::new();
+    forward.forward_traced(tokens, &mut forward.new_cache(), LogitsMode::Last, |_, x| reference.push(x.to_vec()))?;
+    let mut backend = CpuBackend::new(backend_model.clone(), &CpuBackendConfig::default())?;
+    backend.add_sequence(0, tokens.len())?;
+    let mut ours: Vec<Vec<f32>> = Vec::new();
+    backend.step_traced(&[StepInput { seq: 0, tokens }], &mut |_, x| ours.push(x.to_vec()))?;
+    anyhow::ensure!(reference.len() == ours.len(), "trace lengths differ: {} vs {}", reference.len(), ours.len());
+    Ok(reference
+        .iter()
+        .zip(&ours)
+        .enumerate()
+        .map(|(layer, (r, o))| {
+            let (mut worst, mut worst_position) = (0.0f64, 0);
+            for (pos, (rr, oo)) in r.chunks_exact(h).zip(o.chunks_exact(h)).enumerate() {
+                let diff = rr.iter().zip(oo).map(|(a, b)| (a - f64::from(*b)).abs()).fold(0.0, f64::max);
+                let scale = rr.iter().map(|a| a.abs()).fold(0.0, f64::max).max(f64::MIN_POSITIVE);
+                if diff / scale > worst {
+                    (worst, worst_position) = (diff / scale, pos);
+                }
+            }
+            TraceLayer { layer, max_relative_diff: worst, worst_position }
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -360,6 +411,28 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     let mut failed = false;
+    let mut trace_rows = Vec::new();
+    if args.trace {
+        let layers = trace_layers(&model, &model, &reference.sequences[0])?;
+        eprintln!("trace (sequence 0, reference vs cpu_i2s, residual stream after each block):");
+        for l in &layers {
+            eprintln!(
+                "  layer {:>3}: max relative diff {:.3e} at position {}",
+                l.layer, l.max_relative_diff, l.worst_position
+            );
+        }
+        match layers.iter().find(|l| l.max_relative_diff > TRACE_DIVERGENCE) {
+            Some(l) => eprintln!(
+                "  first divergence (> {TRACE_DIVERGENCE:e}): layer {}, position {}",
+                l.layer, l.worst_position
+            ),
+            None => eprintln!("  no block differs by more than {TRACE_DIVERGENCE:e}"),
+        }
+        trace_rows = layers
+            .iter()
+            .map(|l| json!({"layer": l.layer, "max_relative_diff": l.max_relative_diff, "worst_position": l.worst_position}))
+            .collect();
+    }
     let mut external_rows = Vec::new();
     if args.external == Some(External::Hf) {
         let work = std::env::temp_dir().join(format!("bitnet-crossval-hf-{}", std::process::id()));
@@ -408,6 +481,7 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
         "scenarios": rows,
         "external": external_rows,
+        "trace": trace_rows,
     });
     let table = markdown(&report);
     println!("{table}");
@@ -580,6 +654,31 @@ mod tests {
             assert!(backend.info().detail.ends_with(detail_suffix), "{name}: {}", backend.info().detail);
         }
         assert!(scenario_backend("cpu_fp8", &model).is_err());
+    }
+
+    #[test]
+    fn trace_points_at_the_first_broken_block() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 42).unwrap());
+        let tokens: Vec<u32> = (0..16).map(|i| (i * 31 + 5) % 500).collect();
+        let good = trace_layers(&model, &model, &tokens).unwrap();
+        assert_eq!(good.len(), model.config.n_layers);
+        assert!(good.iter().all(|l| l.max_relative_diff < TRACE_DIVERGENCE), "{good:?}");
+        // Break only the last layer's down projection: the trace must name that layer.
+        let mut broken = (*model).clone();
+        let last = broken.layers.len() - 1;
+        let down = broken.layers[last].ffn_down.clone();
+        let swapped: Vec<i8> = down.to_ternary().iter().map(|&v| if v == 1 { 1 } else { -1 - v }).collect();
+        broken.layers[last].ffn_down = bitnet_models::TernaryMatrix::from_ternary(
+            down.name(),
+            down.out_features(),
+            down.in_features(),
+            &swapped,
+            down.scale(),
+        )
+        .unwrap();
+        let trace = trace_layers(&model, &Arc::new(broken), &tokens).unwrap();
+        let first = trace.iter().find(|l| l.max_relative_diff > TRACE_DIVERGENCE).expect("a divergence");
+        assert_eq!(first.layer, last, "{trace:?}");
     }
 
     #[test]

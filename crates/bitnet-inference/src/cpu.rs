@@ -30,6 +30,9 @@ pub struct CpuBackendConfig {
     pub head: HeadPrecision,
 }
 
+/// A callback receiving `(layer, residual stream)` after each block.
+pub type LayerTrace<'a> = &'a mut (dyn FnMut(usize, &[f32]) + Send);
+
 /// One sequence's KV cache: per layer, `[positions, kv_dim]` keys and values.
 struct CpuSequence {
     keys: Vec<Vec<f32>>,
@@ -127,7 +130,42 @@ impl CpuBackend {
         }
     }
 
-    fn run_step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, KernelError> {
+    /// Like [`Backend::step`], calling `trace(layer, hidden)` with the residual
+    /// stream (`[new tokens of the whole batch, hidden]`) after each block, to
+    /// find where this backend departs from the reference (`crossval --trace`).
+    pub fn step_traced(
+        &mut self,
+        batch: &[StepInput<'_>],
+        trace: LayerTrace<'_>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.checked_step(batch, Some(trace))
+    }
+
+    fn checked_step(
+        &mut self,
+        batch: &[StepInput<'_>],
+        trace: Option<LayerTrace<'_>>,
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
+        let lens: Vec<usize> = batch.iter().map(|i| self.sequences[&i.seq].len).collect();
+        self.run_step(batch, trace).map_err(|err| {
+            // Undo partial KV appends so the failed step leaves no trace.
+            for (input, &len) in batch.iter().zip(&lens) {
+                if let Some(seq) = self.sequences.get_mut(&input.seq) {
+                    let kv = len * self.model.config.kv_dim();
+                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(kv));
+                    seq.len = len;
+                }
+            }
+            kernel_error(err)
+        })
+    }
+
+    fn run_step(
+        &mut self,
+        batch: &[StepInput<'_>],
+        mut trace: Option<LayerTrace<'_>>,
+    ) -> Result<Vec<Vec<f32>>, KernelError> {
         let model = Arc::clone(&self.model);
         let c = &model.config;
         let kernel = self.kernel;
@@ -207,6 +245,9 @@ impl CpuBackend {
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
                 bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)?;
                 add_in_place(&mut x, &proj);
+                if let Some(trace) = trace.as_mut() {
+                    trace(layer_idx, &x);
+                }
             }
             Ok(())
         })?;
@@ -402,18 +443,6 @@ impl Backend for CpuBackend {
     }
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
-        validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
-        let lens: Vec<usize> = batch.iter().map(|i| self.sequences[&i.seq].len).collect();
-        self.run_step(batch).map_err(|err| {
-            // Undo partial KV appends so the failed step leaves no trace.
-            for (input, &len) in batch.iter().zip(&lens) {
-                if let Some(seq) = self.sequences.get_mut(&input.seq) {
-                    let kv = len * self.model.config.kv_dim();
-                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(kv));
-                    seq.len = len;
-                }
-            }
-            kernel_error(err)
-        })
+        self.checked_step(batch, None)
     }
 }
