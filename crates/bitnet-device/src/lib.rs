@@ -5,7 +5,9 @@
 //! every block states its invariant in a `// SAFETY:` comment.
 
 pub mod cpu;
+pub mod gpu;
 pub mod mmap;
 
 pub use cpu::CpuInfo;
+pub use gpu::{probe_gpus, select_precision, GpuCapabilities, GpuInfo, GpuProbe, Precision, PrecisionRequest};
 pub use mmap::MappedFile;

@@ -30,7 +30,7 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Serve the OpenAI-compatible HTTP API (continuous batching).
     Serve(bitnet_server::server::ServeArgs),
-    /// Print CPU capabilities.
+    /// Print CPU and GPU capabilities.
     Devices {
         /// Print JSON instead of text.
         #[arg(long)]
@@ -67,7 +67,25 @@ fn main() -> ExitCode {
 
 fn devices(json: bool) -> anyhow::Result<()> {
     let cpu = bitnet_device::CpuInfo::probe();
+    let probe = bitnet_device::probe_gpus();
     if json {
+        let gpus: Vec<_> = probe
+            .gpus()
+            .iter()
+            .map(|g| {
+                let caps = g.capabilities();
+                let best = bitnet_device::select_precision(bitnet_device::PrecisionRequest::Auto, g.compute_capability);
+                serde_json::json!({
+                    "ordinal": g.ordinal,
+                    "name": g.name,
+                    "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                    "total_memory_bytes": g.total_memory_bytes,
+                    "free_memory_bytes": g.free_memory_bytes,
+                    "fp16": caps.fp16, "bf16": caps.bf16, "tensor_cores": caps.tensor_cores,
+                    "auto_precision": best.as_ref().map(|p| p.name()).ok(),
+                })
+            })
+            .collect();
         let value = serde_json::json!({
             "cpu": {
                 "arch": cpu.arch,
@@ -76,8 +94,9 @@ fn devices(json: bool) -> anyhow::Result<()> {
                 "total_memory_bytes": cpu.total_memory_bytes,
                 "available_memory_bytes": cpu.available_memory_bytes,
             },
-            "gpus": [],
-            "gpu_support": "not compiled in (the CUDA backend is not part of this build)",
+            "cuda": probe.to_string(),
+            "gpus": gpus,
+            "gpu_backend": "not implemented yet: inference runs on the CPU backend",
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -85,7 +104,23 @@ fn devices(json: bool) -> anyhow::Result<()> {
         if let Some(total) = cpu.total_memory_bytes {
             println!("memory: {:.1} GiB total", total as f64 / (1u64 << 30) as f64);
         }
-        println!("gpus: none (the CUDA backend is not part of this build)");
+        println!("cuda: {probe}");
+        for g in probe.gpus() {
+            let caps = g.capabilities();
+            println!(
+                "gpu {}: {}, compute capability {}.{}, {:.1} GiB total / {:.1} GiB free, fp16 {}, bf16 {}, tensor cores {}",
+                g.ordinal,
+                g.name,
+                g.compute_capability.0,
+                g.compute_capability.1,
+                g.total_memory_bytes as f64 / (1u64 << 30) as f64,
+                g.free_memory_bytes as f64 / (1u64 << 30) as f64,
+                caps.fp16,
+                caps.bf16,
+                caps.tensor_cores
+            );
+        }
+        println!("gpu backend: not implemented yet (inference runs on the CPU backend)");
     }
     Ok(())
 }
