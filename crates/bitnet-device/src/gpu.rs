@@ -201,7 +201,8 @@ mod tests {
     fn precision_selection_table() {
         use Precision::*;
         use PrecisionRequest::*;
-        let cases: [((i32, i32), PrecisionRequest, Result<Precision, &str>); 10] = [
+        type Case = ((i32, i32), PrecisionRequest, Result<Precision, &'static str>);
+        let cases: [Case; 10] = [
             ((9, 0), Auto, Ok(Bf16)),
             ((8, 0), Auto, Ok(Bf16)),
             ((7, 5), Auto, Ok(Fp16)),
