@@ -136,8 +136,19 @@ async fn devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
             "available_memory_bytes": cpu.available_memory_bytes,
         },
         "backend": backend,
-        "gpus": [],
-        "gpu_support": "not compiled in (the CUDA backend is not part of this build)",
+        "cuda": state.gpu.to_string(),
+        "gpus": state.gpu.gpus().iter().map(|g| {
+            let caps = g.capabilities();
+            json!({
+                "ordinal": g.ordinal,
+                "name": g.name,
+                "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                "total_memory_bytes": g.total_memory_bytes,
+                "free_memory_bytes_at_start": g.free_memory_bytes,
+                "fp16": caps.fp16, "bf16": caps.bf16, "tensor_cores": caps.tensor_cores,
+            })
+        }).collect::<Vec<_>>(),
+        "gpu_backend": "not implemented yet: requests are served by the backend above",
         "fallbacks": {
             "total": fallbacks.values().sum::<u64>(),
             "by_reason": fallbacks,

@@ -50,6 +50,8 @@ pub struct AppState {
     pub next_id: AtomicU64,
     pub started_unix: u64,
     pub cpu: bitnet_device::CpuInfo,
+    /// GPUs found at start-up (the CUDA backend does not use them yet).
+    pub gpu: bitnet_device::GpuProbe,
 }
 
 impl AppState {
@@ -65,6 +67,7 @@ impl AppState {
             next_id: AtomicU64::new(0),
             started_unix: super::routes::unix_now(),
             cpu: bitnet_device::CpuInfo::probe(),
+            gpu: bitnet_device::probe_gpus(),
         }
     }
 

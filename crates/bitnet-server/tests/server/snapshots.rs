@@ -36,6 +36,12 @@ fn redact(mut value: Value) -> Value {
     if let Some(features) = value.pointer_mut("/cpu/features") {
         *features = json!("[machine]");
     }
+    // Whether this machine has a CUDA driver and GPUs is a machine fact too.
+    for pointer in ["/cuda", "/gpus"] {
+        if let Some(v) = value.pointer_mut(pointer) {
+            *v = json!("[machine]");
+        }
+    }
     value
 }
 
