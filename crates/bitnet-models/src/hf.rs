@@ -105,14 +105,7 @@ impl HfTensors {
     }
 
     fn norm(&mut self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
-        let values = self.float(name, &[len])?.to_f32_vec();
-        if let Some(idx) = values.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::InvalidData {
-                tensor: name.to_owned(),
-                detail: format!("element {idx} is {}", values[idx]),
-            });
-        }
-        Ok(values)
+        self.float(name, &[len])?.to_finite_f32_vec()
     }
 
     fn projection(

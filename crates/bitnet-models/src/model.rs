@@ -247,15 +247,7 @@ impl GgufLoader<'_> {
         let info = self.info(name)?;
         Self::expect_dims(&info, &[len as u64])?;
         let dtype = Self::float_dtype(&info)?;
-        let tensor = FloatTensor::new(name, 1, len, dtype, self.file.tensor_bytes(name)?)?;
-        let values = tensor.to_f32_vec();
-        if let Some(idx) = values.iter().position(|v| !v.is_finite()) {
-            return Err(ModelError::InvalidData {
-                tensor: name.to_owned(),
-                detail: format!("element {idx} is {}", values[idx]),
-            });
-        }
-        Ok(values)
+        FloatTensor::new(name, 1, len, dtype, self.file.tensor_bytes(name)?)?.to_finite_f32_vec()
     }
 
     fn ternary(&mut self, name: &str, out_features: usize, in_features: usize) -> Result<TernaryMatrix, ModelError> {

@@ -123,6 +123,19 @@ impl FloatTensor {
         out
     }
 
+    /// All values as f32, or an error naming the first NaN or infinity
+    /// (norm weights must be finite: one bad value poisons every token).
+    pub fn to_finite_f32_vec(&self) -> Result<Vec<f32>, ModelError> {
+        let values = self.to_f32_vec();
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(idx) => Err(ModelError::InvalidData {
+                tensor: self.name.clone(),
+                detail: format!("element {idx} is {}", values[idx]),
+            }),
+            None => Ok(values),
+        }
+    }
+
     /// The same values in another dtype, plus the largest absolute change the
     /// conversion made (0 when lossless).
     pub fn converted(&self, dtype: FloatDType) -> Result<(Self, f32), ModelError> {
