@@ -69,33 +69,10 @@ fn devices(json: bool) -> anyhow::Result<()> {
     let cpu = bitnet_device::CpuInfo::probe();
     let probe = bitnet_device::probe_gpus();
     if json {
-        let gpus: Vec<_> = probe
-            .gpus()
-            .iter()
-            .map(|g| {
-                let caps = g.capabilities();
-                let best = bitnet_device::select_precision(bitnet_device::PrecisionRequest::Auto, g.compute_capability);
-                serde_json::json!({
-                    "ordinal": g.ordinal,
-                    "name": g.name,
-                    "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
-                    "total_memory_bytes": g.total_memory_bytes,
-                    "free_memory_bytes": g.free_memory_bytes,
-                    "fp16": caps.fp16, "bf16": caps.bf16, "tensor_cores": caps.tensor_cores,
-                    "auto_precision": best.as_ref().map(|p| p.name()).ok(),
-                })
-            })
-            .collect();
         let value = serde_json::json!({
-            "cpu": {
-                "arch": cpu.arch,
-                "logical_cores": cpu.logical_cores,
-                "features": cpu.feature_names(),
-                "total_memory_bytes": cpu.total_memory_bytes,
-                "available_memory_bytes": cpu.available_memory_bytes,
-            },
+            "cpu": bitnet_server::server::devices::cpu_json(&cpu),
             "cuda": probe.to_string(),
-            "gpus": gpus,
+            "gpus": bitnet_server::server::devices::gpus_json(&probe),
             "gpu_backend": "not implemented yet: inference runs on the CPU backend",
         });
         println!("{}", serde_json::to_string_pretty(&value)?);

@@ -7,6 +7,7 @@
 //! through channels.
 
 pub mod api;
+pub mod devices;
 pub mod error;
 pub mod metrics;
 mod respond;

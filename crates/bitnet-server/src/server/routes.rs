@@ -128,26 +128,10 @@ async fn devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
     });
     let fallbacks = state.metrics.fallbacks.snapshot();
     Json(json!({
-        "cpu": {
-            "arch": cpu.arch,
-            "logical_cores": cpu.logical_cores,
-            "features": cpu.feature_names(),
-            "total_memory_bytes": cpu.total_memory_bytes,
-            "available_memory_bytes": cpu.available_memory_bytes,
-        },
+        "cpu": super::devices::cpu_json(cpu),
         "backend": backend,
         "cuda": state.gpu.to_string(),
-        "gpus": state.gpu.gpus().iter().map(|g| {
-            let caps = g.capabilities();
-            json!({
-                "ordinal": g.ordinal,
-                "name": g.name,
-                "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
-                "total_memory_bytes": g.total_memory_bytes,
-                "free_memory_bytes_at_start": g.free_memory_bytes,
-                "fp16": caps.fp16, "bf16": caps.bf16, "tensor_cores": caps.tensor_cores,
-            })
-        }).collect::<Vec<_>>(),
+        "gpus": super::devices::gpus_json(&state.gpu),
         "gpu_backend": "not implemented yet: requests are served by the backend above",
         "fallbacks": {
             "total": fallbacks.values().sum::<u64>(),
