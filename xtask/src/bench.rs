@@ -33,6 +33,17 @@ pub struct BenchArgs {
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `gpu`: the CUDA backend, per precision and batch size (see --batches).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: BenchDevice,
+    #[command(flatten)]
+    gpu: crate::gpu::GpuBenchArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    Cpu,
+    Gpu,
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -95,6 +106,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             p
         }
     };
+    if args.device == BenchDevice::Gpu {
+        return crate::gpu::bench(&path, args.prompt_tokens, args.gen_tokens, &args.gpu, args.json.as_deref());
+    }
     let file_size = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
     let load_start = Instant::now();
     let (model, _) = BitNetModel::load(&path).with_context(|| format!("loading {}", path.display()))?;

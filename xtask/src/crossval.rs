@@ -56,6 +56,9 @@ pub struct CrossvalArgs {
     /// Python interpreter with torch and transformers, for --external hf.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Device of the HF bfloat16 run (`cuda` on the GPU machine).
+    #[arg(long, default_value = "cpu")]
+    hf_device: String,
     /// Compare the residual stream after every block of the reference and the
     /// CPU backend on the first prompt, and name the first divergence.
     #[arg(long)]
@@ -132,12 +135,16 @@ pub fn max_relative_error(ours: &[f32], reference: &[f32], vocab: usize) -> f64 
 
 /// Exports `model` as an HF folder, runs transformers on the reference's
 /// sequences, and compares. Returns the report rows and whether the gate failed.
+/// HF runs' logits by run name (`hf_float32`, `hf_bfloat16`, ...).
+type HfLogits = std::collections::HashMap<&'static str, Vec<f32>>;
+
 fn external_hf(
     model: &BitNetModel,
     reference: &ReferenceRun,
     python: &str,
     work: &std::path::Path,
-) -> anyhow::Result<(Vec<serde_json::Value>, bool)> {
+    hf_device: &str,
+) -> anyhow::Result<(Vec<serde_json::Value>, bool, HfLogits)> {
     let dir = work.join("model");
     let report = bitnet_models::hf::write_hf_dir(model, &dir)?;
     anyhow::ensure!(
@@ -149,8 +156,12 @@ fn external_hf(
     std::fs::write(&tokens, json!({ "sequences": reference.sequences }).to_string())?;
     let script_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/hf_reference");
     let greedy = reference.greedy.first().map_or(0, Vec::len).to_string();
-    let runs =
-        [("hf_float64", "hf_forward_exact.py", vec![]), ("hf_float32", "hf_forward.py", vec!["--dtype", "float32"])];
+    let runs = [
+        ("hf_float64", "hf_forward_exact.py", vec![]),
+        ("hf_float32", "hf_forward.py", vec!["--dtype", "float32"]),
+        ("hf_bfloat16", "hf_forward.py", vec!["--dtype", "bfloat16", "--device", hf_device]),
+    ];
+    let mut kept = HfLogits::new();
     let vocab = model.config.vocab_size;
     let ours: Vec<f32> = reference.logits.concat();
     let mut rows = Vec::new();
@@ -201,8 +212,56 @@ fn external_hf(
             "top1_agreement": stats.top1_equal as f64 / stats.positions as f64, "pearson": stats.pearson(),
             "greedy_sequences_equal": greedy_equal, "greedy_sequences": reference.greedy.len(),
         }));
+        if name != "hf_float64" {
+            kept.insert(name, hf);
+        }
     }
-    Ok((rows, failed))
+    Ok((rows, failed, kept))
+}
+
+/// Our bf16 against HF: it must agree with HF's float32 (the truth up to
+/// float32 rounding) at least as well as HF's own bf16 run does, by Pearson
+/// correlation and top-1 agreement. Also reports ours vs HF bf16 directly.
+fn bf16_vs_hf(ours_bf16: &[f32], hf: &HfLogits, vocab: usize) -> Option<(Vec<serde_json::Value>, bool)> {
+    let (hf32, hf16) = (hf.get("hf_float32")?, hf.get("hf_bfloat16")?);
+    if ours_bf16.len() != hf32.len() || hf16.len() != hf32.len() {
+        return None;
+    }
+    let stats = |a: &[f32], b: &[f32]| {
+        let mut st = LogitStats::default();
+        for (x, y) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)) {
+            st.add(x, y);
+        }
+        st
+    };
+    let ours = stats(hf32, ours_bf16);
+    let theirs = stats(hf32, hf16);
+    let direct = stats(hf16, ours_bf16);
+    let top1 = |st: &LogitStats| st.top1_equal as f64 / st.positions as f64;
+    let pass = ours.pearson() >= theirs.pearson() && top1(&ours) >= top1(&theirs);
+    let row = |name: &str, st: &LogitStats, status: &str, a: &[f32], b: &[f32]| {
+        json!({
+            "comparison": name, "status": status, "max_relative_error": max_relative_error(b, a, vocab),
+            "top1_agreement": top1(st), "pearson": st.pearson(),
+            "greedy_sequences_equal": "-", "greedy_sequences": "-",
+        })
+    };
+    eprintln!(
+        "gpu_bf16 vs hf_float32: Pearson {:.6}, top-1 {:.4}; hf_bfloat16 vs hf_float32: Pearson {:.6}, top-1 {:.4} -> {}",
+        ours.pearson(),
+        top1(&ours),
+        theirs.pearson(),
+        top1(&theirs),
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Some((
+        vec![
+            row("gpu_bf16 vs hf_float32", &ours, if pass { "PASS" } else { "FAIL" }, hf32, ours_bf16),
+            row("hf_bfloat16 vs hf_float32", &theirs, "INFO", hf32, hf16),
+            row("gpu_bf16 vs hf_bfloat16", &direct, "INFO", hf16, ours_bf16),
+        ],
+        !pass,
+    ))
 }
 
 /// `cpu_i2s_int8_head` is `cpu_i2s` with the output head quantized to int8
@@ -338,7 +397,17 @@ pub fn reference_run(
 
 /// Runs one backend over the reference's sequences: teacher-forced logits by
 /// decoding one token per step, then greedy continuations.
+#[cfg(test)]
 pub fn measure(backend: &mut dyn Backend, reference: &ReferenceRun) -> anyhow::Result<Metrics> {
+    measure_keeping(backend, reference, None)
+}
+
+/// [`measure`], also appending the teacher-forced logits to `keep`.
+pub fn measure_keeping(
+    backend: &mut dyn Backend,
+    reference: &ReferenceRun,
+    mut keep: Option<&mut Vec<f32>>,
+) -> anyhow::Result<Metrics> {
     let vocab = backend.config().vocab_size;
     let mut stats = LogitStats::default();
     let (mut equal_seqs, mut equal_tokens, mut total_tokens) = (0, 0, 0);
@@ -348,6 +417,9 @@ pub fn measure(backend: &mut dyn Backend, reference: &ReferenceRun) -> anyhow::R
         for (pos, &token) in tokens.iter().enumerate() {
             let ours = backend.step(&[StepInput { seq, tokens: &[token] }])?.remove(0);
             stats.add(&reference.logits[i][pos * vocab..(pos + 1) * vocab], &ours);
+            if let Some(keep) = keep.as_mut() {
+                keep.extend_from_slice(&ours);
+            }
         }
         backend.remove_sequence(seq);
         let want = &reference.greedy[i];
@@ -379,11 +451,32 @@ pub fn scenario_backend(name: &str, model: &Arc<BitNetModel>) -> anyhow::Result<
             let config = CpuBackendConfig { head: HeadPrecision::Int8, ..CpuBackendConfig::default() };
             Ok(Ok(Box::new(CpuBackend::new(model.clone(), &config)?)))
         }
-        "gpu_fp32" | "gpu_fp16" | "gpu_bf16" => {
-            Ok(Err("no CUDA backend in this build (the CUDA backend is not implemented yet)".into()))
-        }
+        "gpu_fp32" | "gpu_fp16" | "gpu_bf16" => gpu_backend(name, model),
         other => anyhow::bail!("unknown scenario {other:?}; expected one of {ALL_SCENARIOS:?}"),
     }
+}
+
+/// The CUDA backend of a `gpu_*` scenario. No usable GPU is a SKIP with its
+/// reason; a GPU that is present but fails is an error, never a skip.
+fn gpu_backend(name: &str, model: &Arc<BitNetModel>) -> anyhow::Result<Result<Box<dyn Backend>, String>> {
+    use bitnet_device::{GpuProbe, Precision};
+    let gpus = match bitnet_device::probe_gpus() {
+        GpuProbe::Devices { gpus, .. } if !gpus.is_empty() => gpus,
+        other => return Ok(Err(format!("no CUDA GPU: {other:?}"))),
+    };
+    if gpus[0].compute_capability.0 < 8 {
+        return Ok(Err(format!(
+            "{} has compute capability {:?}; the CUDA kernels need 8.0",
+            gpus[0].name, gpus[0].compute_capability
+        )));
+    }
+    let precision = match name {
+        "gpu_fp32" => Precision::Fp32,
+        "gpu_fp16" => Precision::Fp16,
+        _ => Precision::Bf16,
+    };
+    let config = bitnet_inference::CudaBackendConfig { precision, kv_slots: 16 * 1024, ..Default::default() };
+    Ok(Ok(Box::new(bitnet_inference::CudaBackend::new(model.clone(), &config)?)))
 }
 
 pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
@@ -434,14 +527,17 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
             .collect();
     }
     let mut external_rows = Vec::new();
+    let mut hf_logits: Option<HfLogits> = None;
     if args.external == Some(External::Hf) {
         let work = std::env::temp_dir().join(format!("bitnet-crossval-hf-{}", std::process::id()));
-        let result = external_hf(&model, &reference, &args.python, &work);
+        let result = external_hf(&model, &reference, &args.python, &work, &args.hf_device);
         let _ = std::fs::remove_dir_all(&work);
-        let (ext_rows, ext_failed) = result?;
+        let (ext_rows, ext_failed, logits) = result?;
         external_rows = ext_rows;
         failed |= ext_failed;
+        hf_logits = Some(logits);
     }
+    let mut ours_bf16: Option<Vec<f32>> = None;
     for name in &scenarios {
         let gates = Gates::for_scenario(name, token_gates);
         match scenario_backend(name, &model)? {
@@ -451,7 +547,12 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
             }
             Ok(mut backend) => {
                 let info = backend.info();
-                let m = measure(backend.as_mut(), &reference)?;
+                let mut kept = Vec::new();
+                let keep = (name == "gpu_bf16" && hf_logits.is_some()).then_some(&mut kept);
+                let m = measure_keeping(backend.as_mut(), &reference, keep)?;
+                if !kept.is_empty() {
+                    ours_bf16 = Some(kept);
+                }
                 let failures = gates.failures(&m);
                 failed |= !failures.is_empty();
                 let status = if failures.is_empty() { "PASS" } else { "FAIL" };
@@ -466,6 +567,12 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
                     "gates": {"min_pearson": gates.min_pearson, "min_token_accuracy": gates.min_token_accuracy},
                 }));
             }
+        }
+    }
+    if let (Some(ours), Some(hf)) = (&ours_bf16, &hf_logits) {
+        if let Some((ext_rows, ext_failed)) = bf16_vs_hf(ours, hf, model.config.vocab_size) {
+            external_rows.extend(ext_rows);
+            failed |= ext_failed;
         }
     }
     let cpu = bitnet_device::CpuInfo::probe();

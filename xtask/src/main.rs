@@ -4,6 +4,7 @@ mod bench;
 mod crossval;
 mod eval;
 mod gen_model;
+mod gpu;
 mod loadtest;
 mod logits;
 mod npy;
@@ -26,7 +27,8 @@ enum Command {
     GenModel(gen_model::GenModelArgs),
     /// Held-out exact-match accuracy of the task model, per backend (and against HF).
     Eval(eval::EvalArgs),
-    /// End-to-end CPU speed on the 2b4t preset (or --model): tok/s, bandwidth floor, peak RSS.
+    /// End-to-end speed on the 2b4t preset (or --model): CPU tok/s, bandwidth floor, peak RSS;
+    /// with --device gpu, decode tok/s per precision and batch size, and GPU memory.
     Bench(bench::BenchArgs),
     /// Compare every backend with the reference forward pass; fails below thresholds.
     Crossval(crossval::CrossvalArgs),
@@ -34,6 +36,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Load-test a `bitnet serve` (started here from target/release/bitnet unless --url is given).
     Loadtest(loadtest::LoadtestArgs),
+    /// Build the GPU tests and the CLI here, bundle them, print the device command.
+    GpuSmoke(gpu::GpuSmokeArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Loadtest(args) => loadtest::run(args),
+        Command::GpuSmoke(args) => gpu::smoke(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -82,6 +82,13 @@ pub trait Backend: Send {
     /// logits (`vocab` values) of its last new position. On error no
     /// sequence of the batch has advanced.
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// Like [`Backend::step`], but returns each entry's greedy next token
+    /// (the first index of the largest logit) instead of its logits. A GPU
+    /// backend samples on the device and reads back only the token ids.
+    fn step_greedy(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<u32>, BackendError> {
+        Ok(self.step(batch)?.iter().map(|logits| crate::sampling::argmax(logits)).collect())
+    }
 }
 
 /// Checks a batch against the registered sequences before anything runs,

@@ -16,6 +16,8 @@
 
 pub mod backend;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod generate;
 mod int8_head;
@@ -25,6 +27,8 @@ pub mod sampling;
 
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
 pub use cpu::{CpuBackend, CpuBackendConfig};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use int8_head::HeadPrecision;

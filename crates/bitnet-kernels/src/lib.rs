@@ -42,6 +42,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpu;
+/// CUDA kernels and launch wrappers (feature `cuda`). `unsafe` here is the
+/// driver calls and launches, each with its `// SAFETY:` invariant.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+pub mod cuda;
 
 mod error;
 

@@ -1,5 +1,5 @@
-//! `bitnet generate`: text generation on the fast CPU backend (or the
-//! reference forward pass, for comparison).
+//! `bitnet generate`: text generation on the GPU (CUDA backend) or the fast
+//! CPU backend (or the reference forward pass, for comparison).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,8 +42,15 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// Forward pass: the fast CPU backend, or the slow exact reference.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Where to run: `auto` uses the GPU when one is usable and says why not
+    /// otherwise; `gpu` insists (an error without one); `cpu` never tries.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// GPU precision: `auto` picks bf16, else fp16 (by compute capability).
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: PrecisionChoice,
+    /// Use the slow, exact f64 reference forward pass instead (for comparison).
+    #[arg(long, value_enum, default_value = "fast")]
     backend: BackendChoice,
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
@@ -55,8 +62,73 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
-    Cpu,
+    /// The device chosen by `--device`.
+    Fast,
     Reference,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionChoice {
+    Auto,
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl PrecisionChoice {
+    pub fn request(self) -> bitnet_device::PrecisionRequest {
+        use bitnet_device::{Precision, PrecisionRequest};
+        match self {
+            Self::Auto => PrecisionRequest::Auto,
+            Self::Fp32 => PrecisionRequest::Exactly(Precision::Fp32),
+            Self::Fp16 => PrecisionRequest::Exactly(Precision::Fp16),
+            Self::Bf16 => PrecisionRequest::Exactly(Precision::Bf16),
+        }
+    }
+}
+
+/// The CUDA backend on the first usable GPU, or why there is none.
+#[cfg(feature = "cuda")]
+pub fn open_gpu(
+    model: &Arc<bitnet_models::BitNetModel>,
+    precision: PrecisionChoice,
+    kv_slots: usize,
+) -> Result<Box<dyn Backend>, String> {
+    use bitnet_device::{probe_gpus, select_precision, GpuProbe};
+    let gpus = match probe_gpus() {
+        GpuProbe::Devices { gpus, .. } if !gpus.is_empty() => gpus,
+        GpuProbe::Devices { .. } => return Err("no CUDA device found".into()),
+        GpuProbe::NoDriver { reason } | GpuProbe::DriverError { reason } => return Err(reason),
+        other => return Err(format!("{other:?}")),
+    };
+    let gpu = &gpus[0];
+    let precision = select_precision(precision.request(), gpu.compute_capability).map_err(|e| e.to_string())?;
+    let config = bitnet_inference::CudaBackendConfig {
+        ordinal: gpu.ordinal,
+        precision,
+        kv_slots,
+        max_step_tokens: kv_slots.clamp(1, 512),
+        ..Default::default()
+    };
+    bitnet_inference::CudaBackend::new(model.clone(), &config)
+        .map(|b| Box::new(b) as Box<dyn Backend>)
+        .map_err(|e| format!("{} ({:?}): {e}", gpu.name, precision))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn open_gpu(
+    _model: &Arc<bitnet_models::BitNetModel>,
+    _precision: PrecisionChoice,
+    _kv_slots: usize,
+) -> Result<Box<dyn Backend>, String> {
+    Err("this binary was built without the `cuda` feature".into())
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -83,16 +155,34 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             [tokenizer.eos_id(), tokenizer.eot_id()].into_iter().flatten().collect()
         },
     };
-    let mut backend: Box<dyn Backend> = match args.backend {
-        BackendChoice::Cpu => Box::new(CpuBackend::new(
+    let cpu = || -> anyhow::Result<Box<dyn Backend>> {
+        Ok(Box::new(CpuBackend::new(
             model.clone(),
             &CpuBackendConfig {
                 threads: args.threads,
                 kernel: None,
                 head: if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native },
             },
-        )?),
-        BackendChoice::Reference => Box::new(ReferenceBackend::new(model.clone())),
+        )?))
+    };
+    if args.int8_head && args.device == DeviceChoice::Gpu {
+        anyhow::bail!("--int8-head is a CPU option; the GPU head runs in the chosen --precision");
+    }
+    let kv_slots = (prompt_tokens.len() + args.max_tokens).min(model.config.max_position_embeddings);
+    let mut backend: Box<dyn Backend> = match (args.backend, args.device) {
+        (BackendChoice::Reference, _) => Box::new(ReferenceBackend::new(model.clone())),
+        (BackendChoice::Fast, DeviceChoice::Cpu) => cpu()?,
+        (BackendChoice::Fast, DeviceChoice::Gpu) => {
+            open_gpu(&model, args.precision, kv_slots).map_err(|e| anyhow::anyhow!("--device gpu: {e}"))?
+        }
+        (BackendChoice::Fast, DeviceChoice::Auto) if args.int8_head => cpu()?,
+        (BackendChoice::Fast, DeviceChoice::Auto) => match open_gpu(&model, args.precision, kv_slots) {
+            Ok(b) => b,
+            Err(reason) => {
+                eprintln!("[GPU not used: {reason}; running on the CPU]");
+                cpu()?
+            }
+        },
     };
     let info = backend.info();
     let mut stdout = std::io::stdout().lock();

@@ -35,7 +35,7 @@ fn embedded_default_model_is_the_committed_trained_model() {
 #[test]
 fn the_readme_example_prompt_gets_the_right_answer() {
     // README: 221 + 696 = 917, which this model writes least-significant digit first, padded to 4 digits.
-    for extra in [&[][..], &["--int8-head"][..], &["--backend", "reference"][..]] {
+    for extra in [&[][..], &["--device", "cpu"][..], &["--int8-head"][..], &["--backend", "reference"][..]] {
         let mut args = vec!["generate", "--prompt", "221+696=", "--max-tokens", "8"];
         args.extend_from_slice(extra);
         let out = bitnet(&args);
@@ -43,6 +43,40 @@ fn the_readme_example_prompt_gets_the_right_answer() {
         assert_eq!(stdout(&out), "221+696=7190\n", "{extra:?}");
         assert!(stderr(&out).contains("end of sequence"), "{}", stderr(&out));
     }
+}
+
+#[test]
+fn the_readme_example_runs_on_the_gpu_in_every_precision() {
+    let gpu = matches!(bitnet_device::probe_gpus(), bitnet_device::GpuProbe::Devices { gpus, .. } if !gpus.is_empty());
+    if !gpu {
+        println!("SKIPPED: no CUDA GPU");
+        return;
+    }
+    for precision in ["fp32", "fp16", "bf16"] {
+        let args =
+            ["generate", "--prompt", "221+696=", "--max-tokens", "8", "--device", "gpu", "--precision", precision];
+        let out = bitnet(&args);
+        assert!(out.status.success(), "{precision}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "221+696=7190\n", "{precision}");
+        let short = if precision == "fp32" { "f32" } else { &precision[..] };
+        assert!(stderr(&out).contains(&format!("device cuda ({short}")), "{precision}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn device_gpu_without_a_gpu_is_a_clear_error() {
+    let gpu = matches!(bitnet_device::probe_gpus(), bitnet_device::GpuProbe::Devices { gpus, .. } if !gpus.is_empty());
+    if gpu {
+        println!("SKIPPED: a GPU is present");
+        return;
+    }
+    let out = bitnet(&["generate", "--prompt", "1+1=", "--device", "gpu"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--device gpu"), "{}", stderr(&out));
+    // auto falls back visibly and still answers.
+    let out = bitnet(&["generate", "--prompt", "221+696=", "--max-tokens", "8"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("GPU not used"), "{}", stderr(&out));
 }
 
 #[test]
@@ -55,7 +89,9 @@ fn generate_with_the_default_model_prints_the_greedy_continuation() {
         ("reference", Box::new(ReferenceBackend::new(model.clone()))),
     ];
     for (name, mut backend) in backends {
-        let out = bitnet(&["generate", "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos", "--backend", name]);
+        let choice = if name == "cpu" { ["--device", "cpu"] } else { ["--backend", "reference"] };
+        let out =
+            bitnet(&["generate", "--prompt", "Hello", "--max-tokens", "12", "--ignore-eos", choice[0], choice[1]]);
         assert!(out.status.success(), "{}", stderr(&out));
         // The same request through the library: the CLI must print exactly this.
         let expected = generate(backend.as_mut(), &prompt, &GenerationConfig::greedy(12), |_| {}).unwrap();

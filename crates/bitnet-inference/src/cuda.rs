@@ -1,0 +1,809 @@
+//! The CUDA backend: the batched forward step of [`crate::CpuBackend`] on an
+//! NVIDIA GPU, in FP32, FP16 or BF16.
+//!
+//! - Weights are uploaded once. Ternary projections keep the I2_S bytes of
+//!   the file (q, k and v fused into one matrix per layer); the embedding
+//!   (and an untied head) are converted on the device to the step precision.
+//! - The KV cache is one preallocated pool of `kv_slots` positions per layer
+//!   in the step precision; each sequence reserves a contiguous range of it.
+//! - A step uploads one small index array (tokens, positions, cache slots),
+//!   runs every kernel on one stream without host synchronisation, and
+//!   synchronises only to read back the logits (or, with
+//!   [`Backend::step_greedy`], the sampled token ids).
+//! - Decode steps (one token per sequence) are captured into a CUDA graph per
+//!   batch size after their first run and replayed afterwards.
+//!
+//! What each precision changes: the embedding and head weights, q and the KV
+//! cache are held in the precision, attention reads them in it, and the head
+//! runs on tensor cores (f16/bf16: the activation as a hi + lo pair of that
+//! type). Norms, softmax, relu^2, the residual stream and the attention
+//! output are f32, and ternary products are exact int8 x ternary sums in
+//! int32.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use bitnet_device::Precision;
+use bitnet_kernels::cuda::{CudaError, DevBuf, DeviceHooks, GpuContext, GpuDType, GpuGraph};
+use bitnet_kernels::cuda::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
+use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
+
+use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
+use crate::error::InferenceError;
+
+/// How to build a [`CudaBackend`].
+#[derive(Clone)]
+pub struct CudaBackendConfig {
+    /// CUDA device ordinal.
+    pub ordinal: usize,
+    pub precision: Precision,
+    /// KV-cache positions preallocated for all sequences together.
+    pub kv_slots: usize,
+    /// Token rows one forward pass runs at most (longer steps are split).
+    pub max_step_tokens: usize,
+    /// Sequences one forward pass returns logits for at most.
+    pub max_step_entries: usize,
+    /// Capture decode steps in CUDA graphs.
+    pub cuda_graphs: bool,
+    /// Fault-injection hooks consulted before each allocation and launch.
+    pub hooks: Option<Arc<dyn DeviceHooks>>,
+}
+
+impl fmt::Debug for CudaBackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaBackendConfig")
+            .field("ordinal", &self.ordinal)
+            .field("precision", &self.precision)
+            .field("kv_slots", &self.kv_slots)
+            .field("max_step_tokens", &self.max_step_tokens)
+            .field("max_step_entries", &self.max_step_entries)
+            .field("cuda_graphs", &self.cuda_graphs)
+            .field("hooks", &self.hooks.is_some())
+            .finish()
+    }
+}
+
+impl Default for CudaBackendConfig {
+    fn default() -> Self {
+        Self {
+            ordinal: 0,
+            precision: Precision::Bf16,
+            kv_slots: 16 * 4096,
+            max_step_tokens: 512,
+            max_step_entries: 256,
+            cuda_graphs: true,
+            hooks: None,
+        }
+    }
+}
+
+/// Bytes of device memory by purpose, as allocated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CudaMemory {
+    pub weights: usize,
+    pub kv_cache: usize,
+    pub workspace: usize,
+}
+
+impl CudaMemory {
+    pub fn total(&self) -> usize {
+        self.weights + self.kv_cache + self.workspace
+    }
+}
+
+fn dtype(p: Precision) -> GpuDType {
+    match p {
+        Precision::Fp32 => GpuDType::F32,
+        Precision::Fp16 => GpuDType::F16,
+        Precision::Bf16 => GpuDType::BF16,
+    }
+}
+
+fn file_dtype(d: FloatDType) -> GpuDType {
+    match d {
+        FloatDType::F32 => GpuDType::F32,
+        FloatDType::F16 => GpuDType::F16,
+        FloatDType::BF16 => GpuDType::BF16,
+    }
+}
+
+fn cuda_error(err: CudaError) -> BackendError {
+    match err {
+        CudaError::OutOfMemory { .. } => BackendError::OutOfMemory(err.to_string()),
+        other => BackendError::Device(format!("CUDA: {other}")),
+    }
+}
+
+struct Layer {
+    qkv: DevBuf,
+    qkv_scales: [f32; 3],
+    o: DevBuf,
+    o_scale: f32,
+    gate: DevBuf,
+    gate_scale: f32,
+    up: DevBuf,
+    up_scale: f32,
+    down: DevBuf,
+    down_scale: f32,
+    attn_norm: DevBuf,
+    attn_sub_norm: DevBuf,
+    ffn_norm: DevBuf,
+    ffn_sub_norm: DevBuf,
+    k_cache: DevBuf,
+    v_cache: DevBuf,
+}
+
+/// Per-step scratch, sized for `rows` token rows and `entries` logits rows.
+struct Workspace {
+    rows: usize,
+    entries: usize,
+    /// tokens | positions | cache bases | last rows (i32 each).
+    inputs: DevBuf,
+    x: DevBuf,
+    q8: DevBuf,
+    scale: DevBuf,
+    qsum: DevBuf,
+    qkv: DevBuf,
+    q: DevBuf,
+    attn: DevBuf,
+    attn_scratch: DevBuf,
+    h: DevBuf,
+    head_in: DevBuf,
+    logits: DevBuf,
+    tokens_out: DevBuf,
+    flags: DevBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sequence {
+    base: usize,
+    reserved: usize,
+    len: usize,
+}
+
+/// First-fit allocator of contiguous KV-cache ranges.
+#[derive(Debug)]
+struct SlotPool {
+    /// start -> length of each free range, coalesced.
+    free: BTreeMap<usize, usize>,
+}
+
+impl SlotPool {
+    fn new(slots: usize) -> Self {
+        let mut free = BTreeMap::new();
+        if slots > 0 {
+            free.insert(0, slots);
+        }
+        Self { free }
+    }
+
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let (&start, &size) = self.free.iter().find(|(_, &size)| size >= len)?;
+        self.free.remove(&start);
+        if size > len {
+            self.free.insert(start + len, size - len);
+        }
+        Some(start)
+    }
+
+    fn give(&mut self, start: usize, len: usize) {
+        let mut start = start;
+        let mut len = len;
+        if let Some((&next_start, &next_len)) = self.free.range(start + len..).next() {
+            if next_start == start + len {
+                self.free.remove(&next_start);
+                len += next_len;
+            }
+        }
+        if let Some((&prev_start, &prev_len)) = self.free.range(..start).next_back() {
+            if prev_start + prev_len == start {
+                self.free.remove(&prev_start);
+                start = prev_start;
+                len += prev_len;
+            }
+        }
+        self.free.insert(start, len);
+    }
+
+    fn largest(&self) -> usize {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// One forward pass: rows of tokens, and the entries that want logits.
+struct Group {
+    tokens: Vec<i32>,
+    pos: Vec<i32>,
+    base: Vec<i32>,
+    /// (index of the batch entry, row of its last token in this group).
+    outputs: Vec<(usize, usize)>,
+    /// Entries whose length grows by this group, and by how much.
+    advances: Vec<(SeqId, usize)>,
+    decode_only: bool,
+}
+
+/// The CUDA backend. See the module documentation.
+pub struct CudaBackend {
+    model: Arc<BitNetModel>,
+    gpu: GpuContext,
+    precision: Precision,
+    dt: GpuDType,
+    layers: Vec<Layer>,
+    embedding: DevBuf,
+    /// The untied output matrix, if the model has one.
+    output: Option<DevBuf>,
+    output_norm: DevBuf,
+    rope_cos: DevBuf,
+    rope_sin: DevBuf,
+    ws: Workspace,
+    kv_slots: usize,
+    pool: SlotPool,
+    sequences: HashMap<SeqId, Sequence>,
+    /// Decode graphs by (rows, attention window bucket).
+    graphs: HashMap<(usize, usize), GpuGraph>,
+    use_graphs: bool,
+    memory: CudaMemory,
+    max_context: usize,
+}
+
+impl fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("gpu", &self.gpu)
+            .field("precision", &self.precision)
+            .field("kv_slots", &self.kv_slots)
+            .field("sequences", &self.sequences.len())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+fn upload_ternary(gpu: &GpuContext, what: &str, parts: &[&TernaryMatrix]) -> Result<DevBuf, CudaError> {
+    let total: usize = parts.iter().map(|m| m.codes().len()).sum();
+    let mut bytes = Vec::with_capacity(total);
+    for m in parts {
+        bytes.extend_from_slice(m.codes());
+    }
+    gpu.upload(what, &bytes)
+}
+
+fn upload_f32(gpu: &GpuContext, what: &str, values: &[f32]) -> Result<DevBuf, CudaError> {
+    gpu.upload(what, bytemuck_f32(values))
+}
+
+fn bytemuck_f32(values: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+/// Uploads a float matrix and converts it on the device to `dt`.
+fn upload_float(gpu: &GpuContext, what: &str, t: &FloatTensor, dt: GpuDType) -> Result<DevBuf, CudaError> {
+    let from = file_dtype(t.dtype());
+    let n = t.rows() * t.cols();
+    if from == dt {
+        return gpu.upload(what, t.bytes().as_slice());
+    }
+    let staging = gpu.upload("staging", t.bytes().as_slice())?;
+    let out = gpu.alloc(what, n * dt.size())?;
+    gpu.convert(from, dt, staging.all(), out.all(), n)?;
+    gpu.synchronize()?;
+    Ok(out)
+}
+
+impl CudaBackend {
+    /// Opens the GPU, uploads the model and allocates the KV pool and the
+    /// workspace. Fails with `OutOfMemory` when they do not fit.
+    pub fn new(model: Arc<BitNetModel>, config: &CudaBackendConfig) -> Result<Self, BackendError> {
+        let c = &model.config;
+        if config.max_step_tokens == 0 || config.max_step_entries == 0 {
+            return Err(BackendError::Device("max_step_tokens and max_step_entries must be positive".into()));
+        }
+        if c.hidden_size % 16 != 0 {
+            return Err(BackendError::Device(format!("hidden size {} is not a multiple of 16", c.hidden_size)));
+        }
+        let gpu = GpuContext::open(config.ordinal, config.hooks.clone()).map_err(cuda_error)?;
+        let dt = dtype(config.precision);
+        let (h, kv_dim, inter, vocab) = (c.hidden_size, c.kv_dim(), c.intermediate_size, c.vocab_size);
+        let e = dt.size();
+        let mut memory = CudaMemory::default();
+
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for (i, l) in model.layers.iter().enumerate() {
+            let qkv = upload_ternary(&gpu, &format!("layer {i} qkv"), &[&l.attn_q, &l.attn_k, &l.attn_v])
+                .map_err(cuda_error)?;
+            let o = upload_ternary(&gpu, &format!("layer {i} attn_output"), &[&l.attn_output]).map_err(cuda_error)?;
+            let gate = upload_ternary(&gpu, &format!("layer {i} ffn_gate"), &[&l.ffn_gate]).map_err(cuda_error)?;
+            let up = upload_ternary(&gpu, &format!("layer {i} ffn_up"), &[&l.ffn_up]).map_err(cuda_error)?;
+            let down = upload_ternary(&gpu, &format!("layer {i} ffn_down"), &[&l.ffn_down]).map_err(cuda_error)?;
+            let norms = [&l.attn_norm, &l.attn_sub_norm, &l.ffn_norm, &l.ffn_sub_norm]
+                .map(|n| upload_f32(&gpu, &format!("layer {i} norm"), n));
+            let [attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm] = norms;
+            let k_cache =
+                gpu.alloc(&format!("layer {i} key cache"), config.kv_slots * kv_dim * e).map_err(cuda_error)?;
+            let v_cache =
+                gpu.alloc(&format!("layer {i} value cache"), config.kv_slots * kv_dim * e).map_err(cuda_error)?;
+            let layer = Layer {
+                qkv,
+                qkv_scales: [l.attn_q.scale(), l.attn_k.scale(), l.attn_v.scale()],
+                o,
+                o_scale: l.attn_output.scale(),
+                gate,
+                gate_scale: l.ffn_gate.scale(),
+                up,
+                up_scale: l.ffn_up.scale(),
+                down,
+                down_scale: l.ffn_down.scale(),
+                attn_norm: attn_norm.map_err(cuda_error)?,
+                attn_sub_norm: attn_sub_norm.map_err(cuda_error)?,
+                ffn_norm: ffn_norm.map_err(cuda_error)?,
+                ffn_sub_norm: ffn_sub_norm.map_err(cuda_error)?,
+                k_cache,
+                v_cache,
+            };
+            memory.weights +=
+                [&layer.qkv, &layer.o, &layer.gate, &layer.up, &layer.down].iter().map(|b| b.len()).sum::<usize>()
+                    + [&layer.attn_norm, &layer.attn_sub_norm, &layer.ffn_norm, &layer.ffn_sub_norm]
+                        .iter()
+                        .map(|b| b.len())
+                        .sum::<usize>();
+            memory.kv_cache += layer.k_cache.len() + layer.v_cache.len();
+            layers.push(layer);
+        }
+        let embedding = upload_float(&gpu, "embedding", &model.embedding, dt).map_err(cuda_error)?;
+        memory.weights += embedding.len();
+        let output = match &model.output {
+            Some(t) => {
+                let buf = upload_float(&gpu, "output head", t, dt).map_err(cuda_error)?;
+                memory.weights += buf.len();
+                Some(buf)
+            }
+            None => None,
+        };
+        let output_norm = upload_f32(&gpu, "output norm", &model.output_norm).map_err(cuda_error)?;
+        memory.weights += output_norm.len();
+
+        // RoPE tables: angles in f64, rounded once (as the CPU backend does).
+        let half = c.head_dim / 2;
+        let mut cos = Vec::with_capacity(c.max_position_embeddings * half);
+        let mut sin = Vec::with_capacity(c.max_position_embeddings * half);
+        for pos in 0..c.max_position_embeddings {
+            for i in 0..half {
+                let inv_freq = 1.0 / f64::from(c.rope_theta).powf((2 * i) as f64 / c.head_dim as f64);
+                let (s, co) = (pos as f64 * inv_freq).sin_cos();
+                cos.push(co as f32);
+                sin.push(s as f32);
+            }
+        }
+        let rope_cos = upload_f32(&gpu, "rope cos", &cos).map_err(cuda_error)?;
+        let rope_sin = upload_f32(&gpu, "rope sin", &sin).map_err(cuda_error)?;
+        memory.workspace += rope_cos.len() + rope_sin.len();
+
+        let rows = config.max_step_tokens;
+        let entries = config.max_step_entries.min(rows);
+        let alloc = |what: &str, bytes: usize| gpu.alloc(what, bytes).map_err(cuda_error);
+        let ws = Workspace {
+            rows,
+            entries,
+            inputs: alloc("step inputs", 4 * rows * 4)?,
+            x: alloc("residual stream", rows * h * 4)?,
+            q8: alloc("int8 activations", rows * h.max(inter))?,
+            scale: alloc("activation scales", rows * 4)?,
+            qsum: alloc("activation sums", rows * 4)?,
+            qkv: alloc("qkv", rows * (h + 2 * kv_dim) * 4)?,
+            q: alloc("q", rows * h * 4)?,
+            attn: alloc("attention output", rows * h * 4)?,
+            // rows x splits never exceeds max(ATT_PART_ROWS, rows).
+            attn_scratch: alloc("attention scratch", ATT_PART_ROWS.max(rows) * c.n_heads * (c.head_dim + 2) * 4)?,
+            h: alloc("ffn activations", rows * inter * 4)?,
+            head_in: alloc("head input", GpuContext::head_input_bytes(dt, entries, h))?,
+            logits: alloc("logits", entries * vocab * 4)?,
+            tokens_out: alloc("sampled tokens", entries * 4)?,
+            flags: alloc("flags", 4)?,
+        };
+        memory.workspace += [
+            &ws.inputs,
+            &ws.x,
+            &ws.q8,
+            &ws.scale,
+            &ws.qsum,
+            &ws.qkv,
+            &ws.q,
+            &ws.attn,
+            &ws.attn_scratch,
+            &ws.h,
+            &ws.head_in,
+            &ws.logits,
+            &ws.tokens_out,
+            &ws.flags,
+        ]
+        .iter()
+        .map(|b| b.len())
+        .sum::<usize>();
+        gpu.synchronize().map_err(cuda_error)?;
+
+        let max_context = c.max_position_embeddings;
+        Ok(Self {
+            precision: config.precision,
+            dt,
+            layers,
+            embedding,
+            output,
+            output_norm,
+            rope_cos,
+            rope_sin,
+            ws,
+            kv_slots: config.kv_slots,
+            pool: SlotPool::new(config.kv_slots),
+            sequences: HashMap::new(),
+            graphs: HashMap::new(),
+            use_graphs: config.cuda_graphs,
+            memory,
+            max_context,
+            gpu,
+            model,
+        })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Device memory this backend allocated, by purpose.
+    pub fn memory(&self) -> CudaMemory {
+        self.memory
+    }
+
+    /// The GPU: name, compute capability, where the PTX came from.
+    pub fn gpu(&self) -> &GpuContext {
+        &self.gpu
+    }
+
+    /// Runs `batch` once without graphs, timing every kernel; returns per
+    /// kernel name (total ms, launches). The step really runs (sequences advance).
+    pub fn profile_step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<(&'static str, f64, usize)>, BackendError> {
+        let graphs = self.use_graphs;
+        self.use_graphs = false;
+        self.gpu.set_profiling(true);
+        let result = self.step_greedy(batch);
+        self.use_graphs = graphs;
+        let profile = self.gpu.take_profile().map_err(cuda_error);
+        self.gpu.set_profiling(false);
+        result?;
+        profile
+    }
+
+    /// Splits a validated batch into forward passes that fit the workspace.
+    fn plan(&self, batch: &[StepInput<'_>]) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut current = Group::empty();
+        for (e, input) in batch.iter().enumerate() {
+            let seq = self.sequences[&input.seq];
+            let mut start = 0;
+            while start < input.tokens.len() {
+                let room_rows = self.ws.rows - current.tokens.len();
+                let room_entries = self.ws.entries - current.outputs.len();
+                if room_rows == 0 || room_entries == 0 {
+                    groups.push(std::mem::replace(&mut current, Group::empty()));
+                    continue;
+                }
+                let take = (input.tokens.len() - start).min(room_rows);
+                for (i, &t) in input.tokens[start..start + take].iter().enumerate() {
+                    current.tokens.push(t as i32);
+                    current.pos.push((seq.len + start + i) as i32);
+                    current.base.push(seq.base as i32);
+                }
+                current.advances.push((input.seq, take));
+                start += take;
+                if start == input.tokens.len() {
+                    current.outputs.push((e, current.tokens.len() - 1));
+                } else {
+                    // The rest of this entry's tokens go to the next pass,
+                    // which must see these positions in the cache.
+                    groups.push(std::mem::replace(&mut current, Group::empty()));
+                }
+            }
+        }
+        if !current.tokens.is_empty() {
+            groups.push(current);
+        }
+        for g in &mut groups {
+            g.decode_only = g.tokens.len() == g.outputs.len() && g.advances.iter().all(|&(_, n)| n == 1);
+        }
+        groups
+    }
+
+    /// Runs the forward pass of one group up to the logits of its outputs.
+    fn forward(&mut self, group: &Group) -> Result<(), CudaError> {
+        let n = group.tokens.len();
+        let n_out = group.outputs.len();
+        // Inputs: tokens | positions | cache bases | output rows.
+        let mut inputs: Vec<i32> = Vec::with_capacity(4 * self.ws.rows);
+        inputs.extend(&group.tokens);
+        inputs.resize(self.ws.rows, 0);
+        inputs.extend(&group.pos);
+        inputs.resize(2 * self.ws.rows, 0);
+        inputs.extend(&group.base);
+        inputs.resize(3 * self.ws.rows, 0);
+        inputs.extend(group.outputs.iter().map(|&(_, row)| row as i32));
+        inputs.resize(4 * self.ws.rows, 0);
+        self.gpu.write(self.ws.inputs.all(), bytemuck::cast_slice(&inputs))?;
+
+        // The attention window, rounded up to a power of two: the kernels'
+        // position splits depend on it, and graphs are kept per bucket.
+        let furthest = group.pos.iter().copied().max().unwrap_or(0) as usize + 1;
+        let window = furthest.next_power_of_two().clamp(32, self.max_context.max(32));
+        if self.use_graphs && group.decode_only {
+            if let Some(graph) = self.graphs.get(&(n, window)) {
+                return self.gpu.launch_graph(graph);
+            }
+            // First run of this shape: run eagerly (warms up and checks
+            // every launch), then capture for the next time.
+            self.launch_forward(n, n_out, window)?;
+            self.gpu.begin_capture()?;
+            let captured = self.launch_forward(n, n_out, window);
+            let graph = self.gpu.end_capture();
+            captured?;
+            self.graphs.insert((n, window), graph?);
+            return Ok(());
+        }
+        self.launch_forward(n, n_out, window)
+    }
+
+    /// Enqueues every kernel of a forward pass over `n` rows (inputs already
+    /// on the device; positions below `window`) and the head for `n_out`
+    /// output rows.
+    fn launch_forward(&self, n: usize, n_out: usize, window: usize) -> Result<(), CudaError> {
+        let c = &self.model.config;
+        let (h, kv_dim, inter, vocab) = (c.hidden_size, c.kv_dim(), c.intermediate_size, c.vocab_size);
+        let (dt, gpu, ws) = (self.dt, &self.gpu, &self.ws);
+        let heads = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let rows = ws.rows;
+        let tokens = ws.inputs.range(0, rows * 4)?;
+        let pos = ws.inputs.range(rows * 4, rows * 4)?;
+        let base = ws.inputs.range(2 * rows * 4, rows * 4)?;
+        let out_rows = ws.inputs.range(3 * rows * 4, rows * 4)?;
+        let flags = ws.flags.all();
+        let acts = TernaryActs { q: ws.q8.all(), scale: ws.scale.all(), qsum: ws.qsum.all(), n_tok: n };
+        let eps = c.rms_norm_eps;
+        let qkv_rows = h + 2 * kv_dim;
+
+        gpu.zero(flags)?;
+        gpu.embed(dt, self.embedding.all(), vocab, h, tokens, n, ws.x.all())?;
+        for layer in &self.layers {
+            // Attention block.
+            gpu.rmsnorm_quant(ws.x.all(), layer.attn_norm.all(), eps, n, h, &acts, flags)?;
+            gpu.ternary_store(
+                layer.qkv.all(),
+                qkv_rows,
+                h,
+                layer.qkv_scales,
+                [h, h + kv_dim],
+                &acts,
+                ws.qkv.all(),
+                qkv_rows,
+            )?;
+            gpu.rope_kv(
+                dt,
+                ws.qkv.all(),
+                self.rope_cos.all(),
+                self.rope_sin.all(),
+                c.max_position_embeddings,
+                pos,
+                base,
+                n,
+                ws.q.all(),
+                layer.k_cache.all(),
+                layer.v_cache.all(),
+                self.kv_slots,
+                heads,
+            )?;
+            gpu.attention(
+                dt,
+                ws.q.all(),
+                layer.k_cache.all(),
+                layer.v_cache.all(),
+                self.kv_slots,
+                pos,
+                base,
+                n,
+                window,
+                ws.attn.all(),
+                heads,
+                ws.attn_scratch.all(),
+                flags,
+            )?;
+            gpu.rmsnorm_quant(ws.attn.all(), layer.attn_sub_norm.all(), eps, n, h, &acts, flags)?;
+            gpu.ternary_add(layer.o.all(), h, h, layer.o_scale, &acts, ws.x.all(), h)?;
+            // Feed-forward block: relu^2 * up and its sub-norm in f32.
+            gpu.rmsnorm_quant(ws.x.all(), layer.ffn_norm.all(), eps, n, h, &acts, flags)?;
+            gpu.ternary_gate_up(
+                layer.gate.all(),
+                layer.up.all(),
+                inter,
+                h,
+                [layer.gate_scale, layer.up_scale],
+                &acts,
+                ws.h.all(),
+                inter,
+            )?;
+            gpu.rmsnorm_quant(ws.h.all(), layer.ffn_sub_norm.all(), eps, n, inter, &acts, flags)?;
+            gpu.ternary_add(layer.down.all(), h, inter, layer.down_scale, &acts, ws.x.all(), h)?;
+        }
+        gpu.final_norm(dt, ws.x.all(), n, out_rows, n_out, self.output_norm.all(), eps, h, ws.head_in.all())?;
+        let head = self.output.as_ref().unwrap_or(&self.embedding);
+        gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), n_out, ws.logits.all())
+    }
+
+    fn read_flags(&self) -> Result<(), CudaError> {
+        let mut flags = [0u8; 4];
+        self.gpu.read(self.ws.flags.all(), &mut flags)?;
+        if i32::from_le_bytes(flags) & FLAG_NONFINITE != 0 {
+            return Err(CudaError::Shape("a kernel produced NaN or infinity (non-finite activations)".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs a validated batch; `sink` receives each group's outputs while
+    /// they are on the device. On error every length is restored.
+    fn run(
+        &mut self,
+        batch: &[StepInput<'_>],
+        mut sink: impl FnMut(&Self, &Group) -> Result<(), CudaError>,
+    ) -> Result<(), BackendError> {
+        validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
+        let lens: Vec<(SeqId, usize)> = batch.iter().map(|i| (i.seq, self.sequences[&i.seq].len)).collect();
+        let groups = self.plan(batch);
+        let result = (|| -> Result<(), CudaError> {
+            for group in &groups {
+                self.forward(group)?;
+                sink(self, group)?;
+                for &(seq, n) in &group.advances {
+                    if let Some(s) = self.sequences.get_mut(&seq) {
+                        s.len += n;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = result {
+            for (seq, len) in lens {
+                if let Some(s) = self.sequences.get_mut(&seq) {
+                    s.len = len;
+                }
+            }
+            // A failed capture or launch can leave a graph in a bad state.
+            self.graphs.clear();
+            return Err(cuda_error(err));
+        }
+        Ok(())
+    }
+}
+
+impl Group {
+    fn empty() -> Self {
+        Self {
+            tokens: Vec::new(),
+            pos: Vec::new(),
+            base: Vec::new(),
+            outputs: Vec::new(),
+            advances: Vec::new(),
+            decode_only: false,
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> BackendInfo {
+        let (major, minor) = self.gpu.compute_capability();
+        BackendInfo {
+            device: "cuda".into(),
+            precision: match self.precision {
+                Precision::Fp32 => "f32",
+                Precision::Fp16 => "f16",
+                Precision::Bf16 => "bf16",
+            }
+            .into(),
+            quantization: "i2s".into(),
+            detail: format!(
+                "{} (cc {major}.{minor}), device {}, {} KV slots{}",
+                self.gpu.name(),
+                self.gpu.ordinal(),
+                self.kv_slots,
+                if self.use_graphs { ", CUDA graphs" } else { "" }
+            ),
+        }
+    }
+
+    fn config(&self) -> &BitNetConfig {
+        &self.model.config
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, max_positions: usize) -> Result<(), BackendError> {
+        if self.sequences.contains_key(&seq) {
+            return Err(BackendError::DuplicateSequence(seq));
+        }
+        if max_positions == 0 {
+            return Err(InferenceError::EmptyPrompt.into());
+        }
+        if max_positions > self.max_context {
+            return Err(InferenceError::ContextOverflow { needed: max_positions, max: self.max_context }.into());
+        }
+        let base = self.pool.take(max_positions).ok_or_else(|| {
+            BackendError::OutOfMemory(format!(
+                "KV cache: {max_positions} positions requested, the largest free range has {} of {} slots",
+                self.pool.largest(),
+                self.kv_slots
+            ))
+        })?;
+        self.sequences.insert(seq, Sequence { base, reserved: max_positions, len: 0 });
+        Ok(())
+    }
+
+    fn remove_sequence(&mut self, seq: SeqId) {
+        if let Some(s) = self.sequences.remove(&seq) {
+            self.pool.give(s.base, s.reserved);
+        }
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.sequences.get(&seq).map(|s| s.len)
+    }
+
+    fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let vocab = self.model.config.vocab_size;
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        self.run(batch, |this, group| {
+            let n_out = group.outputs.len();
+            let mut bytes = vec![0u8; n_out * vocab * 4];
+            this.gpu.read(this.ws.logits.range(0, bytes.len())?, &mut bytes)?;
+            this.read_flags()?;
+            for (i, &(e, _)) in group.outputs.iter().enumerate() {
+                out[e] = bytes[i * vocab * 4..(i + 1) * vocab * 4]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn step_greedy(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<u32>, BackendError> {
+        let vocab = self.model.config.vocab_size;
+        let mut out = vec![0u32; batch.len()];
+        self.run(batch, |this, group| {
+            let n_out = group.outputs.len();
+            this.gpu.argmax(this.ws.logits.all(), vocab, n_out, this.ws.tokens_out.all(), this.ws.flags.all())?;
+            let mut bytes = vec![0u8; n_out * 4];
+            this.gpu.read(this.ws.tokens_out.range(0, bytes.len())?, &mut bytes)?;
+            this.read_flags()?;
+            for (i, &(e, _)) in group.outputs.iter().enumerate() {
+                out[e] = u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlotPool;
+
+    #[test]
+    fn slot_pool_first_fit_and_coalescing() {
+        let mut pool = SlotPool::new(100);
+        let a = pool.take(30).unwrap();
+        let b = pool.take(30).unwrap();
+        let c = pool.take(30).unwrap();
+        assert_eq!((a, b, c), (0, 30, 60));
+        assert_eq!(pool.take(20), None, "only 10 slots left");
+        pool.give(b, 30);
+        assert_eq!(pool.largest(), 30);
+        pool.give(a, 30);
+        assert_eq!(pool.largest(), 60, "a and b coalesce");
+        pool.give(c, 30);
+        assert_eq!(pool.largest(), 100, "everything coalesces back");
+        assert_eq!(pool.take(100), Some(0));
+    }
+}

@@ -1,0 +1,559 @@
+//! CUDA kernels (`kernels/bitnet.cu`) and their launch wrappers.
+//!
+//! [`GpuContext::open`] checks that libcuda and libnvrtc can be loaded
+//! (cudarc would panic otherwise), creates a context and a stream on one
+//! device, and loads the kernel module once (prebuilt PTX, cached PTX or an
+//! NVRTC compile; see [`ptx`]). Device memory is handed out as [`DevBuf`]s
+//! and addressed through checked [`DevRange`]s: every launch wrapper checks
+//! that each range covers what the kernel will touch for the dimensions it
+//! is given before anything is launched. The only values a kernel reads that
+//! the wrapper cannot check are indices stored in device memory (token ids,
+//! positions, cache slots); their producers validate them on the host.
+//!
+//! Launches are asynchronous; errors of a kernel show up at the next
+//! synchronising call ([`GpuContext::read`], [`GpuContext::synchronize`]).
+
+mod ops;
+pub mod ptx;
+
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+pub use ops::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
+pub use ptx::PtxOrigin;
+
+/// Every kernel of the module; a missing one is a load error.
+pub const KERNEL_NAMES: &[&str] = &[
+    "convert_f32_f32",
+    "convert_f32_f16",
+    "convert_f32_bf16",
+    "convert_f16_f32",
+    "convert_f16_f16",
+    "convert_f16_bf16",
+    "convert_bf16_f32",
+    "convert_bf16_f16",
+    "convert_bf16_bf16",
+    "embed_f32",
+    "embed_f16",
+    "embed_bf16",
+    "rmsnorm_quant_f32",
+    "final_norm_f32",
+    "final_norm_f16",
+    "final_norm_bf16",
+    "ternary_mm_store",
+    "ternary_mm_add",
+    "ternary_mm_gate_up",
+    "rope_kv_f32",
+    "rope_kv_f16",
+    "rope_kv_bf16",
+    "attention_f32",
+    "attention_f16",
+    "attention_bf16",
+    "attention_combine",
+    "head_f32",
+    "head_f16",
+    "head_bf16",
+    "argmax_rows",
+];
+
+/// Element type of a device tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GpuDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl GpuDType {
+    pub fn size(self) -> usize {
+        match self {
+            GpuDType::F32 => 4,
+            GpuDType::F16 | GpuDType::BF16 => 2,
+        }
+    }
+
+    /// The suffix of the kernel instantiations.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuDType::F32 => "f32",
+            GpuDType::F16 => "f16",
+            GpuDType::BF16 => "bf16",
+        }
+    }
+}
+
+/// Errors of the CUDA layer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    #[error("no CUDA driver: libcuda could not be loaded")]
+    NoDriver,
+    #[error("libnvrtc could not be loaded and this binary has no prebuilt PTX (set LD_LIBRARY_PATH to the CUDA lib64 folder)")]
+    NoNvrtc,
+    #[error("GPU {ordinal} has compute capability {}.{}; the CUDA kernels need {}.{} or newer", .cc.0, .cc.1, ptx::MIN_COMPUTE_CAPABILITY.0, ptx::MIN_COMPUTE_CAPABILITY.1)]
+    Unsupported { ordinal: usize, cc: (u32, u32) },
+    #[error("NVRTC failed to compile the kernels for {arch}: {log}")]
+    Compile { arch: String, log: String },
+    #[error("CUDA driver error in {call}: {message}")]
+    Driver { call: &'static str, message: String },
+    #[error("out of GPU memory allocating {bytes} bytes for {what}: {message}")]
+    OutOfMemory { what: String, bytes: usize, message: String },
+    #[error("{what}: needs {needed} bytes, the buffer has {available}")]
+    Range { what: &'static str, needed: usize, available: usize },
+    #[error("{0}")]
+    Shape(String),
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+fn driver(call: &'static str) -> impl FnOnce(cu::DriverError) -> CudaError {
+    move |e| CudaError::Driver { call, message: e.to_string() }
+}
+
+/// Hooks the device layer consults before each allocation and launch: the
+/// fault-injection plan acts through them.
+pub trait DeviceHooks: Send + Sync + fmt::Debug {
+    /// Called before every kernel launch and copy; an error fails the call.
+    fn on_launch(&self, what: &str) -> Result<(), String>;
+    /// Called before every allocation; an error fails it as out-of-memory.
+    fn on_alloc(&self, bytes: u64) -> Result<(), String>;
+    /// Called when an allocation is freed.
+    fn on_free(&self, bytes: u64);
+}
+
+/// A device allocation (bytes), made with `cuMemAlloc` (not the stream-ordered
+/// pool, so free-memory figures are exact) and freed on drop.
+pub struct DevBuf {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    len: usize,
+    hooks: Option<Arc<dyn DeviceHooks>>,
+}
+
+impl fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevBuf").field("ptr", &format_args!("{:#x}", self.ptr)).field("len", &self.len).finish()
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if let Some(hooks) = &self.hooks {
+            hooks.on_free(self.len as u64);
+        }
+        // Work that may still use the buffer must finish first.
+        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+            // SAFETY: `ptr` came from `cuMemAlloc` in this context, is freed
+            // exactly once (here), and the context was synchronised above,
+            // so no queued kernel can still touch it.
+            let _ = unsafe { cu::free_sync(self.ptr) };
+        }
+    }
+}
+
+impl DevBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole buffer.
+    pub fn all(&self) -> DevRange {
+        DevRange { ptr: self.ptr, len: self.len }
+    }
+
+    /// `len` bytes from `offset`, checked against the allocation.
+    pub fn range(&self, offset: usize, len: usize) -> Result<DevRange, CudaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(DevRange { ptr: self.ptr + offset as u64, len }),
+            _ => Err(CudaError::Range { what: "sub-range", needed: offset.saturating_add(len), available: self.len }),
+        }
+    }
+}
+
+/// A checked window into a [`DevBuf`]: a device address and a length in
+/// bytes. Only [`DevBuf::all`] and [`DevBuf::range`] make one, so a range
+/// always lies inside a live allocation while the buffer lives; callers keep
+/// the buffer alive while work using the range may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevRange {
+    ptr: u64,
+    len: usize,
+}
+
+impl DevRange {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A sub-window of this range.
+    pub fn sub(&self, offset: usize, len: usize) -> Result<DevRange, CudaError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(DevRange { ptr: self.ptr + offset as u64, len }),
+            _ => Err(CudaError::Range { what: "sub-range", needed: offset.saturating_add(len), available: self.len }),
+        }
+    }
+
+    fn need(&self, what: &'static str, bytes: usize) -> Result<u64, CudaError> {
+        if bytes > self.len {
+            return Err(CudaError::Range { what, needed: bytes, available: self.len });
+        }
+        Ok(self.ptr)
+    }
+}
+
+/// A captured sequence of launches, replayed with one call.
+pub struct GpuGraph {
+    graph: cudarc::driver::CudaGraph,
+}
+
+// SAFETY: a CUDA graph and its executable instance are plain driver handles
+// that may be used from any thread; `GpuGraph` is not `Sync`, so it is never
+// launched from two threads at once, and each launch binds the owning context
+// to the calling thread first (`CudaGraph::launch`).
+unsafe impl Send for GpuGraph {}
+
+impl fmt::Debug for GpuGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GpuGraph")
+    }
+}
+
+/// One device: its context, the stream every call runs on, and the loaded
+/// kernel module.
+pub struct GpuContext {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: Functions,
+    ordinal: usize,
+    name: String,
+    cc: (u32, u32),
+    origin: PtxOrigin,
+    hooks: Option<Arc<dyn DeviceHooks>>,
+    /// When set, every launch is bracketed by events (see [`GpuContext::set_profiling`]).
+    profile: std::sync::Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
+}
+
+impl fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("ordinal", &self.ordinal)
+            .field("name", &self.name)
+            .field("cc", &self.cc)
+            .field("ptx", &self.origin)
+            .finish()
+    }
+}
+
+type Functions = std::collections::HashMap<&'static str, CudaFunction>;
+
+/// The kernel module of each device's primary context, loaded once per
+/// process (every `GpuContext` on a device shares the primary context).
+fn load_module_once(
+    ctx: &Arc<CudaContext>,
+    ordinal: usize,
+    cc: (u32, u32),
+) -> Result<(Arc<CudaModule>, Functions, PtxOrigin), CudaError> {
+    type Loaded = (Arc<CudaModule>, Functions, PtxOrigin);
+    static MODULES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Loaded>>> =
+        std::sync::OnceLock::new();
+    let mut modules = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(loaded) = modules.get(&ordinal) {
+        return Ok(loaded.clone());
+    }
+    let (ptx, origin) = ptx::load(cc)?;
+    let module = ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
+    let mut functions = Functions::new();
+    for &name in KERNEL_NAMES {
+        functions.insert(name, module.load_function(name).map_err(driver("cuModuleGetFunction"))?);
+    }
+    let loaded = (module, functions, origin);
+    modules.insert(ordinal, loaded.clone());
+    Ok(loaded)
+}
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+impl GpuContext {
+    /// Opens device `ordinal`: checks the libraries, the compute capability
+    /// (>= 8.0), creates the context and a stream, and loads the kernels.
+    pub fn open(ordinal: usize, hooks: Option<Arc<dyn DeviceHooks>>) -> Result<Self, CudaError> {
+        // SAFETY: `is_culib_present` only tries to dlopen libcuda and reports
+        // whether that worked; checking it first keeps cudarc from panicking.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuCtxCreate"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("cuDeviceGetAttribute"))?;
+        let cc = (major.max(0) as u32, minor.max(0) as u32);
+        if cc < ptx::MIN_COMPUTE_CAPABILITY {
+            return Err(CudaError::Unsupported { ordinal, cc });
+        }
+        let name = ctx.name().map_err(driver("cuDeviceGetName"))?;
+        // SAFETY: every buffer and launch of this context goes through the
+        // one stream below, in order, so cudarc's per-buffer event tracking
+        // (meant for several streams) is not needed; it would also record
+        // events inside graph captures.
+        unsafe { ctx.disable_event_tracking() };
+        // A non-default stream: the legacy default stream cannot be captured.
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let (module, functions, origin) = load_module_once(&ctx, ordinal, cc)?;
+        Ok(Self {
+            ctx,
+            stream,
+            _module: module,
+            functions,
+            ordinal,
+            name,
+            cc,
+            origin,
+            hooks,
+            profile: Default::default(),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    pub fn ptx_origin(&self) -> &PtxOrigin {
+        &self.origin
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))
+    }
+
+    fn hook_launch(&self, what: &str) -> Result<(), CudaError> {
+        match &self.hooks {
+            Some(h) => h.on_launch(what).map_err(CudaError::Injected),
+            None => Ok(()),
+        }
+    }
+
+    /// A zeroed allocation of `bytes` (at least 1) for `what`.
+    pub fn alloc(&self, what: &str, bytes: usize) -> Result<DevBuf, CudaError> {
+        let bytes = bytes.max(1);
+        if let Some(h) = &self.hooks {
+            h.on_alloc(bytes as u64).map_err(|message| CudaError::OutOfMemory {
+                what: what.to_string(),
+                bytes,
+                message: format!("injected: {message}"),
+            })?;
+        }
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: a plain allocation of `bytes` > 0 bytes in the bound context.
+        let ptr = unsafe { cu::malloc_sync(bytes) }.map_err(|e| {
+            if let Some(h) = &self.hooks {
+                h.on_free(bytes as u64);
+            }
+            CudaError::OutOfMemory { what: what.to_string(), bytes, message: e.to_string() }
+        })?;
+        let buf = DevBuf { ctx: self.ctx.clone(), ptr, len: bytes, hooks: self.hooks.clone() };
+        // SAFETY: `ptr` is the start of the `bytes`-byte allocation just made.
+        unsafe { cu::memset_d8_sync(ptr, 0, bytes) }.map_err(driver("cuMemsetD8"))?;
+        Ok(buf)
+    }
+
+    /// An allocation holding `data`.
+    pub fn upload(&self, what: &str, data: &[u8]) -> Result<DevBuf, CudaError> {
+        let buf = self.alloc(what, data.len())?;
+        self.write(buf.all(), data)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` to the start of `dst` (asynchronous on the stream; the
+    /// host buffer may be reused on return).
+    pub fn write(&self, dst: DevRange, data: &[u8]) -> Result<(), CudaError> {
+        let ptr = dst.need("host-to-device copy", data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.hook_launch("cuMemcpyHtoDAsync")?;
+        // SAFETY: `dst` lies inside a live allocation and holds at least
+        // `data.len()` bytes (checked above); for pageable host memory the
+        // driver stages the copy before returning, so `data` may go.
+        unsafe { cu::memcpy_htod_async(ptr, data, self.stream.cu_stream()) }.map_err(driver("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies the first `out.len()` bytes of `src` to the host, waiting for
+    /// all earlier work on the stream.
+    pub fn read(&self, src: DevRange, out: &mut [u8]) -> Result<(), CudaError> {
+        let ptr = src.need("device-to-host copy", out.len())?;
+        self.hook_launch("cuMemcpyDtoHAsync")?;
+        if !out.is_empty() {
+            // SAFETY: `src` lies inside a live allocation with at least
+            // `out.len()` bytes; the stream is synchronised below before
+            // `out` is used or freed.
+            unsafe { cu::memcpy_dtoh_async(out, ptr, self.stream.cu_stream()) }.map_err(driver("cuMemcpyDtoHAsync"))?;
+        }
+        self.synchronize()
+    }
+
+    /// Sets the bytes of `dst` to zero (asynchronous; capturable).
+    pub fn zero(&self, dst: DevRange) -> Result<(), CudaError> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.hook_launch("cuMemsetD8Async")?;
+        // SAFETY: `dst` lies inside a live allocation of at least `dst.len` bytes.
+        unsafe { cu::memset_d8_async(dst.ptr, 0, dst.len, self.stream.cu_stream()) }.map_err(driver("cuMemsetD8Async"))
+    }
+
+    /// Copies `src` to `dst` on the device (lengths must match).
+    pub fn copy(&self, dst: DevRange, src: DevRange) -> Result<(), CudaError> {
+        let ptr = dst.need("device-to-device copy", src.len)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.hook_launch("cuMemcpyDtoDAsync")?;
+        // SAFETY: both ranges lie inside live allocations; `dst` holds at least `src.len` bytes.
+        unsafe { cu::memcpy_dtod_async(ptr, src.ptr, src.len, self.stream.cu_stream()) }
+            .map_err(driver("cuMemcpyDtoDAsync"))
+    }
+
+    /// Waits for all work on the stream; reports asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(driver("cuStreamSynchronize"))
+    }
+
+    /// Starts capturing the stream's launches into a graph.
+    pub fn begin_capture(&self) -> Result<(), CudaError> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("cuStreamBeginCapture"))
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<GpuGraph, CudaError> {
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(driver("cuStreamEndCapture"))?
+            .ok_or(CudaError::Driver { call: "cuStreamEndCapture", message: "empty graph".into() })?;
+        Ok(GpuGraph { graph })
+    }
+
+    /// Replays a captured graph on the stream.
+    pub fn launch_graph(&self, graph: &GpuGraph) -> Result<(), CudaError> {
+        self.hook_launch("cuGraphLaunch")?;
+        graph.graph.launch().map_err(driver("cuGraphLaunch"))
+    }
+
+    /// Times `f` with CUDA events on the stream, in milliseconds.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<(), CudaError>) -> Result<f32, CudaError> {
+        let start = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("cuEventCreate"))?;
+        let end = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("cuEventCreate"))?;
+        start.record(&self.stream).map_err(driver("cuEventRecord"))?;
+        f()?;
+        end.record(&self.stream).map_err(driver("cuEventRecord"))?;
+        end.synchronize().map_err(driver("cuEventSynchronize"))?;
+        start.elapsed_ms(&end).map_err(driver("cuEventElapsedTime"))
+    }
+
+    /// Starts (or stops) timing every kernel launch with CUDA events.
+    pub fn set_profiling(&self, on: bool) {
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        *p = on.then(Vec::new);
+    }
+
+    /// Per kernel name: (total milliseconds, launches) since profiling
+    /// started, in order of total time; waits for the stream.
+    pub fn take_profile(&self) -> Result<Vec<(&'static str, f64, usize)>, CudaError> {
+        self.synchronize()?;
+        let mut p = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let mut totals: Vec<(&'static str, f64, usize)> = Vec::new();
+        for (name, start, end) in p.take().unwrap_or_default() {
+            let ms = f64::from(start.elapsed_ms(&end).map_err(driver("cuEventElapsedTime"))?);
+            match totals.iter_mut().find(|t| t.0 == name) {
+                Some(t) => {
+                    t.1 += ms;
+                    t.2 += 1;
+                }
+                None => totals.push((name, ms, 1)),
+            }
+        }
+        totals.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(totals)
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction, CudaError> {
+        self.functions.get(name).ok_or_else(|| CudaError::Shape(format!("no kernel named {name}")))
+    }
+
+    /// Launches kernel `name`. The caller (a wrapper in `ops`) has checked
+    /// every pointer argument's range against the dimensions it passes.
+    pub(crate) fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        self.hook_launch(name)?;
+        let f = self.function(name)?;
+        let mut builder = self.stream.launch_builder(f);
+        for arg in args {
+            match arg {
+                Arg::Ptr(p) | Arg::U64(p) => builder.arg(p),
+                Arg::I32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: smem };
+        let mut profile = self.profile.lock().unwrap_or_else(|e| e.into_inner());
+        let start = match profile.as_ref() {
+            Some(_) => Some(
+                self.stream
+                    .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(driver("cuEventRecord"))?,
+            ),
+            None => None,
+        };
+        // SAFETY: the argument list matches the kernel's C signature (each
+        // wrapper in `ops` is written against `kernels/bitnet.cu`), every
+        // pointer is a checked `DevRange` of a live allocation large enough
+        // for the dimensions passed with it, and the argument values outlive
+        // this call (the driver copies them at launch).
+        unsafe { builder.launch(cfg) }.map(|_| ()).map_err(driver("cuLaunchKernel"))?;
+        if let (Some(start), Some(list)) = (start, profile.as_mut()) {
+            let end = self
+                .stream
+                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver("cuEventRecord"))?;
+            list.push((name, start, end));
+        }
+        Ok(())
+    }
+}

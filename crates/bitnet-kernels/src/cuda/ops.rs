@@ -1,0 +1,568 @@
+//! Launch wrappers: one per kernel family of `kernels/bitnet.cu`. Each checks
+//! its dimensions and that every range covers what the kernel touches, then
+//! launches on the context's stream.
+
+use super::{Arg, CudaError, DevRange, GpuContext, GpuDType};
+
+/// Bit set in the flags word when a kernel saw a NaN or infinity.
+pub const FLAG_NONFINITE: i32 = 1;
+
+/// Row tiles of 16 per CTA and tokens per CTA of the ternary kernel.
+const MM_TILES: usize = 1;
+const MM_TOKENS: usize = 32;
+const HEAD_TOKENS: usize = 64;
+/// Positions per attention chunk (`ATT_CHUNK` in the kernel).
+const ATT_CHUNK: usize = 32;
+/// Rows x splits of the attention scratch.
+pub const ATT_PART_ROWS: usize = 4096;
+
+fn i32_dim(what: &str, v: usize) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
+}
+
+fn u32_grid(what: &str, v: usize) -> Result<u32, CudaError> {
+    u32::try_from(v).map_err(|_| CudaError::Shape(format!("grid dimension {what} = {v} is too large")))
+}
+
+fn bytes(what: &str, parts: &[usize]) -> Result<usize, CudaError> {
+    parts
+        .iter()
+        .try_fold(1usize, |acc, &p| acc.checked_mul(p))
+        .ok_or_else(|| CudaError::Shape(format!("{what}: size overflows")))
+}
+
+fn multiple(what: &str, v: usize, m: usize) -> Result<(), CudaError> {
+    if v == 0 || v % m != 0 {
+        return Err(CudaError::Shape(format!("{what} = {v} must be a non-zero multiple of {m}")));
+    }
+    Ok(())
+}
+
+/// The scalars shared by the three ternary launches.
+#[derive(Debug, Clone, Copy)]
+pub struct TernaryActs {
+    /// int8 activations `[n_tok, k]`.
+    pub q: DevRange,
+    /// Per-token scale `s` (f32 `[n_tok]`).
+    pub scale: DevRange,
+    /// Per-token sum of `q` (i32 `[n_tok]`).
+    pub qsum: DevRange,
+    pub n_tok: usize,
+}
+
+impl TernaryActs {
+    fn args(&self, k: usize) -> Result<[Arg; 4], CudaError> {
+        let q = self.q.need("int8 activations", bytes("activations", &[self.n_tok, k])?)?;
+        let s = self.scale.need("activation scales", self.n_tok * 4)?;
+        let qs = self.qsum.need("activation sums", self.n_tok * 4)?;
+        Ok([Arg::Ptr(q), Arg::Ptr(s), Arg::Ptr(qs), Arg::I32(i32_dim("tokens", self.n_tok)?)])
+    }
+}
+
+fn check_ternary(w: DevRange, n_rows: usize, k: usize) -> Result<u64, CudaError> {
+    multiple("ternary input width k", k, 128)?;
+    if n_rows == 0 {
+        return Err(CudaError::Shape("ternary matrix has no rows".into()));
+    }
+    w.need("I2_S weights", bytes("I2_S weights", &[n_rows, k / 4])?)
+}
+
+impl GpuContext {
+    /// `out[i] = (to) src[i]` for `n` elements.
+    pub fn convert(
+        &self,
+        from: GpuDType,
+        to: GpuDType,
+        src: DevRange,
+        dst: DevRange,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let s = src.need("conversion source", bytes("conversion", &[n, from.size()])?)?;
+        let d = dst.need("conversion destination", bytes("conversion", &[n, to.size()])?)?;
+        let name = match (from, to) {
+            (GpuDType::F32, GpuDType::F32) => "convert_f32_f32",
+            (GpuDType::F32, GpuDType::F16) => "convert_f32_f16",
+            (GpuDType::F32, GpuDType::BF16) => "convert_f32_bf16",
+            (GpuDType::F16, GpuDType::F32) => "convert_f16_f32",
+            (GpuDType::F16, GpuDType::F16) => "convert_f16_f16",
+            (GpuDType::F16, GpuDType::BF16) => "convert_f16_bf16",
+            (GpuDType::BF16, GpuDType::F32) => "convert_bf16_f32",
+            (GpuDType::BF16, GpuDType::F16) => "convert_bf16_f16",
+            (GpuDType::BF16, GpuDType::BF16) => "convert_bf16_bf16",
+        };
+        let blocks = n.div_ceil(256).clamp(1, 65_535);
+        self.launch(name, (blocks as u32, 1, 1), (256, 1, 1), 0, &[Arg::Ptr(s), Arg::Ptr(d), Arg::U64(n as u64)])
+    }
+
+    /// `x[r, :] = emb[tokens[r], :]` as f32. Token ids must be `< vocab`
+    /// (checked by the caller on the host before upload).
+    pub fn embed(
+        &self,
+        dt: GpuDType,
+        emb: DevRange,
+        vocab: usize,
+        hidden: usize,
+        tokens: DevRange,
+        n: usize,
+        x: DevRange,
+    ) -> Result<(), CudaError> {
+        let e = emb.need("embedding", bytes("embedding", &[vocab, hidden, dt.size()])?)?;
+        let t = tokens.need("token ids", n * 4)?;
+        let xp = x.need("residual stream", bytes("residual", &[n, hidden, 4])?)?;
+        let name = match dt {
+            GpuDType::F32 => "embed_f32",
+            GpuDType::F16 => "embed_f16",
+            GpuDType::BF16 => "embed_bf16",
+        };
+        self.launch(
+            name,
+            (u32_grid("rows", n)?, 1, 1),
+            (256, 1, 1),
+            0,
+            &[Arg::Ptr(e), Arg::Ptr(t), Arg::Ptr(xp), Arg::I32(i32_dim("hidden", hidden)?)],
+        )
+    }
+
+    /// RMSNorm of `rows` f32 rows of `width`, then int8 quantisation per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_quant(
+        &self,
+        x: DevRange,
+        weight: DevRange,
+        eps: f32,
+        rows: usize,
+        width: usize,
+        acts: &TernaryActs,
+        flags: DevRange,
+    ) -> Result<(), CudaError> {
+        if acts.n_tok != rows {
+            return Err(CudaError::Shape(format!("rmsnorm of {rows} rows into {} quantised rows", acts.n_tok)));
+        }
+        let xp = x.need("norm input", bytes("norm input", &[rows, width, 4])?)?;
+        let w = weight.need("norm weight", width * 4)?;
+        let f = flags.need("flags", 4)?;
+        let [q, s, qs, _] = acts.args(width)?;
+        self.launch(
+            "rmsnorm_quant_f32",
+            (u32_grid("rows", rows)?, 1, 1),
+            (256, 1, 1),
+            0,
+            &[Arg::Ptr(xp), Arg::Ptr(w), Arg::F32(eps), Arg::I32(i32_dim("width", width)?), q, s, qs, Arg::Ptr(f)],
+        )
+    }
+
+    /// Bytes of the head input [`Self::final_norm`] writes for `entries`
+    /// rows: the activation in `precision`, plus its low part for f16/bf16.
+    pub fn head_input_bytes(precision: GpuDType, entries: usize, width: usize) -> usize {
+        let parts = if precision == GpuDType::F32 { 1 } else { 2 };
+        parts * entries * width * precision.size()
+    }
+
+    /// `out = rmsnorm(x[rows[e], :])` for `entries` rows, in `precision`
+    /// (hi and lo parts for f16/bf16, see [`Self::head_input_bytes`]).
+    /// `rows` holds indices `< x_rows` (validated by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub fn final_norm(
+        &self,
+        precision: GpuDType,
+        x: DevRange,
+        x_rows: usize,
+        rows: DevRange,
+        entries: usize,
+        weight: DevRange,
+        eps: f32,
+        width: usize,
+        out: DevRange,
+    ) -> Result<(), CudaError> {
+        let xp = x.need("final norm input", bytes("final norm", &[x_rows, width, 4])?)?;
+        let r = rows.need("row indices", entries * 4)?;
+        let w = weight.need("norm weight", width * 4)?;
+        let o = out.need("final norm output", Self::head_input_bytes(precision, entries, width))?;
+        let name = match precision {
+            GpuDType::F32 => "final_norm_f32",
+            GpuDType::F16 => "final_norm_f16",
+            GpuDType::BF16 => "final_norm_bf16",
+        };
+        self.launch(
+            name,
+            (u32_grid("entries", entries)?, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(xp),
+                Arg::Ptr(r),
+                Arg::I32(i32_dim("entries", entries)?),
+                Arg::Ptr(w),
+                Arg::F32(eps),
+                Arg::I32(i32_dim("width", width)?),
+                Arg::Ptr(o),
+            ],
+        )
+    }
+
+    /// `out[t, n] = dot(w[n], q[t]) * w_scale(n) / s[t]`, stored as f32 with
+    /// row stride `ld_out`. Rows `< seg1` use `scales[0]`, `< seg2`
+    /// `scales[1]`, the rest `scales[2]` (q, k and v fused in one matrix).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_store(
+        &self,
+        w: DevRange,
+        n_rows: usize,
+        k: usize,
+        scales: [f32; 3],
+        segments: [usize; 2],
+        acts: &TernaryActs,
+        out: DevRange,
+        ld_out: usize,
+    ) -> Result<(), CudaError> {
+        let wp = check_ternary(w, n_rows, k)?;
+        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
+        let [q, s, qs, nt] = acts.args(k)?;
+        let grid = (
+            u32_grid("row tiles", n_rows.div_ceil(16 * MM_TILES))?,
+            u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?,
+            1,
+        );
+        self.launch(
+            "ternary_mm_store",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(wp),
+                Arg::I32(i32_dim("rows", n_rows)?),
+                Arg::I32(i32_dim("k", k)?),
+                Arg::F32(scales[0]),
+                Arg::F32(scales[1]),
+                Arg::F32(scales[2]),
+                Arg::I32(i32_dim("segment", segments[0])?),
+                Arg::I32(i32_dim("segment", segments[1])?),
+                q,
+                s,
+                qs,
+                nt,
+                Arg::Ptr(out.ptr),
+                Arg::I32(i32_dim("ld_out", ld_out)?),
+            ],
+        )
+    }
+
+    /// `out[t, n] += dot(w[n], q[t]) * w_scale / s[t]` (the residual add).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_add(
+        &self,
+        w: DevRange,
+        n_rows: usize,
+        k: usize,
+        scale: f32,
+        acts: &TernaryActs,
+        out: DevRange,
+        ld_out: usize,
+    ) -> Result<(), CudaError> {
+        let wp = check_ternary(w, n_rows, k)?;
+        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
+        let [q, s, qs, nt] = acts.args(k)?;
+        let grid = (
+            u32_grid("row tiles", n_rows.div_ceil(16 * MM_TILES))?,
+            u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?,
+            1,
+        );
+        self.launch(
+            "ternary_mm_add",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(wp),
+                Arg::I32(i32_dim("rows", n_rows)?),
+                Arg::I32(i32_dim("k", k)?),
+                Arg::F32(scale),
+                q,
+                s,
+                qs,
+                nt,
+                Arg::Ptr(out.ptr),
+                Arg::I32(i32_dim("ld_out", ld_out)?),
+            ],
+        )
+    }
+
+    /// `out[t, n] = relu(gate[n] . q[t])^2 * (up[n] . q[t])`, each product
+    /// rescaled as in [`Self::ternary_store`]; f32 throughout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ternary_gate_up(
+        &self,
+        gate: DevRange,
+        up: DevRange,
+        n_rows: usize,
+        k: usize,
+        scales: [f32; 2],
+        acts: &TernaryActs,
+        out: DevRange,
+        ld_out: usize,
+    ) -> Result<(), CudaError> {
+        let gp = check_ternary(gate, n_rows, k)?;
+        let up_p = check_ternary(up, n_rows, k)?;
+        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
+        let [q, s, qs, nt] = acts.args(k)?;
+        let grid =
+            (u32_grid("row tiles", n_rows.div_ceil(16))?, u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?, 1);
+        self.launch(
+            "ternary_mm_gate_up",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(gp),
+                Arg::Ptr(up_p),
+                Arg::I32(i32_dim("rows", n_rows)?),
+                Arg::I32(i32_dim("k", k)?),
+                Arg::F32(scales[0]),
+                Arg::F32(scales[1]),
+                q,
+                s,
+                qs,
+                nt,
+                Arg::Ptr(out.ptr),
+                Arg::I32(i32_dim("ld_out", ld_out)?),
+            ],
+        )
+    }
+
+    fn check_out(&self, out: DevRange, n_tok: usize, n_rows: usize, ld_out: usize) -> Result<(), CudaError> {
+        if ld_out < n_rows {
+            return Err(CudaError::Shape(format!("output stride {ld_out} < {n_rows} rows")));
+        }
+        let needed = if n_tok == 0 { 0 } else { bytes("output", &[n_tok - 1, ld_out])?.saturating_add(n_rows) * 4 };
+        out.need("matrix output", needed)?;
+        Ok(())
+    }
+
+    /// RoPE on q and k of `n` rows of `qkv` (f32 `[n, hidden + 2 kv_dim]`),
+    /// q to `q_out` (f32 `[n, hidden]`), k and v into the cache
+    /// slots `base[r] + pos[r]` of `kc`/`vc` (`[slots, kv_dim]`). Positions
+    /// must be `< max_pos` (the rows of the cos/sin tables) and slots
+    /// `< slots`: the caller validates both on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv(
+        &self,
+        precision: GpuDType,
+        qkv: DevRange,
+        cos: DevRange,
+        sin: DevRange,
+        max_pos: usize,
+        pos: DevRange,
+        base: DevRange,
+        n: usize,
+        q_out: DevRange,
+        kc: DevRange,
+        vc: DevRange,
+        slots: usize,
+        heads: (usize, usize, usize),
+    ) -> Result<(), CudaError> {
+        let (n_heads, n_kv, hd) = heads;
+        check_heads(n_heads, n_kv, hd)?;
+        let (hidden, kv_dim) = (n_heads * hd, n_kv * hd);
+        let e = precision.size();
+        let qkv_p = qkv.need("qkv", bytes("qkv", &[n, hidden + 2 * kv_dim, 4])?)?;
+        let c = cos.need("cos table", bytes("rope", &[max_pos, hd / 2, 4])?)?;
+        let s = sin.need("sin table", bytes("rope", &[max_pos, hd / 2, 4])?)?;
+        let p = pos.need("positions", n * 4)?;
+        let b = base.need("cache bases", n * 4)?;
+        let q = q_out.need("q", bytes("q", &[n, hidden, 4])?)?;
+        let k = kc.need("key cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let v = vc.need("value cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let name = match precision {
+            GpuDType::F32 => "rope_kv_f32",
+            GpuDType::F16 => "rope_kv_f16",
+            GpuDType::BF16 => "rope_kv_bf16",
+        };
+        self.launch(
+            name,
+            (u32_grid("rows", n)?, 1, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(qkv_p),
+                Arg::Ptr(c),
+                Arg::Ptr(s),
+                Arg::Ptr(p),
+                Arg::Ptr(b),
+                Arg::Ptr(q),
+                Arg::Ptr(k),
+                Arg::Ptr(v),
+                Arg::I32(i32_dim("heads", n_heads)?),
+                Arg::I32(i32_dim("kv heads", n_kv)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+            ],
+        )
+    }
+
+    /// How many position splits [`Self::attention`] uses for `n` rows whose
+    /// positions stay below `max_visible`: enough CTAs to fill the GPU at
+    /// small batches, at most [`ATT_PART_ROWS`] (rows x splits) in total.
+    pub fn attention_splits(n: usize, max_visible: usize) -> usize {
+        let most = max_visible.div_ceil(ATT_CHUNK).clamp(1, 64);
+        most.min((ATT_PART_ROWS / n.max(1)).max(1))
+    }
+
+    /// Bytes of the scratch [`Self::attention`] needs for `n` rows.
+    pub fn attention_scratch_bytes(n: usize, max_visible: usize, n_heads: usize, head_dim: usize) -> usize {
+        let slots = n * n_heads * Self::attention_splits(n, max_visible);
+        slots * (head_dim + 2) * 4
+    }
+
+    /// Causal GQA attention of `n` rows over their cache slots
+    /// `base[r] ..= base[r] + pos[r]`; `pos[r] < max_visible` (validated by
+    /// the caller). q f32, the caches in `precision`; output f32 `[n, hidden]`.
+    /// `scratch` holds [`Self::attention_scratch_bytes`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        precision: GpuDType,
+        q: DevRange,
+        kc: DevRange,
+        vc: DevRange,
+        slots: usize,
+        pos: DevRange,
+        base: DevRange,
+        n: usize,
+        max_visible: usize,
+        out: DevRange,
+        heads: (usize, usize, usize),
+        scratch: DevRange,
+        flags: DevRange,
+    ) -> Result<(), CudaError> {
+        let (n_heads, n_kv, hd) = heads;
+        check_heads(n_heads, n_kv, hd)?;
+        if hd > 256 {
+            return Err(CudaError::Shape(format!("head_dim {hd} > 256 is not supported by the attention kernel")));
+        }
+        let (hidden, kv_dim) = (n_heads * hd, n_kv * hd);
+        let e = precision.size();
+        let qp = q.need("q", bytes("q", &[n, hidden, 4])?)?;
+        let k = kc.need("key cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let v = vc.need("value cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let p = pos.need("positions", n * 4)?;
+        let b = base.need("cache bases", n * 4)?;
+        let o = out.need("attention output", bytes("attention", &[n, hidden, 4])?)?;
+        let f = flags.need("flags", 4)?;
+        let splits = Self::attention_splits(n, max_visible);
+        let part_slots = n * n_heads * splits;
+        scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
+        let part = scratch.ptr;
+        let ml = scratch.ptr + (part_slots * hd * 4) as u64;
+        let name = match precision {
+            GpuDType::F32 => "attention_f32",
+            GpuDType::F16 => "attention_f16",
+            GpuDType::BF16 => "attention_bf16",
+        };
+        self.launch(
+            name,
+            (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, splits as u32),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(qp),
+                Arg::Ptr(k),
+                Arg::Ptr(v),
+                Arg::Ptr(p),
+                Arg::Ptr(b),
+                Arg::Ptr(part),
+                Arg::Ptr(ml),
+                Arg::I32(i32_dim("heads", n_heads)?),
+                Arg::I32(i32_dim("kv heads", n_kv)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+                Arg::F32(1.0 / (hd as f32).sqrt()),
+            ],
+        )?;
+        self.launch(
+            "attention_combine",
+            (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(part),
+                Arg::Ptr(ml),
+                Arg::I32(i32_dim("heads", n_heads)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+                Arg::I32(splits as i32),
+                Arg::Ptr(o),
+                Arg::Ptr(f),
+            ],
+        )
+    }
+
+    /// `logits[e, v] = W[v, :] . x[e, :]` (W `[vocab, hidden]` in
+    /// `precision`; x as [`Self::final_norm`] writes it: `[n, hidden]`, and
+    /// for f16/bf16 its low parts after; logits f32 `[n, vocab]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn head(
+        &self,
+        precision: GpuDType,
+        w: DevRange,
+        vocab: usize,
+        hidden: usize,
+        x: DevRange,
+        n: usize,
+        logits: DevRange,
+    ) -> Result<(), CudaError> {
+        multiple("hidden size", hidden, 16)?;
+        let e = precision.size();
+        let wp = w.need("head weights", bytes("head", &[vocab, hidden, e])?)?;
+        let xp = x.need("head input", Self::head_input_bytes(precision, n, hidden))?;
+        let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
+        let args = [
+            Arg::Ptr(wp),
+            Arg::I32(i32_dim("vocab", vocab)?),
+            Arg::I32(i32_dim("hidden", hidden)?),
+            Arg::Ptr(xp),
+            Arg::I32(i32_dim("entries", n)?),
+            Arg::Ptr(lp),
+        ];
+        match precision {
+            GpuDType::F32 => self.launch(
+                "head_f32",
+                (u32_grid("vocab", vocab.div_ceil(8))?, u32_grid("entries", n.div_ceil(8))?, 1),
+                (256, 1, 1),
+                0,
+                &args,
+            ),
+            GpuDType::F16 | GpuDType::BF16 => {
+                let name = if precision == GpuDType::F16 { "head_f16" } else { "head_bf16" };
+                let grid = (u32_grid("vocab", vocab.div_ceil(64))?, u32_grid("entries", n.div_ceil(HEAD_TOKENS))?, 1);
+                self.launch(name, grid, (128, 1, 1), 0, &args)
+            }
+        }
+    }
+
+    /// `out[e] = argmax(logits[e, :])` (the first index of the maximum).
+    pub fn argmax(
+        &self,
+        logits: DevRange,
+        vocab: usize,
+        n: usize,
+        out: DevRange,
+        flags: DevRange,
+    ) -> Result<(), CudaError> {
+        let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
+        let o = out.need("argmax output", n * 4)?;
+        let f = flags.need("flags", 4)?;
+        self.launch(
+            "argmax_rows",
+            (u32_grid("entries", n)?, 1, 1),
+            (1024, 1, 1),
+            0,
+            &[Arg::Ptr(lp), Arg::I32(i32_dim("vocab", vocab)?), Arg::Ptr(o), Arg::Ptr(f)],
+        )
+    }
+}
+
+fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> {
+    if n_heads == 0 || n_kv == 0 || n_heads % n_kv != 0 || hd == 0 || hd % 2 != 0 {
+        return Err(CudaError::Shape(format!(
+            "{n_heads} heads / {n_kv} kv heads / head_dim {hd}: heads must be a multiple of kv heads and head_dim even"
+        )));
+    }
+    Ok(())
+}

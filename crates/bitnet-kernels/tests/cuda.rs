@@ -1,0 +1,561 @@
+//! Every CUDA kernel against the CPU kernels (the scalar ones, which the SIMD
+//! ones already equal) or a host computation in f64, on random inputs.
+//!
+//! Tolerances (normwise: max |gpu - ref| / max |ref| over the output):
+//! f32 1e-5, f16 3e-3, bf16 1e-2. Integer paths (ternary products, argmax,
+//! quantisation) are compared exactly. Without a usable GPU each test prints
+//! `SKIPPED: <reason>` and returns; it never passes silently.
+#![cfg(feature = "cuda")]
+
+use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
+use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, TernaryActs};
+use half::{bf16, f16};
+
+/// SplitMix64: deterministic inputs without extra dependencies.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn gpu() -> Option<GpuContext> {
+    match bitnet_device::probe_gpus() {
+        bitnet_device::GpuProbe::Devices { gpus, .. } if !gpus.is_empty() => {}
+        other => {
+            println!("SKIPPED: no CUDA GPU ({other:?})");
+            return None;
+        }
+    }
+    match GpuContext::open(0, None) {
+        Ok(g) => Some(g),
+        Err(e @ bitnet_kernels::cuda::CudaError::Unsupported { .. }) => {
+            println!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("a GPU is present but cannot be used: {e}"),
+    }
+}
+
+fn up_f32(g: &GpuContext, v: &[f32]) -> DevBuf {
+    g.upload("test", bytemuck::cast_slice(v)).unwrap()
+}
+fn up_i32(g: &GpuContext, v: &[i32]) -> DevBuf {
+    g.upload("test", bytemuck::cast_slice(v)).unwrap()
+}
+fn read_f32(g: &GpuContext, b: &DevBuf, n: usize) -> Vec<f32> {
+    let mut bytes = vec![0u8; n * 4];
+    g.read(b.range(0, n * 4).unwrap(), &mut bytes).unwrap();
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+fn read_i32(g: &GpuContext, b: &DevBuf, n: usize) -> Vec<i32> {
+    let mut bytes = vec![0u8; n * 4];
+    g.read(b.range(0, n * 4).unwrap(), &mut bytes).unwrap();
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+fn read_bytes(g: &GpuContext, b: &DevBuf, n: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n];
+    g.read(b.range(0, n).unwrap(), &mut bytes).unwrap();
+    bytes
+}
+
+/// Host rounding to a precision (round to nearest even, f16 saturating as the kernels do).
+fn round_to(dt: GpuDType, v: f32) -> f32 {
+    match dt {
+        GpuDType::F32 => v,
+        GpuDType::F16 => f16::from_f32(v.clamp(-65504.0, 65504.0)).to_f32(),
+        GpuDType::BF16 => bf16::from_f32(v).to_f32(),
+    }
+}
+fn encode(dt: GpuDType, v: &[f32]) -> Vec<u8> {
+    match dt {
+        GpuDType::F32 => bytemuck::cast_slice(v).to_vec(),
+        // Saturating, as the kernels store f16.
+        GpuDType::F16 => v.iter().flat_map(|&x| f16::from_f32(x.clamp(-65504.0, 65504.0)).to_le_bytes()).collect(),
+        GpuDType::BF16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+    }
+}
+fn decode(dt: GpuDType, b: &[u8]) -> Vec<f32> {
+    match dt {
+        GpuDType::F32 => bytemuck::cast_slice(b).to_vec(),
+        GpuDType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        GpuDType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+fn tolerance(dt: GpuDType) -> f64 {
+    match dt {
+        GpuDType::F32 => 1e-5,
+        GpuDType::F16 => 3e-3,
+        GpuDType::BF16 => 1e-2,
+    }
+}
+/// max |a - b| / max |b|.
+fn normwise(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - y).abs()).fold(0.0, f64::max) / scale
+}
+fn assert_finite(v: &[f32], what: &str) {
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        panic!("{what}: non-finite value {} at {i}", v[i]);
+    }
+}
+
+const DTYPES: [GpuDType; 3] = [GpuDType::F32, GpuDType::F16, GpuDType::BF16];
+
+/// Random valid I2_S codes (0, 1, 2 only) for `rows x k`.
+fn random_codes(rng: &mut Rng, rows: usize, k: usize) -> Vec<u8> {
+    (0..rows * k / 4)
+        .map(|_| {
+            let mut b = 0u8;
+            for s in 0..4 {
+                b |= (rng.below(3) as u8) << (2 * s);
+            }
+            b
+        })
+        .collect()
+}
+
+struct Acts {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    qsum: Vec<i32>,
+    bufs: (DevBuf, DevBuf, DevBuf),
+}
+
+fn random_acts(g: &GpuContext, rng: &mut Rng, n: usize, k: usize) -> Acts {
+    let q: Vec<i8> = (0..n * k).map(|_| (rng.below(256) as i32 - 128) as i8).collect();
+    let scale: Vec<f32> = (0..n).map(|_| rng.f32(0.5, 200.0)).collect();
+    let qsum: Vec<i32> = q.chunks_exact(k).map(|r| r.iter().map(|&v| i32::from(v)).sum()).collect();
+    let bufs = (g.upload("q", bytemuck::cast_slice(&q)).unwrap(), up_f32(g, &scale), up_i32(g, &qsum));
+    Acts { q, scale, qsum, bufs }
+}
+
+impl Acts {
+    fn view(&self, n: usize) -> TernaryActs {
+        TernaryActs { q: self.bufs.0.all(), scale: self.bufs.1.all(), qsum: self.bufs.2.all(), n_tok: n }
+    }
+}
+
+/// Exact integer dot products from the scalar CPU kernel: `[n][rows]`.
+fn cpu_dots(codes: &[u8], rows: usize, k: usize, q: &[i8], n: usize) -> Vec<i32> {
+    let w = I2sMatrixRef::new(codes, rows, k).unwrap();
+    let mut out = vec![0i32; n * rows];
+    cpu::gemm_i2s_i8(CpuKernel::Scalar, w, q, n, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn ternary_store_and_add_are_exact() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(1);
+    // Shapes cover partial row tiles, partial token tiles, several CTAs
+    // along tokens and the K split.
+    for &(rows, k, n) in &[(16, 128, 1), (40, 256, 3), (96, 640, 8), (200, 1152, 33), (3840, 2560, 70), (64, 6912, 5)] {
+        let codes = random_codes(&mut rng, rows, k);
+        let acts = random_acts(&g, &mut rng, n, k);
+        let dots = cpu_dots(&codes, rows, k, &acts.q, n);
+        let w = g.upload("w", &codes).unwrap();
+        let scales = [0.7f32, 1.3, 2.1];
+        let segs = [rows / 3, 2 * rows / 3];
+        let ld = rows + 5;
+        let out = g.alloc("out", n * ld * 4).unwrap();
+        g.ternary_store(w.all(), rows, k, scales, segs, &acts.view(n), out.all(), ld).unwrap();
+        let got = read_f32(&g, &out, n * ld);
+        for t in 0..n {
+            for r in 0..rows {
+                let ws = if r < segs[0] {
+                    scales[0]
+                } else if r < segs[1] {
+                    scales[1]
+                } else {
+                    scales[2]
+                };
+                let want = dots[t * rows + r] as f32 * (ws / acts.scale[t]);
+                assert_eq!(got[t * ld + r].to_bits(), want.to_bits(), "store rows {rows} k {k} n {n}: t {t} r {r}");
+            }
+        }
+        // The residual add: out += y, on top of random values.
+        let init: Vec<f32> = (0..n * ld).map(|_| rng.f32(-3.0, 3.0)).collect();
+        let out = up_f32(&g, &init);
+        g.ternary_add(w.all(), rows, k, scales[1], &acts.view(n), out.all(), ld).unwrap();
+        let got = read_f32(&g, &out, n * ld);
+        for t in 0..n {
+            for r in 0..rows {
+                let want = init[t * ld + r] + dots[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
+                assert_eq!(got[t * ld + r].to_bits(), want.to_bits(), "add rows {rows} k {k} n {n}: t {t} r {r}");
+            }
+        }
+        let _ = acts.qsum;
+    }
+}
+
+#[test]
+fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(2);
+    for &(rows, k, n) in &[(48, 256, 2), (6912, 2560, 9)] {
+        let gate = random_codes(&mut rng, rows, k);
+        let up = random_codes(&mut rng, rows, k);
+        let acts = random_acts(&g, &mut rng, n, k);
+        let (gd, ud) = (cpu_dots(&gate, rows, k, &acts.q, n), cpu_dots(&up, rows, k, &acts.q, n));
+        // Scales large enough that relu(gate)^2 * up leaves the f16 range.
+        let scales = [40.0f32, 30.0];
+        let (gb, ub) = (g.upload("g", &gate).unwrap(), g.upload("u", &up).unwrap());
+        let out = g.alloc("out", n * rows * 4).unwrap();
+        g.ternary_gate_up(gb.all(), ub.all(), rows, k, scales, &acts.view(n), out.all(), rows).unwrap();
+        let got = read_f32(&g, &out, n * rows);
+        let mut biggest = 0f32;
+        for t in 0..n {
+            for r in 0..rows {
+                let gv = gd[t * rows + r] as f32 * (scales[0] / acts.scale[t]);
+                let uv = ud[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
+                let rr = gv.max(0.0);
+                let want = rr * rr * uv;
+                biggest = biggest.max(want.abs());
+                assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "rows {rows} n {n}: t {t} r {r}");
+            }
+        }
+        assert!(biggest > 65504.0, "the test must exceed the f16 range (largest {biggest})");
+    }
+}
+
+/// Host RMSNorm + quantisation, as the kernels define it.
+fn host_rmsnorm_quant(x: &[f32], w: &[f32], eps: f32) -> (Vec<i8>, f32) {
+    let ss: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let inv = 1.0 / (ss / x.len() as f64 + f64::from(eps)).sqrt();
+    let normed: Vec<f32> = x.iter().zip(w).map(|(&v, &wi)| (f64::from(v) * inv) as f32 * wi).collect();
+    let amax = normed.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = (1.0 / amax.max(1e-5)) * 127.0;
+    (normed.iter().map(|&v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8).collect(), s)
+}
+
+#[test]
+fn rmsnorm_quant_matches_host_and_survives_relu2_sized_values() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(3);
+    let (rows, width, eps) = (7, 6912, 1e-5f32);
+    let w: Vec<f32> = (0..width).map(|_| rng.f32(0.2, 3.0)).collect();
+    // relu^2-sized values, far above the f16 range.
+    let x: Vec<f32> = (0..rows * width).map(|_| rng.f32(-1.0, 1.0).powi(3) * 2.0e5).collect();
+    let (wb, xb) = (up_f32(&g, &w), up_f32(&g, &x));
+    let q = g.alloc("q", rows * width).unwrap();
+    let (s, qs, flags) = (g.alloc("s", rows * 4).unwrap(), g.alloc("qs", rows * 4).unwrap(), g.alloc("f", 4).unwrap());
+    let acts = TernaryActs { q: q.all(), scale: s.all(), qsum: qs.all(), n_tok: rows };
+    g.rmsnorm_quant(xb.all(), wb.all(), eps, rows, width, &acts, flags.all()).unwrap();
+    let (gq, gs, gqs) = (read_bytes(&g, &q, rows * width), read_f32(&g, &s, rows), read_i32(&g, &qs, rows));
+    assert_eq!(read_i32(&g, &flags, 1)[0], 0, "non-finite flag");
+    let mut flips = 0usize;
+    for r in 0..rows {
+        let (hq, hs) = host_rmsnorm_quant(&x[r * width..(r + 1) * width], &w, eps);
+        let rel = (f64::from(gs[r]) - f64::from(hs)).abs() / f64::from(hs);
+        assert!(rel <= 1e-6, "row {r}: scale {} vs {hs}", gs[r]);
+        let mut sum = 0i32;
+        for i in 0..width {
+            let (a, b) = (gq[r * width + i] as i8, hq[i]);
+            sum += i32::from(a);
+            // The f64 sum of squares is added in another order on the GPU; a
+            // value exactly on a rounding boundary may move by one step.
+            assert!((i32::from(a) - i32::from(b)).abs() <= 1, "row {r} col {i}: {a} vs {b}");
+            flips += usize::from(a != b);
+        }
+        assert_eq!(gqs[r], sum, "qsum row {r}");
+    }
+    assert!(flips * 1000 <= rows * width, "{flips} one-step differences");
+}
+
+#[test]
+fn final_norm_matches_host_with_hi_lo_split() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(4);
+    let (x_rows, width, eps) = (9, 2560, 1e-5f32);
+    let x: Vec<f32> = (0..x_rows * width).map(|_| rng.f32(-50.0, 50.0)).collect();
+    let w: Vec<f32> = (0..width).map(|_| rng.f32(0.1, 2.0)).collect();
+    let rows = [8i32, 0, 3];
+    let (xb, wb, rb) = (up_f32(&g, &x), up_f32(&g, &w), up_i32(&g, &rows));
+    let mut want = Vec::new();
+    for &r in &rows {
+        let r = r as usize;
+        let xr = &x[r * width..(r + 1) * width];
+        let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let inv = 1.0 / (ss / width as f64 + f64::from(eps)).sqrt();
+        want.extend(xr.iter().zip(&w).map(|(&v, &wi)| f64::from((f64::from(v) * inv) as f32 * wi)));
+    }
+    for dt in DTYPES {
+        let n = rows.len() * width;
+        let bytes = GpuContext::head_input_bytes(dt, rows.len(), width);
+        let out = g.alloc("out", bytes).unwrap();
+        g.final_norm(dt, xb.all(), x_rows, rb.all(), rows.len(), wb.all(), eps, width, out.all()).unwrap();
+        let all = decode(dt, &read_bytes(&g, &out, bytes));
+        let hi = &all[..n];
+        let err = normwise(hi, &want);
+        assert!(err <= tolerance(dt), "{dt:?}: hi part error {err}");
+        if dt != GpuDType::F32 {
+            // hi + lo carries the value to ~16 bits: far inside the f32 tolerance.
+            let sum: Vec<f32> = hi.iter().zip(&all[n..]).map(|(a, b)| a + b).collect();
+            let err = normwise(&sum, &want);
+            assert!(err <= 1e-4, "{dt:?}: hi + lo error {err}");
+        }
+    }
+}
+
+#[test]
+fn rope_kv_matches_cpu_rope() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(5);
+    let (nh, nkv, hd, max_pos, slots) = (8, 2, 64, 300, 600);
+    let (hidden, kv_dim, half) = (nh * hd, nkv * hd, hd / 2);
+    let mut cos = Vec::new();
+    let mut sin = Vec::new();
+    for p in 0..max_pos {
+        for i in 0..half {
+            let a = p as f64 / 10000f64.powf(2.0 * i as f64 / hd as f64);
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    let n = 5;
+    let pos = [0i32, 7, 299, 100, 1];
+    let base = [0i32, 10, 300, 0, 590]; // distinct slots 0, 17, 599, 100, 591
+    let qkv: Vec<f32> = (0..n * (hidden + 2 * kv_dim)).map(|_| rng.f32(-4.0, 4.0)).collect();
+    let (qb, cb, sb, pb, bb) =
+        (up_f32(&g, &qkv), up_f32(&g, &cos), up_f32(&g, &sin), up_i32(&g, &pos), up_i32(&g, &base));
+    for dt in DTYPES {
+        let e = dt.size();
+        let (qo, kc, vc) = (
+            g.alloc("q", n * hidden * e).unwrap(),
+            g.alloc("k", slots * kv_dim * e).unwrap(),
+            g.alloc("v", slots * kv_dim * e).unwrap(),
+        );
+        g.rope_kv(
+            dt,
+            qb.all(),
+            cb.all(),
+            sb.all(),
+            max_pos,
+            pb.all(),
+            bb.all(),
+            n,
+            qo.all(),
+            kc.all(),
+            vc.all(),
+            slots,
+            (nh, nkv, hd),
+        )
+        .unwrap();
+        let gq = read_f32(&g, &qo, n * hidden);
+        let gk = decode(dt, &read_bytes(&g, &kc, slots * kv_dim * e));
+        let gv = decode(dt, &read_bytes(&g, &vc, slots * kv_dim * e));
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for r in 0..n {
+            let row = &qkv[r * (hidden + 2 * kv_dim)..(r + 1) * (hidden + 2 * kv_dim)];
+            let p = pos[r] as usize;
+            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            let mut q = row[..hidden].to_vec();
+            let mut k = row[hidden..hidden + kv_dim].to_vec();
+            cpu::rope_neox_f32(CpuKernel::Scalar, &mut q, hd, c, s).unwrap();
+            cpu::rope_neox_f32(CpuKernel::Scalar, &mut k, hd, c, s).unwrap();
+            let slot = (base[r] + pos[r]) as usize;
+            got.extend(&gq[r * hidden..(r + 1) * hidden]);
+            got.extend(&gk[slot * kv_dim..(slot + 1) * kv_dim]);
+            got.extend(&gv[slot * kv_dim..(slot + 1) * kv_dim]);
+            want.extend(q.iter().chain(&k).chain(&row[hidden + kv_dim..]).map(|&v| f64::from(v)));
+        }
+        let err = normwise(&got, &want);
+        assert!(err <= tolerance(dt), "{dt:?}: error {err}");
+    }
+}
+
+#[test]
+fn attention_matches_host_softmax_attention() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(6);
+    let (nh, nkv, hd, slots, max_visible) = (8, 2, 128, 900, 4096);
+    let (hidden, kv_dim) = (nh * hd, nkv * hd);
+    // Rows of two sequences (cache bases 0 and 500), prefill-like and decode-like positions.
+    // Positions spanning several 32-position chunks and splits.
+    let pos = [0i32, 1, 2, 399, 0, 5, 63, 64, 395];
+    let base = [0i32, 0, 0, 0, 500, 500, 400, 400, 500];
+    let n = pos.len();
+    for dt in DTYPES {
+        let q: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-2.0, 2.0)).collect();
+        let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
+        let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
+        let (qb, kb, vb) =
+            (up_f32(&g, &q), g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+        let (pb, bb) = (up_i32(&g, &pos), up_i32(&g, &base));
+        let (out, flags) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("f", 4).unwrap());
+        let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
+        g.attention(
+            dt,
+            qb.all(),
+            kb.all(),
+            vb.all(),
+            slots,
+            pb.all(),
+            bb.all(),
+            n,
+            max_visible,
+            out.all(),
+            (nh, nkv, hd),
+            scratch.all(),
+            flags.all(),
+        )
+        .unwrap();
+        let got = read_f32(&g, &out, n * hidden);
+        assert_eq!(read_i32(&g, &flags, 1)[0], 0);
+        let mut want = vec![0f64; n * hidden];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for r in 0..n {
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let qh = &q[r * hidden + h * hd..r * hidden + (h + 1) * hd];
+                let visible = pos[r] as usize + 1;
+                let slot = |p: usize| (base[r] as usize + p) * kv_dim + kvh * hd;
+                let scores: Vec<f64> = (0..visible)
+                    .map(|p| {
+                        qh.iter()
+                            .zip(&k[slot(p)..slot(p) + hd])
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let ex: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let sum: f64 = ex.iter().sum();
+                for d in 0..hd {
+                    want[r * hidden + h * hd + d] = (0..visible).map(|p| ex[p] / sum * f64::from(v[slot(p) + d])).sum();
+                }
+            }
+        }
+        let err = normwise(&got, &want);
+        assert!(err <= tolerance(dt), "{dt:?}: error {err}");
+    }
+}
+
+#[test]
+fn head_matches_host_dot_products() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(7);
+    let (vocab, hidden) = (1000, 256); // vocab not a multiple of 16 or 64
+    for dt in DTYPES {
+        for n in [1usize, 3, 8, 70] {
+            let w: Vec<f32> = (0..vocab * hidden).map(|_| round_to(dt, rng.f32(-1.0, 1.0))).collect();
+            // Activations in f32, split into hi + lo parts of the precision as
+            // final_norm writes them.
+            let x: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-3.0, 3.0)).collect();
+            let mut parts = x.iter().map(|&v| round_to(dt, v)).collect::<Vec<f32>>();
+            if dt != GpuDType::F32 {
+                let lo: Vec<f32> = x.iter().map(|&v| round_to(dt, v - round_to(dt, v))).collect();
+                parts.extend(lo);
+            }
+            let (wb, xb) = (g.upload("w", &encode(dt, &w)).unwrap(), g.upload("x", &encode(dt, &parts)).unwrap());
+            let logits = g.alloc("l", n * vocab * 4).unwrap();
+            g.head(dt, wb.all(), vocab, hidden, xb.all(), n, logits.all()).unwrap();
+            let got = read_f32(&g, &logits, n * vocab);
+            let want: Vec<f64> = (0..n)
+                .flat_map(|t| {
+                    let (w, x) = (&w, &x);
+                    (0..vocab).map(move |r| {
+                        (0..hidden).map(|i| f64::from(w[r * hidden + i]) * f64::from(x[t * hidden + i])).sum::<f64>()
+                    })
+                })
+                .collect();
+            let err = normwise(&got, &want);
+            assert!(err <= tolerance(dt), "{dt:?} n {n}: error {err}");
+        }
+    }
+}
+
+#[test]
+fn argmax_takes_the_first_maximum_and_flags_nan() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(8);
+    let (vocab, n) = (128_256, 5);
+    let mut logits: Vec<f32> = (0..n * vocab).map(|_| rng.f32(-10.0, 10.0)).collect();
+    // Ties: row 1 has its maximum at 5 and 90_000; row 2 at 0 and the end.
+    logits[vocab + 5] = 50.0;
+    logits[vocab + 90_000] = 50.0;
+    logits[2 * vocab] = 60.0;
+    logits[3 * vocab - 1] = 60.0;
+    let (lb, out, flags) = (up_f32(&g, &logits), g.alloc("o", n * 4).unwrap(), g.alloc("f", 4).unwrap());
+    g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
+    let got = read_i32(&g, &out, n);
+    for r in 0..n {
+        assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "row {r}");
+    }
+    assert_eq!((got[1], got[2]), (5, 0));
+    assert_eq!(read_i32(&g, &flags, 1)[0], 0);
+    logits[4 * vocab + 17] = f32::NAN;
+    let lb = up_f32(&g, &logits);
+    g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
+    assert_ne!(read_i32(&g, &flags, 1)[0], 0, "a NaN logit must raise the flag");
+}
+
+fn argmax_host(l: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in l.iter().enumerate() {
+        if v > l[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn embed_and_convert_round_as_the_host_does() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(9);
+    let (vocab, hidden) = (50, 64);
+    let table: Vec<f32> =
+        (0..vocab * hidden).map(|_| rng.f32(-70000.0, 70000.0) * if rng.below(2) == 0 { 1e-4 } else { 1.0 }).collect();
+    for from in DTYPES {
+        let src_bytes = encode(from, &table);
+        let src_vals = decode(from, &src_bytes);
+        let src = g.upload("src", &src_bytes).unwrap();
+        for to in DTYPES {
+            let dst = g.alloc("dst", vocab * hidden * to.size()).unwrap();
+            g.convert(from, to, src.all(), dst.all(), vocab * hidden).unwrap();
+            let got = decode(to, &read_bytes(&g, &dst, vocab * hidden * to.size()));
+            for (i, (&a, &b)) in got.iter().zip(&src_vals).enumerate() {
+                assert_eq!(a.to_bits(), round_to(to, b).to_bits(), "{from:?}->{to:?} at {i}: {a} vs {b}");
+            }
+            assert_finite(&got, "converted");
+        }
+        let tokens = [3i32, 49, 0, 3];
+        let tb = up_i32(&g, &tokens);
+        let x = g.alloc("x", tokens.len() * hidden * 4).unwrap();
+        g.embed(from, src.all(), vocab, hidden, tb.all(), tokens.len(), x.all()).unwrap();
+        let got = read_f32(&g, &x, tokens.len() * hidden);
+        for (r, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            assert_eq!(&got[r * hidden..(r + 1) * hidden], &src_vals[t * hidden..(t + 1) * hidden], "{from:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn launch_wrappers_refuse_short_buffers() {
+    let Some(g) = gpu() else { return };
+    let w = g.alloc("w", 16 * 32 - 1).unwrap(); // one byte short of 16 rows x 128
+    let q = g.alloc("q", 128).unwrap();
+    let s = g.alloc("s", 4).unwrap();
+    let out = g.alloc("o", 16 * 4).unwrap();
+    let acts = TernaryActs { q: q.all(), scale: s.all(), qsum: s.all(), n_tok: 1 };
+    let err = g.ternary_add(w.all(), 16, 128, 1.0, &acts, out.all(), 16).unwrap_err();
+    assert!(err.to_string().contains("I2_S weights"), "{err}");
+    let err = g.ternary_add(w.all(), 16, 100, 1.0, &acts, out.all(), 16).unwrap_err();
+    assert!(err.to_string().contains("multiple of 128"), "{err}");
+}

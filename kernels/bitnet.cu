@@ -1,0 +1,858 @@
+// BitNet b1.58 CUDA kernels.
+//
+// Self-contained: no CUDA headers, so NVRTC compiles this file anywhere
+// (f16/bf16 conversions and tensor-core instructions are inline PTX).
+// Requires sm_80 or newer (mma.sync m16n8k32 int8, m16n8k16 bf16).
+//
+// Precision: the embedding and head weights, q and the KV cache are held in
+// the step precision T (f32, f16 or bf16); attention reads them in T. The
+// head multiplies T weights by the activation split into two T parts
+// (hi = T(x), lo = T(x - hi)) on tensor cores, so the activation keeps ~16
+// mantissa bits. Reductions, norms, softmax, relu^2, the residual stream,
+// the attention output and every accumulation are f32 (the norms' sums of
+// squares f64, as on the CPU). Ternary projections take int8 activations,
+// quantised per token exactly as the reference does (round half to even),
+// and accumulate in int32: exact.
+//
+// I2_S weights stay in the file's layout: a row of K weights is K/4 bytes in
+// blocks of 32 bytes / 128 weights; byte j of a block holds weights j, 32+j,
+// 64+j, 96+j in bits 7:6, 5:4, 3:2, 1:0 as codes 0,1,2 = -1,0,+1.
+
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef signed char i8;
+
+// ---------------------------------------------------------------------------
+// Element types
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    // Saturate instead of producing infinity: f16 activations never hold Inf.
+    f = fminf(fmaxf(f, -65504.0f), 65504.0f);
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
+
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+struct F32 {
+    typedef float T;
+    static __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
+    static __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
+    static __device__ __forceinline__ float round(float v) { return v; }
+};
+
+struct F16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const u16* p, size_t i) { return f16_to_f32(p[i]); }
+    static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_f16(v); }
+    static __device__ __forceinline__ float round(float v) { return f16_to_f32(f32_to_f16(v)); }
+};
+
+struct BF16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(const u16* p, size_t i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_bf16(v); }
+    static __device__ __forceinline__ float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+};
+
+// ---------------------------------------------------------------------------
+// Block reductions (blockDim.x a multiple of 32, at most 1024)
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_sum_f(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max_f(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ int warp_sum_i(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Each reduction uses its own shared slot array so consecutive calls need
+// only the barriers inside.
+__device__ double block_sum_d(double v, double* slots) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    double r = 0.0;
+    for (int i = 0; i < nw; i++) r += slots[i];  // fixed order: deterministic
+    __syncthreads();
+    return r;
+}
+__device__ float block_sum_f(float v, float* slots) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_f(v);
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    float r = 0.0f;
+    for (int i = 0; i < nw; i++) r += slots[i];
+    __syncthreads();
+    return r;
+}
+__device__ float block_max_f(float v, float* slots) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max_f(v);
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    float r = slots[0];
+    for (int i = 1; i < nw; i++) r = fmaxf(r, slots[i]);
+    __syncthreads();
+    return r;
+}
+__device__ int block_sum_i(int v, int* slots) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_i(v);
+    if (lane == 0) slots[warp] = v;
+    __syncthreads();
+    int r = 0;
+    for (int i = 0; i < nw; i++) r += slots[i];
+    __syncthreads();
+    return r;
+}
+
+// Error flags, read back by the host with the step's results.
+#define FLAG_NONFINITE 1
+
+// ---------------------------------------------------------------------------
+// Precision conversion: out[i] = (To) in[i]
+
+template <class From, class To>
+__device__ void convert_impl(const typename From::T* in, typename To::T* out, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (; i < n; i += stride) To::store(out, i, From::load(in, i));
+}
+
+#define CONVERT(NAME, FROM, TO)                                                                        \
+    extern "C" __global__ void NAME(const FROM::T* in, TO::T* out, unsigned long long n) {            \
+        convert_impl<FROM, TO>(in, out, (size_t)n);                                                    \
+    }
+CONVERT(convert_f32_f32, F32, F32)
+CONVERT(convert_f32_f16, F32, F16)
+CONVERT(convert_f32_bf16, F32, BF16)
+CONVERT(convert_f16_f32, F16, F32)
+CONVERT(convert_f16_f16, F16, F16)
+CONVERT(convert_f16_bf16, F16, BF16)
+CONVERT(convert_bf16_f32, BF16, F32)
+CONVERT(convert_bf16_f16, BF16, F16)
+CONVERT(convert_bf16_bf16, BF16, BF16)
+
+// ---------------------------------------------------------------------------
+// Embedding gather: x[r, :] = emb[tokens[r], :] (f32 residual stream).
+// grid (rows), block any.
+
+template <class P>
+__device__ void embed_impl(const typename P::T* emb, const int* tokens, float* x, int hidden) {
+    int r = blockIdx.x;
+    size_t src = (size_t)tokens[r] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[(size_t)r * hidden + i] = P::load(emb, src + i);
+}
+
+#define EMBED(NAME, P)                                                                                 \
+    extern "C" __global__ void NAME(const P::T* emb, const int* tokens, float* x, int hidden) {       \
+        embed_impl<P>(emb, tokens, x, hidden);                                                         \
+    }
+EMBED(embed_f32, F32)
+EMBED(embed_f16, F16)
+EMBED(embed_bf16, BF16)
+
+// ---------------------------------------------------------------------------
+// RMSNorm, then per-token int8 quantisation (BitLinear's input).
+//
+// v = (x * inv) * w with inv = 1 / sqrt(mean(x^2) + eps) in f64, as the CPU;
+// s = (1 / max(max|v|, 1e-5)) * 127; q = clamp(rint(v * s), -128, 127).
+// Writes q [rows, width], scale[r] = s and qsum[r] = sum q (the I2_S code
+// offset: codes are t + 1). Input f32 in every precision: the values go
+// straight to int8, and rounding them to f16/bf16 first would only move
+// int8 rounding boundaries. grid (rows), block 256.
+
+// Rows up to 256 * RQ_CACHE values are held in registers (one read of x);
+// longer rows are read three times.
+#define RQ_CACHE 32
+
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float* x, const float* w, float eps,
+                                                                    int width, i8* q, float* scale, int* qsum,
+                                                                    int* flags) {
+    __shared__ double dslots[32];
+    __shared__ float fslots[32];
+    __shared__ int islots[32];
+    int r = blockIdx.x;
+    size_t base = (size_t)r * width;
+    bool cached = width <= (int)blockDim.x * RQ_CACHE;
+    float xv[RQ_CACHE];
+    double ss = 0.0;
+    if (cached) {
+#pragma unroll
+        for (int j = 0; j < RQ_CACHE; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            xv[j] = i < width ? x[base + i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < RQ_CACHE; j++) ss += (double)xv[j] * (double)xv[j];
+    } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            double v = (double)x[base + i];
+            ss += v * v;
+        }
+    }
+    ss = block_sum_d(ss, dslots);
+    double inv = 1.0 / sqrt(ss / (double)width + (double)eps);
+    float amax = 0.0f;
+    bool finite = true;
+    if (cached) {
+#pragma unroll
+        for (int j = 0; j < RQ_CACHE; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            if (i < width) {
+                xv[j] = __fmul_rn((float)((double)xv[j] * inv), w[i]);
+                finite = finite && isfinite(xv[j]);
+                amax = fmaxf(amax, fabsf(xv[j]));
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
+            finite = finite && isfinite(v);
+            amax = fmaxf(amax, fabsf(v));
+        }
+    }
+    amax = block_max_f(finite ? amax : __int_as_float(0x7f800000), fslots);
+    if (!isfinite(amax)) {
+        if (threadIdx.x == 0) atomicOr(flags, FLAG_NONFINITE);
+        amax = 1.0f;
+    }
+    float s = __fmul_rn(__fdiv_rn(1.0f, fmaxf(amax, 1e-5f)), 127.0f);
+    int sum = 0;
+    if (cached) {
+#pragma unroll
+        for (int j = 0; j < RQ_CACHE; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            if (i < width) {
+                int qi = (int)fminf(fmaxf(rintf(__fmul_rn(xv[j], s)), -128.0f), 127.0f);
+                q[base + i] = (i8)qi;
+                sum += qi;
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < width; i += blockDim.x) {
+            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
+            int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, s)), -128.0f), 127.0f);
+            q[base + i] = (i8)qi;
+            sum += qi;
+        }
+    }
+    sum = block_sum_i(sum, islots);
+    if (threadIdx.x == 0) {
+        scale[r] = s;
+        qsum[r] = sum;
+    }
+}
+
+// Final norm before the head: v = rmsnorm(x[rows[e], :]) in f32, written as
+// hi[e, :] = T(v) and, for f16/bf16, lo[e, :] = T(v - hi) at out + entries *
+// width (the head adds both products). grid (entries), block 256.
+template <class P>
+__device__ void final_norm_impl(const float* x, const int* rows, int entries, const float* w, float eps, int width,
+                                typename P::T* out, bool split) {
+    __shared__ double dslots[32];
+    int e = blockIdx.x;
+    size_t base = (size_t)rows[e] * width;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        double v = (double)x[base + i];
+        ss += v * v;
+    }
+    ss = block_sum_d(ss, dslots);
+    double inv = 1.0 / sqrt(ss / (double)width + (double)eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = (float)((double)x[base + i] * inv) * w[i];
+        P::store(out, (size_t)e * width + i, v);
+        if (split) P::store(out, ((size_t)entries + e) * width + i, v - P::round(v));
+    }
+}
+
+#define FINAL_NORM(NAME, P, SPLIT)                                                                     \
+    extern "C" __global__ void NAME(const float* x, const int* rows, int entries, const float* w, float eps, \
+                                    int width, P::T* out) {                                            \
+        final_norm_impl<P>(x, rows, entries, w, eps, width, out, SPLIT);                               \
+    }
+FINAL_NORM(final_norm_f32, F32, false)
+FINAL_NORM(final_norm_f16, F16, true)
+FINAL_NORM(final_norm_bf16, BF16, true)
+
+// ---------------------------------------------------------------------------
+// Ternary (I2_S) x int8 matrix product on tensor cores (mma m16n8k32 s8).
+//
+// out[t, n] = (sum_k code[n, k] * q[t, k] - qsum[t]) * (w_scale(n) / s[t])
+//
+// A = weight codes (16 rows per warp), B = activations (8 tokens per mma).
+// The k order inside one mma is permuted identically for A and B (the dot
+// product does not care): lane (g, t) takes bytes 8t..8t+7 of a 32-byte
+// block row, i.e. weights {8t..8t+3} and {8t+4..8t+7} at one 2-bit shift, and
+// the activations at the same positions. Shift 6-2c selects sub-block c.
+//
+// CTA: 8 warps = TILES row tiles of 16 x KSPLIT warps splitting K (modes 0
+// and 1: 1 x 8; gate/up: 2 x 4); the partial sums are added in shared memory
+// in a fixed order (deterministic). Each warp loads the weights of up to
+// MM_PREFETCH blocks before multiplying, so many loads are in flight.
+// grid (ceil(rows / (16 * TILES)) or rows / 16 for gate/up, ceil(tokens / 32)).
+//
+// Modes: 0 store f32, 1 add into f32 (the residual stream),
+//        2 gate/up: tile 0 = gate rows, tile 1 = up rows (same indices);
+//          out = relu(gate)^2 * up in f32 (never overflows).
+// Products use __fmul_rn so no FMA contraction changes their rounding: the
+// results equal the CPU's bit for bit.
+
+#define MM_WARPS 8
+#define MM_TOKENS 32
+#define MM_PREFETCH 4
+
+__device__ __forceinline__ void mma_s8(int* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                       unsigned b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int MODE, int TILES, int KSPLIT>
+__device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
+                                float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                float* __restrict__ out, int ld_out) {
+    __shared__ int red[MM_WARPS][16 * MM_TOKENS];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int tile = warp / KSPLIT, kpart = warp % KSPLIT;
+    int row_base = MODE == 2 ? blockIdx.x * 16 : (blockIdx.x * TILES + tile) * 16;
+    const u8* w = (MODE == 2 && tile == 1) ? w1 : w0;
+    int tok_base = blockIdx.y * MM_TOKENS;
+    int ntiles = min(MM_TOKENS / 8, (n_tok - tok_base + 7) / 8);
+    int acc[MM_TOKENS / 8][4];
+#pragma unroll
+    for (int i = 0; i < MM_TOKENS / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
+
+    int nblk = k >> 7;
+    size_t row_bytes = (size_t)(k >> 2);
+    int r0 = row_base + g, r1 = row_base + g + 8;
+    bool v0 = r0 < n_rows, v1 = r1 < n_rows;
+    const u8* p0 = w + (size_t)(v0 ? r0 : 0) * row_bytes + 8 * t;
+    const u8* p1 = w + (size_t)(v1 ? r1 : 0) * row_bytes + 8 * t;
+    // Activation pointers of this lane's token in each token tile.
+    const i8* pa[MM_TOKENS / 8];
+    bool va[MM_TOKENS / 8];
+#pragma unroll
+    for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+        int tok = tok_base + nt * 8 + g;
+        va[nt] = tok < n_tok;
+        pa[nt] = act + (size_t)(va[nt] ? tok : 0) * k + 8 * t;
+    }
+
+    // This warp's blocks: kpart, kpart + KSPLIT, ...
+    for (int b0 = kpart; b0 < nblk; b0 += KSPLIT * MM_PREFETCH) {
+        uint2 wa[MM_PREFETCH], wb[MM_PREFETCH];
+#pragma unroll
+        for (int i = 0; i < MM_PREFETCH; i++) {
+            int b = b0 + i * KSPLIT;
+            bool in = b < nblk;
+            wa[i] = (in && v0) ? __ldg((const uint2*)(p0 + (size_t)b * 32)) : make_uint2(0u, 0u);
+            wb[i] = (in && v1) ? __ldg((const uint2*)(p1 + (size_t)b * 32)) : make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < MM_PREFETCH; i++) {
+            int b = b0 + i * KSPLIT;
+            if (b >= nblk) break;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int shift = 6 - 2 * c;
+                unsigned a0 = (wa[i].x >> shift) & 0x03030303u;
+                unsigned a1 = (wb[i].x >> shift) & 0x03030303u;
+                unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
+                unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
+#pragma unroll
+                for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+                    if (nt < ntiles) {
+                        uint2 bv = va[nt] ? __ldg((const uint2*)(pa[nt] + (size_t)b * 128 + 32 * c)) : make_uint2(0u, 0u);
+                        mma_s8(acc[nt], a0, a1, a2, a3, bv.x, bv.y);
+                    }
+                }
+            }
+        }
+    }
+
+    // Partial sums to shared memory: red[warp][token * 16 + row].
+#pragma unroll
+    for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+        int tl = nt * 8 + 2 * t;
+        red[warp][tl * 16 + g] = acc[nt][0];
+        red[warp][(tl + 1) * 16 + g] = acc[nt][1];
+        red[warp][tl * 16 + g + 8] = acc[nt][2];
+        red[warp][(tl + 1) * 16 + g + 8] = acc[nt][3];
+    }
+    __syncthreads();
+
+    if (MODE == 2) {
+        int row_cta = blockIdx.x * 16;
+        for (int idx = threadIdx.x; idx < 16 * MM_TOKENS; idx += blockDim.x) {
+            int rl = idx & 15, tl = idx >> 4;
+            int row = row_cta + rl, tok = tok_base + tl;
+            if (row >= n_rows || tok >= n_tok) continue;
+            int ga = 0, ua = 0;
+#pragma unroll
+            for (int kp = 0; kp < KSPLIT; kp++) {
+                ga += red[kp][tl * 16 + rl];
+                ua += red[KSPLIT + kp][tl * 16 + rl];
+            }
+            float s = act_scale[tok];
+            int qs = act_sum[tok];
+            float gv = __fmul_rn((float)(ga - qs), __fdiv_rn(s0, s));
+            float uv = __fmul_rn((float)(ua - qs), __fdiv_rn(s1, s));
+            float rr = fmaxf(gv, 0.0f);
+            out[(size_t)tok * ld_out + row] = __fmul_rn(__fmul_rn(rr, rr), uv);
+        }
+    } else {
+        int row_cta = blockIdx.x * TILES * 16;
+        for (int idx = threadIdx.x; idx < TILES * 16 * MM_TOKENS; idx += blockDim.x) {
+            int rl = idx % (TILES * 16), tl = idx / (TILES * 16);
+            int tile_l = rl >> 4, rr = rl & 15;
+            int row = row_cta + rl, tok = tok_base + tl;
+            if (row >= n_rows || tok >= n_tok) continue;
+            int a = 0;
+#pragma unroll
+            for (int kp = 0; kp < KSPLIT; kp++) a += red[tile_l * KSPLIT + kp][tl * 16 + rr];
+            float ws = row < seg1 ? s0 : (row < seg2 ? s1 : s2);
+            float y = __fmul_rn((float)(a - act_sum[tok]), __fdiv_rn(ws, act_scale[tok]));
+            size_t o = (size_t)tok * ld_out + row;
+            if (MODE == 0)
+                out[o] = y;
+            else
+                out[o] = __fadd_rn(out[o], y);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) ternary_mm_store(const u8* w0, int n_rows, int k, float s0, float s1,
+                                                                   float s2, int seg1, int seg2, const i8* act,
+                                                                   const float* act_scale, const int* act_sum,
+                                                                   int n_tok, float* out, int ld_out) {
+    ternary_mm_impl<0, 1, 8>(w0, w0, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out);
+}
+
+extern "C" __global__ void __launch_bounds__(256) ternary_mm_add(const u8* w0, int n_rows, int k, float s0,
+                                                                 const i8* act, const float* act_scale,
+                                                                 const int* act_sum, int n_tok, float* out,
+                                                                 int ld_out) {
+    ternary_mm_impl<1, 1, 8>(w0, w0, n_rows, k, s0, s0, s0, n_rows, n_rows, act, act_scale, act_sum, n_tok, out,
+                             ld_out);
+}
+
+extern "C" __global__ void __launch_bounds__(256) ternary_mm_gate_up(const u8* gate, const u8* up, int n_rows, int k,
+                                                                     float s_gate, float s_up, const i8* act,
+                                                                     const float* act_scale, const int* act_sum,
+                                                                     int n_tok, float* out, int ld_out) {
+    ternary_mm_impl<2, 2, 4>(gate, up, n_rows, k, s_gate, s_up, s_up, n_rows, n_rows, act, act_scale, act_sum, n_tok,
+                             out, ld_out);
+}
+
+// ---------------------------------------------------------------------------
+// RoPE (NEOX pairing i, i + head_dim/2) on q and k, and the KV-cache write.
+//
+// qkv [rows, hidden + 2 kv_dim] f32 (q | k | v); cos/sin [max_pos, head_dim/2]
+// f32 tables (angles rounded once from f64, as on the CPU). Row r sits at
+// position pos[r] of the sequence whose cache slots start at base[r].
+// q_out [rows, hidden] f32; kc/vc [slots, kv_dim] in T (one layer).
+// grid (rows), block 128.
+
+template <class P>
+__device__ void rope_kv_impl(const float* qkv, const float* cos_t, const float* sin_t, const int* pos,
+                             const int* base, float* q_out, typename P::T* kc, typename P::T* vc,
+                             int n_heads, int n_kv_heads, int head_dim) {
+    int r = blockIdx.x;
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
+    size_t in = (size_t)r * (hidden + 2 * kv_dim);
+    const float* cs = cos_t + (size_t)pos[r] * half;
+    const float* sn = sin_t + (size_t)pos[r] * half;
+    size_t slot = (size_t)(base[r] + pos[r]) * kv_dim;
+    for (int j = threadIdx.x; j < (n_heads + n_kv_heads) * half; j += blockDim.x) {
+        int head = j / half, i = j % half;
+        float c = cs[i], s = sn[i];
+        if (head < n_heads) {
+            size_t o = (size_t)head * head_dim + i;
+            float x0 = qkv[in + o], x1 = qkv[in + o + half];
+            q_out[(size_t)r * hidden + o] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+            q_out[(size_t)r * hidden + o + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+        } else {
+            size_t o = (size_t)(head - n_heads) * head_dim + i;
+            float x0 = qkv[in + hidden + o], x1 = qkv[in + hidden + o + half];
+            P::store(kc, slot + o, __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
+            P::store(kc, slot + o + half, __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+        }
+    }
+    for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) P::store(vc, slot + j, qkv[in + hidden + kv_dim + j]);
+}
+
+#define ROPE_KV(NAME, P)                                                                               \
+    extern "C" __global__ void NAME(const float* qkv, const float* cos_t, const float* sin_t, const int* pos, \
+                                    const int* base, float* q_out, P::T* kc, P::T* vc, int n_heads,    \
+                                    int n_kv_heads, int head_dim) {                                    \
+        rope_kv_impl<P>(qkv, cos_t, sin_t, pos, base, q_out, kc, vc, n_heads, n_kv_heads, head_dim);   \
+    }
+ROPE_KV(rope_kv_f32, F32)
+ROPE_KV(rope_kv_f16, F16)
+ROPE_KV(rope_kv_bf16, BF16)
+
+// ---------------------------------------------------------------------------
+// Causal GQA attention over the KV cache, for decode and prefill rows alike:
+// row r (position pos[r]) attends to cache slots base[r] .. base[r] + pos[r].
+//
+// Split over positions (flash-decoding): CTA (r, head, s) takes the chunks
+// s, s + S, s + 2S, ... of ATT_CHUNK positions, keeps a running maximum m and
+// sum l of exp(score - m) and the unnormalised output, and writes them to
+// part / ml; attention_combine merges the S parts. Scores q.k * scale, the
+// softmax and the outputs are f32; q is f32, the cache is read in T.
+// grid (rows, n_heads, S), block 128; head_dim <= 256.
+
+#define ATT_CHUNK 32
+#define ATT_WARPS 4
+#define ATT_MAX_HD 256
+
+#define ATT_PER_WARP (ATT_CHUNK / ATT_WARPS)
+#define ATT_LANES (ATT_MAX_HD / 32)
+
+template <class P>
+__device__ void attention_partial_impl(const float* __restrict__ q, const typename P::T* __restrict__ kc,
+                                       const typename P::T* __restrict__ vc, const int* pos, const int* base,
+                                       float* part, float* ml, int n_heads, int n_kv_heads, int head_dim,
+                                       float scale) {
+    __shared__ float sc[ATT_CHUNK];
+    __shared__ float red[ATT_WARPS][ATT_MAX_HD];
+    int r = blockIdx.x, head = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    int kvh = head / (n_heads / n_kv_heads);
+    int visible = pos[r] + 1;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // This lane's dimensions: lane, lane + 32, ...
+    float qv[ATT_LANES];
+#pragma unroll
+    for (int j = 0; j < ATT_LANES; j++) {
+        int d = lane + 32 * j;
+        qv[j] = d < head_dim ? q[(size_t)r * hidden + head * head_dim + d] : 0.0f;
+    }
+    size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
+    float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
+    float acc[ATT_LANES];
+#pragma unroll
+    for (int j = 0; j < ATT_LANES; j++) acc[j] = 0.0f;
+    for (int c0 = s * ATT_CHUNK; c0 < visible; c0 += S * ATT_CHUNK) {
+        int cnt = min(ATT_CHUNK, visible - c0);
+        // Scores: warp w takes positions w, w + ATT_WARPS, ...; every load
+        // of the warp's positions is issued before the first reduction.
+        float kv[ATT_PER_WARP][ATT_LANES];
+#pragma unroll
+        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
+            int i = warp + ii * ATT_WARPS;
+            const typename P::T* kp = kc + first + (size_t)(c0 + i) * kv_dim;
+#pragma unroll
+            for (int j = 0; j < ATT_LANES; j++) {
+                int d = lane + 32 * j;
+                kv[ii][j] = (i < cnt && d < head_dim) ? P::load(kp, d) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < ATT_LANES; j++) dot += qv[j] * kv[ii][j];
+            dot = warp_sum_f(dot);
+            int i = warp + ii * ATT_WARPS;
+            if (lane == 0 && i < cnt) sc[i] = dot * scale;
+        }
+        __syncthreads();
+        float cm = -__int_as_float(0x7f800000);
+        for (int i = 0; i < cnt; i++) cm = fmaxf(cm, sc[i]);
+        float m_new = fmaxf(m_run, cm);
+        float factor = expf(m_run - m_new);  // 0 on the first chunk (m_run = -inf)
+        float csum = 0.0f;
+        for (int i = 0; i < cnt; i++) csum += expf(sc[i] - m_new);
+        l_run = l_run * factor + csum;
+#pragma unroll
+        for (int j = 0; j < ATT_LANES; j++) acc[j] *= factor;
+#pragma unroll
+        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
+            int i = warp + ii * ATT_WARPS;
+            const typename P::T* vp = vc + first + (size_t)(c0 + i) * kv_dim;
+#pragma unroll
+            for (int j = 0; j < ATT_LANES; j++) {
+                int d = lane + 32 * j;
+                kv[ii][j] = (i < cnt && d < head_dim) ? P::load(vp, d) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
+            int i = warp + ii * ATT_WARPS;
+            float e = i < cnt ? expf(sc[i] - m_new) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < ATT_LANES; j++) acc[j] += e * kv[ii][j];
+        }
+        m_run = m_new;
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < ATT_LANES; j++) {
+        int d = lane + 32 * j;
+        if (d < head_dim) red[warp][d] = acc[j];
+    }
+    __syncthreads();
+    size_t slot = ((size_t)r * n_heads + head) * S + s;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) o += red[w][d];
+        part[slot * head_dim + d] = o;
+    }
+    if (threadIdx.x == 0) {
+        ml[2 * slot] = m_run;
+        ml[2 * slot + 1] = l_run;
+    }
+}
+
+#define ATTENTION(NAME, P)                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const float* q, const P::T* kc, const P::T* vc, \
+                                                           const int* pos, const int* base, float* part, float* ml, \
+                                                           int n_heads, int n_kv_heads, int head_dim, float scale) { \
+        attention_partial_impl<P>(q, kc, vc, pos, base, part, ml, n_heads, n_kv_heads, head_dim, scale);           \
+    }
+ATTENTION(attention_f32, F32)
+ATTENTION(attention_f16, F16)
+ATTENTION(attention_bf16, BF16)
+
+// out[r, head, :] = sum_s part_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
+// (f32). A non-finite result raises FLAG_NONFINITE. grid (rows, n_heads), block 128.
+extern "C" __global__ void attention_combine(const float* part, const float* ml, int n_heads, int head_dim, int S,
+                                             float* out, int* flags) {
+    int r = blockIdx.x, head = blockIdx.y;
+    size_t slot0 = ((size_t)r * n_heads + head) * S;
+    float M = -__int_as_float(0x7f800000);
+    for (int s = 0; s < S; s++) M = fmaxf(M, ml[2 * (slot0 + s)]);
+    float L = 0.0f;
+    for (int s = 0; s < S; s++) L += ml[2 * (slot0 + s) + 1] * expf(ml[2 * (slot0 + s)] - M);
+    float inv = 1.0f / L;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < S; s++) {
+            float m = ml[2 * (slot0 + s)];
+            if (m > -__int_as_float(0x7f800000)) o += part[(slot0 + s) * head_dim + d] * expf(m - M);
+        }
+        o *= inv;
+        if (!isfinite(o)) atomicOr(flags, FLAG_NONFINITE);
+        out[((size_t)r * n_heads + head) * head_dim + d] = o;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Output head: logits[e, v] = sum_k W[v, k] * x[e, k], f32 accumulation.
+
+// f16 / bf16 on tensor cores (mma m16n8k16). Each warp owns 16 vocabulary
+// rows and HEAD_TOKENS tokens; the k order inside an mma is permuted as in
+// the ternary kernel (lane t takes elements 4t..4t+3 of each 16-chunk).
+// grid (ceil(vocab / (16 * 4)), ceil(n / HEAD_TOKENS)), block 128.
+#define HEAD_TOKENS 64
+#define HEAD_PREFETCH 8
+
+__device__ __forceinline__ void mma_f16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                        unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x holds the hi parts [n, hidden] followed by the lo parts [n, hidden].
+template <bool BF>
+__device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, const u16* __restrict__ x, int n,
+                              float* __restrict__ logits) {
+    size_t lo_off = (size_t)n * hidden;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int row_base = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (row_base >= vocab) return;
+    int tok_base = blockIdx.y * HEAD_TOKENS;
+    int ntiles = min(HEAD_TOKENS / 8, (n - tok_base + 7) / 8);
+    float acc[HEAD_TOKENS / 8][4];
+#pragma unroll
+    for (int i = 0; i < HEAD_TOKENS / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    int r0 = row_base + g, r1 = row_base + g + 8;
+    bool v0 = r0 < vocab, v1 = r1 < vocab;
+    const u16* p0 = w + (size_t)(v0 ? r0 : 0) * hidden + 4 * t;
+    const u16* p1 = w + (size_t)(v1 ? r1 : 0) * hidden + 4 * t;
+    const u16* px[HEAD_TOKENS / 8];
+    bool vx[HEAD_TOKENS / 8];
+#pragma unroll
+    for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+        int tok = tok_base + nt * 8 + g;
+        vx[nt] = tok < n;
+        px[nt] = x + (size_t)(vx[nt] ? tok : 0) * hidden + 4 * t;
+    }
+    // hidden is a multiple of 16; weights of HEAD_PREFETCH chunks are loaded
+    // before any is used.
+    for (int kb = 0; kb < hidden; kb += 16 * HEAD_PREFETCH) {
+        uint2 wa[HEAD_PREFETCH], wb[HEAD_PREFETCH];
+#pragma unroll
+        for (int i = 0; i < HEAD_PREFETCH; i++) {
+            int k0 = kb + 16 * i;
+            bool in = k0 < hidden;
+            wa[i] = (in && v0) ? __ldg((const uint2*)(p0 + k0)) : make_uint2(0u, 0u);
+            wb[i] = (in && v1) ? __ldg((const uint2*)(p1 + k0)) : make_uint2(0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < HEAD_PREFETCH; i++) {
+            int k0 = kb + 16 * i;
+            if (k0 >= hidden) break;
+#pragma unroll
+            for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+                if (nt < ntiles) {
+                    uint2 bh = vx[nt] ? __ldg((const uint2*)(px[nt] + k0)) : make_uint2(0u, 0u);
+                    uint2 bl = vx[nt] ? __ldg((const uint2*)(px[nt] + lo_off + k0)) : make_uint2(0u, 0u);
+                    if (BF) {
+                        mma_bf16(acc[nt], wa[i].x, wb[i].x, wa[i].y, wb[i].y, bh.x, bh.y);
+                        mma_bf16(acc[nt], wa[i].x, wb[i].x, wa[i].y, wb[i].y, bl.x, bl.y);
+                    } else {
+                        mma_f16(acc[nt], wa[i].x, wb[i].x, wa[i].y, wb[i].y, bh.x, bh.y);
+                        mma_f16(acc[nt], wa[i].x, wb[i].x, wa[i].y, wb[i].y, bl.x, bl.y);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+        if (nt >= ntiles) continue;
+        int tok = tok_base + nt * 8 + 2 * t;
+        if (tok < n) {
+            if (v0) logits[(size_t)tok * vocab + r0] = acc[nt][0];
+            if (v1) logits[(size_t)tok * vocab + r1] = acc[nt][2];
+        }
+        if (tok + 1 < n) {
+            if (v0) logits[(size_t)(tok + 1) * vocab + r0] = acc[nt][1];
+            if (v1) logits[(size_t)(tok + 1) * vocab + r1] = acc[nt][3];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) head_f16(const u16* w, int vocab, int hidden, const u16* x, int n,
+                                                           float* logits) {
+    head_mma_impl<false>(w, vocab, hidden, x, n, logits);
+}
+extern "C" __global__ void __launch_bounds__(128) head_bf16(const u16* w, int vocab, int hidden, const u16* x, int n,
+                                                            float* logits) {
+    head_mma_impl<true>(w, vocab, hidden, x, n, logits);
+}
+
+// f32: one warp per vocabulary row, float4 loads, up to 8 tokens per pass.
+// grid (ceil(vocab / 8), ceil(n / 8)), block 256.
+extern "C" __global__ void __launch_bounds__(256) head_f32(const float* __restrict__ w, int vocab, int hidden,
+                                                           const float* __restrict__ x, int n,
+                                                           float* __restrict__ logits) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int row = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (row >= vocab) return;
+    int tok_base = blockIdx.y * 8;
+    int nt = min(8, n - tok_base);
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
+    const float4* wr = (const float4*)(w + (size_t)row * hidden);
+    for (int k4 = lane; k4 < hidden / 4; k4 += 32) {
+        float4 a = __ldg(wr + k4);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            if (i < nt) {
+                float4 b = __ldg((const float4*)(x + (size_t)(tok_base + i) * hidden) + k4);
+                acc[i] += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float v = warp_sum_f(acc[i]);
+        if (lane == 0 && i < nt) logits[(size_t)(tok_base + i) * vocab + row] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Greedy sampling on the device: out[e] = the first index of the maximum of
+// logits[e, :]; a NaN or infinite logit raises FLAG_NONFINITE.
+// grid (entries), block 1024.
+extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logits, int vocab, int* out,
+                                                               int* flags) {
+    __shared__ float vs[32];
+    __shared__ int is[32];
+    int e = blockIdx.x;
+    const float* l = logits + (size_t)e * vocab;
+    float best = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    bool finite = true;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = l[i];
+        finite = finite && isfinite(v);
+        if (v > best) {
+            best = v;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        vs[warp] = best;
+        is[warp] = bi;
+    }
+    if (!finite) atomicOr(flags, FLAG_NONFINITE);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float b = vs[0];
+        int i0 = is[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            if (vs[w] > b || (vs[w] == b && is[w] < i0)) {
+                b = vs[w];
+                i0 = is[w];
+            }
+        }
+        out[e] = i0 == 0x7fffffff ? 0 : i0;
+    }
+}

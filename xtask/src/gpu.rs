@@ -1,0 +1,290 @@
+//! GPU work: `cargo xtask gpu-smoke` (build here, bundle, run there) and
+//! `cargo xtask bench --device gpu` (decode throughput per precision and
+//! batch size, memory, bandwidth floor).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bitnet_device::{GpuProbe, Precision};
+use bitnet_inference::{Backend, CudaBackend, CudaBackendConfig, StepInput};
+use bitnet_models::BitNetModel;
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct GpuSmokeArgs {
+    /// Bundle folder (git-ignored; name it in the device call's `carry`).
+    #[arg(long, default_value = "target/gpu-bundle")]
+    bundle: PathBuf,
+}
+
+/// The script the bundle runs on the GPU machine.
+const RUN_SH: &str = include_str!("gpu_run.sh");
+
+/// Builds the CLI, xtask and the GPU test binaries in release mode, copies
+/// them (stripped) into the bundle with `run.sh`, and prints the command.
+pub fn smoke(args: GpuSmokeArgs) -> anyhow::Result<()> {
+    let bin = args.bundle.join("bin");
+    if args.bundle.exists() {
+        std::fs::remove_dir_all(&args.bundle)?;
+    }
+    std::fs::create_dir_all(&bin)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args(["build", "--release", "--locked", "-p", "bitnet-server", "--bin", "bitnet", "-p", "xtask"])
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo build failed");
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
+    for name in ["bitnet", "xtask"] {
+        copy_stripped(&target.join("release").join(name), &bin.join(name))?;
+    }
+    // Test binaries: ask cargo for their paths.
+    let tests: [(&str, &str, &str); 4] = [
+        ("bitnet-kernels", "--test", "cuda"),
+        ("bitnet-kernels", "--lib", ""),
+        ("bitnet-inference", "--test", "cuda_backend"),
+        ("bitnet-device", "--lib", ""),
+    ];
+    for (package, kind, name) in tests {
+        let mut cmd = std::process::Command::new(&cargo);
+        cmd.args(["test", "--release", "--locked", "--no-run", "--message-format=json", "-p", package]);
+        if package != "bitnet-device" {
+            cmd.args(["--features", "cuda"]);
+        }
+        cmd.arg(kind);
+        if !name.is_empty() {
+            cmd.arg(name);
+        }
+        let out = cmd.stderr(std::process::Stdio::inherit()).output()?;
+        anyhow::ensure!(out.status.success(), "cargo test --no-run -p {package} {kind} {name} failed");
+        let mut found = false;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+                continue;
+            }
+            if msg["target"]["name"] != if name.is_empty() { package.replace('-', "_") } else { name.into() } {
+                continue;
+            }
+            if let Some(exe) = msg["executable"].as_str() {
+                let label =
+                    if name.is_empty() { format!("test-{package}-lib") } else { format!("test-{package}-{name}") };
+                copy_stripped(Path::new(exe), &bin.join(label))?;
+                found = true;
+            }
+        }
+        anyhow::ensure!(found, "no test executable for {package} {kind} {name}");
+    }
+    std::fs::write(args.bundle.join("run.sh"), RUN_SH)?;
+    let size: u64 = std::fs::read_dir(&bin)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    println!("bundle: {} ({:.1} MiB)", args.bundle.display(), size as f64 / (1 << 20) as f64);
+    println!("device command (carry [\"{}\"]):", args.bundle.display());
+    println!("  bash {}/run.sh smoke   # GPU tests + generation on tiny/2b4t in fp32/fp16/bf16", args.bundle.display());
+    println!("  bash {}/run.sh bench   # cargo xtask bench --device gpu + HF transformers bf16", args.bundle.display());
+    println!("  bash {}/run.sh crossval  # GPU crossval scenarios + HF bf16 comparison", args.bundle.display());
+    Ok(())
+}
+
+fn copy_stripped(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    // Debug info is most of a test binary; strip it when `strip` exists.
+    let _ = std::process::Command::new("strip").arg(to).status();
+    Ok(())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GpuBenchArgs {
+    /// Batch sizes (sequences decoding together).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,128")]
+    pub batches: Vec<usize>,
+    /// Precisions to run.
+    #[arg(long, value_delimiter = ',', default_value = "fp32,fp16,bf16")]
+    pub precisions: Vec<String>,
+    /// Disable CUDA graphs (for an A/B comparison).
+    #[arg(long)]
+    pub no_graphs: bool,
+}
+
+fn parse_precision(s: &str) -> anyhow::Result<Precision> {
+    Ok(match s {
+        "fp32" => Precision::Fp32,
+        "fp16" => Precision::Fp16,
+        "bf16" => Precision::Bf16,
+        other => anyhow::bail!("unknown precision {other:?} (fp32, fp16, bf16)"),
+    })
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second), the
+/// best of 20 copies of 1 GiB timed with CUDA events.
+fn copy_bandwidth(gpu: &bitnet_kernels::cuda::GpuContext) -> anyhow::Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let a = gpu.alloc("bandwidth src", BYTES)?;
+    let b = gpu.alloc("bandwidth dst", BYTES)?;
+    gpu.copy(b.all(), a.all())?;
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let ms = gpu.time_ms(|| gpu.copy(b.all(), a.all()))?;
+        best = best.min(f64::from(ms));
+    }
+    Ok(2.0 * BYTES as f64 / (best / 1e3))
+}
+
+/// `cargo xtask bench --device gpu`.
+pub fn bench(
+    model_path: &Path,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    args: &GpuBenchArgs,
+    json_out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let gpus = match bitnet_device::probe_gpus() {
+        GpuProbe::Devices { gpus, .. } if !gpus.is_empty() => gpus,
+        other => anyhow::bail!("bench --device gpu needs a CUDA GPU: {other:?}"),
+    };
+    let (model, _) = BitNetModel::load(model_path).with_context(|| format!("loading {}", model_path.display()))?;
+    let model = Arc::new(model);
+    let c = model.config.clone();
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let positions = prompt_tokens + gen_tokens;
+    anyhow::ensure!(positions <= c.max_position_embeddings, "prompt + generation exceed the context");
+    let ternary: usize = model.layers.iter().flat_map(|l| l.projections()).map(|m| m.codes().len()).sum();
+    let mut rows = Vec::new();
+    let mut bandwidth = None;
+    for p in &args.precisions {
+        let precision = parse_precision(p)?;
+        let config = CudaBackendConfig {
+            precision,
+            kv_slots: max_batch * positions,
+            max_step_tokens: 1024,
+            max_step_entries: max_batch.max(1),
+            cuda_graphs: !args.no_graphs,
+            ..Default::default()
+        };
+        // Free memory before and after creating the backend. A small probe
+        // backend holds the context meanwhile, so the context's own memory
+        // is not counted.
+        let probe = CudaBackend::new(
+            model.clone(),
+            &CudaBackendConfig { kv_slots: 1, max_step_tokens: 1, max_step_entries: 1, ..config.clone() },
+        )?;
+        if bandwidth.is_none() {
+            bandwidth = Some(copy_bandwidth(probe.gpu())?);
+        }
+        let (free_before, total) = probe.gpu().mem_info()?;
+        let setup = Instant::now();
+        let mut backend = CudaBackend::new(model.clone(), &config)?;
+        let setup_s = setup.elapsed().as_secs_f64();
+        let (free_after, _) = backend.gpu().mem_info()?;
+        let used = free_before.saturating_sub(free_after);
+        eprintln!(
+            "bench gpu {p}: {:?}, free memory fell by {:.3} GB (of {:.1} GB)",
+            backend.memory(),
+            used as f64 / 1e9,
+            total as f64 / 1e9
+        );
+        for &batch in &args.batches {
+            let prompts: Vec<Vec<u32>> = (0..batch)
+                .map(|b| (0..prompt_tokens).map(|i| ((i * 7919 + b * 104_729 + 13) % c.vocab_size) as u32).collect())
+                .collect();
+            for b in 0..batch {
+                backend.add_sequence(b as u64, positions)?;
+            }
+            let start = Instant::now();
+            let inputs: Vec<StepInput> =
+                prompts.iter().enumerate().map(|(b, p)| StepInput { seq: b as u64, tokens: p }).collect();
+            let mut next = backend.step_greedy(&inputs)?;
+            let prefill_s = start.elapsed().as_secs_f64();
+            // Decode: the first step of each batch size captures its graph;
+            // warm up with it, then time the rest.
+            let step = |backend: &mut CudaBackend, next: &mut Vec<u32>| -> anyhow::Result<()> {
+                let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+                let inputs: Vec<StepInput> =
+                    toks.iter().enumerate().map(|(b, t)| StepInput { seq: b as u64, tokens: t }).collect();
+                *next = backend.step_greedy(&inputs)?;
+                Ok(())
+            };
+            step(&mut backend, &mut next)?;
+            step(&mut backend, &mut next)?;
+            let timed = gen_tokens.saturating_sub(3).max(1);
+            let start = Instant::now();
+            for _ in 0..timed {
+                step(&mut backend, &mut next)?;
+            }
+            let decode_s = start.elapsed().as_secs_f64();
+            // One more step, eager and timed kernel by kernel.
+            let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let inputs: Vec<StepInput> =
+                toks.iter().enumerate().map(|(b, t)| StepInput { seq: b as u64, tokens: t }).collect();
+            let profile = backend.profile_step(&inputs)?;
+            let kernel_ms: f64 = profile.iter().map(|p| p.1).sum();
+            let top: Vec<String> = profile.iter().take(6).map(|(n, ms, k)| format!("{n} {ms:.3} ms/{k}")).collect();
+            eprintln!("    kernels (eager step, {kernel_ms:.3} ms): {}", top.join(", "));
+            for b in 0..batch {
+                backend.remove_sequence(b as u64);
+            }
+            let _ = &probe;
+            let step_ms = decode_s * 1e3 / timed as f64;
+            let tok_s = (batch * timed) as f64 / decode_s;
+            let head_bytes = c.vocab_size
+                * c.hidden_size
+                * match precision {
+                    Precision::Fp32 => 4,
+                    _ => 2,
+                };
+            let elem = if precision == Precision::Fp32 { 4 } else { 2 };
+            // KV read by one decode step: every sequence's cache at the mean position.
+            let kv_read = batch * (prompt_tokens + gen_tokens / 2) * 2 * c.n_layers * c.kv_dim() * elem;
+            let bytes = ternary + head_bytes + kv_read;
+            let bw = bandwidth.unwrap_or(f64::NAN);
+            let floor_ms = bytes as f64 / bw * 1e3;
+            eprintln!("  batch {batch:>3}: prefill {:.0} tok/s, decode {tok_s:.1} tok/s ({step_ms:.3} ms/step, floor {floor_ms:.3} ms = {:.0}%)", (batch * prompt_tokens) as f64 / prefill_s, 100.0 * floor_ms / step_ms);
+            rows.push(json!({
+                "precision": p, "batch": batch, "prefill_tok_per_s": (batch * prompt_tokens) as f64 / prefill_s,
+                "decode_tok_per_s": tok_s, "ms_per_step": step_ms, "bytes_per_step": bytes,
+                "floor_ms_per_step": floor_ms, "fraction_of_floor": floor_ms / step_ms,
+                "gpu_memory_used_bytes": used, "allocated": {
+                    "weights": backend.memory().weights, "kv_cache": backend.memory().kv_cache, "workspace": backend.memory().workspace,
+                },
+                "kv_slots": config.kv_slots, "setup_seconds": setup_s, "cuda_graphs": !args.no_graphs,
+                "kernel_ms_eager_step": kernel_ms,
+                "kernels": profile.iter().map(|(n, ms, k)| json!({"kernel": n, "ms": ms, "launches": k})).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    let report = json!({
+        "model": model_path, "gpu": gpus[0].name, "compute_capability": gpus[0].compute_capability,
+        "host": bitnet_device::CpuInfo::probe().to_string(),
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "copy_bandwidth_gb_per_s": bandwidth.map(|b| b / 1e9),
+        "rows": rows,
+    });
+    println!(
+        "bench --device gpu: {} on {} (copy bandwidth {:.0} GB/s), prompt {prompt_tokens}, generate {gen_tokens}",
+        model_path.display(),
+        gpus[0].name,
+        bandwidth.unwrap_or(0.0) / 1e9
+    );
+    println!(
+        "| precision | batch | decode tok/s | ms/step | floor ms | % of floor | prefill tok/s | GPU memory (GB) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in report["rows"].as_array().into_iter().flatten() {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {:.1} | {:.3} | {:.3} | {:.0}% | {:.0} | {:.2} |",
+            r["precision"].as_str().unwrap_or(""),
+            r["batch"],
+            f("decode_tok_per_s"),
+            f("ms_per_step"),
+            f("floor_ms_per_step"),
+            100.0 * f("fraction_of_floor"),
+            f("prefill_tok_per_s"),
+            f("gpu_memory_used_bytes") / 1e9
+        );
+    }
+    if let Some(out) = json_out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root:
+#   bash target/gpu-bundle/run.sh smoke|bench|crossval|all
+# (made by `cargo xtask gpu-smoke`, which builds everything on the dev box).
+# Logs and JSON go to bundle/out; at the end they are packed into
+# $OUT/results.tar.gz (the device tool returns at most 8 files) with summary.md.
+set -uo pipefail
+B=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(pwd)
+RESULTS=${OUT:-}
+OUT=$B/out
+mkdir -p "$OUT" "$B/models"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export BITNET_MODELS_DIR=$ROOT/models
+export BITNET_PTX_CACHE=$B/ptx-cache
+export RUST_BACKTRACE=1
+MODE=${1:-smoke}
+SUMMARY=$OUT/summary.md
+echo "| step | result | seconds | note |" >"$SUMMARY"
+echo "|---|---|---:|---|" >>"$SUMMARY"
+FAILED=0
+
+# step NAME CMD...: runs CMD, logs to $OUT/NAME.log, one summary row. A GPU
+# test that prints SKIPPED on this machine counts as a failure.
+step() {
+    local name=$1
+    shift
+    local t0 rc note secs
+    t0=$(date +%s%N)
+    timeout --kill-after=5 "${STEP_TIMEOUT:-240}" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    secs=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+    note=$(grep -E "test result|tok/s\]|error" "$OUT/$name.log" | tail -1 | tr '|' '/' | cut -c1-120)
+    if [ $rc -eq 0 ] && grep -q "SKIPPED" "$OUT/$name.log"; then
+        rc=99
+        note="SKIPPED on a GPU machine: $(grep -m1 SKIPPED "$OUT/$name.log" | cut -c1-100)"
+    fi
+    if [ $rc -eq 0 ]; then r=PASS; else r="FAIL($rc)"; FAILED=1; fi
+    printf "| %s | %s | %s | %s |\n" "$name" "$r" "$secs" "$note" >>"$SUMMARY"
+    echo "== $name: $r ($secs s)"
+}
+
+smoke() {
+    nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+    step devices "$B/bin/bitnet" devices
+    for t in "$B"/bin/test-*; do
+        step "$(basename "$t")" "$t" --test-threads=1 --nocapture
+    done
+    step gen-tiny "$B/bin/xtask" gen-model --preset tiny --out "$B/models/tiny.gguf"
+    [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
+    for p in fp32 fp16 bf16; do
+        step "generate-trained-$p" bash -c "\"$B/bin/bitnet\" generate --prompt '221+696=' --max-tokens 8 --device gpu --precision $p | tee /dev/stderr | grep -qx '221+696=7190'"
+        step "generate-tiny-$p" "$B/bin/bitnet" generate --model "$B/models/tiny.gguf" --prompt "Hello" --max-tokens 32 --ignore-eos --device gpu --precision $p
+        step "generate-2b4t-$p" "$B/bin/bitnet" generate --model "$B/models/2b4t.gguf" --prompt "Hello" --max-tokens 64 --ignore-eos --device gpu --precision $p
+    done
+}
+
+bench() {
+    [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
+    step bench-gpu "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" --json "$OUT/bench-gpu.json"
+    if [ -z "${SKIP_HF:-}" ] && python3 -c "import torch, transformers" 2>/dev/null; then
+        [ -d "$B/models/2b4t-hf" ] || step gen-2b4t-hf "$B/bin/xtask" gen-model --preset 2b4t --format hf --out "$B/models/2b4t-hf"
+        step bench-hf "$(command -v python3)" "$ROOT/tools/hf_reference/hf_bench.py" --model "$B/models/2b4t-hf" --json "$OUT/bench-hf.json"
+    fi
+}
+
+crossval() {
+    step crossval-trained "$B/bin/xtask" crossval --model "$ROOT/models/bitnet-tiny-tasks/bitnet-tiny-tasks.gguf" \
+        --prompts "$ROOT/tests/data/crossval_prompts.txt" --external hf --hf-device cuda --json "$OUT/crossval-gpu-tiny-tasks.json"
+    step crossval-small "$B/bin/xtask" crossval --preset small --prompts "$ROOT/tests/data/crossval_prompts.txt" \
+        --scenarios gpu_fp32,gpu_fp16,gpu_bf16 --json "$OUT/crossval-gpu-small.json"
+}
+
+case "$MODE" in
+smoke) smoke ;;
+bench) bench ;;
+crossval) crossval ;;
+all) smoke; crossval; bench ;;
+*) echo "usage: run.sh smoke|bench|crossval|all" >&2; exit 2 ;;
+esac
+echo
+cat "$SUMMARY"
+if [ -n "$RESULTS" ]; then
+    cp "$SUMMARY" "$RESULTS/summary.md"
+    tar -czf "$RESULTS/results.tar.gz" -C "$OUT" .
+fi
+exit $FAILED
