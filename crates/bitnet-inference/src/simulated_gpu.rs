@@ -65,10 +65,11 @@ fn injected(fault: InjectedFault) -> BackendError {
 /// A backend (normally a `CpuBackend`) posing as a GPU at one precision.
 ///
 /// Creation reserves the weights and workspace of the memory plan through
-/// the injector, `add_sequence` the sequence's KV cache; a step makes one
-/// launch per layer and one for the head, and fails as a device error (with
-/// nothing advanced) when the injector fails any of them. The arithmetic is
-/// the inner backend's (f32 on the CPU), whatever `precision` says.
+/// the injector, `add_sequence` the sequence's KV cache. Creating it is one
+/// CUDA call (the context) and each step is one more (the step's kernels as
+/// one graph launch); a failed call fails as a device error, a step with
+/// nothing advanced. The arithmetic is the inner backend's (f32 on the
+/// CPU), whatever `precision` says.
 pub struct SimulatedGpuBackend {
     inner: Box<dyn Backend>,
     injector: Arc<FaultInjector>,
@@ -165,12 +166,9 @@ impl Backend for SimulatedGpuBackend {
     }
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
-        // Launches are checked before anything runs, so a failure leaves
+        // The launch is checked before anything runs, so a failure leaves
         // every sequence as it was (the Backend contract).
-        for layer in 0..self.inner.config().n_layers {
-            self.injector.on_launch(&format!("layer {layer}")).map_err(injected)?;
-        }
-        self.injector.on_launch("lm_head").map_err(injected)?;
+        self.injector.on_launch("forward step").map_err(injected)?;
         self.inner.step(batch)
     }
 }
@@ -226,13 +224,13 @@ mod tests {
 
     #[test]
     fn a_failed_launch_fails_the_step_with_nothing_advanced() {
-        // The context is launch 1; the first step makes launches 2..=4 (2 layers and the head).
-        let (backend, _) = simulated(FaultPlan { fail_after_launches: Some(4), ..FaultPlan::default() });
+        // The context is launch 1, the first step launch 2.
+        let (backend, _) = simulated(FaultPlan { fail_after_launches: Some(2), ..FaultPlan::default() });
         let mut backend = backend.unwrap();
         backend.add_sequence(1, 8).unwrap();
         backend.step(&[StepInput { seq: 1, tokens: &[1, 2] }]).unwrap();
         let err = backend.step(&[StepInput { seq: 1, tokens: &[3] }]).unwrap_err();
-        assert!(matches!(&err, BackendError::Device(m) if m.contains("layer 0") && m.contains("launch 5")), "{err}");
+        assert!(matches!(&err, BackendError::Device(m) if m.contains("forward step") && m.contains("launch 3")), "{err}");
         assert_eq!(backend.sequence_len(1), Some(2));
         let info = backend.info();
         assert_eq!((info.device.as_str(), info.precision.as_str()), (SIMULATED_GPU_DEVICE, "fp16"));

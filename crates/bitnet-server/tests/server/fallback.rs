@@ -94,8 +94,9 @@ async fn capability_faults_fall_back_before_running_with_typed_reasons_and_metri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_cuda_calls_are_rerun_on_the_cpu_and_the_gpu_turns_unhealthy() {
-    // The first step after warm-up fails; its sequences move, later ones see an unhealthy GPU.
-    let server = start("fail_after=4").await;
+    // Warm-up is two calls (context, self-test); the first step after it
+    // fails, its sequences move, later ones see an unhealthy GPU.
+    let server = start("fail_after=2").await;
     let results = run(&server, 8).await;
     for (gpu, cpu) in &results {
         assert_eq!(gpu["bitnet"]["device"], "cpu");
