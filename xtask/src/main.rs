@@ -7,6 +7,7 @@ mod gen_model;
 mod loadtest;
 mod logits;
 mod npy;
+mod scenario;
 mod tidy;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Load-test a `bitnet serve` (started here from target/release/bitnet unless --url is given).
     Loadtest(loadtest::LoadtestArgs),
+    /// GPU fallback scenarios through the HTTP server (fault plans; outputs vs a CPU-only run).
+    Test(scenario::TestArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Loadtest(args) => loadtest::run(args),
+        Command::Test(args) => scenario::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
