@@ -45,7 +45,7 @@
 
 pub mod decision;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -220,6 +220,10 @@ struct GpuSide {
     slots: BTreeMap<Precision, GpuSlot>,
     kv_bytes: u64,
     health: Health,
+    /// Precisions whose backend could not be created for lack of memory
+    /// although the plan fitted: treated as not fitting until the context is
+    /// recreated, instead of failing (slowly) again for every request.
+    unfit: BTreeSet<Precision>,
     /// The precision created at warm-up and on recovery (auto's choice).
     warm_precision: Precision,
     failed_recoveries: u32,
@@ -386,6 +390,7 @@ impl Engine {
             untied_head: primary.untied_head,
             budget,
             slots: BTreeMap::new(),
+            unfit: BTreeSet::new(),
             kv_bytes: 0,
             health: Health::Healthy,
             warm_precision,
@@ -424,7 +429,15 @@ impl Engine {
         let Some(gpu) = &mut self.gpu else { return Err(BackendError::Device("no GPU".into())) };
         let plan = gpu.plan(&self.config, precision, 0, self.settings.max_batch_tokens);
         let factory = gpu.factory.clone();
-        let mut backend = guarded(|| factory(precision))?;
+        let mut backend = match guarded(|| factory(precision)) {
+            Ok(backend) => backend,
+            Err(err) => {
+                if matches!(err, BackendError::OutOfMemory(_)) {
+                    gpu.unfit.insert(precision);
+                }
+                return Err(err);
+            }
+        };
         let (tokens, expected) = &self.self_test;
         self_test(backend.as_mut(), tokens, expected).map_err(BackendError::Device)?;
         let info = backend.info();
@@ -558,6 +571,9 @@ impl Engine {
             let batch_tokens = self.settings.max_batch_tokens;
             let fits = |precision: Precision| {
                 self.gpu.as_ref().is_some_and(|gpu| {
+                    if gpu.unfit.contains(&precision) {
+                        return false;
+                    }
                     let plan = gpu.plan(config, precision, max_positions, batch_tokens);
                     let new_static = if gpu.slots.contains_key(&precision) { 0 } else { plan.weights + plan.workspace };
                     gpu.used().saturating_add(new_static).saturating_add(plan.kv_cache) <= gpu.budget
@@ -669,6 +685,7 @@ impl Engine {
             .map(|(&seq, _)| seq)
             .collect();
         gpu.slots.clear();
+        gpu.unfit.clear();
         gpu.kv_bytes = 0;
         let wait = self.settings.cool_down;
         gpu.health = Health::CoolingDown { until: Instant::now() + wait };

@@ -230,7 +230,10 @@ mod tests {
         backend.add_sequence(1, 8).unwrap();
         backend.step(&[StepInput { seq: 1, tokens: &[1, 2] }]).unwrap();
         let err = backend.step(&[StepInput { seq: 1, tokens: &[3] }]).unwrap_err();
-        assert!(matches!(&err, BackendError::Device(m) if m.contains("forward step") && m.contains("launch 3")), "{err}");
+        assert!(
+            matches!(&err, BackendError::Device(m) if m.contains("forward step") && m.contains("launch 3")),
+            "{err}"
+        );
         assert_eq!(backend.sequence_len(1), Some(2));
         let info = backend.info();
         assert_eq!((info.device.as_str(), info.precision.as_str()), (SIMULATED_GPU_DEVICE, "fp16"));

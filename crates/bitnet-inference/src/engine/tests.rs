@@ -401,6 +401,23 @@ fn an_out_of_memory_placement_falls_back_without_poisoning() {
 }
 
 #[test]
+fn a_backend_that_does_not_fit_after_all_is_not_created_again_for_every_request() {
+    // The plan fits 16 GiB, but the device has room for the bf16 backend
+    // and its self-test only, and refuses a second backend (fp32).
+    let bf16 = crate::memory_plan::gpu_memory_plan_for_model(&model(), Precision::Bf16, 4, 64);
+    let injector =
+        Arc::new(FaultInjector::new(FaultPlan { gpu_memory_limit: Some(bf16.total()), ..FaultPlan::default() }));
+    let primary = simulated_primary(model(), cpu_config(), simulated_gpu_info(16 << 30), injector.clone(), 64);
+    let mut engine = Engine::new(cpu(), primary, settings()).unwrap();
+    let fp32 = wants(DevicePreference::Gpu, Some(false));
+    assert_eq!(fallback_reason(engine.add_sequence(1, 8, &fp32).unwrap()), Some(FallbackReason::OutOfMemory));
+    let launches = injector.launches();
+    assert_eq!(fallback_reason(engine.add_sequence(2, 8, &fp32).unwrap()), Some(FallbackReason::InsufficientGpuMemory));
+    assert_eq!(injector.launches(), launches, "no second attempt at creating the fp32 backend");
+    assert_eq!(engine.health(), GpuHealth::Healthy);
+}
+
+#[test]
 fn bad_entries_fail_alone_and_bad_preferences_are_errors() {
     let (mut engine, _) = simulated_engine(FaultPlan::default());
     engine.add_sequence(1, 8, &gpu_mixed()).unwrap();

@@ -78,14 +78,14 @@ pub fn build_engine(model: Arc<BitNetModel>, options: &EngineOptions, probe: &Gp
     let gpu = &primary.gpu;
     let caps = gpu.capabilities();
     eprintln!(
-        "bitnet serve: primary device {} (cc {}.{}, fp16 {}, bf16 {}, tensor cores {}, {:.2} GiB free), fault plan `{}`",
+        "bitnet serve: primary device {} (cc {}.{}, fp16 {}, bf16 {}, tensor cores {}, {:.1} MB free), fault plan `{}`",
         gpu.name,
         gpu.compute_capability.0,
         gpu.compute_capability.1,
         caps.fp16,
         caps.bf16,
         caps.tensor_cores,
-        gpu.free_memory_bytes as f64 / (1u64 << 30) as f64,
+        gpu.free_memory_bytes as f64 / 1e6,
         options.fault_plan
     );
     Ok(Engine::new(cpu, primary, options.engine.clone())?)
