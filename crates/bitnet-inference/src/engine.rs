@@ -657,6 +657,25 @@ impl Engine {
         }
     }
 
+    /// Empties a sequence that runs on the CPU, keeping its report, so its
+    /// caller can feed it again from the first token. A caller that has
+    /// shown nothing of a request's output yet uses this after the request
+    /// moved off the GPU mid-run: regenerating from the prompt on the CPU
+    /// gives exactly a CPU-only run's output, which continuing from tokens
+    /// the GPU chose need not (the two forward passes differ numerically).
+    pub fn restart_on_cpu(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        let state = self.sequences.get_mut(&seq).ok_or(BackendError::UnknownSequence(seq))?;
+        if state.location != Location::Cpu {
+            return Err(BackendError::Device(format!("sequence {seq} is on the GPU, not the CPU")));
+        }
+        self.cpu.remove_sequence(seq);
+        if let Err(err) = self.cpu.add_sequence(seq, state.max_positions) {
+            state.failed = Some(err.to_string());
+            return Err(err);
+        }
+        Ok(())
+    }
+
     /// Frees a sequence wherever it is; unknown ids are ignored.
     pub fn remove_sequence(&mut self, seq: SeqId) {
         let Some(state) = self.sequences.remove(&seq) else { return };

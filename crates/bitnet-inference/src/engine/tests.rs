@@ -360,6 +360,22 @@ fn failing_engine(fail_at: usize, error: fn() -> Result<Vec<Vec<f32>>, BackendEr
 }
 
 #[test]
+fn a_moved_sequence_can_restart_from_its_first_token_on_the_cpu() {
+    let mut engine = failing_engine(3, || Err(BackendError::Device("launch failed (test)".into())));
+    engine.add_sequence(1, 16, &gpu_mixed()).unwrap();
+    let first = engine.step(&[StepInput { seq: 1, tokens: &prompt(1) }]).remove(0).unwrap();
+    assert!(engine.restart_on_cpu(1).is_err(), "still on the GPU");
+    engine.step(&[StepInput { seq: 1, tokens: &[argmax(&first)] }]).remove(0).unwrap();
+    assert_eq!(engine.sequence_len(1), Some(prompt(1).len() + 1), "moved and re-prefilled");
+    engine.restart_on_cpu(1).unwrap();
+    assert_eq!(engine.sequence_len(1), Some(0));
+    let again = engine.step(&[StepInput { seq: 1, tokens: &prompt(1) }]).remove(0).unwrap();
+    assert_eq!(argmax(&again), cpu_alone(&prompt(1), 1)[0]);
+    assert_eq!(fallback_reason(engine.report(1).unwrap()), Some(FallbackReason::CudaError), "the report stays");
+    assert_eq!(engine.restart_on_cpu(9), Err(BackendError::UnknownSequence(9)));
+}
+
+#[test]
 fn out_of_memory_while_running_moves_the_step_and_keeps_the_gpu() {
     // Step 1 is the warm-up self-test, then the prefill, then a decode fails.
     let mut engine = failing_engine(3, || Err(BackendError::OutOfMemory("test".into())));

@@ -196,6 +196,7 @@ async fn run_endpoint<R: DeserializeOwned>(
         sampling: params.sampling,
         stop: params.stop,
         preferences: params.preferences,
+        replay_on_fallback: !params.stream,
         arrived,
         events: events_tx,
     };

@@ -12,14 +12,15 @@
 //! entry of a step on its own: GPU failures are re-run on the CPU inside it,
 //! and a bad entry fails alone.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitnet_inference::{
-    Engine, EngineEvent, GpuHealth, RequestPreferences, Sampler, SamplingConfig, SeqId, SequenceReport, StepInput,
+    Engine, EngineEvent, FallbackReason, GpuHealth, RequestPreferences, Sampler, SamplingConfig, SeqId, SequenceReport,
+    StepInput,
 };
 use bitnet_models::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -45,6 +46,10 @@ pub struct Job {
     pub sampling: SamplingConfig,
     pub stop: Vec<String>,
     pub preferences: RequestPreferences,
+    /// Nothing of the output is shown before the end (not streamed): when
+    /// the request moves off the GPU mid-run, it is regenerated from the
+    /// prompt on the CPU, so its output equals a CPU-only run's.
+    pub replay_on_fallback: bool,
     pub arrived: Instant,
     /// Where the engine reports; a closed channel means the client left.
     pub events: UnboundedSender<Event>,
@@ -200,18 +205,24 @@ impl Scheduler {
         }
     }
 
-    /// Turns the engine's fallbacks and health changes into metrics and log lines.
-    fn publish_engine_events(&mut self) {
+    /// Turns the engine's fallbacks and health changes into metrics and log
+    /// lines; returns the sequences that a GPU failure moved to the CPU.
+    fn publish_engine_events(&mut self) -> HashSet<SeqId> {
+        let mut moved = HashSet::new();
         for event in self.engine.take_events() {
             match event {
-                EngineEvent::Fallback { reason, cost, .. } => {
+                EngineEvent::Fallback { seq, reason, cost } => {
                     self.metrics.fallbacks.inc(reason.as_str());
                     self.metrics.fallback_latency.observe_duration(cost);
+                    if matches!(reason, FallbackReason::CudaError | FallbackReason::OutOfMemory) {
+                        moved.insert(seq);
+                    }
                 }
                 EngineEvent::Health { health, detail } => eprintln!("bitnet serve: GPU {}: {detail}", health.as_str()),
             }
         }
         self.metrics.set_gpu_health(self.engine.health());
+        moved
     }
 
     fn publish_gauges(&self) {
@@ -260,6 +271,7 @@ impl Scheduler {
         let ran_in = inputs.len();
         self.metrics.batch_size.observe(ran_in as f64);
         drop(inputs);
+        let moved = self.publish_engine_events();
         for ((idx, work), result) in plan.into_iter().zip(results) {
             let logits = match result {
                 Ok(logits) => logits,
@@ -269,6 +281,23 @@ impl Scheduler {
                 }
             };
             let r = &mut self.running[idx];
+            if moved.contains(&r.seq) && r.job.replay_on_fallback && !r.generated.is_empty() {
+                // Tokens chosen on the GPU would steer the CPU's continuation;
+                // nobody has seen them, so start over on the CPU.
+                if let Err(err) = self.engine.restart_on_cpu(r.seq) {
+                    self.fail(idx, format!("restarting on the CPU failed: {err}"));
+                    continue;
+                }
+                let r = &mut self.running[idx];
+                r.prefilled = 0;
+                r.generated.clear();
+                r.output = OutputText::new(r.job.stop.clone());
+                match Sampler::new(r.job.sampling.clone()) {
+                    Ok(sampler) => r.sampler = sampler,
+                    Err(err) => self.fail(idx, format!("bad sampling settings: {err}")),
+                }
+                continue;
+            }
             r.first_batch_id.get_or_insert(batch_id);
             r.largest_batch = r.largest_batch.max(ran_in);
             match work {

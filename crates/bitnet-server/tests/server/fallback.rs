@@ -5,7 +5,13 @@
 use std::time::Duration;
 
 use bitnet_device::{FaultPlan, GpuProbe};
-use bitnet_inference::EngineConfig;
+use bitnet_inference::engine::BackendFactory;
+use bitnet_inference::simulated_gpu::simulated_gpu_info;
+use bitnet_inference::{
+    argmax, Backend, BackendError, BackendInfo, CpuBackend, CpuBackendConfig, Engine, EngineConfig, PrimaryDevice,
+    SeqId, StepInput,
+};
+use bitnet_models::BitNetConfig;
 use bitnet_server::server::{build_engine, EngineOptions};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -129,5 +135,92 @@ async fn requests_no_device_can_serve_are_client_errors() {
         assert_eq!(error["error"]["param"], param, "{body}");
         assert!(error["error"]["message"].as_str().unwrap().contains(needle), "{error}");
     }
+    server.shutdown().await.unwrap();
+}
+
+/// A GPU whose decode steps disagree with the CPU (the two best logits of
+/// every row swapped, so greedy picks another token) and whose `fail_at`-th
+/// step fails with a device error. The warm-up self-test (a prefill) agrees.
+struct DisagreeingGpu {
+    inner: CpuBackend,
+    steps: usize,
+    fail_at: usize,
+}
+
+impl Backend for DisagreeingGpu {
+    fn info(&self) -> BackendInfo {
+        BackendInfo { device: "test-gpu".into(), precision: "bf16".into(), ..self.inner.info() }
+    }
+    fn config(&self) -> &BitNetConfig {
+        self.inner.config()
+    }
+    fn add_sequence(&mut self, seq: SeqId, max_positions: usize) -> Result<(), BackendError> {
+        self.inner.add_sequence(seq, max_positions)
+    }
+    fn remove_sequence(&mut self, seq: SeqId) {
+        self.inner.remove_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Option<usize> {
+        self.inner.sequence_len(seq)
+    }
+    fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.steps += 1;
+        if self.steps == self.fail_at {
+            return Err(BackendError::Device("illegal memory access (test)".into()));
+        }
+        let mut logits = self.inner.step(batch)?;
+        for (input, row) in batch.iter().zip(&mut logits) {
+            if input.tokens.len() == 1 {
+                let best = argmax(row) as usize;
+                let mut second = if best == 0 { 1 } else { 0 };
+                for (i, &v) in row.iter().enumerate() {
+                    if i != best && v > row[second] {
+                        second = i;
+                    }
+                }
+                row.swap(best, second);
+            }
+        }
+        Ok(logits)
+    }
+}
+
+async fn start_disagreeing(fail_at: usize) -> common::TestServer {
+    let cpu_config = CpuBackendConfig { threads: 1, ..CpuBackendConfig::default() };
+    let gpu_config = cpu_config.clone();
+    let factory: BackendFactory = Box::new(move |_| {
+        let inner = CpuBackend::new(common::model(), &gpu_config)?;
+        Ok(Box::new(DisagreeingGpu { inner, steps: 0, fail_at }) as Box<dyn Backend>)
+    });
+    let primary = PrimaryDevice { gpu: simulated_gpu_info(16 << 30), factory, untied_head: true };
+    let cpu = CpuBackend::new(common::model(), &cpu_config).unwrap();
+    let settings = EngineConfig { cool_down: Duration::from_secs(3600), ..EngineConfig::default() };
+    let engine = Engine::new(Box::new(cpu), primary, settings).unwrap();
+    common::start_engine(engine, common::config()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_moved_mid_run_is_regenerated_on_the_cpu_unless_it_was_streamed() {
+    // GPU steps: 1 the self-test, 2 the prompt, 3 a decode (disagreeing), 4 fails.
+    let body = request(0, "gpu", true);
+    let server = start_disagreeing(4).await;
+    let (_, cpu_only) = server.post("/v1/completions", &request(0, "cpu", false)).await;
+    let (status, replayed) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["bitnet"]["fallback_reason"], "cuda_error");
+    assert_eq!(replayed["bitnet"]["device"], "cpu");
+    assert_eq!(replayed["choices"][0]["text"], cpu_only["choices"][0]["text"], "regenerated from the prompt");
+    server.shutdown().await.unwrap();
+
+    // Streamed, the GPU's tokens were already sent: the CPU continues after them.
+    let server = start_disagreeing(4).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (status, chunks) = server.post_stream("/v1/completions", &streamed).await;
+    assert_eq!(status, 200);
+    let (text, _) = common::stream_text(&chunks);
+    assert_ne!(json!(text), cpu_only["choices"][0]["text"], "the disagreeing GPU token must show in the stream");
+    let last: Value = serde_json::from_str(&chunks[chunks.len() - 2]).unwrap();
+    assert_eq!(last["bitnet"]["fallback_reason"], "cuda_error");
     server.shutdown().await.unwrap();
 }
