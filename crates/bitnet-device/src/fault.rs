@@ -82,16 +82,29 @@ pub enum InjectedFault {
     OutOfMemory { requested: u64, allocated: u64, limit: u64 },
 }
 
-/// The keys [`FaultPlan::parse`] accepts, with their aliases.
-const KEYS: [(&str, &[&str]); 8] = [
-    ("gpu_memory_limit", &["gpu_memory_limit", "memory_limit"]),
-    ("cc", &["cc", "compute_capability"]),
-    ("fp16", &["fp16"]),
-    ("bf16", &["bf16"]),
-    ("tensor_cores", &["tensor_cores"]),
-    ("failure_rate", &["failure_rate"]),
-    ("seed", &["seed"]),
-    ("fail_after", &["fail_after", "fail_after_launches"]),
+/// The keys [`FaultPlan::parse`] accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    MemoryLimit,
+    ComputeCapability,
+    Fp16,
+    Bf16,
+    TensorCores,
+    FailureRate,
+    Seed,
+    FailAfter,
+}
+
+/// Each key's canonical name (first) and aliases.
+const KEYS: [(Key, &[&str]); 8] = [
+    (Key::MemoryLimit, &["gpu_memory_limit", "memory_limit"]),
+    (Key::ComputeCapability, &["cc", "compute_capability"]),
+    (Key::Fp16, &["fp16"]),
+    (Key::Bf16, &["bf16"]),
+    (Key::TensorCores, &["tensor_cores"]),
+    (Key::FailureRate, &["failure_rate"]),
+    (Key::Seed, &["seed"]),
+    (Key::FailAfter, &["fail_after", "fail_after_launches"]),
 ];
 
 impl FaultPlan {
@@ -108,7 +121,7 @@ impl FaultPlan {
     /// (or 1/0, yes/no). An empty spec (or `none`) is the empty plan.
     pub fn parse(spec: &str) -> Result<Self, FaultPlanError> {
         let mut plan = Self::default();
-        let mut seen: Vec<&'static str> = Vec::new();
+        let mut seen: Vec<Key> = Vec::new();
         let spec = spec.trim();
         if spec.is_empty() || spec.eq_ignore_ascii_case("none") {
             return Ok(plan);
@@ -120,42 +133,44 @@ impl FaultPlan {
                 .filter(|(k, v)| !k.is_empty() && !v.is_empty())
                 .ok_or_else(|| FaultPlanError::NotKeyValue { entry: entry.to_owned() })?;
             let lower = key.to_ascii_lowercase();
-            let canonical = KEYS
+            let (key, name) = KEYS
                 .iter()
                 .find(|(_, aliases)| aliases.contains(&lower.as_str()))
-                .map(|(name, _)| *name)
+                .map(|(key, aliases)| (*key, aliases[0]))
                 .ok_or_else(|| FaultPlanError::UnknownKey { key: key.to_owned() })?;
-            if seen.contains(&canonical) {
-                return Err(FaultPlanError::DuplicateKey { key: canonical.to_owned() });
+            if seen.contains(&key) {
+                return Err(FaultPlanError::DuplicateKey { key: name.to_owned() });
             }
-            seen.push(canonical);
+            seen.push(key);
             let bad = |expected: &'static str| FaultPlanError::BadValue {
-                key: canonical.to_owned(),
+                key: name.to_owned(),
                 value: value.to_owned(),
                 expected,
             };
-            match canonical {
-                "gpu_memory_limit" => {
+            let boolean = || parse_bool(value).ok_or_else(|| bad("true or false"));
+            match key {
+                Key::MemoryLimit => {
                     plan.gpu_memory_limit =
                         Some(parse_bytes(value).ok_or_else(|| bad("a size such as 500MB, 2GiB or 1048576"))?)
                 }
-                "cc" => plan.compute_capability = Some(parse_cc(value).ok_or_else(|| bad("major.minor, e.g. 6.1"))?),
-                "fp16" => plan.fp16 = Some(parse_bool(value).ok_or_else(|| bad("true or false"))?),
-                "bf16" => plan.bf16 = Some(parse_bool(value).ok_or_else(|| bad("true or false"))?),
-                "tensor_cores" => plan.tensor_cores = Some(parse_bool(value).ok_or_else(|| bad("true or false"))?),
-                "failure_rate" => {
+                Key::ComputeCapability => {
+                    plan.compute_capability = Some(parse_cc(value).ok_or_else(|| bad("major.minor, e.g. 6.1"))?)
+                }
+                Key::Fp16 => plan.fp16 = Some(boolean()?),
+                Key::Bf16 => plan.bf16 = Some(boolean()?),
+                Key::TensorCores => plan.tensor_cores = Some(boolean()?),
+                Key::FailureRate => {
                     plan.failure_rate = value
                         .parse::<f64>()
                         .ok()
                         .filter(|r| r.is_finite() && (0.0..=1.0).contains(r))
                         .ok_or_else(|| bad("a probability in [0, 1]"))?
                 }
-                "seed" => plan.seed = value.parse().map_err(|_| bad("an unsigned 64-bit integer"))?,
-                "fail_after" => {
+                Key::Seed => plan.seed = value.parse().map_err(|_| bad("an unsigned 64-bit integer"))?,
+                Key::FailAfter => {
                     plan.fail_after_launches =
                         Some(value.parse().map_err(|_| bad("a number of launches (unsigned integer)"))?)
                 }
-                _ => unreachable!("every canonical key is matched above"),
             }
         }
         Ok(plan)
