@@ -503,3 +503,53 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     println!("all gates passed");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row() -> Row {
+        Row {
+            scenario: "s",
+            requests: 10,
+            succeeded: 10,
+            fell_back: 10,
+            reasons: BTreeMap::new(),
+            cpu_served: 10,
+            cpu_i2s: 10,
+            primary_device: None,
+            added_ms: vec![0.1; 10],
+            e2e_ms: Vec::new(),
+            baseline_e2e_ms: Vec::new(),
+            equal_outputs: 10,
+            metrics_agree: true,
+            min_fallback_rate: 0.8,
+            gpu_health_at_start: None,
+        }
+    }
+
+    #[test]
+    fn each_gate_fails_on_its_own() {
+        assert!(row().failures().is_empty());
+        let check = |row: Row, needle: &str| {
+            let failures = row.failures();
+            assert_eq!(failures.len(), 1, "{failures:?}");
+            assert!(failures[0].contains(needle), "{failures:?}");
+        };
+        check(Row { succeeded: 9, ..row() }, "9 of 10 requests succeeded");
+        check(Row { equal_outputs: 9, ..row() }, "outputs equal");
+        check(Row { cpu_i2s: 9, ..row() }, "used i2s");
+        check(Row { fell_back: 7, ..row() }, "fallback rate 70.0% below 80%");
+        check(Row { metrics_agree: false, ..row() }, "/metrics");
+        assert!(Row { fell_back: 8, ..row() }.failures().is_empty());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.5), Some(50.0));
+        assert_eq!(percentile(&values, 0.99), Some(99.0));
+        assert_eq!(percentile(&[3.0], 0.99), Some(3.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
