@@ -8,6 +8,7 @@ mod gpu;
 mod loadtest;
 mod logits;
 mod npy;
+mod scenario;
 mod tidy;
 
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Build the GPU tests and the CLI here, bundle them, print the device command.
     GpuSmoke(gpu::GpuSmokeArgs),
+    /// GPU fallback scenarios through the HTTP server (fault plans; outputs vs a CPU-only run).
+    Test(scenario::TestArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Logits(args) => logits::run(args),
         Command::Loadtest(args) => loadtest::run(args),
         Command::GpuSmoke(args) => gpu::smoke(args),
+        Command::Test(args) => scenario::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

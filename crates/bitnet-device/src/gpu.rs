@@ -18,6 +18,17 @@ pub struct GpuInfo {
     pub compute_capability: (i32, i32),
     pub total_memory_bytes: u64,
     pub free_memory_bytes: u64,
+    /// Capabilities forced by a fault plan (`FaultPlan::apply`); a probed
+    /// GPU has none, and its capabilities follow its compute capability.
+    pub capability_overrides: CapabilityOverrides,
+}
+
+/// Per-capability overrides of what the compute capability implies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapabilityOverrides {
+    pub fp16: Option<bool>,
+    pub bf16: Option<bool>,
+    pub tensor_cores: Option<bool>,
 }
 
 /// What a device's compute capability allows.
@@ -39,8 +50,15 @@ impl GpuCapabilities {
 }
 
 impl GpuInfo {
+    /// What the compute capability allows, with any override applied.
     pub fn capabilities(&self) -> GpuCapabilities {
-        GpuCapabilities::from_compute_capability(self.compute_capability)
+        let derived = GpuCapabilities::from_compute_capability(self.compute_capability);
+        let o = self.capability_overrides;
+        GpuCapabilities {
+            fp16: o.fp16.unwrap_or(derived.fp16),
+            bf16: o.bf16.unwrap_or(derived.bf16),
+            tensor_cores: o.tensor_cores.unwrap_or(derived.tensor_cores),
+        }
     }
 }
 
@@ -116,13 +134,14 @@ fn query_devices() -> Result<GpuProbe, cudarc::driver::DriverError> {
             compute_capability: ctx.compute_capability()?,
             total_memory_bytes: total as u64,
             free_memory_bytes: free as u64,
+            capability_overrides: CapabilityOverrides::default(),
         });
     }
     Ok(GpuProbe::Devices { driver_version, gpus })
 }
 
 /// Activation precision on a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Precision {
     Fp32,
     Fp16,
@@ -136,6 +155,32 @@ impl Precision {
             Self::Fp16 => "fp16",
             Self::Bf16 => "bf16",
         }
+    }
+
+    /// Bytes of one element (activations, KV cache, float weights).
+    pub fn element_bytes(self) -> u64 {
+        match self {
+            Self::Fp32 => 4,
+            Self::Fp16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// Whether this is a mixed (16-bit) precision.
+    pub fn is_mixed(self) -> bool {
+        !matches!(self, Self::Fp32)
+    }
+
+    pub const ALL: [Precision; 3] = [Precision::Fp32, Precision::Fp16, Precision::Bf16];
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown precision `{s}` (expected fp32, fp16 or bf16)"))
     }
 }
 

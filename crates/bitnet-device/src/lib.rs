@@ -1,13 +1,18 @@
-//! Device-level code for bitnet-rs: what the machine can do, and the few OS
-//! facilities (memory-mapped model files) that need `unsafe`.
+//! Device-level code for bitnet-rs: what the machine can do, fault injection
+//! for the device layer, and the few OS facilities (memory-mapped model
+//! files) that need `unsafe`.
 //!
 //! This crate and `bitnet-kernels` are the only places where `unsafe` is allowed;
 //! every block states its invariant in a `// SAFETY:` comment.
 
 pub mod cpu;
+pub mod fault;
 pub mod gpu;
 pub mod mmap;
 
 pub use cpu::CpuInfo;
-pub use gpu::{probe_gpus, select_precision, GpuCapabilities, GpuInfo, GpuProbe, Precision, PrecisionRequest};
+pub use fault::{FaultInjector, FaultPlan, FaultPlanError, InjectedFault, FAULT_PLAN_ENV};
+pub use gpu::{
+    probe_gpus, select_precision, CapabilityOverrides, GpuCapabilities, GpuInfo, GpuProbe, Precision, PrecisionRequest,
+};
 pub use mmap::MappedFile;

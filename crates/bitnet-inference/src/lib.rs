@@ -1,6 +1,7 @@
 //! BitNet b1.58 inference: the reference forward pass (the yardstick every
 //! faster path is checked against), the fast CPU backend, the `Backend`
-//! interface they share, sampling, and generation.
+//! interface they share, the fallback [`Engine`] that places requests on the
+//! GPU or the CPU, sampling, and generation.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -18,17 +19,24 @@ pub mod backend;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod engine;
 mod error;
 mod generate;
 mod int8_head;
+pub mod memory_plan;
 pub mod ops;
 mod reference;
 pub mod sampling;
+pub mod simulated_gpu;
 
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
 pub use cpu::{CpuBackend, CpuBackendConfig};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};
+pub use engine::{
+    DevicePreference, Engine, EngineConfig, EngineError, EngineEvent, FallbackReason, GpuHealth, PrecisionPreference,
+    PrimaryDevice, QuantizationPreference, RequestPreferences, SequenceReport,
+};
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use int8_head::HeadPrecision;

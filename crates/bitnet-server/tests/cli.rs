@@ -170,6 +170,22 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
+fn a_bad_fault_plan_is_a_clear_error() {
+    for (spec, needle) in [("vram=1GB", "unknown fault plan key `vram`"), ("cc=six", "`cc` has a bad value `six`")] {
+        let out = bitnet(&["serve", "--port", "0", "--simulate-gpu", "--fault-plan", spec]);
+        assert_eq!(out.status.code(), Some(1), "{spec}");
+        assert!(stderr(&out).contains(needle), "{spec}: {}", stderr(&out));
+        let out = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+            .args(["serve", "--port", "0"])
+            .env("BITNET_FAULT_PLAN", spec)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{spec} from the environment");
+        assert!(stderr(&out).contains(needle), "{spec}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn bad_generation_parameters_are_reported() {
     let out = bitnet(&["generate", "--prompt", "x", "--top-p", "0"]);
     assert_eq!(out.status.code(), Some(1));

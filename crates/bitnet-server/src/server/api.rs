@@ -1,7 +1,8 @@
 //! The OpenAI request and response types, and the checks that turn a request
 //! into a [`GenerationParams`] (every numeric field is range-checked here).
 
-use bitnet_inference::SamplingConfig;
+use bitnet_inference::engine::{DevicePreference, PrecisionPreference, QuantizationPreference, RequestPreferences};
+use bitnet_inference::{SamplingConfig, SequenceReport};
 use bitnet_models::tokenizer::{ChatMessage, ChatRole};
 use bitnet_models::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -94,21 +95,6 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-/// Why a request was served on another device than it asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// GPU execution (or a GPU-only precision) was asked for; this build has no GPU backend.
-    GpuUnavailable,
-}
-
-impl Fallback {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::GpuUnavailable => "gpu_unavailable",
-        }
-    }
-}
-
 /// A validated request, ready for the engine.
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
@@ -118,7 +104,8 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
-    pub fallback: Option<Fallback>,
+    /// Device, precision and quantization asked for; the engine decides.
+    pub preferences: RequestPreferences,
 }
 
 /// What validation needs to know about the served model.
@@ -237,7 +224,7 @@ impl CommonOptions {
         if self.logprobs.as_ref().is_some_and(|v| !(v.is_null() || *v == serde_json::Value::Bool(false))) {
             return Err(bad("logprobs are not supported", "logprobs"));
         }
-        let fallback = self.device_fallback()?;
+        let preferences = self.preferences()?;
 
         let context = limits.context_len;
         let max_tokens = match max_tokens_override.or(self.max_tokens) {
@@ -296,28 +283,29 @@ impl CommonOptions {
             stop,
             stream: self.stream,
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            fallback,
+            preferences,
         })
     }
 
-    /// Checks the device fields; this build serves everything on the CPU, so
-    /// asking for the GPU or a GPU-only precision is a fallback.
-    fn device_fallback(&self) -> Result<Option<Fallback>, ApiError> {
-        let check = |value: &Option<String>, allowed: &[&str], param: &'static str| -> Result<(), ApiError> {
-            match value.as_deref() {
-                Some(v) if !allowed.contains(&v) => {
-                    Err(bad(format!("{param} must be one of {}, got `{v}`", allowed.join(", ")), param))
-                }
-                _ => Ok(()),
-            }
+    /// Parses the device fields. A request no device could serve as asked
+    /// (a GPU-only precision with `device_preference: cpu`, or a precision
+    /// contradicting `mixed_precision`) is a client error; anything else is
+    /// for the engine to place, falling back when it must.
+    fn preferences(&self) -> Result<RequestPreferences, ApiError> {
+        fn parse<T: std::str::FromStr<Err = String> + Default>(
+            value: &Option<String>,
+            param: &'static str,
+        ) -> Result<T, ApiError> {
+            value.as_deref().map_or(Ok(T::default()), |v| v.parse().map_err(|message: String| bad(message, param)))
+        }
+        let preferences = RequestPreferences {
+            device: parse::<DevicePreference>(&self.device_preference, "device_preference")?,
+            precision: parse::<PrecisionPreference>(&self.precision, "precision")?,
+            mixed_precision: self.mixed_precision,
+            quantization: parse::<QuantizationPreference>(&self.quantization_preference, "quantization_preference")?,
         };
-        check(&self.device_preference, &["auto", "gpu", "cpu"], "device_preference")?;
-        check(&self.precision, &["auto", "fp32", "fp16", "bf16"], "precision")?;
-        check(&self.quantization_preference, &["auto", "i2s"], "quantization_preference")?;
-        let wants_gpu = self.device_preference.as_deref() == Some("gpu")
-            || matches!(self.precision.as_deref(), Some("fp16" | "bf16"))
-            || self.mixed_precision == Some(true);
-        Ok(wants_gpu.then_some(Fallback::GpuUnavailable))
+        preferences.validate().map_err(|err| bad(err.to_string(), err.param()))?;
+        Ok(preferences)
     }
 }
 
@@ -353,6 +341,9 @@ pub struct BitnetInfo {
     pub quantization: String,
     pub fallback_occurred: bool,
     pub fallback_reason: Option<&'static str>,
+    /// Time the fallback added (0 without one): deciding before running, or
+    /// the failed GPU attempt plus the CPU re-prefill.
+    pub fallback_ms: f64,
     pub batch_id: u64,
     pub batch_size: usize,
     pub queue_ms: f64,
@@ -360,13 +351,15 @@ pub struct BitnetInfo {
 }
 
 impl BitnetInfo {
-    pub fn new(backend: &bitnet_inference::BackendInfo, fallback: Option<Fallback>, stats: &RunStats) -> Self {
+    pub fn new(stats: &RunStats) -> Self {
+        let report: &SequenceReport = &stats.report;
         Self {
-            device: backend.device.clone(),
-            precision: backend.precision.clone(),
-            quantization: backend.quantization.clone(),
-            fallback_occurred: fallback.is_some(),
-            fallback_reason: fallback.map(Fallback::reason),
+            device: report.device.clone(),
+            precision: report.precision.clone(),
+            quantization: report.quantization.clone(),
+            fallback_occurred: report.fallback.is_some(),
+            fallback_reason: report.fallback.map(|f| f.reason.as_str()),
+            fallback_ms: report.fallback.map_or(0.0, |f| f.cost.as_secs_f64() * 1e3),
             batch_id: stats.batch_id,
             batch_size: stats.batch_size,
             queue_ms: stats.queue.as_secs_f64() * 1e3,

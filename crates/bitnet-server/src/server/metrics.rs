@@ -7,9 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bitnet_inference::{FallbackReason, GpuHealth};
+
 /// Latency buckets in seconds, from 1 ms to 5 minutes.
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// Fallback-cost buckets in seconds, from 0.1 ms (a decision) to 10 s.
+const FALLBACK_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Batch-size buckets (entries per step).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -113,7 +119,12 @@ pub struct Metrics {
     pub requests_cancelled_total: AtomicU64,
     pub requests_failed_total: AtomicU64,
     pub requests_rejected: LabeledCounter,
+    /// Requests served on the CPU although they wanted the GPU, by reason.
     pub fallbacks: LabeledCounter,
+    /// What each fallback cost (`SequenceReport`'s fallback cost).
+    pub fallback_latency: Histogram,
+    /// The GPU's [`GpuHealth`], as its index in `GpuHealth::ALL`.
+    pub gpu_health: AtomicU64,
     pub request_success: LabeledCounter,
 }
 
@@ -133,13 +144,29 @@ impl Default for Metrics {
             requests_cancelled_total: AtomicU64::new(0),
             requests_failed_total: AtomicU64::new(0),
             requests_rejected: LabeledCounter::new("reason", &[]),
-            fallbacks: LabeledCounter::new("reason", &[]),
+            // Every reason exists from the start, at 0.
+            fallbacks: LabeledCounter::new(
+                "reason",
+                &FallbackReason::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            ),
+            fallback_latency: Histogram::new(FALLBACK_BUCKETS),
+            gpu_health: AtomicU64::new(0),
             request_success: LabeledCounter::new("finish_reason", &["length", "stop"]),
         }
     }
 }
 
 impl Metrics {
+    pub fn set_gpu_health(&self, health: GpuHealth) {
+        let index = GpuHealth::ALL.iter().position(|&h| h == health).unwrap_or(0);
+        self.gpu_health.store(index as u64, Ordering::Relaxed);
+    }
+
+    pub fn gpu_health(&self) -> GpuHealth {
+        let index = self.gpu_health.load(Ordering::Relaxed) as usize;
+        GpuHealth::ALL.get(index).copied().unwrap_or(GpuHealth::Absent)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
@@ -195,7 +222,24 @@ impl Metrics {
             &self.requests_failed_total,
         );
         self.requests_rejected.render(&mut out, "bitnet_requests_rejected_total", "Requests answered with an error.");
-        self.fallbacks.render(&mut out, "bitnet_fallbacks_total", "Requests served on another device than asked.");
+        self.fallbacks.render(
+            &mut out,
+            "bitnet_fallbacks_total",
+            "Requests served on the CPU although they wanted the GPU, by reason.",
+        );
+        self.fallback_latency.render(
+            &mut out,
+            "bitnet_fallback_latency_seconds",
+            "Time a fallback added to its request (deciding, or the failed GPU attempt plus the CPU re-prefill).",
+        );
+        let current = self.gpu_health();
+        let _ = writeln!(
+            out,
+            "# HELP bitnet_gpu_health GPU state: 1 for the current one (absent, healthy, cooling_down, recovering).\n# TYPE bitnet_gpu_health gauge"
+        );
+        for health in GpuHealth::ALL {
+            let _ = writeln!(out, "bitnet_gpu_health{{state=\"{}\"}} {}", health.as_str(), u8::from(health == current));
+        }
         self.request_success.render(&mut out, "bitnet_request_success_total", "Requests finished successfully.");
         out
     }

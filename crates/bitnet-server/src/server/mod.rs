@@ -1,13 +1,15 @@
 //! `bitnet serve`: an OpenAI-compatible HTTP server with continuous batching.
 //!
-//! The backend is injected: [`serve`] takes any `Box<dyn Backend>` and its
-//! tokenizer, so tests run it on a synthetic model and `bitnet serve` on the
-//! model file it was given. One engine thread per backend
+//! The engine is injected: [`serve`] takes any `Box<dyn Backend>` (run as a
+//! CPU-only [`Engine`]) and its tokenizer, [`serve_with_loader`] any
+//! [`Engine`], so tests run it on a synthetic model and `bitnet serve` on
+//! the model file it was given ([`engine_setup`]). One engine thread
 //! ([`scheduler`]) batches every request in flight; handlers talk to it
 //! through channels.
 
 pub mod api;
 pub mod devices;
+pub mod engine_setup;
 pub mod error;
 pub mod metrics;
 mod respond;
@@ -23,10 +25,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bitnet_inference::{Backend, CpuBackend, CpuBackendConfig, HeadPrecision, ReferenceBackend};
+use bitnet_device::FaultPlan;
+use bitnet_inference::{Backend, Engine, EngineConfig, HeadPrecision};
 use bitnet_models::{BitNetModel, Tokenizer};
 use tokio::net::TcpListener;
 
+pub use engine_setup::{build_engine, EngineOptions, ServeBackend};
 use state::AppState;
 
 /// The error a model loader may return.
@@ -116,17 +120,19 @@ pub async fn serve(
     serve_with_loader(listener, config, move || Ok((backend, tokenizer)), shutdown).await
 }
 
-/// Like [`serve`], but loads the backend on a blocking thread while already
-/// answering: `/health` is 503 and generation requests are 503 until it is
-/// loaded. A failed load stops the server with [`ServeError::Load`].
-pub async fn serve_with_loader<L>(
+/// Like [`serve`], but loads the engine (an [`Engine`], or a backend run as a
+/// CPU-only one) on a blocking thread while already answering: `/health` is
+/// 503 and generation requests are 503 until it is loaded. A failed load
+/// stops the server with [`ServeError::Load`].
+pub async fn serve_with_loader<L, E>(
     listener: TcpListener,
     config: ServerConfig,
     load: L,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
-    L: FnOnce() -> Result<(Box<dyn Backend>, Tokenizer), LoadError> + Send + 'static,
+    L: FnOnce() -> Result<(E, Tokenizer), LoadError> + Send + 'static,
+    E: Into<Engine>,
 {
     config.validate()?;
     let state = Arc::new(AppState::new(config));
@@ -139,7 +145,7 @@ where
         tokio::task::spawn_blocking(move || {
             let outcome = load()
                 .map_err(ServeError::Load)
-                .and_then(|(backend, tokenizer)| state.install(backend, tokenizer).map_err(ServeError::Engine));
+                .and_then(|(engine, tokenizer)| state.install(engine.into(), tokenizer).map_err(ServeError::Engine));
             if let Err(err) = outcome {
                 *load_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
                 load_failed.notify_one();
@@ -198,7 +204,7 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = ServerConfig::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
-    /// Forward pass: the fast CPU backend, or the slow exact reference.
+    /// Forward pass on the CPU: the fast CPU backend, or the slow exact reference.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: ServeBackend,
     /// CPU worker threads for the engine (0 = one per core).
@@ -207,13 +213,21 @@ pub struct ServeArgs {
     /// Quantize the output head to int8 (faster decode, small accuracy cost: docs/perf/cpu.md).
     #[arg(long)]
     pub int8_head: bool,
-}
-
-/// Which forward pass `bitnet serve` runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ServeBackend {
-    Cpu,
-    Reference,
+    /// Faults for the primary device, e.g. `gpu_memory_limit=500MB,cc=6.1,failure_rate=0.3,seed=7`
+    /// (keys: gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after).
+    #[arg(long, env = "BITNET_FAULT_PLAN")]
+    pub fault_plan: Option<String>,
+    /// Without a GPU: run a simulated one (the CPU backend as the primary device,
+    /// reported as `cpu-simulated-gpu`) so a fault plan can drive the fallback logic.
+    #[arg(long)]
+    pub simulate_gpu: bool,
+    /// Share of the GPU's free memory (measured at start-up) the memory plan may use.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Seconds the GPU rests after an error that poisoned its context before it is
+    /// recreated and self-tested (doubling after each failed attempt, up to 60 s).
+    #[arg(long, default_value_t = 1.0)]
+    pub gpu_cool_down_s: f64,
 }
 
 /// `bitnet serve`: binds, loads the model (`load_model` gets `--model`),
@@ -240,6 +254,27 @@ where
         request_timeout: Duration::from_secs_f64(args.request_timeout_s),
         max_body_bytes: args.max_body_bytes,
     };
+    if !(args.gpu_cool_down_s.is_finite() && args.gpu_cool_down_s >= 0.0 && args.gpu_cool_down_s < 1e6) {
+        anyhow::bail!("--gpu-cool-down-s must be a non-negative number of seconds");
+    }
+    let fault_plan = match args.fault_plan.as_deref() {
+        Some(spec) => FaultPlan::parse(spec).context("--fault-plan / BITNET_FAULT_PLAN")?,
+        None => FaultPlan::default(),
+    };
+    let cool_down = Duration::from_secs_f64(args.gpu_cool_down_s);
+    let options = EngineOptions {
+        backend: args.backend,
+        threads: args.threads,
+        head: if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native },
+        simulate_gpu: args.simulate_gpu,
+        fault_plan,
+        engine: EngineConfig {
+            max_batch_tokens: config.max_batch_tokens,
+            gpu_memory_utilization: args.gpu_memory_utilization,
+            cool_down,
+            max_cool_down: EngineConfig::default().max_cool_down.max(cool_down),
+        },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async move {
         let listener = TcpListener::bind((args.host, args.port))
@@ -247,20 +282,12 @@ where
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         eprintln!("bitnet serve: listening on http://{} (model `{}`)", listener.local_addr()?, config.model_id);
         let path = args.model;
-        let (choice, threads) = (args.backend, args.threads);
-        let head = if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native };
-        let load = move || -> Result<(Box<dyn Backend>, Tokenizer), LoadError> {
+        let load = move || -> Result<(Engine, Tokenizer), LoadError> {
             let model = Arc::new(load_model(path.as_ref())?);
             let tokenizer = model.tokenizer.clone();
-            let backend: Box<dyn Backend> = match choice {
-                ServeBackend::Cpu => Box::new(
-                    CpuBackend::new(model, &CpuBackendConfig { threads, kernel: None, head })
-                        .map_err(|e| anyhow::anyhow!("starting the CPU backend: {e}"))?,
-                ),
-                ServeBackend::Reference => Box::new(ReferenceBackend::new(model)),
-            };
-            eprintln!("bitnet serve: model loaded ({})", backend.info().detail);
-            Ok((backend, tokenizer))
+            let engine = build_engine(model, &options, &bitnet_device::probe_gpus())?;
+            eprintln!("bitnet serve: model loaded ({})", engine.cpu_info().detail);
+            Ok((engine, tokenizer))
         };
         serve_with_loader(listener, config, load, shutdown_signal()).await?;
         eprintln!("bitnet serve: stopped");

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::api::{BitnetInfo, Fallback, Usage};
+use super::api::{BitnetInfo, Usage};
 use super::scheduler::Finished;
 
 /// Which endpoint a response is for.
@@ -19,13 +19,11 @@ pub struct ResponseContext {
     pub id: String,
     pub created: u64,
     pub model: String,
-    pub backend: bitnet_inference::BackendInfo,
-    pub fallback: Option<Fallback>,
 }
 
 impl ResponseContext {
     fn bitnet(&self, finished: &Finished) -> BitnetInfo {
-        BitnetInfo::new(&self.backend, self.fallback, &finished.stats)
+        BitnetInfo::new(&finished.stats)
     }
 
     /// The whole (non-streamed) response.

@@ -126,13 +126,21 @@ async fn devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
             "detail": m.info.detail,
         })
     });
+    let gpu_backend = state.model().map(|m| match &m.gpu {
+        None => json!(null),
+        Some((gpu, budget)) => json!({
+            "gpu": super::devices::gpu_json(gpu),
+            "planning_budget_bytes": budget,
+            "health": state.metrics.gpu_health().as_str(),
+        }),
+    });
     let fallbacks = state.metrics.fallbacks.snapshot();
     Json(json!({
         "cpu": super::devices::cpu_json(cpu),
         "backend": backend,
         "cuda": state.gpu.to_string(),
         "gpus": super::devices::gpus_json(&state.gpu),
-        "gpu_backend": "not implemented yet: requests are served by the backend above",
+        "gpu_backend": gpu_backend,
         "fallbacks": {
             "total": fallbacks.values().sum::<u64>(),
             "by_reason": fallbacks,
@@ -173,10 +181,10 @@ async fn run_endpoint<R: DeserializeOwned>(
         })?;
         let request: R = parse_json(&body)?;
         let params = validate(&request, model.limits(&state.config.model_id))?;
-        Ok((permit, model, params))
+        Ok((permit, params))
     }
     .await;
-    let (permit, model, params) = match result {
+    let (permit, params) = match result {
         Ok(ok) => ok,
         Err(error) => return error.into_response(),
     };
@@ -187,22 +195,19 @@ async fn run_endpoint<R: DeserializeOwned>(
         max_tokens: params.max_tokens,
         sampling: params.sampling,
         stop: params.stop,
+        preferences: params.preferences,
+        replay_on_fallback: !params.stream,
         arrived,
         events: events_tx,
     };
     if let Err(error) = state.submit(job) {
         return error.into_response();
     }
-    if let Some(fallback) = params.fallback {
-        state.metrics.fallbacks.inc(fallback.reason());
-    }
     let context = ResponseContext {
         endpoint,
         id: state.next_response_id(endpoint),
         created: unix_now(),
         model: state.config.model_id.clone(),
-        backend: model.info.clone(),
-        fallback: params.fallback,
     };
     let timeout = state.config.request_timeout;
     let deadline = tokio::time::Instant::from_std(arrived) + timeout;

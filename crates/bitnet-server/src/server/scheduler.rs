@@ -1,22 +1,27 @@
-//! The continuous-batching engine: one loop per backend on its own OS thread
-//! (backends are blocking compute), fed through a channel.
+//! The continuous-batching scheduler: one loop over the fallback [`Engine`]
+//! on its own OS thread (backends are blocking compute), fed through a
+//! channel.
 //!
 //! Each iteration drops requests whose client went away, then builds one
 //! batch under a token budget (`max_batch_tokens`) and a cap on running
 //! sequences (`max_batch_size`): first one decode token for every running
 //! sequence, then prompt chunks of sequences still in prefill, then new
 //! requests admitted first come, first served. KV space for prompt plus
-//! `max_tokens` is reserved at admission and freed when the request ends.
-//! A failed step is retried one sequence at a time, so a fault fails only
-//! the sequences that still fail alone.
+//! `max_tokens` is reserved at admission (on the device the engine places
+//! the request on) and freed when the request ends. The engine answers each
+//! entry of a step on its own: GPU failures are re-run on the CPU inside it,
+//! and a bad entry fails alone.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitnet_inference::{Backend, Sampler, SamplingConfig, SeqId, StepInput};
+use bitnet_inference::{
+    Engine, EngineEvent, FallbackReason, GpuHealth, RequestPreferences, Sampler, SamplingConfig, SeqId, SequenceReport,
+    StepInput,
+};
 use bitnet_models::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -40,6 +45,11 @@ pub struct Job {
     pub max_tokens: usize,
     pub sampling: SamplingConfig,
     pub stop: Vec<String>,
+    pub preferences: RequestPreferences,
+    /// Nothing of the output is shown before the end (not streamed): when
+    /// the request moves off the GPU mid-run, it is regenerated from the
+    /// prompt on the CPU, so its output equals a CPU-only run's.
+    pub replay_on_fallback: bool,
     pub arrived: Instant,
     /// Where the engine reports; a closed channel means the client left.
     pub events: UnboundedSender<Event>,
@@ -61,7 +71,7 @@ impl FinishReason {
 }
 
 /// How a request ran, for its `bitnet` object.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunStats {
     /// The first engine step the request took part in.
     pub batch_id: u64,
@@ -69,6 +79,8 @@ pub struct RunStats {
     pub batch_size: usize,
     pub queue: Duration,
     pub compute: Duration,
+    /// Device, precision, quantization and fallback, from the engine.
+    pub report: SequenceReport,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,14 +106,14 @@ pub enum Event {
 /// Starts the engine thread. It runs until every sender of the returned
 /// channel is dropped and all accepted jobs are finished.
 pub fn spawn(
-    backend: Box<dyn Backend>,
+    engine: Engine,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let engine = Engine {
-        backend,
+    let mut scheduler = Scheduler {
+        engine,
         tokenizer,
         config,
         metrics,
@@ -111,18 +123,15 @@ pub fn spawn(
         next_batch_id: 0,
         rotation: 0,
     };
-    let handle = std::thread::Builder::new().name("bitnet-engine".into()).spawn(move || engine.run(rx))?;
+    scheduler.publish_engine_events();
+    let handle = std::thread::Builder::new().name("bitnet-engine".into()).spawn(move || scheduler.run(rx))?;
     Ok((tx, handle))
 }
 
-/// Runs a step; a panicking backend counts as a failed step instead of
-/// taking the engine thread (and every request in flight) down with it.
-fn guarded_step(backend: &mut dyn Backend, inputs: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.step(inputs))) {
-        Ok(result) => result.map_err(|err| err.to_string()),
-        Err(_) => Err("the backend panicked".to_owned()),
-    }
-}
+/// How often an idle engine thread looks at a GPU that is cooling down or
+/// recovering, so that it comes back (and the health gauge moves) without
+/// waiting for a request.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
 
 struct Running {
     seq: SeqId,
@@ -153,8 +162,8 @@ enum Work {
     Prefill { len: usize },
 }
 
-struct Engine {
-    backend: Box<dyn Backend>,
+struct Scheduler {
+    engine: Engine,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
@@ -167,14 +176,22 @@ struct Engine {
     rotation: usize,
 }
 
-impl Engine {
+impl Scheduler {
     fn run(mut self, rx: Receiver<Job>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            while self.running.is_empty() && self.waiting.is_empty() {
                 self.publish_gauges();
-                match rx.recv() {
+                let job = match self.engine.health() {
+                    GpuHealth::CoolingDown | GpuHealth::Recovering => rx.recv_timeout(HEALTH_POLL),
+                    _ => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                match job {
                     Ok(job) => self.waiting.push_back(job),
-                    Err(_) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.engine.poll_health();
+                        self.publish_engine_events();
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(job) = rx.try_recv() {
@@ -183,8 +200,29 @@ impl Engine {
             self.drop_cancelled();
             self.step();
             self.running.retain(|r| !r.done);
+            self.publish_engine_events();
             self.publish_gauges();
         }
+    }
+
+    /// Turns the engine's fallbacks and health changes into metrics and log
+    /// lines; returns the sequences that a GPU failure moved to the CPU.
+    fn publish_engine_events(&mut self) -> HashSet<SeqId> {
+        let mut moved = HashSet::new();
+        for event in self.engine.take_events() {
+            match event {
+                EngineEvent::Fallback { seq, reason, cost } => {
+                    self.metrics.fallbacks.inc(reason.as_str());
+                    self.metrics.fallback_latency.observe_duration(cost);
+                    if matches!(reason, FallbackReason::CudaError | FallbackReason::OutOfMemory) {
+                        moved.insert(seq);
+                    }
+                }
+                EngineEvent::Health { health, detail } => eprintln!("bitnet serve: GPU {}: {detail}", health.as_str()),
+            }
+        }
+        self.metrics.set_gpu_health(self.engine.health());
+        moved
     }
 
     fn publish_gauges(&self) {
@@ -199,7 +237,7 @@ impl Engine {
         let mut cancelled = before - self.waiting.len();
         for r in &mut self.running {
             if r.job.events.is_closed() {
-                self.backend.remove_sequence(r.seq);
+                self.engine.remove_sequence(r.seq);
                 r.done = true;
                 cancelled += 1;
             }
@@ -227,36 +265,14 @@ impl Engine {
                 StepInput { seq: r.seq, tokens }
             })
             .collect();
-        let results: Vec<(Result<Vec<f32>, String>, usize)> = match guarded_step(self.backend.as_mut(), &inputs) {
-            Ok(logits) if logits.len() == inputs.len() => {
-                self.metrics.batch_size.observe(inputs.len() as f64);
-                logits.into_iter().map(|l| (Ok(l), inputs.len())).collect()
-            }
-            outcome => {
-                let reason = match outcome {
-                    Ok(logits) => format!("backend returned {} results for {} inputs", logits.len(), inputs.len()),
-                    Err(err) => err,
-                };
-                eprintln!(
-                    "bitnet serve: step {batch_id} of {} sequences failed ({reason}); retrying each alone",
-                    inputs.len()
-                );
-                // On error no sequence has advanced, so each may run again alone.
-                inputs
-                    .iter()
-                    .map(|input| match guarded_step(self.backend.as_mut(), std::slice::from_ref(input)) {
-                        Ok(mut logits) if logits.len() == 1 => {
-                            self.metrics.batch_size.observe(1.0);
-                            (Ok(logits.pop().unwrap_or_default()), 1)
-                        }
-                        Ok(_) => (Err("backend returned a wrong number of results".to_owned()), 1),
-                        Err(err) => (Err(err), 1),
-                    })
-                    .collect()
-            }
-        };
+        // The engine answers every entry: GPU failures are re-run on the
+        // CPU inside it, and a bad entry fails alone.
+        let results = self.engine.step(&inputs);
+        let ran_in = inputs.len();
+        self.metrics.batch_size.observe(ran_in as f64);
         drop(inputs);
-        for ((idx, work), (result, ran_in)) in plan.into_iter().zip(results) {
+        let moved = self.publish_engine_events();
+        for ((idx, work), result) in plan.into_iter().zip(results) {
             let logits = match result {
                 Ok(logits) => logits,
                 Err(reason) => {
@@ -265,6 +281,23 @@ impl Engine {
                 }
             };
             let r = &mut self.running[idx];
+            if moved.contains(&r.seq) && r.job.replay_on_fallback && !r.generated.is_empty() {
+                // Tokens chosen on the GPU would steer the CPU's continuation;
+                // nobody has seen them, so start over on the CPU.
+                if let Err(err) = self.engine.restart_on_cpu(r.seq) {
+                    self.fail(idx, format!("restarting on the CPU failed: {err}"));
+                    continue;
+                }
+                let r = &mut self.running[idx];
+                r.prefilled = 0;
+                r.generated.clear();
+                r.output = OutputText::new(r.job.stop.clone());
+                match Sampler::new(r.job.sampling.clone()) {
+                    Ok(sampler) => r.sampler = sampler,
+                    Err(err) => self.fail(idx, format!("bad sampling settings: {err}")),
+                }
+                continue;
+            }
             r.first_batch_id.get_or_insert(batch_id);
             r.largest_batch = r.largest_batch.max(ran_in);
             match work {
@@ -326,8 +359,8 @@ impl Engine {
                 return None;
             }
         };
-        if let Err(err) = self.backend.add_sequence(seq, job.prompt.len() + job.max_tokens) {
-            let _ = job.events.send(Event::Failed(format!("could not reserve the KV cache: {err}")));
+        if let Err(err) = self.engine.add_sequence(seq, job.prompt.len() + job.max_tokens, &job.preferences) {
+            let _ = job.events.send(Event::Failed(format!("could not place the request: {err}")));
             self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -353,7 +386,7 @@ impl Engine {
     fn fail(&mut self, idx: usize, reason: String) {
         let r = &mut self.running[idx];
         eprintln!("bitnet serve: {reason}");
-        self.backend.remove_sequence(r.seq);
+        self.engine.remove_sequence(r.seq);
         let _ = r.job.events.send(Event::Failed(reason));
         r.done = true;
         self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
@@ -391,7 +424,10 @@ impl Engine {
             let _ = r.job.events.send(Event::Delta(delta));
         }
         let Some(finish_reason) = reason else { return };
-        self.backend.remove_sequence(r.seq);
+        let Some(report) = self.engine.report(r.seq).cloned() else {
+            return self.fail(idx, "the engine lost the sequence".into());
+        };
+        self.engine.remove_sequence(r.seq);
         r.done = true;
         self.metrics.e2e_request_latency.observe_duration(now.duration_since(r.job.arrived));
         self.metrics.request_success.inc(finish_reason.as_str());
@@ -405,6 +441,7 @@ impl Engine {
                 batch_size: r.largest_batch,
                 queue: r.admitted.duration_since(r.job.arrived),
                 compute: now.duration_since(r.admitted),
+                report,
             },
         }));
     }

@@ -6,7 +6,8 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use bitnet_inference::{Backend, BackendInfo};
+use bitnet_device::GpuInfo;
+use bitnet_inference::{BackendInfo, Engine};
 use bitnet_models::Tokenizer;
 use tokio::sync::Semaphore;
 
@@ -28,7 +29,11 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct LoadedModel {
     pub tokenizer: Arc<Tokenizer>,
+    /// The CPU backend (always there).
     pub info: BackendInfo,
+    /// The GPU as the engine's decisions see it (after a fault plan), and
+    /// its planning budget in bytes; `None` without a GPU backend.
+    pub gpu: Option<(GpuInfo, u64)>,
     pub context_len: usize,
 }
 
@@ -50,7 +55,7 @@ pub struct AppState {
     pub next_id: AtomicU64,
     pub started_unix: u64,
     pub cpu: bitnet_device::CpuInfo,
-    /// GPUs found at start-up (the CUDA backend does not use them yet).
+    /// GPUs found at start-up.
     pub gpu: bitnet_device::GpuProbe,
 }
 
@@ -83,18 +88,19 @@ impl AppState {
         self.model.get()
     }
 
-    /// Starts the engine on `backend` and turns the server ready (unless it
-    /// is already draining).
-    pub fn install(&self, backend: Box<dyn Backend>, tokenizer: Tokenizer) -> std::io::Result<()> {
-        let info = backend.info();
-        let context_len = backend.config().max_position_embeddings;
+    /// Starts the scheduler on `engine` and turns the server ready (unless
+    /// it is already draining).
+    pub fn install(&self, engine: Engine, tokenizer: Tokenizer) -> std::io::Result<()> {
+        let info = engine.cpu_info().clone();
+        let gpu = engine.gpu_info().cloned().zip(engine.gpu_budget());
+        let context_len = engine.config().max_position_embeddings;
         let tokenizer = Arc::new(tokenizer);
         let config = SchedulerConfig {
             max_batch_size: self.config.max_batch_size,
             max_batch_tokens: self.config.max_batch_tokens,
         };
-        let (tx, thread) = scheduler::spawn(backend, tokenizer.clone(), config, self.metrics.clone())?;
-        let _ = self.model.set(LoadedModel { tokenizer, info, context_len });
+        let (tx, thread) = scheduler::spawn(engine, tokenizer.clone(), config, self.metrics.clone())?;
+        let _ = self.model.set(LoadedModel { tokenizer, info, gpu, context_len });
         *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         *self.engine_thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         let _ =

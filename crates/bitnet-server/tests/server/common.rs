@@ -10,7 +10,7 @@ use bitnet_inference::{
 };
 use bitnet_models::synthetic::{self, Preset};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor};
-use bitnet_server::server::{serve, ServeError, ServerConfig};
+use bitnet_server::server::{serve, serve_with_loader, ServeError, ServerConfig};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -75,7 +75,27 @@ pub async fn start_with(backend: Box<dyn Backend>, config: ServerConfig) -> Test
     server
 }
 
+/// Starts a server on a ready-made engine (for GPU fallback tests).
+pub async fn start_engine(engine: bitnet_inference::Engine, config: ServerConfig) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let tokenizer = model().tokenizer.clone();
+    let load = move || Ok((engine, tokenizer));
+    let task = tokio::spawn(serve_with_loader(listener, config, load, async move {
+        let _ = rx.await;
+    }));
+    let server = TestServer { base, client: reqwest::Client::new(), shutdown: Some(tx), task };
+    server.wait_until(|s| s.get_status("/health"), 200).await;
+    server
+}
+
 impl TestServer {
+    /// The whole `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.client.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

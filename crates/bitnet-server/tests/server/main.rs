@@ -6,6 +6,7 @@ mod batching;
 mod cli_serve;
 mod common;
 mod errors;
+mod fallback;
 mod openai_client;
 mod shutdown;
 mod snapshots;

@@ -21,6 +21,7 @@ fn redact(mut value: Value) -> Value {
                     Some("id") if other.as_str().is_some_and(|s| s.contains("cmpl-")) => "[id]",
                     Some("created") => "[created]",
                     Some("queue_ms" | "compute_ms") => "[ms]",
+                    Some("fallback_ms") if other.as_f64() != Some(0.0) => "[ms]",
                     Some("batch_id") => "[batch_id]",
                     Some("text" | "content") if other.as_str().is_some_and(|s| !s.is_empty()) => "[generated]",
                     Some("completion_tokens" | "total_tokens") => "[count]",
