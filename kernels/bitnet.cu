@@ -52,6 +52,8 @@ struct F32 {
     static __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
     static __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
     static __device__ __forceinline__ float round(float v) { return v; }
+    // Four consecutive values from a 16-byte aligned address.
+    static __device__ __forceinline__ float4 load4(const float* p, size_t i) { return __ldg((const float4*)(p + i)); }
 };
 
 struct F16 {
@@ -59,6 +61,12 @@ struct F16 {
     static __device__ __forceinline__ float load(const u16* p, size_t i) { return f16_to_f32(p[i]); }
     static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_f16(v); }
     static __device__ __forceinline__ float round(float v) { return f16_to_f32(f32_to_f16(v)); }
+    // Four consecutive values from an 8-byte aligned address.
+    static __device__ __forceinline__ float4 load4(const u16* p, size_t i) {
+        uint2 u = __ldg((const uint2*)(p + i));
+        return make_float4(f16_to_f32((u16)(u.x & 0xffffu)), f16_to_f32((u16)(u.x >> 16)), f16_to_f32((u16)(u.y & 0xffffu)),
+                           f16_to_f32((u16)(u.y >> 16)));
+    }
 };
 
 struct BF16 {
@@ -66,6 +74,12 @@ struct BF16 {
     static __device__ __forceinline__ float load(const u16* p, size_t i) { return bf16_to_f32(p[i]); }
     static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_bf16(v); }
     static __device__ __forceinline__ float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+    // Four consecutive values from an 8-byte aligned address.
+    static __device__ __forceinline__ float4 load4(const u16* p, size_t i) {
+        uint2 u = __ldg((const uint2*)(p + i));
+        return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                           __uint_as_float(u.y & 0xffff0000u));
+    }
 };
 
 // ---------------------------------------------------------------------------
@@ -531,14 +545,18 @@ ROPE_KV(rope_kv_bf16, BF16)
 // sum l of exp(score - m) and the unnormalised output, and writes them to
 // part / ml; attention_combine merges the S parts. Scores q.k * scale, the
 // softmax and the outputs are f32; q is f32, the cache is read in T.
-// grid (rows, n_heads, S), block 128; head_dim <= 256.
+// grid (rows, n_heads, S), block 128; head_dim <= 256 and a multiple of 4.
 
 #define ATT_CHUNK 32
 #define ATT_WARPS 4
 #define ATT_MAX_HD 256
 
 #define ATT_PER_WARP (ATT_CHUNK / ATT_WARPS)
-#define ATT_LANES (ATT_MAX_HD / 32)
+// Each lane holds 4 consecutive dimensions of each 128-wide group:
+// d = 128 * j + 4 * lane + {0..3}, j < ATT_GROUPS (head_dim % 4 == 0).
+#define ATT_GROUPS (ATT_MAX_HD / 128)
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
 template <class P>
 __device__ void attention_partial_impl(const float* __restrict__ q, const typename P::T* __restrict__ kc,
@@ -552,76 +570,89 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
     int kvh = head / (n_heads / n_kv_heads);
     int visible = pos[r] + 1;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // This lane's dimensions: lane, lane + 32, ...
-    float qv[ATT_LANES];
+    float4 qv[ATT_GROUPS];
+    bool has[ATT_GROUPS];
 #pragma unroll
-    for (int j = 0; j < ATT_LANES; j++) {
-        int d = lane + 32 * j;
-        qv[j] = d < head_dim ? q[(size_t)r * hidden + head * head_dim + d] : 0.0f;
+    for (int j = 0; j < ATT_GROUPS; j++) {
+        int d = 128 * j + 4 * lane;
+        has[j] = d < head_dim;
+        const float* qp = q + (size_t)r * hidden + head * head_dim;
+        qv[j] = has[j] ? make_float4(qp[d], qp[d + 1], qp[d + 2], qp[d + 3]) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
     float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
-    float acc[ATT_LANES];
+    float4 acc[ATT_GROUPS];
 #pragma unroll
-    for (int j = 0; j < ATT_LANES; j++) acc[j] = 0.0f;
+    for (int j = 0; j < ATT_GROUPS; j++) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int c0 = s * ATT_CHUNK; c0 < visible; c0 += S * ATT_CHUNK) {
         int cnt = min(ATT_CHUNK, visible - c0);
         // Scores: warp w takes positions w, w + ATT_WARPS, ...; every load
         // of the warp's positions is issued before the first reduction.
-        float kv[ATT_PER_WARP][ATT_LANES];
+        float4 kv[ATT_PER_WARP][ATT_GROUPS];
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             int i = warp + ii * ATT_WARPS;
-            const typename P::T* kp = kc + first + (size_t)(c0 + i) * kv_dim;
+            size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
-            for (int j = 0; j < ATT_LANES; j++) {
-                int d = lane + 32 * j;
-                kv[ii][j] = (i < cnt && d < head_dim) ? P::load(kp, d) : 0.0f;
-            }
+            for (int j = 0; j < ATT_GROUPS; j++)
+                kv[ii][j] = (i < cnt && has[j]) ? P::load4(kc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             float dot = 0.0f;
 #pragma unroll
-            for (int j = 0; j < ATT_LANES; j++) dot += qv[j] * kv[ii][j];
+            for (int j = 0; j < ATT_GROUPS; j++) dot += dot4(qv[j], kv[ii][j]);
             dot = warp_sum_f(dot);
             int i = warp + ii * ATT_WARPS;
             if (lane == 0 && i < cnt) sc[i] = dot * scale;
         }
         __syncthreads();
-        float cm = -__int_as_float(0x7f800000);
-        for (int i = 0; i < cnt; i++) cm = fmaxf(cm, sc[i]);
-        float m_new = fmaxf(m_run, cm);
+        // One chunk is one warp wide: lane i holds score i; every warp
+        // computes the chunk's maximum and sum with shuffles.
+        float mine = lane < cnt ? sc[lane] : -__int_as_float(0x7f800000);
+        float m_new = fmaxf(m_run, warp_max_f(mine));
         float factor = expf(m_run - m_new);  // 0 on the first chunk (m_run = -inf)
-        float csum = 0.0f;
-        for (int i = 0; i < cnt; i++) csum += expf(sc[i] - m_new);
-        l_run = l_run * factor + csum;
+        float e_mine = lane < cnt ? expf(mine - m_new) : 0.0f;
+        l_run = l_run * factor + warp_sum_f(e_mine);
 #pragma unroll
-        for (int j = 0; j < ATT_LANES; j++) acc[j] *= factor;
-#pragma unroll
-        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
-            int i = warp + ii * ATT_WARPS;
-            const typename P::T* vp = vc + first + (size_t)(c0 + i) * kv_dim;
-#pragma unroll
-            for (int j = 0; j < ATT_LANES; j++) {
-                int d = lane + 32 * j;
-                kv[ii][j] = (i < cnt && d < head_dim) ? P::load(vp, d) : 0.0f;
-            }
+        for (int j = 0; j < ATT_GROUPS; j++) {
+            acc[j].x *= factor;
+            acc[j].y *= factor;
+            acc[j].z *= factor;
+            acc[j].w *= factor;
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             int i = warp + ii * ATT_WARPS;
-            float e = i < cnt ? expf(sc[i] - m_new) : 0.0f;
+            size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
-            for (int j = 0; j < ATT_LANES; j++) acc[j] += e * kv[ii][j];
+            for (int j = 0; j < ATT_GROUPS; j++)
+                kv[ii][j] = (i < cnt && has[j]) ? P::load4(vc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int ii = 0; ii < ATT_PER_WARP; ii++) {
+            int i = warp + ii * ATT_WARPS;
+            float e = __shfl_sync(0xffffffffu, e_mine, i & 31);
+#pragma unroll
+            for (int j = 0; j < ATT_GROUPS; j++) {
+                acc[j].x += e * kv[ii][j].x;
+                acc[j].y += e * kv[ii][j].y;
+                acc[j].z += e * kv[ii][j].z;
+                acc[j].w += e * kv[ii][j].w;
+            }
         }
         m_run = m_new;
         __syncthreads();
     }
 #pragma unroll
-    for (int j = 0; j < ATT_LANES; j++) {
-        int d = lane + 32 * j;
-        if (d < head_dim) red[warp][d] = acc[j];
+    for (int j = 0; j < ATT_GROUPS; j++) {
+        int d = 128 * j + 4 * lane;
+        if (has[j]) {
+            red[warp][d] = acc[j].x;
+            red[warp][d + 1] = acc[j].y;
+            red[warp][d + 2] = acc[j].z;
+            red[warp][d + 3] = acc[j].w;
+        }
     }
     __syncthreads();
     size_t slot = ((size_t)r * n_heads + head) * S + s;
@@ -673,10 +704,10 @@ extern "C" __global__ void attention_combine(const float* part, const float* ml,
 // Output head: logits[e, v] = sum_k W[v, k] * x[e, k], f32 accumulation.
 
 // f16 / bf16 on tensor cores (mma m16n8k16). Each warp owns 16 vocabulary
-// rows and HEAD_TOKENS tokens; the k order inside an mma is permuted as in
+// rows and 8 * NT tokens; the k order inside an mma is permuted as in
 // the ternary kernel (lane t takes elements 4t..4t+3 of each 16-chunk).
-// grid (ceil(vocab / (16 * 4)), ceil(n / HEAD_TOKENS)), block 128.
-#define HEAD_TOKENS 64
+// grid (ceil(vocab / (16 * 4)), ceil(n / (8 * NT))), block 128. NT = 8 for
+// batches, 1 for up to 8 tokens (fewer registers: more warps in flight).
 #define HEAD_PREFETCH 8
 
 __device__ __forceinline__ void mma_f16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
@@ -697,7 +728,7 @@ __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, uns
 }
 
 // x holds the hi parts [n, hidden] followed by the lo parts [n, hidden].
-template <bool BF>
+template <bool BF, int NT>
 __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, const u16* __restrict__ x, int n,
                               float* __restrict__ logits) {
     size_t lo_off = (size_t)n * hidden;
@@ -705,19 +736,19 @@ __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, 
     int g = lane >> 2, t = lane & 3;
     int row_base = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (row_base >= vocab) return;
-    int tok_base = blockIdx.y * HEAD_TOKENS;
-    int ntiles = min(HEAD_TOKENS / 8, (n - tok_base + 7) / 8);
-    float acc[HEAD_TOKENS / 8][4];
+    int tok_base = blockIdx.y * NT * 8;
+    int ntiles = min(NT, (n - tok_base + 7) / 8);
+    float acc[NT][4];
 #pragma unroll
-    for (int i = 0; i < HEAD_TOKENS / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     int r0 = row_base + g, r1 = row_base + g + 8;
     bool v0 = r0 < vocab, v1 = r1 < vocab;
     const u16* p0 = w + (size_t)(v0 ? r0 : 0) * hidden + 4 * t;
     const u16* p1 = w + (size_t)(v1 ? r1 : 0) * hidden + 4 * t;
-    const u16* px[HEAD_TOKENS / 8];
-    bool vx[HEAD_TOKENS / 8];
+    const u16* px[NT];
+    bool vx[NT];
 #pragma unroll
-    for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+    for (int nt = 0; nt < NT; nt++) {
         int tok = tok_base + nt * 8 + g;
         vx[nt] = tok < n;
         px[nt] = x + (size_t)(vx[nt] ? tok : 0) * hidden + 4 * t;
@@ -738,7 +769,7 @@ __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, 
             int k0 = kb + 16 * i;
             if (k0 >= hidden) break;
 #pragma unroll
-            for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+            for (int nt = 0; nt < NT; nt++) {
                 if (nt < ntiles) {
                     uint2 bh = vx[nt] ? __ldg((const uint2*)(px[nt] + k0)) : make_uint2(0u, 0u);
                     uint2 bl = vx[nt] ? __ldg((const uint2*)(px[nt] + lo_off + k0)) : make_uint2(0u, 0u);
@@ -754,7 +785,7 @@ __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, 
         }
     }
 #pragma unroll
-    for (int nt = 0; nt < HEAD_TOKENS / 8; nt++) {
+    for (int nt = 0; nt < NT; nt++) {
         if (nt >= ntiles) continue;
         int tok = tok_base + nt * 8 + 2 * t;
         if (tok < n) {
@@ -770,11 +801,19 @@ __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, 
 
 extern "C" __global__ void __launch_bounds__(128) head_f16(const u16* w, int vocab, int hidden, const u16* x, int n,
                                                            float* logits) {
-    head_mma_impl<false>(w, vocab, hidden, x, n, logits);
+    head_mma_impl<false, 8>(w, vocab, hidden, x, n, logits);
 }
 extern "C" __global__ void __launch_bounds__(128) head_bf16(const u16* w, int vocab, int hidden, const u16* x, int n,
                                                             float* logits) {
-    head_mma_impl<true>(w, vocab, hidden, x, n, logits);
+    head_mma_impl<true, 8>(w, vocab, hidden, x, n, logits);
+}
+extern "C" __global__ void __launch_bounds__(128) head_f16_small(const u16* w, int vocab, int hidden, const u16* x,
+                                                                 int n, float* logits) {
+    head_mma_impl<false, 1>(w, vocab, hidden, x, n, logits);
+}
+extern "C" __global__ void __launch_bounds__(128) head_bf16_small(const u16* w, int vocab, int hidden, const u16* x,
+                                                                  int n, float* logits) {
+    head_mma_impl<true, 1>(w, vocab, hidden, x, n, logits);
 }
 
 // f32: one warp per vocabulary row, float4 loads, up to 8 tokens per pass.

@@ -83,6 +83,11 @@ pub fn smoke(args: GpuSmokeArgs) -> anyhow::Result<()> {
     println!("  bash {}/run.sh smoke   # GPU tests + generation on tiny/2b4t in fp32/fp16/bf16", args.bundle.display());
     println!("  bash {}/run.sh bench   # cargo xtask bench --device gpu + HF transformers bf16", args.bundle.display());
     println!("  bash {}/run.sh crossval  # GPU crossval scenarios + HF bf16 comparison", args.bundle.display());
+    println!(
+        "  bash {}/run.sh scenarios # the fallback scenario matrix with the real CUDA backend",
+        args.bundle.display()
+    );
+    println!("  bash {}/run.sh all       # all of the above", args.bundle.display());
     Ok(())
 }
 
@@ -104,6 +109,9 @@ pub struct GpuBenchArgs {
     /// Disable CUDA graphs (for an A/B comparison).
     #[arg(long)]
     pub no_graphs: bool,
+    /// Also time each kernel alone at the 2B-4T shapes (graph of 20 launches).
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 fn parse_precision(s: &str) -> anyhow::Result<Precision> {
@@ -252,7 +260,14 @@ pub fn bench(
             }));
         }
     }
+    let kernels = if args.kernels {
+        eprintln!("bench gpu: kernels alone (20 launches in one graph, median of 5):");
+        kernel_bench(&[1, 32])?
+    } else {
+        json!(null)
+    };
     let report = json!({
+        "kernels_alone": kernels,
         "model": model_path, "gpu": gpus[0].name, "compute_capability": gpus[0].compute_capability,
         "host": bitnet_device::CpuInfo::probe().to_string(),
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
@@ -287,4 +302,182 @@ pub fn bench(
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// Per-kernel times at the 2B-4T shapes: each kernel launched 20 times in one
+/// CUDA graph, the graph timed with events (median of 5), on random data.
+/// Separates a kernel's own time from launch gaps, which an eager profile
+/// (events around each launch) includes.
+pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
+    use bitnet_kernels::cuda::{GpuContext, GpuDType, TernaryActs};
+    let gpu = GpuContext::open(0, None)?;
+    let (h, inter, vocab, heads, kv_heads, hd) = (2560usize, 6912usize, 128_256usize, 20usize, 5usize, 128usize);
+    let kv_dim = kv_heads * hd;
+    let max_rows = rows_list.iter().copied().max().unwrap_or(1);
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect()
+    };
+    // Valid I2_S codes only (0..=2 in every field): clear bit 1 of a field whose bits are 11.
+    let codes = |bytes: Vec<u8>| -> Vec<u8> { bytes.into_iter().map(|b| b & !((b & (b >> 1) & 0x55) << 1)).collect() };
+    let f32s = |n: usize, scale: f32, random: &mut dyn FnMut(usize) -> Vec<u8>| -> Vec<u8> {
+        random(n).iter().flat_map(|&b| ((f32::from(b) - 127.5) * scale).to_le_bytes()).collect()
+    };
+    // bf16 values below 2 in magnitude (exponent bit 7 clear): no NaN or infinity.
+    let bf16s = |bytes: Vec<u8>| -> Vec<u8> {
+        bytes.into_iter().enumerate().map(|(i, b)| if i % 2 == 1 { b & 0xBF } else { b }).collect()
+    };
+    let w_qkv = gpu.upload("qkv", &codes(random((h + 2 * kv_dim) * h / 4)))?;
+    let w_o = gpu.upload("o", &codes(random(h * h / 4)))?;
+    let w_gate = gpu.upload("gate", &codes(random(inter * h / 4)))?;
+    let w_up = gpu.upload("up", &codes(random(inter * h / 4)))?;
+    let w_down = gpu.upload("down", &codes(random(h * inter / 4)))?;
+    let head_bf16 = gpu.upload("head bf16", &bf16s(random(vocab * h * 2)))?;
+    let head_f32 = gpu.upload("head f32", &f32s(vocab * h, 1e-3, &mut random))?;
+    let x = gpu.upload("x", &f32s(max_rows * inter, 0.01, &mut random))?;
+    let norm_w = gpu.upload("norm", &f32s(inter, 0.01, &mut random))?;
+    let q8 = gpu.upload("q8", &random(max_rows * inter))?;
+    let scale = gpu.upload("scale", &(0..max_rows).flat_map(|_| 50f32.to_le_bytes()).collect::<Vec<u8>>())?;
+    let qsum = gpu.alloc("qsum", max_rows * 4)?;
+    let out = gpu.alloc("out", max_rows * inter * 4)?;
+    let qkv = gpu.upload("qkv out", &f32s(max_rows * (h + 2 * kv_dim), 0.01, &mut random))?;
+    let slots = max_rows * 256;
+    let kc = gpu.upload("k cache", &bf16s(random(slots * kv_dim * 2)))?;
+    let vc = gpu.upload("v cache", &bf16s(random(slots * kv_dim * 2)))?;
+    let cos = gpu.upload("cos", &f32s(4096 * hd / 2, 0.007, &mut random))?;
+    let pos: Vec<u8> = (0..max_rows).flat_map(|_| 255i32.to_le_bytes()).collect();
+    let base: Vec<u8> = (0..max_rows).flat_map(|r| (r as i32 * 256).to_le_bytes()).collect();
+    let (pos, base) = (gpu.upload("pos", &pos)?, gpu.upload("base", &base)?);
+    let q = gpu.alloc("q", max_rows * h * 4)?;
+    let attn = gpu.alloc("attn", max_rows * h * 4)?;
+    let scratch = gpu.alloc("scratch", 4096usize.max(max_rows) * heads * (hd + 2) * 4)?;
+    let flags = gpu.alloc("flags", 4)?;
+    let head_in = gpu.upload("head in", &bf16s(random(2 * max_rows * h * 2)))?;
+    let logits = gpu.alloc("logits", max_rows * vocab * 4)?;
+    let row_ids: Vec<u8> = (0..max_rows).flat_map(|r| (r as i32).to_le_bytes()).collect();
+    let row_ids = gpu.upload("rows", &row_ids)?;
+    let tokens_out = gpu.alloc("tokens", max_rows * 4)?;
+
+    let time = |f: &dyn Fn() -> Result<(), bitnet_kernels::cuda::CudaError>| -> anyhow::Result<f64> {
+        const REPS: usize = 20;
+        f()?;
+        gpu.synchronize()?;
+        gpu.begin_capture()?;
+        let captured = (0..REPS).try_for_each(|_| f());
+        let graph = gpu.end_capture();
+        captured?;
+        let graph = graph?;
+        gpu.launch_graph(&graph)?;
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            samples.push(f64::from(gpu.time_ms(|| gpu.launch_graph(&graph))?));
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[2] * 1e3 / REPS as f64)
+    };
+    let mut rows = Vec::new();
+    for &n in rows_list {
+        let acts_h = TernaryActs { q: q8.all(), scale: scale.all(), qsum: qsum.all(), n_tok: n };
+        let mut add = |name: &str, bytes: usize, us: f64| {
+            eprintln!("  n {n:>3} {name:<22} {us:>8.2} us  {:>7.0} GB/s", bytes as f64 / us / 1e3);
+            rows.push(json!({"rows": n, "kernel": name, "us": us, "bytes": bytes}));
+        };
+        add(
+            "rmsnorm_quant 2560",
+            n * h * 5,
+            time(&|| gpu.rmsnorm_quant(x.all(), norm_w.all(), 1e-5, n, h, &acts_h, flags.all()))?,
+        );
+        add(
+            "rmsnorm_quant 6912",
+            n * inter * 5,
+            time(&|| gpu.rmsnorm_quant(x.all(), norm_w.all(), 1e-5, n, inter, &acts_h, flags.all()))?,
+        );
+        let qkv_rows = h + 2 * kv_dim;
+        add(
+            "ternary qkv 3840x2560",
+            qkv_rows * h / 4,
+            time(&|| {
+                gpu.ternary_store(w_qkv.all(), qkv_rows, h, [1.0; 3], [h, h + kv_dim], &acts_h, out.all(), qkv_rows)
+            })?,
+        );
+        add("ternary o 2560x2560", h * h / 4, time(&|| gpu.ternary_add(w_o.all(), h, h, 1.0, &acts_h, out.all(), h))?);
+        add(
+            "ternary gate+up 2x6912",
+            2 * inter * h / 4,
+            time(&|| gpu.ternary_gate_up(w_gate.all(), w_up.all(), inter, h, [1.0, 1.0], &acts_h, out.all(), inter))?,
+        );
+        add(
+            "ternary down 2560x6912",
+            h * inter / 4,
+            time(&|| gpu.ternary_add(w_down.all(), h, inter, 1.0, &acts_h, out.all(), h))?,
+        );
+        add(
+            "rope_kv bf16",
+            n * (h + 2 * kv_dim) * 4,
+            time(&|| {
+                gpu.rope_kv(
+                    GpuDType::BF16,
+                    qkv.all(),
+                    cos.all(),
+                    cos.all(),
+                    4096,
+                    pos.all(),
+                    base.all(),
+                    n,
+                    q.all(),
+                    kc.all(),
+                    vc.all(),
+                    slots,
+                    (heads, kv_heads, hd),
+                )
+            })?,
+        );
+        add(
+            "attention bf16 (256 pos)",
+            n * 256 * kv_dim * 2 * 2,
+            time(&|| {
+                gpu.attention(
+                    GpuDType::BF16,
+                    q.all(),
+                    kc.all(),
+                    vc.all(),
+                    slots,
+                    pos.all(),
+                    base.all(),
+                    n,
+                    256,
+                    attn.all(),
+                    (heads, kv_heads, hd),
+                    scratch.all(),
+                    flags.all(),
+                )
+            })?,
+        );
+        add(
+            "final_norm bf16",
+            n * h * 8,
+            time(&|| {
+                gpu.final_norm(GpuDType::BF16, x.all(), n, row_ids.all(), n, norm_w.all(), 1e-5, h, head_in.all())
+            })?,
+        );
+        add(
+            "head bf16",
+            vocab * h * 2,
+            time(&|| gpu.head(GpuDType::BF16, head_bf16.all(), vocab, h, head_in.all(), n, logits.all()))?,
+        );
+        add(
+            "head f32",
+            vocab * h * 4,
+            time(&|| gpu.head(GpuDType::F32, head_f32.all(), vocab, h, x.all(), n, logits.all()))?,
+        );
+        add("argmax", n * vocab * 4, time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all()))?);
+    }
+    Ok(json!(rows))
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root:
-#   bash target/gpu-bundle/run.sh smoke|bench|crossval|all
+#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|all
 # (made by `cargo xtask gpu-smoke`, which builds everything on the dev box).
 # Logs and JSON go to bundle/out; at the end they are packed into
 # $OUT/results.tar.gz (the device tool returns at most 8 files) with summary.md.
@@ -57,7 +57,7 @@ smoke() {
 
 bench() {
     [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
-    step bench-gpu "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" --json "$OUT/bench-gpu.json"
+    step bench-gpu "$B/bin/xtask" bench --device gpu --kernels --model "$B/models/2b4t.gguf" --json "$OUT/bench-gpu.json"
     if [ -z "${SKIP_HF:-}" ] && python3 -c "import torch, transformers" 2>/dev/null; then
         [ -d "$B/models/2b4t-hf" ] || step gen-2b4t-hf "$B/bin/xtask" gen-model --preset 2b4t --format hf --out "$B/models/2b4t-hf"
         step bench-hf "$(command -v python3)" "$ROOT/tools/hf_reference/hf_bench.py" --model "$B/models/2b4t-hf" --json "$OUT/bench-hf.json"
@@ -71,12 +71,17 @@ crossval() {
         --scenarios gpu_fp32,gpu_fp16,gpu_bf16 --json "$OUT/crossval-gpu-small.json"
 }
 
+scenarios() {
+    step scenarios-gpu "$B/bin/xtask" test --scenario all --json "$OUT/scenarios-gpu.json"
+}
+
 case "$MODE" in
 smoke) smoke ;;
 bench) bench ;;
 crossval) crossval ;;
-all) smoke; crossval; bench ;;
-*) echo "usage: run.sh smoke|bench|crossval|all" >&2; exit 2 ;;
+scenarios) scenarios ;;
+all) smoke; crossval; scenarios; bench ;;
+*) echo "usage: run.sh smoke|bench|crossval|scenarios|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

@@ -163,8 +163,14 @@ async fn run_server(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let load = move || -> Result<_, LoadError> {
         let tokenizer = model.tokenizer.clone();
-        // The scenarios run without a GPU probe: the primary device is chosen by `options`.
-        let probe = GpuProbe::NoDriver { reason: "not probed by the scenario harness".into() };
+        // A real GPU is the primary device when there is one (the fault plan
+        // acts on the CUDA backend); otherwise `options.simulate_gpu` gives a
+        // CPU backend posing as one.
+        let probe = if options.simulate_gpu {
+            GpuProbe::NoDriver { reason: "simulated GPU".into() }
+        } else {
+            bitnet_device::probe_gpus()
+        };
         Ok((build_engine(model, &options, &probe)?, tokenizer))
     };
     let server = tokio::spawn(serve_with_loader(listener, config, load, async move {
@@ -430,9 +436,16 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         model_id,
         if args.threads == 0 { cpu.logical_cores } else { args.threads }
     );
-    println!(
-        "primary device: simulated GPU ({SIMULATED_GPU_DEVICE}: the CPU backend behind the fault injector; this build has no CUDA backend)"
-    );
+    let real_gpu = bitnet_device::probe_gpus().gpus().iter().find(|g| g.compute_capability.0 >= 8).cloned();
+    match &real_gpu {
+        Some(g) => println!(
+            "primary device: {} (cc {}.{}), the CUDA backend with the fault plan acting on its allocations and launches",
+            g.name, g.compute_capability.0, g.compute_capability.1
+        ),
+        None => println!(
+            "primary device: simulated GPU ({SIMULATED_GPU_DEVICE}: the CPU backend behind the fault injector; no usable CUDA GPU here)"
+        ),
+    }
     for scenario in &selected {
         println!("  {}: {}", scenario.name, scenario.note);
     }
@@ -460,7 +473,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         for scenario in &selected {
             let options = EngineOptions {
                 threads: args.threads,
-                simulate_gpu: true,
+                simulate_gpu: real_gpu.is_none(),
                 fault_plan: scenario.plan.clone(),
                 engine: engine.clone(),
                 ..EngineOptions::default()

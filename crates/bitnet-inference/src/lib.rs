@@ -30,6 +30,8 @@ pub mod sampling;
 pub mod simulated_gpu;
 
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
+#[cfg(feature = "cuda")]
+pub use bitnet_kernels::cuda::DeviceHooks;
 pub use cpu::{CpuBackend, CpuBackendConfig};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};

@@ -207,15 +207,15 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
         // Greedy on the device equals the argmax of the logits.
         let batch: Vec<StepInput> = (0..ps.len()).map(|i| StepInput { seq: 10 + i as u64, tokens: &[5] }).collect();
         let mut c = cuda(&model, precision, |_| {});
-        for i in 0..ps.len() {
+        for (i, p) in ps.iter().enumerate() {
             c.add_sequence(10 + i as u64, 64).unwrap();
-            c.step(&[StepInput { seq: 10 + i as u64, tokens: &ps[i] }]).unwrap();
+            c.step(&[StepInput { seq: 10 + i as u64, tokens: p }]).unwrap();
         }
         let greedy = c.step_greedy(&batch).unwrap();
         let mut d = cuda(&model, precision, |_| {});
-        for i in 0..ps.len() {
+        for (i, p) in ps.iter().enumerate() {
             d.add_sequence(10 + i as u64, 64).unwrap();
-            d.step(&[StepInput { seq: 10 + i as u64, tokens: &ps[i] }]).unwrap();
+            d.step(&[StepInput { seq: 10 + i as u64, tokens: p }]).unwrap();
         }
         let logits = d.step(&batch).unwrap();
         assert_eq!(greedy, logits.iter().map(|l| argmax(l)).collect::<Vec<_>>(), "{precision:?}");

@@ -334,7 +334,7 @@ fn rope_kv_matches_cpu_rope() {
     for dt in DTYPES {
         let e = dt.size();
         let (qo, kc, vc) = (
-            g.alloc("q", n * hidden * e).unwrap(),
+            g.alloc("q", n * hidden * 4).unwrap(),
             g.alloc("k", slots * kv_dim * e).unwrap(),
             g.alloc("v", slots * kv_dim * e).unwrap(),
         );

@@ -58,7 +58,7 @@ fn the_readme_example_runs_on_the_gpu_in_every_precision() {
         let out = bitnet(&args);
         assert!(out.status.success(), "{precision}: {}", stderr(&out));
         assert_eq!(stdout(&out), "221+696=7190\n", "{precision}");
-        let short = if precision == "fp32" { "f32" } else { &precision[..] };
+        let short = if precision == "fp32" { "f32" } else { precision };
         assert!(stderr(&out).contains(&format!("device cuda ({short}")), "{precision}: {}", stderr(&out));
     }
 }

@@ -56,6 +56,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "head_f32",
     "head_f16",
     "head_bf16",
+    "head_f16_small",
+    "head_bf16_small",
     "argmax_rows",
 ];
 
@@ -122,6 +124,19 @@ pub trait DeviceHooks: Send + Sync + fmt::Debug {
     fn on_alloc(&self, bytes: u64) -> Result<(), String>;
     /// Called when an allocation is freed.
     fn on_free(&self, bytes: u64);
+}
+
+/// The fault-injection plan of `bitnet-device` acts on the CUDA layer.
+impl DeviceHooks for bitnet_device::FaultInjector {
+    fn on_launch(&self, what: &str) -> Result<(), String> {
+        bitnet_device::FaultInjector::on_launch(self, what).map_err(|e| e.to_string())
+    }
+    fn on_alloc(&self, bytes: u64) -> Result<(), String> {
+        bitnet_device::FaultInjector::on_alloc(self, bytes).map_err(|e| e.to_string())
+    }
+    fn on_free(&self, bytes: u64) {
+        bitnet_device::FaultInjector::on_free(self, bytes);
+    }
 }
 
 /// A device allocation (bytes), made with `cuMemAlloc` (not the stream-ordered
@@ -242,7 +257,7 @@ pub struct GpuContext {
     origin: PtxOrigin,
     hooks: Option<Arc<dyn DeviceHooks>>,
     /// When set, every launch is bracketed by events (see [`GpuContext::set_profiling`]).
-    profile: std::sync::Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
+    profile: std::sync::Mutex<Option<Vec<LaunchEvents>>>,
 }
 
 impl fmt::Debug for GpuContext {
@@ -257,6 +272,9 @@ impl fmt::Debug for GpuContext {
 }
 
 type Functions = std::collections::HashMap<&'static str, CudaFunction>;
+
+/// A profiled launch: kernel name, start and end events.
+type LaunchEvents = (&'static str, CudaEvent, CudaEvent);
 
 /// The kernel module of each device's primary context, loaded once per
 /// process (every `GpuContext` on a device shares the primary context).
@@ -377,8 +395,11 @@ impl GpuContext {
             CudaError::OutOfMemory { what: what.to_string(), bytes, message: e.to_string() }
         })?;
         let buf = DevBuf { ctx: self.ctx.clone(), ptr, len: bytes, hooks: self.hooks.clone() };
+        // On this stream, so later copies and kernels on it are ordered after
+        // it (the legacy-stream cuMemsetD8 is not ordered with a
+        // non-blocking stream and could zero the buffer after an upload).
         // SAFETY: `ptr` is the start of the `bytes`-byte allocation just made.
-        unsafe { cu::memset_d8_sync(ptr, 0, bytes) }.map_err(driver("cuMemsetD8"))?;
+        unsafe { cu::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(driver("cuMemsetD8Async"))?;
         Ok(buf)
     }
 
@@ -392,6 +413,7 @@ impl GpuContext {
     /// Copies `data` to the start of `dst` (asynchronous on the stream; the
     /// host buffer may be reused on return).
     pub fn write(&self, dst: DevRange, data: &[u8]) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         let ptr = dst.need("host-to-device copy", data.len())?;
         if data.is_empty() {
             return Ok(());
@@ -406,6 +428,7 @@ impl GpuContext {
     /// Copies the first `out.len()` bytes of `src` to the host, waiting for
     /// all earlier work on the stream.
     pub fn read(&self, src: DevRange, out: &mut [u8]) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         let ptr = src.need("device-to-host copy", out.len())?;
         self.hook_launch("cuMemcpyDtoHAsync")?;
         if !out.is_empty() {
@@ -419,6 +442,7 @@ impl GpuContext {
 
     /// Sets the bytes of `dst` to zero (asynchronous; capturable).
     pub fn zero(&self, dst: DevRange) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         if dst.is_empty() {
             return Ok(());
         }
@@ -429,6 +453,7 @@ impl GpuContext {
 
     /// Copies `src` to `dst` on the device (lengths must match).
     pub fn copy(&self, dst: DevRange, src: DevRange) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         let ptr = dst.need("device-to-device copy", src.len)?;
         if src.is_empty() {
             return Ok(());

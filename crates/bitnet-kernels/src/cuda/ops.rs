@@ -32,7 +32,7 @@ fn bytes(what: &str, parts: &[usize]) -> Result<usize, CudaError> {
 }
 
 fn multiple(what: &str, v: usize, m: usize) -> Result<(), CudaError> {
-    if v == 0 || v % m != 0 {
+    if v == 0 || !v.is_multiple_of(m) {
         return Err(CudaError::Shape(format!("{what} = {v} must be a non-zero multiple of {m}")));
     }
     Ok(())
@@ -96,6 +96,7 @@ impl GpuContext {
 
     /// `x[r, :] = emb[tokens[r], :]` as f32. Token ids must be `< vocab`
     /// (checked by the caller on the host before upload).
+    #[allow(clippy::too_many_arguments)]
     pub fn embed(
         &self,
         dt: GpuDType,
@@ -435,8 +436,10 @@ impl GpuContext {
     ) -> Result<(), CudaError> {
         let (n_heads, n_kv, hd) = heads;
         check_heads(n_heads, n_kv, hd)?;
-        if hd > 256 {
-            return Err(CudaError::Shape(format!("head_dim {hd} > 256 is not supported by the attention kernel")));
+        if hd > 256 || !hd.is_multiple_of(4) {
+            return Err(CudaError::Shape(format!(
+                "head_dim {hd}: the attention kernel needs a multiple of 4 up to 256"
+            )));
         }
         let (hidden, kv_dim) = (n_heads * hd, n_kv * hd);
         let e = precision.size();
@@ -529,8 +532,16 @@ impl GpuContext {
                 &args,
             ),
             GpuDType::F16 | GpuDType::BF16 => {
-                let name = if precision == GpuDType::F16 { "head_f16" } else { "head_bf16" };
-                let grid = (u32_grid("vocab", vocab.div_ceil(64))?, u32_grid("entries", n.div_ceil(HEAD_TOKENS))?, 1);
+                // Up to 8 entries: the one-tile variant (fewer registers).
+                let small = n <= 8;
+                let name = match (precision == GpuDType::F16, small) {
+                    (true, false) => "head_f16",
+                    (false, false) => "head_bf16",
+                    (true, true) => "head_f16_small",
+                    (false, true) => "head_bf16_small",
+                };
+                let per_cta = if small { 8 } else { HEAD_TOKENS };
+                let grid = (u32_grid("vocab", vocab.div_ceil(64))?, u32_grid("entries", n.div_ceil(per_cta))?, 1);
                 self.launch(name, grid, (128, 1, 1), 0, &args)
             }
         }
@@ -559,7 +570,7 @@ impl GpuContext {
 }
 
 fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> {
-    if n_heads == 0 || n_kv == 0 || n_heads % n_kv != 0 || hd == 0 || hd % 2 != 0 {
+    if n_heads == 0 || n_kv == 0 || !n_heads.is_multiple_of(n_kv) || hd == 0 || !hd.is_multiple_of(2) {
         return Err(CudaError::Shape(format!(
             "{n_heads} heads / {n_kv} kv heads / head_dim {hd}: heads must be a multiple of kv heads and head_dim even"
         )));

@@ -153,6 +153,10 @@ mod tests {
         }
         for arch in [(8, 0), (9, 0)] {
             let ptx = compile(SOURCE, arch).unwrap_or_else(|e| panic!("{e}"));
+            if let Some(dir) = std::env::var_os("BITNET_DUMP_PTX") {
+                let path = std::path::Path::new(&dir).join(format!("bitnet-compute_{}{}.ptx", arch.0, arch.1));
+                std::fs::write(&path, &ptx).unwrap();
+            }
             for name in super::super::KERNEL_NAMES {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

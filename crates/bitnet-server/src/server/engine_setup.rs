@@ -98,15 +98,72 @@ fn primary_device(
     options: &EngineOptions,
     probe: &GpuProbe,
 ) -> Option<PrimaryDevice> {
-    // The CUDA backend becomes the primary device here when the probe found
-    // a GPU; until it exists, GPUs are reported by /v1/devices but unused.
-    if !probe.gpus().is_empty() && !options.simulate_gpu {
-        eprintln!("bitnet serve: {probe}, but this build has no CUDA backend; requests run on the CPU");
-    }
     if !options.simulate_gpu {
-        return None;
+        return cuda_primary(model, options, probe);
     }
     let gpu = options.fault_plan.apply(&simulated_gpu_info(simulated_memory()));
     let injector = Arc::new(FaultInjector::new(options.fault_plan.clone()));
     Some(simulated_primary(model, cpu_config, gpu, injector, options.engine.max_batch_tokens))
+}
+
+/// The CUDA backend on the first GPU the kernels support, under the fault
+/// plan: the plan's capability and memory overrides shape the engine's
+/// decisions, and its injector fails allocations and launches of the real
+/// backend. Each backend's KV pool is sized from the measured free memory
+/// (after the plan), as vLLM sizes its cache at warm-up.
+#[cfg(feature = "cuda")]
+fn cuda_primary(model: Arc<BitNetModel>, options: &EngineOptions, probe: &GpuProbe) -> Option<PrimaryDevice> {
+    use bitnet_inference::memory_plan::gpu_memory_plan_for_model;
+    use bitnet_inference::DeviceHooks;
+    use bitnet_inference::{BackendError, CudaBackend, CudaBackendConfig};
+
+    let found = probe.gpus().first()?;
+    if found.compute_capability.0 < 8 {
+        eprintln!(
+            "bitnet serve: {} has compute capability {}.{}; the CUDA kernels need 8.0, requests run on the CPU",
+            found.name, found.compute_capability.0, found.compute_capability.1
+        );
+        return None;
+    }
+    let gpu = options.fault_plan.apply(found);
+    let injector = Arc::new(FaultInjector::new(options.fault_plan.clone()));
+    let hooks: Option<Arc<dyn DeviceHooks>> =
+        if options.fault_plan.is_empty() { None } else { Some(injector as Arc<dyn DeviceHooks>) };
+    let untied_head = model.output.is_some();
+    let (ordinal, free) = (gpu.ordinal, gpu.free_memory_bytes);
+    let (max_batch_tokens, utilization) = (options.engine.max_batch_tokens, options.engine.gpu_memory_utilization);
+    let factory: bitnet_inference::engine::BackendFactory = Box::new(move |precision| {
+        let fixed = gpu_memory_plan_for_model(&model, precision, 0, max_batch_tokens).total();
+        let per_position = gpu_memory_plan_for_model(&model, precision, 1, max_batch_tokens).kv_cache.max(1);
+        // Half of what is left for this precision's pool: a second precision
+        // created later must fit too.
+        let budget = ((free as f64 * utilization) as u64).saturating_sub(fixed) / 2;
+        let cap = 64 * model.config.max_position_embeddings as u64;
+        let kv_slots = (budget / per_position).min(cap) as usize;
+        if kv_slots < model.config.max_position_embeddings.min(256) {
+            return Err(BackendError::OutOfMemory(format!(
+                "{} B free leave room for only {kv_slots} KV positions at {precision:?}",
+                free
+            )));
+        }
+        let config = CudaBackendConfig {
+            ordinal,
+            precision,
+            kv_slots,
+            max_step_tokens: max_batch_tokens.clamp(64, 4096),
+            max_step_entries: 256,
+            cuda_graphs: true,
+            hooks: hooks.clone(),
+        };
+        Ok(Box::new(CudaBackend::new(model.clone(), &config)?) as Box<dyn Backend>)
+    });
+    Some(PrimaryDevice { gpu, factory, untied_head })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_primary(_model: Arc<BitNetModel>, _options: &EngineOptions, probe: &GpuProbe) -> Option<PrimaryDevice> {
+    if !probe.gpus().is_empty() {
+        eprintln!("bitnet serve: {probe}, but this build has no `cuda` feature; requests run on the CPU");
+    }
+    None
 }
