@@ -77,6 +77,12 @@ pub fn smoke(args: GpuSmokeArgs) -> anyhow::Result<()> {
         anyhow::ensure!(found, "no test executable for {package} {kind} {name}");
     }
     std::fs::write(args.bundle.join("run.sh"), RUN_SH)?;
+    // The commit the bundle was built from (with "-dirty" for uncommitted changes).
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success());
+    let commit = git(&["rev-parse", "--short", "HEAD"])
+        .map_or("unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|o| !o.stdout.is_empty());
+    std::fs::write(args.bundle.join("COMMIT"), format!("{commit}{}\n", if dirty { "-dirty" } else { "" }))?;
     let size: u64 = std::fs::read_dir(&bin)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
     println!("bundle: {} ({:.1} MiB)", args.bundle.display(), size as f64 / (1 << 20) as f64);
     println!("device command (carry [\"{}\"]):", args.bundle.display());

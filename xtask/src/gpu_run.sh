@@ -14,6 +14,9 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export BITNET_MODELS_DIR=$ROOT/models
 export BITNET_PTX_CACHE=$B/ptx-cache
 export RUST_BACKTRACE=1
+# The commit the bundle was built from (git data on this machine may be stale).
+BITNET_COMMIT=$(cat "$B/COMMIT" 2>/dev/null || echo unknown)
+export BITNET_COMMIT
 MODE=${1:-smoke}
 SUMMARY=$OUT/summary.md
 echo "| step | result | seconds | note |" >"$SUMMARY"
