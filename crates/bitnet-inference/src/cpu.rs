@@ -252,29 +252,25 @@ impl CpuBackend {
             Ok(())
         })?;
 
-        // Logits of each entry's last new position.
+        // Logits of each entry's last new position, with one pass over the
+        // head for the whole batch (it is the largest matrix of the model).
         let head = model.head();
-        let mut out = Vec::with_capacity(batch.len());
+        let entries = batch.len();
+        let mut normed_rows = vec![0f32; entries * h];
         let mut last = 0usize;
-        let mut normed_row = vec![0f32; h];
-        // Scratch of the int8 head: the quantized row and the exact dot products.
-        let (mut head_q8, mut head_acc) = match &self.int8_head {
-            Some(_) => (vec![0i8; h], vec![0i32; c.vocab_size]),
-            None => (Vec::new(), Vec::new()),
-        };
-        for input in batch {
+        for (input, normed_row) in batch.iter().zip(normed_rows.chunks_exact_mut(h)) {
             last += input.tokens.len();
             let r = last - 1;
-            k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, &mut normed_row)?;
-            let mut logits = vec![0f32; c.vocab_size];
-            match &self.int8_head {
-                Some(int8_head) => {
-                    pool.install(|| int8_head.logits(kernel, &normed_row, &mut head_q8, &mut head_acc, &mut logits))?
-                }
-                None => pool.install(|| head_gemv(kernel, head, &normed_row, &mut logits))?,
-            }
-            out.push(logits);
+            k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, normed_row)?;
         }
+        let mut all_logits = vec![0f32; entries * c.vocab_size];
+        match &self.int8_head {
+            Some(int8_head) => {
+                pool.install(|| int8_head.logits_batch(kernel, &normed_rows, entries, &mut all_logits))?
+            }
+            None => pool.install(|| head_gemm(kernel, head, &normed_rows, entries, &mut all_logits))?,
+        }
+        let out: Vec<Vec<f32>> = all_logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect();
         for input in batch {
             let seq = sequences.get_mut(&input.seq).expect("validated sequence");
             seq.len += input.tokens.len();
@@ -299,13 +295,14 @@ fn float_row(kernel: CpuKernel, t: &FloatTensor, row: usize, out: &mut [f32]) ->
     }
 }
 
-/// `logits = head @ x` for the tied embedding or untied output matrix.
-fn head_gemv(kernel: CpuKernel, head: &FloatTensor, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+/// `logits[t] = head @ x[t]` for `n` rows of `x`, reading the tied embedding
+/// or untied output matrix once for all of them.
+fn head_gemm(kernel: CpuKernel, head: &FloatTensor, x: &[f32], n: usize, out: &mut [f32]) -> Result<(), KernelError> {
     let (bytes, rows, cols) = (head.bytes().as_slice(), head.rows(), head.cols());
     match head.dtype() {
-        FloatDType::F16 => k::gemv_f16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
-        FloatDType::BF16 => k::gemv_bf16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
-        FloatDType::F32 => k::gemv_f32_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, out),
+        FloatDType::F16 => k::gemm_f16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, n, out),
+        FloatDType::BF16 => k::gemm_bf16_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, n, out),
+        FloatDType::F32 => k::gemm_f32_f32_par(kernel, FloatMatrixRef::from_le_bytes(bytes, rows, cols)?, x, n, out),
     }
 }
 

@@ -68,10 +68,12 @@ impl Int8Head {
         self.values.len() + self.scales.len() * std::mem::size_of::<f32>()
     }
 
+    /// One row at a time (the tests' yardstick for [`Int8Head::logits_batch`]).
     /// `out[r] = acc[r] * scale[r] / s`, where `s` is the per-token absmax
     /// scale of `x` quantized to int8 and `acc = values @ q8(x)` is exact.
     /// Runs the GEMV on the current rayon pool. `q8` holds `cols` scratch
     /// values, `acc` `rows`.
+    #[cfg(test)]
     pub(crate) fn logits(
         &self,
         kernel: CpuKernel,
@@ -93,6 +95,38 @@ impl Int8Head {
 }
 
 /// Row `row_idx` of a float tensor as f32.
+impl Int8Head {
+    /// [`Int8Head::logits`] for `n` rows of `x` (`[n, cols]`) at once: the
+    /// int8 matrix is read from memory once for all of them. `out` is
+    /// `[n, rows]`; every row equals what [`Int8Head::logits`] gives.
+    pub(crate) fn logits_batch(
+        &self,
+        kernel: CpuKernel,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        if out.len() != n * self.rows {
+            return Err(KernelError::LengthMismatch {
+                what: "batched logits",
+                expected: n * self.rows,
+                found: out.len(),
+            });
+        }
+        let mut q8 = vec![0i8; n * self.cols];
+        let mut s = vec![0f32; n];
+        k::quantize_act_i8_rows(kernel, x, self.cols, &mut q8, &mut s)?;
+        let mut acc = vec![0i32; n * self.rows];
+        k::gemm_i8_i8_par(kernel, I8MatrixRef::new(&self.values, self.rows, self.cols)?, &q8, n, &mut acc)?;
+        for ((out_row, acc_row), &st) in out.chunks_exact_mut(self.rows).zip(acc.chunks_exact(self.rows)).zip(&s) {
+            for ((o, &a), &scale) in out_row.iter_mut().zip(acc_row).zip(&self.scales) {
+                *o = a as f32 * scale / st;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn convert_row(kernel: CpuKernel, t: &FloatTensor, row_idx: usize, out: &mut [f32]) -> Result<(), KernelError> {
     let size = t.dtype().size_bytes();
     let bytes = &t.bytes()[row_idx * t.cols() * size..(row_idx + 1) * t.cols() * size];
@@ -148,5 +182,23 @@ mod tests {
             quantize_row(&[1.0, f32::NAN, 2.0], &mut q, 30),
             Err(KernelError::NonFiniteValue { what: "output head weights", index: 31, .. })
         ));
+    }
+
+    #[test]
+    fn batched_logits_equal_one_row_at_a_time() {
+        let (rows, cols, n) = (40, 64, 3);
+        let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 16.0).collect();
+        let head = FloatTensor::from_f32("head", rows, cols, &weights, FloatDType::F16).unwrap();
+        let kernel = CpuKernel::Scalar;
+        let int8 = Int8Head::quantize(kernel, &head).unwrap();
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 13 % 29) as f32 - 14.0) / 4.0).collect();
+        let mut batch = vec![0f32; n * rows];
+        int8.logits_batch(kernel, &x, n, &mut batch).unwrap();
+        for t in 0..n {
+            let (mut q8, mut acc, mut one) = (vec![0i8; cols], vec![0i32; rows], vec![0f32; rows]);
+            int8.logits(kernel, &x[t * cols..(t + 1) * cols], &mut q8, &mut acc, &mut one).unwrap();
+            assert_eq!(&batch[t * rows..(t + 1) * rows], &one[..], "row {t}");
+        }
+        assert!(int8.logits_batch(kernel, &x, n, &mut batch[1..]).is_err());
     }
 }

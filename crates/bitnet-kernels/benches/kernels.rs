@@ -210,5 +210,34 @@ fn i8_head(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read_bandwidth, i2s_gemv, i2s_gemv_dram, i2s_prefill, f16_head, i8_head);
+/// The head for a decode batch of 8 sequences: 8 GEMVs (the matrix read 8
+/// times) against one batched GEMM (read once, reused from cache).
+fn head_batch(c: &mut Criterion) {
+    const N: usize = 8;
+    let (rows, k) = (VOCAB, HIDDEN);
+    let weights: Vec<u8> = bytes(rows * k, 9)
+        .into_iter()
+        .flat_map(|b| f16::from_f32((f32::from(b) - 128.0) / 1024.0).to_le_bytes())
+        .collect();
+    let w = FloatMatrixRef::<f16>::from_le_bytes(&weights, rows, k).unwrap();
+    let x: Vec<f32> = (0..N * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let mut out = vec![0f32; N * rows];
+    let best = cpu::select_kernel().unwrap();
+    let mut group = c.benchmark_group("f16_head_batch8");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function(BenchmarkId::new("128256x2560/8_gemv_par", best), |b| {
+        b.iter(|| {
+            for (t, o) in out.chunks_exact_mut(rows).enumerate() {
+                cpu::gemv_f16_f32_par(best, w, black_box(&x[t * k..(t + 1) * k]), o).unwrap();
+            }
+        })
+    });
+    group.bench_function(BenchmarkId::new("128256x2560/gemm_par", best), |b| {
+        b.iter(|| cpu::gemm_f16_f32_par(best, w, black_box(&x), N, &mut out).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, read_bandwidth, i2s_gemv, i2s_gemv_dram, i2s_prefill, f16_head, i8_head, head_batch);
 criterion_main!(benches);

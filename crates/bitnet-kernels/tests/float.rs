@@ -37,10 +37,17 @@ trait TestWeight: FloatWeight {
     fn gemv(kernel: CpuKernel, w: FloatMatrixRef<'_, Self>, x: &[f32], out: &mut [f32]) -> Result<(), KernelError>;
     fn gemv_par(kernel: CpuKernel, w: FloatMatrixRef<'_, Self>, x: &[f32], out: &mut [f32]) -> Result<(), KernelError>;
     fn dot(kernel: CpuKernel, w_le: &[u8], x: &[f32]) -> Result<f32, KernelError>;
+    fn gemm_par(
+        kernel: CpuKernel,
+        w: FloatMatrixRef<'_, Self>,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError>;
 }
 
 macro_rules! test_weight {
-    ($t:ty, $store:expr, $gemv:path, $gemv_par:path, $dot:path) => {
+    ($t:ty, $store:expr, $gemv:path, $gemv_par:path, $dot:path, $gemm_par:path) => {
         impl TestWeight for $t {
             fn store(v: f32) -> (Vec<u8>, f64) {
                 $store(v)
@@ -64,6 +71,15 @@ macro_rules! test_weight {
             fn dot(kernel: CpuKernel, w_le: &[u8], x: &[f32]) -> Result<f32, KernelError> {
                 $dot(kernel, w_le, x)
             }
+            fn gemm_par(
+                kernel: CpuKernel,
+                w: FloatMatrixRef<'_, Self>,
+                x: &[f32],
+                n: usize,
+                out: &mut [f32],
+            ) -> Result<(), KernelError> {
+                $gemm_par(kernel, w, x, n, out)
+            }
         }
     };
 }
@@ -76,7 +92,8 @@ test_weight!(
     },
     cpu::gemv_f16_f32,
     cpu::gemv_f16_f32_par,
-    cpu::dot_f16_f32
+    cpu::dot_f16_f32,
+    cpu::gemm_f16_f32_par
 );
 test_weight!(
     bf16,
@@ -86,14 +103,16 @@ test_weight!(
     },
     cpu::gemv_bf16_f32,
     cpu::gemv_bf16_f32_par,
-    cpu::dot_bf16_f32
+    cpu::dot_bf16_f32,
+    cpu::gemm_bf16_f32_par
 );
 test_weight!(
     f32,
     |v: f32| (v.to_le_bytes().to_vec(), f64::from(v)),
     cpu::gemv_f32_f32,
     cpu::gemv_f32_f32_par,
-    cpu::dot_f32_f32
+    cpu::dot_f32_f32,
+    cpu::gemm_f32_f32_par
 );
 
 fn to_le_bytes<T: TestWeight>(values: &[f32]) -> Vec<u8> {
@@ -253,3 +272,35 @@ fn bad_shapes_are_errors() {
         );
     }
 }
+
+/// The batched GEMM equals one GEMV per vector bit for bit (same kernel, same
+/// summation order), across parallel chunks and a partial last chunk.
+fn gemm_case<T: TestWeight>(kernel: CpuKernel) {
+    for (rows, k, n) in [(300, 2560, 5), (17, 64, 3), (1000, 136, 1), (33, 96, 0)] {
+        let mut bytes = Vec::new();
+        for i in 0..rows * k {
+            bytes.extend(T::store(((i * 37 % 101) as f32 - 50.0) / 64.0).0);
+        }
+        let w = FloatMatrixRef::<T>::from_le_bytes(&bytes, rows, k).unwrap();
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 8.0).collect();
+        let mut out = vec![f32::NAN; n * rows];
+        T::gemm_par(kernel, w, &x, n, &mut out).unwrap();
+        for t in 0..n {
+            let mut want = vec![0f32; rows];
+            T::gemv(kernel, w, &x[t * k..(t + 1) * k], &mut want).unwrap();
+            let got = &out[t * rows..(t + 1) * rows];
+            assert!(
+                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "vector {t} of {n}, rows {rows}, k {k}"
+            );
+        }
+        assert!(T::gemm_par(kernel, w, &x, n + 1, &mut out).is_err(), "a short input is an error");
+    }
+}
+
+fn gemm_equals_gemv_per_vector(kernel: CpuKernel) {
+    gemm_case::<f16>(kernel);
+    gemm_case::<bf16>(kernel);
+    gemm_case::<f32>(kernel);
+}
+test_each_kernel!(gemm_matches_gemv, gemm_equals_gemv_per_vector);

@@ -150,3 +150,21 @@ fn par_uses_the_current_pool() {
         assert_eq!(out, expected, "{threads} threads");
     }
 }
+
+/// The batched GEMM equals one GEMV per vector, exactly, with enough rows for
+/// several parallel chunks and rows that do not fill the last chunk.
+fn gemm_equals_gemv_per_vector(kernel: CpuKernel) {
+    for (rows, k, n) in [(300, 2560, 5), (17, 64, 3), (1000, 128, 1), (33, 96, 0)] {
+        let w: Vec<i8> = (0..rows * k).map(|i| ((i * 131 + i / 7) % 256) as u8 as i8).collect();
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
+        let matrix = I8MatrixRef::new(&w, rows, k).unwrap();
+        let mut out = vec![i32::MIN; n * rows];
+        cpu::gemm_i8_i8_par(kernel, matrix, &q, n, &mut out).unwrap();
+        for t in 0..n {
+            assert_eq!(&out[t * rows..(t + 1) * rows], &naive_gemv(&w, rows, k, &q[t * k..(t + 1) * k]), "vector {t}");
+        }
+        // Bad lengths are errors, not panics.
+        assert!(cpu::gemm_i8_i8_par(kernel, matrix, &q[..q.len().saturating_sub(1)], n.max(1), &mut out).is_err());
+    }
+}
+test_each_kernel!(gemm_matches_gemv, gemm_equals_gemv_per_vector);

@@ -22,14 +22,15 @@ mod partition;
 mod token;
 
 pub use float::{
-    convert_bf16_f32, convert_f16_f32, dot_bf16_f32, dot_f16_f32, dot_f32_f32, gemv_bf16_f32, gemv_bf16_f32_par,
-    gemv_f16_f32, gemv_f16_f32_par, gemv_f32_f32, gemv_f32_f32_par, FloatDtype, FloatMatrixRef, FloatWeight,
+    convert_bf16_f32, convert_f16_f32, dot_bf16_f32, dot_f16_f32, dot_f32_f32, gemm_bf16_f32_par, gemm_f16_f32_par,
+    gemm_f32_f32_par, gemv_bf16_f32, gemv_bf16_f32_par, gemv_f16_f32, gemv_f16_f32_par, gemv_f32_f32, gemv_f32_f32_par,
+    FloatDtype, FloatMatrixRef, FloatWeight,
 };
 pub use i2s::{
     gemm_i2s_i8, gemm_i2s_i8_par, gemv_i2s_i8, gemv_i2s_i8_par, I2sMatrixRef, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS,
     I2S_MAX_K,
 };
-pub use int8::{gemv_i8_i8, gemv_i8_i8_par, I8MatrixRef, I8_MAX_K};
+pub use int8::{gemm_i8_i8_par, gemv_i8_i8, gemv_i8_i8_par, I8MatrixRef, I8_MAX_K};
 pub use kernel::{select_kernel, select_kernel_from, CpuKernel, KERNEL_ENV_VAR};
 pub use ops::{
     quantize_act_i8, quantize_act_i8_rows, relu2_mul_f32, rms_norm_f32, rope_neox_f32, softmax_f32, ACT_QUANT_EPS,

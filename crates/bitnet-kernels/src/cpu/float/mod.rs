@@ -215,6 +215,42 @@ pub fn gemv_f32_f32_par(
     gemv_par(kernel, w, x, out)
 }
 
+/// `out[t][j] = sum_kk w[j][kk] * x[t][kk]` for `n` vectors at once (`x` is
+/// `[n, k]`, `out` is `[n, rows]`), split over rows on the current rayon pool:
+/// each chunk of rows is read from memory once and reused from cache for every
+/// vector. Every output equals [`gemv_f16_f32`]'s bit for bit.
+pub fn gemm_f16_f32_par(
+    kernel: CpuKernel,
+    w: FloatMatrixRef<'_, f16>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    gemm_par(kernel, w, x, n, out)
+}
+
+/// [`gemm_f16_f32_par`] with bf16 weights.
+pub fn gemm_bf16_f32_par(
+    kernel: CpuKernel,
+    w: FloatMatrixRef<'_, bf16>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    gemm_par(kernel, w, x, n, out)
+}
+
+/// [`gemm_f16_f32_par`] with f32 weights.
+pub fn gemm_f32_f32_par(
+    kernel: CpuKernel,
+    w: FloatMatrixRef<'_, f32>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    gemm_par(kernel, w, x, n, out)
+}
+
 /// Dot product of little-endian f16 values (`2 * x.len()` bytes) with `x`.
 pub fn dot_f16_f32(kernel: CpuKernel, w_le: &[u8], x: &[f32]) -> Result<f32, KernelError> {
     dot::<f16>(kernel, w_le, x)
@@ -282,6 +318,58 @@ fn gemv_par<T: FloatWeight>(
     }
     out.par_chunks_mut(chunk_rows).zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(out, bytes)| {
         gemv_rows::<T>(resolved, bytes, x, out);
+    });
+    Ok(())
+}
+
+fn gemm_par<T: FloatWeight>(
+    kernel: CpuKernel,
+    w: FloatMatrixRef<'_, T>,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let resolved = kernel.resolve()?;
+    let x_len = n.checked_mul(w.k).ok_or(KernelError::DimensionTooLarge {
+        what: "gemm input",
+        value: n,
+        max: usize::MAX / w.k.max(1),
+    })?;
+    if x.len() != x_len {
+        return Err(KernelError::LengthMismatch { what: "gemm input (n x k)", expected: x_len, found: x.len() });
+    }
+    let out_len = n.checked_mul(w.rows).ok_or(KernelError::DimensionTooLarge {
+        what: "gemm output",
+        value: n,
+        max: usize::MAX / w.rows.max(1),
+    })?;
+    if out.len() != out_len {
+        return Err(KernelError::LengthMismatch {
+            what: "gemm output (n x rows)",
+            expected: out_len,
+            found: out.len(),
+        });
+    }
+    if w.rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let row_bytes = w.k * T::SIZE;
+    if row_bytes == 0 {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let chunk_rows = par_chunk_rows(w.rows, row_bytes, rayon::current_num_threads());
+    // Per chunk of rows, the matching slice of every vector's output row.
+    let mut per_chunk: Vec<Vec<&mut [f32]>> = (0..w.rows.div_ceil(chunk_rows)).map(|_| Vec::with_capacity(n)).collect();
+    for row in out.chunks_mut(w.rows) {
+        for (c, part) in row.chunks_mut(chunk_rows).enumerate() {
+            per_chunk[c].push(part);
+        }
+    }
+    per_chunk.into_par_iter().zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(outs, bytes)| {
+        for (t, o) in outs.into_iter().enumerate() {
+            gemv_rows::<T>(resolved, bytes, &x[t * w.k..(t + 1) * w.k], o);
+        }
     });
     Ok(())
 }

@@ -107,6 +107,60 @@ pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut
     Ok(())
 }
 
+/// `out[t][j] = sum_kk w[j][kk] * q[t][kk]` for `n` vectors (`q` is `[n, k]`,
+/// `out` is `[n, rows]`), split over rows on the current rayon pool: each
+/// chunk of rows is read from memory once for all vectors. Exact, equal to
+/// [`gemv_i8_i8`] for every vector.
+pub fn gemm_i8_i8_par(
+    kernel: CpuKernel,
+    w: I8MatrixRef<'_>,
+    q: &[i8],
+    n: usize,
+    out: &mut [i32],
+) -> Result<(), KernelError> {
+    let resolved = kernel.resolve()?;
+    let q_len = n.checked_mul(w.k).ok_or(KernelError::DimensionTooLarge {
+        what: "int8 gemm input",
+        value: n,
+        max: usize::MAX / w.k.max(1),
+    })?;
+    if q.len() != q_len {
+        return Err(KernelError::LengthMismatch { what: "int8 gemm input (n x k)", expected: q_len, found: q.len() });
+    }
+    let out_len = n.checked_mul(w.rows).ok_or(KernelError::DimensionTooLarge {
+        what: "int8 gemm output",
+        value: n,
+        max: usize::MAX / w.rows.max(1),
+    })?;
+    if out.len() != out_len {
+        return Err(KernelError::LengthMismatch {
+            what: "int8 gemm output (n x rows)",
+            expected: out_len,
+            found: out.len(),
+        });
+    }
+    if w.rows == 0 || n == 0 {
+        return Ok(());
+    }
+    if w.k == 0 {
+        out.fill(0);
+        return Ok(());
+    }
+    let chunk_rows = par_chunk_rows(w.rows, w.k, rayon::current_num_threads());
+    let mut per_chunk: Vec<Vec<&mut [i32]>> = (0..w.rows.div_ceil(chunk_rows)).map(|_| Vec::with_capacity(n)).collect();
+    for row in out.chunks_mut(w.rows) {
+        for (c, part) in row.chunks_mut(chunk_rows).enumerate() {
+            per_chunk[c].push(part);
+        }
+    }
+    per_chunk.into_par_iter().zip(w.values.par_chunks(chunk_rows * w.k)).for_each(|(outs, values)| {
+        for (t, o) in outs.into_iter().enumerate() {
+            gemv_rows(resolved, values, &q[t * w.k..(t + 1) * w.k], o);
+        }
+    });
+    Ok(())
+}
+
 fn check_shapes(w: I8MatrixRef<'_>, q: &[i8], out: &[i32]) -> Result<(), KernelError> {
     if q.len() != w.k {
         return Err(KernelError::LengthMismatch { what: "int8 gemv input (k)", expected: w.k, found: q.len() });
