@@ -413,16 +413,22 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                 gpu.ternary_store(w_qkv.all(), qkv_rows, h, [1.0; 3], [h, h + kv_dim], &acts_h, out.all(), qkv_rows)
             })?,
         );
-        add("ternary o 2560x2560", h * h / 4, time(&|| gpu.ternary_add(w_o.all(), h, h, 1.0, &acts_h, out.all(), h))?);
+        add(
+            "ternary o 2560x2560",
+            h * h / 4,
+            time(&|| gpu.ternary_add(w_o.all(), h, h, 1.0, &acts_h, out.all(), h, None))?,
+        );
         add(
             "ternary gate+up 2x6912",
             2 * inter * h / 4,
-            time(&|| gpu.ternary_gate_up(w_gate.all(), w_up.all(), inter, h, [1.0, 1.0], &acts_h, out.all(), inter))?,
+            time(&|| {
+                gpu.ternary_gate_up(w_gate.all(), w_up.all(), inter, h, [1.0, 1.0], &acts_h, out.all(), inter, None)
+            })?,
         );
         add(
             "ternary down 2560x6912",
             h * inter / 4,
-            time(&|| gpu.ternary_add(w_down.all(), h, inter, 1.0, &acts_h, out.all(), h))?,
+            time(&|| gpu.ternary_add(w_down.all(), h, inter, 1.0, &acts_h, out.all(), h, None))?,
         );
         add(
             "rope_kv bf16",
@@ -463,6 +469,7 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                     (heads, kv_heads, hd),
                     scratch.all(),
                     flags.all(),
+                    None,
                 )
             })?,
         );
