@@ -205,32 +205,28 @@ EMBED(embed_bf16, BF16)
 // longer rows are read three times.
 #define RQ_CACHE 32
 
-// Normalises and quantises row r; every thread of the block must call it.
-// x is read with __ldcg (L2, not L1): the fused callers read rows other
-// blocks of the same kernel wrote.
-// CACHE = false reads x three times instead of holding it in registers: the
-// fused callers are register-heavy kernels whose occupancy must not suffer.
-template <bool CACHE>
-__device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int width, i8* q, float* scale,
-                                  int* qsum, int* flags, int r) {
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float* x, const float* w, float eps,
+                                                                    int width, i8* q, float* scale, int* qsum,
+                                                                    int* flags) {
     __shared__ double dslots[32];
     __shared__ float fslots[32];
     __shared__ int islots[32];
+    int r = blockIdx.x;
     size_t base = (size_t)r * width;
-    bool cached = CACHE && width <= (int)blockDim.x * RQ_CACHE;
-    float xv[CACHE ? RQ_CACHE : 1];
+    bool cached = width <= (int)blockDim.x * RQ_CACHE;
+    float xv[RQ_CACHE];
     double ss = 0.0;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < (CACHE ? RQ_CACHE : 1); j++) {
+        for (int j = 0; j < RQ_CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
-            xv[j] = i < width ? __ldcg(x + base + i) : 0.0f;
+            xv[j] = i < width ? x[base + i] : 0.0f;
         }
 #pragma unroll
-        for (int j = 0; j < (CACHE ? RQ_CACHE : 1); j++) ss += (double)xv[j] * (double)xv[j];
+        for (int j = 0; j < RQ_CACHE; j++) ss += (double)xv[j] * (double)xv[j];
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            double v = (double)__ldcg(x + base + i);
+            double v = (double)x[base + i];
             ss += v * v;
         }
     }
@@ -240,7 +236,7 @@ __device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int
     bool finite = true;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < (CACHE ? RQ_CACHE : 1); j++) {
+        for (int j = 0; j < RQ_CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
                 xv[j] = __fmul_rn((float)((double)xv[j] * inv), w[i]);
@@ -250,7 +246,7 @@ __device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)__ldcg(x + base + i) * inv), w[i]);
+            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
             finite = finite && isfinite(v);
             amax = fmaxf(amax, fabsf(v));
         }
@@ -264,7 +260,7 @@ __device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int
     int sum = 0;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < (CACHE ? RQ_CACHE : 1); j++) {
+        for (int j = 0; j < RQ_CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
                 int qi = (int)fminf(fmaxf(rintf(__fmul_rn(xv[j], s)), -128.0f), 127.0f);
@@ -274,7 +270,7 @@ __device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)__ldcg(x + base + i) * inv), w[i]);
+            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
             int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, s)), -128.0f), 127.0f);
             q[base + i] = (i8)qi;
             sum += qi;
@@ -285,48 +281,6 @@ __device__ void rmsnorm_quant_row(const float* x, const float* w, float eps, int
         scale[r] = s;
         qsum[r] = sum;
     }
-}
-
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float* x, const float* w, float eps,
-                                                                    int width, i8* q, float* scale, int* qsum,
-                                                                    int* flags) {
-    rmsnorm_quant_row<true>(x, w, eps, width, q, scale, qsum, flags, blockIdx.x);
-}
-
-// Fusion of the next RMSNorm + quantisation into the kernel that produced its
-// input: after a block has written its outputs, the last block of the grid to
-// finish (counted with an atomic after a fence, the CUDA threadFenceReduction
-// pattern) normalises the `rows` rows of x; it resets the counter for the next
-// launch (and graph replay). `rows` is 0 when the host launches the norm
-// separately. The fused kernels read their int8 input before counting, so the
-// last block may overwrite it.
-struct NormNext {
-    const float* w;
-    float eps;
-    int width;
-    int rows;
-    i8* q;
-    float* scale;
-    int* qsum;
-    int* flags;
-    unsigned* counter;
-};
-
-__device__ void norm_next_if_last(const float* x, const NormNext& nn) {
-    if (nn.rows == 0) return;
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned total = gridDim.x * gridDim.y * gridDim.z;
-        last = atomicAdd(nn.counter, 1u) == total - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int r = 0; r < nn.rows; r++)
-        rmsnorm_quant_row<false>(x, nn.w, nn.eps, nn.width, nn.q, nn.scale, nn.qsum, nn.flags, r);
-    if (threadIdx.x == 0) *nn.counter = 0u;
 }
 
 // Final norm before the head: v = rmsnorm(x[rows[e], :]) in f32, written as
@@ -398,9 +352,9 @@ __device__ __forceinline__ void mma_s8(int* c, unsigned a0, unsigned a1, unsigne
 
 template <int MODE, int TILES, int KSPLIT>
 __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
-                                float s0, float s1, float s2, int seg1, int seg2, const i8* act,
-                                const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out,
-                                const NormNext& nn) {
+                                float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                float* __restrict__ out, int ld_out) {
     __shared__ int red[MM_WARPS][16 * MM_TOKENS];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
@@ -510,40 +464,29 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
                 out[o] = __fadd_rn(out[o], y);
         }
     }
-    norm_next_if_last(out, nn);
 }
 
 extern "C" __global__ void __launch_bounds__(256) ternary_mm_store(const u8* w0, int n_rows, int k, float s0, float s1,
                                                                    float s2, int seg1, int seg2, const i8* act,
                                                                    const float* act_scale, const int* act_sum,
                                                                    int n_tok, float* out, int ld_out) {
-    NormNext none = {nullptr, 0.0f, 0, 0, nullptr, nullptr, nullptr, nullptr, nullptr};
-    ternary_mm_impl<0, 1, 8>(w0, w0, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out,
-                             none);
+    ternary_mm_impl<0, 1, 8>(w0, w0, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out);
 }
-
-// The NormNext parameters (nn_*) of the fused kernels: see norm_next_if_last.
-#define NN_PARAMS                                                                                      \
-    const float *nn_w, float nn_eps, int nn_width, int nn_rows, i8 *nn_q, float *nn_scale, int *nn_qsum, \
-        int *nn_flags, unsigned *nn_counter
-#define NN_STRUCT {nn_w, nn_eps, nn_width, nn_rows, nn_q, nn_scale, nn_qsum, nn_flags, nn_counter}
 
 extern "C" __global__ void __launch_bounds__(256) ternary_mm_add(const u8* w0, int n_rows, int k, float s0,
                                                                  const i8* act, const float* act_scale,
                                                                  const int* act_sum, int n_tok, float* out,
-                                                                 int ld_out, NN_PARAMS) {
-    NormNext nn = NN_STRUCT;
+                                                                 int ld_out) {
     ternary_mm_impl<1, 1, 8>(w0, w0, n_rows, k, s0, s0, s0, n_rows, n_rows, act, act_scale, act_sum, n_tok, out,
-                             ld_out, nn);
+                             ld_out);
 }
 
 extern "C" __global__ void __launch_bounds__(256) ternary_mm_gate_up(const u8* gate, const u8* up, int n_rows, int k,
                                                                      float s_gate, float s_up, const i8* act,
                                                                      const float* act_scale, const int* act_sum,
-                                                                     int n_tok, float* out, int ld_out, NN_PARAMS) {
-    NormNext nn = NN_STRUCT;
+                                                                     int n_tok, float* out, int ld_out) {
     ternary_mm_impl<2, 2, 4>(gate, up, n_rows, k, s_gate, s_up, s_up, n_rows, n_rows, act, act_scale, act_sum, n_tok,
-                             out, ld_out, nn);
+                             out, ld_out);
 }
 
 // ---------------------------------------------------------------------------
@@ -737,7 +680,7 @@ ATTENTION(attention_bf16, BF16)
 // out[r, head, :] = sum_s part_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
 // (f32). A non-finite result raises FLAG_NONFINITE. grid (rows, n_heads), block 128.
 extern "C" __global__ void attention_combine(const float* part, const float* ml, int n_heads, int head_dim, int S,
-                                             float* out, int* flags, NN_PARAMS) {
+                                             float* out, int* flags) {
     int r = blockIdx.x, head = blockIdx.y;
     size_t slot0 = ((size_t)r * n_heads + head) * S;
     float M = -__int_as_float(0x7f800000);
@@ -755,8 +698,6 @@ extern "C" __global__ void attention_combine(const float* part, const float* ml,
         if (!isfinite(o)) atomicOr(flags, FLAG_NONFINITE);
         out[((size_t)r * n_heads + head) * head_dim + d] = o;
     }
-    NormNext nn = NN_STRUCT;
-    norm_next_if_last(out, nn);
 }
 
 // ---------------------------------------------------------------------------

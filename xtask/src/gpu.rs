@@ -413,22 +413,16 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                 gpu.ternary_store(w_qkv.all(), qkv_rows, h, [1.0; 3], [h, h + kv_dim], &acts_h, out.all(), qkv_rows)
             })?,
         );
-        add(
-            "ternary o 2560x2560",
-            h * h / 4,
-            time(&|| gpu.ternary_add(w_o.all(), h, h, 1.0, &acts_h, out.all(), h, None))?,
-        );
+        add("ternary o 2560x2560", h * h / 4, time(&|| gpu.ternary_add(w_o.all(), h, h, 1.0, &acts_h, out.all(), h))?);
         add(
             "ternary gate+up 2x6912",
             2 * inter * h / 4,
-            time(&|| {
-                gpu.ternary_gate_up(w_gate.all(), w_up.all(), inter, h, [1.0, 1.0], &acts_h, out.all(), inter, None)
-            })?,
+            time(&|| gpu.ternary_gate_up(w_gate.all(), w_up.all(), inter, h, [1.0, 1.0], &acts_h, out.all(), inter))?,
         );
         add(
             "ternary down 2560x6912",
             h * inter / 4,
-            time(&|| gpu.ternary_add(w_down.all(), h, inter, 1.0, &acts_h, out.all(), h, None))?,
+            time(&|| gpu.ternary_add(w_down.all(), h, inter, 1.0, &acts_h, out.all(), h))?,
         );
         add(
             "rope_kv bf16",
@@ -469,7 +463,6 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                     (heads, kv_heads, hd),
                     scratch.all(),
                     flags.all(),
-                    None,
                 )
             })?,
         );

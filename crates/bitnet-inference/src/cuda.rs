@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use bitnet_device::Precision;
 use bitnet_kernels::cuda::{CudaError, DevBuf, DeviceHooks, GpuContext, GpuDType, GpuGraph};
-use bitnet_kernels::cuda::{NormNext, TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE, NORM_NEXT_MAX_ROWS};
+use bitnet_kernels::cuda::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 
 use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
@@ -153,8 +153,6 @@ struct Workspace {
     logits: DevBuf,
     tokens_out: DevBuf,
     flags: DevBuf,
-    /// The fused norms' block counter (one u32, zero between launches).
-    counter: DevBuf,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -401,7 +399,6 @@ impl CudaBackend {
             logits: alloc("logits", entries * vocab * 4)?,
             tokens_out: alloc("sampled tokens", entries * 4)?,
             flags: alloc("flags", 4)?,
-            counter: alloc("fusion counter", 4)?,
         };
         memory.workspace += [
             &ws.inputs,
@@ -418,7 +415,6 @@ impl CudaBackend {
             &ws.logits,
             &ws.tokens_out,
             &ws.flags,
-            &ws.counter,
         ]
         .iter()
         .map(|b| b.len())
@@ -573,24 +569,9 @@ impl CudaBackend {
 
         gpu.zero(flags)?;
         gpu.embed(dt, self.embedding.all(), vocab, h, tokens, n, ws.x.all())?;
-        // Up to NORM_NEXT_MAX_ROWS rows (decode batches), each RMSNorm +
-        // quantisation runs at the end of the kernel that produced its input.
-        let fuse = n <= NORM_NEXT_MAX_ROWS;
-        let counter = ws.counter.all();
-        let next = |weight: &DevBuf, width: usize| NormNext {
-            weight: weight.all(),
-            eps,
-            width,
-            rows: n,
-            acts: &acts,
-            flags,
-            counter,
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
+        for layer in &self.layers {
             // Attention block.
-            if l == 0 || !fuse {
-                gpu.rmsnorm_quant(ws.x.all(), layer.attn_norm.all(), eps, n, h, &acts, flags)?;
-            }
+            gpu.rmsnorm_quant(ws.x.all(), layer.attn_norm.all(), eps, n, h, &acts, flags)?;
             gpu.ternary_store(
                 layer.qkv.all(),
                 qkv_rows,
@@ -616,7 +597,6 @@ impl CudaBackend {
                 self.kv_slots,
                 heads,
             )?;
-            let sub = next(&layer.attn_sub_norm, h);
             gpu.attention(
                 dt,
                 ws.q.all(),
@@ -631,18 +611,11 @@ impl CudaBackend {
                 heads,
                 ws.attn_scratch.all(),
                 flags,
-                fuse.then_some(&sub),
             )?;
-            if !fuse {
-                gpu.rmsnorm_quant(ws.attn.all(), layer.attn_sub_norm.all(), eps, n, h, &acts, flags)?;
-            }
-            let ffn = next(&layer.ffn_norm, h);
-            gpu.ternary_add(layer.o.all(), h, h, layer.o_scale, &acts, ws.x.all(), h, fuse.then_some(&ffn))?;
-            if !fuse {
-                gpu.rmsnorm_quant(ws.x.all(), layer.ffn_norm.all(), eps, n, h, &acts, flags)?;
-            }
+            gpu.rmsnorm_quant(ws.attn.all(), layer.attn_sub_norm.all(), eps, n, h, &acts, flags)?;
+            gpu.ternary_add(layer.o.all(), h, h, layer.o_scale, &acts, ws.x.all(), h)?;
             // Feed-forward block: relu^2 * up and its sub-norm in f32.
-            let ffn_sub = next(&layer.ffn_sub_norm, inter);
+            gpu.rmsnorm_quant(ws.x.all(), layer.ffn_norm.all(), eps, n, h, &acts, flags)?;
             gpu.ternary_gate_up(
                 layer.gate.all(),
                 layer.up.all(),
@@ -652,15 +625,9 @@ impl CudaBackend {
                 &acts,
                 ws.h.all(),
                 inter,
-                fuse.then_some(&ffn_sub),
             )?;
-            if !fuse {
-                gpu.rmsnorm_quant(ws.h.all(), layer.ffn_sub_norm.all(), eps, n, inter, &acts, flags)?;
-            }
-            // The next layer's input norm, fused here (none after the last).
-            let following = self.layers.get(l + 1).map(|nl| next(&nl.attn_norm, h));
-            let fused_next = if fuse { following.as_ref() } else { None };
-            gpu.ternary_add(layer.down.all(), h, inter, layer.down_scale, &acts, ws.x.all(), h, fused_next)?;
+            gpu.rmsnorm_quant(ws.h.all(), layer.ffn_sub_norm.all(), eps, n, inter, &acts, flags)?;
+            gpu.ternary_add(layer.down.all(), h, inter, layer.down_scale, &acts, ws.x.all(), h)?;
         }
         gpu.final_norm(dt, ws.x.all(), n, out_rows, n_out, self.output_norm.all(), eps, h, ws.head_in.all())?;
         let head = self.output.as_ref().unwrap_or(&self.embedding);

@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
-use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, NormNext, TernaryActs};
+use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, TernaryActs};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic inputs without extra dependencies.
@@ -189,7 +189,7 @@ fn ternary_store_and_add_are_exact() {
         // The residual add: out += y, on top of random values.
         let init: Vec<f32> = (0..n * ld).map(|_| rng.f32(-3.0, 3.0)).collect();
         let out = up_f32(&g, &init);
-        g.ternary_add(w.all(), rows, k, scales[1], &acts.view(n), out.all(), ld, None).unwrap();
+        g.ternary_add(w.all(), rows, k, scales[1], &acts.view(n), out.all(), ld).unwrap();
         let got = read_f32(&g, &out, n * ld);
         for t in 0..n {
             for r in 0..rows {
@@ -214,7 +214,7 @@ fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
         let scales = [40.0f32, 30.0];
         let (gb, ub) = (g.upload("g", &gate).unwrap(), g.upload("u", &up).unwrap());
         let out = g.alloc("out", n * rows * 4).unwrap();
-        g.ternary_gate_up(gb.all(), ub.all(), rows, k, scales, &acts.view(n), out.all(), rows, None).unwrap();
+        g.ternary_gate_up(gb.all(), ub.all(), rows, k, scales, &acts.view(n), out.all(), rows).unwrap();
         let got = read_f32(&g, &out, n * rows);
         let mut biggest = 0f32;
         for t in 0..n {
@@ -411,7 +411,6 @@ fn attention_matches_host_softmax_attention() {
             (nh, nkv, hd),
             scratch.all(),
             flags.all(),
-            None,
         )
         .unwrap();
         let got = read_f32(&g, &out, n * hidden);
@@ -555,90 +554,8 @@ fn launch_wrappers_refuse_short_buffers() {
     let s = g.alloc("s", 4).unwrap();
     let out = g.alloc("o", 16 * 4).unwrap();
     let acts = TernaryActs { q: q.all(), scale: s.all(), qsum: s.all(), n_tok: 1 };
-    let err = g.ternary_add(w.all(), 16, 128, 1.0, &acts, out.all(), 16, None).unwrap_err();
+    let err = g.ternary_add(w.all(), 16, 128, 1.0, &acts, out.all(), 16).unwrap_err();
     assert!(err.to_string().contains("I2_S weights"), "{err}");
-    let err = g.ternary_add(w.all(), 16, 100, 1.0, &acts, out.all(), 16, None).unwrap_err();
+    let err = g.ternary_add(w.all(), 16, 100, 1.0, &acts, out.all(), 16).unwrap_err();
     assert!(err.to_string().contains("multiple of 128"), "{err}");
-}
-
-/// The RMSNorm + quantisation fused into the end of a kernel (the last block
-/// normalises its output) equals the separate kernel bit for bit, for every
-/// kernel that carries it, and leaves its counter at zero for the next launch.
-#[test]
-fn fused_norms_equal_the_separate_kernel() {
-    let Some(g) = gpu() else { return };
-    let mut rng = Rng(10);
-    let (h, inter, eps) = (2560usize, 6912usize, 1e-5f32);
-    for n in [1usize, 3, 8] {
-        let acts_in = random_acts(&g, &mut rng, n, h);
-        let w_o = g.upload("o", &random_codes(&mut rng, h, h)).unwrap();
-        let (gate, up) = (
-            g.upload("g", &random_codes(&mut rng, inter, h)).unwrap(),
-            g.upload("u", &random_codes(&mut rng, inter, h)).unwrap(),
-        );
-        let norm_h: Vec<f32> = (0..h).map(|_| rng.f32(0.2, 2.0)).collect();
-        let norm_i: Vec<f32> = (0..inter).map(|_| rng.f32(0.2, 2.0)).collect();
-        let (wn_h, wn_i) = (up_f32(&g, &norm_h), up_f32(&g, &norm_i));
-        let flags = g.alloc("f", 4).unwrap();
-        let counter = g.alloc("c", 4).unwrap();
-        // Separately normalised reference: q, scale, qsum of `x`.
-        let separate = |x: &DevBuf, w: &DevBuf, width: usize| -> (Vec<u8>, Vec<f32>, Vec<i32>) {
-            let (q, s, qs) =
-                (g.alloc("q", n * width).unwrap(), g.alloc("s", n * 4).unwrap(), g.alloc("qs", n * 4).unwrap());
-            let acts = TernaryActs { q: q.all(), scale: s.all(), qsum: qs.all(), n_tok: n };
-            g.rmsnorm_quant(x.all(), w.all(), eps, n, width, &acts, flags.all()).unwrap();
-            (read_bytes(&g, &q, n * width), read_f32(&g, &s, n), read_i32(&g, &qs, n))
-        };
-        // Residual add + norm (o_proj then ffn_norm).
-        let x0: Vec<f32> = (0..n * h).map(|_| rng.f32(-3.0, 3.0)).collect();
-        let x = up_f32(&g, &x0);
-        let (q, s, qs) =
-            (g.alloc("q", n * inter).unwrap(), g.alloc("s", n * 4).unwrap(), g.alloc("qs", n * 4).unwrap());
-        let out_acts = TernaryActs { q: q.all(), scale: s.all(), qsum: qs.all(), n_tok: n };
-        let next = NormNext {
-            weight: wn_h.all(),
-            eps,
-            width: h,
-            rows: n,
-            acts: &out_acts,
-            flags: flags.all(),
-            counter: counter.all(),
-        };
-        g.ternary_add(w_o.all(), h, h, 0.9, &acts_in.view(n), x.all(), h, Some(&next)).unwrap();
-        let want = separate(&x, &wn_h, h);
-        assert_eq!(read_bytes(&g, &q, n * h), want.0, "add n {n}: q");
-        assert_eq!(read_f32(&g, &s, n), want.1, "add n {n}: scale");
-        assert_eq!(read_i32(&g, &qs, n), want.2, "add n {n}: qsum");
-        assert_eq!(read_i32(&g, &counter, 1)[0], 0, "the counter is reset");
-        // gate/up + sub-norm over the intermediate width.
-        let hbuf = g.alloc("h", n * inter * 4).unwrap();
-        let next = NormNext {
-            weight: wn_i.all(),
-            eps,
-            width: inter,
-            rows: n,
-            acts: &out_acts,
-            flags: flags.all(),
-            counter: counter.all(),
-        };
-        g.ternary_gate_up(gate.all(), up.all(), inter, h, [0.5, 0.7], &acts_in.view(n), hbuf.all(), inter, Some(&next))
-            .unwrap();
-        let want = separate(&hbuf, &wn_i, inter);
-        assert_eq!(read_bytes(&g, &q, n * inter), want.0, "gate_up n {n}: q");
-        assert_eq!(read_f32(&g, &s, n), want.1, "gate_up n {n}: scale");
-        assert_eq!(read_i32(&g, &counter, 1)[0], 0, "the counter is reset");
-        assert_eq!(read_i32(&g, &flags, 1)[0], 0);
-        // More rows than one block may normalise is refused.
-        let big = TernaryActs { q: q.all(), scale: s.all(), qsum: qs.all(), n_tok: 9 };
-        let bad = NormNext {
-            weight: wn_h.all(),
-            eps,
-            width: h,
-            rows: 9,
-            acts: &big,
-            flags: flags.all(),
-            counter: counter.all(),
-        };
-        assert!(g.ternary_add(w_o.all(), h, h, 0.9, &acts_in.view(n), x.all(), h, Some(&bad)).is_err());
-    }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-pub use ops::{NormNext, TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE, NORM_NEXT_MAX_ROWS};
+pub use ops::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 pub use ptx::PtxOrigin;
 
 /// Every kernel of the module; a missing one is a load error.

@@ -59,64 +59,6 @@ impl TernaryActs {
     }
 }
 
-/// The RMSNorm + int8 quantisation fused into a kernel's end: the last block
-/// of the grid normalises the kernel's output (`rows` x `width` f32, stored
-/// contiguously) into `acts`. See `norm_next_if_last` in the kernels.
-#[derive(Debug, Clone, Copy)]
-pub struct NormNext<'a> {
-    pub weight: DevRange,
-    pub eps: f32,
-    pub width: usize,
-    pub rows: usize,
-    pub acts: &'a TernaryActs,
-    pub flags: DevRange,
-    /// One u32, zero between launches (the last block resets it).
-    pub counter: DevRange,
-}
-
-/// The most rows a fused norm handles (one block does them all).
-pub const NORM_NEXT_MAX_ROWS: usize = 8;
-
-/// The kernel arguments of an optional [`NormNext`], checked against the
-/// output it will read (`out`, `out_rows` x `out_ld` f32).
-fn norm_next_args(next: Option<&NormNext<'_>>, out: DevRange, out_ld: usize) -> Result<[Arg; 9], CudaError> {
-    let Some(nn) = next else {
-        return Ok([
-            Arg::Ptr(0),
-            Arg::F32(0.0),
-            Arg::I32(0),
-            Arg::I32(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-        ]);
-    };
-    if nn.rows == 0 || nn.rows > NORM_NEXT_MAX_ROWS || nn.width != out_ld || nn.acts.n_tok != nn.rows {
-        return Err(CudaError::Shape(format!(
-            "fused norm of {} rows of width {} (output stride {out_ld}, {} quantised rows; at most {NORM_NEXT_MAX_ROWS} rows)",
-            nn.rows, nn.width, nn.acts.n_tok
-        )));
-    }
-    out.need("fused norm input", bytes("fused norm", &[nn.rows, nn.width, 4])?)?;
-    let w = nn.weight.need("norm weight", nn.width * 4)?;
-    let [q, s, qs, _] = nn.acts.args(nn.width)?;
-    let f = nn.flags.need("flags", 4)?;
-    let c = nn.counter.need("fusion counter", 4)?;
-    Ok([
-        Arg::Ptr(w),
-        Arg::F32(nn.eps),
-        Arg::I32(i32_dim("width", nn.width)?),
-        Arg::I32(i32_dim("rows", nn.rows)?),
-        q,
-        s,
-        qs,
-        Arg::Ptr(f),
-        Arg::Ptr(c),
-    ])
-}
-
 fn check_ternary(w: DevRange, n_rows: usize, k: usize) -> Result<u64, CudaError> {
     multiple("ternary input width k", k, 128)?;
     if n_rows == 0 {
@@ -306,8 +248,7 @@ impl GpuContext {
         )
     }
 
-    /// `out[t, n] += dot(w[n], q[t]) * w_scale / s[t]` (the residual add),
-    /// then optionally the next RMSNorm + quantisation of `out` (`next`).
+    /// `out[t, n] += dot(w[n], q[t]) * w_scale / s[t]` (the residual add).
     #[allow(clippy::too_many_arguments)]
     pub fn ternary_add(
         &self,
@@ -318,7 +259,6 @@ impl GpuContext {
         acts: &TernaryActs,
         out: DevRange,
         ld_out: usize,
-        next: Option<&NormNext<'_>>,
     ) -> Result<(), CudaError> {
         let wp = check_ternary(w, n_rows, k)?;
         self.check_out(out, acts.n_tok, n_rows, ld_out)?;
@@ -328,26 +268,28 @@ impl GpuContext {
             u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?,
             1,
         );
-        let nn = norm_next_args(next, out, ld_out)?;
-        let mut args = vec![
-            Arg::Ptr(wp),
-            Arg::I32(i32_dim("rows", n_rows)?),
-            Arg::I32(i32_dim("k", k)?),
-            Arg::F32(scale),
-            q,
-            s,
-            qs,
-            nt,
-            Arg::Ptr(out.ptr),
-            Arg::I32(i32_dim("ld_out", ld_out)?),
-        ];
-        args.extend(nn);
-        self.launch("ternary_mm_add", grid, (256, 1, 1), 0, &args)
+        self.launch(
+            "ternary_mm_add",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(wp),
+                Arg::I32(i32_dim("rows", n_rows)?),
+                Arg::I32(i32_dim("k", k)?),
+                Arg::F32(scale),
+                q,
+                s,
+                qs,
+                nt,
+                Arg::Ptr(out.ptr),
+                Arg::I32(i32_dim("ld_out", ld_out)?),
+            ],
+        )
     }
 
     /// `out[t, n] = relu(gate[n] . q[t])^2 * (up[n] . q[t])`, each product
-    /// rescaled as in [`Self::ternary_store`]; f32 throughout. Optionally
-    /// followed by the sub-norm + quantisation of `out` (`next`).
+    /// rescaled as in [`Self::ternary_store`]; f32 throughout.
     #[allow(clippy::too_many_arguments)]
     pub fn ternary_gate_up(
         &self,
@@ -359,7 +301,6 @@ impl GpuContext {
         acts: &TernaryActs,
         out: DevRange,
         ld_out: usize,
-        next: Option<&NormNext<'_>>,
     ) -> Result<(), CudaError> {
         let gp = check_ternary(gate, n_rows, k)?;
         let up_p = check_ternary(up, n_rows, k)?;
@@ -367,23 +308,26 @@ impl GpuContext {
         let [q, s, qs, nt] = acts.args(k)?;
         let grid =
             (u32_grid("row tiles", n_rows.div_ceil(16))?, u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?, 1);
-        let nn = norm_next_args(next, out, ld_out)?;
-        let mut args = vec![
-            Arg::Ptr(gp),
-            Arg::Ptr(up_p),
-            Arg::I32(i32_dim("rows", n_rows)?),
-            Arg::I32(i32_dim("k", k)?),
-            Arg::F32(scales[0]),
-            Arg::F32(scales[1]),
-            q,
-            s,
-            qs,
-            nt,
-            Arg::Ptr(out.ptr),
-            Arg::I32(i32_dim("ld_out", ld_out)?),
-        ];
-        args.extend(nn);
-        self.launch("ternary_mm_gate_up", grid, (256, 1, 1), 0, &args)
+        self.launch(
+            "ternary_mm_gate_up",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::Ptr(gp),
+                Arg::Ptr(up_p),
+                Arg::I32(i32_dim("rows", n_rows)?),
+                Arg::I32(i32_dim("k", k)?),
+                Arg::F32(scales[0]),
+                Arg::F32(scales[1]),
+                q,
+                s,
+                qs,
+                nt,
+                Arg::Ptr(out.ptr),
+                Arg::I32(i32_dim("ld_out", ld_out)?),
+            ],
+        )
     }
 
     fn check_out(&self, out: DevRange, n_tok: usize, n_rows: usize, ld_out: usize) -> Result<(), CudaError> {
@@ -489,7 +433,6 @@ impl GpuContext {
         heads: (usize, usize, usize),
         scratch: DevRange,
         flags: DevRange,
-        next: Option<&NormNext<'_>>,
     ) -> Result<(), CudaError> {
         let (n_heads, n_kv, hd) = heads;
         check_heads(n_heads, n_kv, hd)?;
@@ -536,18 +479,21 @@ impl GpuContext {
                 Arg::F32(1.0 / (hd as f32).sqrt()),
             ],
         )?;
-        let nn = norm_next_args(next, out, hidden)?;
-        let mut args = vec![
-            Arg::Ptr(part),
-            Arg::Ptr(ml),
-            Arg::I32(i32_dim("heads", n_heads)?),
-            Arg::I32(i32_dim("head_dim", hd)?),
-            Arg::I32(splits as i32),
-            Arg::Ptr(o),
-            Arg::Ptr(f),
-        ];
-        args.extend(nn);
-        self.launch("attention_combine", (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, 1), (128, 1, 1), 0, &args)
+        self.launch(
+            "attention_combine",
+            (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(part),
+                Arg::Ptr(ml),
+                Arg::I32(i32_dim("heads", n_heads)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+                Arg::I32(splits as i32),
+                Arg::Ptr(o),
+                Arg::Ptr(f),
+            ],
+        )
     }
 
     /// `logits[e, v] = W[v, :] . x[e, :]` (W `[vocab, hidden]` in
