@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root:
-#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|all
+#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|quick|all
 # (made by `cargo xtask gpu-smoke`, which builds everything on the dev box).
 # Logs and JSON go to bundle/out; at the end they are packed into
 # $OUT/results.tar.gz (the device tool returns at most 8 files) with summary.md.
@@ -74,6 +74,14 @@ crossval() {
         --scenarios gpu_fp32,gpu_fp16,gpu_bf16 --json "$OUT/crossval-gpu-small.json"
 }
 
+quick() {
+    for t in "$B"/bin/test-*; do
+        step "$(basename "$t")" "$t" --test-threads=1 --nocapture
+    done
+    [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
+    step bench-gpu "$B/bin/xtask" bench --device gpu --kernels --model "$B/models/2b4t.gguf" --json "$OUT/bench-gpu.json"
+}
+
 scenarios() {
     step scenarios-gpu "$B/bin/xtask" test --scenario all --json "$OUT/scenarios-gpu.json"
 }
@@ -83,8 +91,9 @@ smoke) smoke ;;
 bench) bench ;;
 crossval) crossval ;;
 scenarios) scenarios ;;
+quick) quick ;;
 all) smoke; crossval; scenarios; bench ;;
-*) echo "usage: run.sh smoke|bench|crossval|scenarios|all" >&2; exit 2 ;;
+*) echo "usage: run.sh smoke|bench|crossval|scenarios|quick|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"
