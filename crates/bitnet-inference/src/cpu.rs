@@ -85,18 +85,7 @@ impl CpuBackend {
             .map_err(|e| BackendError::Device(format!("cannot start CPU worker threads: {e}")))?;
         let threads = pool.current_num_threads();
         let c = &model.config;
-        let half = c.head_dim / 2;
-        let mut rope_cos = Vec::with_capacity(c.max_position_embeddings * half);
-        let mut rope_sin = Vec::with_capacity(c.max_position_embeddings * half);
-        for pos in 0..c.max_position_embeddings {
-            for i in 0..half {
-                // Angles in f64, then rounded once, so long positions stay accurate.
-                let inv_freq = 1.0 / f64::from(c.rope_theta).powf((2 * i) as f64 / c.head_dim as f64);
-                let (sin, cos) = (pos as f64 * inv_freq).sin_cos();
-                rope_cos.push(cos as f32);
-                rope_sin.push(sin as f32);
-            }
-        }
+        let (rope_cos, rope_sin) = crate::ops::rope_tables_f32(c.rope_theta, c.head_dim, c.max_position_embeddings);
         let int8_head = match config.head {
             HeadPrecision::Native => None,
             HeadPrecision::Int8 => Some(pool.install(|| Int8Head::quantize(kernel, model.head()))?),

@@ -362,18 +362,7 @@ impl CudaBackend {
         let output_norm = upload_f32(&gpu, "output norm", &model.output_norm).map_err(cuda_error)?;
         memory.weights += output_norm.len();
 
-        // RoPE tables: angles in f64, rounded once (as the CPU backend does).
-        let half = c.head_dim / 2;
-        let mut cos = Vec::with_capacity(c.max_position_embeddings * half);
-        let mut sin = Vec::with_capacity(c.max_position_embeddings * half);
-        for pos in 0..c.max_position_embeddings {
-            for i in 0..half {
-                let inv_freq = 1.0 / f64::from(c.rope_theta).powf((2 * i) as f64 / c.head_dim as f64);
-                let (s, co) = (pos as f64 * inv_freq).sin_cos();
-                cos.push(co as f32);
-                sin.push(s as f32);
-            }
-        }
+        let (cos, sin) = crate::ops::rope_tables_f32(c.rope_theta, c.head_dim, c.max_position_embeddings);
         let rope_cos = upload_f32(&gpu, "rope cos", &cos).map_err(cuda_error)?;
         let rope_sin = upload_f32(&gpu, "rope sin", &sin).map_err(cuda_error)?;
         memory.workspace += rope_cos.len() + rope_sin.len();

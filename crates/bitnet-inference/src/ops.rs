@@ -53,6 +53,23 @@ pub fn rope_inv_freq(theta: f32, head_dim: usize) -> Vec<f64> {
     (0..head_dim / 2).map(|i| 1.0 / f64::from(theta).powf((2 * i) as f64 / head_dim as f64)).collect()
 }
 
+/// The f32 cos/sin tables of the fast backends, `[max_positions, head_dim / 2]`
+/// each: angles computed in f64 and rounded once, so long positions stay
+/// accurate. Every fast backend (CPU, CUDA) uses these same tables.
+pub fn rope_tables_f32(theta: f32, head_dim: usize, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq = rope_inv_freq(theta, head_dim);
+    let mut cos = Vec::with_capacity(max_positions * inv_freq.len());
+    let mut sin = Vec::with_capacity(max_positions * inv_freq.len());
+    for pos in 0..max_positions {
+        for &f in &inv_freq {
+            let (s, c) = (pos as f64 * f).sin_cos();
+            cos.push(c as f32);
+            sin.push(s as f32);
+        }
+    }
+    (cos, sin)
+}
+
 /// Applies NEOX-style (rotate_half) rotary embedding at `position` to every
 /// head of `x` (`[n_heads, head_dim]`): dimension `i` pairs with `i + head_dim/2`.
 pub fn rope(x: &mut [f64], head_dim: usize, position: usize, inv_freq: &[f64]) {

@@ -1,5 +1,8 @@
 //! The CPU backend against the reference forward pass, and batching invariants.
 
+mod common;
+
+use common::pearson;
 use std::sync::Arc;
 
 use bitnet_inference::{
@@ -8,20 +11,6 @@ use bitnet_inference::{
 };
 use bitnet_kernels::cpu::CpuKernel;
 use bitnet_models::synthetic::{self, Preset};
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
-}
 
 fn backend(model: &Arc<bitnet_models::BitNetModel>, kernel: CpuKernel) -> CpuBackend {
     CpuBackend::new(model.clone(), &CpuBackendConfig { threads: 2, kernel: Some(kernel), ..Default::default() })

@@ -3,6 +3,9 @@
 //! GPU every test prints `SKIPPED: <reason>` and returns.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::pearson;
 use std::sync::Arc;
 
 use bitnet_device::Precision;
@@ -29,20 +32,6 @@ fn cuda(model: &Arc<BitNetModel>, precision: Precision, tweak: impl FnOnce(&mut 
     let mut config = CudaBackendConfig { precision, kv_slots: 8192, ..Default::default() };
     tweak(&mut config);
     CudaBackend::new(model.clone(), &config).unwrap_or_else(|e| panic!("{precision:?}: {e}"))
-}
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
 }
 
 fn prompts(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {

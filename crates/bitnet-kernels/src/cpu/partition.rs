@@ -12,6 +12,21 @@ pub(crate) fn par_chunk_rows(rows: usize, row_bytes: usize, n_threads: usize) ->
     balanced.min(cache_cap).max(MIN_ROWS).next_multiple_of(MIN_ROWS)
 }
 
+/// Splits `out` (`[n, rows]`: one output row per vector) into, for each
+/// chunk of `chunk_rows` rows, the matching slice of every vector's row: the
+/// shape of a batched GEMM split over row chunks.
+pub(crate) fn chunk_outputs<T>(out: &mut [T], rows: usize, chunk_rows: usize) -> Vec<Vec<&mut [T]>> {
+    let n = out.len().checked_div(rows).unwrap_or(0);
+    let mut per_chunk: Vec<Vec<&mut [T]>> =
+        (0..rows.div_ceil(chunk_rows.max(1))).map(|_| Vec::with_capacity(n)).collect();
+    for row in out.chunks_mut(rows.max(1)) {
+        for (c, part) in row.chunks_mut(chunk_rows.max(1)).enumerate() {
+            per_chunk[c].push(part);
+        }
+    }
+    per_chunk
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

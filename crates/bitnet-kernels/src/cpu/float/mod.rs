@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::kernel::{CpuKernel, Resolved};
-use super::partition::par_chunk_rows;
+use super::partition::{chunk_outputs, par_chunk_rows};
 use crate::KernelError;
 
 /// The storage type of a float weight.
@@ -359,13 +359,7 @@ fn gemm_par<T: FloatWeight>(
         return Ok(());
     }
     let chunk_rows = par_chunk_rows(w.rows, row_bytes, rayon::current_num_threads());
-    // Per chunk of rows, the matching slice of every vector's output row.
-    let mut per_chunk: Vec<Vec<&mut [f32]>> = (0..w.rows.div_ceil(chunk_rows)).map(|_| Vec::with_capacity(n)).collect();
-    for row in out.chunks_mut(w.rows) {
-        for (c, part) in row.chunks_mut(chunk_rows).enumerate() {
-            per_chunk[c].push(part);
-        }
-    }
+    let per_chunk = chunk_outputs(out, w.rows, chunk_rows);
     per_chunk.into_par_iter().zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(outs, bytes)| {
         for (t, o) in outs.into_iter().enumerate() {
             gemv_rows::<T>(resolved, bytes, &x[t * w.k..(t + 1) * w.k], o);

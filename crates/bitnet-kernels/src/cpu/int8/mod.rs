@@ -29,7 +29,7 @@ mod avx512;
 use rayon::prelude::*;
 
 use super::kernel::{CpuKernel, Resolved};
-use super::partition::par_chunk_rows;
+use super::partition::{chunk_outputs, par_chunk_rows};
 use crate::KernelError;
 
 /// Largest supported `k`: the exact result, at most `128 * 128 * k` in
@@ -147,12 +147,7 @@ pub fn gemm_i8_i8_par(
         return Ok(());
     }
     let chunk_rows = par_chunk_rows(w.rows, w.k, rayon::current_num_threads());
-    let mut per_chunk: Vec<Vec<&mut [i32]>> = (0..w.rows.div_ceil(chunk_rows)).map(|_| Vec::with_capacity(n)).collect();
-    for row in out.chunks_mut(w.rows) {
-        for (c, part) in row.chunks_mut(chunk_rows).enumerate() {
-            per_chunk[c].push(part);
-        }
-    }
+    let per_chunk = chunk_outputs(out, w.rows, chunk_rows);
     per_chunk.into_par_iter().zip(w.values.par_chunks(chunk_rows * w.k)).for_each(|(outs, values)| {
         for (t, o) in outs.into_iter().enumerate() {
             gemv_rows(resolved, values, &q[t * w.k..(t + 1) * w.k], o);
