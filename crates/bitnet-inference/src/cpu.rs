@@ -179,7 +179,8 @@ impl CpuBackend {
         let mut normed = vec![0f32; n * h];
         let mut q8 = vec![0i8; n * inter.max(h)];
         let mut scales = vec![0f32; n];
-        let mut acc = vec![0i32; n * inter.max(h)];
+        // Exact products of the widest group: q, k and v, or gate and up.
+        let mut acc = vec![0i32; n * (h + 2 * kv_dim).max(2 * inter)];
         let mut q = vec![0f32; n * h];
         let mut kk = vec![0f32; n * kv_dim];
         let mut vv = vec![0f32; n * kv_dim];
@@ -198,9 +199,14 @@ impl CpuBackend {
                 // Attention block.
                 rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_q, &mut acc, &mut q)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_k, &mut acc, &mut kk)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_v, &mut acc, &mut vv)?;
+                bitlinear_group(
+                    kernel,
+                    &q8[..n * h],
+                    &scales,
+                    n,
+                    &mut acc,
+                    &mut [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])],
+                )?;
                 for (r, &(_, pos)) in rows.iter().enumerate() {
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
                     k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
@@ -227,8 +233,14 @@ impl CpuBackend {
                 // Feed-forward block. relu^2 and its sub-norm stay in f32.
                 rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.ffn_gate, &mut acc, &mut gate)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.ffn_up, &mut acc, &mut up)?;
+                bitlinear_group(
+                    kernel,
+                    &q8[..n * h],
+                    &scales,
+                    n,
+                    &mut acc,
+                    &mut [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])],
+                )?;
                 k::relu2_mul_f32(kernel, &mut gate, &up)?;
                 rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
@@ -327,6 +339,38 @@ fn bitlinear(
         let factor = w.scale() / s;
         for (o, a) in out_row.iter_mut().zip(acc_row) {
             *o = *a as f32 * factor;
+        }
+    }
+    Ok(())
+}
+
+/// [`bitlinear`] for matrices sharing one input (q, k, v; gate, up): one
+/// parallel GEMM over all of them (`gemm_i2s_i8_par_group`), then the same
+/// rescaling. `acc` holds at least `n` x (sum of their rows).
+fn bitlinear_group(
+    kernel: CpuKernel,
+    q8: &[i8],
+    scales: &[f32],
+    n: usize,
+    acc: &mut [i32],
+    mats: &mut [(&TernaryMatrix, &mut [f32])],
+) -> Result<(), KernelError> {
+    let mut jobs = Vec::with_capacity(mats.len());
+    let mut rest = acc;
+    for (w, _) in mats.iter() {
+        let rows = w.out_features();
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n * rows);
+        rest = tail;
+        jobs.push((I2sMatrixRef::new(w.codes(), rows, w.in_features())?, mine));
+    }
+    k::gemm_i2s_i8_par_group(kernel, &mut jobs, q8, n)?;
+    for ((w, out), (_, acc)) in mats.iter_mut().zip(&jobs) {
+        let rows = w.out_features();
+        for ((out_row, acc_row), s) in out[..n * rows].chunks_exact_mut(rows).zip(acc.chunks_exact(rows)).zip(scales) {
+            let factor = w.scale() / s;
+            for (o, a) in out_row.iter_mut().zip(acc_row.iter()) {
+                *o = *a as f32 * factor;
+            }
         }
     }
     Ok(())

@@ -198,3 +198,38 @@ fn par_uses_the_current_pool() {
         assert_eq!(out, expected, "{threads} threads");
     }
 }
+
+/// Grouped matrices (q, k, v shapes of 2B-4T scaled down, different row
+/// counts, one shared input) give each matrix the exact reference product.
+fn group_matches_reference(kernel: CpuKernel) {
+    let (k, n_tokens) = (512, 3);
+    let q: Vec<i8> = (0..n_tokens * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
+    let shapes = [200usize, 40, 40, 0, 17];
+    let ternaries: Vec<Vec<i8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(m, &rows)| (0..rows * k).map(|i| ((i * 7 + i / 13 + m) % 3) as i8 - 1).collect())
+        .collect();
+    let codes: Vec<Vec<u8>> = ternaries.iter().map(|t| i2s::encode_i2s(t, 1.0).unwrap()).collect();
+    let mut outs: Vec<Vec<i32>> = shapes.iter().map(|&rows| vec![i32::MIN; n_tokens * rows]).collect();
+    let mut jobs: Vec<(I2sMatrixRef<'_>, &mut [i32])> = codes
+        .iter()
+        .zip(&shapes)
+        .zip(outs.iter_mut())
+        .map(|((c, &rows), o)| (I2sMatrixRef::new(&c[..rows * k / 4], rows, k).unwrap(), o.as_mut_slice()))
+        .collect();
+    cpu::gemm_i2s_i8_par_group(kernel, &mut jobs, &q, n_tokens).unwrap();
+    for (m, &rows) in shapes.iter().enumerate() {
+        assert_eq!(outs[m], naive_gemm(&ternaries[m], rows, k, &q, n_tokens), "matrix {m}");
+    }
+    // A matrix of another width in the group is an error, not a panic.
+    let other = i2s::encode_i2s(&vec![1i8; 4 * 256], 1.0).unwrap();
+    let mut o1 = vec![0i32; n_tokens * 200];
+    let mut o2 = vec![0i32; n_tokens * 4];
+    let mut bad = vec![
+        (I2sMatrixRef::new(&codes[0][..200 * k / 4], 200, k).unwrap(), o1.as_mut_slice()),
+        (I2sMatrixRef::new(&other[..4 * 256 / 4], 4, 256).unwrap(), o2.as_mut_slice()),
+    ];
+    assert!(cpu::gemm_i2s_i8_par_group(kernel, &mut bad, &q, n_tokens).is_err());
+}
+test_each_kernel!(grouped_gemm, group_matches_reference);

@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::kernel::{CpuKernel, Resolved};
-use super::partition::par_chunk_rows;
+use super::partition::{chunk_outputs, par_chunk_rows};
 use crate::KernelError;
 
 /// Elements per I2_S block.
@@ -193,18 +193,56 @@ pub fn gemm_i2s_i8_par(
     }
     let acts = prepare(resolved, q, n_tokens, w.k);
     let chunk_rows = par_chunk_rows(w.rows, w.k / 4, rayon::current_num_threads());
-    // Transpose the output's [token][row] layout into per-chunk lists of
-    // per-token slices, so each task owns exactly its rows of every token.
-    let n_chunks = w.rows.div_ceil(chunk_rows);
-    let mut chunk_outs: Vec<Vec<&mut [i32]>> = (0..n_chunks).map(|_| Vec::with_capacity(n_tokens)).collect();
-    for token_out in out.chunks_mut(w.rows) {
-        for (chunk_out, piece) in chunk_outs.iter_mut().zip(token_out.chunks_mut(chunk_rows)) {
-            chunk_out.push(piece);
-        }
-    }
+    // Each task owns exactly its rows of every token's output.
+    let chunk_outs = chunk_outputs(out, w.rows, chunk_rows);
     chunk_outs.into_par_iter().zip(w.codes.par_chunks(chunk_rows * (w.k / 4))).for_each(|(mut outs, codes)| {
         gemm_rows(resolved, codes, &acts, &mut outs);
     });
+    Ok(())
+}
+
+/// [`gemm_i2s_i8_par`] for several matrices with the same input width and the
+/// same activations (q, k and v; gate and up): the activations are prepared
+/// once and the row chunks of every matrix run as one parallel job, so a
+/// layer pays one fork-join instead of one per matrix. Each output equals
+/// [`gemm_i2s_i8`]'s, exactly.
+pub fn gemm_i2s_i8_par_group(
+    kernel: CpuKernel,
+    jobs: &mut [(I2sMatrixRef<'_>, &mut [i32])],
+    q: &[i8],
+    n_tokens: usize,
+) -> Result<(), KernelError> {
+    let resolved = kernel.resolve()?;
+    let Some(k) = jobs.first().map(|(w, _)| w.k) else { return Ok(()) };
+    for (w, out) in jobs.iter_mut() {
+        if w.k != k {
+            return Err(KernelError::LengthMismatch {
+                what: "grouped matrices' input width (k)",
+                expected: k,
+                found: w.k,
+            });
+        }
+        check_shapes(*w, q, n_tokens, out)?;
+    }
+    if n_tokens == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        jobs.iter_mut().for_each(|(_, out)| out.fill(0));
+        return Ok(());
+    }
+    let acts = prepare(resolved, q, n_tokens, k);
+    let threads = rayon::current_num_threads();
+    let mut tasks: Vec<(&[u8], Vec<&mut [i32]>)> = Vec::new();
+    for (w, out) in jobs.iter_mut() {
+        if w.rows == 0 {
+            continue;
+        }
+        let chunk_rows = par_chunk_rows(w.rows, k / 4, threads);
+        let outs = chunk_outputs(out, w.rows, chunk_rows);
+        tasks.extend(w.codes.chunks(chunk_rows * (k / 4)).zip(outs));
+    }
+    tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
     Ok(())
 }
 
