@@ -290,6 +290,33 @@ fn upload_float(gpu: &GpuContext, what: &str, t: &FloatTensor, dt: GpuDType) -> 
     Ok(out)
 }
 
+/// The shapes the kernels support, checked before the GPU is touched so an
+/// unsupported model is a clear error rather than a failed launch mid-step.
+fn check_supported(model: &BitNetModel) -> Result<(), String> {
+    let c = &model.config;
+    if c.hidden_size % 16 != 0 {
+        return Err(format!("hidden size {} is not a multiple of 16 (the tensor-core head)", c.hidden_size));
+    }
+    if c.head_dim == 0 || c.head_dim % 4 != 0 || c.head_dim > 256 {
+        return Err(format!("head_dim {} must be a multiple of 4 up to 256 (the attention kernel)", c.head_dim));
+    }
+    if c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+        return Err(format!("{} heads are not a multiple of {} kv heads", c.n_heads, c.n_kv_heads));
+    }
+    for (i, layer) in model.layers.iter().enumerate() {
+        for m in layer.projections() {
+            if m.in_features() % 128 != 0 {
+                return Err(format!(
+                    "layer {i} {}: input width {} is not a multiple of 128",
+                    m.name(),
+                    m.in_features()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     /// Opens the GPU, uploads the model and allocates the KV pool and the
     /// workspace. Fails with `OutOfMemory` when they do not fit.
@@ -298,9 +325,8 @@ impl CudaBackend {
         if config.max_step_tokens == 0 || config.max_step_entries == 0 {
             return Err(BackendError::Device("max_step_tokens and max_step_entries must be positive".into()));
         }
-        if c.hidden_size % 16 != 0 {
-            return Err(BackendError::Device(format!("hidden size {} is not a multiple of 16", c.hidden_size)));
-        }
+        check_supported(&model)
+            .map_err(|why| BackendError::Device(format!("the CUDA kernels cannot run this model: {why}")))?;
         let gpu = GpuContext::open(config.ordinal, config.hooks.clone()).map_err(cuda_error)?;
         let dt = dtype(config.precision);
         let (h, kv_dim, inter, vocab) = (c.hidden_size, c.kv_dim(), c.intermediate_size, c.vocab_size);
@@ -777,7 +803,24 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::SlotPool;
+    use super::{check_supported, SlotPool};
+    use bitnet_models::synthetic::{self, Preset};
+
+    #[test]
+    fn unsupported_shapes_are_refused_before_touching_the_gpu() {
+        for preset in [Preset::Tiny, Preset::Small] {
+            assert_eq!(check_supported(&synthetic::generate(preset, 1).unwrap()), Ok(()), "{preset:?}");
+        }
+        // One head of 384 dims: valid BitNet, too wide for the attention kernel.
+        let mut config = Preset::Tiny.config();
+        (config.hidden_size, config.n_heads, config.n_kv_heads, config.head_dim) = (384, 1, 1, 384);
+        let model = std::sync::Arc::new(synthetic::generate_with_config(config, 1).unwrap());
+        let why = check_supported(&model).unwrap_err();
+        assert!(why.contains("head_dim 384"), "{why}");
+        // The constructor reports it as such on any machine, GPU or not.
+        let err = super::CudaBackend::new(model, &super::CudaBackendConfig::default()).unwrap_err();
+        assert!(err.to_string().contains("cannot run this model: head_dim 384"), "{err}");
+    }
 
     #[test]
     fn slot_pool_first_fit_and_coalescing() {
