@@ -280,8 +280,9 @@ impl CpuBackend {
     }
 }
 
-/// Converts row `row` of a float tensor to f32.
-fn float_row(kernel: CpuKernel, t: &FloatTensor, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
+/// Converts row `row` of a float tensor to f32 (embedding lookups, the int8
+/// head's quantisation).
+pub(crate) fn float_row(kernel: CpuKernel, t: &FloatTensor, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
     let size = t.dtype().size_bytes();
     let bytes = &t.bytes()[row * t.cols() * size..(row + 1) * t.cols() * size];
     match t.dtype() {

@@ -7,7 +7,7 @@
 
 use bitnet_kernels::cpu::{self as k, CpuKernel, I8MatrixRef};
 use bitnet_kernels::KernelError;
-use bitnet_models::{FloatDType, FloatTensor};
+use bitnet_models::FloatTensor;
 use rayon::prelude::*;
 
 use crate::backend::BackendError;
@@ -53,7 +53,7 @@ impl Int8Head {
                 .try_for_each_init(
                     || vec![0f32; cols],
                     |row_f32, (row_idx, (row_q, scale))| {
-                        convert_row(kernel, head, row_idx, row_f32)?;
+                        crate::cpu::float_row(kernel, head, row_idx, row_f32)?;
                         *scale = quantize_row(row_f32, row_q, row_idx * cols)?;
                         Ok(())
                     },
@@ -127,24 +127,6 @@ impl Int8Head {
     }
 }
 
-fn convert_row(kernel: CpuKernel, t: &FloatTensor, row_idx: usize, out: &mut [f32]) -> Result<(), KernelError> {
-    let size = t.dtype().size_bytes();
-    let bytes = &t.bytes()[row_idx * t.cols() * size..(row_idx + 1) * t.cols() * size];
-    match t.dtype() {
-        FloatDType::F16 => k::convert_f16_f32(kernel, bytes, out),
-        FloatDType::BF16 => k::convert_bf16_f32(kernel, bytes, out),
-        FloatDType::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-            Ok(())
-        }
-    }
-}
-
-/// Absmax int8 of one weight row: returns `max|x| / 127` (0 for a row whose
-/// scale would be 0, which is then all zeros). `first_index` names the row's
-/// first element in errors.
 fn quantize_row(x: &[f32], out: &mut [i8], first_index: usize) -> Result<f32, KernelError> {
     if let Some((index, &value)) = x.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(KernelError::NonFiniteValue { what: "output head weights", index: first_index + index, value });
@@ -165,6 +147,7 @@ fn quantize_row(x: &[f32], out: &mut [i8], first_index: usize) -> Result<f32, Ke
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitnet_models::FloatDType;
 
     #[test]
     fn rows_quantize_by_absmax_with_ties_to_even() {
