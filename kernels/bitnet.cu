@@ -149,10 +149,44 @@ __device__ int block_sum_i(int v, int* slots) {
 #define FLAG_NONFINITE 1
 
 // ---------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+; the host sets the launch attribute).
+// pdl_trigger lets the next kernel of the stream start launching (its blocks
+// become resident and run up to their pdl_wait); pdl_wait blocks until every
+// earlier kernel has completed and its memory is visible. Every kernel calls
+// pdl_wait before it touches memory an earlier kernel writes or reads, so
+// the order of the stream is kept; only weights (never written during a
+// step) may be touched before it. Without the attribute, or before sm_90,
+// both are no-ops.
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_begin() {
+    pdl_trigger();
+    pdl_wait();
+}
+
+// Starts fetching [p, p + len) into L2 (weights: safe before pdl_wait).
+__device__ __forceinline__ void prefetch_l2(const u8* p, size_t len) {
+    for (size_t off = (size_t)threadIdx.x * 128; off < len; off += (size_t)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+}
+
+// ---------------------------------------------------------------------------
 // Precision conversion: out[i] = (To) in[i]
 
 template <class From, class To>
 __device__ void convert_impl(const typename From::T* in, typename To::T* out, size_t n) {
+    pdl_begin();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (; i < n; i += stride) To::store(out, i, From::load(in, i));
@@ -178,6 +212,7 @@ CONVERT(convert_bf16_bf16, BF16, BF16)
 
 template <class P>
 __device__ void embed_impl(const typename P::T* emb, const int* tokens, float* x, int hidden) {
+    pdl_begin();
     int r = blockIdx.x;
     size_t src = (size_t)tokens[r] * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[(size_t)r * hidden + i] = P::load(emb, src + i);
@@ -205,28 +240,26 @@ EMBED(embed_bf16, BF16)
 // longer rows are read three times.
 #define RQ_CACHE 32
 
-extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float* x, const float* w, float eps,
-                                                                    int width, i8* q, float* scale, int* qsum,
-                                                                    int* flags) {
-    __shared__ double dslots[32];
-    __shared__ float fslots[32];
-    __shared__ int islots[32];
-    int r = blockIdx.x;
-    size_t base = (size_t)r * width;
-    bool cached = width <= (int)blockDim.x * RQ_CACHE;
-    float xv[RQ_CACHE];
+// One row, by a whole block (the thread mapping fixes the order of the
+// sums). Rows up to blockDim.x * CACHE values are read once into registers,
+// longer ones three times (same results). Thread 0 writes *scale and *qsum.
+template <int CACHE>
+__device__ void norm_quant_row(const float* x, const float* w, float eps, int width, i8* q, float* scale, int* qsum,
+                               int* flags, double* dslots, float* fslots, int* islots) {
+    bool cached = CACHE > 0 && width <= (int)blockDim.x * CACHE;
+    float xv[CACHE > 0 ? CACHE : 1];
     double ss = 0.0;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < RQ_CACHE; j++) {
+        for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
-            xv[j] = i < width ? x[base + i] : 0.0f;
+            xv[j] = i < width ? x[i] : 0.0f;
         }
 #pragma unroll
-        for (int j = 0; j < RQ_CACHE; j++) ss += (double)xv[j] * (double)xv[j];
+        for (int j = 0; j < CACHE; j++) ss += (double)xv[j] * (double)xv[j];
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            double v = (double)x[base + i];
+            double v = (double)x[i];
             ss += v * v;
         }
     }
@@ -236,7 +269,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float*
     bool finite = true;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < RQ_CACHE; j++) {
+        for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
                 xv[j] = __fmul_rn((float)((double)xv[j] * inv), w[i]);
@@ -246,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float*
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
+            float v = __fmul_rn((float)((double)x[i] * inv), w[i]);
             finite = finite && isfinite(v);
             amax = fmaxf(amax, fabsf(v));
         }
@@ -260,36 +293,50 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float*
     int sum = 0;
     if (cached) {
 #pragma unroll
-        for (int j = 0; j < RQ_CACHE; j++) {
+        for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
                 int qi = (int)fminf(fmaxf(rintf(__fmul_rn(xv[j], s)), -128.0f), 127.0f);
-                q[base + i] = (i8)qi;
+                q[i] = (i8)qi;
                 sum += qi;
             }
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)x[base + i] * inv), w[i]);
+            float v = __fmul_rn((float)((double)x[i] * inv), w[i]);
             int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, s)), -128.0f), 127.0f);
-            q[base + i] = (i8)qi;
+            q[i] = (i8)qi;
             sum += qi;
         }
     }
     sum = block_sum_i(sum, islots);
     if (threadIdx.x == 0) {
-        scale[r] = s;
-        qsum[r] = sum;
+        *scale = s;
+        *qsum = sum;
     }
 }
 
+extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float* x, const float* w, float eps,
+                                                                    int width, i8* q, float* scale, int* qsum,
+                                                                    int* flags) {
+    __shared__ double dslots[32];
+    __shared__ float fslots[32];
+    __shared__ int islots[32];
+    pdl_begin();
+    int r = blockIdx.x;
+    size_t base = (size_t)r * width;
+    norm_quant_row<RQ_CACHE>(x + base, w, eps, width, q + base, scale + r, qsum + r, flags, dslots, fslots, islots);
+}
+
 // Final norm before the head: v = rmsnorm(x[rows[e], :]) in f32, written as
-// hi[e, :] = T(v) and, for f16/bf16, lo[e, :] = T(v - hi) at out + entries *
-// width (the head adds both products). grid (entries), block 256.
+// out[e, :] = T(v) for f32 and, for f16/bf16, as two rows: out[2e, :] = hi =
+// T(v) and out[2e + 1, :] = lo = T(v - hi) (the head adds both products).
+// grid (entries), block 256.
 template <class P>
 __device__ void final_norm_impl(const float* x, const int* rows, int entries, const float* w, float eps, int width,
                                 typename P::T* out, bool split) {
     __shared__ double dslots[32];
+    pdl_begin();
     int e = blockIdx.x;
     size_t base = (size_t)rows[e] * width;
     double ss = 0.0;
@@ -301,8 +348,12 @@ __device__ void final_norm_impl(const float* x, const int* rows, int entries, co
     double inv = 1.0 / sqrt(ss / (double)width + (double)eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = (float)((double)x[base + i] * inv) * w[i];
-        P::store(out, (size_t)e * width + i, v);
-        if (split) P::store(out, ((size_t)entries + e) * width + i, v - P::round(v));
+        if (split) {
+            P::store(out, (size_t)(2 * e) * width + i, v);
+            P::store(out, (size_t)(2 * e + 1) * width + i, v - P::round(v));
+        } else {
+            P::store(out, (size_t)e * width + i, v);
+        }
     }
 }
 
@@ -350,7 +401,7 @@ __device__ __forceinline__ void mma_s8(int* c, unsigned a0, unsigned a1, unsigne
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int MODE, int TILES, int KSPLIT>
+template <int MODE, int TILES, int KSPLIT, bool BATCH>
 __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
                                 float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
                                 const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
@@ -362,6 +413,18 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
     int row_base = MODE == 2 ? blockIdx.x * 16 : (blockIdx.x * TILES + tile) * 16;
     const u8* w = (MODE == 2 && tile == 1) ? w1 : w0;
     int tok_base = blockIdx.y * MM_TOKENS;
+
+    // Let the next kernel launch, and start pulling this CTA's weight rows
+    // (contiguous, never written) into L2 while the previous kernel ends.
+    pdl_trigger();
+    {
+        size_t row_bytes = (size_t)(k >> 2);
+        int first = MODE == 2 ? blockIdx.x * 16 : blockIdx.x * TILES * 16;
+        int nr = min(MODE == 2 ? 16 : TILES * 16, n_rows - first);
+        prefetch_l2(w0 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
+        if (MODE == 2) prefetch_l2(w1 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
+    }
+    pdl_wait();
     int ntiles = min(MM_TOKENS / 8, (n_tok - tok_base + 7) / 8);
     int acc[MM_TOKENS / 8][4];
 #pragma unroll
@@ -397,6 +460,29 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
         for (int i = 0; i < MM_PREFETCH; i++) {
             int b = b0 + i * KSPLIT;
             if (b >= nblk) break;
+            if (BATCH) {
+                // Many tokens: every activation fragment of the block is
+                // loaded before the first product (16 loads in flight).
+                uint2 bv[4][MM_TOKENS / 8];
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+#pragma unroll
+                    for (int nt = 0; nt < MM_TOKENS / 8; nt++)
+                        bv[c][nt] = (nt < ntiles && va[nt]) ? __ldg((const uint2*)(pa[nt] + (size_t)b * 128 + 32 * c))
+                                                            : make_uint2(0u, 0u);
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    int shift = 6 - 2 * c;
+                    unsigned a0 = (wa[i].x >> shift) & 0x03030303u;
+                    unsigned a1 = (wb[i].x >> shift) & 0x03030303u;
+                    unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
+                    unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
+#pragma unroll
+                    for (int nt = 0; nt < MM_TOKENS / 8; nt++)
+                        if (nt < ntiles) mma_s8(acc[nt], a0, a1, a2, a3, bv[c][nt].x, bv[c][nt].y);
+                }
+                continue;
+            }
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int shift = 6 - 2 * c;
@@ -466,28 +552,24 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) ternary_mm_store(const u8* w0, int n_rows, int k, float s0, float s1,
-                                                                   float s2, int seg1, int seg2, const i8* act,
-                                                                   const float* act_scale, const int* act_sum,
-                                                                   int n_tok, float* out, int ld_out) {
-    ternary_mm_impl<0, 1, 8>(w0, w0, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out);
-}
-
-extern "C" __global__ void __launch_bounds__(256) ternary_mm_add(const u8* w0, int n_rows, int k, float s0,
-                                                                 const i8* act, const float* act_scale,
-                                                                 const int* act_sum, int n_tok, float* out,
-                                                                 int ld_out) {
-    ternary_mm_impl<1, 1, 8>(w0, w0, n_rows, k, s0, s0, s0, n_rows, n_rows, act, act_scale, act_sum, n_tok, out,
-                             ld_out);
-}
-
-extern "C" __global__ void __launch_bounds__(256) ternary_mm_gate_up(const u8* gate, const u8* up, int n_rows, int k,
-                                                                     float s_gate, float s_up, const i8* act,
-                                                                     const float* act_scale, const int* act_sum,
-                                                                     int n_tok, float* out, int ld_out) {
-    ternary_mm_impl<2, 2, 4>(gate, up, n_rows, k, s_gate, s_up, s_up, n_rows, n_rows, act, act_scale, act_sum, n_tok,
-                             out, ld_out);
-}
+// The three variants take the same arguments: the weights (w1 = the up
+// rows for gate/up, else unused), the scales of the row segments, the
+// quantised activations and the output.
+// The _b variants load all activation fragments of a weight block at once
+// (more registers, more loads in flight: for passes of many tokens).
+#define TERNARY(NAME, MODE, TILES, KSPLIT, BATCH)                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
+             const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
+        ternary_mm_impl<MODE, TILES, KSPLIT, BATCH>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, \
+                                                    act_sum, n_tok, out, ld_out);                      \
+    }
+TERNARY(ternary_mm_store, 0, 1, 8, false)
+TERNARY(ternary_mm_add, 1, 1, 8, false)
+TERNARY(ternary_mm_gate_up, 2, 2, 4, false)
+TERNARY(ternary_mm_store_b, 0, 1, 8, true)
+TERNARY(ternary_mm_add_b, 1, 1, 8, true)
+TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true)
 
 // ---------------------------------------------------------------------------
 // RoPE (NEOX pairing i, i + head_dim/2) on q and k, and the KV-cache write.
@@ -502,6 +584,7 @@ template <class P>
 __device__ void rope_kv_impl(const float* qkv, const float* cos_t, const float* sin_t, const int* pos,
                              const int* base, float* q_out, typename P::T* kc, typename P::T* vc,
                              int n_heads, int n_kv_heads, int head_dim) {
+    pdl_begin();
     int r = blockIdx.x;
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     size_t in = (size_t)r * (hidden + 2 * kv_dim);
@@ -540,147 +623,198 @@ ROPE_KV(rope_kv_bf16, BF16)
 // Causal GQA attention over the KV cache, for decode and prefill rows alike:
 // row r (position pos[r]) attends to cache slots base[r] .. base[r] + pos[r].
 //
-// Split over positions (flash-decoding): CTA (r, head, s) takes the chunks
+// Split over positions (flash-decoding): CTA (r, y, s) takes the chunks
 // s, s + S, s + 2S, ... of ATT_CHUNK positions, keeps a running maximum m and
 // sum l of exp(score - m) and the unnormalised output, and writes them to
-// part / ml; attention_combine merges the S parts. Scores q.k * scale, the
-// softmax and the outputs are f32; q is f32, the cache is read in T.
-// grid (rows, n_heads, S), block 128; head_dim <= 256 and a multiple of 4.
+// part / ml; attention_combine merges the S parts. Each CTA serves HPC
+// query heads of one kv head (y = kv_head * hgroups + group; the last group
+// may be partial), so each K and V vector it loads feeds all of them (the
+// host takes HPC = 1 when the grid would otherwise be too small to fill the
+// GPU). Scores q.k * scale, the softmax and the outputs are f32; q is f32,
+// the cache is read in T.
+// grid (rows, n_kv_heads * ceil(G / HPC), S), block 128; head_dim a
+// multiple of 4, at most 128 * GROUPS.
 
 #define ATT_CHUNK 32
 #define ATT_WARPS 4
+#define ATT_G 4
 #define ATT_MAX_HD 256
 
 #define ATT_PER_WARP (ATT_CHUNK / ATT_WARPS)
-// Each lane holds 4 consecutive dimensions of each 128-wide group:
-// d = 128 * j + 4 * lane + {0..3}, j < ATT_GROUPS (head_dim % 4 == 0).
-#define ATT_GROUPS (ATT_MAX_HD / 128)
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-template <class P>
+// Each lane holds 4 consecutive dimensions of each 128-wide group:
+// d = 128 * j + 4 * lane + {0..3}, j < GROUPS.
+template <class P, int GROUPS, int HPC>
 __device__ void attention_partial_impl(const float* __restrict__ q, const typename P::T* __restrict__ kc,
                                        const typename P::T* __restrict__ vc, const int* pos, const int* base,
                                        float* part, float* ml, int n_heads, int n_kv_heads, int head_dim,
                                        float scale) {
-    __shared__ float sc[ATT_CHUNK];
+    const int hpc = HPC;
+    __shared__ float sc[HPC][ATT_CHUNK];
     __shared__ float red[ATT_WARPS][ATT_MAX_HD];
-    int r = blockIdx.x, head = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    pdl_begin();
+    int r = blockIdx.x, s = blockIdx.z, S = gridDim.z;
+    int G = n_heads / n_kv_heads, hgroups = (G + hpc - 1) / hpc;
+    int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
+    int head0 = kvh * G + hg * hpc, ng = min(hpc, G - hg * hpc);
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
-    int kvh = head / (n_heads / n_kv_heads);
     int visible = pos[r] + 1;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float4 qv[ATT_GROUPS];
-    bool has[ATT_GROUPS];
+    float4 qv[HPC][GROUPS];
+    bool has[GROUPS];
 #pragma unroll
-    for (int j = 0; j < ATT_GROUPS; j++) {
-        int d = 128 * j + 4 * lane;
-        has[j] = d < head_dim;
-        const float* qp = q + (size_t)r * hidden + head * head_dim;
-        qv[j] = has[j] ? make_float4(qp[d], qp[d + 1], qp[d + 2], qp[d + 3]) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < GROUPS; j++) has[j] = 128 * j + 4 * lane < head_dim;
+#pragma unroll
+    for (int g = 0; g < HPC; g++) {
+#pragma unroll
+        for (int j = 0; j < GROUPS; j++) {
+            int d = 128 * j + 4 * lane;
+            const float* qp = q + (size_t)r * hidden + (size_t)(head0 + g) * head_dim;
+            qv[g][j] = (g < ng && has[j]) ? make_float4(qp[d], qp[d + 1], qp[d + 2], qp[d + 3])
+                                          : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
     size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
-    float m_run = -__int_as_float(0x7f800000), l_run = 0.0f;
-    float4 acc[ATT_GROUPS];
+    float m_run[HPC], l_run[HPC];
+    float4 acc[HPC][GROUPS];
 #pragma unroll
-    for (int j = 0; j < ATT_GROUPS; j++) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int g = 0; g < HPC; g++) {
+        m_run[g] = -__int_as_float(0x7f800000);
+        l_run[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < GROUPS; j++) acc[g][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     for (int c0 = s * ATT_CHUNK; c0 < visible; c0 += S * ATT_CHUNK) {
         int cnt = min(ATT_CHUNK, visible - c0);
         // Scores: warp w takes positions w, w + ATT_WARPS, ...; every load
         // of the warp's positions is issued before the first reduction.
-        float4 kv[ATT_PER_WARP][ATT_GROUPS];
+        float4 kv[ATT_PER_WARP][GROUPS];
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             int i = warp + ii * ATT_WARPS;
             size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
-            for (int j = 0; j < ATT_GROUPS; j++)
+            for (int j = 0; j < GROUPS; j++)
                 kv[ii][j] = (i < cnt && has[j]) ? P::load4(kc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
-            float dot = 0.0f;
-#pragma unroll
-            for (int j = 0; j < ATT_GROUPS; j++) dot += dot4(qv[j], kv[ii][j]);
-            dot = warp_sum_f(dot);
             int i = warp + ii * ATT_WARPS;
-            if (lane == 0 && i < cnt) sc[i] = dot * scale;
+#pragma unroll
+            for (int g = 0; g < HPC; g++) {
+                if (g < ng) {
+                    float dot = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < GROUPS; j++) dot += dot4(qv[g][j], kv[ii][j]);
+                    dot = warp_sum_f(dot);
+                    if (lane == 0 && i < cnt) sc[g][i] = dot * scale;
+                }
+            }
         }
         __syncthreads();
-        // One chunk is one warp wide: lane i holds score i; every warp
-        // computes the chunk's maximum and sum with shuffles.
-        float mine = lane < cnt ? sc[lane] : -__int_as_float(0x7f800000);
-        float m_new = fmaxf(m_run, warp_max_f(mine));
-        float factor = expf(m_run - m_new);  // 0 on the first chunk (m_run = -inf)
-        float e_mine = lane < cnt ? expf(mine - m_new) : 0.0f;
-        l_run = l_run * factor + warp_sum_f(e_mine);
+        // One chunk is one warp wide: lane i holds score i of each head;
+        // every warp computes the chunk's maxima and sums with shuffles.
+        float e_mine[HPC];
 #pragma unroll
-        for (int j = 0; j < ATT_GROUPS; j++) {
-            acc[j].x *= factor;
-            acc[j].y *= factor;
-            acc[j].z *= factor;
-            acc[j].w *= factor;
+        for (int g = 0; g < HPC; g++) {
+            e_mine[g] = 0.0f;
+            if (g < ng) {
+                float mine = lane < cnt ? sc[g][lane] : -__int_as_float(0x7f800000);
+                float m_new = fmaxf(m_run[g], warp_max_f(mine));
+                float factor = expf(m_run[g] - m_new);  // 0 on the first chunk (m_run = -inf)
+                e_mine[g] = lane < cnt ? expf(mine - m_new) : 0.0f;
+                l_run[g] = l_run[g] * factor + warp_sum_f(e_mine[g]);
+                m_run[g] = m_new;
+#pragma unroll
+                for (int j = 0; j < GROUPS; j++) {
+                    acc[g][j].x *= factor;
+                    acc[g][j].y *= factor;
+                    acc[g][j].z *= factor;
+                    acc[g][j].w *= factor;
+                }
+            }
         }
+        // V is loaded only now (loading it with K costs registers, and the
+        // lower occupancy was measured slower).
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             int i = warp + ii * ATT_WARPS;
             size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
-            for (int j = 0; j < ATT_GROUPS; j++)
+            for (int j = 0; j < GROUPS; j++)
                 kv[ii][j] = (i < cnt && has[j]) ? P::load4(vc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
             int i = warp + ii * ATT_WARPS;
-            float e = __shfl_sync(0xffffffffu, e_mine, i & 31);
 #pragma unroll
-            for (int j = 0; j < ATT_GROUPS; j++) {
-                acc[j].x += e * kv[ii][j].x;
-                acc[j].y += e * kv[ii][j].y;
-                acc[j].z += e * kv[ii][j].z;
-                acc[j].w += e * kv[ii][j].w;
+            for (int g = 0; g < HPC; g++) {
+                float e = __shfl_sync(0xffffffffu, e_mine[g], i & 31);
+#pragma unroll
+                for (int j = 0; j < GROUPS; j++) {
+                    acc[g][j].x += e * kv[ii][j].x;
+                    acc[g][j].y += e * kv[ii][j].y;
+                    acc[g][j].z += e * kv[ii][j].z;
+                    acc[g][j].w += e * kv[ii][j].w;
+                }
             }
         }
-        m_run = m_new;
         __syncthreads();
     }
+    // Per head: the warps' partial outputs summed in a fixed order.
+    for (int g = 0; g < ng; g++) {
 #pragma unroll
-    for (int j = 0; j < ATT_GROUPS; j++) {
-        int d = 128 * j + 4 * lane;
-        if (has[j]) {
-            red[warp][d] = acc[j].x;
-            red[warp][d + 1] = acc[j].y;
-            red[warp][d + 2] = acc[j].z;
-            red[warp][d + 3] = acc[j].w;
+        for (int j = 0; j < GROUPS; j++) {
+            int d = 128 * j + 4 * lane;
+            if (has[j]) {
+                red[warp][d] = acc[g][j].x;
+                red[warp][d + 1] = acc[g][j].y;
+                red[warp][d + 2] = acc[g][j].z;
+                red[warp][d + 3] = acc[g][j].w;
+            }
         }
-    }
-    __syncthreads();
-    size_t slot = ((size_t)r * n_heads + head) * S + s;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) o += red[w][d];
-        part[slot * head_dim + d] = o;
-    }
-    if (threadIdx.x == 0) {
-        ml[2 * slot] = m_run;
-        ml[2 * slot + 1] = l_run;
+        __syncthreads();
+        size_t slot = ((size_t)r * n_heads + head0 + g) * S + s;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+            for (int w = 0; w < ATT_WARPS; w++) o += red[w][d];
+            part[slot * head_dim + d] = o;
+        }
+        if (threadIdx.x == 0) {
+            ml[2 * slot] = m_run[g];
+            ml[2 * slot + 1] = l_run[g];
+        }
+        __syncthreads();
     }
 }
 
-#define ATTENTION(NAME, P)                                                                             \
+#define ATTENTION(NAME, P, GROUPS, HPC)                                                                \
     extern "C" __global__ void __launch_bounds__(128) NAME(const float* q, const P::T* kc, const P::T* vc, \
                                                            const int* pos, const int* base, float* part, float* ml, \
                                                            int n_heads, int n_kv_heads, int head_dim, float scale) { \
-        attention_partial_impl<P>(q, kc, vc, pos, base, part, ml, n_heads, n_kv_heads, head_dim, scale);           \
+        attention_partial_impl<P, GROUPS, HPC>(q, kc, vc, pos, base, part, ml, n_heads, n_kv_heads, head_dim, scale); \
     }
-ATTENTION(attention_f32, F32)
-ATTENTION(attention_f16, F16)
-ATTENTION(attention_bf16, BF16)
+// head_dim <= 128 or <= 256 (_wide); ATT_G query heads per CTA, or one (_h1).
+ATTENTION(attention_f32, F32, 1, ATT_G)
+ATTENTION(attention_f16, F16, 1, ATT_G)
+ATTENTION(attention_bf16, BF16, 1, ATT_G)
+ATTENTION(attention_f32_wide, F32, 2, ATT_G)
+ATTENTION(attention_f16_wide, F16, 2, ATT_G)
+ATTENTION(attention_bf16_wide, BF16, 2, ATT_G)
+ATTENTION(attention_f32_h1, F32, 1, 1)
+ATTENTION(attention_f16_h1, F16, 1, 1)
+ATTENTION(attention_bf16_h1, BF16, 1, 1)
+ATTENTION(attention_f32_wide_h1, F32, 2, 1)
+ATTENTION(attention_f16_wide_h1, F16, 2, 1)
+ATTENTION(attention_bf16_wide_h1, BF16, 2, 1)
 
 // out[r, head, :] = sum_s part_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
 // (f32). A non-finite result raises FLAG_NONFINITE. grid (rows, n_heads), block 128.
 extern "C" __global__ void attention_combine(const float* part, const float* ml, int n_heads, int head_dim, int S,
                                              float* out, int* flags) {
+    pdl_begin();
     int r = blockIdx.x, head = blockIdx.y;
     size_t slot0 = ((size_t)r * n_heads + head) * S;
     float M = -__int_as_float(0x7f800000);
@@ -727,11 +861,12 @@ __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, uns
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// x holds the hi parts [n, hidden] followed by the lo parts [n, hidden].
+// x holds, for each entry, its hi row then its lo row ([n, 2, hidden]).
 template <bool BF, int NT>
 __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, const u16* __restrict__ x, int n,
                               float* __restrict__ logits) {
-    size_t lo_off = (size_t)n * hidden;
+    pdl_begin();
+    size_t lo_off = (size_t)hidden;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int row_base = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
@@ -751,7 +886,7 @@ __device__ void head_mma_impl(const u16* __restrict__ w, int vocab, int hidden, 
     for (int nt = 0; nt < NT; nt++) {
         int tok = tok_base + nt * 8 + g;
         vx[nt] = tok < n;
-        px[nt] = x + (size_t)(vx[nt] ? tok : 0) * hidden + 4 * t;
+        px[nt] = x + (size_t)(vx[nt] ? tok : 0) * 2 * hidden + 4 * t;
     }
     // hidden is a multiple of 16; weights of HEAD_PREFETCH chunks are loaded
     // before any is used.
@@ -816,11 +951,24 @@ extern "C" __global__ void __launch_bounds__(128) head_bf16_small(const u16* w, 
     head_mma_impl<true, 1>(w, vocab, hidden, x, n, logits);
 }
 
+// out[r, v] = s[2r, v] + s[2r + 1, v] for r < rows: the hi and lo products
+// of the f16/bf16 head when cuBLAS computed them as separate rows.
+// grid-stride, block 256.
+extern "C" __global__ void add_row_pairs(const float* s, float* out, int rows, int vocab) {
+    pdl_begin();
+    size_t total = (size_t)rows * vocab, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        size_t r = i / vocab, v = i - r * vocab;
+        out[i] = s[2 * r * vocab + v] + s[(2 * r + 1) * vocab + v];
+    }
+}
+
 // f32: one warp per vocabulary row, float4 loads, up to 8 tokens per pass.
 // grid (ceil(vocab / 8), ceil(n / 8)), block 256.
 extern "C" __global__ void __launch_bounds__(256) head_f32(const float* __restrict__ w, int vocab, int hidden,
                                                            const float* __restrict__ x, int n,
                                                            float* __restrict__ logits) {
+    pdl_begin();
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int row = blockIdx.x * (blockDim.x >> 5) + warp;
     if (row >= vocab) return;
@@ -855,6 +1003,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
                                                                int* flags) {
     __shared__ float vs[32];
     __shared__ int is[32];
+    pdl_begin();
     int e = blockIdx.x;
     const float* l = logits + (size_t)e * vocab;
     float best = -__int_as_float(0x7f800000);

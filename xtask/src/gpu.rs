@@ -31,10 +31,12 @@ pub fn smoke(args: GpuSmokeArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&bin)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--release", "--locked", "-p", "bitnet-server", "--bin", "bitnet", "-p", "xtask"])
-        .status()?;
-    anyhow::ensure!(status.success(), "cargo build failed");
+    // Two builds: `--bin bitnet` would also narrow xtask to a `bitnet`
+    // binary (it has none) and leave a stale xtask behind.
+    for args in [["-p", "bitnet-server", "--bin", "bitnet"], ["-p", "xtask", "--bin", "xtask"]] {
+        let status = std::process::Command::new(&cargo).args(["build", "--release", "--locked"]).args(args).status()?;
+        anyhow::ensure!(status.success(), "cargo build {} failed", args.join(" "));
+    }
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
     for name in ["bitnet", "xtask"] {
         copy_stripped(&target.join("release").join(name), &bin.join(name))?;
@@ -191,6 +193,7 @@ pub fn bench(
         let setup_s = setup.elapsed().as_secs_f64();
         let (free_after, _) = backend.gpu().mem_info()?;
         let used = free_before.saturating_sub(free_after);
+        eprintln!("bench gpu {p}: head {:?}, PDL {}", backend.gpu().head_impl(), backend.gpu().pdl_enabled());
         eprintln!(
             "bench gpu {p}: {:?}, free memory fell by {:.3} GB (of {:.1} GB)",
             backend.memory(),
@@ -261,6 +264,7 @@ pub fn bench(
                     "weights": backend.memory().weights, "kv_cache": backend.memory().kv_cache, "workspace": backend.memory().workspace,
                 },
                 "kv_slots": config.kv_slots, "setup_seconds": setup_s, "cuda_graphs": !args.no_graphs,
+                "head": format!("{:?}", backend.gpu().head_impl()), "pdl": backend.gpu().pdl_enabled(),
                 "kernel_ms_eager_step": kernel_ms,
                 "kernels": profile.iter().map(|(n, ms, k)| json!({"kernel": n, "ms": ms, "launches": k})).collect::<Vec<_>>(),
             }));
@@ -315,7 +319,7 @@ pub fn bench(
 /// Separates a kernel's own time from launch gaps, which an eager profile
 /// (events around each launch) includes.
 pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
-    use bitnet_kernels::cuda::{GpuContext, GpuDType, TernaryActs};
+    use bitnet_kernels::cuda::{GpuContext, GpuDType, HeadImpl, TernaryActs};
     let gpu = GpuContext::open(0, None)?;
     let (h, inter, vocab, heads, kv_heads, hd) = (2560usize, 6912usize, 128_256usize, 20usize, 5usize, 128usize);
     let kv_dim = kv_heads * hd;
@@ -365,8 +369,11 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
     let attn = gpu.alloc("attn", max_rows * h * 4)?;
     let scratch = gpu.alloc("scratch", 4096usize.max(max_rows) * heads * (hd + 2) * 4)?;
     let flags = gpu.alloc("flags", 4)?;
-    let head_in = gpu.upload("head in", &bf16s(random(2 * max_rows * h * 2)))?;
-    let logits = gpu.alloc("logits", max_rows * vocab * 4)?;
+    // hi + lo rows for max_rows entries, rounded up to whole cuBLAS chunks.
+    let head_in = gpu.upload("head in", &bf16s(random(2 * max_rows.max(64) * h * 2)))?;
+    let logits = gpu.alloc("logits", 2 * max_rows * vocab * 4)?;
+    // Room for the hi/lo products of cuBLAS chunks of up to 64 entries.
+    let head_scratch = gpu.alloc("head scratch", 2 * 64 * vocab * 4)?;
     let row_ids: Vec<u8> = (0..max_rows).flat_map(|r| (r as i32).to_le_bytes()).collect();
     let row_ids = gpu.upload("rows", &row_ids)?;
     let tokens_out = gpu.alloc("tokens", max_rows * 4)?;
@@ -473,16 +480,37 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                 gpu.final_norm(GpuDType::BF16, x.all(), n, row_ids.all(), n, norm_w.all(), 1e-5, h, head_in.all())
             })?,
         );
-        add(
-            "head bf16",
-            vocab * h * 2,
-            time(&|| gpu.head(GpuDType::BF16, head_bf16.all(), vocab, h, head_in.all(), n, logits.all()))?,
-        );
-        add(
-            "head f32",
-            vocab * h * 4,
-            time(&|| gpu.head(GpuDType::F32, head_f32.all(), vocab, h, x.all(), n, logits.all()))?,
-        );
+        // The head on each implementation (cuBLAS only when it loaded).
+        for imp in [HeadImpl::Kernels, HeadImpl::Cublas] {
+            if gpu.set_head_impl(imp) != imp {
+                eprintln!("  (no cuBLAS head: {})", gpu.cublas_note());
+                continue;
+            }
+            let tag = if imp == HeadImpl::Cublas { " cuBLAS" } else { "" };
+            add(
+                &format!("head bf16{tag}"),
+                vocab * h * 2,
+                time(&|| {
+                    gpu.head(
+                        GpuDType::BF16,
+                        head_bf16.all(),
+                        vocab,
+                        h,
+                        head_in.all(),
+                        n,
+                        logits.all(),
+                        head_scratch.all(),
+                    )
+                })?,
+            );
+            add(
+                &format!("head f32{tag}"),
+                vocab * h * 4,
+                time(&|| {
+                    gpu.head(GpuDType::F32, head_f32.all(), vocab, h, x.all(), n, logits.all(), head_scratch.all())
+                })?,
+            );
+        }
         add("argmax", n * vocab * 4, time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all()))?);
     }
     Ok(json!(rows))

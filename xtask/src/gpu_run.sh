@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root:
-#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|quick|all
+#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|quick|ab|all
 # (made by `cargo xtask gpu-smoke`, which builds everything on the dev box).
 # Logs and JSON go to bundle/out; at the end they are packed into
 # $OUT/results.tar.gz (the device tool returns at most 8 files) with summary.md.
@@ -82,6 +82,22 @@ quick() {
     step bench-gpu "$B/bin/xtask" bench --device gpu --kernels --model "$B/models/2b4t.gguf" --json "$OUT/bench-gpu.json"
 }
 
+# A/B runs of the end-to-end bench: AB_VARIANTS holds '|'-separated sets of
+# environment assignments (e.g. "BITNET_CUDA_PDL=0|BITNET_CUDA_PDL=1"),
+# AB_BATCHES and AB_PRECISIONS narrow the matrix.
+ab() {
+    [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
+    local i=0 v
+    IFS='|' read -ra variants <<<"${AB_VARIANTS:-}"
+    for v in "${variants[@]}"; do
+        i=$((i + 1))
+        echo "variant $i: $v" >>"$OUT/ab-variants.txt"
+        # shellcheck disable=SC2086
+        step "bench-ab-$i" env $v "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" \
+            --batches "${AB_BATCHES:-1,8,32,128}" --precisions "${AB_PRECISIONS:-bf16}" --json "$OUT/bench-ab-$i.json"
+    done
+}
+
 scenarios() {
     step scenarios-gpu "$B/bin/xtask" test --scenario all --json "$OUT/scenarios-gpu.json"
 }
@@ -92,8 +108,9 @@ bench) bench ;;
 crossval) crossval ;;
 scenarios) scenarios ;;
 quick) quick ;;
+ab) ab ;;
 all) smoke; crossval; scenarios; bench ;;
-*) echo "usage: run.sh smoke|bench|crossval|scenarios|quick|all" >&2; exit 2 ;;
+*) echo "usage: run.sh smoke|bench|crossval|scenarios|quick|ab|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

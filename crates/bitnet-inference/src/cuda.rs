@@ -150,6 +150,7 @@ struct Workspace {
     attn_scratch: DevBuf,
     h: DevBuf,
     head_in: DevBuf,
+    head_scratch: DevBuf,
     logits: DevBuf,
     tokens_out: DevBuf,
     flags: DevBuf,
@@ -410,8 +411,9 @@ impl CudaBackend {
             // rows x splits never exceeds max(ATT_PART_ROWS, rows).
             attn_scratch: alloc("attention scratch", ATT_PART_ROWS.max(rows) * c.n_heads * (c.head_dim + 2) * 4)?,
             h: alloc("ffn activations", rows * inter * 4)?,
-            head_in: alloc("head input", GpuContext::head_input_bytes(dt, entries, h))?,
-            logits: alloc("logits", entries * vocab * 4)?,
+            head_in: alloc("head input", gpu.head_input_bytes(dt, entries, h))?,
+            head_scratch: alloc("head scratch", gpu.head_scratch_bytes(dt, vocab))?,
+            logits: alloc("logits", gpu.head_logits_bytes(dt, entries, vocab))?,
             tokens_out: alloc("sampled tokens", entries * 4)?,
             flags: alloc("flags", 4)?,
         };
@@ -427,6 +429,7 @@ impl CudaBackend {
             &ws.attn_scratch,
             &ws.h,
             &ws.head_in,
+            &ws.head_scratch,
             &ws.logits,
             &ws.tokens_out,
             &ws.flags,
@@ -434,6 +437,12 @@ impl CudaBackend {
         .iter()
         .map(|b| b.len())
         .sum::<usize>();
+        // One head call now (on the zeroed input): cuBLAS loads its kernels
+        // at the first call, which should not land on a request or in a
+        // graph capture.
+        let head = output.as_ref().unwrap_or(&embedding);
+        gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), 1, ws.logits.all(), ws.head_scratch.all())
+            .map_err(cuda_error)?;
         gpu.synchronize().map_err(cuda_error)?;
 
         let max_context = c.max_position_embeddings;
@@ -581,7 +590,6 @@ impl CudaBackend {
         let acts = TernaryActs { q: ws.q8.all(), scale: ws.scale.all(), qsum: ws.qsum.all(), n_tok: n };
         let eps = c.rms_norm_eps;
         let qkv_rows = h + 2 * kv_dim;
-
         gpu.zero(flags)?;
         gpu.embed(dt, self.embedding.all(), vocab, h, tokens, n, ws.x.all())?;
         for layer in &self.layers {
@@ -646,7 +654,7 @@ impl CudaBackend {
         }
         gpu.final_norm(dt, ws.x.all(), n, out_rows, n_out, self.output_norm.all(), eps, h, ws.head_in.all())?;
         let head = self.output.as_ref().unwrap_or(&self.embedding);
-        gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), n_out, ws.logits.all())
+        gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), n_out, ws.logits.all(), ws.head_scratch.all())
     }
 
     fn read_flags(&self) -> Result<(), CudaError> {

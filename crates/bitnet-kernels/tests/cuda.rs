@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
-use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, TernaryActs};
+use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, HeadImpl, TernaryActs};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic inputs without extra dependencies.
@@ -161,7 +161,7 @@ fn ternary_store_and_add_are_exact() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(1);
     // Shapes cover partial row tiles, partial token tiles, several CTAs
-    // along tokens and the K split.
+    // along tokens and the K split; n >= 16 runs the `_b` (batch) kernels.
     for &(rows, k, n) in &[(16, 128, 1), (40, 256, 3), (96, 640, 8), (200, 1152, 33), (3840, 2560, 70), (64, 6912, 5)] {
         let codes = random_codes(&mut rng, rows, k);
         let acts = random_acts(&g, &mut rng, n, k);
@@ -205,7 +205,7 @@ fn ternary_store_and_add_are_exact() {
 fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(2);
-    for &(rows, k, n) in &[(48, 256, 2), (6912, 2560, 9)] {
+    for &(rows, k, n) in &[(48, 256, 2), (6912, 2560, 9), (96, 512, 40)] {
         let gate = random_codes(&mut rng, rows, k);
         let up = random_codes(&mut rng, rows, k);
         let acts = random_acts(&g, &mut rng, n, k);
@@ -293,17 +293,21 @@ fn final_norm_matches_host_with_hi_lo_split() {
         want.extend(xr.iter().zip(&w).map(|(&v, &wi)| f64::from((f64::from(v) * inv) as f32 * wi)));
     }
     for dt in DTYPES {
-        let n = rows.len() * width;
-        let bytes = GpuContext::head_input_bytes(dt, rows.len(), width);
+        let bytes = GpuContext::final_norm_bytes(dt, rows.len(), width);
         let out = g.alloc("out", bytes).unwrap();
         g.final_norm(dt, xb.all(), x_rows, rb.all(), rows.len(), wb.all(), eps, width, out.all()).unwrap();
         let all = decode(dt, &read_bytes(&g, &out, bytes));
-        let hi = &all[..n];
-        let err = normwise(hi, &want);
+        // f32: one row per entry; f16/bf16: the hi row, then the lo row.
+        let parts = if dt == GpuDType::F32 { 1 } else { 2 };
+        let row = |e: usize, p: usize| &all[(parts * e + p) * width..(parts * e + p + 1) * width];
+        let hi: Vec<f32> = (0..rows.len()).flat_map(|e| row(e, 0).to_vec()).collect();
+        let err = normwise(&hi, &want);
         assert!(err <= tolerance(dt), "{dt:?}: hi part error {err}");
         if dt != GpuDType::F32 {
             // hi + lo carries the value to ~16 bits: far inside the f32 tolerance.
-            let sum: Vec<f32> = hi.iter().zip(&all[n..]).map(|(a, b)| a + b).collect();
+            let sum: Vec<f32> = (0..rows.len())
+                .flat_map(|e| row(e, 0).iter().zip(row(e, 1)).map(|(a, b)| a + b).collect::<Vec<_>>())
+                .collect();
             let err = normwise(&sum, &want);
             assert!(err <= 1e-4, "{dt:?}: hi + lo error {err}");
         }
@@ -381,100 +385,167 @@ fn rope_kv_matches_cpu_rope() {
 fn attention_matches_host_softmax_attention() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(6);
-    let (nh, nkv, hd, slots, max_visible) = (8, 2, 128, 900, 4096);
-    let (hidden, kv_dim) = (nh * hd, nkv * hd);
-    // Rows of two sequences (cache bases 0 and 500), prefill-like and decode-like positions.
-    // Positions spanning several 32-position chunks and splits.
-    let pos = [0i32, 1, 2, 399, 0, 5, 63, 64, 395];
-    let base = [0i32, 0, 0, 0, 500, 500, 400, 400, 500];
-    let n = pos.len();
-    for dt in DTYPES {
-        let q: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-2.0, 2.0)).collect();
-        let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
-        let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
-        let (qb, kb, vb) =
-            (up_f32(&g, &q), g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
-        let (pb, bb) = (up_i32(&g, &pos), up_i32(&g, &base));
-        let (out, flags) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("f", 4).unwrap());
-        let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
-        g.attention(
-            dt,
-            qb.all(),
-            kb.all(),
-            vb.all(),
-            slots,
-            pb.all(),
-            bb.all(),
-            n,
-            max_visible,
-            out.all(),
-            (nh, nkv, hd),
-            scratch.all(),
-            flags.all(),
-        )
-        .unwrap();
-        let got = read_f32(&g, &out, n * hidden);
-        assert_eq!(read_i32(&g, &flags, 1)[0], 0);
-        let mut want = vec![0f64; n * hidden];
-        let scale = 1.0 / (hd as f64).sqrt();
-        for r in 0..n {
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let qh = &q[r * hidden + h * hd..r * hidden + (h + 1) * hd];
-                let visible = pos[r] as usize + 1;
-                let slot = |p: usize| (base[r] as usize + p) * kv_dim + kvh * hd;
-                let scores: Vec<f64> = (0..visible)
-                    .map(|p| {
-                        qh.iter()
-                            .zip(&k[slot(p)..slot(p) + hd])
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let ex: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-                let sum: f64 = ex.iter().sum();
-                for d in 0..hd {
-                    want[r * hidden + h * hd + d] = (0..visible).map(|p| ex[p] / sum * f64::from(v[slot(p) + d])).sum();
+    // Query heads per kv head: 4 (one CTA group), 6 (a full and a partial
+    // group of the kernel's 4) and 1 with head_dim 200 (the wide variant).
+    for (nh, nkv, hd) in [(8usize, 2usize, 128usize), (12, 2, 64), (3, 3, 200)] {
+        let (slots, max_visible) = (900, 4096);
+        let (hidden, kv_dim) = (nh * hd, nkv * hd);
+        // Rows of two sequences (cache bases 0 and 500), prefill-like and decode-like positions.
+        // Positions spanning several 32-position chunks and splits.
+        let pos = [0i32, 1, 2, 399, 0, 5, 63, 64, 395];
+        let base = [0i32, 0, 0, 0, 500, 500, 400, 400, 500];
+        let n = pos.len();
+        for dt in DTYPES {
+            let q: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-2.0, 2.0)).collect();
+            let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
+            let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
+            let (qb, kb, vb) =
+                (up_f32(&g, &q), g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+            let (pb, bb) = (up_i32(&g, &pos), up_i32(&g, &base));
+            let (out, flags) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("f", 4).unwrap());
+            let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
+            g.attention(
+                dt,
+                qb.all(),
+                kb.all(),
+                vb.all(),
+                slots,
+                pb.all(),
+                bb.all(),
+                n,
+                max_visible,
+                out.all(),
+                (nh, nkv, hd),
+                scratch.all(),
+                flags.all(),
+            )
+            .unwrap();
+            let got = read_f32(&g, &out, n * hidden);
+            assert_eq!(read_i32(&g, &flags, 1)[0], 0);
+            let mut want = vec![0f64; n * hidden];
+            let scale = 1.0 / (hd as f64).sqrt();
+            for r in 0..n {
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qh = &q[r * hidden + h * hd..r * hidden + (h + 1) * hd];
+                    let visible = pos[r] as usize + 1;
+                    let slot = |p: usize| (base[r] as usize + p) * kv_dim + kvh * hd;
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|p| {
+                            qh.iter()
+                                .zip(&k[slot(p)..slot(p) + hd])
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let ex: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let sum: f64 = ex.iter().sum();
+                    for d in 0..hd {
+                        want[r * hidden + h * hd + d] =
+                            (0..visible).map(|p| ex[p] / sum * f64::from(v[slot(p) + d])).sum();
+                    }
                 }
             }
+            let err = normwise(&got, &want);
+            assert!(err <= tolerance(dt), "{dt:?} heads {nh}/{nkv} hd {hd}: error {err}");
+            // One row alone: few CTAs, so one query head per CTA.
+            let r = 3;
+            let q1 = up_f32(&g, &q[r * hidden..(r + 1) * hidden]);
+            let (p1, b1) = (up_i32(&g, &pos[r..=r]), up_i32(&g, &base[r..=r]));
+            let out1 = g.alloc("o1", hidden * 4).unwrap();
+            let scratch1 = g.alloc("s1", GpuContext::attention_scratch_bytes(1, 512, nh, hd)).unwrap();
+            let heads = (nh, nkv, hd);
+            g.attention(
+                dt,
+                q1.all(),
+                kb.all(),
+                vb.all(),
+                slots,
+                p1.all(),
+                b1.all(),
+                1,
+                512,
+                out1.all(),
+                heads,
+                scratch1.all(),
+                flags.all(),
+            )
+            .unwrap();
+            let got1 = read_f32(&g, &out1, hidden);
+            let err = normwise(&got1, &want[r * hidden..(r + 1) * hidden]);
+            assert!(err <= tolerance(dt), "{dt:?} heads {nh}/{nkv} hd {hd}, one row: error {err}");
         }
-        let err = normwise(&got, &want);
-        assert!(err <= tolerance(dt), "{dt:?}: error {err}");
     }
 }
 
 #[test]
 fn head_matches_host_dot_products() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(7);
-    let (vocab, hidden) = (1000, 256); // vocab not a multiple of 16 or 64
-    for dt in DTYPES {
-        for n in [1usize, 3, 8, 70] {
-            let w: Vec<f32> = (0..vocab * hidden).map(|_| round_to(dt, rng.f32(-1.0, 1.0))).collect();
-            // Activations in f32, split into hi + lo parts of the precision as
-            // final_norm writes them.
-            let x: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-3.0, 3.0)).collect();
-            let mut parts = x.iter().map(|&v| round_to(dt, v)).collect::<Vec<f32>>();
-            if dt != GpuDType::F32 {
-                let lo: Vec<f32> = x.iter().map(|&v| round_to(dt, v - round_to(dt, v))).collect();
-                parts.extend(lo);
-            }
-            let (wb, xb) = (g.upload("w", &encode(dt, &w)).unwrap(), g.upload("x", &encode(dt, &parts)).unwrap());
-            let logits = g.alloc("l", n * vocab * 4).unwrap();
-            g.head(dt, wb.all(), vocab, hidden, xb.all(), n, logits.all()).unwrap();
-            let got = read_f32(&g, &logits, n * vocab);
-            let want: Vec<f64> = (0..n)
-                .flat_map(|t| {
-                    let (w, x) = (&w, &x);
-                    (0..vocab).map(move |r| {
-                        (0..hidden).map(|i| f64::from(w[r * hidden + i]) * f64::from(x[t * hidden + i])).sum::<f64>()
+    // Both implementations: cuBLAS (when it loads; on a GPU machine without
+    // it this test says SKIPPED, which run.sh counts as a failure) and ours.
+    for imp in [HeadImpl::Cublas, HeadImpl::Kernels] {
+        if g.set_head_impl(imp) != imp {
+            println!("SKIPPED: cuBLAS head: {}", g.cublas_note());
+            continue;
+        }
+        let mut rng = Rng(7);
+        let (vocab, hidden) = (1000, 256); // vocab not a multiple of 16 or 64
+        for dt in DTYPES {
+            for n in [1usize, 3, 8, 70] {
+                let w: Vec<f32> = (0..vocab * hidden).map(|_| round_to(dt, rng.f32(-1.0, 1.0))).collect();
+                // Activations in f32, split into hi + lo parts of the precision as
+                // final_norm writes them.
+                let x: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-3.0, 3.0)).collect();
+                // Each entry's hi row, then (f16/bf16) its lo row; padded to
+                // the buffer size the head asks for.
+                let mut parts = Vec::new();
+                for row in x.chunks_exact(hidden) {
+                    parts.extend(row.iter().map(|&v| round_to(dt, v)));
+                    if dt != GpuDType::F32 {
+                        parts.extend(row.iter().map(|&v| round_to(dt, v - round_to(dt, v))));
+                    }
+                }
+                let in_bytes = g.head_input_bytes(dt, n, hidden);
+                parts.resize(in_bytes / dt.size(), 0.0);
+                let (wb, xb) = (g.upload("w", &encode(dt, &w)).unwrap(), g.upload("x", &encode(dt, &parts)).unwrap());
+                let logits = g.alloc("l", g.head_logits_bytes(dt, n, vocab)).unwrap();
+                let scratch = g.alloc("s", g.head_scratch_bytes(dt, vocab)).unwrap();
+                g.head(dt, wb.all(), vocab, hidden, xb.all(), n, logits.all(), scratch.all()).unwrap();
+                let got = read_f32(&g, &logits, n * vocab);
+                // Batch invariance: an entry alone gets the same bits.
+                for t in [0, n / 2, n - 1] {
+                    let per = if dt == GpuDType::F32 { hidden } else { 2 * hidden };
+                    let mut one = parts[t * per..(t + 1) * per].to_vec();
+                    one.resize(g.head_input_bytes(dt, 1, hidden) / dt.size(), 0.0);
+                    let xo = g.upload("x1", &encode(dt, &one)).unwrap();
+                    let lo = g.alloc("l1", g.head_logits_bytes(dt, 1, vocab)).unwrap();
+                    g.head(dt, wb.all(), vocab, hidden, xo.all(), 1, lo.all(), scratch.all()).unwrap();
+                    let alone = read_f32(&g, &lo, vocab);
+                    let batched = &got[t * vocab..(t + 1) * vocab];
+                    let differ = alone.iter().zip(batched).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(
+                        differ, 0,
+                        "{imp:?} {dt:?}: entry {t} of {n} differs from the entry alone in {differ} logits"
+                    );
+                }
+                let want: Vec<f64> = (0..n)
+                    .flat_map(|t| {
+                        let (w, x) = (&w, &x);
+                        (0..vocab).map(move |r| {
+                            (0..hidden)
+                                .map(|i| f64::from(w[r * hidden + i]) * f64::from(x[t * hidden + i]))
+                                .sum::<f64>()
+                        })
                     })
-                })
-                .collect();
-            let err = normwise(&got, &want);
-            assert!(err <= tolerance(dt), "{dt:?} n {n}: error {err}");
+                    .collect();
+                let err = normwise(&got, &want);
+                // The lo part makes f16/bf16 products nearly f32-exact: hold
+                // them to the f32 tolerance x 10, far inside theirs.
+                let tol = if dt == GpuDType::F32 { tolerance(dt) } else { 1e-4 };
+                assert!(err <= tol, "{imp:?} {dt:?} n {n}: error {err}");
+            }
         }
     }
 }

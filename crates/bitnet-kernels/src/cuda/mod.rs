@@ -13,6 +13,7 @@
 //! Launches are asynchronous; errors of a kernel show up at the next
 //! synchronising call ([`GpuContext::read`], [`GpuContext::synchronize`]).
 
+mod blas;
 mod ops;
 pub mod ptx;
 
@@ -20,7 +21,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 pub use ops::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 pub use ptx::PtxOrigin;
@@ -46,18 +46,31 @@ pub const KERNEL_NAMES: &[&str] = &[
     "ternary_mm_store",
     "ternary_mm_add",
     "ternary_mm_gate_up",
+    "ternary_mm_store_b",
+    "ternary_mm_add_b",
+    "ternary_mm_gate_up_b",
     "rope_kv_f32",
     "rope_kv_f16",
     "rope_kv_bf16",
     "attention_f32",
     "attention_f16",
     "attention_bf16",
+    "attention_f32_wide",
+    "attention_f16_wide",
+    "attention_bf16_wide",
+    "attention_f32_h1",
+    "attention_f16_h1",
+    "attention_bf16_h1",
+    "attention_f32_wide_h1",
+    "attention_f16_wide_h1",
+    "attention_bf16_wide_h1",
     "attention_combine",
     "head_f32",
     "head_f16",
     "head_bf16",
     "head_f16_small",
     "head_bf16_small",
+    "add_row_pairs",
     "argmax_rows",
 ];
 
@@ -258,6 +271,25 @@ pub struct GpuContext {
     hooks: Option<Arc<dyn DeviceHooks>>,
     /// When set, every launch is bracketed by events (see [`GpuContext::set_profiling`]).
     profile: std::sync::Mutex<Option<Vec<LaunchEvents>>>,
+    /// Launch with programmatic stream serialisation (see [`GpuContext::set_pdl`]).
+    pdl: std::sync::atomic::AtomicBool,
+    /// cuBLAS for the head, or why not.
+    blas: Option<blas::Blas>,
+    blas_note: String,
+    head_cublas: std::sync::atomic::AtomicBool,
+    /// Entries per cuBLAS head call (f32, f16/bf16); see [`GpuContext::head`].
+    head_chunk: (usize, usize),
+    /// Passes of at least this many tokens use the `_b` ternary kernels.
+    pub(crate) ternary_batch_min: usize,
+}
+
+/// Which code computes the output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadImpl {
+    /// `head_*` in `kernels/bitnet.cu`.
+    Kernels,
+    /// cuBLAS `cublasGemmEx` (f32 accumulation; no TF32).
+    Cublas,
 }
 
 impl fmt::Debug for GpuContext {
@@ -267,6 +299,8 @@ impl fmt::Debug for GpuContext {
             .field("name", &self.name)
             .field("cc", &self.cc)
             .field("ptx", &self.origin)
+            .field("pdl", &self.pdl_enabled())
+            .field("head", &self.head_impl())
             .finish()
     }
 }
@@ -334,7 +368,8 @@ impl GpuContext {
         // A non-default stream: the legacy default stream cannot be captured.
         let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let (module, functions, origin) = load_module_once(&ctx, ordinal, cc)?;
-        Ok(Self {
+        let pdl = cc >= (9, 0) && std::env::var("BITNET_CUDA_PDL").map_or(true, |v| v != "0");
+        let mut me = Self {
             ctx,
             stream,
             _module: module,
@@ -345,7 +380,77 @@ impl GpuContext {
             origin,
             hooks,
             profile: Default::default(),
-        })
+            pdl: pdl.into(),
+            blas: None,
+            blas_note: String::new(),
+            head_cublas: false.into(),
+            head_chunk: match std::env::var("BITNET_CUDA_HEAD_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()) {
+                Some(c) if c > 0 => (c, c),
+                // Measured on the H200 (docs/perf/gpu.md): 64 is the fastest
+                // fixed chunk at batches 32-128 and within noise of the
+                // smaller ones at batch 1 for f16/bf16 (f32 batch 1 pays 8%).
+                _ => (64, 64),
+            },
+            // BITNET_CUDA_TERNARY_BATCH=0 keeps the plain kernels (A/B runs).
+            ternary_batch_min: if std::env::var("BITNET_CUDA_TERNARY_BATCH").is_ok_and(|v| v == "0") {
+                usize::MAX
+            } else {
+                16
+            },
+        };
+        // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
+        // (or when it cannot start) our kernels compute the head.
+        if std::env::var("BITNET_CUDA_HEAD").is_ok_and(|v| v == "kernels") {
+            me.blas_note = "BITNET_CUDA_HEAD=kernels".into();
+        } else {
+            let made = me
+                .alloc("cuBLAS workspace", blas::WORKSPACE_BYTES)
+                .map_err(|e| e.to_string())
+                .and_then(|ws| blas::Blas::new(me.stream.cu_stream(), ws));
+            match made {
+                Ok(b) => {
+                    me.blas = Some(b);
+                    me.head_cublas.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(why) => me.blas_note = why,
+            }
+        }
+        Ok(me)
+    }
+
+    /// Which code computes the head now.
+    pub fn head_impl(&self) -> HeadImpl {
+        if self.blas.is_some() && self.head_cublas.load(std::sync::atomic::Ordering::Relaxed) {
+            HeadImpl::Cublas
+        } else {
+            HeadImpl::Kernels
+        }
+    }
+
+    /// Why cuBLAS is not available (empty when it is).
+    pub fn cublas_note(&self) -> &str {
+        &self.blas_note
+    }
+
+    /// Chooses cuBLAS (when it loaded) or our kernels for the head; returns
+    /// the choice in effect. Buffers sized by [`Self::head_logits_bytes`]
+    /// must be sized again after a change.
+    pub fn set_head_impl(&self, want: HeadImpl) -> HeadImpl {
+        self.head_cublas.store(want == HeadImpl::Cublas, std::sync::atomic::Ordering::Relaxed);
+        self.head_impl()
+    }
+
+    /// Programmatic dependent launch (compute capability 9.0+, on by default;
+    /// `BITNET_CUDA_PDL=0` turns it off): each kernel may be launched while
+    /// the previous one still runs, waits for it inside (`pdl_wait` in
+    /// `kernels/bitnet.cu`) and meanwhile prefetches its weights. Asking for
+    /// it below 9.0 leaves it off.
+    pub fn set_pdl(&self, on: bool) {
+        self.pdl.store(on && self.cc >= (9, 0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn pdl_enabled(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn ordinal(&self) -> usize {
@@ -547,16 +652,60 @@ impl GpuContext {
             return Ok(());
         }
         self.hook_launch(name)?;
-        let f = self.function(name)?;
-        let mut builder = self.stream.launch_builder(f);
-        for arg in args {
-            match arg {
-                Arg::Ptr(p) | Arg::U64(p) => builder.arg(p),
-                Arg::I32(v) => builder.arg(v),
-                Arg::F32(v) => builder.arg(v),
-            };
-        }
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: smem };
+        let f = self.function(name)?.cu_function();
+        // Each argument's bytes in an 8-byte slot; the driver reads the
+        // kernel's parameter sizes from the function itself.
+        #[repr(C, align(8))]
+        #[derive(Clone, Copy)]
+        struct Slot([u8; 8]);
+        let mut slots: Vec<Slot> = args
+            .iter()
+            .map(|arg| {
+                let mut b = [0u8; 8];
+                match *arg {
+                    Arg::Ptr(p) | Arg::U64(p) => b.copy_from_slice(&p.to_ne_bytes()),
+                    Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+                }
+                Slot(b)
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> =
+            slots.iter_mut().map(|s| s.0.as_mut_ptr().cast::<std::ffi::c_void>()).collect();
+        // SAFETY: a zeroed launch attribute is a valid plain-data value; only
+        // the id and the union member of that id are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = self.pdl_enabled();
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: u32::from(pdl),
+        };
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        self.profiled(name, || {
+            // SAFETY: the argument list matches the kernel's C signature (each
+            // wrapper in `ops` is written against `kernels/bitnet.cu`), every
+            // pointer is a checked `DevRange` of a live allocation large enough
+            // for the dimensions passed with it; `params` points into `slots`,
+            // and both (and `attr`) outlive this call (the driver copies the
+            // values at launch). `f` belongs to this context's loaded module.
+            let rc = unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()) };
+            rc.result().map_err(driver("cuLaunchKernelEx"))
+        })
+    }
+
+    /// Runs `enqueue` (work on the stream), bracketed by events named `name`
+    /// while profiling is on.
+    fn profiled(&self, name: &'static str, enqueue: impl FnOnce() -> Result<(), CudaError>) -> Result<(), CudaError> {
         let mut profile = self.profile.lock().unwrap_or_else(|e| e.into_inner());
         let start = match profile.as_ref() {
             Some(_) => Some(
@@ -566,12 +715,7 @@ impl GpuContext {
             ),
             None => None,
         };
-        // SAFETY: the argument list matches the kernel's C signature (each
-        // wrapper in `ops` is written against `kernels/bitnet.cu`), every
-        // pointer is a checked `DevRange` of a live allocation large enough
-        // for the dimensions passed with it, and the argument values outlive
-        // this call (the driver copies them at launch).
-        unsafe { builder.launch(cfg) }.map(|_| ()).map_err(driver("cuLaunchKernel"))?;
+        enqueue()?;
         if let (Some(start), Some(list)) = (start, profile.as_mut()) {
             let end = self
                 .stream

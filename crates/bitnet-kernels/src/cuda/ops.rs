@@ -2,17 +2,20 @@
 //! its dimensions and that every range covers what the kernel touches, then
 //! launches on the context's stream.
 
-use super::{Arg, CudaError, DevRange, GpuContext, GpuDType};
+use super::{Arg, CudaError, DevRange, GpuContext, GpuDType, HeadImpl};
 
 /// Bit set in the flags word when a kernel saw a NaN or infinity.
 pub const FLAG_NONFINITE: i32 = 1;
 
-/// Row tiles of 16 per CTA and tokens per CTA of the ternary kernel.
-const MM_TILES: usize = 1;
+/// Tokens per CTA of the ternary kernel.
 const MM_TOKENS: usize = 32;
 const HEAD_TOKENS: usize = 64;
 /// Positions per attention chunk (`ATT_CHUNK` in the kernel).
 const ATT_CHUNK: usize = 32;
+/// Most query heads per attention CTA (`ATT_G`).
+const ATT_G: usize = 4;
+/// Grouping heads needs at least this many CTAs (two per SM of an H100).
+const ATT_GROUPED_MIN_CTAS: usize = 256;
 /// Rows x splits of the attention scratch.
 pub const ATT_PART_ROWS: usize = 4096;
 
@@ -153,14 +156,39 @@ impl GpuContext {
     }
 
     /// Bytes of the head input [`Self::final_norm`] writes for `entries`
-    /// rows: the activation in `precision`, plus its low part for f16/bf16.
-    pub fn head_input_bytes(precision: GpuDType, entries: usize, width: usize) -> usize {
+    /// rows: the activation in `precision`, each followed by its low part for
+    /// f16/bf16. Buffers for [`Self::head`] hold [`Self::head_input_bytes`]
+    /// (rounded up to whole cuBLAS chunks).
+    pub fn final_norm_bytes(precision: GpuDType, entries: usize, width: usize) -> usize {
         let parts = if precision == GpuDType::F32 { 1 } else { 2 };
         parts * entries * width * precision.size()
     }
 
+    /// Entries per cuBLAS head call in `precision`.
+    fn head_chunk(&self, precision: GpuDType) -> usize {
+        if precision == GpuDType::F32 {
+            self.head_chunk.0
+        } else {
+            self.head_chunk.1
+        }
+    }
+
+    /// Entries the head reads and writes for `entries` rows: whole chunks on
+    /// cuBLAS (rows past `entries` are computed and ignored).
+    fn head_rows(&self, precision: GpuDType, entries: usize) -> usize {
+        match self.head_impl() {
+            HeadImpl::Cublas => entries.div_ceil(self.head_chunk(precision)) * self.head_chunk(precision),
+            HeadImpl::Kernels => entries,
+        }
+    }
+
+    /// Bytes of the head input buffer for up to `entries` rows.
+    pub fn head_input_bytes(&self, precision: GpuDType, entries: usize, width: usize) -> usize {
+        Self::final_norm_bytes(precision, self.head_rows(precision, entries), width)
+    }
+
     /// `out = rmsnorm(x[rows[e], :])` for `entries` rows, in `precision`
-    /// (hi and lo parts for f16/bf16, see [`Self::head_input_bytes`]).
+    /// (hi and lo parts for f16/bf16, see [`Self::final_norm_bytes`]).
     /// `rows` holds indices `< x_rows` (validated by the caller).
     #[allow(clippy::too_many_arguments)]
     pub fn final_norm(
@@ -178,7 +206,7 @@ impl GpuContext {
         let xp = x.need("final norm input", bytes("final norm", &[x_rows, width, 4])?)?;
         let r = rows.need("row indices", entries * 4)?;
         let w = weight.need("norm weight", width * 4)?;
-        let o = out.need("final norm output", Self::head_input_bytes(precision, entries, width))?;
+        let o = out.need("final norm output", Self::final_norm_bytes(precision, entries, width))?;
         let name = match precision {
             GpuDType::F32 => "final_norm_f32",
             GpuDType::F16 => "final_norm_f16",
@@ -217,35 +245,7 @@ impl GpuContext {
         ld_out: usize,
     ) -> Result<(), CudaError> {
         let wp = check_ternary(w, n_rows, k)?;
-        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
-        let [q, s, qs, nt] = acts.args(k)?;
-        let grid = (
-            u32_grid("row tiles", n_rows.div_ceil(16 * MM_TILES))?,
-            u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?,
-            1,
-        );
-        self.launch(
-            "ternary_mm_store",
-            grid,
-            (256, 1, 1),
-            0,
-            &[
-                Arg::Ptr(wp),
-                Arg::I32(i32_dim("rows", n_rows)?),
-                Arg::I32(i32_dim("k", k)?),
-                Arg::F32(scales[0]),
-                Arg::F32(scales[1]),
-                Arg::F32(scales[2]),
-                Arg::I32(i32_dim("segment", segments[0])?),
-                Arg::I32(i32_dim("segment", segments[1])?),
-                q,
-                s,
-                qs,
-                nt,
-                Arg::Ptr(out.ptr),
-                Arg::I32(i32_dim("ld_out", ld_out)?),
-            ],
-        )
+        self.ternary("ternary_mm_store", [wp, wp], n_rows, k, scales, segments, acts, out, ld_out)
     }
 
     /// `out[t, n] += dot(w[n], q[t]) * w_scale / s[t]` (the residual add).
@@ -261,31 +261,7 @@ impl GpuContext {
         ld_out: usize,
     ) -> Result<(), CudaError> {
         let wp = check_ternary(w, n_rows, k)?;
-        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
-        let [q, s, qs, nt] = acts.args(k)?;
-        let grid = (
-            u32_grid("row tiles", n_rows.div_ceil(16 * MM_TILES))?,
-            u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?,
-            1,
-        );
-        self.launch(
-            "ternary_mm_add",
-            grid,
-            (256, 1, 1),
-            0,
-            &[
-                Arg::Ptr(wp),
-                Arg::I32(i32_dim("rows", n_rows)?),
-                Arg::I32(i32_dim("k", k)?),
-                Arg::F32(scale),
-                q,
-                s,
-                qs,
-                nt,
-                Arg::Ptr(out.ptr),
-                Arg::I32(i32_dim("ld_out", ld_out)?),
-            ],
-        )
+        self.ternary("ternary_mm_add", [wp, wp], n_rows, k, [scale; 3], [n_rows; 2], acts, out, ld_out)
     }
 
     /// `out[t, n] = relu(gate[n] . q[t])^2 * (up[n] . q[t])`, each product
@@ -304,26 +280,53 @@ impl GpuContext {
     ) -> Result<(), CudaError> {
         let gp = check_ternary(gate, n_rows, k)?;
         let up_p = check_ternary(up, n_rows, k)?;
-        self.check_out(out, acts.n_tok, n_rows, ld_out)?;
-        let [q, s, qs, nt] = acts.args(k)?;
-        let grid =
-            (u32_grid("row tiles", n_rows.div_ceil(16))?, u32_grid("tokens", acts.n_tok.div_ceil(MM_TOKENS))?, 1);
+        let s = [scales[0], scales[1], scales[1]];
+        self.ternary("ternary_mm_gate_up", [gp, up_p], n_rows, k, s, [n_rows; 2], acts, out, ld_out)
+    }
+
+    /// The shared launch of the three ternary kernels (one argument list).
+    #[allow(clippy::too_many_arguments)]
+    fn ternary(
+        &self,
+        kernel: &'static str,
+        w: [u64; 2],
+        n_rows: usize,
+        k: usize,
+        scales: [f32; 3],
+        segments: [usize; 2],
+        acts: &TernaryActs,
+        out: DevRange,
+        ld_out: usize,
+    ) -> Result<(), CudaError> {
+        let n_tok = acts.n_tok;
+        self.check_out(out, n_tok, n_rows, ld_out)?;
+        let [act, act_s, act_sum, _] = acts.args(k)?;
+        let grid = (u32_grid("row tiles", n_rows.div_ceil(16))?, u32_grid("tokens", n_tok.div_ceil(MM_TOKENS))?, 1);
+        let kernel = match (kernel, n_tok >= self.ternary_batch_min) {
+            ("ternary_mm_store", true) => "ternary_mm_store_b",
+            ("ternary_mm_add", true) => "ternary_mm_add_b",
+            ("ternary_mm_gate_up", true) => "ternary_mm_gate_up_b",
+            (k, _) => k,
+        };
         self.launch(
-            "ternary_mm_gate_up",
+            kernel,
             grid,
             (256, 1, 1),
             0,
             &[
-                Arg::Ptr(gp),
-                Arg::Ptr(up_p),
+                Arg::Ptr(w[0]),
+                Arg::Ptr(w[1]),
                 Arg::I32(i32_dim("rows", n_rows)?),
                 Arg::I32(i32_dim("k", k)?),
                 Arg::F32(scales[0]),
                 Arg::F32(scales[1]),
-                q,
-                s,
-                qs,
-                nt,
+                Arg::F32(scales[2]),
+                Arg::I32(i32_dim("segment", segments[0])?),
+                Arg::I32(i32_dim("segment", segments[1])?),
+                act,
+                act_s,
+                act_sum,
+                Arg::I32(i32_dim("tokens", n_tok)?),
                 Arg::Ptr(out.ptr),
                 Arg::I32(i32_dim("ld_out", ld_out)?),
             ],
@@ -455,14 +458,28 @@ impl GpuContext {
         scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
         let part = scratch.ptr;
         let ml = scratch.ptr + (part_slots * hd * 4) as u64;
-        let name = match precision {
-            GpuDType::F32 => "attention_f32",
-            GpuDType::F16 => "attention_f16",
-            GpuDType::BF16 => "attention_bf16",
+        // One CTA per kv head and group of up to ATT_G of its query heads,
+        // unless that leaves too few CTAs (small batches): then one per head.
+        let hpc = if n * n_kv * splits >= ATT_GROUPED_MIN_CTAS { ATT_G } else { 1 };
+        let head_groups = n_kv * (n_heads / n_kv).div_ceil(hpc);
+        // head_dim up to 128: one 128-wide group per lane set; else two.
+        let name = match (precision, hd <= 128, hpc == 1) {
+            (GpuDType::F32, true, false) => "attention_f32",
+            (GpuDType::F16, true, false) => "attention_f16",
+            (GpuDType::BF16, true, false) => "attention_bf16",
+            (GpuDType::F32, false, false) => "attention_f32_wide",
+            (GpuDType::F16, false, false) => "attention_f16_wide",
+            (GpuDType::BF16, false, false) => "attention_bf16_wide",
+            (GpuDType::F32, true, true) => "attention_f32_h1",
+            (GpuDType::F16, true, true) => "attention_f16_h1",
+            (GpuDType::BF16, true, true) => "attention_bf16_h1",
+            (GpuDType::F32, false, true) => "attention_f32_wide_h1",
+            (GpuDType::F16, false, true) => "attention_f16_wide_h1",
+            (GpuDType::BF16, false, true) => "attention_bf16_wide_h1",
         };
         self.launch(
             name,
-            (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, splits as u32),
+            (u32_grid("rows", n)?, u32_grid("heads", head_groups)?, splits as u32),
             (128, 1, 1),
             0,
             &[
@@ -496,9 +513,33 @@ impl GpuContext {
         )
     }
 
-    /// `logits[e, v] = W[v, :] . x[e, :]` (W `[vocab, hidden]` in
-    /// `precision`; x as [`Self::final_norm`] writes it: `[n, hidden]`, and
-    /// for f16/bf16 its low parts after; logits f32 `[n, vocab]`).
+    /// Bytes of the logits buffer [`Self::head`] needs for `entries` rows.
+    pub fn head_logits_bytes(&self, precision: GpuDType, entries: usize, vocab: usize) -> usize {
+        let rows = if precision == GpuDType::F32 { self.head_rows(precision, entries) } else { entries };
+        rows * vocab * 4
+    }
+
+    /// Bytes of the scratch [`Self::head`] needs (f16/bf16 on cuBLAS: the
+    /// hi and lo products of one chunk).
+    pub fn head_scratch_bytes(&self, precision: GpuDType, vocab: usize) -> usize {
+        match (precision, self.head_impl()) {
+            (GpuDType::F16 | GpuDType::BF16, HeadImpl::Cublas) => 2 * self.head_chunk(precision) * vocab * 4,
+            _ => 0,
+        }
+    }
+
+    /// `logits[e, v] = sum_k w[v, k] * x[e, k]` (f32 `[n, vocab]`) with the
+    /// input from [`Self::final_norm`] (hi and lo rows for f16/bf16, which
+    /// are multiplied separately and added), on cuBLAS or our kernels (see
+    /// [`Self::head_impl`]). `x`, `logits` and `scratch` hold
+    /// [`Self::head_input_bytes`], [`Self::head_logits_bytes`] and
+    /// [`Self::head_scratch_bytes`].
+    ///
+    /// Both implementations give every entry the same bits whatever the
+    /// batch: our kernels compute each logit in a fixed order, and cuBLAS is
+    /// always called with the same shape (whole chunks of entries; the
+    /// rows past `n` are computed from whatever the buffer holds and
+    /// ignored), so it always picks the same algorithm.
     #[allow(clippy::too_many_arguments)]
     pub fn head(
         &self,
@@ -509,12 +550,47 @@ impl GpuContext {
         x: DevRange,
         n: usize,
         logits: DevRange,
+        scratch: DevRange,
     ) -> Result<(), CudaError> {
         multiple("hidden size", hidden, 16)?;
         let e = precision.size();
         let wp = w.need("head weights", bytes("head", &[vocab, hidden, e])?)?;
-        let xp = x.need("head input", Self::head_input_bytes(precision, n, hidden))?;
-        let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
+        let xp = x.need("head input", self.head_input_bytes(precision, n, hidden))?;
+        let lp = logits.need("logits", self.head_logits_bytes(precision, n, vocab))?;
+        if let Some(blas) = self.blas.as_ref().filter(|_| self.head_impl() == HeadImpl::Cublas) {
+            let sp = scratch.need("head scratch", self.head_scratch_bytes(precision, vocab))?;
+            let chunk = self.head_chunk(precision);
+            let parts = if precision == GpuDType::F32 { 1 } else { 2 };
+            let dt = match precision {
+                GpuDType::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
+                GpuDType::F16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16F,
+                GpuDType::BF16 => cudarc::cublas::sys::cudaDataType::CUDA_R_16BF,
+            };
+            let cols = i32_dim("head columns", parts * chunk)?;
+            let (m, k) = (i32_dim("vocab", vocab)?, i32_dim("hidden", hidden)?);
+            for c in 0..n.div_ceil(chunk) {
+                let first = c * chunk;
+                let rows = chunk.min(n - first);
+                let xc = xp + (first * parts * hidden * e) as u64;
+                let out = lp + (first * vocab * 4) as u64;
+                self.hook_launch("cublasGemmEx")?;
+                self.profiled("cublas_head", || {
+                    self.ctx.bind_to_thread().map_err(super::driver("cuCtxSetCurrent"))?;
+                    blas.gemm_tn(dt, wp, xc, if parts == 1 { out } else { sp }, m, cols, k)
+                })?;
+                if parts == 2 {
+                    let blocks = (rows * vocab).div_ceil(256 * 4).clamp(1, 65_535);
+                    self.launch(
+                        "add_row_pairs",
+                        (blocks as u32, 1, 1),
+                        (256, 1, 1),
+                        0,
+                        &[Arg::Ptr(sp), Arg::Ptr(out), Arg::I32(i32_dim("rows", rows)?), Arg::I32(m)],
+                    )?;
+                }
+            }
+            return Ok(());
+        }
         let args = [
             Arg::Ptr(wp),
             Arg::I32(i32_dim("vocab", vocab)?),

@@ -152,8 +152,8 @@ fn cuda_primary(model: Arc<BitNetModel>, options: &EngineOptions, probe: &GpuPro
             kv_slots,
             max_step_tokens: max_batch_tokens.clamp(64, 4096),
             max_step_entries: 256,
-            cuda_graphs: true,
             hooks: hooks.clone(),
+            ..Default::default()
         };
         Ok(Box::new(CudaBackend::new(model.clone(), &config)?) as Box<dyn Backend>)
     });
