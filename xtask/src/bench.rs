@@ -30,6 +30,14 @@ pub struct BenchArgs {
     /// Use the int8 output head (quantized once at load) instead of the file's f16 head.
     #[arg(long)]
     int8_head: bool,
+    /// After the main run: this many (bandwidth, decode) pairs measured back
+    /// to back, each decode segment judged against the bandwidth measured
+    /// just before it (on a shared machine the bandwidth moves between runs).
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// Decode steps per pair.
+    #[arg(long, default_value_t = 16)]
+    pair_steps: usize,
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -54,13 +62,11 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Read bandwidth in bytes/s: the best of several passes summing a buffer
-/// far larger than the caches, on the same threads as the forward pass.
-fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
-    const BYTES: usize = 1 << 30;
-    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+/// Read bandwidth in bytes/s: the best of `passes` passes summing `buf`
+/// (far larger than the caches) on the same threads as the forward pass.
+fn read_bandwidth(pool: &rayon::ThreadPool, buf: &[u64], passes: usize) -> f64 {
     let mut best = 0.0f64;
-    for _ in 0..5 {
+    for _ in 0..passes {
         let start = Instant::now();
         let sum: u64 = pool.install(|| {
             buf.par_chunks(1 << 16)
@@ -69,9 +75,25 @@ fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
         });
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(sum);
-        best = best.max(BYTES as f64 / secs);
+        best = best.max(std::mem::size_of_val(buf) as f64 / secs);
     }
     best
+}
+
+/// The bandwidth buffer: 1 GiB of distinct values.
+fn bandwidth_buffer() -> Vec<u64> {
+    (0..(1usize << 30) / 8).map(|i| i as u64).collect()
+}
+
+/// Median of a non-empty list.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn ensure_default_model(path: &Path) -> anyhow::Result<()> {
@@ -141,10 +163,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Peak memory first: the bandwidth buffer below must not count.
     let peak_rss = peak_rss_bytes();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let bandwidth = read_bandwidth(&pool);
+    let buf = bandwidth_buffer();
+    let bandwidth = read_bandwidth(&pool, &buf, 5);
     let head_bytes = backend.head_bytes();
     let bytes = bytes_per_token(&model, head_bytes);
     let floor_ms = bytes as f64 / bandwidth * 1e3;
+    // Paired measurements: a second sequence decodes in segments, each right
+    // after a bandwidth measurement (best of 3 passes).
+    let mut pairs = Vec::new();
+    if args.pairs > 0 && args.pair_steps > 0 {
+        let pair_positions = args.prompt_tokens + args.pairs * args.pair_steps + 1;
+        anyhow::ensure!(pair_positions <= c.max_position_embeddings, "the paired run exceeds the context");
+        backend.add_sequence(1, pair_positions)?;
+        let logits = backend.step(&[StepInput { seq: 1, tokens: &prompt }])?.remove(0);
+        let mut token = argmax(&logits);
+        for _ in 0..args.pairs {
+            let bw = read_bandwidth(&pool, &buf, 3);
+            let start = Instant::now();
+            for _ in 0..args.pair_steps {
+                let logits = backend.step(&[StepInput { seq: 1, tokens: &[token] }])?.remove(0);
+                token = argmax(&logits);
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3 / args.pair_steps as f64;
+            let floor = bytes as f64 / bw * 1e3;
+            pairs.push((bw, ms, floor / ms));
+        }
+        backend.remove_sequence(1);
+    }
+    let paired_fraction = (!pairs.is_empty()).then(|| median(pairs.iter().map(|p| p.2).collect()));
     let kv_bytes = (2 * c.n_layers * positions * c.kv_dim() * 4) as u64;
     let cpu = bitnet_device::CpuInfo::probe();
     let info = backend.info();
@@ -164,6 +210,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "kv_cache_bytes": kv_bytes,
         "rss_over_file_plus_kv": peak_rss.map(|r| r as f64 / (file_size + kv_bytes) as f64),
         "bandwidth_buffer_bytes": 1u64 << 30,
+        "pairs": pairs.iter().map(|&(bw, ms, f)| json!({
+            "read_bandwidth_gb_per_s": bw / 1e9, "ms_per_token": ms, "fraction_of_floor": f,
+        })).collect::<Vec<_>>(),
+        "pair_steps": args.pair_steps,
+        "paired_fraction_of_floor_median": paired_fraction,
     });
     let gb = |b: u64| b as f64 / 1e9;
     println!("bench: {} ({}), {} threads, {}", path.display(), info.detail, threads, cpu);
@@ -181,6 +232,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("| read bandwidth (same run, {threads} threads) | {:.1} GB/s |", bandwidth / 1e9);
     println!("| bandwidth floor | {floor_ms:.1} ms/token |");
     println!("| fraction of floor reached | {:.0}% |", 100.0 * floor_ms / ms_per_token);
+    if let Some(f) = paired_fraction {
+        let lo = pairs.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
+        let hi = pairs.iter().map(|p| p.2).fold(0.0, f64::max);
+        let bw_lo = pairs.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1e9;
+        let bw_hi = pairs.iter().map(|p| p.0).fold(0.0, f64::max) / 1e9;
+        println!(
+            "| paired: {} x ({} tokens after a bandwidth pass), fraction of floor | median {:.0}% (range {:.0}-{:.0}%; bandwidth {bw_lo:.1}-{bw_hi:.1} GB/s) |",
+            pairs.len(),
+            args.pair_steps,
+            100.0 * f,
+            100.0 * lo,
+            100.0 * hi
+        );
+    }
     if let Some(r) = peak_rss {
         println!("| peak RSS | {:.2} GB ({:.2}x file + KV cache) |", gb(r), r as f64 / (file_size + kv_bytes) as f64);
     }
