@@ -25,7 +25,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bitnet_device::Precision;
-use bitnet_kernels::cuda::{CudaError, DevBuf, DeviceHooks, GpuContext, GpuDType, GpuGraph};
+use bitnet_kernels::cuda::{CudaError, DevBuf, DeviceHooks, GpuContext, GpuDType, GpuGraph, HeadImpl};
 use bitnet_kernels::cuda::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 
@@ -439,11 +439,21 @@ impl CudaBackend {
         .sum::<usize>();
         // One head call now (on the zeroed input): cuBLAS loads its kernels
         // at the first call, which should not land on a request or in a
-        // graph capture.
+        // graph capture. Should cuBLAS fail here, the head moves to our
+        // kernels (the buffers above are large enough for both).
         let head = output.as_ref().unwrap_or(&embedding);
-        gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), 1, ws.logits.all(), ws.head_scratch.all())
-            .map_err(cuda_error)?;
-        gpu.synchronize().map_err(cuda_error)?;
+        let warm = |gpu: &GpuContext| -> Result<(), CudaError> {
+            gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), 1, ws.logits.all(), ws.head_scratch.all())?;
+            gpu.synchronize()
+        };
+        if let Err(err) = warm(&gpu) {
+            if gpu.head_impl() != HeadImpl::Cublas {
+                return Err(cuda_error(err));
+            }
+            gpu.set_head_impl(HeadImpl::Kernels);
+            gpu.set_cublas_note(format!("cuBLAS failed its first call: {err}"));
+            warm(&gpu).map_err(cuda_error)?;
+        }
 
         let max_context = c.max_position_embeddings;
         Ok(Self {
@@ -728,11 +738,16 @@ impl Backend for CudaBackend {
             .into(),
             quantization: "i2s".into(),
             detail: format!(
-                "{} (cc {major}.{minor}), device {}, {} KV slots{}",
+                "{} (cc {major}.{minor}), device {}, {} KV slots{}, head on {}{}",
                 self.gpu.name(),
                 self.gpu.ordinal(),
                 self.kv_slots,
-                if self.use_graphs { ", CUDA graphs" } else { "" }
+                if self.use_graphs { ", CUDA graphs" } else { "" },
+                match self.gpu.head_impl() {
+                    HeadImpl::Cublas => "cuBLAS".to_string(),
+                    HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),
+                },
+                if self.gpu.pdl_enabled() { ", programmatic dependent launch" } else { "" }
             ),
         }
     }

@@ -275,7 +275,7 @@ pub struct GpuContext {
     pdl: std::sync::atomic::AtomicBool,
     /// cuBLAS for the head, or why not.
     blas: Option<blas::Blas>,
-    blas_note: String,
+    blas_note: std::sync::Mutex<String>,
     head_cublas: std::sync::atomic::AtomicBool,
     /// Entries per cuBLAS head call (f32, f16/bf16); see [`GpuContext::head`].
     head_chunk: (usize, usize),
@@ -382,7 +382,7 @@ impl GpuContext {
             profile: Default::default(),
             pdl: pdl.into(),
             blas: None,
-            blas_note: String::new(),
+            blas_note: Default::default(),
             head_cublas: false.into(),
             head_chunk: match std::env::var("BITNET_CUDA_HEAD_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()) {
                 Some(c) if c > 0 => (c, c),
@@ -401,7 +401,7 @@ impl GpuContext {
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
         if std::env::var("BITNET_CUDA_HEAD").is_ok_and(|v| v == "kernels") {
-            me.blas_note = "BITNET_CUDA_HEAD=kernels".into();
+            me.set_cublas_note("BITNET_CUDA_HEAD=kernels".into());
         } else {
             let made = me
                 .alloc("cuBLAS workspace", blas::WORKSPACE_BYTES)
@@ -412,7 +412,7 @@ impl GpuContext {
                     me.blas = Some(b);
                     me.head_cublas.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                Err(why) => me.blas_note = why,
+                Err(why) => me.set_cublas_note(why),
             }
         }
         Ok(me)
@@ -427,9 +427,14 @@ impl GpuContext {
         }
     }
 
-    /// Why cuBLAS is not available (empty when it is).
-    pub fn cublas_note(&self) -> &str {
-        &self.blas_note
+    /// Why the head is not on cuBLAS (empty when it is).
+    pub fn cublas_note(&self) -> String {
+        self.blas_note.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records why the head left (or never used) cuBLAS.
+    pub fn set_cublas_note(&self, why: String) {
+        *self.blas_note.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// Chooses cuBLAS (when it loaded) or our kernels for the head; returns
