@@ -14,17 +14,9 @@ use bitnet_kernels::cpu::{self, FloatMatrixRef, I2sMatrixRef};
 use half::f16;
 use rayon::prelude::*;
 
-fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+#[path = "../benches/data.rs"]
+mod data;
+use data::{activations, bytes, i2s_codes};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -36,18 +28,17 @@ fn main() {
     let kernel = cpu::select_kernel().expect("a CPU kernel");
     let (vocab, hidden, inter) = (128_256usize, 2560usize, 6912usize);
     // The tied head (626 MiB of f16) and 16 gate-sized I2_S matrices (70 MiB).
-    let head: Vec<u8> = xorshift_bytes(vocab * hidden, 6)
+    let head: Vec<u8> = bytes(vocab * hidden, 6)
         .into_iter()
         .flat_map(|b| f16::from_f32((f32::from(b) - 128.0) / 1024.0).to_le_bytes())
         .collect();
     let w = FloatMatrixRef::<f16>::from_le_bytes(&head, vocab, hidden).expect("head");
     let x: Vec<f32> = (0..hidden).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
     let mut logits = vec![0f32; vocab];
-    let mats: Vec<Vec<u8>> =
-        (0..16).map(|i| xorshift_bytes(inter * hidden / 4, 10 + i).into_iter().map(|b| b & 0x55).collect()).collect();
+    let mats: Vec<Vec<u8>> = (0..16).map(|i| i2s_codes(inter, hidden, 10 + i)).collect();
     let tall: Vec<u8> = mats.concat();
     let mut out_tall = vec![0i32; 16 * inter];
-    let q: Vec<i8> = xorshift_bytes(hidden, 3).into_iter().map(|b| b as i8).collect();
+    let q: Vec<i8> = activations(hidden, 3);
     let mut out = vec![0i32; inter];
     let sum_buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
 
