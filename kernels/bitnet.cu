@@ -181,6 +181,34 @@ __device__ __forceinline__ void prefetch_l2(const u8* p, size_t len) {
         asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
+// Loads of data other CTAs of the same (persistent) kernel write: from L2,
+// never through the non-coherent or L1 paths. Volatile so no load moves
+// across a grid barrier.
+__device__ __forceinline__ float ldcg_f(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float4 ldcg_f4(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
+// A float activation: plainly, or (CG) from L2 as above.
+template <bool CG>
+__device__ __forceinline__ float ld_act(const float* p) {
+    return CG ? ldcg_f(p) : *p;
+}
+
+// Eight int8 activations (8-byte aligned): through the read-only path, or
+// (FUSED) plainly, as they may sit in shared memory.
+template <bool FUSED>
+__device__ __forceinline__ uint2 ld_act8(const i8* p) {
+    return FUSED ? *(const uint2*)p : __ldg((const uint2*)p);
+}
+
 // ---------------------------------------------------------------------------
 // Precision conversion: out[i] = (To) in[i]
 
@@ -401,34 +429,45 @@ __device__ __forceinline__ void mma_s8(int* c, unsigned a0, unsigned a1, unsigne
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int MODE, int TILES, int KSPLIT, bool BATCH>
-__device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
-                                float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
-                                const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
-                                float* __restrict__ out, int ld_out) {
-    __shared__ int red[MM_WARPS][16 * MM_TOKENS];
+// Rows of weights unit `bx` of a ternary product multiplies (its first row
+// and count; MODE 2 takes as many rows of w1).
+template <int MODE, int TILES>
+__device__ __forceinline__ void ternary_unit_rows(int bx, int n_rows, int* first, int* count) {
+    *first = MODE == 2 ? bx * 16 : bx * TILES * 16;
+    *count = min(MODE == 2 ? 16 : TILES * 16, n_rows - *first);
+}
+
+// Starts pulling the weight rows of unit bx (contiguous, never written)
+// into L2.
+template <int MODE, int TILES>
+__device__ __forceinline__ void ternary_unit_prefetch(int bx, const u8* w0, const u8* w1, int n_rows, int k) {
+    size_t row_bytes = (size_t)(k >> 2);
+    int first, nr;
+    ternary_unit_rows<MODE, TILES>(bx, n_rows, &first, &nr);
+    if (nr <= 0) return;
+    prefetch_l2(w0 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
+    if (MODE == 2) prefetch_l2(w1 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
+}
+
+// One unit (bx, tokens tok_base .. tok_base + TOK) of a ternary product, by
+// the whole CTA; red is shared [MM_WARPS][16 * TOK]. FUSED: the activations
+// (act, act_scale, act_sum) may live in shared memory (plain loads), and
+// the added-into output is read from L2 (other CTAs of the persistent
+// kernel write it).
+template <int MODE, int TILES, int KSPLIT, bool BATCH, int TOK, bool FUSED>
+__device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restrict__ w0, const u8* __restrict__ w1,
+                             int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2,
+                             const i8* __restrict__ act, const float* __restrict__ act_scale,
+                             const int* __restrict__ act_sum, int n_tok, float* __restrict__ out, int ld_out) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
-    int row_base = MODE == 2 ? blockIdx.x * 16 : (blockIdx.x * TILES + tile) * 16;
+    int row_base = MODE == 2 ? bx * 16 : (bx * TILES + tile) * 16;
     const u8* w = (MODE == 2 && tile == 1) ? w1 : w0;
-    int tok_base = blockIdx.y * MM_TOKENS;
-
-    // Let the next kernel launch, and start pulling this CTA's weight rows
-    // (contiguous, never written) into L2 while the previous kernel ends.
-    pdl_trigger();
-    {
-        size_t row_bytes = (size_t)(k >> 2);
-        int first = MODE == 2 ? blockIdx.x * 16 : blockIdx.x * TILES * 16;
-        int nr = min(MODE == 2 ? 16 : TILES * 16, n_rows - first);
-        prefetch_l2(w0 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
-        if (MODE == 2) prefetch_l2(w1 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
-    }
-    pdl_wait();
-    int ntiles = min(MM_TOKENS / 8, (n_tok - tok_base + 7) / 8);
-    int acc[MM_TOKENS / 8][4];
+    int ntiles = min(TOK / 8, (n_tok - tok_base + 7) / 8);
+    int acc[TOK / 8][4];
 #pragma unroll
-    for (int i = 0; i < MM_TOKENS / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
+    for (int i = 0; i < TOK / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
 
     int nblk = k >> 7;
     size_t row_bytes = (size_t)(k >> 2);
@@ -437,10 +476,10 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
     const u8* p0 = w + (size_t)(v0 ? r0 : 0) * row_bytes + 8 * t;
     const u8* p1 = w + (size_t)(v1 ? r1 : 0) * row_bytes + 8 * t;
     // Activation pointers of this lane's token in each token tile.
-    const i8* pa[MM_TOKENS / 8];
-    bool va[MM_TOKENS / 8];
+    const i8* pa[TOK / 8];
+    bool va[TOK / 8];
 #pragma unroll
-    for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+    for (int nt = 0; nt < TOK / 8; nt++) {
         int tok = tok_base + nt * 8 + g;
         va[nt] = tok < n_tok;
         pa[nt] = act + (size_t)(va[nt] ? tok : 0) * k + 8 * t;
@@ -463,12 +502,12 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
             if (BATCH) {
                 // Many tokens: every activation fragment of the block is
                 // loaded before the first product (16 loads in flight).
-                uint2 bv[4][MM_TOKENS / 8];
+                uint2 bv[4][TOK / 8];
 #pragma unroll
                 for (int c = 0; c < 4; c++)
 #pragma unroll
-                    for (int nt = 0; nt < MM_TOKENS / 8; nt++)
-                        bv[c][nt] = (nt < ntiles && va[nt]) ? __ldg((const uint2*)(pa[nt] + (size_t)b * 128 + 32 * c))
+                    for (int nt = 0; nt < TOK / 8; nt++)
+                        bv[c][nt] = (nt < ntiles && va[nt]) ? ld_act8<FUSED>(pa[nt] + (size_t)b * 128 + 32 * c)
                                                             : make_uint2(0u, 0u);
 #pragma unroll
                 for (int c = 0; c < 4; c++) {
@@ -478,7 +517,7 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
                     unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
                     unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
 #pragma unroll
-                    for (int nt = 0; nt < MM_TOKENS / 8; nt++)
+                    for (int nt = 0; nt < TOK / 8; nt++)
                         if (nt < ntiles) mma_s8(acc[nt], a0, a1, a2, a3, bv[c][nt].x, bv[c][nt].y);
                 }
                 continue;
@@ -491,9 +530,9 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
                 unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
                 unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
 #pragma unroll
-                for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+                for (int nt = 0; nt < TOK / 8; nt++) {
                     if (nt < ntiles) {
-                        uint2 bv = va[nt] ? __ldg((const uint2*)(pa[nt] + (size_t)b * 128 + 32 * c)) : make_uint2(0u, 0u);
+                        uint2 bv = va[nt] ? ld_act8<FUSED>(pa[nt] + (size_t)b * 128 + 32 * c) : make_uint2(0u, 0u);
                         mma_s8(acc[nt], a0, a1, a2, a3, bv.x, bv.y);
                     }
                 }
@@ -501,28 +540,28 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
         }
     }
 
-    // Partial sums to shared memory: red[warp][token * 16 + row].
+    // Partial sums to shared memory: red[warp * 16 * TOK + token * 16 + row].
 #pragma unroll
-    for (int nt = 0; nt < MM_TOKENS / 8; nt++) {
+    for (int nt = 0; nt < TOK / 8; nt++) {
         int tl = nt * 8 + 2 * t;
-        red[warp][tl * 16 + g] = acc[nt][0];
-        red[warp][(tl + 1) * 16 + g] = acc[nt][1];
-        red[warp][tl * 16 + g + 8] = acc[nt][2];
-        red[warp][(tl + 1) * 16 + g + 8] = acc[nt][3];
+        red[warp * 16 * TOK + tl * 16 + g] = acc[nt][0];
+        red[warp * 16 * TOK + (tl + 1) * 16 + g] = acc[nt][1];
+        red[warp * 16 * TOK + tl * 16 + g + 8] = acc[nt][2];
+        red[warp * 16 * TOK + (tl + 1) * 16 + g + 8] = acc[nt][3];
     }
     __syncthreads();
 
     if (MODE == 2) {
-        int row_cta = blockIdx.x * 16;
-        for (int idx = threadIdx.x; idx < 16 * MM_TOKENS; idx += blockDim.x) {
+        int row_cta = bx * 16;
+        for (int idx = threadIdx.x; idx < 16 * TOK; idx += blockDim.x) {
             int rl = idx & 15, tl = idx >> 4;
             int row = row_cta + rl, tok = tok_base + tl;
             if (row >= n_rows || tok >= n_tok) continue;
             int ga = 0, ua = 0;
 #pragma unroll
             for (int kp = 0; kp < KSPLIT; kp++) {
-                ga += red[kp][tl * 16 + rl];
-                ua += red[KSPLIT + kp][tl * 16 + rl];
+                ga += red[kp * 16 * TOK + tl * 16 + rl];
+                ua += red[(KSPLIT + kp) * 16 * TOK + tl * 16 + rl];
             }
             float s = act_scale[tok];
             int qs = act_sum[tok];
@@ -532,24 +571,41 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
             out[(size_t)tok * ld_out + row] = __fmul_rn(__fmul_rn(rr, rr), uv);
         }
     } else {
-        int row_cta = blockIdx.x * TILES * 16;
-        for (int idx = threadIdx.x; idx < TILES * 16 * MM_TOKENS; idx += blockDim.x) {
+        int row_cta = bx * TILES * 16;
+        for (int idx = threadIdx.x; idx < TILES * 16 * TOK; idx += blockDim.x) {
             int rl = idx % (TILES * 16), tl = idx / (TILES * 16);
             int tile_l = rl >> 4, rr = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
             if (row >= n_rows || tok >= n_tok) continue;
             int a = 0;
 #pragma unroll
-            for (int kp = 0; kp < KSPLIT; kp++) a += red[tile_l * KSPLIT + kp][tl * 16 + rr];
+            for (int kp = 0; kp < KSPLIT; kp++) a += red[(tile_l * KSPLIT + kp) * 16 * TOK + tl * 16 + rr];
             float ws = row < seg1 ? s0 : (row < seg2 ? s1 : s2);
             float y = __fmul_rn((float)(a - act_sum[tok]), __fdiv_rn(ws, act_scale[tok]));
             size_t o = (size_t)tok * ld_out + row;
             if (MODE == 0)
                 out[o] = y;
             else
-                out[o] = __fadd_rn(out[o], y);
+                out[o] = __fadd_rn(ld_act<FUSED>(out + o), y);
         }
     }
+    __syncthreads();  // red is free for the next unit
+}
+
+template <int MODE, int TILES, int KSPLIT, bool BATCH>
+__device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
+                                float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                float* __restrict__ out, int ld_out) {
+    __shared__ int red[MM_WARPS * 16 * MM_TOKENS];
+    // Let the next kernel launch, and start pulling this CTA's weight rows
+    // into L2 while the previous kernel ends.
+    pdl_trigger();
+    ternary_unit_prefetch<MODE, TILES>(blockIdx.x, w0, w1, n_rows, k);
+    pdl_wait();
+    ternary_tile<MODE, TILES, KSPLIT, BATCH, MM_TOKENS, false>(blockIdx.x, blockIdx.y * MM_TOKENS, red, w0, w1,
+                                                                n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale,
+                                                                act_sum, n_tok, out, ld_out);
 }
 
 // The three variants take the same arguments: the weights (w1 = the up
@@ -646,22 +702,31 @@ __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a
 
 // Each lane holds 4 consecutive dimensions of each 128-wide group:
 // d = 128 * j + 4 * lane + {0..3}, j < GROUPS.
-template <class P, int GROUPS, int HPC>
-__device__ void attention_partial_impl(const float* __restrict__ q, const typename P::T* __restrict__ kc,
-                                       const typename P::T* __restrict__ vc, const int* pos, const int* base,
-                                       float* part, float* ml, int n_heads, int n_kv_heads, int head_dim,
-                                       float scale) {
-    const int hpc = HPC;
-    __shared__ float sc[HPC][ATT_CHUNK];
-    __shared__ float red[ATT_WARPS][ATT_MAX_HD];
-    pdl_begin();
-    int r = blockIdx.x, s = blockIdx.z, S = gridDim.z;
-    int G = n_heads / n_kv_heads, hgroups = (G + hpc - 1) / hpc;
-    int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
-    int head0 = kvh * G + hg * hpc, ng = min(hpc, G - hg * hpc);
-    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
-    int visible = pos[r] + 1;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Barrier of the ATT_WARPS * 32 threads of one attention unit: the whole
+// CTA (id 0) or a named barrier of half a CTA (id 1, 2).
+__device__ __forceinline__ void unit_sync(int id) {
+    if (id == 0)
+        __syncthreads();
+    else
+        asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(ATT_WARPS * 32) : "memory");
+}
+
+// One attention unit: query heads head0 .. head0 + ng - 1 (q at qh + g *
+// head_dim, f32) of one row over the chunks s, s + S, ... of its visible
+// positions, whose K/V start at `first` in the caches; tid < ATT_WARPS * 32.
+// FUSED (the fused decode kernel): the unit is half a CTA synchronised by
+// named barrier sync_id, and position `cur` (if >= 0) takes its K and V
+// from knew / vnew (already rounded to T) instead of the caches; otherwise
+// the unit is the whole CTA and those arguments are unused. Writes the unnormalised outputs to
+// part[slot0 + g] and (m, l) to ml; sc [HPC][ATT_CHUNK] and red
+// [ATT_WARPS][ATT_MAX_HD] are this unit's shared scratch.
+template <class P, int GROUPS, int HPC, bool FUSED>
+__device__ void attention_unit(const float* qh, const typename P::T* __restrict__ kc,
+                               const typename P::T* __restrict__ vc, size_t first, int visible, int s, int S,
+                               int ng, int head_dim, int kv_dim, float scale, const float* knew, const float* vnew,
+                               int cur, size_t slot0, float* part, float* ml, int tid, int sync_id,
+                               float (*sc)[ATT_CHUNK], float (*red)[ATT_MAX_HD]) {
+    int lane = tid & 31, warp = tid >> 5;
     float4 qv[HPC][GROUPS];
     bool has[GROUPS];
 #pragma unroll
@@ -671,12 +736,11 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
 #pragma unroll
         for (int j = 0; j < GROUPS; j++) {
             int d = 128 * j + 4 * lane;
-            const float* qp = q + (size_t)r * hidden + (size_t)(head0 + g) * head_dim;
+            const float* qp = qh + (size_t)g * head_dim;
             qv[g][j] = (g < ng && has[j]) ? make_float4(qp[d], qp[d + 1], qp[d + 2], qp[d + 3])
                                           : make_float4(0.f, 0.f, 0.f, 0.f);
         }
     }
-    size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
     float m_run[HPC], l_run[HPC];
     float4 acc[HPC][GROUPS];
 #pragma unroll
@@ -697,7 +761,10 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
             size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
             for (int j = 0; j < GROUPS; j++)
-                kv[ii][j] = (i < cnt && has[j]) ? P::load4(kc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
+                kv[ii][j] = (i < cnt && has[j])
+                                ? ((FUSED && c0 + i == cur) ? *(const float4*)(knew + 128 * j + 4 * lane)
+                                                            : P::load4(kc, at + 128 * j + 4 * lane))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
@@ -713,7 +780,7 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
                 }
             }
         }
-        __syncthreads();
+        unit_sync(FUSED ? sync_id : 0);
         // One chunk is one warp wide: lane i holds score i of each head;
         // every warp computes the chunk's maxima and sums with shuffles.
         float e_mine[HPC];
@@ -744,7 +811,10 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
             size_t at = first + (size_t)(c0 + i) * kv_dim;
 #pragma unroll
             for (int j = 0; j < GROUPS; j++)
-                kv[ii][j] = (i < cnt && has[j]) ? P::load4(vc, at + 128 * j + 4 * lane) : make_float4(0.f, 0.f, 0.f, 0.f);
+                kv[ii][j] = (i < cnt && has[j])
+                                ? ((FUSED && c0 + i == cur) ? *(const float4*)(vnew + 128 * j + 4 * lane)
+                                                            : P::load4(vc, at + 128 * j + 4 * lane))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
         for (int ii = 0; ii < ATT_PER_WARP; ii++) {
@@ -761,7 +831,7 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
                 }
             }
         }
-        __syncthreads();
+        unit_sync(FUSED ? sync_id : 0);
     }
     // Per head: the warps' partial outputs summed in a fixed order.
     for (int g = 0; g < ng; g++) {
@@ -775,19 +845,38 @@ __device__ void attention_partial_impl(const float* __restrict__ q, const typena
                 red[warp][d + 3] = acc[g][j].w;
             }
         }
-        __syncthreads();
-        size_t slot = ((size_t)r * n_heads + head0 + g) * S + s;
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        unit_sync(FUSED ? sync_id : 0);
+        size_t slot = slot0 + (size_t)g * S;
+        for (int d = tid; d < head_dim; d += ATT_WARPS * 32) {
             float o = 0.0f;
             for (int w = 0; w < ATT_WARPS; w++) o += red[w][d];
             part[slot * head_dim + d] = o;
         }
-        if (threadIdx.x == 0) {
+        if (tid == 0) {
             ml[2 * slot] = m_run[g];
             ml[2 * slot + 1] = l_run[g];
         }
-        __syncthreads();
+        unit_sync(FUSED ? sync_id : 0);
     }
+}
+
+template <class P, int GROUPS, int HPC>
+__device__ void attention_partial_impl(const float* __restrict__ q, const typename P::T* __restrict__ kc,
+                                       const typename P::T* __restrict__ vc, const int* pos, const int* base,
+                                       float* part, float* ml, int n_heads, int n_kv_heads, int head_dim,
+                                       float scale) {
+    __shared__ float sc[HPC][ATT_CHUNK];
+    __shared__ float red[ATT_WARPS][ATT_MAX_HD];
+    pdl_begin();
+    int r = blockIdx.x, s = blockIdx.z, S = gridDim.z;
+    int G = n_heads / n_kv_heads, hgroups = (G + HPC - 1) / HPC;
+    int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
+    int head0 = kvh * G + hg * HPC, ng = min(HPC, G - hg * HPC);
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
+    attention_unit<P, GROUPS, HPC, false>(q + (size_t)r * hidden + (size_t)head0 * head_dim, kc, vc, first, pos[r] + 1, s,
+                                   S, ng, head_dim, kv_dim, scale, nullptr, nullptr, -1,
+                                   ((size_t)r * n_heads + head0) * S + s, part, ml, threadIdx.x, 0, sc, red);
 }
 
 #define ATTENTION(NAME, P, GROUPS, HPC)                                                                \
@@ -810,29 +899,480 @@ ATTENTION(attention_f32_wide_h1, F32, 2, 1)
 ATTENTION(attention_f16_wide_h1, F16, 2, 1)
 ATTENTION(attention_bf16_wide_h1, BF16, 2, 1)
 
-// out[r, head, :] = sum_s part_s * exp(m_s - M) / sum_s l_s * exp(m_s - M)
-// (f32). A non-finite result raises FLAG_NONFINITE. grid (rows, n_heads), block 128.
+// out[d] = sum_s part_s[d] * exp(m_s - M) / sum_s l_s * exp(m_s - M) over the
+// S parts of one (row, head) starting at slot0 (f32), by threads tid of
+// nthreads; CG reads the parts from L2 (written by other CTAs of the
+// persistent kernel). A non-finite result raises FLAG_NONFINITE.
+template <bool CG>
+__device__ void combine_head(const float* part, const float* ml, size_t slot0, int S, int head_dim, float* out,
+                             int* flags, int tid, int nthreads) {
+    float M = -__int_as_float(0x7f800000);
+    for (int s = 0; s < S; s++) M = fmaxf(M, ld_act<CG>(ml + 2 * (slot0 + s)));
+    float L = 0.0f;
+    for (int s = 0; s < S; s++) L += ld_act<CG>(ml + 2 * (slot0 + s) + 1) * expf(ld_act<CG>(ml + 2 * (slot0 + s)) - M);
+    float inv = 1.0f / L;
+    for (int d = tid; d < head_dim; d += nthreads) {
+        float o = 0.0f;
+        for (int s = 0; s < S; s++) {
+            float m = ld_act<CG>(ml + 2 * (slot0 + s));
+            if (m > -__int_as_float(0x7f800000)) o += ld_act<CG>(part + (slot0 + s) * head_dim + d) * expf(m - M);
+        }
+        o *= inv;
+        if (!isfinite(o)) atomicOr(flags, FLAG_NONFINITE);
+        out[d] = o;
+    }
+}
+
+// out[r, head, :] = the combined parts (f32). grid (rows, n_heads), block 128.
 extern "C" __global__ void attention_combine(const float* part, const float* ml, int n_heads, int head_dim, int S,
                                              float* out, int* flags) {
     pdl_begin();
     int r = blockIdx.x, head = blockIdx.y;
-    size_t slot0 = ((size_t)r * n_heads + head) * S;
-    float M = -__int_as_float(0x7f800000);
-    for (int s = 0; s < S; s++) M = fmaxf(M, ml[2 * (slot0 + s)]);
-    float L = 0.0f;
-    for (int s = 0; s < S; s++) L += ml[2 * (slot0 + s) + 1] * expf(ml[2 * (slot0 + s)] - M);
-    float inv = 1.0f / L;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < S; s++) {
-            float m = ml[2 * (slot0 + s)];
-            if (m > -__int_as_float(0x7f800000)) o += part[(slot0 + s) * head_dim + d] * expf(m - M);
+    combine_head<false>(part, ml, ((size_t)r * n_heads + head) * S, S, head_dim,
+                        out + ((size_t)r * n_heads + head) * head_dim, flags, threadIdx.x, blockDim.x);
+}
+
+// ---------------------------------------------------------------------------
+// Fused decode step: every layer of a decode pass of up to FUSED_ROWS rows in
+// one persistent kernel (launched cooperatively, so all CTAs are resident),
+// with grid-wide barriers between the stages that need all of the previous
+// one. Per layer:
+//   A  RMSNorm + int8 quantisation of x (every CTA, into shared memory),
+//      then the q|k|v rows of this CTA's units                  -> barrier
+//   C  attention units (half a CTA each: row, query head, split): RoPE of
+//      q and of the new k (the first query head of each kv head also writes
+//      k and v into the cache; the others take the new position's k and v
+//      from shared memory, so no unit reads a slot written in this stage);
+//      the last unit of a (row, head) to finish combines its splits -> barrier
+//   D  sub-norm of the attention output, o rows, added into x -> barrier
+//   E  FFN norm of x, gate/up rows, relu^2 * up into h        -> barrier
+//   F  FFN sub-norm of h, down rows, added into x             -> barrier
+// Every CTA prefetches into L2 the weight rows it will multiply next (see
+// fused_prefetch_at), so weights stream from memory while the CTAs wait at
+// barriers.
+//
+// Every stage runs the same device code, in the same arithmetic order, as
+// the separate kernels (one block of 256 threads per norm row, exact int32
+// projections, attention units and the combine in a fixed order), so the
+// results are bit-identical to theirs for the same split count S.
+//
+// Data other CTAs write during the launch (x, qkv, attn, h, the attention
+// parts) is read through L2 (ld.global.cg); weights and the caches' earlier
+// positions through the read-only path.
+
+#define FUSED_ROWS 2
+#define FUSED_THREADS 256
+
+// One layer's weights (host layout: 11 pointers, then 8 floats; 120 bytes).
+struct FusedLayer {
+    const u8* qkv;
+    const u8* o;
+    const u8* gate;
+    const u8* up;
+    const u8* down;
+    const float* attn_norm;
+    const float* attn_sub_norm;
+    const float* ffn_norm;
+    const float* ffn_sub_norm;
+    void* k_cache;
+    void* v_cache;
+    float qkv_s0, qkv_s1, qkv_s2, o_s, gate_s, up_s, down_s, pad;
+};
+
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Grid-wide barrier on a counter zeroed before the launch: barrier number
+// `epoch` (1, 2, ...) waits until every CTA has arrived epoch times. Writes
+// before it are visible to every CTA after it (release/acquire at gpu scope).
+// With a trace buffer, trace[3e - 2 .. 3e] = CTA 0's arrival, the last
+// CTA's arrival and CTA 0's departure (ns) of barrier e; after those 15 per
+// layer, 4 per layer: when CTA 0 finished each norm.
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, unsigned long long* trace) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned target = epoch * gridDim.x;
+        if (trace && blockIdx.x == 0) trace[3 * epoch - 2] = global_ns();
+        __threadfence();
+        unsigned before = atomicAdd(bar, 1u);
+        if (trace && before == target - 1) trace[3 * epoch - 1] = global_ns();
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+        } while (v < target);
+        __threadfence();
+        if (trace && blockIdx.x == 0) trace[3 * epoch] = global_ns();
+    }
+    __syncthreads();
+}
+
+// Copies n4 float4s from global memory into shared memory with up to 4 loads
+// per thread in flight; CG: data other CTAs write (through L2), else
+// read-only data.
+template <bool CG>
+__device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4) {
+    for (int b = 0; b < n4; b += 4 * FUSED_THREADS) {
+        float4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int i = b + j * FUSED_THREADS + threadIdx.x;
+            if (i < n4) v[j] = CG ? ldcg_f4(src + i) : __ldg(src + i);
         }
-        o *= inv;
-        if (!isfinite(o)) atomicOr(flags, FLAG_NONFINITE);
-        out[((size_t)r * n_heads + head) * head_dim + d] = o;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int i = b + j * FUSED_THREADS + threadIdx.x;
+            if (i < n4) dst[i] = v[j];
+        }
     }
 }
+
+// RMSNorm + quantisation of n <= FUSED_ROWS rows of width values (src in
+// global memory, written by other CTAs) into shared q8 / scale / qsum,
+// exactly as rmsnorm_quant_f32 computes each row: every thread visits the
+// same elements in the same order, and each block reduction uses the same
+// warp trees and the same order over warps; the rows only share the passes
+// and the barriers. The norm weights and the rows are first copied into
+// shared sw and xs (n x width) with many loads in flight.
+// dsl/fsl/isl: shared [FUSED_THREADS / 32][FUSED_ROWS].
+template <int NR>
+__device__ void fused_norm_n(const float* src, const float* w, float eps, int width, int n, i8* q8, float* scale,
+                           int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
+    const int nw = FUSED_THREADS / 32;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
+    for (int r = 0; r < n; r++)
+        stage_f4<true>((float4*)(xs + (size_t)r * width), (const float4*)(src + (size_t)r * width), width >> 2);
+    __syncthreads();
+    double ss[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) ss[r] = 0.0;
+    for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
+        float v[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            if (r < n) v[r] = xs[(size_t)r * width + i];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            if (r < n) ss[r] += (double)v[r] * (double)v[r];
+    }
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        if (r < n) {
+            double t = warp_sum_d(ss[r]);
+            if (lane == 0) dsl[warp][r] = t;
+        }
+    }
+    __syncthreads();
+    double inv[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        inv[r] = 1.0;
+        if (r < n) {
+            double t = 0.0;
+            for (int k = 0; k < nw; k++) t += dsl[k][r];
+            inv[r] = 1.0 / sqrt(t / (double)width + (double)eps);
+        }
+    }
+    float amax[NR];
+    bool finite[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        amax[r] = 0.0f;
+        finite[r] = true;
+    }
+    for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
+        float wi = sw[i];
+        float x[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            if (r < n) x[r] = xs[(size_t)r * width + i];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            if (r < n) {
+                float v = __fmul_rn((float)((double)x[r] * inv[r]), wi);
+                finite[r] = finite[r] && isfinite(v);
+                amax[r] = fmaxf(amax[r], fabsf(v));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        if (r < n) {
+            float m = warp_max_f(finite[r] ? amax[r] : __int_as_float(0x7f800000));
+            if (lane == 0) fsl[warp][r] = m;
+        }
+    }
+    __syncthreads();
+    float sc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        sc[r] = 0.0f;
+        if (r < n) {
+            float m = fsl[0][r];
+            for (int k = 1; k < nw; k++) m = fmaxf(m, fsl[k][r]);
+            if (!isfinite(m)) {
+                if (threadIdx.x == 0) atomicOr(flags, FLAG_NONFINITE);
+                m = 1.0f;
+            }
+            sc[r] = __fmul_rn(__fdiv_rn(1.0f, fmaxf(m, 1e-5f)), 127.0f);
+        }
+    }
+    int sum[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) sum[r] = 0;
+    for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
+        float wi = sw[i];
+        float x[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            if (r < n) x[r] = xs[(size_t)r * width + i];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            if (r < n) {
+                float v = __fmul_rn((float)((double)x[r] * inv[r]), wi);
+                int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, sc[r])), -128.0f), 127.0f);
+                q8[(size_t)r * width + i] = (i8)qi;
+                sum[r] += qi;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NR; r++) {
+        if (r < n) {
+            int t = warp_sum_i(sum[r]);
+            if (lane == 0) isl[warp][r] = t;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            if (r < n) {
+                int t = 0;
+                for (int k = 0; k < nw; k++) t += isl[k][r];
+                scale[r] = sc[r];
+                qsum[r] = t;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// fused_norm_n for one row or FUSED_ROWS (fewer live registers for one).
+__device__ void fused_norm(const float* src, const float* w, float eps, int width, int n, i8* q8, float* scale,
+                           int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
+    if (n <= 1)
+        fused_norm_n<1>(src, w, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+    else
+        fused_norm_n<FUSED_ROWS>(src, w, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+}
+
+// Prefetches into L2 the weight rows this CTA multiplies in stage `which`
+// (0 q|k|v, 1 o, 2 gate/up, 3 down) of layer L.
+__device__ void fused_prefetch(const FusedLayer& L, int which, int hidden, int qkv_rows, int inter) {
+    if (which == 0)
+        for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
+            ternary_unit_prefetch<0, 1>(u, L.qkv, L.qkv, qkv_rows, hidden);
+    if (which == 1)
+        for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+            ternary_unit_prefetch<1, 1>(u, L.o, L.o, hidden, hidden);
+    if (which == 2)
+        for (int u = blockIdx.x; u * 16 < inter; u += gridDim.x)
+            ternary_unit_prefetch<2, 2>(u, L.gate, L.up, inter, hidden);
+    if (which == 3)
+        for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+            ternary_unit_prefetch<1, 1>(u, L.down, L.down, hidden, inter);
+}
+
+// Prefetch schedule (the kernel's `prefetch` argument): 0 none; 1 at each
+// layer's start, all of the next layer's rows; 2 at each projection stage's
+// start, the rows of the next projection stage (the next layer's q|k|v
+// after down).
+__device__ __forceinline__ void fused_prefetch_at(const FusedLayer* layers, int n_layers, int l, int which,
+                                                  int mode, int hidden, int qkv_rows, int inter) {
+    if (mode == 1 && which == 0 && l + 1 < n_layers)
+        for (int k = 0; k < 4; k++) fused_prefetch(layers[l + 1], k, hidden, qkv_rows, inter);
+    if (mode == 2) {
+        if (which < 3)
+            fused_prefetch(layers[l], which + 1, hidden, qkv_rows, inter);
+        else if (l + 1 < n_layers)
+            fused_prefetch(layers[l + 1], 0, hidden, qkv_rows, inter);
+    }
+}
+
+// Per attention half-CTA: sc [32], red [4][ATT_MAX_HD], q, new k, new v
+// [ATT_MAX_HD] each (floats).
+#define FUSED_ATT_FLOATS (ATT_CHUNK + ATT_WARPS * ATT_MAX_HD + 3 * ATT_MAX_HD)
+
+template <class P, int GROUPS>
+__device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos,
+                                  const int* base, const float* cos_t, const float* sin_t, float* qkv, float* attn,
+                                  float* hbuf, float* part, float* ml, unsigned* sync, int* flags, int n_heads,
+                                  int n_kv_heads, int head_dim, int inter, float eps, int S, float scale,
+                                  int prefetch, unsigned long long* trace) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ double dsl[FUSED_THREADS / 32][FUSED_ROWS];
+    __shared__ float fsl[FUSED_THREADS / 32][FUSED_ROWS];
+    __shared__ int isl[FUSED_THREADS / 32][FUSED_ROWS];
+    __shared__ int last[2];
+    int* red = (int*)smem;                                              // [MM_WARPS][16 * 8]
+    float* att = (float*)(smem + MM_WARPS * 16 * 8 * 4);                // [2][FUSED_ATT_FLOATS]
+    float* a_scale = att + 2 * FUSED_ATT_FLOATS;                         // [FUSED_ROWS]
+    int* a_sum = (int*)(a_scale + FUSED_ROWS);                           // [FUSED_ROWS]
+    float* stage = (float*)(a_sum + FUSED_ROWS);                         // [max(hidden, inter)] norm weights
+
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
+    float* xs = stage + max(hidden, inter);                               // [n][max(hidden, inter)] norm rows
+    i8* q8 = (i8*)(xs + (size_t)n * max(hidden, inter));                  // [n][max(hidden, inter)]
+    int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
+    unsigned* bar = sync;
+    unsigned* done = sync + 1;  // [n][n_heads] finished attention units
+    unsigned epoch = 0;
+
+    if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[0] = global_ns();
+    if (prefetch == 1)
+        for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
+    if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
+    for (int l = 0; l < n_layers; l++) {
+        const FusedLayer& L = layers[l];
+        typename P::T* kc = (typename P::T*)L.k_cache;
+        typename P::T* vc = (typename P::T*)L.v_cache;
+
+        // A: q|k|v.
+        fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
+        if (blockIdx.x * 16 < qkv_rows) {
+            fused_norm(x, L.attn_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
+            for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
+                ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
+                                                       L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
+                                                       qkv_rows);
+        }
+        grid_sync(bar, ++epoch, trace);
+
+        // C: attention, two units per CTA at a time.
+        {
+            int hh = threadIdx.x / (ATT_WARPS * 32), tid = threadIdx.x % (ATT_WARPS * 32), sid = 1 + hh;
+            float* a = att + hh * FUSED_ATT_FLOATS;
+            float(*sc)[ATT_CHUNK] = (float(*)[ATT_CHUNK])a;
+            float(*ared)[ATT_MAX_HD] = (float(*)[ATT_MAX_HD])(a + ATT_CHUNK);
+            float* qs = a + ATT_CHUNK + ATT_WARPS * ATT_MAX_HD;
+            float* knew = qs + ATT_MAX_HD;
+            float* vnew = knew + ATT_MAX_HD;
+            int units = n * n_heads * S;
+            for (int u = blockIdx.x * 2 + hh; u < units; u += gridDim.x * 2) {
+                int r = u / (n_heads * S), head = (u / S) % n_heads, s = u % S;
+                int kvh = head / G, p = pos[r];
+                bool covers = (p / ATT_CHUNK) % S == s;
+                bool writer = covers && head % G == 0;
+                const float* row = qkv + (size_t)r * qkv_rows;
+                const float* cs = cos_t + (size_t)p * half;
+                const float* sn = sin_t + (size_t)p * half;
+                size_t slot = (size_t)(base[r] + p) * kv_dim + (size_t)kvh * head_dim;
+                for (int i = tid; i < half; i += ATT_WARPS * 32) {
+                    float c = cs[i], si = sn[i];
+                    size_t o = (size_t)head * head_dim + i;
+                    float x0 = ldcg_f(row + o), x1 = ldcg_f(row + o + half);
+                    qs[i] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, si));
+                    qs[i + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, si));
+                    if (covers) {
+                        size_t ko = hidden + (size_t)kvh * head_dim + i;
+                        float k0 = ldcg_f(row + ko), k1 = ldcg_f(row + ko + half);
+                        float r0 = __fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, si));
+                        float r1 = __fadd_rn(__fmul_rn(k1, c), __fmul_rn(k0, si));
+                        knew[i] = P::round(r0);
+                        knew[i + half] = P::round(r1);
+                        if (writer) {
+                            P::store(kc, slot + i, r0);
+                            P::store(kc, slot + i + half, r1);
+                        }
+                    }
+                }
+                if (covers) {
+                    for (int j = tid; j < head_dim; j += ATT_WARPS * 32) {
+                        float v = ldcg_f(row + hidden + kv_dim + (size_t)kvh * head_dim + j);
+                        vnew[j] = P::round(v);
+                        if (writer) P::store(vc, slot + j, v);
+                    }
+                }
+                unit_sync(sid);
+                size_t slot0 = ((size_t)r * n_heads + head) * S;
+                attention_unit<P, GROUPS, 1, true>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s,
+                                             S, 1, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, slot0 + s,
+                                             part, ml, tid, sid, sc, ared);
+                // The last of the S units of (r, head) to finish combines them.
+                __threadfence();
+                unit_sync(sid);
+                if (tid == 0) {
+                    unsigned before = atomicAdd(done + (size_t)r * n_heads + head, 1u);
+                    last[hh] = before == (unsigned)((l + 1) * S - 1);
+                    __threadfence();
+                }
+                unit_sync(sid);
+                if (last[hh])
+                    combine_head<true>(part, ml, slot0, S, head_dim, attn + (size_t)r * hidden + (size_t)head * head_dim,
+                                       flags, tid, ATT_WARPS * 32);
+                unit_sync(sid);
+            }
+        }
+        grid_sync(bar, ++epoch, trace);
+
+        // D: o projection into the residual stream.
+        fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
+        if (blockIdx.x * 16 < hidden) {
+            fused_norm(attn, L.attn_sub_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
+            for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+                ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
+                                                       hidden, q8, a_scale, a_sum, n, x, hidden);
+        }
+        grid_sync(bar, ++epoch, trace);
+
+        // E: gate/up, relu^2 * up.
+        fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
+        if (blockIdx.x * 16 < inter) {
+            fused_norm(x, L.ffn_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
+            for (int u = blockIdx.x; u * 16 < inter; u += gridDim.x)
+                ternary_tile<2, 2, 4, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
+                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter);
+        }
+        grid_sync(bar, ++epoch, trace);
+
+        // F: down projection into the residual stream.
+        fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
+        if (blockIdx.x * 16 < hidden) {
+            fused_norm(hbuf, L.ffn_sub_norm, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
+            for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+                ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
+                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden);
+        }
+        grid_sync(bar, ++epoch, trace);
+    }
+}
+
+#define FUSED_DECODE(NAME, P, GROUPS)                                                                  \
+    extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                     \
+        NAME(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos, const int* base, \
+             const float* cos_t, const float* sin_t, float* qkv, float* attn, float* hbuf, float* part, float* ml, \
+             unsigned* sync, int* flags, int n_heads, int n_kv_heads, int head_dim, int inter, float eps, int S, \
+             float scale, int prefetch, unsigned long long* trace) {                                   \
+        fused_decode_impl<P, GROUPS>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, hbuf, part, ml, \
+                                     sync, flags, n_heads, n_kv_heads, head_dim, inter, eps, S, scale, prefetch, \
+                                     trace);                                                           \
+    }
+FUSED_DECODE(fused_decode_f32, F32, 1)
+FUSED_DECODE(fused_decode_f16, F16, 1)
+FUSED_DECODE(fused_decode_bf16, BF16, 1)
+FUSED_DECODE(fused_decode_f32_wide, F32, 2)
+FUSED_DECODE(fused_decode_f16_wide, F16, 2)
+FUSED_DECODE(fused_decode_bf16_wide, BF16, 2)
 
 // ---------------------------------------------------------------------------
 // Output head: logits[e, v] = sum_k W[v, k] * x[e, k], f32 accumulation.

@@ -237,6 +237,19 @@ pub fn bench(
             let kernel_ms: f64 = profile.iter().map(|p| p.1).sum();
             let top: Vec<String> = profile.iter().take(6).map(|(n, ms, k)| format!("{n} {ms:.3} ms/{k}")).collect();
             eprintln!("    kernels (eager step, {kernel_ms:.3} ms): {}", top.join(", "));
+            if let Some(trace) = backend.fused_trace()? {
+                let stages: Vec<String> = ["qkv", "attention", "o", "gate/up", "down"]
+                    .iter()
+                    .zip(trace)
+                    .map(|(name, (cta0, norm, slowest, release))| {
+                        format!("{name} {cta0:.2}/{norm:.2}/{slowest:.2}/{release:.2}")
+                    })
+                    .collect();
+                eprintln!(
+                    "    fused stages, us per layer (CTA 0 / its norm / slowest CTA / barrier release): {}",
+                    stages.join(", ")
+                );
+            }
             for b in 0..batch {
                 backend.remove_sequence(b as u64);
             }

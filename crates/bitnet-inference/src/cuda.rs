@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use bitnet_device::Precision;
 use bitnet_kernels::cuda::{CudaError, DevBuf, DeviceHooks, GpuContext, GpuDType, GpuGraph, HeadImpl};
+use bitnet_kernels::cuda::{FusedLayer, FusedLayers, FusedShape, FusedStep, FUSED_ROWS};
 use bitnet_kernels::cuda::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 
@@ -46,6 +47,12 @@ pub struct CudaBackendConfig {
     pub max_step_entries: usize,
     /// Capture decode steps in CUDA graphs.
     pub cuda_graphs: bool,
+    /// Run decode passes of up to this many rows (at most [`FUSED_ROWS`];
+    /// 0: never) as one persistent kernel, with the same results as the
+    /// per-operation kernels. Default 1: on the H200 it makes batch-1 decode
+    /// 1.5x faster and gains nothing at 2 rows (docs/perf/gpu.md). The
+    /// environment variable `BITNET_CUDA_FUSED_ROWS` overrides it.
+    pub fused_max_rows: usize,
     /// Fault-injection hooks consulted before each allocation and launch.
     pub hooks: Option<Arc<dyn DeviceHooks>>,
 }
@@ -59,6 +66,7 @@ impl fmt::Debug for CudaBackendConfig {
             .field("max_step_tokens", &self.max_step_tokens)
             .field("max_step_entries", &self.max_step_entries)
             .field("cuda_graphs", &self.cuda_graphs)
+            .field("fused_max_rows", &self.fused_max_rows)
             .field("hooks", &self.hooks.is_some())
             .finish()
     }
@@ -73,6 +81,7 @@ impl Default for CudaBackendConfig {
             max_step_tokens: 512,
             max_step_entries: 256,
             cuda_graphs: true,
+            fused_max_rows: 1,
             hooks: None,
         }
     }
@@ -154,6 +163,8 @@ struct Workspace {
     logits: DevBuf,
     tokens_out: DevBuf,
     flags: DevBuf,
+    /// The fused decode kernel's barrier and attention counters.
+    sync: DevBuf,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +255,10 @@ pub struct CudaBackend {
     /// Decode graphs by (rows, attention window bucket).
     graphs: HashMap<(usize, usize), GpuGraph>,
     use_graphs: bool,
+    /// The layer descriptors of the fused decode kernel, when it is on.
+    fused: Option<FusedLayers>,
+    /// Decode passes of up to this many rows use it.
+    fused_rows: usize,
     memory: CudaMemory,
     max_context: usize,
 }
@@ -416,6 +431,7 @@ impl CudaBackend {
             logits: alloc("logits", gpu.head_logits_bytes(dt, entries, vocab))?,
             tokens_out: alloc("sampled tokens", entries * 4)?,
             flags: alloc("flags", 4)?,
+            sync: alloc("fused decode counters", GpuContext::fused_sync_bytes(FUSED_ROWS, c.n_heads))?,
         };
         memory.workspace += [
             &ws.inputs,
@@ -433,6 +449,7 @@ impl CudaBackend {
             &ws.logits,
             &ws.tokens_out,
             &ws.flags,
+            &ws.sync,
         ]
         .iter()
         .map(|b| b.len())
@@ -455,6 +472,55 @@ impl CudaBackend {
             warm(&gpu).map_err(cuda_error)?;
         }
 
+        // The fused decode kernel, for the shapes it supports.
+        let fused_rows = std::env::var("BITNET_CUDA_FUSED_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(config.fused_max_rows)
+            .min(FUSED_ROWS);
+        let fused_shape = FusedShape {
+            n_layers: c.n_layers,
+            hidden: h,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            inter,
+            max_pos: c.max_position_embeddings,
+            kv_slots: config.kv_slots,
+            cache: dt,
+        };
+        let fused = if fused_rows > 0 && fused_shape.check().is_ok() {
+            let descs: Vec<FusedLayer> = layers
+                .iter()
+                .map(|l| FusedLayer {
+                    qkv: l.qkv.all(),
+                    o: l.o.all(),
+                    gate: l.gate.all(),
+                    up: l.up.all(),
+                    down: l.down.all(),
+                    attn_norm: l.attn_norm.all(),
+                    attn_sub_norm: l.attn_sub_norm.all(),
+                    ffn_norm: l.ffn_norm.all(),
+                    ffn_sub_norm: l.ffn_sub_norm.all(),
+                    k_cache: l.k_cache.all(),
+                    v_cache: l.v_cache.all(),
+                    qkv_scales: l.qkv_scales,
+                    o_scale: l.o_scale,
+                    gate_scale: l.gate_scale,
+                    up_scale: l.up_scale,
+                    down_scale: l.down_scale,
+                })
+                .collect();
+            let f = gpu.fused_layers(fused_shape, &descs).map_err(cuda_error)?;
+            memory.workspace += c.n_layers * 120;
+            Some(f)
+        } else {
+            None
+        };
+        // As many rows as the GPU can run fused for this model (shared memory).
+        let fused_rows = fused.as_ref().map_or(0, |f| gpu.fused_rows_that_fit(f, fused_rows));
+        let fused = fused.filter(|_| fused_rows > 0);
+
         let max_context = c.max_position_embeddings;
         Ok(Self {
             precision: config.precision,
@@ -471,6 +537,8 @@ impl CudaBackend {
             sequences: HashMap::new(),
             graphs: HashMap::new(),
             use_graphs: config.cuda_graphs,
+            fused,
+            fused_rows,
             memory,
             max_context,
             gpu,
@@ -504,6 +572,15 @@ impl CudaBackend {
         self.gpu.set_profiling(false);
         result?;
         profile
+    }
+
+    /// The fused decode kernel's stage timings of its last launch, when
+    /// `BITNET_CUDA_FUSED_TRACE=1` (see [`GpuContext::fused_trace`]).
+    pub fn fused_trace(&self) -> Result<Option<bitnet_kernels::cuda::FusedTrace>, BackendError> {
+        match &self.fused {
+            Some(f) => self.gpu.fused_trace(f).map_err(cuda_error),
+            None => Ok(None),
+        }
     }
 
     /// Splits a validated batch into forward passes that fit the workspace.
@@ -566,27 +643,28 @@ impl CudaBackend {
         // position splits depend on it, and graphs are kept per bucket.
         let furthest = group.pos.iter().copied().max().unwrap_or(0) as usize + 1;
         let window = furthest.next_power_of_two().clamp(32, self.max_context.max(32));
+        let fused = group.decode_only && n <= self.fused_rows && self.fused.is_some();
         if self.use_graphs && group.decode_only {
             if let Some(graph) = self.graphs.get(&(n, window)) {
                 return self.gpu.launch_graph(graph);
             }
             // First run of this shape: run eagerly (warms up and checks
             // every launch), then capture for the next time.
-            self.launch_forward(n, n_out, window)?;
+            self.launch_forward(n, n_out, window, fused)?;
             self.gpu.begin_capture()?;
-            let captured = self.launch_forward(n, n_out, window);
+            let captured = self.launch_forward(n, n_out, window, fused);
             let graph = self.gpu.end_capture();
             captured?;
             self.graphs.insert((n, window), graph?);
             return Ok(());
         }
-        self.launch_forward(n, n_out, window)
+        self.launch_forward(n, n_out, window, fused)
     }
 
     /// Enqueues every kernel of a forward pass over `n` rows (inputs already
     /// on the device; positions below `window`) and the head for `n_out`
-    /// output rows.
-    fn launch_forward(&self, n: usize, n_out: usize, window: usize) -> Result<(), CudaError> {
+    /// output rows; `fused`: the layers as one fused decode kernel.
+    fn launch_forward(&self, n: usize, n_out: usize, window: usize, fused: bool) -> Result<(), CudaError> {
         let c = &self.model.config;
         let (h, kv_dim, inter, vocab) = (c.hidden_size, c.kv_dim(), c.intermediate_size, c.vocab_size);
         let (dt, gpu, ws) = (self.dt, &self.gpu, &self.ws);
@@ -602,7 +680,24 @@ impl CudaBackend {
         let qkv_rows = h + 2 * kv_dim;
         gpu.zero(flags)?;
         gpu.embed(dt, self.embedding.all(), vocab, h, tokens, n, ws.x.all())?;
-        for layer in &self.layers {
+        let fused_layers = if fused { self.fused.as_ref() } else { None };
+        if let Some(f) = fused_layers {
+            let step = FusedStep {
+                x: ws.x.all(),
+                pos,
+                base,
+                cos: self.rope_cos.all(),
+                sin: self.rope_sin.all(),
+                qkv: ws.qkv.all(),
+                attn: ws.attn.all(),
+                h: ws.h.all(),
+                att_scratch: ws.attn_scratch.all(),
+                sync: ws.sync.all(),
+                flags,
+            };
+            gpu.fused_decode(f, eps, n, window, &step)?;
+        }
+        for layer in self.layers.iter().filter(|_| fused_layers.is_none()) {
             // Attention block.
             gpu.rmsnorm_quant(ws.x.all(), layer.attn_norm.all(), eps, n, h, &acts, flags)?;
             gpu.ternary_store(
@@ -738,11 +833,16 @@ impl Backend for CudaBackend {
             .into(),
             quantization: "i2s".into(),
             detail: format!(
-                "{} (cc {major}.{minor}), device {}, {} KV slots{}, head on {}{}",
+                "{} (cc {major}.{minor}), device {}, {} KV slots{}{}, head on {}{}",
                 self.gpu.name(),
                 self.gpu.ordinal(),
                 self.kv_slots,
                 if self.use_graphs { ", CUDA graphs" } else { "" },
+                if self.fused.is_some() {
+                    format!(", fused decode kernel (up to {} rows)", self.fused_rows)
+                } else {
+                    String::new()
+                },
                 match self.gpu.head_impl() {
                     HeadImpl::Cublas => "cuBLAS".to_string(),
                     HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),

@@ -261,3 +261,80 @@ fn allocations_match_free_memory_and_bf16_needs_less() {
     }
     assert!(totals[1] * 10 < totals[0] * 6, "bf16 must need >= 40% less: {totals:?}");
 }
+
+/// Teacher-forced decode of `prompts` (each prefilled up to its own length
+/// minus `steps`, then decoded `steps` tokens together): the logits of every
+/// decode step, `[step][entry][vocab]`.
+fn prefill_then_decode(b: &mut CudaBackend, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<Vec<f32>>> {
+    for (i, p) in prompts.iter().enumerate() {
+        b.add_sequence(i as u64, p.len()).unwrap();
+        b.step(&[StepInput { seq: i as u64, tokens: &p[..p.len() - steps] }]).unwrap();
+    }
+    let mut out = Vec::new();
+    for t in 0..steps {
+        let batch: Vec<StepInput> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let at = p.len() - steps + t;
+                StepInput { seq: i as u64, tokens: &p[at..at + 1] }
+            })
+            .collect();
+        out.push(b.step(&batch).unwrap());
+    }
+    for i in 0..prompts.len() {
+        b.remove_sequence(i as u64);
+    }
+    out
+}
+
+#[test]
+fn fused_decode_kernel_equals_the_per_operation_kernels() {
+    if !gpu_present() {
+        return;
+    }
+    // The small preset (head_dim 64, 4 query heads per kv head), and a model
+    // with head_dim 256 (the _wide kernels), 3 query heads per kv head, an
+    // FFN wider than the fused norm keeps in registers (as 2B-4T's) and a
+    // context long enough for attention splits of two chunks each.
+    let mut wide = Preset::Tiny.config();
+    (wide.n_heads, wide.n_kv_heads, wide.head_dim, wide.hidden_size) = (6, 2, 256, 1536);
+    wide.intermediate_size = 3200;
+    wide.max_position_embeddings = 4096;
+    let models = [
+        ("small", Arc::new(synthetic::generate(Preset::Small, 11).unwrap()), vec![1, 2], 200),
+        ("wide", Arc::new(synthetic::generate_with_config(wide, 12).unwrap()), vec![1, 2], 2100),
+    ];
+    for (name, model, batches, longest) in &models {
+        let vocab = model.config.vocab_size;
+        for precision in PRECISIONS {
+            let mut fused = cuda(model, precision, |c| {
+                c.kv_slots = 8 * 2200;
+                c.fused_max_rows = bitnet_kernels::cuda::FUSED_ROWS;
+            });
+            let mut per_op = cuda(model, precision, |c| {
+                c.kv_slots = 8 * 2200;
+                c.fused_max_rows = 0;
+            });
+            // The fused backend really runs the fused kernel for decode.
+            fused.add_sequence(99, 8).unwrap();
+            fused.step(&[StepInput { seq: 99, tokens: &[1, 2] }]).unwrap();
+            let profile = fused.profile_step(&[StepInput { seq: 99, tokens: &[3] }]).unwrap();
+            assert!(profile.iter().any(|(k, _, _)| k.starts_with("fused_decode")), "{name}: {profile:?}");
+            fused.remove_sequence(99);
+            for &n in batches {
+                // Lengths spread over several chunks and splits; the first is the longest.
+                let lens: Vec<usize> = (0..n).map(|i| if i == 0 { *longest } else { 6 + 37 * i }).collect();
+                let ps: Vec<Vec<u32>> =
+                    lens.iter().enumerate().map(|(i, &l)| prompts(1, l, vocab, 100 + i as u64).remove(0)).collect();
+                let a = prefill_then_decode(&mut fused, &ps, 5);
+                let b = prefill_then_decode(&mut per_op, &ps, 5);
+                assert!(a.iter().flatten().flatten().all(|v| v.is_finite()), "{name} {precision:?} batch {n}");
+                assert_eq!(a, b, "{name} {precision:?} batch {n}: the fused decode kernel changed the logits");
+                println!(
+                    "{name} {precision:?} batch {n}: fused decode logits equal the per-operation kernels' bit for bit"
+                );
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //! synchronising call ([`GpuContext::read`], [`GpuContext::synchronize`]).
 
 mod blas;
+mod fused;
 mod ops;
 pub mod ptx;
 
@@ -22,6 +23,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 
+pub use fused::{FusedLayer, FusedLayers, FusedShape, FusedStep, FusedTrace, FUSED_ROWS};
 pub use ops::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
 pub use ptx::PtxOrigin;
 
@@ -65,6 +67,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_f16_wide_h1",
     "attention_bf16_wide_h1",
     "attention_combine",
+    "fused_decode_f32",
+    "fused_decode_f16",
+    "fused_decode_bf16",
+    "fused_decode_f32_wide",
+    "fused_decode_f16_wide",
+    "fused_decode_bf16_wide",
     "head_f32",
     "head_f16",
     "head_bf16",
@@ -281,6 +289,14 @@ pub struct GpuContext {
     head_chunk: (usize, usize),
     /// Passes of at least this many tokens use the `_b` ternary kernels.
     pub(crate) ternary_batch_min: usize,
+    /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
+    fused_grid: std::sync::Mutex<std::collections::HashMap<(&'static str, usize), u32>>,
+    /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
+    fused_ctas_per_sm: u32,
+    /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`:
+    /// 0 none, the default; 1 a layer ahead; 2 a stage ahead; neither was
+    /// faster on the H200, docs/perf/gpu.md).
+    fused_prefetch: i32,
 }
 
 /// Which code computes the output head.
@@ -397,6 +413,17 @@ impl GpuContext {
             } else {
                 16
             },
+            fused_grid: Default::default(),
+            fused_ctas_per_sm: std::env::var("BITNET_CUDA_FUSED_CTAS")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|c| (1..=2).contains(c))
+                .unwrap_or(2),
+            fused_prefetch: std::env::var("BITNET_CUDA_FUSED_PREFETCH")
+                .ok()
+                .and_then(|v| v.parse::<i32>().ok())
+                .filter(|c| (0..=2).contains(c))
+                .unwrap_or(0),
         };
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
@@ -653,6 +680,23 @@ impl GpuContext {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
+        self.launch_with(name, grid, block, smem, args, false)
+    }
+
+    /// [`Self::launch`]; `cooperative` launches with the cooperative
+    /// attribute (the driver refuses a grid whose CTAs cannot all be
+    /// resident at once, which grid-wide barriers need) and without
+    /// programmatic dependent launch (the kernel starts once the previous
+    /// one has completed).
+    pub(crate) fn launch_with(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+        cooperative: bool,
+    ) -> Result<(), CudaError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -680,9 +724,14 @@ impl GpuContext {
         // SAFETY: a zeroed launch attribute is a valid plain-data value; only
         // the id and the union member of that id are set below.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = self.pdl_enabled();
+        if cooperative {
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
+        } else {
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+        }
+        let with_attr = cooperative || self.pdl_enabled();
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -692,8 +741,8 @@ impl GpuContext {
             blockDimZ: block.2,
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: u32::from(pdl),
+            attrs: if with_attr { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: u32::from(with_attr),
         };
         self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         self.profiled(name, || {

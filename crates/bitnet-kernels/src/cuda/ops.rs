@@ -19,22 +19,22 @@ const ATT_GROUPED_MIN_CTAS: usize = 256;
 /// Rows x splits of the attention scratch.
 pub const ATT_PART_ROWS: usize = 4096;
 
-fn i32_dim(what: &str, v: usize) -> Result<i32, CudaError> {
+pub(super) fn i32_dim(what: &str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
 }
 
-fn u32_grid(what: &str, v: usize) -> Result<u32, CudaError> {
+pub(super) fn u32_grid(what: &str, v: usize) -> Result<u32, CudaError> {
     u32::try_from(v).map_err(|_| CudaError::Shape(format!("grid dimension {what} = {v} is too large")))
 }
 
-fn bytes(what: &str, parts: &[usize]) -> Result<usize, CudaError> {
+pub(super) fn bytes(what: &str, parts: &[usize]) -> Result<usize, CudaError> {
     parts
         .iter()
         .try_fold(1usize, |acc, &p| acc.checked_mul(p))
         .ok_or_else(|| CudaError::Shape(format!("{what}: size overflows")))
 }
 
-fn multiple(what: &str, v: usize, m: usize) -> Result<(), CudaError> {
+pub(super) fn multiple(what: &str, v: usize, m: usize) -> Result<(), CudaError> {
     if v == 0 || !v.is_multiple_of(m) {
         return Err(CudaError::Shape(format!("{what} = {v} must be a non-zero multiple of {m}")));
     }
@@ -62,7 +62,7 @@ impl TernaryActs {
     }
 }
 
-fn check_ternary(w: DevRange, n_rows: usize, k: usize) -> Result<u64, CudaError> {
+pub(super) fn check_ternary(w: DevRange, n_rows: usize, k: usize) -> Result<u64, CudaError> {
     multiple("ternary input width k", k, 128)?;
     if n_rows == 0 {
         return Err(CudaError::Shape("ternary matrix has no rows".into()));

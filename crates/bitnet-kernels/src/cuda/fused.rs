@@ -1,0 +1,353 @@
+//! The fused decode step: `fused_decode_*` in `kernels/bitnet.cu`, every
+//! layer of a decode pass of up to [`FUSED_ROWS`] rows in one persistent,
+//! cooperatively launched kernel with grid-wide barriers between its stages
+//! (see the kernel's comment). It computes exactly what the per-operation
+//! kernels compute for the same rows and attention split count.
+//!
+//! The layers' weights and caches are described once, in a device array of
+//! [`FusedLayers`] whose every pointer was checked against the model's
+//! shape when it was built.
+
+use super::ops::{bytes, check_ternary, i32_dim, multiple};
+use super::{driver, Arg, CudaError, DevBuf, DevRange, GpuContext, GpuDType};
+use cudarc::driver::sys;
+
+/// Most token rows one fused launch runs (`FUSED_ROWS` in the kernel).
+pub const FUSED_ROWS: usize = 2;
+const FUSED_THREADS: u32 = 256;
+/// Bytes of one layer's descriptor (`struct FusedLayer`: 11 pointers, 8 floats).
+const LAYER_BYTES: usize = 11 * 8 + 8 * 4;
+/// Shared memory of the kernel before the norm weights and rows (f32) and
+/// the int8 activations: the ternary partial sums (8 warps x 16 rows x 8 tokens,
+/// i32), two attention units' scratch (`FUSED_ATT_FLOATS` f32 each) and the
+/// rows' scales and sums.
+const SMEM_FIXED: usize = 8 * 16 * 8 * 4 + 2 * (32 + 4 * 256 + 3 * 256) * 4 + FUSED_ROWS * 8;
+
+/// The kernel for a shape: the cache type, and `_wide` for head_dim > 128.
+fn fused_kernel_name(s: &FusedShape) -> &'static str {
+    match (s.cache, s.head_dim <= 128) {
+        (GpuDType::F32, true) => "fused_decode_f32",
+        (GpuDType::F16, true) => "fused_decode_f16",
+        (GpuDType::BF16, true) => "fused_decode_bf16",
+        (GpuDType::F32, false) => "fused_decode_f32_wide",
+        (GpuDType::F16, false) => "fused_decode_f16_wide",
+        (GpuDType::BF16, false) => "fused_decode_bf16_wide",
+    }
+}
+
+/// The model dimensions a [`FusedLayers`] was built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedShape {
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub inter: usize,
+    /// Rows of the RoPE tables.
+    pub max_pos: usize,
+    /// Positions of each layer's KV cache.
+    pub kv_slots: usize,
+    /// Element type of the KV caches.
+    pub cache: GpuDType,
+}
+
+impl FusedShape {
+    /// Why the fused kernel cannot run this shape, if it cannot.
+    pub fn check(&self) -> Result<(), CudaError> {
+        let (h, nh, nkv, hd) = (self.hidden, self.n_heads, self.n_kv_heads, self.head_dim);
+        if self.n_layers == 0 || nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) || nh * hd != h {
+            return Err(CudaError::Shape(format!(
+                "fused decode: {nh} heads x head_dim {hd} must equal hidden {h}, with heads a multiple of {nkv} kv heads"
+            )));
+        }
+        if hd > 256 || !hd.is_multiple_of(4) {
+            return Err(CudaError::Shape(format!("fused decode: head_dim {hd} must be a multiple of 4 up to 256")));
+        }
+        multiple("fused decode hidden size", h, 128)?;
+        multiple("fused decode intermediate size", self.inter, 128)?;
+        Ok(())
+    }
+
+    fn qkv_rows(&self) -> usize {
+        self.hidden + 2 * self.n_kv_heads * self.head_dim
+    }
+
+    fn smem(&self, n: usize) -> usize {
+        SMEM_FIXED + (4 + 5 * n) * self.hidden.max(self.inter)
+    }
+
+    /// Entries of the trace: the start, three per barrier (five per layer),
+    /// then four per layer (the norms' ends).
+    fn trace_len(&self) -> usize {
+        1 + 19 * self.n_layers
+    }
+}
+
+/// One layer's device tensors, as the backend holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedLayer {
+    /// q, k and v rows in one I2_S matrix `[hidden + 2 kv_dim, hidden]`.
+    pub qkv: DevRange,
+    pub o: DevRange,
+    pub gate: DevRange,
+    pub up: DevRange,
+    pub down: DevRange,
+    pub attn_norm: DevRange,
+    pub attn_sub_norm: DevRange,
+    pub ffn_norm: DevRange,
+    pub ffn_sub_norm: DevRange,
+    pub k_cache: DevRange,
+    pub v_cache: DevRange,
+    pub qkv_scales: [f32; 3],
+    pub o_scale: f32,
+    pub gate_scale: f32,
+    pub up_scale: f32,
+    pub down_scale: f32,
+}
+
+/// The device array of layer descriptors the fused kernel reads. The
+/// buffers it points into must outlive it (the backend owns both).
+#[derive(Debug)]
+pub struct FusedLayers {
+    buf: DevBuf,
+    shape: FusedShape,
+    /// Barrier timestamps of the last launch (`BITNET_CUDA_FUSED_TRACE=1`).
+    trace: Option<DevBuf>,
+}
+
+impl FusedLayers {
+    pub fn shape(&self) -> &FusedShape {
+        &self.shape
+    }
+}
+
+/// Per stage of a layer (q|k|v, attention, o, gate/up, down), in
+/// microseconds: CTA 0's work, its norm's part of it, the slowest CTA's
+/// work, the barrier's release after the last arrival.
+pub type FusedTrace = [(f64, f64, f64, f64); 5];
+
+/// The per-step device buffers of [`GpuContext::fused_decode`].
+#[derive(Debug, Clone, Copy)]
+pub struct FusedStep {
+    /// The residual stream, f32 `[n, hidden]`: the embeddings in, the last
+    /// layer's output out.
+    pub x: DevRange,
+    /// Positions and cache bases, i32 `[n]` each.
+    pub pos: DevRange,
+    pub base: DevRange,
+    /// RoPE tables, f32 `[max_pos, head_dim / 2]`.
+    pub cos: DevRange,
+    pub sin: DevRange,
+    /// Scratch: f32 `[n, hidden + 2 kv_dim]`, `[n, hidden]`, `[n, inter]`.
+    pub qkv: DevRange,
+    pub attn: DevRange,
+    pub h: DevRange,
+    /// Attention parts ([`GpuContext::attention_scratch_bytes`]).
+    pub att_scratch: DevRange,
+    /// Barrier and attention counters ([`GpuContext::fused_sync_bytes`]);
+    /// zeroed by the launch.
+    pub sync: DevRange,
+    pub flags: DevRange,
+}
+
+impl GpuContext {
+    /// Uploads the layer descriptors after checking every tensor's size
+    /// against `shape`.
+    pub fn fused_layers(&self, shape: FusedShape, layers: &[FusedLayer]) -> Result<FusedLayers, CudaError> {
+        shape.check()?;
+        if layers.len() != shape.n_layers {
+            return Err(CudaError::Shape(format!(
+                "fused decode: {} layers, shape says {}",
+                layers.len(),
+                shape.n_layers
+            )));
+        }
+        let (h, inter) = (shape.hidden, shape.inter);
+        let kv_dim = shape.n_kv_heads * shape.head_dim;
+        let cache_bytes = bytes("KV cache", &[shape.kv_slots, kv_dim, shape.cache.size()])?;
+        let mut out = Vec::with_capacity(layers.len() * LAYER_BYTES);
+        for l in layers {
+            let ptrs = [
+                check_ternary(l.qkv, shape.qkv_rows(), h)?,
+                check_ternary(l.o, h, h)?,
+                check_ternary(l.gate, inter, h)?,
+                check_ternary(l.up, inter, h)?,
+                check_ternary(l.down, h, inter)?,
+                l.attn_norm.need("attention norm", h * 4)?,
+                l.attn_sub_norm.need("attention sub-norm", h * 4)?,
+                l.ffn_norm.need("FFN norm", h * 4)?,
+                l.ffn_sub_norm.need("FFN sub-norm", inter * 4)?,
+                l.k_cache.need("key cache", cache_bytes)?,
+                l.v_cache.need("value cache", cache_bytes)?,
+            ];
+            for p in ptrs {
+                out.extend_from_slice(&p.to_le_bytes());
+            }
+            let scales = [
+                l.qkv_scales[0],
+                l.qkv_scales[1],
+                l.qkv_scales[2],
+                l.o_scale,
+                l.gate_scale,
+                l.up_scale,
+                l.down_scale,
+                0.0,
+            ];
+            for s in scales {
+                out.extend_from_slice(&s.to_le_bytes());
+            }
+        }
+        let trace = match std::env::var("BITNET_CUDA_FUSED_TRACE") {
+            Ok(v) if v == "1" => Some(self.alloc("fused decode trace", shape.trace_len() * 8)?),
+            _ => None,
+        };
+        Ok(FusedLayers { buf: self.upload("fused layer descriptors", &out)?, shape, trace })
+    }
+
+    /// Bytes of the `sync` buffer of a fused step of `n` rows.
+    pub fn fused_sync_bytes(n: usize, n_heads: usize) -> usize {
+        (1 + n * n_heads) * 4
+    }
+
+    /// CTAs of the fused kernel for `n` rows: as many per SM as can be
+    /// resident (at most 2, or `BITNET_CUDA_FUSED_CTAS`), on every SM.
+    fn fused_grid(&self, name: &'static str, smem: usize) -> Result<u32, CudaError> {
+        let mut cache = self.fused_grid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&g) = cache.get(&(name, smem)) {
+            return Ok(g);
+        }
+        let f = self.function(name)?;
+        let smem_i = i32::try_from(smem).map_err(|_| CudaError::Shape("fused decode shared memory".into()))?;
+        if smem > 48 * 1024 {
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i)
+                .map_err(driver("cuFuncSetAttribute"))?;
+        }
+        let per_sm = f
+            .occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, smem, None)
+            .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        let sms = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute"))?;
+        let per_sm = per_sm.min(self.fused_ctas_per_sm);
+        if per_sm == 0 || sms <= 0 {
+            return Err(CudaError::Shape(format!("fused decode: no CTA of {smem} bytes of shared memory fits an SM")));
+        }
+        let g = per_sm * sms as u32;
+        cache.insert((name, smem), g);
+        Ok(g)
+    }
+
+    /// The most rows (up to `want`, at most [`FUSED_ROWS`]) a fused launch
+    /// can run on this GPU for this model: its shared memory must fit a CTA
+    /// and at least one CTA an SM. 0 when not even one row fits.
+    pub fn fused_rows_that_fit(&self, layers: &FusedLayers, want: usize) -> usize {
+        let s = &layers.shape;
+        let name = fused_kernel_name(s);
+        (1..=want.min(FUSED_ROWS)).take_while(|&n| self.fused_grid(name, s.smem(n)).is_ok()).last().unwrap_or(0)
+    }
+
+    /// Every layer of a decode pass of `n` rows (`1..=FUSED_ROWS`, each at
+    /// position `pos[r] < max_visible`, validated by the caller) in one
+    /// launch; x holds the embeddings before and the last layer's output
+    /// after. Uses the attention split count [`Self::attention_splits`]
+    /// `(n, max_visible)`, so the results equal the per-operation kernels'.
+    pub fn fused_decode(
+        &self,
+        layers: &FusedLayers,
+        eps: f32,
+        n: usize,
+        max_visible: usize,
+        step: &FusedStep,
+    ) -> Result<(), CudaError> {
+        let s = &layers.shape;
+        if n == 0 || n > FUSED_ROWS {
+            return Err(CudaError::Shape(format!("fused decode runs 1..={FUSED_ROWS} rows, not {n}")));
+        }
+        let (h, hd, nh, nkv, inter) = (s.hidden, s.head_dim, s.n_heads, s.n_kv_heads, s.inter);
+        let x = step.x.need("residual stream", bytes("residual", &[n, h, 4])?)?;
+        let pos = step.pos.need("positions", n * 4)?;
+        let base = step.base.need("cache bases", n * 4)?;
+        let cos = step.cos.need("cos table", bytes("rope", &[s.max_pos, hd / 2, 4])?)?;
+        let sin = step.sin.need("sin table", bytes("rope", &[s.max_pos, hd / 2, 4])?)?;
+        let qkv = step.qkv.need("qkv", bytes("qkv", &[n, s.qkv_rows(), 4])?)?;
+        let attn = step.attn.need("attention output", bytes("attention", &[n, h, 4])?)?;
+        let hb = step.h.need("FFN activations", bytes("ffn", &[n, inter, 4])?)?;
+        let splits = Self::attention_splits(n, max_visible);
+        let slots = n * nh * splits;
+        step.att_scratch.need("attention scratch", Self::attention_scratch_bytes(n, max_visible, nh, hd))?;
+        let part = step.att_scratch.ptr;
+        let ml = part + (slots * hd * 4) as u64;
+        let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
+        let flags = step.flags.need("flags", 4)?;
+        let name = fused_kernel_name(s);
+        let smem = s.smem(n);
+        let grid = self.fused_grid(name, smem)?;
+        self.zero(sync)?;
+        self.launch_with(
+            name,
+            (grid, 1, 1),
+            (FUSED_THREADS, 1, 1),
+            smem as u32,
+            &[
+                Arg::Ptr(layers.buf.all().ptr),
+                Arg::I32(i32_dim("layers", s.n_layers)?),
+                Arg::Ptr(x),
+                Arg::I32(i32_dim("rows", n)?),
+                Arg::Ptr(pos),
+                Arg::Ptr(base),
+                Arg::Ptr(cos),
+                Arg::Ptr(sin),
+                Arg::Ptr(qkv),
+                Arg::Ptr(attn),
+                Arg::Ptr(hb),
+                Arg::Ptr(part),
+                Arg::Ptr(ml),
+                Arg::Ptr(sync.ptr),
+                Arg::Ptr(flags),
+                Arg::I32(i32_dim("heads", nh)?),
+                Arg::I32(i32_dim("kv heads", nkv)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+                Arg::I32(i32_dim("intermediate", inter)?),
+                Arg::F32(eps),
+                Arg::I32(i32_dim("splits", splits)?),
+                Arg::F32(1.0 / (hd as f32).sqrt()),
+                Arg::I32(self.fused_prefetch),
+                Arg::Ptr(layers.trace.as_ref().map_or(0, |t| t.all().ptr)),
+            ],
+            true,
+        )
+    }
+
+    /// With `BITNET_CUDA_FUSED_TRACE=1`: per stage of a layer, the means
+    /// over the layers of the last launch ([`FusedTrace`]). Waits for the
+    /// stream.
+    pub fn fused_trace(&self, layers: &FusedLayers) -> Result<Option<FusedTrace>, CudaError> {
+        let Some(t) = &layers.trace else { return Ok(None) };
+        let mut raw = vec![0u8; t.len()];
+        self.read(t.all(), &mut raw)?;
+        let ns: Vec<f64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect();
+        let mut out = [(0.0, 0.0, 0.0, 0.0); 5];
+        let n_layers = layers.shape.n_layers;
+        for l in 0..n_layers {
+            for (st, o) in out.iter_mut().enumerate() {
+                let e = 5 * l + st + 1;
+                let prev_leave = ns[3 * (e - 1)];
+                let (arrive0, last, leave0) = (ns[3 * e - 2], ns[3 * e - 1], ns[3 * e]);
+                let norm_end = match st {
+                    0 => ns[1 + 15 * n_layers + 4 * l],
+                    2..=4 => ns[1 + 15 * n_layers + 4 * l + st - 1],
+                    _ => prev_leave,
+                };
+                let k = n_layers as f64 * 1e3;
+                o.0 += (arrive0 - prev_leave) / k;
+                o.1 += (norm_end - prev_leave) / k;
+                o.2 += (last - prev_leave) / k;
+                o.3 += (leave0 - last) / k;
+            }
+        }
+        Ok(Some(out))
+    }
+}
