@@ -465,6 +465,15 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     int row_base = MODE == 2 ? bx * 16 : (bx * TILES + tile) * 16;
     const u8* w = (MODE == 2 && tile == 1) ? w1 : w0;
     int ntiles = min(TOK / 8, (n_tok - tok_base + 7) / 8);
+    // FUSED add: when the epilogue is one entry per thread, its read of the
+    // output (from L2) is issued now, overlapping the products.
+    const bool early = FUSED && MODE == 1 && TILES * 16 * TOK <= MM_WARPS * 32;
+    float prev = 0.0f;
+    if (early && (int)threadIdx.x < TILES * 16 * TOK) {
+        int rl = threadIdx.x % (TILES * 16), tl = threadIdx.x / (TILES * 16);
+        int row = bx * TILES * 16 + rl, tok = tok_base + tl;
+        if (row < n_rows && tok < n_tok) prev = ldcg_f(out + (size_t)tok * ld_out + row);
+    }
     int acc[TOK / 8][4];
 #pragma unroll
     for (int i = 0; i < TOK / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
@@ -586,7 +595,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
             if (MODE == 0)
                 out[o] = y;
             else
-                out[o] = __fadd_rn(ld_act<FUSED>(out + o), y);
+                out[o] = __fadd_rn(early ? prev : ld_act<FUSED>(out + o), y);
         }
     }
     __syncthreads();  // red is free for the next unit
@@ -903,18 +912,26 @@ ATTENTION(attention_bf16_wide_h1, BF16, 2, 1)
 // S parts of one (row, head) starting at slot0 (f32), by threads tid of
 // nthreads; CG reads the parts from L2 (written by other CTAs of the
 // persistent kernel). A non-finite result raises FLAG_NONFINITE.
+// mls (shared, 2 S floats, or null): the (m, l) pairs are first copied
+// there by the unit's threads (barrier sync_id), then read from there.
 template <bool CG>
 __device__ void combine_head(const float* part, const float* ml, size_t slot0, int S, int head_dim, float* out,
-                             int* flags, int tid, int nthreads) {
+                             int* flags, int tid, int nthreads, float* mls, int sync_id) {
+    const float* mp = ml + 2 * slot0;
+    if (mls) {
+        for (int k = tid; k < 2 * S; k += nthreads) mls[k] = ld_act<CG>(mp + k);
+        unit_sync(sync_id);
+    }
+    auto ldm = [&](int k) { return mls ? mls[k] : ld_act<CG>(mp + k); };
     float M = -__int_as_float(0x7f800000);
-    for (int s = 0; s < S; s++) M = fmaxf(M, ld_act<CG>(ml + 2 * (slot0 + s)));
+    for (int s = 0; s < S; s++) M = fmaxf(M, ldm(2 * s));
     float L = 0.0f;
-    for (int s = 0; s < S; s++) L += ld_act<CG>(ml + 2 * (slot0 + s) + 1) * expf(ld_act<CG>(ml + 2 * (slot0 + s)) - M);
+    for (int s = 0; s < S; s++) L += ldm(2 * s + 1) * expf(ldm(2 * s) - M);
     float inv = 1.0f / L;
     for (int d = tid; d < head_dim; d += nthreads) {
         float o = 0.0f;
         for (int s = 0; s < S; s++) {
-            float m = ld_act<CG>(ml + 2 * (slot0 + s));
+            float m = ldm(2 * s);
             if (m > -__int_as_float(0x7f800000)) o += ld_act<CG>(part + (slot0 + s) * head_dim + d) * expf(m - M);
         }
         o *= inv;
@@ -929,7 +946,7 @@ extern "C" __global__ void attention_combine(const float* part, const float* ml,
     pdl_begin();
     int r = blockIdx.x, head = blockIdx.y;
     combine_head<false>(part, ml, ((size_t)r * n_heads + head) * S, S, head_dim,
-                        out + ((size_t)r * n_heads + head) * head_dim, flags, threadIdx.x, blockDim.x);
+                        out + ((size_t)r * n_heads + head) * head_dim, flags, threadIdx.x, blockDim.x, nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -1034,16 +1051,16 @@ __device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4)
 // exactly as rmsnorm_quant_f32 computes each row: every thread visits the
 // same elements in the same order, and each block reduction uses the same
 // warp trees and the same order over warps; the rows only share the passes
-// and the barriers. The norm weights and the rows are first copied into
-// shared sw and xs (n x width) with many loads in flight.
+// and the barriers. The rows are first copied into shared xs (n x width)
+// with many loads in flight; the caller has copied the norm weights into
+// shared sw (fused_stage_w) before the barrier that precedes the norm.
 // dsl/fsl/isl: shared [FUSED_THREADS / 32][FUSED_ROWS].
 template <int NR>
-__device__ void fused_norm_n(const float* src, const float* w, float eps, int width, int n, i8* q8, float* scale,
+__device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
                            float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
     const int nw = FUSED_THREADS / 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
     for (int r = 0; r < n; r++)
         stage_f4<true>((float4*)(xs + (size_t)r * width), (const float4*)(src + (size_t)r * width), width >> 2);
     __syncthreads();
@@ -1163,13 +1180,20 @@ __device__ void fused_norm_n(const float* src, const float* w, float eps, int wi
 }
 
 // fused_norm_n for one row or FUSED_ROWS (fewer live registers for one).
-__device__ void fused_norm(const float* src, const float* w, float eps, int width, int n, i8* q8, float* scale,
+__device__ void fused_norm(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
                            float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
     if (n <= 1)
-        fused_norm_n<1>(src, w, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+        fused_norm_n<1>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
     else
-        fused_norm_n<FUSED_ROWS>(src, w, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+        fused_norm_n<FUSED_ROWS>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+}
+
+// Copies norm weights into shared sw for the next stage's fused_norm, if this
+// CTA has units in that stage (rows of its output): done before the barrier
+// that precedes the stage, so the copy overlaps the wait.
+__device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int width, int stage_rows) {
+    if (blockIdx.x * 16 < stage_rows) stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
 }
 
 // Prefetches into L2 the weight rows this CTA multiplies in stage `which`
@@ -1224,7 +1248,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
     float* att = (float*)(smem + MM_WARPS * 16 * 8 * 4);                // [2][FUSED_ATT_FLOATS]
     float* a_scale = att + 2 * FUSED_ATT_FLOATS;                         // [FUSED_ROWS]
     int* a_sum = (int*)(a_scale + FUSED_ROWS);                           // [FUSED_ROWS]
-    float* stage = (float*)(a_sum + FUSED_ROWS);                         // [max(hidden, inter)] norm weights
+    float* stage = (float*)(a_sum + FUSED_ROWS);                         // [max(hidden, inter)] norm weights (sw)
 
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     float* xs = stage + max(hidden, inter);                               // [n][max(hidden, inter)] norm rows
@@ -1235,6 +1259,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
     unsigned epoch = 0;
 
     if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[0] = global_ns();
+    fused_stage_w(stage, layers[0].attn_norm, hidden, qkv_rows);
     if (prefetch == 1)
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
@@ -1246,13 +1271,14 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
         // A: q|k|v.
         fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
         if (blockIdx.x * 16 < qkv_rows) {
-            fused_norm(x, L.attn_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
             for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
                                                        qkv_rows);
         }
+        fused_stage_w(stage, L.attn_sub_norm, hidden, hidden);  // for D (free during C)
         grid_sync(bar, ++epoch, trace);
 
         // C: attention, two units per CTA at a time.
@@ -1316,7 +1342,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                 unit_sync(sid);
                 if (last[hh])
                     combine_head<true>(part, ml, slot0, S, head_dim, attn + (size_t)r * hidden + (size_t)head * head_dim,
-                                       flags, tid, ATT_WARPS * 32);
+                                       flags, tid, ATT_WARPS * 32, &ared[0][0], sid);
                 unit_sync(sid);
             }
         }
@@ -1325,34 +1351,37 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
         // D: o projection into the residual stream.
         fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(attn, L.attn_sub_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
                                                        hidden, q8, a_scale, a_sum, n, x, hidden);
         }
+        fused_stage_w(stage, L.ffn_norm, hidden, inter);
         grid_sync(bar, ++epoch, trace);
 
         // E: gate/up, relu^2 * up.
         fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
         if (blockIdx.x * 16 < inter) {
-            fused_norm(x, L.ffn_norm, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = blockIdx.x; u * 16 < inter; u += gridDim.x)
                 ternary_tile<2, 2, 4, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
                                                        inter, inter, q8, a_scale, a_sum, n, hbuf, inter);
         }
+        fused_stage_w(stage, L.ffn_sub_norm, inter, hidden);
         grid_sync(bar, ++epoch, trace);
 
         // F: down projection into the residual stream.
         fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(hbuf, L.ffn_sub_norm, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
                                                        L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden);
         }
+        if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, qkv_rows);
         grid_sync(bar, ++epoch, trace);
     }
 }
