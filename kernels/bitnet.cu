@@ -412,7 +412,9 @@ FINAL_NORM(final_norm_bf16, BF16, true)
 // grid (ceil(rows / (16 * TILES)) or rows / 16 for gate/up, ceil(tokens / 32)).
 //
 // Modes: 0 store f32, 1 add into f32 (the residual stream),
-//        2 gate/up: tile 0 = gate rows, tile 1 = up rows (same indices);
+//        2 gate/up: tiles 0 .. TILES/2 - 1 = gate rows, the others the up
+//          rows of the same indices (2 x 4 in the kernels; 4 x 2, 32 rows
+//          per CTA, in the fused decode kernel);
 //          out = relu(gate)^2 * up in f32 (never overflows).
 // Products use __fmul_rn so no FMA contraction changes their rounding: the
 // results equal the CPU's bit for bit.
@@ -433,8 +435,10 @@ __device__ __forceinline__ void mma_s8(int* c, unsigned a0, unsigned a1, unsigne
 // and count; MODE 2 takes as many rows of w1).
 template <int MODE, int TILES>
 __device__ __forceinline__ void ternary_unit_rows(int bx, int n_rows, int* first, int* count) {
-    *first = MODE == 2 ? bx * 16 : bx * TILES * 16;
-    *count = min(MODE == 2 ? 16 : TILES * 16, n_rows - *first);
+    // MODE 2: TILES / 2 row tiles of each of the two matrices.
+    const int rows = MODE == 2 ? TILES / 2 * 16 : TILES * 16;
+    *first = bx * rows;
+    *count = min(rows, n_rows - *first);
 }
 
 // Starts pulling the weight rows of unit bx (contiguous, never written)
@@ -462,8 +466,10 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
-    int row_base = MODE == 2 ? bx * 16 : (bx * TILES + tile) * 16;
-    const u8* w = (MODE == 2 && tile == 1) ? w1 : w0;
+    // MODE 2: tiles 0 .. GH - 1 take gate rows, GH .. TILES - 1 the same up rows.
+    const int GH = MODE == 2 ? TILES / 2 : TILES;
+    int row_base = MODE == 2 ? (bx * GH + tile % GH) * 16 : (bx * TILES + tile) * 16;
+    const u8* w = (MODE == 2 && tile >= GH) ? w1 : w0;
     int ntiles = min(TOK / 8, (n_tok - tok_base + 7) / 8);
     // FUSED add: when the epilogue is one entry per thread, its read of the
     // output (from L2) is issued now, overlapping the products.
@@ -561,16 +567,17 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     __syncthreads();
 
     if (MODE == 2) {
-        int row_cta = bx * 16;
-        for (int idx = threadIdx.x; idx < 16 * TOK; idx += blockDim.x) {
-            int rl = idx & 15, tl = idx >> 4;
+        int row_cta = bx * GH * 16;
+        for (int idx = threadIdx.x; idx < GH * 16 * TOK; idx += blockDim.x) {
+            int rl = idx % (GH * 16), tl = idx / (GH * 16);
+            int sub = rl >> 4, r16 = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
             if (row >= n_rows || tok >= n_tok) continue;
             int ga = 0, ua = 0;
 #pragma unroll
             for (int kp = 0; kp < KSPLIT; kp++) {
-                ga += red[kp * 16 * TOK + tl * 16 + rl];
-                ua += red[(KSPLIT + kp) * 16 * TOK + tl * 16 + rl];
+                ga += red[(sub * KSPLIT + kp) * 16 * TOK + tl * 16 + r16];
+                ua += red[((GH + sub) * KSPLIT + kp) * 16 * TOK + tl * 16 + r16];
             }
             float s = act_scale[tok];
             int qs = act_sum[tok];
@@ -1190,10 +1197,10 @@ __device__ void fused_norm(const float* src, float eps, int width, int n, i8* q8
 }
 
 // Copies norm weights into shared sw for the next stage's fused_norm, if this
-// CTA has units in that stage (rows of its output): done before the barrier
+// CTA has units in that stage: done before the barrier
 // that precedes the stage, so the copy overlaps the wait.
-__device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int width, int stage_rows) {
-    if (blockIdx.x * 16 < stage_rows) stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
+__device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int width, int stage_units) {
+    if ((int)blockIdx.x < stage_units) stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
 }
 
 // Prefetches into L2 the weight rows this CTA multiplies in stage `which`
@@ -1206,8 +1213,8 @@ __device__ void fused_prefetch(const FusedLayer& L, int which, int hidden, int q
         for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
             ternary_unit_prefetch<1, 1>(u, L.o, L.o, hidden, hidden);
     if (which == 2)
-        for (int u = blockIdx.x; u * 16 < inter; u += gridDim.x)
-            ternary_unit_prefetch<2, 2>(u, L.gate, L.up, inter, hidden);
+        for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
+            ternary_unit_prefetch<2, 4>(u, L.gate, L.up, inter, hidden);
     if (which == 3)
         for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
             ternary_unit_prefetch<1, 1>(u, L.down, L.down, hidden, inter);
@@ -1259,7 +1266,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
     unsigned epoch = 0;
 
     if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[0] = global_ns();
-    fused_stage_w(stage, layers[0].attn_norm, hidden, qkv_rows);
+    fused_stage_w(stage, layers[0].attn_norm, hidden, (qkv_rows + 15) / 16);
     if (prefetch == 1)
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
@@ -1278,7 +1285,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
                                                        qkv_rows);
         }
-        fused_stage_w(stage, L.attn_sub_norm, hidden, hidden);  // for D (free during C)
+        fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
         grid_sync(bar, ++epoch, trace);
 
         // C: attention, two units per CTA at a time.
@@ -1357,19 +1364,19 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
                                                        hidden, q8, a_scale, a_sum, n, x, hidden);
         }
-        fused_stage_w(stage, L.ffn_norm, hidden, inter);
+        fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
         grid_sync(bar, ++epoch, trace);
 
         // E: gate/up, relu^2 * up.
         fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
-        if (blockIdx.x * 16 < inter) {
+        if (blockIdx.x * 32 < inter) {
             fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
-            for (int u = blockIdx.x; u * 16 < inter; u += gridDim.x)
-                ternary_tile<2, 2, 4, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
+            for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
+                ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
                                                        inter, inter, q8, a_scale, a_sum, n, hbuf, inter);
         }
-        fused_stage_w(stage, L.ffn_sub_norm, inter, hidden);
+        fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
         grid_sync(bar, ++epoch, trace);
 
         // F: down projection into the residual stream.
@@ -1381,7 +1388,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
                                                        L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden);
         }
-        if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, qkv_rows);
+        if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
         grid_sync(bar, ++epoch, trace);
     }
 }
