@@ -512,7 +512,7 @@ impl CudaBackend {
                 })
                 .collect();
             let f = gpu.fused_layers(fused_shape, &descs).map_err(cuda_error)?;
-            memory.workspace += c.n_layers * 120;
+            memory.workspace += f.bytes();
             Some(f)
         } else {
             None

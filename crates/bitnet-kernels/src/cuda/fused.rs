@@ -120,6 +120,11 @@ impl FusedLayers {
     pub fn shape(&self) -> &FusedShape {
         &self.shape
     }
+
+    /// Device bytes this holds (the descriptors and the optional trace).
+    pub fn bytes(&self) -> usize {
+        self.buf.len() + self.trace.as_ref().map_or(0, DevBuf::len)
+    }
 }
 
 /// Per stage of a layer (q|k|v, attention, o, gate/up, down), in
