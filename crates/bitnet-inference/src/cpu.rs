@@ -401,22 +401,11 @@ fn attention(
         let (keys, values) = caches[entry];
         let kv_head = head / group;
         let qh = &q[r * h + head * hd..r * h + (head + 1) * hd];
-        let visible = pos + 1;
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|p| {
-                let kh = &keys[p * kv_dim + kv_head * hd..p * kv_dim + (kv_head + 1) * hd];
-                qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale
-            })
-            .collect();
+        let mut scores = vec![0f32; pos + 1];
+        // This head's key and value of position p start at p * kv_dim.
+        k::dot_rows_f32(kernel, qh, &keys[kv_head * hd..], kv_dim, scale, &mut scores)?;
         k::softmax_f32(kernel, &mut scores)?;
-        out_head.fill(0.0);
-        for (p, w) in scores.iter().enumerate() {
-            let vh = &values[p * kv_dim + kv_head * hd..p * kv_dim + (kv_head + 1) * hd];
-            for (o, v) in out_head.iter_mut().zip(vh) {
-                *o += w * v;
-            }
-        }
-        Ok(())
+        k::weighted_rows_f32(kernel, &scores, &values[kv_head * hd..], kv_dim, out_head)
     })
 }
 

@@ -206,3 +206,87 @@ fn rope_is_exact(kernel: CpuKernel) {
     }
 }
 test_each_kernel!(rope, rope_is_exact);
+
+/// Attention scores against an f64 dot product: every kernel (the scalar
+/// reference adds in order, the SIMD kernels in lanes) stays within
+/// `2e-5 * scale * sum |q_i k_i|` of the exact value; rows are read
+/// `stride` apart from the start of the slice.
+fn dot_rows_within_tolerance(kernel: CpuKernel) {
+    let strategy = (0..=140usize, 0..=6usize, 0..=20usize, prop::sample::select(vec![1e-3f32, 1.0, 1e3]))
+        .prop_flat_map(|(len, pad, n, magnitude)| {
+            let stride = len + pad;
+            let rows_len = if n == 0 { 0 } else { (n - 1) * stride + len };
+            (
+                prop::collection::vec(-magnitude..magnitude, len),
+                prop::collection::vec(-magnitude..magnitude, rows_len),
+                Just(stride),
+                Just(n),
+            )
+        });
+    runner(96)
+        .run(&strategy, |(q, rows, stride, n)| {
+            let scale = 0.125f32;
+            let mut found = vec![0.0f32; n];
+            cpu::dot_rows_f32(kernel, &q, &rows, stride, scale, &mut found).unwrap();
+            for (p, &f) in found.iter().enumerate() {
+                let row = &rows[p * stride..p * stride + q.len()];
+                let exact: f64 = q.iter().zip(row).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                let magnitude: f64 = q.iter().zip(row).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+                let err = (f64::from(f) - exact * f64::from(scale)).abs();
+                prop_assert!(err <= 2e-5 * f64::from(scale) * magnitude + 1e-30, "row {p}: {f} vs {}", exact * 0.125);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Two rows of 3 values, 4 apart: (1,2,3).(1,0,2) = 7 and (1,2,3).(3,1,1) = 8, scaled by 0.5.
+    let mut out = [0.0f32; 2];
+    cpu::dot_rows_f32(kernel, &[1.0, 2.0, 3.0], &[1.0, 0.0, 2.0, 9.0, 3.0, 1.0, 1.0], 4, 0.5, &mut out).unwrap();
+    assert_eq!(out, [3.5, 4.0]);
+    assert_eq!(
+        cpu::dot_rows_f32(kernel, &[1.0; 3], &[1.0; 6], 4, 1.0, &mut [0.0; 2]),
+        Err(KernelError::LengthMismatch { what: "attention key rows", expected: 7, found: 6 })
+    );
+    assert!(matches!(
+        cpu::dot_rows_f32(kernel, &[1.0; 3], &[1.0; 9], 2, 1.0, &mut [0.0; 2]),
+        Err(KernelError::LengthMismatch { .. })
+    ));
+    assert_eq!(cpu::dot_rows_f32(kernel, &[1.0; 3], &[], 3, 1.0, &mut []), Ok(()));
+}
+test_each_kernel!(dot_rows, dot_rows_within_tolerance);
+
+/// The weighted sum of value rows gives the scalar reference's bits on
+/// every kernel (multiply, then add, in order of the rows).
+fn weighted_rows_is_exact(kernel: CpuKernel) {
+    let strategy = (0..=140usize, 0..=6usize, 0..=20usize).prop_flat_map(|(len, pad, n)| {
+        let stride = len + pad;
+        let rows_len = if n == 0 { 0 } else { (n - 1) * stride + len };
+        (
+            prop::collection::vec(0.0f32..1.0, n),
+            prop::collection::vec(-100.0f32..100.0, rows_len),
+            Just(stride),
+            Just(len),
+        )
+    });
+    runner(96)
+        .run(&strategy, |(weights, rows, stride, len)| {
+            let mut expected = vec![f32::NAN; len];
+            cpu::weighted_rows_f32(CpuKernel::Scalar, &weights, &rows, stride, &mut expected).unwrap();
+            let mut found = vec![f32::NAN; len];
+            cpu::weighted_rows_f32(kernel, &weights, &rows, stride, &mut found).unwrap();
+            prop_assert_eq!(bits(&found), bits(&expected));
+            Ok(())
+        })
+        .unwrap();
+    // 0.25 * (4, 8) + 0.5 * (2, -6), rows 3 apart: (1 + 1, 2 - 3) = (2, -1).
+    let mut out = [7.0f32; 2];
+    cpu::weighted_rows_f32(kernel, &[0.25, 0.5], &[4.0, 8.0, 99.0, 2.0, -6.0], 3, &mut out).unwrap();
+    assert_eq!(out, [2.0, -1.0]);
+    let mut none = [7.0f32; 2];
+    cpu::weighted_rows_f32(kernel, &[], &[], 2, &mut none).unwrap();
+    assert_eq!(none, [0.0, 0.0]);
+    assert_eq!(
+        cpu::weighted_rows_f32(kernel, &[1.0, 1.0], &[0.0; 4], 3, &mut [0.0; 2]),
+        Err(KernelError::LengthMismatch { what: "attention value rows", expected: 5, found: 4 })
+    );
+}
+test_each_kernel!(weighted_rows, weighted_rows_is_exact);

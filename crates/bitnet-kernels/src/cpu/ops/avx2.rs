@@ -40,6 +40,16 @@ pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
     unsafe { abs_max_impl(x) }
 }
 
+pub(super) fn dot(_token: Avx2Token, a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: see the note above the wrappers.
+    unsafe { dot_impl(a, b) }
+}
+
+pub(super) fn add_scaled(_token: Avx2Token, out: &mut [f32], w: f32, row: &[f32]) {
+    // SAFETY: see the note above the wrappers.
+    unsafe { add_scaled_impl(out, w, row) }
+}
+
 pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8]) {
     // SAFETY: see the note above the wrappers.
     unsafe { quantize_impl(x, scale, out) }
@@ -222,4 +232,33 @@ fn quantize_impl(x: &[f32], scale: f32, out: &mut [i8]) {
         unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), bytes) };
     }
     scalar::quantize(x_tail, scale, out_tail);
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+    let (a_chunks, a_tail) = a.as_chunks::<8>();
+    let (b_chunks, b_tail) = b.as_chunks::<8>();
+    // Two accumulators: two independent chains of fused multiply-adds.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (i, (x, y)) in a_chunks.iter().zip(b_chunks).enumerate() {
+        acc[i & 1] = _mm256_fmadd_ps(load(x), load(y), acc[i & 1]);
+    }
+    let sum = _mm256_add_ps(acc[0], acc[1]);
+    let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    let total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    let tail_len = a_tail.len().min(b_tail.len());
+    total + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
+}
+
+#[target_feature(enable = "avx2")]
+fn add_scaled_impl(out: &mut [f32], w: f32, row: &[f32]) {
+    let (o_chunks, o_tail) = out.as_chunks_mut::<8>();
+    let (r_chunks, r_tail) = row.as_chunks::<8>();
+    let wv = _mm256_set1_ps(w);
+    for (o, r) in o_chunks.iter_mut().zip(r_chunks) {
+        // Separate multiply and add (no FMA): bit-identical to the scalar code.
+        store(o, _mm256_add_ps(load(o), _mm256_mul_ps(wv, load(r))));
+    }
+    scalar::add_scaled(o_tail, w, r_tail);
 }

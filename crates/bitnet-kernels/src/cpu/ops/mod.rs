@@ -1,6 +1,7 @@
 //! The element-wise steps of the forward pass: RMSNorm, softmax, the
-//! `relu(gate)^2 * up` activation, NEOX RoPE, and per-token int8 activation
-//! quantization.
+//! `relu(gate)^2 * up` activation, NEOX RoPE, per-token int8 activation
+//! quantization, and attention's two products over the KV cache (scores and
+//! the weighted sum of values).
 //!
 //! These touch a few thousand floats per token, so they are written for
 //! exactness first: [`relu2_mul_f32`], [`rope_neox_f32`] and
@@ -160,6 +161,89 @@ pub fn rope_neox_f32(
             Isa::Portable => portable::rotate(first, second, cos, sin),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2(token) => avx2::rotate(token, first, second, cos, sin),
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `rows` holds `n` rows of `len` values `stride` apart.
+fn check_rows(what: &'static str, rows: &[f32], stride: usize, len: usize, n: usize) -> Result<(), KernelError> {
+    if n == 0 {
+        return Ok(());
+    }
+    if stride < len {
+        return Err(KernelError::LengthMismatch {
+            what: "row stride (at least the row length)",
+            expected: len,
+            found: stride,
+        });
+    }
+    let needed = (n - 1)
+        .checked_mul(stride)
+        .and_then(|v| v.checked_add(len))
+        .ok_or(KernelError::DimensionTooLarge { what, value: n, max: usize::MAX / stride.max(1) })?;
+    if rows.len() < needed {
+        return Err(KernelError::LengthMismatch { what, expected: needed, found: rows.len() });
+    }
+    Ok(())
+}
+
+/// Attention scores of one head: `out[p] = dot(q, row p) * scale` for
+/// `p < out.len()`, where row `p` is `rows[p * stride..][..q.len()]` (the
+/// head's key at position `p` of a KV cache whose positions are `stride`
+/// values apart). f32 products and sums: the scalar reference adds in order,
+/// the SIMD kernels in 8 (AVX2: 16) lanes with fused multiply-adds, so
+/// results differ by rounding only (`|a - b| <= 2e-5 * scale * sum |q_i k_i|`).
+///
+/// `rows` must hold `(out.len() - 1) * stride + q.len()` values and
+/// `stride >= q.len()` (nothing is needed when `out` is empty).
+pub fn dot_rows_f32(
+    kernel: CpuKernel,
+    q: &[f32],
+    rows: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    check_rows("attention key rows", rows, stride, q.len(), out.len())?;
+    for (p, o) in out.iter_mut().enumerate() {
+        let row = &rows[p * stride..p * stride + q.len()];
+        *o = match isa {
+            Isa::Scalar => scalar::dot(q, row),
+            Isa::Portable => portable::dot(q, row),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(token) => avx2::dot(token, q, row),
+        } * scale;
+    }
+    Ok(())
+}
+
+/// Attention output of one head: `out = sum_p weights[p] * row p` with row
+/// `p` = `rows[p * stride..][..out.len()]` (the head's value at position
+/// `p`), `out` overwritten and each element added in order of `p` with
+/// separate multiplies and adds: the same bits on every kernel.
+///
+/// `rows` must hold `(weights.len() - 1) * stride + out.len()` values and
+/// `stride >= out.len()`; no weights give zeros.
+pub fn weighted_rows_f32(
+    kernel: CpuKernel,
+    weights: &[f32],
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    check_rows("attention value rows", rows, stride, out.len(), weights.len())?;
+    out.fill(0.0);
+    let len = out.len();
+    for (p, &w) in weights.iter().enumerate() {
+        let row = &rows[p * stride..p * stride + len];
+        match isa {
+            Isa::Scalar => scalar::add_scaled(out, w, row),
+            Isa::Portable => portable::add_scaled(out, w, row),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(token) => avx2::add_scaled(token, out, w, row),
         }
     }
     Ok(())

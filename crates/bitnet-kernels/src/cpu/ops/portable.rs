@@ -94,3 +94,24 @@ pub(super) fn quantize(x: &[f32], scale: f32, out: &mut [i8]) {
     }
     scalar::quantize(x_chunks.remainder(), scale, out_chunks.into_remainder());
 }
+
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut a_chunks = a.chunks_exact(LANES);
+    let mut b_chunks = b.chunks_exact(LANES);
+    let mut acc = f32x8::ZERO;
+    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
+        acc += load(x) * load(y);
+    }
+    acc.reduce_add() + scalar::dot(a_chunks.remainder(), b_chunks.remainder())
+}
+
+pub(super) fn add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
+    let wv = f32x8::splat(w);
+    let mut o_chunks = out.chunks_exact_mut(LANES);
+    let mut r_chunks = row.chunks_exact(LANES);
+    for (o, r) in (&mut o_chunks).zip(&mut r_chunks) {
+        // Multiply, then add: the scalar reference's rounding.
+        o.copy_from_slice(&(load(o) + wv * load(r)).to_array());
+    }
+    scalar::add_scaled(o_chunks.into_remainder(), w, r_chunks.remainder());
+}

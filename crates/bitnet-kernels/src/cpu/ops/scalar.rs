@@ -52,3 +52,15 @@ pub(super) fn quantize(x: &[f32], scale: f32, out: &mut [i8]) {
         *q = (v * scale).round_ties_even().clamp(-128.0, 127.0) as i8;
     }
 }
+
+/// `sum(a * b)` in f32, in order.
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// `out += w * row`, element by element (multiply, then add).
+pub(super) fn add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(row) {
+        *o += w * v;
+    }
+}
