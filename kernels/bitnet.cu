@@ -47,8 +47,29 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return h;
 }
 
+// Tensor-core products D = A B + D, m16n8k16, f32 accumulation.
+__device__ __forceinline__ void mma_f16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                        unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// MMA: the type has a tensor-core product (mma m16n8k16) used by the
+// attention kernels; cvt rounds f32 to T (f16 saturating), f32 widens.
 struct F32 {
     typedef float T;
+    static constexpr bool MMA = false;
     static __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
     static __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
     static __device__ __forceinline__ float round(float v) { return v; }
@@ -58,6 +79,15 @@ struct F32 {
 
 struct F16 {
     typedef u16 T;
+    static constexpr bool MMA = true;
+    // Largest finite value: q * scale beyond it cannot be split into f16.
+    static constexpr float MAXV = 65504.0f;
+    static __device__ __forceinline__ u16 cvt(float v) { return f32_to_f16(v); }
+    static __device__ __forceinline__ float f32(u16 h) { return f16_to_f32(h); }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        mma_f16(c, a0, a1, a2, a3, b0, b1);
+    }
     static __device__ __forceinline__ float load(const u16* p, size_t i) { return f16_to_f32(p[i]); }
     static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_f16(v); }
     static __device__ __forceinline__ float round(float v) { return f16_to_f32(f32_to_f16(v)); }
@@ -71,6 +101,14 @@ struct F16 {
 
 struct BF16 {
     typedef u16 T;
+    static constexpr bool MMA = true;
+    static constexpr float MAXV = 3.0e38f;
+    static __device__ __forceinline__ u16 cvt(float v) { return f32_to_bf16(v); }
+    static __device__ __forceinline__ float f32(u16 h) { return bf16_to_f32(h); }
+    static __device__ __forceinline__ void mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                               unsigned b0, unsigned b1) {
+        mma_bf16(c, a0, a1, a2, a3, b0, b1);
+    }
     static __device__ __forceinline__ float load(const u16* p, size_t i) { return bf16_to_f32(p[i]); }
     static __device__ __forceinline__ void store(u16* p, size_t i, float v) { p[i] = f32_to_bf16(v); }
     static __device__ __forceinline__ float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
@@ -957,6 +995,306 @@ extern "C" __global__ void attention_combine(const float* part, const float* ml,
 }
 
 // ---------------------------------------------------------------------------
+// Attention on tensor cores (f16 / bf16 caches, head_dim 64 or 128): the
+// same contract as attention_partial_impl (part / ml for attention_combine),
+// for the up to 4 query heads of one kv head a unit serves. Split s takes
+// the chunks s, s + S, ... of AMMA_CHUNK positions (S from
+// attention_mma_splits on the host); in a chunk, warp w takes 16 positions
+// and keeps its own running maximum and sum per head; the unit's warps are
+// merged in a fixed order at the end (deterministic).
+//
+// Per warp and 16 positions, two products (mma m16n8k16, f32 accumulation):
+//   S^T [16 positions x 8] = K [16 x head_dim] . Qp^T [head_dim x 8]
+//   O^T [head_dim x 8]    += V^T [head_dim x 16] . Pp^T [16 x 8]
+// The 8 columns of Qp are hi(q_h * scale) for the unit's heads h = 0..3,
+// then lo = T(q_h * scale - hi); a score is column h plus column h + 4, so
+// q keeps ~16 (bf16) or ~22 (f16) significant bits. Pp likewise holds the
+// hi and lo parts of the probabilities, and O = O^T's columns h + h + 4.
+// Lane (g, t): K rows p0 + g, p0 + g + 8 as 16-byte loads (dims 8t..8t+7 of
+// each 32: the k order is permuted identically in K and Qp); V at positions
+// p0 + 2t, +1, +8, +9, dims 8g..8g+7 of each 64, paired into the A
+// fragments with byte permutes (row g <-> dim 8g + 2j, row g + 8 <-> +1).
+
+#define AMMA_WARPS 4
+#define AMMA_CHUNK (16 * AMMA_WARPS)
+
+// Shared scratch of one unit (floats).
+#define AMMA_FLOATS (AMMA_WARPS * 4 * 16 + AMMA_WARPS * 4 * 2 + AMMA_WARPS * 4 * 128 + 16 * 32)
+
+__device__ __forceinline__ unsigned u4_at(uint4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+template <class P>
+__device__ __forceinline__ unsigned pack_part(float a, float b, bool lo) {
+    u16 ha = P::cvt(a), hb = P::cvt(b);
+    if (lo) {
+        ha = P::cvt(a - P::f32(ha));
+        hb = P::cvt(b - P::f32(hb));
+    }
+    return (unsigned)ha | ((unsigned)hb << 16);
+}
+
+// One unit: heads head0 .. head0 + ng - 1 (ng <= 4) of one row, q (f32,
+// unscaled) at qh + h * head_dim, over the chunks s, s + S, ... of its
+// visible positions, whose K/V start at `first`; tid < AMMA_WARPS * 32.
+// FUSED: half a CTA synchronised by named barrier sync_id, and position
+// `cur` (if >= 0) takes K and V from knew / vnew (shared, in T) instead of
+// the caches; otherwise the whole CTA (sync_id 0). EARLY_V issues the V
+// loads with the K loads (more registers, one round trip less). Writes
+// part[slot0 + h * S] and ml like attention_unit; raises FLAG_NONFINITE if
+// q * scale is not finite in T.
+template <class P, bool FUSED, bool EARLY_V>
+__device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                   size_t first, int visible, int s, int S, int ng, int head_dim, int kv_dim,
+                                   float scale, const u16* knew, const u16* vnew, int cur, size_t slot0, float* part,
+                                   float* ml, int* flags, int tid, int sync_id, float* scratch) {
+    float(*pt)[4][16] = (float(*)[4][16])scratch;                                     // [warp][head][position]
+    float(*wml)[4][2] = (float(*)[4][2])(scratch + AMMA_WARPS * 4 * 16);              // [warp][head] (m, l)
+    float(*wo)[4][128] = (float(*)[4][128])(scratch + AMMA_WARPS * 4 * 16 + AMMA_WARPS * 8);  // [warp][head][dim]
+    unsigned(*qbs)[32] = (unsigned(*)[32])(scratch + AMMA_WARPS * 4 * (16 + 2 + 128));          // [fragment][lane]
+    const int C = head_dim >> 6;  // 1 or 2
+    int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    const unsigned full = 0xffffffffu;
+
+    // Lane (g, t) tracks heads 2 (t & 1) and 2 (t & 1) + 1.
+    float m_run[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l_run[2] = {0.0f, 0.0f};
+    float acc[2][4][4];
+#pragma unroll
+    for (int c = 0; c < 2; c++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc[c][j][0] = acc[c][j][1] = acc[c][j][2] = acc[c][j][3] = 0.0f;
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+
+    // K rows p0 + g (ka) and p0 + g + 8 (kb); V at positions p0 + 2t +
+    // {0, 1, 8, 9}, dims 64c + 8g .. + 7 (vv).
+    uint4 ka[4], kb[4], vv[4][2];
+    auto load_k = [&](int p0) {
+        int pa = p0 + g, pb = p0 + g + 8;
+        const u16* ra = kc + first + (size_t)pa * kv_dim + 8 * t;
+        const u16* rb = kc + first + (size_t)pb * kv_dim + 8 * t;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            bool in = b < 2 * C;
+            ka[b] = (in && pa < visible)
+                        ? ((FUSED && pa == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(ra + 32 * b)))
+                        : zero4;
+            kb[b] = (in && pb < visible)
+                        ? ((FUSED && pb == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(rb + 32 * b)))
+                        : zero4;
+        }
+    };
+    auto load_v = [&](int p0) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int pp = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+            for (int c = 0; c < 2; c++)
+                vv[i][c] = (c < C && pp < visible)
+                               ? ((FUSED && pp == cur) ? *(const uint4*)(vnew + 64 * c + 8 * g)
+                                                       : __ldg((const uint4*)(vc + first + (size_t)pp * kv_dim + 64 * c + 8 * g)))
+                               : zero4;
+        }
+    };
+    // The first chunk's loads are in flight while q is prepared (not in
+    // the fused kernel, whose register budget is smaller).
+    const int c_first = s * AMMA_CHUNK;
+    if (!FUSED && c_first + 16 * warp < visible) {
+        load_k(c_first + 16 * warp);
+        if (EARLY_V) load_v(c_first + 16 * warp);
+    }
+    // Qp^T fragments, into shared qbs[4 b + 2 e + {0, 1}] (warp w makes
+    // block b = w): column g (head g & 3, hi for g < 4, lo above), for each
+    // 32-dim block b and half e: b0 = dims 32b + 8t + 4e + {0, 1}, b1 = + {2, 3}.
+    if (warp < 2 * C) {
+        int hq = g & 3, b = warp;
+        bool live = hq < ng, lo = g >= 4, bad = false;
+        const float* qp = qh + (size_t)hq * head_dim;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            float4 v = live ? *(const float4*)(qp + 32 * b + 8 * t + 4 * e) : make_float4(0.f, 0.f, 0.f, 0.f);
+            v.x *= scale;
+            v.y *= scale;
+            v.z *= scale;
+            v.w *= scale;
+            bad = bad || !(fabsf(v.x) <= P::MAXV && fabsf(v.y) <= P::MAXV && fabsf(v.z) <= P::MAXV &&
+                           fabsf(v.w) <= P::MAXV);
+            qbs[4 * b + 2 * e][lane] = pack_part<P>(v.x, v.y, lo);
+            qbs[4 * b + 2 * e + 1][lane] = pack_part<P>(v.z, v.w, lo);
+        }
+        if (bad) atomicOr(flags, FLAG_NONFINITE);
+    }
+    unit_sync(FUSED ? sync_id : 0);
+
+    for (int c0 = c_first; c0 < visible; c0 += S * AMMA_CHUNK) {
+        int p0 = c0 + 16 * warp;
+        if (p0 >= visible) continue;  // warp-uniform
+        if (FUSED || c0 != c_first) {
+            load_k(p0);
+            if (EARLY_V) load_v(p0);
+        }
+        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            if (b < 2 * C) {
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+                    P::mma(sc, u4_at(ka[b], 2 * e), u4_at(kb[b], 2 * e), u4_at(ka[b], 2 * e + 1), u4_at(kb[b], 2 * e + 1),
+                           qbs[4 * b + 2 * e][lane], qbs[4 * b + 2 * e + 1][lane]);
+            }
+        }
+        if (!EARLY_V) load_v(p0);
+        // Columns 2t, 2t + 1 of rows g, g + 8: hi (t < 2) or lo parts of
+        // heads 2 (t & 1), +1; lane ^ 2 holds the other part.
+#pragma unroll
+        for (int i = 0; i < 4; i++) sc[i] += __shfl_xor_sync(full, sc[i], 2);
+        if (p0 + g >= visible) sc[0] = sc[1] = -__int_as_float(0x7f800000);
+        if (p0 + g + 8 >= visible) sc[2] = sc[3] = -__int_as_float(0x7f800000);
+        float f[2], pr[4];
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            float mx = fmaxf(sc[e], sc[e + 2]);
+            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 16));
+            float mn = fmaxf(m_run[e], mx);  // finite: position p0 is visible
+            f[e] = expf(m_run[e] - mn);
+            m_run[e] = mn;
+            pr[e] = expf(sc[e] - mn);
+            pr[e + 2] = expf(sc[e + 2] - mn);
+            float sum = pr[e] + pr[e + 2];
+            sum += __shfl_xor_sync(full, sum, 4);
+            sum += __shfl_xor_sync(full, sum, 8);
+            sum += __shfl_xor_sync(full, sum, 16);
+            l_run[e] = l_run[e] * f[e] + sum;
+        }
+#pragma unroll
+        for (int c = 0; c < 2; c++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                acc[c][j][0] *= f[0];
+                acc[c][j][1] *= f[1];
+                acc[c][j][2] *= f[0];
+                acc[c][j][3] *= f[1];
+            }
+        // Probabilities through shared memory into Pp^T's layout: column g
+        // (head g & 3, hi or lo), positions 2t, 2t + 1 (b0) and 2t + 8, +9 (b1).
+        if (t < 2) {
+            pt[warp][2 * t][g] = pr[0];
+            pt[warp][2 * t + 1][g] = pr[1];
+            pt[warp][2 * t][g + 8] = pr[2];
+            pt[warp][2 * t + 1][g + 8] = pr[3];
+        }
+        __syncwarp();
+        unsigned pb0, pb1;
+        {
+            const float* ph = pt[warp][g & 3];
+            bool lo = g >= 4;
+            pb0 = pack_part<P>(ph[2 * t], ph[2 * t + 1], lo);
+            pb1 = pack_part<P>(ph[2 * t + 8], ph[2 * t + 9], lo);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            if (c < C) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    unsigned w0 = u4_at(vv[0][c], j), w1 = u4_at(vv[1][c], j);
+                    unsigned w2 = u4_at(vv[2][c], j), w3 = u4_at(vv[3][c], j);
+                    P::mma(acc[c][j], __byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632), __byte_perm(w2, w3, 0x5410),
+                           __byte_perm(w2, w3, 0x7632), pb0, pb1);
+                }
+            }
+        }
+    }
+    // hi + lo columns; lanes t < 2 then hold O[2t][..] (acc[][][0], [2]) and
+    // O[2t + 1][..] ([1], [3]) at dims 64c + 8g + 2j (+1 for [2], [3]).
+#pragma unroll
+    for (int c = 0; c < 2; c++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[c][j][i] += __shfl_xor_sync(full, acc[c][j][i], 2);
+    if (t < 2) {
+        if (g == 0) {
+            wml[warp][2 * t][0] = m_run[0];
+            wml[warp][2 * t][1] = l_run[0];
+            wml[warp][2 * t + 1][0] = m_run[1];
+            wml[warp][2 * t + 1][1] = l_run[1];
+        }
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            if (c < C) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int d = 64 * c + 8 * g + 2 * j;
+                    wo[warp][2 * t][d] = acc[c][j][0];
+                    wo[warp][2 * t + 1][d] = acc[c][j][1];
+                    wo[warp][2 * t][d + 1] = acc[c][j][2];
+                    wo[warp][2 * t + 1][d + 1] = acc[c][j][3];
+                }
+            }
+        }
+    }
+    unit_sync(FUSED ? sync_id : 0);
+    // Merge the warps in order 0 .. AMMA_WARPS - 1.
+    for (int i = tid; i < ng * head_dim; i += AMMA_WARPS * 32) {
+        int h = i / head_dim, d = i - h * head_dim;
+        float M = -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, wml[w][h][0]);
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < AMMA_WARPS; w++) {
+            float m = wml[w][h][0];
+            if (m > -__int_as_float(0x7f800000)) o += wo[w][h][d] * expf(m - M);
+        }
+        part[(slot0 + (size_t)h * S) * head_dim + d] = o;
+    }
+    if (tid < ng) {
+        int h = tid;
+        float M = -__int_as_float(0x7f800000), L = 0.0f;
+#pragma unroll
+        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, wml[w][h][0]);
+#pragma unroll
+        for (int w = 0; w < AMMA_WARPS; w++) {
+            float m = wml[w][h][0];
+            if (m > -__int_as_float(0x7f800000)) L += wml[w][h][1] * expf(m - M);
+        }
+        size_t slot = slot0 + (size_t)h * S;
+        ml[2 * slot] = M;
+        ml[2 * slot + 1] = L;
+    }
+    unit_sync(FUSED ? sync_id : 0);
+}
+
+// grid (rows, n_kv_heads * ceil(G / 4), S), block 128.
+template <class P>
+__device__ void attention_mma_impl(const float* __restrict__ q, const u16* __restrict__ kc,
+                                   const u16* __restrict__ vc, const int* pos, const int* base, float* part,
+                                   float* ml, int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    __shared__ __align__(16) float scratch[AMMA_FLOATS];
+    pdl_begin();
+    int r = blockIdx.x, s = blockIdx.z, S = gridDim.z;
+    int G = n_heads / n_kv_heads, hgroups = (G + 3) / 4;
+    int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
+    int head0 = kvh * G + hg * 4, ng = min(4, G - hg * 4);
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
+    attention_mma_unit<P, false, true>(q + (size_t)r * hidden + (size_t)head0 * head_dim, kc, vc, first, pos[r] + 1,
+                                       s, S, ng, head_dim, kv_dim, scale, nullptr, nullptr, -1,
+                                       ((size_t)r * n_heads + head0) * S + s, part, ml, flags, threadIdx.x, 0, scratch);
+}
+
+#define ATTENTION_MMA(NAME, P)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128, 4) NAME(const float* q, const u16* kc, const u16* vc, \
+                                                           const int* pos, const int* base, float* part, float* ml, \
+                                                           int* flags, int n_heads, int n_kv_heads, int head_dim, \
+                                                           float scale) {                              \
+        attention_mma_impl<P>(q, kc, vc, pos, base, part, ml, flags, n_heads, n_kv_heads, head_dim, scale); \
+    }
+ATTENTION_MMA(attention_mma_f16, F16)
+ATTENTION_MMA(attention_mma_bf16, BF16)
+
+// ---------------------------------------------------------------------------
 // Fused decode step: every layer of a decode pass of up to FUSED_ROWS rows in
 // one persistent kernel (launched cooperatively, so all CTAs are resident),
 // with grid-wide barriers between the stages that need all of the previous
@@ -1236,16 +1574,118 @@ __device__ __forceinline__ void fused_prefetch_at(const FusedLayer* layers, int 
     }
 }
 
-// Per attention half-CTA: sc [32], red [4][ATT_MAX_HD], q, new k, new v
-// [ATT_MAX_HD] each (floats).
-#define FUSED_ATT_FLOATS (ATT_CHUNK + ATT_WARPS * ATT_MAX_HD + 3 * ATT_MAX_HD)
+// Per attention half-CTA (floats): sc [32], red [4][ATT_MAX_HD], q, new k,
+// new v [ATT_MAX_HD] each; or, on tensor cores, the unit's scratch, q of
+// four heads and the new k and v in T.
+#define FUSED_ATT_SCALAR (ATT_CHUNK + ATT_WARPS * ATT_MAX_HD + 3 * ATT_MAX_HD)
+#define FUSED_ATT_MMA (AMMA_FLOATS + 4 * 128 + 128)
+#define FUSED_ATT_FLOATS (FUSED_ATT_SCALAR > FUSED_ATT_MMA ? FUSED_ATT_SCALAR : FUSED_ATT_MMA)
+
+// Stage C of the fused kernel on tensor cores (P::MMA, head_dim 64 or 128):
+// units of half a CTA, one per (row, kv head, group of its query heads,
+// split); RoPE of the group's q into shared memory; the units whose split
+// covers the new position RoPE its k and take k and v from shared memory
+// (rounded to T), the first group also writing them into the caches; the
+// last unit of a (row, group) to finish combines its heads' splits. Same
+// arithmetic per head as rope_kv + attention_mma + attention_combine: a
+// head's results do not depend on the other heads of its unit, so groups
+// here are of one head when groups of four would leave most units idle
+// (small batches). a: this half-CTA's FUSED_ATT_FLOATS.
+template <class P>
+__device__ __noinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
+                                    const float* sin_t, typename P::T* kc, typename P::T* vc, float* attn, float* part,
+                                    float* ml, unsigned* done, int* flags, int n, int n_heads, int n_kv_heads,
+                                    int head_dim, int S, float scale, int layer, float* a, int* last) {
+    int hh = threadIdx.x / (AMMA_WARPS * 32), tid = threadIdx.x % (AMMA_WARPS * 32), sid = 1 + hh;
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
+    int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
+    int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4, hgroups = (G + hpu - 1) / hpu;
+    float* scratch = a;                                  // AMMA_FLOATS
+    float* qs = a + AMMA_FLOATS;                         // [4][128]
+    u16* knew = (u16*)(qs + 4 * 128);                    // [128]
+    u16* vnew = knew + 128;                              // [128]
+    int units = n * n_kv_heads * hgroups * S;
+    for (int u = blockIdx.x * 2 + hh; u < units; u += gridDim.x * 2) {
+        int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
+        int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
+        int p = pos[r];
+        bool covers = (p / AMMA_CHUNK) % S == s;
+        bool writer = covers && hg == 0;
+        const float* row = qkv + (size_t)r * qkv_rows;
+        const float* cs = cos_t + (size_t)p * half;
+        const float* sn = sin_t + (size_t)p * half;
+        size_t slot = (size_t)(base[r] + p) * kv_dim + (size_t)kvh * head_dim;
+        // q pairs of the group, the k pairs and v (when covering): every
+        // load of an item is issued before its products.
+        int items = max(ng * half, covers ? head_dim : 0);
+        for (int i = tid; i < items; i += AMMA_WARPS * 32) {
+            bool dq = i < ng * half, dk = covers && i < half, dv = covers && i < head_dim;
+            int h = i / half, ii = i - h * half;
+            size_t o = (size_t)(head0 + h) * head_dim + ii, ko = hidden + (size_t)kvh * head_dim + i;
+            float x0 = 0.f, x1 = 0.f, k0 = 0.f, k1 = 0.f, v = 0.f;
+            if (dq) {
+                x0 = ldcg_f(row + o);
+                x1 = ldcg_f(row + o + half);
+            }
+            if (dk) {
+                k0 = ldcg_f(row + ko);
+                k1 = ldcg_f(row + ko + half);
+            }
+            if (dv) v = ldcg_f(row + hidden + kv_dim + (size_t)kvh * head_dim + i);
+            if (dq) {
+                float c = cs[ii], si = sn[ii];
+                qs[h * head_dim + ii] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, si));
+                qs[h * head_dim + ii + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, si));
+            }
+            if (dk) {
+                float c = cs[i], si = sn[i];
+                float r0 = __fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, si));
+                float r1 = __fadd_rn(__fmul_rn(k1, c), __fmul_rn(k0, si));
+                knew[i] = P::cvt(r0);
+                knew[i + half] = P::cvt(r1);
+                if (writer) {
+                    P::store(kc, slot + i, r0);
+                    P::store(kc, slot + i + half, r1);
+                }
+            }
+            if (dv) {
+                vnew[i] = P::cvt(v);
+                if (writer) P::store(vc, slot + i, v);
+            }
+        }
+        unit_sync(sid);
+        size_t slot0 = ((size_t)r * n_heads + head0) * S;
+        attention_mma_unit<P, true, false>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
+                                           ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, slot0 + s, part,
+                                           ml, flags, tid, sid, scratch);
+        // The last of the S units of (r, group) to finish combines them.
+        __threadfence();
+        unit_sync(sid);
+        if (tid == 0) {
+            unsigned before = atomicAdd(done + (size_t)r * n_heads + head0, 1u);
+            last[hh] = before == (unsigned)((layer + 1) * S - 1);
+            __threadfence();
+        }
+        unit_sync(sid);
+        if (last[hh]) {
+            for (int h = 0; h < ng; h++) {
+                combine_head<true>(part, ml, slot0 + (size_t)h * S, S, head_dim,
+                                   attn + (size_t)r * hidden + (size_t)(head0 + h) * head_dim, flags, tid,
+                                   AMMA_WARPS * 32, scratch, sid);
+                unit_sync(sid);
+            }
+        }
+        unit_sync(sid);
+    }
+}
+
 
 template <class P, int GROUPS>
 __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos,
                                   const int* base, const float* cos_t, const float* sin_t, float* qkv, float* attn,
                                   float* hbuf, float* part, float* ml, unsigned* sync, int* flags, int n_heads,
                                   int n_kv_heads, int head_dim, int inter, float eps, int S, float scale,
-                                  int prefetch, unsigned long long* trace) {
+                                  int prefetch, int att_mma, unsigned long long* trace) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ double dsl[FUSED_THREADS / 32][FUSED_ROWS];
     __shared__ float fsl[FUSED_THREADS / 32][FUSED_ROWS];
@@ -1289,7 +1729,16 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
         grid_sync(bar, ++epoch, trace);
 
         // C: attention, two units per CTA at a time.
-        {
+        bool mma_done = false;
+        if constexpr (P::MMA && GROUPS == 1) {
+            if (att_mma) {
+                fused_attention_mma<P>(qkv, pos, base, cos_t, sin_t, kc, vc, attn, part, ml, done, flags, n, n_heads,
+                                       n_kv_heads, head_dim, S, scale, l, att + (threadIdx.x / 128) * FUSED_ATT_FLOATS,
+                                       last);
+                mma_done = true;
+            }
+        }
+        if (!mma_done) {
             int hh = threadIdx.x / (ATT_WARPS * 32), tid = threadIdx.x % (ATT_WARPS * 32), sid = 1 + hh;
             float* a = att + hh * FUSED_ATT_FLOATS;
             float(*sc)[ATT_CHUNK] = (float(*)[ATT_CHUNK])a;
@@ -1398,10 +1847,10 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
         NAME(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos, const int* base, \
              const float* cos_t, const float* sin_t, float* qkv, float* attn, float* hbuf, float* part, float* ml, \
              unsigned* sync, int* flags, int n_heads, int n_kv_heads, int head_dim, int inter, float eps, int S, \
-             float scale, int prefetch, unsigned long long* trace) {                                   \
+             float scale, int prefetch, int att_mma, unsigned long long* trace) {                      \
         fused_decode_impl<P, GROUPS>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, hbuf, part, ml, \
                                      sync, flags, n_heads, n_kv_heads, head_dim, inter, eps, S, scale, prefetch, \
-                                     trace);                                                           \
+                                     att_mma, trace);                                                  \
     }
 FUSED_DECODE(fused_decode_f32, F32, 1)
 FUSED_DECODE(fused_decode_f16, F16, 1)
@@ -1419,23 +1868,6 @@ FUSED_DECODE(fused_decode_bf16_wide, BF16, 2)
 // grid (ceil(vocab / (16 * 4)), ceil(n / (8 * NT))), block 128. NT = 8 for
 // batches, 1 for up to 8 tokens (fewer registers: more warps in flight).
 #define HEAD_PREFETCH 8
-
-__device__ __forceinline__ void mma_f16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                        unsigned b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                         unsigned b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // x holds, for each entry, its hi row then its lo row ([n, 2, hidden]).
 template <bool BF, int NT>

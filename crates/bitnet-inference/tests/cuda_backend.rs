@@ -293,7 +293,7 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     if !gpu_present() {
         return;
     }
-    // The small preset (head_dim 64, 4 query heads per kv head), and a model
+    // The small preset (head_dim 64, 4 query heads per kv head), a model
     // with head_dim 256 (the _wide kernels), 3 query heads per kv head, an
     // FFN wider than the fused norm keeps in registers (as 2B-4T's) and a
     // context long enough for attention splits of two chunks each.
@@ -301,9 +301,16 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     (wide.n_heads, wide.n_kv_heads, wide.head_dim, wide.hidden_size) = (6, 2, 256, 1536);
     wide.intermediate_size = 3200;
     wide.max_position_embeddings = 4096;
+    // And head_dim 128 (as 2B-4T's: the tensor-core attention's two 64-wide
+    // column blocks in f16/bf16) with a context of many 64-position chunks.
+    let mut hd128 = Preset::Tiny.config();
+    (hd128.n_heads, hd128.n_kv_heads, hd128.head_dim, hd128.hidden_size) = (8, 2, 128, 1024);
+    hd128.intermediate_size = 2048;
+    hd128.max_position_embeddings = 4096;
     let models = [
         ("small", Arc::new(synthetic::generate(Preset::Small, 11).unwrap()), vec![1, 2], 200),
         ("wide", Arc::new(synthetic::generate_with_config(wide, 12).unwrap()), vec![1, 2], 2100),
+        ("head_dim 128", Arc::new(synthetic::generate_with_config(hd128, 13).unwrap()), vec![1, 2], 2100),
     ];
     for (name, model, batches, longest) in &models {
         let vocab = model.config.vocab_size;

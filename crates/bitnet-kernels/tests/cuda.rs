@@ -395,7 +395,16 @@ fn attention_matches_host_softmax_attention() {
         let pos = [0i32, 1, 2, 399, 0, 5, 63, 64, 395];
         let base = [0i32, 0, 0, 0, 500, 500, 400, 400, 500];
         let n = pos.len();
-        for dt in DTYPES {
+        // f16/bf16 caches with head_dim 64 or 128 run on tensor cores unless
+        // turned off: both kernels are checked.
+        for (dt, mma) in [
+            (GpuDType::F32, false),
+            (GpuDType::F16, true),
+            (GpuDType::F16, false),
+            (GpuDType::BF16, true),
+            (GpuDType::BF16, false),
+        ] {
+            g.set_attention_mma(mma);
             let q: Vec<f32> = (0..n * hidden).map(|_| rng.f32(-2.0, 2.0)).collect();
             let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
             let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
@@ -449,7 +458,7 @@ fn attention_matches_host_softmax_attention() {
                 }
             }
             let err = normwise(&got, &want);
-            assert!(err <= tolerance(dt), "{dt:?} heads {nh}/{nkv} hd {hd}: error {err}");
+            assert!(err <= tolerance(dt), "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}: error {err}");
             // One row alone: few CTAs, so one query head per CTA.
             let r = 3;
             let q1 = up_f32(&g, &q[r * hidden..(r + 1) * hidden]);
@@ -475,9 +484,50 @@ fn attention_matches_host_softmax_attention() {
             .unwrap();
             let got1 = read_f32(&g, &out1, hidden);
             let err = normwise(&got1, &want[r * hidden..(r + 1) * hidden]);
-            assert!(err <= tolerance(dt), "{dt:?} heads {nh}/{nkv} hd {hd}, one row: error {err}");
+            assert!(
+                err <= tolerance(dt),
+                "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}, one row: error {err}"
+            );
+            println!("{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}: normwise error {err:.2e}");
         }
     }
+    g.set_attention_mma(true);
+}
+
+#[test]
+fn tensor_core_attention_flags_a_query_beyond_f16() {
+    let Some(g) = gpu() else { return };
+    // q * scale must split into f16 parts; 1e6 / sqrt(64) does not fit.
+    let (nh, nkv, hd, slots) = (4usize, 1usize, 64usize, 64usize);
+    assert!(g.attention_on_tensor_cores(GpuDType::F16, hd));
+    let q = vec![1.0e6f32; nh * hd];
+    let kv = vec![0.5f32; slots * nkv * hd];
+    let (qb, kb, vb) = (
+        up_f32(&g, &q),
+        g.upload("k", &encode(GpuDType::F16, &kv)).unwrap(),
+        g.upload("v", &encode(GpuDType::F16, &kv)).unwrap(),
+    );
+    let (pb, bb) = (up_i32(&g, &[10]), up_i32(&g, &[0]));
+    let (out, flags) = (g.alloc("o", nh * hd * 4).unwrap(), g.alloc("f", 4).unwrap());
+    g.zero(flags.all()).unwrap();
+    let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(1, slots, nh, hd)).unwrap();
+    g.attention(
+        GpuDType::F16,
+        qb.all(),
+        kb.all(),
+        vb.all(),
+        slots,
+        pb.all(),
+        bb.all(),
+        1,
+        slots,
+        out.all(),
+        (nh, nkv, hd),
+        scratch.all(),
+        flags.all(),
+    )
+    .unwrap();
+    assert_ne!(read_i32(&g, &flags, 1)[0] & bitnet_kernels::cuda::FLAG_NONFINITE, 0, "the overflow must be flagged");
 }
 
 #[test]

@@ -21,7 +21,20 @@ const LAYER_BYTES: usize = 11 * 8 + 8 * 4;
 /// the int8 activations: the ternary partial sums (8 warps x 16 rows x 8 tokens,
 /// i32), two attention units' scratch (`FUSED_ATT_FLOATS` f32 each) and the
 /// rows' scales and sums.
-const SMEM_FIXED: usize = 8 * 16 * 8 * 4 + 2 * (32 + 4 * 256 + 3 * 256) * 4 + FUSED_ROWS * 8;
+const SMEM_FIXED: usize = 8 * 16 * 8 * 4 + 2 * FUSED_ATT_FLOATS * 4 + FUSED_ROWS * 8;
+
+/// `FUSED_ATT_FLOATS` of the kernel: the larger of the scalar attention
+/// unit's scratch (32 + 4 x 256 + 3 x 256) and the tensor-core unit's
+/// (4 x 4 x (16 + 2 + 128) + 16 x 32 + 4 x 128 + 128).
+const FUSED_ATT_FLOATS: usize = {
+    let scalar = 32 + 4 * 256 + 3 * 256;
+    let mma = 4 * 4 * (16 + 2 + 128) + 16 * 32 + 4 * 128 + 128;
+    if scalar > mma {
+        scalar
+    } else {
+        mma
+    }
+};
 
 /// The kernel for a shape: the cache type, and `_wide` for head_dim > 128.
 fn fused_kernel_name(s: &FusedShape) -> &'static str {
@@ -256,8 +269,9 @@ impl GpuContext {
     /// Every layer of a decode pass of `n` rows (`1..=FUSED_ROWS`, each at
     /// position `pos[r] < max_visible`, validated by the caller) in one
     /// launch; x holds the embeddings before and the last layer's output
-    /// after. Uses the attention split count [`Self::attention_splits`]
-    /// `(n, max_visible)`, so the results equal the per-operation kernels'.
+    /// after. Uses the attention kernel and split count of
+    /// [`Self::attention_split_count`], so the results equal the
+    /// per-operation kernels'.
     pub fn fused_decode(
         &self,
         layers: &FusedLayers,
@@ -279,7 +293,9 @@ impl GpuContext {
         let qkv = step.qkv.need("qkv", bytes("qkv", &[n, s.qkv_rows(), 4])?)?;
         let attn = step.attn.need("attention output", bytes("attention", &[n, h, 4])?)?;
         let hb = step.h.need("FFN activations", bytes("ffn", &[n, inter, 4])?)?;
-        let splits = Self::attention_splits(n, max_visible);
+        let splits = self.attention_split_count(s.cache, hd, n, max_visible);
+        // The `_wide` kernels (head_dim > 128) have no tensor-core stage.
+        let att_mma = hd <= 128 && self.attention_on_tensor_cores(s.cache, hd);
         let slots = n * nh * splits;
         step.att_scratch.need("attention scratch", Self::attention_scratch_bytes(n, max_visible, nh, hd))?;
         let part = step.att_scratch.ptr;
@@ -319,6 +335,7 @@ impl GpuContext {
                 Arg::I32(i32_dim("splits", splits)?),
                 Arg::F32(1.0 / (hd as f32).sqrt()),
                 Arg::I32(self.fused_prefetch),
+                Arg::I32(i32::from(att_mma)),
                 Arg::Ptr(layers.trace.as_ref().map_or(0, |t| t.all().ptr)),
             ],
             true,

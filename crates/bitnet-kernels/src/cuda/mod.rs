@@ -66,6 +66,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_f32_wide_h1",
     "attention_f16_wide_h1",
     "attention_bf16_wide_h1",
+    "attention_mma_f16",
+    "attention_mma_bf16",
     "attention_combine",
     "fused_decode_f32",
     "fused_decode_f16",
@@ -297,6 +299,9 @@ pub struct GpuContext {
     /// 0 none, the default; 1 a layer ahead; 2 a stage ahead; neither was
     /// faster on the H200, docs/perf/gpu.md).
     fused_prefetch: i32,
+    /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
+    /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
+    pub(crate) attention_mma: std::sync::atomic::AtomicBool,
 }
 
 /// Which code computes the output head.
@@ -424,6 +429,7 @@ impl GpuContext {
                 .and_then(|v| v.parse::<i32>().ok())
                 .filter(|c| (0..=2).contains(c))
                 .unwrap_or(0),
+            attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
         };
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
@@ -479,6 +485,13 @@ impl GpuContext {
     /// it below 9.0 leaves it off.
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on && self.cc >= (9, 0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs attention of f16/bf16 caches on tensor cores (the default) or
+    /// on the scalar kernels. Changes the split count and the last bits of
+    /// the results: a backend sets it before its first step, never between.
+    pub fn set_attention_mma(&self, on: bool) {
+        self.attention_mma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn pdl_enabled(&self) -> bool {

@@ -18,6 +18,8 @@ const ATT_G: usize = 4;
 const ATT_GROUPED_MIN_CTAS: usize = 256;
 /// Rows x splits of the attention scratch.
 pub const ATT_PART_ROWS: usize = 4096;
+/// Positions per CTA iteration of the tensor-core attention kernel.
+const ATT_MMA_CHUNK: usize = 64;
 
 pub(super) fn i32_dim(what: &str, v: usize) -> Result<i32, CudaError> {
     i32::try_from(v).map_err(|_| CudaError::Shape(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
@@ -410,6 +412,32 @@ impl GpuContext {
         most.min((ATT_PART_ROWS / n.max(1)).max(1))
     }
 
+    /// Split count of the tensor-core attention kernel (chunks of
+    /// `ATT_MMA_CHUNK` positions), never more than [`Self::attention_splits`].
+    pub fn attention_mma_splits(n: usize, max_visible: usize) -> usize {
+        let most = max_visible.div_ceil(ATT_MMA_CHUNK).clamp(1, 64);
+        most.min((ATT_PART_ROWS / n.max(1)).max(1))
+    }
+
+    /// Whether attention in `precision` with this head_dim runs on tensor
+    /// cores (f16/bf16 caches, head_dim 64 or 128, unless turned off with
+    /// [`Self::set_attention_mma`] or `BITNET_CUDA_ATTENTION=scalar`). The
+    /// choice never depends on the batch, so neither do the results.
+    pub fn attention_on_tensor_cores(&self, precision: GpuDType, head_dim: usize) -> bool {
+        precision != GpuDType::F32
+            && (head_dim == 64 || head_dim == 128)
+            && self.attention_mma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The split count [`Self::attention`] (and the fused kernel) use.
+    pub fn attention_split_count(&self, precision: GpuDType, head_dim: usize, n: usize, max_visible: usize) -> usize {
+        if self.attention_on_tensor_cores(precision, head_dim) {
+            Self::attention_mma_splits(n, max_visible)
+        } else {
+            Self::attention_splits(n, max_visible)
+        }
+    }
+
     /// Bytes of the scratch [`Self::attention`] needs for `n` rows.
     pub fn attention_scratch_bytes(n: usize, max_visible: usize, n_heads: usize, head_dim: usize) -> usize {
         let slots = n * n_heads * Self::attention_splits(n, max_visible);
@@ -453,11 +481,38 @@ impl GpuContext {
         let b = base.need("cache bases", n * 4)?;
         let o = out.need("attention output", bytes("attention", &[n, hidden, 4])?)?;
         let f = flags.need("flags", 4)?;
-        let splits = Self::attention_splits(n, max_visible);
+        let splits = self.attention_split_count(precision, hd, n, max_visible);
         let part_slots = n * n_heads * splits;
         scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
         let part = scratch.ptr;
         let ml = scratch.ptr + (part_slots * hd * 4) as u64;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if self.attention_on_tensor_cores(precision, hd) {
+            // One CTA per kv head and group of up to 4 of its query heads.
+            let head_groups = n_kv * (n_heads / n_kv).div_ceil(4);
+            let name = if precision == GpuDType::F16 { "attention_mma_f16" } else { "attention_mma_bf16" };
+            self.launch(
+                name,
+                (u32_grid("rows", n)?, u32_grid("heads", head_groups)?, splits as u32),
+                (128, 1, 1),
+                0,
+                &[
+                    Arg::Ptr(qp),
+                    Arg::Ptr(k),
+                    Arg::Ptr(v),
+                    Arg::Ptr(p),
+                    Arg::Ptr(b),
+                    Arg::Ptr(part),
+                    Arg::Ptr(ml),
+                    Arg::Ptr(f),
+                    Arg::I32(i32_dim("heads", n_heads)?),
+                    Arg::I32(i32_dim("kv heads", n_kv)?),
+                    Arg::I32(i32_dim("head_dim", hd)?),
+                    Arg::F32(scale),
+                ],
+            )?;
+            return self.attention_combine(part, ml, n, n_heads, hd, splits, o, f);
+        }
         // One CTA per kv head and group of up to ATT_G of its query heads,
         // unless that leaves too few CTAs (small batches): then one per head.
         let hpc = if n * n_kv * splits >= ATT_GROUPED_MIN_CTAS { ATT_G } else { 1 };
@@ -493,9 +548,25 @@ impl GpuContext {
                 Arg::I32(i32_dim("heads", n_heads)?),
                 Arg::I32(i32_dim("kv heads", n_kv)?),
                 Arg::I32(i32_dim("head_dim", hd)?),
-                Arg::F32(1.0 / (hd as f32).sqrt()),
+                Arg::F32(scale),
             ],
         )?;
+        self.attention_combine(part, ml, n, n_heads, hd, splits, o, f)
+    }
+
+    /// Merges the `splits` parts of each (row, head) into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_combine(
+        &self,
+        part: u64,
+        ml: u64,
+        n: usize,
+        n_heads: usize,
+        hd: usize,
+        splits: usize,
+        out: u64,
+        flags: u64,
+    ) -> Result<(), CudaError> {
         self.launch(
             "attention_combine",
             (u32_grid("rows", n)?, u32_grid("heads", n_heads)?, 1),
@@ -506,9 +577,9 @@ impl GpuContext {
                 Arg::Ptr(ml),
                 Arg::I32(i32_dim("heads", n_heads)?),
                 Arg::I32(i32_dim("head_dim", hd)?),
-                Arg::I32(splits as i32),
-                Arg::Ptr(o),
-                Arg::Ptr(f),
+                Arg::I32(i32_dim("splits", splits)?),
+                Arg::Ptr(out),
+                Arg::Ptr(flags),
             ],
         )
     }
