@@ -1033,178 +1033,193 @@ __device__ __forceinline__ unsigned pack_part(float a, float b, bool lo) {
     return (unsigned)ha | ((unsigned)hb << 16);
 }
 
-// One unit: heads head0 .. head0 + ng - 1 (ng <= 4) of one row, q (f32,
-// unscaled) at qh + h * head_dim, over the chunks s, s + S, ... of its
-// visible positions, whose K/V start at `first`; tid < AMMA_WARPS * 32.
-// FUSED: half a CTA synchronised by named barrier sync_id, and position
-// `cur` (if >= 0) takes K and V from knew / vnew (shared, in T) instead of
-// the caches; otherwise the whole CTA (sync_id 0). EARLY_V issues the V
-// loads with the K loads (more registers, one round trip less). Writes
-// part[slot0 + h * S] and ml like attention_unit; raises FLAG_NONFINITE if
-// q * scale is not finite in T.
-template <class P, bool FUSED, bool EARLY_V>
-__device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, const u16* __restrict__ vc,
-                                   size_t first, int visible, int s, int S, int ng, int head_dim, int kv_dim,
-                                   float scale, const u16* knew, const u16* vnew, int cur, size_t slot0, float* part,
-                                   float* ml, int* flags, int tid, int sync_id, float* scratch) {
-    float(*pt)[4][16] = (float(*)[4][16])scratch;                                     // [warp][head][position]
-    float(*wml)[4][2] = (float(*)[4][2])(scratch + AMMA_WARPS * 4 * 16);              // [warp][head] (m, l)
-    float(*wo)[4][128] = (float(*)[4][128])(scratch + AMMA_WARPS * 4 * 16 + AMMA_WARPS * 8);  // [warp][head][dim]
-    unsigned(*qbs)[32] = (unsigned(*)[32])(scratch + AMMA_WARPS * 4 * (16 + 2 + 128));          // [fragment][lane]
-    const int C = head_dim >> 6;  // 1 or 2
-    int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const unsigned full = 0xffffffffu;
-
-    // Lane (g, t) tracks heads 2 (t & 1) and 2 (t & 1) + 1.
-    float m_run[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)}, l_run[2] = {0.0f, 0.0f};
-    float acc[2][4][4];
-#pragma unroll
-    for (int c = 0; c < 2; c++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc[c][j][0] = acc[c][j][1] = acc[c][j][2] = acc[c][j][3] = 0.0f;
-    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
-
-    // K rows p0 + g (ka) and p0 + g + 8 (kb); V at positions p0 + 2t +
-    // {0, 1, 8, 9}, dims 64c + 8g .. + 7 (vv).
+// One warp's K and V fragments for 16 positions p0 .. p0 + 15: K rows
+// p0 + g (ka) and p0 + g + 8 (kb), dims 32b + 8t .. + 7; V at positions
+// p0 + 2t + {0, 1, 8, 9} (vv[i]), dims 64c + 8g .. + 7. Positions at or past
+// `visible` read as zeros; with FUSED, position `cur` comes from knew / vnew
+// (shared, in T).
+struct AmmaKV {
     uint4 ka[4], kb[4], vv[4][2];
-    auto load_k = [&](int p0) {
-        int pa = p0 + g, pb = p0 + g + 8;
-        const u16* ra = kc + first + (size_t)pa * kv_dim + 8 * t;
-        const u16* rb = kc + first + (size_t)pb * kv_dim + 8 * t;
-#pragma unroll
-        for (int b = 0; b < 4; b++) {
-            bool in = b < 2 * C;
-            ka[b] = (in && pa < visible)
-                        ? ((FUSED && pa == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(ra + 32 * b)))
-                        : zero4;
-            kb[b] = (in && pb < visible)
-                        ? ((FUSED && pb == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(rb + 32 * b)))
-                        : zero4;
-        }
-    };
-    auto load_v = [&](int p0) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int pp = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
-#pragma unroll
-            for (int c = 0; c < 2; c++)
-                vv[i][c] = (c < C && pp < visible)
-                               ? ((FUSED && pp == cur) ? *(const uint4*)(vnew + 64 * c + 8 * g)
-                                                       : __ldg((const uint4*)(vc + first + (size_t)pp * kv_dim + 64 * c + 8 * g)))
-                               : zero4;
-        }
-    };
-    // The first chunk's loads are in flight while q is prepared (not in
-    // the fused kernel, whose register budget is smaller).
-    const int c_first = s * AMMA_CHUNK;
-    if (!FUSED && c_first + 16 * warp < visible) {
-        load_k(c_first + 16 * warp);
-        if (EARLY_V) load_v(c_first + 16 * warp);
-    }
-    // Qp^T fragments, into shared qbs[4 b + 2 e + {0, 1}] (warp w makes
-    // block b = w): column g (head g & 3, hi for g < 4, lo above), for each
-    // 32-dim block b and half e: b0 = dims 32b + 8t + 4e + {0, 1}, b1 = + {2, 3}.
-    if (warp < 2 * C) {
-        int hq = g & 3, b = warp;
-        bool live = hq < ng, lo = g >= 4, bad = false;
-        const float* qp = qh + (size_t)hq * head_dim;
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            float4 v = live ? *(const float4*)(qp + 32 * b + 8 * t + 4 * e) : make_float4(0.f, 0.f, 0.f, 0.f);
-            v.x *= scale;
-            v.y *= scale;
-            v.z *= scale;
-            v.w *= scale;
-            bad = bad || !(fabsf(v.x) <= P::MAXV && fabsf(v.y) <= P::MAXV && fabsf(v.z) <= P::MAXV &&
-                           fabsf(v.w) <= P::MAXV);
-            qbs[4 * b + 2 * e][lane] = pack_part<P>(v.x, v.y, lo);
-            qbs[4 * b + 2 * e + 1][lane] = pack_part<P>(v.z, v.w, lo);
-        }
-        if (bad) atomicOr(flags, FLAG_NONFINITE);
-    }
-    unit_sync(FUSED ? sync_id : 0);
+};
 
-    for (int c0 = c_first; c0 < visible; c0 += S * AMMA_CHUNK) {
-        int p0 = c0 + 16 * warp;
-        if (p0 >= visible) continue;  // warp-uniform
-        if (FUSED || c0 != c_first) {
-            load_k(p0);
-            if (EARLY_V) load_v(p0);
-        }
-        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+template <bool FUSED>
+__device__ __forceinline__ void amma_load_k(AmmaKV& r, const u16* __restrict__ kc, size_t first, int p0, int visible,
+                                            int kv_dim, int C, int g, int t, const u16* knew, int cur) {
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    int pa = p0 + g, pb = p0 + g + 8;
+    const u16* ra = kc + first + (size_t)pa * kv_dim + 8 * t;
+    const u16* rb = kc + first + (size_t)pb * kv_dim + 8 * t;
 #pragma unroll
-        for (int b = 0; b < 4; b++) {
-            if (b < 2 * C) {
+    for (int b = 0; b < 4; b++) {
+        bool in = b < 2 * C;
+        r.ka[b] = (in && pa < visible)
+                      ? ((FUSED && pa == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(ra + 32 * b)))
+                      : zero4;
+        r.kb[b] = (in && pb < visible)
+                      ? ((FUSED && pb == cur) ? *(const uint4*)(knew + 32 * b + 8 * t) : __ldg((const uint4*)(rb + 32 * b)))
+                      : zero4;
+    }
+}
+
+template <bool FUSED>
+__device__ __forceinline__ void amma_load_v(AmmaKV& r, const u16* __restrict__ vc, size_t first, int p0, int visible,
+                                            int kv_dim, int C, int g, int t, const u16* vnew, int cur) {
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-                for (int e = 0; e < 2; e++)
-                    P::mma(sc, u4_at(ka[b], 2 * e), u4_at(kb[b], 2 * e), u4_at(ka[b], 2 * e + 1), u4_at(kb[b], 2 * e + 1),
-                           qbs[4 * b + 2 * e][lane], qbs[4 * b + 2 * e + 1][lane]);
-            }
-        }
-        if (!EARLY_V) load_v(p0);
-        // Columns 2t, 2t + 1 of rows g, g + 8: hi (t < 2) or lo parts of
-        // heads 2 (t & 1), +1; lane ^ 2 holds the other part.
+    for (int i = 0; i < 4; i++) {
+        int pp = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
 #pragma unroll
-        for (int i = 0; i < 4; i++) sc[i] += __shfl_xor_sync(full, sc[i], 2);
-        if (p0 + g >= visible) sc[0] = sc[1] = -__int_as_float(0x7f800000);
-        if (p0 + g + 8 >= visible) sc[2] = sc[3] = -__int_as_float(0x7f800000);
-        float f[2], pr[4];
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-            float mx = fmaxf(sc[e], sc[e + 2]);
-            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(full, mx, 16));
-            float mn = fmaxf(m_run[e], mx);  // finite: position p0 is visible
-            f[e] = expf(m_run[e] - mn);
-            m_run[e] = mn;
-            pr[e] = expf(sc[e] - mn);
-            pr[e + 2] = expf(sc[e + 2] - mn);
-            float sum = pr[e] + pr[e + 2];
-            sum += __shfl_xor_sync(full, sum, 4);
-            sum += __shfl_xor_sync(full, sum, 8);
-            sum += __shfl_xor_sync(full, sum, 16);
-            l_run[e] = l_run[e] * f[e] + sum;
-        }
+        for (int c = 0; c < 2; c++)
+            r.vv[i][c] = (c < C && pp < visible)
+                             ? ((FUSED && pp == cur) ? *(const uint4*)(vnew + 64 * c + 8 * g)
+                                                     : __ldg((const uint4*)(vc + first + (size_t)pp * kv_dim + 64 * c + 8 * g)))
+                             : zero4;
+    }
+}
+
+// Shared scratch of a unit (AMMA_FLOATS floats).
+struct AmmaShared {
+    float (*pt)[4][16];   // [warp][head][position] probabilities
+    float (*wml)[4][2];   // [warp][head] (m, l)
+    float (*wo)[4][128];  // [warp][head][dim] outputs
+    unsigned (*qbs)[32];  // [fragment][lane] Qp^T fragments
+    __device__ explicit AmmaShared(float* s)
+        : pt((float(*)[4][16])s),
+          wml((float(*)[4][2])(s + AMMA_WARPS * 4 * 16)),
+          wo((float(*)[4][128])(s + AMMA_WARPS * 4 * 16 + AMMA_WARPS * 8)),
+          qbs((unsigned(*)[32])(s + AMMA_WARPS * 4 * (16 + 2 + 128))) {}
+};
+
+// A warp's running state: lane (g, t) tracks heads 2 (t & 1) and + 1.
+struct AmmaState {
+    float m[2], l[2], acc[2][4][4];
+    __device__ void init() {
+        m[0] = m[1] = -__int_as_float(0x7f800000);
+        l[0] = l[1] = 0.0f;
 #pragma unroll
         for (int c = 0; c < 2; c++)
 #pragma unroll
+            for (int j = 0; j < 4; j++) acc[c][j][0] = acc[c][j][1] = acc[c][j][2] = acc[c][j][3] = 0.0f;
+    }
+};
+
+// Qp^T fragments into shared qbs[4 b + 2 e + {0, 1}] (warp w makes block
+// b = w): column g (head g & 3, hi for g < 4, lo above), for each 32-dim
+// block b and half e: b0 = dims 32b + 8t + 4e + {0, 1}, b1 = + {2, 3}.
+// The caller synchronises before they are read.
+template <class P>
+__device__ __forceinline__ void amma_qbuild(const float* qh, int ng, int head_dim, float scale, int* flags,
+                                            unsigned (*qbs)[32], int warp, int lane) {
+    int g = lane >> 2, t = lane & 3, C = head_dim >> 6;
+    if (warp >= 2 * C) return;
+    int hq = g & 3, b = warp;
+    bool live = hq < ng, lo = g >= 4, bad = false;
+    const float* qp = qh + (size_t)hq * head_dim;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        float4 v = live ? *(const float4*)(qp + 32 * b + 8 * t + 4 * e) : make_float4(0.f, 0.f, 0.f, 0.f);
+        v.x *= scale;
+        v.y *= scale;
+        v.z *= scale;
+        v.w *= scale;
+        bad = bad || !(fabsf(v.x) <= P::MAXV && fabsf(v.y) <= P::MAXV && fabsf(v.z) <= P::MAXV && fabsf(v.w) <= P::MAXV);
+        qbs[4 * b + 2 * e][lane] = pack_part<P>(v.x, v.y, lo);
+        qbs[4 * b + 2 * e + 1][lane] = pack_part<P>(v.z, v.w, lo);
+    }
+    if (bad) atomicOr(flags, FLAG_NONFINITE);
+}
+
+// One warp's 16 positions p0 .. (p0 < visible): scores, the online softmax
+// and the weighted values, from kv (K loaded; V too unless LOAD_V, when it is
+// loaded after the score products). pt: this warp's [4][16].
+template <class P, bool FUSED, bool LOAD_V>
+__device__ __forceinline__ void amma_chunk(AmmaState& st, AmmaKV& kv, const unsigned (*qbs)[32], float (*pt)[16],
+                                           int p0, int visible, int C, int lane, const u16* __restrict__ vc,
+                                           size_t first, int kv_dim, const u16* vnew, int cur) {
+    const unsigned full = 0xffffffffu;
+    int g = lane >> 2, t = lane & 3;
+    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int b = 0; b < 4; b++) {
+        if (b < 2 * C) {
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                P::mma(sc, u4_at(kv.ka[b], 2 * e), u4_at(kv.kb[b], 2 * e), u4_at(kv.ka[b], 2 * e + 1),
+                       u4_at(kv.kb[b], 2 * e + 1), qbs[4 * b + 2 * e][lane], qbs[4 * b + 2 * e + 1][lane]);
+        }
+    }
+    if (LOAD_V) amma_load_v<FUSED>(kv, vc, first, p0, visible, kv_dim, C, g, t, vnew, cur);
+    // Columns 2t, 2t + 1 of rows g, g + 8: hi (t < 2) or lo parts of
+    // heads 2 (t & 1), +1; lane ^ 2 holds the other part.
+#pragma unroll
+    for (int i = 0; i < 4; i++) sc[i] += __shfl_xor_sync(full, sc[i], 2);
+    if (p0 + g >= visible) sc[0] = sc[1] = -__int_as_float(0x7f800000);
+    if (p0 + g + 8 >= visible) sc[2] = sc[3] = -__int_as_float(0x7f800000);
+    float f[2], pr[4];
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        float mx = fmaxf(sc[e], sc[e + 2]);
+        mx = fmaxf(mx, __shfl_xor_sync(full, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(full, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(full, mx, 16));
+        float mn = fmaxf(st.m[e], mx);  // finite: position p0 is visible
+        f[e] = expf(st.m[e] - mn);
+        st.m[e] = mn;
+        pr[e] = expf(sc[e] - mn);
+        pr[e + 2] = expf(sc[e + 2] - mn);
+        float sum = pr[e] + pr[e + 2];
+        sum += __shfl_xor_sync(full, sum, 4);
+        sum += __shfl_xor_sync(full, sum, 8);
+        sum += __shfl_xor_sync(full, sum, 16);
+        st.l[e] = st.l[e] * f[e] + sum;
+    }
+#pragma unroll
+    for (int c = 0; c < 2; c++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            st.acc[c][j][0] *= f[0];
+            st.acc[c][j][1] *= f[1];
+            st.acc[c][j][2] *= f[0];
+            st.acc[c][j][3] *= f[1];
+        }
+    // Probabilities through shared memory into Pp^T's layout: column g
+    // (head g & 3, hi or lo), positions 2t, 2t + 1 (b0) and 2t + 8, +9 (b1).
+    if (t < 2) {
+        pt[2 * t][g] = pr[0];
+        pt[2 * t + 1][g] = pr[1];
+        pt[2 * t][g + 8] = pr[2];
+        pt[2 * t + 1][g + 8] = pr[3];
+    }
+    __syncwarp();
+    unsigned pb0, pb1;
+    {
+        const float* ph = pt[g & 3];
+        bool lo = g >= 4;
+        pb0 = pack_part<P>(ph[2 * t], ph[2 * t + 1], lo);
+        pb1 = pack_part<P>(ph[2 * t + 8], ph[2 * t + 9], lo);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        if (c < C) {
+#pragma unroll
             for (int j = 0; j < 4; j++) {
-                acc[c][j][0] *= f[0];
-                acc[c][j][1] *= f[1];
-                acc[c][j][2] *= f[0];
-                acc[c][j][3] *= f[1];
-            }
-        // Probabilities through shared memory into Pp^T's layout: column g
-        // (head g & 3, hi or lo), positions 2t, 2t + 1 (b0) and 2t + 8, +9 (b1).
-        if (t < 2) {
-            pt[warp][2 * t][g] = pr[0];
-            pt[warp][2 * t + 1][g] = pr[1];
-            pt[warp][2 * t][g + 8] = pr[2];
-            pt[warp][2 * t + 1][g + 8] = pr[3];
-        }
-        __syncwarp();
-        unsigned pb0, pb1;
-        {
-            const float* ph = pt[warp][g & 3];
-            bool lo = g >= 4;
-            pb0 = pack_part<P>(ph[2 * t], ph[2 * t + 1], lo);
-            pb1 = pack_part<P>(ph[2 * t + 8], ph[2 * t + 9], lo);
-        }
-        __syncwarp();
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            if (c < C) {
-#pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    unsigned w0 = u4_at(vv[0][c], j), w1 = u4_at(vv[1][c], j);
-                    unsigned w2 = u4_at(vv[2][c], j), w3 = u4_at(vv[3][c], j);
-                    P::mma(acc[c][j], __byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632), __byte_perm(w2, w3, 0x5410),
-                           __byte_perm(w2, w3, 0x7632), pb0, pb1);
-                }
+                unsigned w0 = u4_at(kv.vv[0][c], j), w1 = u4_at(kv.vv[1][c], j);
+                unsigned w2 = u4_at(kv.vv[2][c], j), w3 = u4_at(kv.vv[3][c], j);
+                P::mma(st.acc[c][j], __byte_perm(w0, w1, 0x5410), __byte_perm(w0, w1, 0x7632),
+                       __byte_perm(w2, w3, 0x5410), __byte_perm(w2, w3, 0x7632), pb0, pb1);
             }
         }
     }
+}
+
+// Merges the unit's warps in order 0 .. AMMA_WARPS - 1 and writes
+// part[slot0 + h * S] and ml; starts and ends with a unit barrier.
+template <bool FUSED>
+__device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, int S, int ng, int head_dim,
+                            float* part, float* ml, int tid, int sync_id) {
+    const unsigned full = 0xffffffffu;
+    int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
     // hi + lo columns; lanes t < 2 then hold O[2t][..] (acc[][][0], [2]) and
     // O[2t + 1][..] ([1], [3]) at dims 64c + 8g + 2j (+1 for [2], [3]).
 #pragma unroll
@@ -1212,13 +1227,13 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) acc[c][j][i] += __shfl_xor_sync(full, acc[c][j][i], 2);
+            for (int i = 0; i < 4; i++) st.acc[c][j][i] += __shfl_xor_sync(full, st.acc[c][j][i], 2);
     if (t < 2) {
         if (g == 0) {
-            wml[warp][2 * t][0] = m_run[0];
-            wml[warp][2 * t][1] = l_run[0];
-            wml[warp][2 * t + 1][0] = m_run[1];
-            wml[warp][2 * t + 1][1] = l_run[1];
+            sh.wml[warp][2 * t][0] = st.m[0];
+            sh.wml[warp][2 * t][1] = st.l[0];
+            sh.wml[warp][2 * t + 1][0] = st.m[1];
+            sh.wml[warp][2 * t + 1][1] = st.l[1];
         }
 #pragma unroll
         for (int c = 0; c < 2; c++) {
@@ -1226,26 +1241,25 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     int d = 64 * c + 8 * g + 2 * j;
-                    wo[warp][2 * t][d] = acc[c][j][0];
-                    wo[warp][2 * t + 1][d] = acc[c][j][1];
-                    wo[warp][2 * t][d + 1] = acc[c][j][2];
-                    wo[warp][2 * t + 1][d + 1] = acc[c][j][3];
+                    sh.wo[warp][2 * t][d] = st.acc[c][j][0];
+                    sh.wo[warp][2 * t + 1][d] = st.acc[c][j][1];
+                    sh.wo[warp][2 * t][d + 1] = st.acc[c][j][2];
+                    sh.wo[warp][2 * t + 1][d + 1] = st.acc[c][j][3];
                 }
             }
         }
     }
     unit_sync(FUSED ? sync_id : 0);
-    // Merge the warps in order 0 .. AMMA_WARPS - 1.
     for (int i = tid; i < ng * head_dim; i += AMMA_WARPS * 32) {
         int h = i / head_dim, d = i - h * head_dim;
         float M = -__int_as_float(0x7f800000);
 #pragma unroll
-        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, wml[w][h][0]);
+        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, sh.wml[w][h][0]);
         float o = 0.0f;
 #pragma unroll
         for (int w = 0; w < AMMA_WARPS; w++) {
-            float m = wml[w][h][0];
-            if (m > -__int_as_float(0x7f800000)) o += wo[w][h][d] * expf(m - M);
+            float m = sh.wml[w][h][0];
+            if (m > -__int_as_float(0x7f800000)) o += sh.wo[w][h][d] * expf(m - M);
         }
         part[(slot0 + (size_t)h * S) * head_dim + d] = o;
     }
@@ -1253,11 +1267,11 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
         int h = tid;
         float M = -__int_as_float(0x7f800000), L = 0.0f;
 #pragma unroll
-        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, wml[w][h][0]);
+        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, sh.wml[w][h][0]);
 #pragma unroll
         for (int w = 0; w < AMMA_WARPS; w++) {
-            float m = wml[w][h][0];
-            if (m > -__int_as_float(0x7f800000)) L += wml[w][h][1] * expf(m - M);
+            float m = sh.wml[w][h][0];
+            if (m > -__int_as_float(0x7f800000)) L += sh.wml[w][h][1] * expf(m - M);
         }
         size_t slot = slot0 + (size_t)h * S;
         ml[2 * slot] = M;
@@ -1266,29 +1280,79 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
     unit_sync(FUSED ? sync_id : 0);
 }
 
-// grid (rows, n_kv_heads * ceil(G / 4), S), block 128.
+// One unit of the fused kernel: heads head0 .. head0 + ng - 1 (ng <= 4) of
+// one row, q (f32, unscaled) at qh + h * head_dim, over the chunks s, s + S,
+// ... of its visible positions, whose K/V start at `first`; half a CTA
+// synchronised by named barrier sync_id; position `cur` (if >= 0) takes K
+// and V from knew / vnew. Writes part[slot0 + h * S] and ml; raises
+// FLAG_NONFINITE if q * scale is not finite in T.
+template <class P>
+__device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                   size_t first, int visible, int s, int S, int ng, int head_dim, int kv_dim,
+                                   float scale, const u16* knew, const u16* vnew, int cur, size_t slot0, float* part,
+                                   float* ml, int* flags, int tid, int sync_id, float* scratch) {
+    AmmaShared sh(scratch);
+    int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
+    amma_qbuild<P>(qh, ng, head_dim, scale, flags, sh.qbs, warp, lane);
+    unit_sync(sync_id);
+    AmmaState st;
+    st.init();
+    AmmaKV kv;
+    for (int c0 = s * AMMA_CHUNK; c0 < visible; c0 += S * AMMA_CHUNK) {
+        int p0 = c0 + 16 * warp;
+        if (p0 >= visible) continue;  // warp-uniform
+        amma_load_k<true>(kv, kc, first, p0, visible, kv_dim, C, g, t, knew, cur);
+        amma_chunk<P, true, true>(st, kv, sh.qbs, sh.pt[warp], p0, visible, C, lane, vc, first, kv_dim, vnew, cur);
+    }
+    amma_finish<true>(st, sh, slot0, S, ng, head_dim, part, ml, tid, sync_id);
+}
+
+// The per-operation kernel: one unit per CTA, grid (rows, n_kv_heads *
+// ceil(G / 4), S); the first chunk's K and V are in flight while q is
+// prepared. Same arithmetic, per unit, as attention_mma_unit. (Persistent
+// CTAs that load the next unit's first chunk during a unit's merge measured
+// slower on the H200: 1.41 vs 1.21 ms of attention per step at batch 128.)
 template <class P>
 __device__ void attention_mma_impl(const float* __restrict__ q, const u16* __restrict__ kc,
                                    const u16* __restrict__ vc, const int* pos, const int* base, float* part,
                                    float* ml, int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) {
     __shared__ __align__(16) float scratch[AMMA_FLOATS];
+    AmmaShared sh(scratch);
     pdl_begin();
     int r = blockIdx.x, s = blockIdx.z, S = gridDim.z;
     int G = n_heads / n_kv_heads, hgroups = (G + 3) / 4;
     int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
     int head0 = kvh * G + hg * 4, ng = min(4, G - hg * 4);
-    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, C = head_dim >> 6;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    int visible = pos[r] + 1;
     size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
-    attention_mma_unit<P, false, true>(q + (size_t)r * hidden + (size_t)head0 * head_dim, kc, vc, first, pos[r] + 1,
-                                       s, S, ng, head_dim, kv_dim, scale, nullptr, nullptr, -1,
-                                       ((size_t)r * n_heads + head0) * S + s, part, ml, flags, threadIdx.x, 0, scratch);
+    AmmaKV kv;
+    const int c_first = s * AMMA_CHUNK;
+    if (c_first + 16 * warp < visible) {
+        amma_load_k<false>(kv, kc, first, c_first + 16 * warp, visible, kv_dim, C, g, t, nullptr, -1);
+        amma_load_v<false>(kv, vc, first, c_first + 16 * warp, visible, kv_dim, C, g, t, nullptr, -1);
+    }
+    amma_qbuild<P>(q + (size_t)r * hidden + (size_t)head0 * head_dim, ng, head_dim, scale, flags, sh.qbs, warp, lane);
+    __syncthreads();
+    AmmaState st;
+    st.init();
+    for (int c0 = c_first; c0 < visible; c0 += S * AMMA_CHUNK) {
+        int p0 = c0 + 16 * warp;
+        if (p0 >= visible) continue;  // warp-uniform
+        if (c0 != c_first) {
+            amma_load_k<false>(kv, kc, first, p0, visible, kv_dim, C, g, t, nullptr, -1);
+            amma_load_v<false>(kv, vc, first, p0, visible, kv_dim, C, g, t, nullptr, -1);
+        }
+        amma_chunk<P, false, false>(st, kv, sh.qbs, sh.pt[warp], p0, visible, C, lane, vc, first, kv_dim, nullptr, -1);
+    }
+    amma_finish<false>(st, sh, ((size_t)r * n_heads + head0) * S + s, S, ng, head_dim, part, ml, tid, 0);
 }
 
 #define ATTENTION_MMA(NAME, P)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128, 4) NAME(const float* q, const u16* kc, const u16* vc, \
-                                                           const int* pos, const int* base, float* part, float* ml, \
-                                                           int* flags, int n_heads, int n_kv_heads, int head_dim, \
-                                                           float scale) {                              \
+    extern "C" __global__ void __launch_bounds__(128, 4)                                               \
+        NAME(const float* q, const u16* kc, const u16* vc, const int* pos, const int* base, float* part, float* ml, \
+             int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) {                     \
         attention_mma_impl<P>(q, kc, vc, pos, base, part, ml, flags, n_heads, n_kv_heads, head_dim, scale); \
     }
 ATTENTION_MMA(attention_mma_f16, F16)
@@ -1655,7 +1719,7 @@ __device__ __noinline__ void fused_attention_mma(const float* qkv, const int* po
         }
         unit_sync(sid);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
-        attention_mma_unit<P, true, false>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
+        attention_mma_unit<P>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
                                            ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, slot0 + s, part,
                                            ml, flags, tid, sid, scratch);
         // The last of the S units of (r, group) to finish combines them.

@@ -244,12 +244,9 @@ impl GpuContext {
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, smem, None)
             .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-        let sms = self
-            .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(driver("cuDeviceGetAttribute"))?;
+        let sms = self.sm_count()?;
         let per_sm = per_sm.min(self.fused_ctas_per_sm);
-        if per_sm == 0 || sms <= 0 {
+        if per_sm == 0 || sms == 0 {
             return Err(CudaError::Shape(format!("fused decode: no CTA of {smem} bytes of shared memory fits an SM")));
         }
         let g = per_sm * sms as u32;

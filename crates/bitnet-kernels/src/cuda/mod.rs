@@ -494,6 +494,15 @@ impl GpuContext {
         self.attention_mma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> Result<usize, CudaError> {
+        let sms = self
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute"))?;
+        usize::try_from(sms).map_err(|_| CudaError::Shape(format!("device reports {sms} multiprocessors")))
+    }
+
     pub fn pdl_enabled(&self) -> bool {
         self.pdl.load(std::sync::atomic::Ordering::Relaxed)
     }
