@@ -16,9 +16,11 @@
 //! What each precision changes: the embedding and head weights, q and the KV
 //! cache are held in the precision, attention reads them in it, and the head
 //! runs on tensor cores (f16/bf16: the activation as a hi + lo pair of that
-//! type). Norms, softmax, relu^2, the residual stream and the attention
-//! output are f32, and ternary products are exact int8 x ternary sums in
-//! int32.
+//! type). With head_dim 64 or 128, f16/bf16 attention runs on tensor cores
+//! too (q * scale and the probabilities as hi + lo pairs; f32 accumulation;
+//! `BITNET_CUDA_ATTENTION=scalar` keeps the scalar kernels). Norms, softmax,
+//! relu^2, the residual stream and the attention output are f32, and
+//! ternary products are exact int8 x ternary sums in int32.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
