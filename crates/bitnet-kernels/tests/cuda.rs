@@ -385,15 +385,30 @@ fn rope_kv_matches_cpu_rope() {
 fn attention_matches_host_softmax_attention() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(6);
+    // Rows of two sequences (cache bases 0 and 500), prefill-like and
+    // decode-like positions spanning several 32- and 64-position chunks.
+    let (pos9, base9) = (vec![0i32, 1, 2, 399, 0, 5, 63, 64, 395], vec![0i32, 0, 0, 0, 500, 500, 400, 400, 500]);
+    // 70 rows: more than 4096 / 64, so a split takes several chunks of the
+    // long rows (positions up to 4095 of a window of 8192).
+    let mut pos70 = vec![3900i32, 3990, 4095];
+    let mut base70 = vec![0i32, 0, 0];
+    for i in 0..67 {
+        pos70.push(i % 40);
+        base70.push(4200 + 41 * i);
+    }
     // Query heads per kv head: 4 (one CTA group), 6 (a full and a partial
-    // group of the kernel's 4) and 1 with head_dim 200 (the wide variant).
-    for (nh, nkv, hd) in [(8usize, 2usize, 128usize), (12, 2, 64), (3, 3, 200)] {
-        let (slots, max_visible) = (900, 4096);
+    // group of the kernel's 4), 3 and 1 (partial groups), and 1 with
+    // head_dim 200 (the wide variant).
+    let cases = [
+        (8usize, 2usize, 128usize, &pos9, &base9, 900usize, 4096usize),
+        (12, 2, 64, &pos9, &base9, 900, 4096),
+        (6, 2, 128, &pos9, &base9, 900, 4096),
+        (2, 2, 64, &pos9, &base9, 900, 4096),
+        (3, 3, 200, &pos9, &base9, 900, 4096),
+        (8, 2, 128, &pos70, &base70, 4200 + 41 * 67, 8192),
+    ];
+    for (nh, nkv, hd, pos, base, slots, max_visible) in cases {
         let (hidden, kv_dim) = (nh * hd, nkv * hd);
-        // Rows of two sequences (cache bases 0 and 500), prefill-like and decode-like positions.
-        // Positions spanning several 32-position chunks and splits.
-        let pos = [0i32, 1, 2, 399, 0, 5, 63, 64, 395];
-        let base = [0i32, 0, 0, 0, 500, 500, 400, 400, 500];
         let n = pos.len();
         // f16/bf16 caches with head_dim 64 or 128 run on tensor cores unless
         // turned off: both kernels are checked.
@@ -410,7 +425,7 @@ fn attention_matches_host_softmax_attention() {
             let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
             let (qb, kb, vb) =
                 (up_f32(&g, &q), g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
-            let (pb, bb) = (up_i32(&g, &pos), up_i32(&g, &base));
+            let (pb, bb) = (up_i32(&g, pos), up_i32(&g, base));
             let (out, flags) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("f", 4).unwrap());
             let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
             g.attention(
