@@ -690,6 +690,12 @@ TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true)
 // q_out [rows, hidden] f32; kc/vc [slots, kv_dim] in T (one layer).
 // grid (rows), block 128.
 
+// NEOX rotation of the pair (x0, x1) by (c, s): (x0 c - x1 s, x1 c + x0 s),
+// each product rounded on its own (no FMA), as on the CPU.
+__device__ __forceinline__ float2 rope_rot(float x0, float x1, float c, float s) {
+    return make_float2(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)), __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+}
+
 template <class P>
 __device__ void rope_kv_impl(const float* qkv, const float* cos_t, const float* sin_t, const int* pos,
                              const int* base, float* q_out, typename P::T* kc, typename P::T* vc,
@@ -706,14 +712,14 @@ __device__ void rope_kv_impl(const float* qkv, const float* cos_t, const float* 
         float c = cs[i], s = sn[i];
         if (head < n_heads) {
             size_t o = (size_t)head * head_dim + i;
-            float x0 = qkv[in + o], x1 = qkv[in + o + half];
-            q_out[(size_t)r * hidden + o] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-            q_out[(size_t)r * hidden + o + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+            float2 y = rope_rot(qkv[in + o], qkv[in + o + half], c, s);
+            q_out[(size_t)r * hidden + o] = y.x;
+            q_out[(size_t)r * hidden + o + half] = y.y;
         } else {
             size_t o = (size_t)(head - n_heads) * head_dim + i;
-            float x0 = qkv[in + hidden + o], x1 = qkv[in + hidden + o + half];
-            P::store(kc, slot + o, __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)));
-            P::store(kc, slot + o + half, __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+            float2 y = rope_rot(qkv[in + hidden + o], qkv[in + hidden + o + half], c, s);
+            P::store(kc, slot + o, y.x);
+            P::store(kc, slot + o + half, y.y);
         }
     }
     for (int j = threadIdx.x; j < kv_dim; j += blockDim.x) P::store(vc, slot + j, qkv[in + hidden + kv_dim + j]);
@@ -1697,19 +1703,17 @@ __device__ __noinline__ void fused_attention_mma(const float* qkv, const int* po
             }
             if (dv) v = ldcg_f(row + hidden + kv_dim + (size_t)kvh * head_dim + i);
             if (dq) {
-                float c = cs[ii], si = sn[ii];
-                qs[h * head_dim + ii] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, si));
-                qs[h * head_dim + ii + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, si));
+                float2 y = rope_rot(x0, x1, cs[ii], sn[ii]);
+                qs[h * head_dim + ii] = y.x;
+                qs[h * head_dim + ii + half] = y.y;
             }
             if (dk) {
-                float c = cs[i], si = sn[i];
-                float r0 = __fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, si));
-                float r1 = __fadd_rn(__fmul_rn(k1, c), __fmul_rn(k0, si));
-                knew[i] = P::cvt(r0);
-                knew[i + half] = P::cvt(r1);
+                float2 y = rope_rot(k0, k1, cs[i], sn[i]);
+                knew[i] = P::cvt(y.x);
+                knew[i + half] = P::cvt(y.y);
                 if (writer) {
-                    P::store(kc, slot + i, r0);
-                    P::store(kc, slot + i + half, r1);
+                    P::store(kc, slot + i, y.x);
+                    P::store(kc, slot + i + half, y.y);
                 }
             }
             if (dv) {
@@ -1824,18 +1828,17 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                     float c = cs[i], si = sn[i];
                     size_t o = (size_t)head * head_dim + i;
                     float x0 = ldcg_f(row + o), x1 = ldcg_f(row + o + half);
-                    qs[i] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, si));
-                    qs[i + half] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, si));
+                    float2 y = rope_rot(x0, x1, c, si);
+                    qs[i] = y.x;
+                    qs[i + half] = y.y;
                     if (covers) {
                         size_t ko = hidden + (size_t)kvh * head_dim + i;
-                        float k0 = ldcg_f(row + ko), k1 = ldcg_f(row + ko + half);
-                        float r0 = __fsub_rn(__fmul_rn(k0, c), __fmul_rn(k1, si));
-                        float r1 = __fadd_rn(__fmul_rn(k1, c), __fmul_rn(k0, si));
-                        knew[i] = P::round(r0);
-                        knew[i + half] = P::round(r1);
+                        float2 kr = rope_rot(ldcg_f(row + ko), ldcg_f(row + ko + half), c, si);
+                        knew[i] = P::round(kr.x);
+                        knew[i + half] = P::round(kr.y);
                         if (writer) {
-                            P::store(kc, slot + i, r0);
-                            P::store(kc, slot + i + half, r1);
+                            P::store(kc, slot + i, kr.x);
+                            P::store(kc, slot + i + half, kr.y);
                         }
                     }
                 }

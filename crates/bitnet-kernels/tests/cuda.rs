@@ -381,6 +381,49 @@ fn rope_kv_matches_cpu_rope() {
     }
 }
 
+/// A KV cache pair on the device for [`run_attention`].
+struct Caches<'a> {
+    dt: GpuDType,
+    k: &'a DevBuf,
+    v: &'a DevBuf,
+    slots: usize,
+    heads: (usize, usize, usize),
+}
+
+/// `g.attention` of `n` rows over `caches`, with its own scratch.
+#[allow(clippy::too_many_arguments)]
+fn run_attention(
+    g: &GpuContext,
+    caches: &Caches<'_>,
+    q: &DevBuf,
+    pos: &DevBuf,
+    base: &DevBuf,
+    n: usize,
+    max_visible: usize,
+    out: &DevBuf,
+    flags: &DevBuf,
+) {
+    let (nh, _, hd) = caches.heads;
+    let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
+    let (k, v) = (caches.k.all(), caches.v.all());
+    g.attention(
+        caches.dt,
+        q.all(),
+        k,
+        v,
+        caches.slots,
+        pos.all(),
+        base.all(),
+        n,
+        max_visible,
+        out.all(),
+        caches.heads,
+        scratch.all(),
+        flags.all(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn attention_matches_host_softmax_attention() {
     let Some(g) = gpu() else { return };
@@ -427,23 +470,8 @@ fn attention_matches_host_softmax_attention() {
                 (up_f32(&g, &q), g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
             let (pb, bb) = (up_i32(&g, pos), up_i32(&g, base));
             let (out, flags) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("f", 4).unwrap());
-            let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(n, max_visible, nh, hd)).unwrap();
-            g.attention(
-                dt,
-                qb.all(),
-                kb.all(),
-                vb.all(),
-                slots,
-                pb.all(),
-                bb.all(),
-                n,
-                max_visible,
-                out.all(),
-                (nh, nkv, hd),
-                scratch.all(),
-                flags.all(),
-            )
-            .unwrap();
+            let caches = Caches { dt, k: &kb, v: &vb, slots, heads: (nh, nkv, hd) };
+            run_attention(&g, &caches, &qb, &pb, &bb, n, max_visible, &out, &flags);
             let got = read_f32(&g, &out, n * hidden);
             assert_eq!(read_i32(&g, &flags, 1)[0], 0);
             let mut want = vec![0f64; n * hidden];
@@ -472,38 +500,26 @@ fn attention_matches_host_softmax_attention() {
                     }
                 }
             }
-            let err = normwise(&got, &want);
-            assert!(err <= tolerance(dt), "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}: error {err}");
+            let err_rows = normwise(&got, &want);
+            assert!(
+                err_rows <= tolerance(dt),
+                "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}: error {err_rows}"
+            );
             // One row alone: few CTAs, so one query head per CTA.
             let r = 3;
             let q1 = up_f32(&g, &q[r * hidden..(r + 1) * hidden]);
             let (p1, b1) = (up_i32(&g, &pos[r..=r]), up_i32(&g, &base[r..=r]));
             let out1 = g.alloc("o1", hidden * 4).unwrap();
-            let scratch1 = g.alloc("s1", GpuContext::attention_scratch_bytes(1, 512, nh, hd)).unwrap();
-            let heads = (nh, nkv, hd);
-            g.attention(
-                dt,
-                q1.all(),
-                kb.all(),
-                vb.all(),
-                slots,
-                p1.all(),
-                b1.all(),
-                1,
-                512,
-                out1.all(),
-                heads,
-                scratch1.all(),
-                flags.all(),
-            )
-            .unwrap();
+            run_attention(&g, &caches, &q1, &p1, &b1, 1, 512, &out1, &flags);
             let got1 = read_f32(&g, &out1, hidden);
             let err = normwise(&got1, &want[r * hidden..(r + 1) * hidden]);
             assert!(
                 err <= tolerance(dt),
                 "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}, one row: error {err}"
             );
-            println!("{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}: normwise error {err:.2e}");
+            println!(
+                "{dt:?} (tensor cores: {mma}) heads {nh}/{nkv} hd {hd}, {n} rows: normwise error {err_rows:.2e}, row {r} alone {err:.2e}"
+            );
         }
     }
     g.set_attention_mma(true);
@@ -525,23 +541,8 @@ fn tensor_core_attention_flags_a_query_beyond_f16() {
     let (pb, bb) = (up_i32(&g, &[10]), up_i32(&g, &[0]));
     let (out, flags) = (g.alloc("o", nh * hd * 4).unwrap(), g.alloc("f", 4).unwrap());
     g.zero(flags.all()).unwrap();
-    let scratch = g.alloc("s", GpuContext::attention_scratch_bytes(1, slots, nh, hd)).unwrap();
-    g.attention(
-        GpuDType::F16,
-        qb.all(),
-        kb.all(),
-        vb.all(),
-        slots,
-        pb.all(),
-        bb.all(),
-        1,
-        slots,
-        out.all(),
-        (nh, nkv, hd),
-        scratch.all(),
-        flags.all(),
-    )
-    .unwrap();
+    let caches = Caches { dt: GpuDType::F16, k: &kb, v: &vb, slots, heads: (nh, nkv, hd) };
+    run_attention(&g, &caches, &qb, &pb, &bb, 1, slots, &out, &flags);
     assert_ne!(read_i32(&g, &flags, 1)[0] & bitnet_kernels::cuda::FLAG_NONFINITE, 0, "the overflow must be flagged");
 }
 

@@ -486,39 +486,16 @@ impl GpuContext {
         scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
         let part = scratch.ptr;
         let ml = scratch.ptr + (part_slots * hd * 4) as u64;
-        let scale = 1.0 / (hd as f32).sqrt();
-        if self.attention_on_tensor_cores(precision, hd) {
-            // One CTA per kv head and group of up to 4 of its query heads.
-            let head_groups = n_kv * (n_heads / n_kv).div_ceil(4);
-            let name = if precision == GpuDType::F16 { "attention_mma_f16" } else { "attention_mma_bf16" };
-            self.launch(
-                name,
-                (u32_grid("rows", n)?, u32_grid("heads", head_groups)?, splits as u32),
-                (128, 1, 1),
-                0,
-                &[
-                    Arg::Ptr(qp),
-                    Arg::Ptr(k),
-                    Arg::Ptr(v),
-                    Arg::Ptr(p),
-                    Arg::Ptr(b),
-                    Arg::Ptr(part),
-                    Arg::Ptr(ml),
-                    Arg::Ptr(f),
-                    Arg::I32(i32_dim("heads", n_heads)?),
-                    Arg::I32(i32_dim("kv heads", n_kv)?),
-                    Arg::I32(i32_dim("head_dim", hd)?),
-                    Arg::F32(scale),
-                ],
-            )?;
-            return self.attention_combine(part, ml, n, n_heads, hd, splits, o, f);
-        }
-        // One CTA per kv head and group of up to ATT_G of its query heads,
-        // unless that leaves too few CTAs (small batches): then one per head.
-        let hpc = if n * n_kv * splits >= ATT_GROUPED_MIN_CTAS { ATT_G } else { 1 };
+        let mma = self.attention_on_tensor_cores(precision, hd);
+        // Tensor cores: one CTA per kv head and group of up to 4 of its query
+        // heads. Scalar: the same with up to ATT_G heads, unless that leaves
+        // too few CTAs (small batches): then one per head; head_dim up to 128:
+        // one 128-wide group per lane set, else two (`_wide`).
+        let hpc = if mma || n * n_kv * splits >= ATT_GROUPED_MIN_CTAS { ATT_G } else { 1 };
         let head_groups = n_kv * (n_heads / n_kv).div_ceil(hpc);
-        // head_dim up to 128: one 128-wide group per lane set; else two.
         let name = match (precision, hd <= 128, hpc == 1) {
+            (GpuDType::F16, _, _) if mma => "attention_mma_f16",
+            (GpuDType::BF16, _, _) if mma => "attention_mma_bf16",
             (GpuDType::F32, true, false) => "attention_f32",
             (GpuDType::F16, true, false) => "attention_f16",
             (GpuDType::BF16, true, false) => "attention_bf16",
@@ -532,24 +509,24 @@ impl GpuContext {
             (GpuDType::F16, false, true) => "attention_f16_wide_h1",
             (GpuDType::BF16, false, true) => "attention_bf16_wide_h1",
         };
+        // The tensor-core kernels also take the flags (q beyond f16's range).
+        let mut args =
+            vec![Arg::Ptr(qp), Arg::Ptr(k), Arg::Ptr(v), Arg::Ptr(p), Arg::Ptr(b), Arg::Ptr(part), Arg::Ptr(ml)];
+        if mma {
+            args.push(Arg::Ptr(f));
+        }
+        args.extend([
+            Arg::I32(i32_dim("heads", n_heads)?),
+            Arg::I32(i32_dim("kv heads", n_kv)?),
+            Arg::I32(i32_dim("head_dim", hd)?),
+            Arg::F32(1.0 / (hd as f32).sqrt()),
+        ]);
         self.launch(
             name,
             (u32_grid("rows", n)?, u32_grid("heads", head_groups)?, splits as u32),
             (128, 1, 1),
             0,
-            &[
-                Arg::Ptr(qp),
-                Arg::Ptr(k),
-                Arg::Ptr(v),
-                Arg::Ptr(p),
-                Arg::Ptr(b),
-                Arg::Ptr(part),
-                Arg::Ptr(ml),
-                Arg::I32(i32_dim("heads", n_heads)?),
-                Arg::I32(i32_dim("kv heads", n_kv)?),
-                Arg::I32(i32_dim("head_dim", hd)?),
-                Arg::F32(scale),
-            ],
+            &args,
         )?;
         self.attention_combine(part, ml, n, n_heads, hd, splits, o, f)
     }
