@@ -1651,6 +1651,72 @@ __device__ __forceinline__ void fused_prefetch_at(const FusedLayer* layers, int 
 #define FUSED_ATT_MMA (AMMA_FLOATS + 4 * 128 + 128)
 #define FUSED_ATT_FLOATS (FUSED_ATT_SCALAR > FUSED_ATT_MMA ? FUSED_ATT_SCALAR : FUSED_ATT_MMA)
 
+// One decode unit on tensor cores: RoPE of the group's q into shared
+// memory; if the unit's split covers the new position, RoPE of its k, and k
+// and v rounded to T into shared memory (the first group of the kv head also
+// writing them into the caches), then attention_mma_unit. Shared by the
+// fused kernel's stage C and attention_mma_rope. a: FUSED_ATT_MMA floats
+// (the unit's scratch, q of 4 heads, the new k and v in T).
+template <class P>
+__device__ void amma_decode_unit(const float* qkv, const int* pos, const int* base, const float* cos_t,
+                                 const float* sin_t, typename P::T* kc, typename P::T* vc, float* part, float* ml,
+                                 int* flags, int r, int kvh, int head0, int ng, bool first_group, int s, int S,
+                                 int n_heads, int n_kv_heads, int head_dim, float scale, int tid, int sid, float* a) {
+    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
+    int qkv_rows = hidden + 2 * kv_dim;
+    float* scratch = a;                // AMMA_FLOATS
+    float* qs = a + AMMA_FLOATS;       // [4][128]
+    u16* knew = (u16*)(qs + 4 * 128);  // [128]
+    u16* vnew = knew + 128;            // [128]
+    int p = pos[r];
+    bool covers = (p / AMMA_CHUNK) % S == s;
+    bool writer = covers && first_group;
+    const float* row = qkv + (size_t)r * qkv_rows;
+    const float* cs = cos_t + (size_t)p * half;
+    const float* sn = sin_t + (size_t)p * half;
+    size_t slot = (size_t)(base[r] + p) * kv_dim + (size_t)kvh * head_dim;
+    // q pairs of the group, the k pairs and v (when covering): every
+    // load of an item is issued before its products.
+    int items = max(ng * half, covers ? head_dim : 0);
+    for (int i = tid; i < items; i += AMMA_WARPS * 32) {
+        bool dq = i < ng * half, dk = covers && i < half, dv = covers && i < head_dim;
+        int h = i / half, ii = i - h * half;
+        size_t o = (size_t)(head0 + h) * head_dim + ii, ko = hidden + (size_t)kvh * head_dim + i;
+        float x0 = 0.f, x1 = 0.f, k0 = 0.f, k1 = 0.f, v = 0.f;
+        if (dq) {
+            x0 = ldcg_f(row + o);
+            x1 = ldcg_f(row + o + half);
+        }
+        if (dk) {
+            k0 = ldcg_f(row + ko);
+            k1 = ldcg_f(row + ko + half);
+        }
+        if (dv) v = ldcg_f(row + hidden + kv_dim + (size_t)kvh * head_dim + i);
+        if (dq) {
+            float2 y = rope_rot(x0, x1, cs[ii], sn[ii]);
+            qs[h * head_dim + ii] = y.x;
+            qs[h * head_dim + ii + half] = y.y;
+        }
+        if (dk) {
+            float2 y = rope_rot(k0, k1, cs[i], sn[i]);
+            knew[i] = P::cvt(y.x);
+            knew[i + half] = P::cvt(y.y);
+            if (writer) {
+                P::store(kc, slot + i, y.x);
+                P::store(kc, slot + i + half, y.y);
+            }
+        }
+        if (dv) {
+            vnew[i] = P::cvt(v);
+            if (writer) P::store(vc, slot + i, v);
+        }
+    }
+    unit_sync(sid);
+    attention_mma_unit<P>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
+                                       ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, ((size_t)r * n_heads + head0) * S + s, part,
+                                       ml, flags, tid, sid, scratch);
+}
+
 // Stage C of the fused kernel on tensor cores (P::MMA, head_dim 64 or 128):
 // units of half a CTA, one per (row, kv head, group of its query heads,
 // split); RoPE of the group's q into shared memory; the units whose split
@@ -1667,65 +1733,16 @@ __device__ __noinline__ void fused_attention_mma(const float* qkv, const int* po
                                     float* ml, unsigned* done, int* flags, int n, int n_heads, int n_kv_heads,
                                     int head_dim, int S, float scale, int layer, float* a, int* last) {
     int hh = threadIdx.x / (AMMA_WARPS * 32), tid = threadIdx.x % (AMMA_WARPS * 32), sid = 1 + hh;
-    int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
-    int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
+    int hidden = n_heads * head_dim, G = n_heads / n_kv_heads;
     int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4, hgroups = (G + hpu - 1) / hpu;
-    float* scratch = a;                                  // AMMA_FLOATS
-    float* qs = a + AMMA_FLOATS;                         // [4][128]
-    u16* knew = (u16*)(qs + 4 * 128);                    // [128]
-    u16* vnew = knew + 128;                              // [128]
+    float* scratch = a;  // the unit's scratch, free again after amma_decode_unit
     int units = n * n_kv_heads * hgroups * S;
     for (int u = blockIdx.x * 2 + hh; u < units; u += gridDim.x * 2) {
         int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
-        int p = pos[r];
-        bool covers = (p / AMMA_CHUNK) % S == s;
-        bool writer = covers && hg == 0;
-        const float* row = qkv + (size_t)r * qkv_rows;
-        const float* cs = cos_t + (size_t)p * half;
-        const float* sn = sin_t + (size_t)p * half;
-        size_t slot = (size_t)(base[r] + p) * kv_dim + (size_t)kvh * head_dim;
-        // q pairs of the group, the k pairs and v (when covering): every
-        // load of an item is issued before its products.
-        int items = max(ng * half, covers ? head_dim : 0);
-        for (int i = tid; i < items; i += AMMA_WARPS * 32) {
-            bool dq = i < ng * half, dk = covers && i < half, dv = covers && i < head_dim;
-            int h = i / half, ii = i - h * half;
-            size_t o = (size_t)(head0 + h) * head_dim + ii, ko = hidden + (size_t)kvh * head_dim + i;
-            float x0 = 0.f, x1 = 0.f, k0 = 0.f, k1 = 0.f, v = 0.f;
-            if (dq) {
-                x0 = ldcg_f(row + o);
-                x1 = ldcg_f(row + o + half);
-            }
-            if (dk) {
-                k0 = ldcg_f(row + ko);
-                k1 = ldcg_f(row + ko + half);
-            }
-            if (dv) v = ldcg_f(row + hidden + kv_dim + (size_t)kvh * head_dim + i);
-            if (dq) {
-                float2 y = rope_rot(x0, x1, cs[ii], sn[ii]);
-                qs[h * head_dim + ii] = y.x;
-                qs[h * head_dim + ii + half] = y.y;
-            }
-            if (dk) {
-                float2 y = rope_rot(k0, k1, cs[i], sn[i]);
-                knew[i] = P::cvt(y.x);
-                knew[i + half] = P::cvt(y.y);
-                if (writer) {
-                    P::store(kc, slot + i, y.x);
-                    P::store(kc, slot + i + half, y.y);
-                }
-            }
-            if (dv) {
-                vnew[i] = P::cvt(v);
-                if (writer) P::store(vc, slot + i, v);
-            }
-        }
-        unit_sync(sid);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
-        attention_mma_unit<P>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
-                                           ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, slot0 + s, part,
-                                           ml, flags, tid, sid, scratch);
+        amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0, s, S,
+                            n_heads, n_kv_heads, head_dim, scale, tid, sid, a);
         // The last of the S units of (r, group) to finish combines them.
         __threadfence();
         unit_sync(sid);
@@ -1747,6 +1764,32 @@ __device__ __noinline__ void fused_attention_mma(const float* qkv, const int* po
     }
 }
 
+// Decode rows (each the next position of its own sequence) on tensor cores
+// without a separate rope_kv launch: q, k and v straight from qkv, as the
+// fused kernel's stage C does (same arithmetic as rope_kv + attention_mma).
+// grid (rows, n_kv_heads * ceil(G / 4), S), block 128.
+template <class P>
+__device__ void attention_mma_rope_impl(const float* qkv, const int* pos, const int* base, const float* cos_t,
+                                        const float* sin_t, u16* kc, u16* vc, float* part, float* ml, int* flags,
+                                        int n_heads, int n_kv_heads, int head_dim, float scale) {
+    __shared__ __align__(16) float a[FUSED_ATT_MMA];
+    pdl_begin();
+    int G = n_heads / n_kv_heads, hgroups = (G + 3) / 4;
+    int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
+    int head0 = kvh * G + hg * 4, ng = min(4, G - hg * 4);
+    amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, blockIdx.x, kvh, head0, ng, hg == 0,
+                        blockIdx.z, gridDim.z, n_heads, n_kv_heads, head_dim, scale, threadIdx.x, 0, a);
+}
+
+#define ATTENTION_MMA_ROPE(NAME, P)                                                                    \
+    extern "C" __global__ void __launch_bounds__(128, 4)                                               \
+        NAME(const float* qkv, const int* pos, const int* base, const float* cos_t, const float* sin_t, u16* kc, \
+             u16* vc, float* part, float* ml, int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) { \
+        attention_mma_rope_impl<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, n_heads, n_kv_heads, \
+                                   head_dim, scale);                                                   \
+    }
+ATTENTION_MMA_ROPE(attention_mma_rope_f16, F16)
+ATTENTION_MMA_ROPE(attention_mma_rope_bf16, BF16)
 
 template <class P, int GROUPS>
 __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos,

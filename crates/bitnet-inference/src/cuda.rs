@@ -652,21 +652,29 @@ impl CudaBackend {
             }
             // First run of this shape: run eagerly (warms up and checks
             // every launch), then capture for the next time.
-            self.launch_forward(n, n_out, window, fused)?;
+            self.launch_forward(n, n_out, window, fused, true)?;
             self.gpu.begin_capture()?;
-            let captured = self.launch_forward(n, n_out, window, fused);
+            let captured = self.launch_forward(n, n_out, window, fused, true);
             let graph = self.gpu.end_capture();
             captured?;
             self.graphs.insert((n, window), graph?);
             return Ok(());
         }
-        self.launch_forward(n, n_out, window, fused)
+        self.launch_forward(n, n_out, window, fused, group.decode_only)
     }
 
     /// Enqueues every kernel of a forward pass over `n` rows (inputs already
     /// on the device; positions below `window`) and the head for `n_out`
-    /// output rows; `fused`: the layers as one fused decode kernel.
-    fn launch_forward(&self, n: usize, n_out: usize, window: usize, fused: bool) -> Result<(), CudaError> {
+    /// output rows; `fused`: the layers as one fused decode kernel;
+    /// `decode_only`: every row is the next position of its own sequence.
+    fn launch_forward(
+        &self,
+        n: usize,
+        n_out: usize,
+        window: usize,
+        fused: bool,
+        decode_only: bool,
+    ) -> Result<(), CudaError> {
         let c = &self.model.config;
         let (h, kv_dim, inter, vocab) = (c.hidden_size, c.kv_dim(), c.intermediate_size, c.vocab_size);
         let (dt, gpu, ws) = (self.dt, &self.gpu, &self.ws);
@@ -699,6 +707,9 @@ impl CudaBackend {
             };
             gpu.fused_decode(f, eps, n, window, &step)?;
         }
+        // Decode rows (each its own sequence's next position) on tensor-core
+        // attention skip the separate rope_kv launch.
+        let rope_in_attention = decode_only && gpu.decode_rope_in_attention(dt, c.head_dim);
         for layer in self.layers.iter().filter(|_| fused_layers.is_none()) {
             // Attention block.
             gpu.rmsnorm_quant(ws.x.all(), layer.attn_norm.all(), eps, n, h, &acts, flags)?;
@@ -712,36 +723,53 @@ impl CudaBackend {
                 ws.qkv.all(),
                 qkv_rows,
             )?;
-            gpu.rope_kv(
-                dt,
-                ws.qkv.all(),
-                self.rope_cos.all(),
-                self.rope_sin.all(),
-                c.max_position_embeddings,
-                pos,
-                base,
-                n,
-                ws.q.all(),
-                layer.k_cache.all(),
-                layer.v_cache.all(),
-                self.kv_slots,
-                heads,
-            )?;
-            gpu.attention(
-                dt,
-                ws.q.all(),
-                layer.k_cache.all(),
-                layer.v_cache.all(),
-                self.kv_slots,
-                pos,
-                base,
-                n,
-                window,
-                ws.attn.all(),
-                heads,
-                ws.attn_scratch.all(),
-                flags,
-            )?;
+            if rope_in_attention {
+                gpu.attention_decode_rope(
+                    dt,
+                    ws.qkv.all(),
+                    (self.rope_cos.all(), self.rope_sin.all(), c.max_position_embeddings),
+                    pos,
+                    base,
+                    n,
+                    window,
+                    (layer.k_cache.all(), layer.v_cache.all(), self.kv_slots),
+                    ws.attn.all(),
+                    heads,
+                    ws.attn_scratch.all(),
+                    flags,
+                )?;
+            } else {
+                gpu.rope_kv(
+                    dt,
+                    ws.qkv.all(),
+                    self.rope_cos.all(),
+                    self.rope_sin.all(),
+                    c.max_position_embeddings,
+                    pos,
+                    base,
+                    n,
+                    ws.q.all(),
+                    layer.k_cache.all(),
+                    layer.v_cache.all(),
+                    self.kv_slots,
+                    heads,
+                )?;
+                gpu.attention(
+                    dt,
+                    ws.q.all(),
+                    layer.k_cache.all(),
+                    layer.v_cache.all(),
+                    self.kv_slots,
+                    pos,
+                    base,
+                    n,
+                    window,
+                    ws.attn.all(),
+                    heads,
+                    ws.attn_scratch.all(),
+                    flags,
+                )?;
+            }
             gpu.rmsnorm_quant(ws.attn.all(), layer.attn_sub_norm.all(), eps, n, h, &acts, flags)?;
             gpu.ternary_add(layer.o.all(), h, h, layer.o_scale, &acts, ws.x.all(), h)?;
             // Feed-forward block: relu^2 * up and its sub-norm in f32.

@@ -696,3 +696,90 @@ fn launch_wrappers_refuse_short_buffers() {
     let err = g.ternary_add(w.all(), 16, 100, 1.0, &acts, out.all(), 16).unwrap_err();
     assert!(err.to_string().contains("multiple of 128"), "{err}");
 }
+
+#[test]
+fn decode_attention_with_rope_equals_rope_kv_then_attention() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(17);
+    // Decode rows of five distinct sequences, positions across chunks and
+    // splits; 4, 6 (two groups) and 1 query heads per kv head.
+    let pos = [0i32, 63, 64, 700, 1000];
+    let base = [0i32, 1100, 2200, 3300, 4400];
+    let (n, slots, max_pos, max_visible) = (pos.len(), 5500usize, 1024usize, 1024usize);
+    for (nh, nkv, hd) in [(8usize, 2usize, 128usize), (12, 2, 64), (2, 2, 64)] {
+        let (hidden, kv_dim, half) = (nh * hd, nkv * hd, hd / 2);
+        let cos: Vec<f32> = (0..max_pos * half).map(|_| rng.f32(-1.0, 1.0)).collect();
+        let sin: Vec<f32> = (0..max_pos * half).map(|_| rng.f32(-1.0, 1.0)).collect();
+        let qkv: Vec<f32> = (0..n * (hidden + 2 * kv_dim)).map(|_| rng.f32(-2.0, 2.0)).collect();
+        let (qkvb, cb, sb, pb, bb) =
+            (up_f32(&g, &qkv), up_f32(&g, &cos), up_f32(&g, &sin), up_i32(&g, &pos), up_i32(&g, &base));
+        for dt in [GpuDType::F16, GpuDType::BF16] {
+            assert!(g.decode_rope_in_attention(dt, hd), "{dt:?} hd {hd}: tensor-core attention expected");
+            let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
+            let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
+            let scratch_bytes = GpuContext::attention_scratch_bytes(n, max_visible, nh, hd);
+            // Separate kernels: rope_kv, then attention.
+            let (ka, va) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+            let (q, out_a, flags) = (
+                g.alloc("q", n * hidden * 4).unwrap(),
+                g.alloc("o", n * hidden * 4).unwrap(),
+                g.alloc("f", 4).unwrap(),
+            );
+            let heads = (nh, nkv, hd);
+            let rope = (cb.all(), sb.all(), max_pos);
+            g.rope_kv(
+                dt,
+                qkvb.all(),
+                rope.0,
+                rope.1,
+                max_pos,
+                pb.all(),
+                bb.all(),
+                n,
+                q.all(),
+                ka.all(),
+                va.all(),
+                slots,
+                heads,
+            )
+            .unwrap();
+            let caches = Caches { dt, k: &ka, v: &va, slots, heads };
+            run_attention(&g, &caches, &q, &pb, &bb, n, max_visible, &out_a, &flags);
+            // One kernel.
+            let (kb, vb) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+            let (out_b, scratch) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("s", scratch_bytes).unwrap());
+            g.attention_decode_rope(
+                dt,
+                qkvb.all(),
+                rope,
+                pb.all(),
+                bb.all(),
+                n,
+                max_visible,
+                (kb.all(), vb.all(), slots),
+                out_b.all(),
+                heads,
+                scratch.all(),
+                flags.all(),
+            )
+            .unwrap();
+            assert_eq!(read_i32(&g, &flags, 1)[0], 0);
+            let (a, b) = (read_f32(&g, &out_a, n * hidden), read_f32(&g, &out_b, n * hidden));
+            assert_finite(&b, "attention output");
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{dt:?} heads {nh}/{nkv} hd {hd}: outputs differ"
+            );
+            let cache_bytes = slots * kv_dim * dt.size();
+            assert!(
+                read_bytes(&g, &ka, cache_bytes) == read_bytes(&g, &kb, cache_bytes),
+                "{dt:?} hd {hd}: key caches differ"
+            );
+            assert!(
+                read_bytes(&g, &va, cache_bytes) == read_bytes(&g, &vb, cache_bytes),
+                "{dt:?} hd {hd}: value caches differ"
+            );
+            println!("{dt:?} heads {nh}/{nkv} hd {hd}: one decode kernel equals rope_kv + attention bit for bit");
+        }
+    }
+}

@@ -68,6 +68,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "attention_bf16_wide_h1",
     "attention_mma_f16",
     "attention_mma_bf16",
+    "attention_mma_rope_f16",
+    "attention_mma_rope_bf16",
     "attention_combine",
     "fused_decode_f32",
     "fused_decode_f16",
@@ -302,6 +304,9 @@ pub struct GpuContext {
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
+    /// Decode steps take RoPE and the KV write inside the tensor-core
+    /// attention kernel (`BITNET_CUDA_ATTENTION_ROPE=0`: a separate rope_kv).
+    decode_rope_in_attention: bool,
 }
 
 /// Which code computes the output head.
@@ -430,6 +435,7 @@ impl GpuContext {
                 .filter(|c| (0..=2).contains(c))
                 .unwrap_or(0),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
+            decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
@@ -501,6 +507,13 @@ impl GpuContext {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("cuDeviceGetAttribute"))?;
         usize::try_from(sms).map_err(|_| CudaError::Shape(format!("device reports {sms} multiprocessors")))
+    }
+
+    /// Whether a decode step of `precision` and this head_dim should use
+    /// [`GpuContext::attention_decode_rope`] (tensor-core attention, unless
+    /// `BITNET_CUDA_ATTENTION_ROPE=0`).
+    pub fn decode_rope_in_attention(&self, precision: GpuDType, head_dim: usize) -> bool {
+        self.decode_rope_in_attention && self.attention_on_tensor_cores(precision, head_dim)
     }
 
     pub fn pdl_enabled(&self) -> bool {

@@ -531,6 +531,79 @@ impl GpuContext {
         self.attention_combine(part, ml, n, n_heads, hd, splits, o, f)
     }
 
+    /// [`Self::rope_kv`] then [`Self::attention`] for `n` decode rows, each
+    /// the next position of its own sequence, in one tensor-core kernel (the
+    /// fused decode kernel's attention stage; same results to the bit): q,
+    /// k and v come straight from `qkv` and only the unit that attends to
+    /// the new position writes its k and v into the caches. Only where
+    /// [`Self::attention_on_tensor_cores`]; the caller guarantees the rows
+    /// are of distinct sequences.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_rope(
+        &self,
+        precision: GpuDType,
+        qkv: DevRange,
+        (cos, sin, max_pos): (DevRange, DevRange, usize),
+        pos: DevRange,
+        base: DevRange,
+        n: usize,
+        max_visible: usize,
+        (kc, vc, slots): (DevRange, DevRange, usize),
+        out: DevRange,
+        heads: (usize, usize, usize),
+        scratch: DevRange,
+        flags: DevRange,
+    ) -> Result<(), CudaError> {
+        let (n_heads, n_kv, hd) = heads;
+        check_heads(n_heads, n_kv, hd)?;
+        if !self.attention_on_tensor_cores(precision, hd) {
+            return Err(CudaError::Shape(format!(
+                "{precision:?} attention with head_dim {hd} does not run on tensor cores here"
+            )));
+        }
+        let (hidden, kv_dim) = (n_heads * hd, n_kv * hd);
+        let e = precision.size();
+        let qkv_p = qkv.need("qkv", bytes("qkv", &[n, hidden + 2 * kv_dim, 4])?)?;
+        let c = cos.need("cos table", bytes("rope", &[max_pos, hd / 2, 4])?)?;
+        let s = sin.need("sin table", bytes("rope", &[max_pos, hd / 2, 4])?)?;
+        let p = pos.need("positions", n * 4)?;
+        let b = base.need("cache bases", n * 4)?;
+        let k = kc.need("key cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let v = vc.need("value cache", bytes("cache", &[slots, kv_dim, e])?)?;
+        let o = out.need("attention output", bytes("attention", &[n, hidden, 4])?)?;
+        let f = flags.need("flags", 4)?;
+        let splits = self.attention_split_count(precision, hd, n, max_visible);
+        let part_slots = n * n_heads * splits;
+        scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
+        let part = scratch.ptr;
+        let ml = scratch.ptr + (part_slots * hd * 4) as u64;
+        let head_groups = n_kv * (n_heads / n_kv).div_ceil(ATT_G);
+        let name = if precision == GpuDType::F16 { "attention_mma_rope_f16" } else { "attention_mma_rope_bf16" };
+        self.launch(
+            name,
+            (u32_grid("rows", n)?, u32_grid("heads", head_groups)?, splits as u32),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::Ptr(qkv_p),
+                Arg::Ptr(p),
+                Arg::Ptr(b),
+                Arg::Ptr(c),
+                Arg::Ptr(s),
+                Arg::Ptr(k),
+                Arg::Ptr(v),
+                Arg::Ptr(part),
+                Arg::Ptr(ml),
+                Arg::Ptr(f),
+                Arg::I32(i32_dim("heads", n_heads)?),
+                Arg::I32(i32_dim("kv heads", n_kv)?),
+                Arg::I32(i32_dim("head_dim", hd)?),
+                Arg::F32(1.0 / (hd as f32).sqrt()),
+            ],
+        )?;
+        self.attention_combine(part, ml, n, n_heads, hd, splits, o, f)
+    }
+
     /// Merges the `splits` parts of each (row, head) into `out`.
     #[allow(clippy::too_many_arguments)]
     fn attention_combine(
