@@ -290,13 +290,10 @@ impl GpuContext {
         let qkv = step.qkv.need("qkv", bytes("qkv", &[n, s.qkv_rows(), 4])?)?;
         let attn = step.attn.need("attention output", bytes("attention", &[n, h, 4])?)?;
         let hb = step.h.need("FFN activations", bytes("ffn", &[n, inter, 4])?)?;
-        let splits = self.attention_split_count(s.cache, hd, n, max_visible);
+        let (splits, part, ml) =
+            self.attention_parts(s.cache, (nh, s.n_kv_heads, hd), n, max_visible, step.att_scratch)?;
         // The `_wide` kernels (head_dim > 128) have no tensor-core stage.
         let att_mma = hd <= 128 && self.attention_on_tensor_cores(s.cache, hd);
-        let slots = n * nh * splits;
-        step.att_scratch.need("attention scratch", Self::attention_scratch_bytes(n, max_visible, nh, hd))?;
-        let part = step.att_scratch.ptr;
-        let ml = part + (slots * hd * 4) as u64;
         let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
         let flags = step.flags.need("flags", 4)?;
         let name = fused_kernel_name(s);

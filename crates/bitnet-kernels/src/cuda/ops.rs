@@ -481,11 +481,7 @@ impl GpuContext {
         let b = base.need("cache bases", n * 4)?;
         let o = out.need("attention output", bytes("attention", &[n, hidden, 4])?)?;
         let f = flags.need("flags", 4)?;
-        let splits = self.attention_split_count(precision, hd, n, max_visible);
-        let part_slots = n * n_heads * splits;
-        scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
-        let part = scratch.ptr;
-        let ml = scratch.ptr + (part_slots * hd * 4) as u64;
+        let (splits, part, ml) = self.attention_parts(precision, heads, n, max_visible, scratch)?;
         let mma = self.attention_on_tensor_cores(precision, hd);
         // Tensor cores: one CTA per kv head and group of up to 4 of its query
         // heads. Scalar: the same with up to ATT_G heads, unless that leaves
@@ -572,11 +568,7 @@ impl GpuContext {
         let v = vc.need("value cache", bytes("cache", &[slots, kv_dim, e])?)?;
         let o = out.need("attention output", bytes("attention", &[n, hidden, 4])?)?;
         let f = flags.need("flags", 4)?;
-        let splits = self.attention_split_count(precision, hd, n, max_visible);
-        let part_slots = n * n_heads * splits;
-        scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
-        let part = scratch.ptr;
-        let ml = scratch.ptr + (part_slots * hd * 4) as u64;
+        let (splits, part, ml) = self.attention_parts(precision, heads, n, max_visible, scratch)?;
         let head_groups = n_kv * (n_heads / n_kv).div_ceil(ATT_G);
         let name = if precision == GpuDType::F16 { "attention_mma_rope_f16" } else { "attention_mma_rope_bf16" };
         self.launch(
@@ -602,6 +594,22 @@ impl GpuContext {
             ],
         )?;
         self.attention_combine(part, ml, n, n_heads, hd, splits, o, f)
+    }
+
+    /// The split count of an attention call and where its parts (`n` x
+    /// heads x splits rows of head_dim) and their (m, l) pairs go in `scratch`.
+    pub(crate) fn attention_parts(
+        &self,
+        precision: GpuDType,
+        (n_heads, _, hd): (usize, usize, usize),
+        n: usize,
+        max_visible: usize,
+        scratch: DevRange,
+    ) -> Result<(usize, u64, u64), CudaError> {
+        let splits = self.attention_split_count(precision, hd, n, max_visible);
+        let part_slots = n * n_heads * splits;
+        let part = scratch.need("attention scratch", part_slots * (hd + 2) * 4)?;
+        Ok((splits, part, part + (part_slots * hd * 4) as u64))
     }
 
     /// Merges the `splits` parts of each (row, head) into `out`.
