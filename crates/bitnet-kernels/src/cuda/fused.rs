@@ -292,8 +292,9 @@ impl GpuContext {
         let hb = step.h.need("FFN activations", bytes("ffn", &[n, inter, 4])?)?;
         let (splits, part, ml) =
             self.attention_parts(s.cache, (nh, s.n_kv_heads, hd), n, max_visible, step.att_scratch)?;
-        // The `_wide` kernels (head_dim > 128) have no tensor-core stage.
-        let att_mma = hd <= 128 && self.attention_on_tensor_cores(s.cache, hd);
+        // Tensor cores only for head_dim 64 or 128, so never in the `_wide`
+        // kernels (which have no tensor-core stage).
+        let att_mma = self.attention_on_tensor_cores(s.cache, hd);
         let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
         let flags = step.flags.need("flags", 4)?;
         let name = fused_kernel_name(s);

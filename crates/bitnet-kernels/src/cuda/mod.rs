@@ -501,7 +501,7 @@ impl GpuContext {
     }
 
     /// Streaming multiprocessors of the device.
-    pub fn sm_count(&self) -> Result<usize, CudaError> {
+    pub(crate) fn sm_count(&self) -> Result<usize, CudaError> {
         let sms = self
             .ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
