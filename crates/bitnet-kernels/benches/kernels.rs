@@ -42,6 +42,16 @@ fn read_bandwidth(c: &mut Criterion) {
     group.bench_function("sum_u64_512MiB/par", |b| {
         b.iter(|| black_box(&data).par_chunks(1 << 16).map(sum_u64).reduce(|| 0, u64::wrapping_add))
     });
+    // The benchmarks' floor loop: the SIMD sum that prefetches like the decode kernels.
+    let best = cpu::select_kernel().unwrap();
+    group.bench_function(BenchmarkId::new("simd_sum_512MiB/1thread", best), |b| {
+        b.iter(|| cpu::sum_u64(best, black_box(&data)).unwrap())
+    });
+    group.bench_function(BenchmarkId::new("simd_sum_512MiB/par", best), |b| {
+        b.iter(|| {
+            black_box(&data).par_chunks(1 << 16).map(|c| cpu::sum_u64(best, c).unwrap()).reduce(|| 0, u64::wrapping_add)
+        })
+    });
     group.finish();
 }
 

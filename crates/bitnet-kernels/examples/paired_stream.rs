@@ -48,24 +48,30 @@ fn main() {
         bytes as f64 / start.elapsed().as_secs_f64() / 1e9
     };
     let (mut r_head, mut r_i2s, mut sums, mut r_tall) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // On the threads of one pool, entered once, as `CpuBackend::step` runs
+    // a whole forward step inside `pool.install`.
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("a thread pool");
     for round in 0..rounds {
-        let s = gbps(sum_buf.len() * 8, &mut || {
-            let total: u64 = sum_buf
-                .par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add);
-            black_box(total);
-        });
-        let h = gbps(head.len(), &mut || cpu::gemv_f16_f32_par(kernel, w, black_box(&x), &mut logits).unwrap());
-        let i = gbps(16 * inter * hidden / 4, &mut || {
-            for m in &mats {
-                let wm = I2sMatrixRef::new(m, inter, hidden).unwrap();
-                cpu::gemv_i2s_i8_par(kernel, wm, black_box(&q), &mut out).unwrap();
-            }
-        });
-        let t = gbps(tall.len(), &mut || {
-            let wm = I2sMatrixRef::new(&tall, 16 * inter, hidden).unwrap();
-            cpu::gemv_i2s_i8_par(kernel, wm, black_box(&q), &mut out_tall).unwrap();
+        let (s, h, i, t) = pool.install(|| {
+            let s = gbps(sum_buf.len() * 8, &mut || {
+                let total: u64 = sum_buf
+                    .par_chunks(1 << 16)
+                    .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                    .reduce(|| 0, u64::wrapping_add);
+                black_box(total);
+            });
+            let h = gbps(head.len(), &mut || cpu::gemv_f16_f32_par(kernel, w, black_box(&x), &mut logits).unwrap());
+            let i = gbps(16 * inter * hidden / 4, &mut || {
+                for m in &mats {
+                    let wm = I2sMatrixRef::new(m, inter, hidden).unwrap();
+                    cpu::gemv_i2s_i8_par(kernel, wm, black_box(&q), &mut out).unwrap();
+                }
+            });
+            let t = gbps(tall.len(), &mut || {
+                let wm = I2sMatrixRef::new(&tall, 16 * inter, hidden).unwrap();
+                cpu::gemv_i2s_i8_par(kernel, wm, black_box(&q), &mut out_tall).unwrap();
+            });
+            (s, h, i, t)
         });
         if round > 0 {
             r_tall.push(t / s);

@@ -290,3 +290,23 @@ fn weighted_rows_is_exact(kernel: CpuKernel) {
     );
 }
 test_each_kernel!(weighted_rows, weighted_rows_is_exact);
+
+/// The read-bandwidth probe's sum is the wrapping sum of the words on every
+/// kernel: checked against `u128` arithmetic reduced mod 2^64, on lengths
+/// around the 16-word step and with values that overflow `u64`.
+fn sum_u64_is_exact(kernel: CpuKernel) {
+    let strategy = (0..=200usize).prop_flat_map(|len| prop::collection::vec(any::<u64>(), len));
+    runner(96)
+        .run(&strategy, |words| {
+            let expected = words.iter().map(|&w| u128::from(w)).sum::<u128>() as u64;
+            prop_assert_eq!(cpu::sum_u64(kernel, &words).unwrap(), expected);
+            Ok(())
+        })
+        .unwrap();
+    // 1 + 2 + ... + 40 = 820; u64::MAX + 2 wraps to 1.
+    let words: Vec<u64> = (1..=40).collect();
+    assert_eq!(cpu::sum_u64(kernel, &words).unwrap(), 820);
+    assert_eq!(cpu::sum_u64(kernel, &[u64::MAX, 2]).unwrap(), 1);
+    assert_eq!(cpu::sum_u64(kernel, &[]).unwrap(), 0);
+}
+test_each_kernel!(sum_u64, sum_u64_is_exact);

@@ -1,15 +1,13 @@
 //! AVX-512 float GEMV: sixteen weights per step (`vcvtph2ps zmm` for f16),
-//! four rows at a time sharing each load of `x`, two accumulators per row.
-//! The output head is memory bound; the wider step mostly frees issue slots
-//! for the loads.
+//! two accumulators. The output head is memory bound: rows go one after
+//! another, so the weights are one sequential stream prefetched
+//! `PREFETCH_AHEAD` bytes ahead (`x` is re-read from L1 for every row).
 
 use std::arch::x86_64::*;
 
 use super::{tail_dot, FloatDtype, FloatWeight};
 use crate::cpu::token::Avx512Token;
-
-/// Rows handled together, sharing each load of `x`.
-const ROWS: usize = 4;
+use crate::cpu::PREFETCH_AHEAD;
 
 pub(super) fn gemv_rows<T: FloatWeight>(_token: Avx512Token, bytes: &[u8], x: &[f32], out: &mut [f32]) {
     // SAFETY (all three calls): an `Avx512Token` exists only after run-time
@@ -33,53 +31,32 @@ macro_rules! gemv_for_dtype {
             #[target_feature(enable = "avx512f,avx512bw")]
             pub(super) fn gemv_rows(bytes: &[u8], x: &[f32], out: &mut [f32]) {
                 let row_bytes = x.len() * <$dtype as FloatWeight>::SIZE;
-                let mut row_groups = bytes.chunks_exact(ROWS * row_bytes);
-                let mut out_groups = out.chunks_exact_mut(ROWS);
-                for (rows, out) in (&mut row_groups).zip(&mut out_groups) {
-                    let (r0, rest) = rows.split_at(row_bytes);
-                    let (r1, rest) = rest.split_at(row_bytes);
-                    let (r2, r3) = rest.split_at(row_bytes);
-                    out.copy_from_slice(&dot_rows::<ROWS>([r0, r1, r2, r3], x));
-                }
-                for (row, value) in row_groups.remainder().chunks_exact(row_bytes).zip(out_groups.into_remainder()) {
-                    *value = dot_rows::<1>([row], x)[0];
+                for (row, value) in bytes.chunks_exact(row_bytes).zip(out.iter_mut()) {
+                    *value = dot_row(row, x);
                 }
             }
 
             #[target_feature(enable = "avx512f,avx512bw")]
-            fn dot_rows<const R: usize>(rows: [&[u8]; R], x: &[f32]) -> [f32; R] {
+            fn dot_row(row: &[u8], x: &[f32]) -> f32 {
                 let (x_chunks, _) = x.as_chunks::<16>();
                 let n_chunks = x_chunks.len();
-                let mut row_chunks: [&[[u8; CHUNK_BYTES]]; R] = [&[]; R];
-                for r in 0..R {
-                    row_chunks[r] = &rows[r].as_chunks::<CHUNK_BYTES>().0[..n_chunks];
-                }
-                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                let row_chunks = &row.as_chunks::<CHUNK_BYTES>().0[..n_chunks];
+                let mut acc = [_mm512_setzero_ps(); 2];
                 let mut c = 0;
                 while c + 2 <= n_chunks {
-                    for r in 0..R {
-                        prefetch(rows[r].as_ptr(), R * rows[r].len() + c * CHUNK_BYTES);
+                    // Two chunks span one (f16, bf16) or two (f32) cache lines.
+                    prefetch(row.as_ptr(), PREFETCH_AHEAD + c * CHUNK_BYTES);
+                    if CHUNK_BYTES == 64 {
+                        prefetch(row.as_ptr(), PREFETCH_AHEAD + (c + 1) * CHUNK_BYTES);
                     }
-                    let x0 = load_f32x16(&x_chunks[c]);
-                    let x1 = load_f32x16(&x_chunks[c + 1]);
-                    for r in 0..R {
-                        acc[r][0] = _mm512_fmadd_ps($load(&row_chunks[r][c]), x0, acc[r][0]);
-                        acc[r][1] = _mm512_fmadd_ps($load(&row_chunks[r][c + 1]), x1, acc[r][1]);
-                    }
+                    acc[0] = _mm512_fmadd_ps($load(&row_chunks[c]), load_f32x16(&x_chunks[c]), acc[0]);
+                    acc[1] = _mm512_fmadd_ps($load(&row_chunks[c + 1]), load_f32x16(&x_chunks[c + 1]), acc[1]);
                     c += 2;
                 }
                 if c < n_chunks {
-                    let x0 = load_f32x16(&x_chunks[c]);
-                    for r in 0..R {
-                        acc[r][0] = _mm512_fmadd_ps($load(&row_chunks[r][c]), x0, acc[r][0]);
-                    }
+                    acc[0] = _mm512_fmadd_ps($load(&row_chunks[c]), load_f32x16(&x_chunks[c]), acc[0]);
                 }
-                let mut sums = [0.0f32; R];
-                for r in 0..R {
-                    sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]))
-                        + tail_dot::<$dtype>(rows[r], x, n_chunks * 16);
-                }
-                sums
+                _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail_dot::<$dtype>(row, x, n_chunks * 16)
             }
         }
     };
@@ -89,8 +66,8 @@ gemv_for_dtype!(f16_weights, half::f16, 32, load_f16x16);
 gemv_for_dtype!(bf16_weights, half::bf16, 32, load_bf16x16);
 gemv_for_dtype!(f32_weights, f32, 64, load_le_f32x16);
 
-/// Hints the cache to fetch the line at `base + offset` (the same position in
-/// the rows of the next tile), so DRAM latency overlaps the arithmetic.
+/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// bytes further along the weights), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.
 #[inline]

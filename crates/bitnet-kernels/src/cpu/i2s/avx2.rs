@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 
 use super::{token_tiles, Activations, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS};
 use crate::cpu::token::{Avx2Token, AvxVnniToken};
+use crate::cpu::PREFETCH_AHEAD;
 
 pub(super) fn gemm_rows_avx2(_token: Avx2Token, codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) {
     // SAFETY: an `Avx2Token` exists only after run-time detection of AVX2,
@@ -48,8 +49,9 @@ impl<'a> Tile<'a> {
 }
 
 /// `gemm_rows` for one module: token tiles of up to four, then rows in
-/// groups of `R` (`$tiles` gives `(R, T)` per tile size, chosen to fit the 16
-/// `ymm` registers), leftover rows one at a time.
+/// groups of `R` (`$tiles` gives `R` for 1, 2, 3 and 4 tokens, chosen to fit
+/// the 16 `ymm` registers; one row for a single token, so decode reads the
+/// weights as one sequential stream), leftover rows one at a time.
 macro_rules! driver {
     ($features:literal, tiles: [$r1:literal, $r2:literal, $r3:literal, $r4:literal]) => {
         #[target_feature(enable = $features)]
@@ -91,7 +93,7 @@ macro_rules! driver {
 mod with_maddubs {
     use super::*;
 
-    driver!("avx2,fma,f16c", tiles: [4, 2, 1, 1]);
+    driver!("avx2,fma,f16c", tiles: [1, 2, 1, 1]);
 
     /// Blocks summed in `i16` before widening (see the module docs).
     const BLOCKS_PER_WIDEN: usize = 8;
@@ -119,10 +121,7 @@ mod with_maddubs {
                 let mut w = [_mm256_setzero_si256(); R];
                 for r in 0..R {
                     w[r] = load_u8x32(&w_rows[r][b]);
-                    prefetch(
-                        w_rows[r].as_ptr().cast(),
-                        R * tile.blocks_per_row * I2S_BLOCK_BYTES + b * I2S_BLOCK_BYTES,
-                    );
+                    prefetch(w_rows[r].as_ptr().cast(), PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
                 }
                 for g in 0..4 {
                     let mut qv = [_mm256_setzero_si256(); T];
@@ -154,7 +153,7 @@ mod with_maddubs {
 mod with_vnni {
     use super::*;
 
-    driver!("avx2,fma,f16c,avxvnni", tiles: [4, 2, 1, 1]);
+    driver!("avx2,fma,f16c,avxvnni", tiles: [1, 2, 1, 1]);
 
     /// Accumulators per (row, token): consecutive groups alternate between
     /// two, so a register's `vpdpbusd` chain is half as long.
@@ -179,7 +178,7 @@ mod with_vnni {
             let mut w = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 w[r] = load_u8x32(&w_rows[r][b]);
-                prefetch(w_rows[r].as_ptr().cast(), R * tile.blocks_per_row * I2S_BLOCK_BYTES + b * I2S_BLOCK_BYTES);
+                prefetch(w_rows[r].as_ptr().cast(), PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
             }
             for g in 0..4 {
                 let mut qv = [_mm256_setzero_si256(); T];
@@ -216,8 +215,8 @@ fn unpack(w: __m256i, group: usize, mask: __m256i) -> __m256i {
     _mm256_and_si256(shifted, mask)
 }
 
-/// Hints the cache to fetch the line at `base + offset` (the same position in
-/// the rows of the next tile), so DRAM latency overlaps the arithmetic.
+/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// bytes further along the codes), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.
 #[inline]

@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use super::{token_tiles, Activations, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS};
 use crate::cpu::token::Avx512Token;
+use crate::cpu::PREFETCH_AHEAD;
 
 /// Weights per pair of blocks.
 const PAIR_ELEMS: usize = 2 * I2S_BLOCK_ELEMS;
@@ -63,12 +64,14 @@ fn gemm_rows_impl(codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) 
     }
     for (first, len) in token_tiles(acts.n_tokens()) {
         let tile = Tile { codes, q: &acts.q, k: acts.k, first, sums: &acts.sums };
-        // (rows, tokens) per tile: 8 to 16 accumulators of the 32 `zmm` registers.
+        // (rows, tokens) per tile: 12 to 16 accumulators of the 32 `zmm`
+        // registers for batches; one row at a time for a single token, so
+        // decode reads the weights as one sequential stream (`PREFETCH_AHEAD`).
         match len {
             4 => run_rows::<2, 4>(&tile, out),
             3 => run_rows::<2, 3>(&tile, out),
             2 => run_rows::<2, 2>(&tile, out),
-            _ => run_rows::<4, 1>(&tile, out),
+            _ => run_rows::<1, 1>(&tile, out),
         }
     }
 }
@@ -111,11 +114,18 @@ fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, first_row: usize, o
     let n_pairs = tile.k / PAIR_ELEMS;
     let mask = _mm512_set1_epi8(0b11);
     let mut acc = [[[_mm512_setzero_si512(); ACC]; T]; R];
-    for p in 0..n_pairs {
+    // Decode (one row, one token) takes the path with fewer instructions.
+    let pairs = if R == 1 && T == 1 {
+        acc[0][0][0] = single_row_pairs(code_pairs[0], q_pairs[0]);
+        0
+    } else {
+        n_pairs
+    };
+    for p in 0..pairs {
         let mut w = [_mm512_setzero_si512(); R];
         for r in 0..R {
             w[r] = load_512(&code_pairs[r][p]);
-            prefetch(code_pairs[r].as_ptr().cast(), R * row_bytes + p * 64);
+            prefetch(code_pairs[r].as_ptr().cast(), PREFETCH_AHEAD + p * 64);
         }
         for g in 0..4 {
             let mut qv = [_mm512_setzero_si512(); T];
@@ -156,6 +166,34 @@ fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, first_row: usize, o
     }
 }
 
+/// One row times one token over whole block pairs, per `i32` lane. The codes
+/// are masked in place instead of shifted down: group `g`'s mask keeps bits
+/// `6 - 2g` and `7 - 2g` of every byte, so each product is
+/// `code * 4^(3 - g) * q`, summed into the group's own accumulator, which is
+/// divided by `4^(3 - g)` at the end: exact, as every lane of it is a
+/// multiple of that, and `|lane| <= 192 * 128 * k / 64` fits an `i32` for
+/// `k <= I2S_MAX_K`. Three shifts fewer per 64 code bytes than
+/// [`unpack_512`], which matters when two threads share one core's
+/// execution units and the memory runs fast enough to make decode compute
+/// bound.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn single_row_pairs(codes: &[[u8; 64]], q: &[[i8; PAIR_ELEMS]]) -> __m512i {
+    let masks = [0b1100_0000u8, 0b0011_0000, 0b0000_1100, 0b0000_0011].map(|m| _mm512_set1_epi8(m as i8));
+    let mut acc = [_mm512_setzero_si512(); 4];
+    for (p, (w, q_pair)) in codes.iter().zip(q).enumerate() {
+        let w = load_512(w);
+        prefetch(codes.as_ptr().cast(), PREFETCH_AHEAD + p * 64);
+        for (g, q_group) in q_pair.as_chunks::<64>().0.iter().enumerate() {
+            acc[g] = _mm512_dpbusd_epi32(acc[g], _mm512_and_si512(w, masks[g]), load_512_i8(q_group));
+        }
+    }
+    _mm512_add_epi32(
+        _mm512_add_epi32(_mm512_srai_epi32::<6>(acc[0]), _mm512_srai_epi32::<4>(acc[1])),
+        _mm512_add_epi32(_mm512_srai_epi32::<2>(acc[2]), acc[3]),
+    )
+}
+
 /// The codes of group `group` of both blocks in a 64-byte pair, one per byte.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -182,8 +220,8 @@ fn unpack_256(w: __m256i, group: usize, mask: __m256i) -> __m256i {
     _mm256_and_si256(shifted, mask)
 }
 
-/// Hints the cache to fetch the line at `base + offset` (the same position in
-/// the rows of the next tile), so DRAM latency overlaps the arithmetic.
+/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// bytes further along the codes), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.
 #[inline]

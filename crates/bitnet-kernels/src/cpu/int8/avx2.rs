@@ -3,16 +3,14 @@
 //! `vpmaddwd` into `i32` lanes. Pairs of products reach at most
 //! `2 * 128 * 128 = 32768`, which `i32` holds; `vpmaddubsw` would saturate it.
 //!
-//! Rows go in groups of [`ROWS`], so each widened activation vector is reused
-//! four times.
+//! Rows go one after another, so the weights are one sequential stream
+//! prefetched `PREFETCH_AHEAD` bytes ahead.
 
 use std::arch::x86_64::*;
 
 use super::tail_dot;
 use crate::cpu::token::Avx2Token;
-
-/// Rows sharing each activation load.
-const ROWS: usize = 4;
+use crate::cpu::PREFETCH_AHEAD;
 
 /// Values per step.
 const LANES: usize = 16;
@@ -25,38 +23,25 @@ pub(super) fn gemv_rows(_token: Avx2Token, values: &[i8], q: &[i8], out: &mut [i
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn gemv_rows_impl(values: &[i8], q: &[i8], out: &mut [i32]) {
-    let k = q.len();
-    let mut row_groups = values.chunks_exact(ROWS * k);
-    let mut out_groups = out.chunks_exact_mut(ROWS);
-    for (rows, out) in (&mut row_groups).zip(&mut out_groups) {
-        let rows: [&[i8]; ROWS] = std::array::from_fn(|r| &rows[r * k..(r + 1) * k]);
-        out.copy_from_slice(&dot_rows::<ROWS>(rows, q));
-    }
-    for (row, value) in row_groups.remainder().chunks_exact(k).zip(out_groups.into_remainder()) {
-        *value = dot_rows::<1>([row], q)[0];
+    for (row, value) in values.chunks_exact(q.len()).zip(out.iter_mut()) {
+        *value = dot_row(row, q);
     }
 }
 
-/// `R` rows (each `q.len()` long) dotted with `q`.
+/// One row (`q.len()` long) dotted with `q`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-// Rows index parallel arrays (chunks, accumulators).
-#[allow(clippy::needless_range_loop)]
-fn dot_rows<const R: usize>(rows: [&[i8]; R], q: &[i8]) -> [i32; R] {
+fn dot_row(row: &[i8], q: &[i8]) -> i32 {
     let (q_chunks, _) = q.as_chunks::<LANES>();
-    let row_chunks: [&[[i8; LANES]]; R] = std::array::from_fn(|r| rows[r].as_chunks::<LANES>().0);
-    let mut acc = [_mm256_setzero_si256(); R];
-    for (c, q_chunk) in q_chunks.iter().enumerate() {
-        let qv = widen(q_chunk);
-        for r in 0..R {
-            if c % 4 == 0 {
-                prefetch(rows[r].as_ptr(), R * rows[r].len() + c * LANES);
-            }
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(widen(&row_chunks[r][c]), qv));
+    let row_chunks = row.as_chunks::<LANES>().0;
+    let mut acc = _mm256_setzero_si256();
+    for (c, (q_chunk, w_chunk)) in q_chunks.iter().zip(row_chunks).enumerate() {
+        if c % 4 == 0 {
+            prefetch(row.as_ptr(), PREFETCH_AHEAD + c * LANES);
         }
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(widen(w_chunk), widen(q_chunk)));
     }
-    let vector_end = q_chunks.len() * LANES;
-    std::array::from_fn(|r| hsum_epi32(acc[r]).wrapping_add(tail_dot(rows[r], q, vector_end)))
+    hsum_epi32(acc).wrapping_add(tail_dot(row, q, q_chunks.len() * LANES))
 }
 
 /// Sixteen `i8` sign-extended to sixteen `i16`.
@@ -77,8 +62,8 @@ fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// Hints the cache to fetch the line at `base + offset` (the same position in
-/// the rows of the next group), so DRAM latency overlaps the arithmetic.
+/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// bytes further along the weights), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.
 #[inline]

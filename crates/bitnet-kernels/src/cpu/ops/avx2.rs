@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 
 use super::scalar;
 use crate::cpu::token::Avx2Token;
+use crate::cpu::PREFETCH_AHEAD;
 
 // SAFETY (every wrapper below): an `Avx2Token` exists only after run-time
 // detection of AVX2, FMA and F16C, the features each `*_impl` enables.
@@ -33,6 +34,11 @@ pub(super) fn relu2_mul(_token: Avx2Token, gate: &mut [f32], up: &[f32]) {
 pub(super) fn rotate(_token: Avx2Token, first: &mut [f32], second: &mut [f32], cos: &[f32], sin: &[f32]) {
     // SAFETY: see the note above the wrappers.
     unsafe { rotate_impl(first, second, cos, sin) }
+}
+
+pub(super) fn sum_u64(_token: Avx2Token, words: &[u64]) -> u64 {
+    // SAFETY: see the note above the wrappers.
+    unsafe { sum_u64_impl(words) }
 }
 
 pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
@@ -261,4 +267,26 @@ fn add_scaled_impl(out: &mut [f32], w: f32, row: &[f32]) {
         store(o, _mm256_add_ps(load(o), _mm256_mul_ps(wv, load(r))));
     }
     scalar::add_scaled(o_tail, w, r_tail);
+}
+
+#[target_feature(enable = "avx2")]
+fn sum_u64_impl(words: &[u64]) -> u64 {
+    let (steps, tail) = words.as_chunks::<16>();
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for step in steps {
+        let base = step.as_ptr().cast::<i8>();
+        // `wrapping_add` and `prefetcht0` never fault: past the end of the
+        // buffer this is a wasted hint, not a read.
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_AHEAD));
+        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_AHEAD + 64));
+        for (a, quad) in acc.iter_mut().zip(step.as_chunks::<4>().0) {
+            // SAFETY: `quad` refers to 32 readable bytes and `vmovdqu` has no alignment requirement.
+            *a = _mm256_add_epi64(*a, unsafe { _mm256_loadu_si256(quad.as_ptr().cast()) });
+        }
+    }
+    let total = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
+    let mut lanes = [0u64; 4];
+    // SAFETY: `lanes` is 32 writable bytes borrowed exclusively; `vmovdqu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
+    lanes.iter().chain(tail).fold(0u64, |acc, &w| acc.wrapping_add(w))
 }

@@ -48,6 +48,20 @@ fn isa(kernel: CpuKernel) -> Result<Isa, KernelError> {
     })
 }
 
+/// The wrapping sum of `words`: the read-bandwidth probe of the benchmarks.
+/// The x86 kernels read 128 bytes per step into four accumulators and
+/// prefetch [`PREFETCH_AHEAD`](super::PREFETCH_AHEAD) bytes ahead, as the
+/// decode kernels stream their weights, so a floor measured with it is not
+/// one those kernels beat by prefetching alone. Identical on every kernel
+/// (wrapping addition is exact in any order).
+pub fn sum_u64(kernel: CpuKernel, words: &[u64]) -> Result<u64, KernelError> {
+    Ok(match isa(kernel)? {
+        Isa::Scalar | Isa::Portable => scalar::sum_u64(words),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::sum_u64(token, words),
+    })
+}
+
 fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), KernelError> {
     if expected != found {
         return Err(KernelError::LengthMismatch { what, expected, found });

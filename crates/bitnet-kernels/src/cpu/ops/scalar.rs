@@ -64,3 +64,7 @@ pub(super) fn add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
         *o += w * v;
     }
 }
+
+pub(super) fn sum_u64(words: &[u64]) -> u64 {
+    words.iter().fold(0u64, |acc, &w| acc.wrapping_add(w))
+}
