@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use bitnet_inference::{argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, StepInput};
 use bitnet_kernels::cpu::{self, CpuKernel};
-use bitnet_models::BitNetModel;
+use bitnet_models::{BitNetConfig, BitNetModel};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -136,13 +136,20 @@ fn ensure_default_model(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes a decode step must read: every ternary matrix, the norms, and the
+/// Weight bytes a decode step must read: every ternary matrix, the norms, and the
 /// head as the backend holds it (`head_bytes`: the file's tensor, or the int8
 /// copy and its scales).
 fn bytes_per_token(model: &BitNetModel, head_bytes: usize) -> u64 {
     let ternary: usize = model.layers.iter().flat_map(|l| l.projections()).map(|m| m.codes().len()).sum();
     let norms: usize = model.layers.iter().flat_map(|l| l.norms()).map(|(_, v)| v.len() * 4).sum();
     (ternary + norms + head_bytes + model.output_norm.len() * 4) as u64
+}
+
+/// Bytes of KV cache a decode step's attention reads (the f32 keys and values
+/// of every layer over its context), averaged over steps whose contexts
+/// (positions, the new one included) run from `first` to `last`.
+fn kv_bytes_per_step(c: &BitNetConfig, first: usize, last: usize) -> f64 {
+    (2 * c.n_layers * c.kv_dim() * 4) as f64 * (first + last) as f64 / 2.0
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -194,8 +201,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let measured = read_bandwidth(&pool, kernel, &buf, 5)?;
     let bandwidth = measured.best();
     let head_bytes = backend.head_bytes();
-    let bytes = bytes_per_token(&model, head_bytes);
-    let floor_ms = bytes as f64 / bandwidth * 1e3;
+    let weight_bytes = bytes_per_token(&model, head_bytes);
+    // Decode step i (1-based) attends over prompt + i positions.
+    let kv_bytes_read = kv_bytes_per_step(&c, args.prompt_tokens + 1, args.prompt_tokens + decode_steps);
+    let bytes = weight_bytes as f64 + kv_bytes_read;
+    let floor_ms = bytes / bandwidth * 1e3;
     // Paired measurements: a second sequence decodes in segments, each right
     // after a bandwidth measurement (best of 3 passes).
     let mut pairs = Vec::new();
@@ -205,15 +215,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         backend.add_sequence(1, pair_positions)?;
         let logits = backend.step(&[StepInput { seq: 1, tokens: &prompt }])?.remove(0);
         let mut token = argmax(&logits);
-        for _ in 0..args.pairs {
+        for pair in 0..args.pairs {
             let bw = read_bandwidth(&pool, kernel, &buf, 3)?.best();
+            let first_context = args.prompt_tokens + pair * args.pair_steps + 1;
+            let kv = kv_bytes_per_step(&c, first_context, first_context + args.pair_steps - 1);
             let start = Instant::now();
             for _ in 0..args.pair_steps {
                 let logits = backend.step(&[StepInput { seq: 1, tokens: &[token] }])?.remove(0);
                 token = argmax(&logits);
             }
             let ms = start.elapsed().as_secs_f64() * 1e3 / args.pair_steps as f64;
-            let floor = bytes as f64 / bw * 1e3;
+            let floor = (weight_bytes as f64 + kv) / bw * 1e3;
             pairs.push((bw, ms, floor / ms));
         }
         backend.remove_sequence(1);
@@ -231,6 +243,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "gen_tok_per_s": decode_steps as f64 / decode_s,
         "ms_per_token": ms_per_token,
         "bytes_per_token": bytes,
+        "weight_bytes_per_token": weight_bytes,
+        "kv_cache_bytes_read_per_token": kv_bytes_read,
         "read_bandwidth_gb_per_s": bandwidth / 1e9,
         "read_bandwidth_plain_loop_gb_per_s": measured.plain / 1e9,
         "read_bandwidth_simd_loop_gb_per_s": measured.simd / 1e9,
@@ -255,7 +269,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.gen_tokens,
         decode_steps as f64 / decode_s
     );
-    println!("| bytes read per token | {:.3} GB (head {:.3} GB) |", gb(bytes), gb(head_bytes as u64));
+    println!(
+        "| bytes read per token | {:.3} GB (weights {:.3} GB, of which head {:.3} GB; KV cache {:.3} GB on average) |",
+        bytes / 1e9,
+        gb(weight_bytes),
+        gb(head_bytes as u64),
+        kv_bytes_read / 1e9
+    );
     if args.int8_head {
         println!("| int8 head quantization (once, at load) | {backend_s:.2} s |");
     }
