@@ -24,11 +24,19 @@ mod token;
 /// How far ahead of the current read the streaming kernels prefetch, in bytes
 /// of the same row-major buffer. Every decode kernel (I2_S, int8 and float
 /// GEMV) reads its rows one after another as one sequential stream and hints
-/// the line this far ahead. Measured on the 2-vCPU dev box (AMD EPYC, Zen 5;
+/// the line this far ahead (the I2_S kernels [`I2S_PREFETCH_AHEAD`]). Measured on the 2-vCPU dev box (AMD EPYC, Zen 5;
 /// docs/perf/cpu.md, "One stream per thread"): 16 gate-sized I2_S GEMVs reach
 /// 97% of a plain summing loop this way, against 73% when four rows were
 /// interleaved and each prefetched its successor in the next group of four.
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
+
+/// [`PREFETCH_AHEAD`] for the I2_S kernels, which do more arithmetic per byte
+/// and so need more lines in flight: single-thread I2_S GEMVs over 70 MB read
+/// 34.8 and 38.9 GB/s at 4 and 8 KiB ahead in two runs during one of the dev
+/// box's fast-memory minutes (equal, 25-28 GB/s, in its usual state), and on
+/// two threads 51.2-51.4 against 51.9-52.8 GB/s; the f16 head GEMV is
+/// slightly better at 4 KiB (107.8% against 105.4% of the summing loop).
+pub(crate) const I2S_PREFETCH_AHEAD: usize = 8192;
 
 pub use float::{
     convert_bf16_f32, convert_f16_f32, dot_bf16_f32, dot_f16_f32, dot_f32_f32, gemm_bf16_f32_par, gemm_f16_f32_par,

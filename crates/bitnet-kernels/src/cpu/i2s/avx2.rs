@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use super::{token_tiles, Activations, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS};
 use crate::cpu::token::{Avx2Token, AvxVnniToken};
-use crate::cpu::PREFETCH_AHEAD;
+use crate::cpu::I2S_PREFETCH_AHEAD;
 
 pub(super) fn gemm_rows_avx2(_token: Avx2Token, codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) {
     // SAFETY: an `Avx2Token` exists only after run-time detection of AVX2,
@@ -121,7 +121,7 @@ mod with_maddubs {
                 let mut w = [_mm256_setzero_si256(); R];
                 for r in 0..R {
                     w[r] = load_u8x32(&w_rows[r][b]);
-                    prefetch(w_rows[r].as_ptr().cast(), PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
+                    prefetch(w_rows[r].as_ptr().cast(), I2S_PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
                 }
                 for g in 0..4 {
                     let mut qv = [_mm256_setzero_si256(); T];
@@ -178,7 +178,7 @@ mod with_vnni {
             let mut w = [_mm256_setzero_si256(); R];
             for r in 0..R {
                 w[r] = load_u8x32(&w_rows[r][b]);
-                prefetch(w_rows[r].as_ptr().cast(), PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
+                prefetch(w_rows[r].as_ptr().cast(), I2S_PREFETCH_AHEAD + b * I2S_BLOCK_BYTES);
             }
             for g in 0..4 {
                 let mut qv = [_mm256_setzero_si256(); T];
@@ -215,7 +215,7 @@ fn unpack(w: __m256i, group: usize, mask: __m256i) -> __m256i {
     _mm256_and_si256(shifted, mask)
 }
 
-/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// Hints the cache to fetch the line at `base + offset` (`I2S_PREFETCH_AHEAD`
 /// bytes further along the codes), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use super::{token_tiles, Activations, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS};
 use crate::cpu::token::Avx512Token;
-use crate::cpu::PREFETCH_AHEAD;
+use crate::cpu::I2S_PREFETCH_AHEAD;
 
 /// Weights per pair of blocks.
 const PAIR_ELEMS: usize = 2 * I2S_BLOCK_ELEMS;
@@ -66,7 +66,7 @@ fn gemm_rows_impl(codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) 
         let tile = Tile { codes, q: &acts.q, k: acts.k, first, sums: &acts.sums };
         // (rows, tokens) per tile: 12 to 16 accumulators of the 32 `zmm`
         // registers for batches; one row at a time for a single token, so
-        // decode reads the weights as one sequential stream (`PREFETCH_AHEAD`).
+        // decode reads the weights as one sequential stream (`I2S_PREFETCH_AHEAD`).
         match len {
             4 => run_rows::<2, 4>(&tile, out),
             3 => run_rows::<2, 3>(&tile, out),
@@ -125,7 +125,7 @@ fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, first_row: usize, o
         let mut w = [_mm512_setzero_si512(); R];
         for r in 0..R {
             w[r] = load_512(&code_pairs[r][p]);
-            prefetch(code_pairs[r].as_ptr().cast(), PREFETCH_AHEAD + p * 64);
+            prefetch(code_pairs[r].as_ptr().cast(), I2S_PREFETCH_AHEAD + p * 64);
         }
         for g in 0..4 {
             let mut qv = [_mm512_setzero_si512(); T];
@@ -183,7 +183,7 @@ fn single_row_pairs(codes: &[[u8; 64]], q: &[[i8; PAIR_ELEMS]]) -> __m512i {
     let mut acc = [_mm512_setzero_si512(); 4];
     for (p, (w, q_pair)) in codes.iter().zip(q).enumerate() {
         let w = load_512(w);
-        prefetch(codes.as_ptr().cast(), PREFETCH_AHEAD + p * 64);
+        prefetch(codes.as_ptr().cast(), I2S_PREFETCH_AHEAD + p * 64);
         for (g, q_group) in q_pair.as_chunks::<64>().0.iter().enumerate() {
             acc[g] = _mm512_dpbusd_epi32(acc[g], _mm512_and_si512(w, masks[g]), load_512_i8(q_group));
         }
@@ -220,7 +220,7 @@ fn unpack_256(w: __m256i, group: usize, mask: __m256i) -> __m256i {
     _mm256_and_si256(shifted, mask)
 }
 
-/// Hints the cache to fetch the line at `base + offset` (`PREFETCH_AHEAD`
+/// Hints the cache to fetch the line at `base + offset` (`I2S_PREFETCH_AHEAD`
 /// bytes further along the codes), so DRAM latency overlaps the arithmetic.
 /// `wrapping_add` and `prefetcht0` never fault: past the end of the buffer
 /// this is a wasted hint, not a read.
