@@ -48,6 +48,14 @@ impl MappedFile {
         // taken at map time.
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|source| MapError::Map { path: path.to_owned(), source })?;
+        // Ask for 2 MiB pages: decode streams every weight once per token,
+        // and where the kernel maps file pages huge (ext4's large folios,
+        // read-only file THP) that spares a TLB miss per 4 KiB. Advice only:
+        // where it is unsupported the call fails and nothing else changes.
+        // Dev box, 2b4t after evicting the file: 1.10 GB of the model mapped
+        // huge against 0.47 GB without the advice (docs/perf/cpu.md).
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         Ok(Self { path: path.to_owned(), map: Some(map) })
     }
 
