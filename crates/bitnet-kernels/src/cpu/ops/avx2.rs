@@ -46,14 +46,14 @@ pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
     unsafe { abs_max_impl(x) }
 }
 
-pub(super) fn dot(_token: Avx2Token, a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_rows(_token: Avx2Token, q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     // SAFETY: see the note above the wrappers.
-    unsafe { dot_impl(a, b) }
+    unsafe { dot_rows_impl(q, rows, stride, scale, out) }
 }
 
-pub(super) fn add_scaled(_token: Avx2Token, out: &mut [f32], w: f32, row: &[f32]) {
+pub(super) fn weighted_rows(_token: Avx2Token, weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     // SAFETY: see the note above the wrappers.
-    unsafe { add_scaled_impl(out, w, row) }
+    unsafe { weighted_rows_impl(weights, rows, stride, out) }
 }
 
 pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8]) {
@@ -249,24 +249,82 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     for (i, (x, y)) in a_chunks.iter().zip(b_chunks).enumerate() {
         acc[i & 1] = _mm256_fmadd_ps(load(x), load(y), acc[i & 1]);
     }
-    let sum = _mm256_add_ps(acc[0], acc[1]);
-    let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
-    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-    let total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
     let tail_len = a_tail.len().min(b_tail.len());
-    total + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
+    hsum(_mm256_add_ps(acc[0], acc[1])) + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
 }
 
+#[inline]
 #[target_feature(enable = "avx2")]
-fn add_scaled_impl(out: &mut [f32], w: f32, row: &[f32]) {
-    let (o_chunks, o_tail) = out.as_chunks_mut::<8>();
-    let (r_chunks, r_tail) = row.as_chunks::<8>();
-    let wv = _mm256_set1_ps(w);
-    for (o, r) in o_chunks.iter_mut().zip(r_chunks) {
-        // Separate multiply and add (no FMA): bit-identical to the scalar code.
-        store(o, _mm256_add_ps(load(o), _mm256_mul_ps(wv, load(r))));
+fn hsum(v: __m256) -> f32 {
+    let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+}
+
+/// Positions scored together, sharing each load of `q`.
+const SCORED_ROWS: usize = 4;
+
+/// `out[p] = dot(q, row p) * scale`, rows `stride` apart (checked by the
+/// caller): four positions at a time, one accumulator each (four
+/// independent chains), so each load of `q` serves four keys.
+#[target_feature(enable = "avx2,fma")]
+fn dot_rows_impl(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let len = q.len();
+    let (q_chunks, q_tail) = q.as_chunks::<8>();
+    let vector_len = q_chunks.len() * 8;
+    let mut blocks = out.chunks_exact_mut(SCORED_ROWS);
+    let mut first = 0;
+    for block in &mut blocks {
+        let keys: [&[f32]; SCORED_ROWS] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
+        let key_chunks: [&[[f32; 8]]; SCORED_ROWS] =
+            std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..q_chunks.len()]);
+        let mut acc = [_mm256_setzero_ps(); SCORED_ROWS];
+        for (c, q_chunk) in q_chunks.iter().enumerate() {
+            let qv = load(q_chunk);
+            for (a, key) in acc.iter_mut().zip(&key_chunks) {
+                *a = _mm256_fmadd_ps(load(&key[c]), qv, *a);
+            }
+        }
+        for ((o, a), key) in block.iter_mut().zip(acc).zip(keys) {
+            *o = (hsum(a) + scalar::dot(q_tail, &key[vector_len..])) * scale;
+        }
+        first += SCORED_ROWS;
     }
-    scalar::add_scaled(o_tail, w, r_tail);
+    for (i, o) in blocks.into_remainder().iter_mut().enumerate() {
+        *o = dot_impl(q, &rows[(first + i) * stride..][..len]) * scale;
+    }
+}
+
+/// Output floats kept in registers per pass over the positions: 8 `ymm`.
+const WEIGHTED_BLOCK: usize = 64;
+
+/// `out = sum_p weights[p] * row p`, rows `stride` apart (checked by the
+/// caller). Each block of 64 outputs stays in registers while every position
+/// is added in order, with a multiply and then an add (no FMA): per element
+/// the same operations in the same order as the scalar reference, so the
+/// same bits.
+#[target_feature(enable = "avx2")]
+fn weighted_rows_impl(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let (blocks, rest) = out.as_chunks_mut::<WEIGHTED_BLOCK>();
+    for (b, block) in blocks.iter_mut().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); WEIGHTED_BLOCK / 8];
+        for (p, &w) in weights.iter().enumerate() {
+            let values: &[f32; WEIGHTED_BLOCK] =
+                rows[p * stride + b * WEIGHTED_BLOCK..][..WEIGHTED_BLOCK].try_into().expect("a block of values");
+            let wv = _mm256_set1_ps(w);
+            for (a, v) in acc.iter_mut().zip(values.as_chunks::<8>().0) {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, load(v)));
+            }
+        }
+        for (o, a) in block.as_chunks_mut::<8>().0.iter_mut().zip(acc) {
+            store(o, a);
+        }
+    }
+    // The last partial block, one element at a time in the same order.
+    let first = blocks.len() * WEIGHTED_BLOCK;
+    for (i, o) in rest.iter_mut().enumerate() {
+        *o = weights.iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + first + i]);
+    }
 }
 
 #[target_feature(enable = "avx2")]

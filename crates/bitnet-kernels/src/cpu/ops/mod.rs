@@ -206,8 +206,9 @@ fn check_rows(what: &'static str, rows: &[f32], stride: usize, len: usize, n: us
 /// `p < out.len()`, where row `p` is `rows[p * stride..][..q.len()]` (the
 /// head's key at position `p` of a KV cache whose positions are `stride`
 /// values apart). f32 products and sums: the scalar reference adds in order,
-/// the SIMD kernels in 8 (AVX2: 16) lanes with fused multiply-adds, so
-/// results differ by rounding only (`|a - b| <= 2e-5 * scale * sum |q_i k_i|`).
+/// the SIMD kernels in 8 or 16 lanes with fused multiply-adds (AVX2: four
+/// positions at a time, 8 lanes each, sharing the loads of `q`), so results
+/// differ by rounding only (`|a - b| <= 2e-5 * scale * sum |q_i k_i|`).
 ///
 /// `rows` must hold `(out.len() - 1) * stride + q.len()` values and
 /// `stride >= q.len()` (nothing is needed when `out` is empty).
@@ -221,14 +222,17 @@ pub fn dot_rows_f32(
 ) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     check_rows("attention key rows", rows, stride, q.len(), out.len())?;
+    let dot: fn(&[f32], &[f32]) -> f32 = match isa {
+        Isa::Scalar => scalar::dot,
+        Isa::Portable => portable::dot,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => {
+            avx2::dot_rows(token, q, rows, stride, scale, out);
+            return Ok(());
+        }
+    };
     for (p, o) in out.iter_mut().enumerate() {
-        let row = &rows[p * stride..p * stride + q.len()];
-        *o = match isa {
-            Isa::Scalar => scalar::dot(q, row),
-            Isa::Portable => portable::dot(q, row),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2(token) => avx2::dot(token, q, row),
-        } * scale;
+        *o = dot(q, &rows[p * stride..p * stride + q.len()]) * scale;
     }
     Ok(())
 }
@@ -236,7 +240,8 @@ pub fn dot_rows_f32(
 /// Attention output of one head: `out = sum_p weights[p] * row p` with row
 /// `p` = `rows[p * stride..][..out.len()]` (the head's value at position
 /// `p`), `out` overwritten and each element added in order of `p` with
-/// separate multiplies and adds: the same bits on every kernel.
+/// separate multiplies and adds: the same bits on every kernel (AVX2 keeps
+/// 64 outputs in registers across all positions).
 ///
 /// `rows` must hold `(weights.len() - 1) * stride + out.len()` values and
 /// `stride >= out.len()`; no weights give zeros.
@@ -249,16 +254,19 @@ pub fn weighted_rows_f32(
 ) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     check_rows("attention value rows", rows, stride, out.len(), weights.len())?;
+    let add_scaled: fn(&mut [f32], f32, &[f32]) = match isa {
+        Isa::Scalar => scalar::add_scaled,
+        Isa::Portable => portable::add_scaled,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => {
+            avx2::weighted_rows(token, weights, rows, stride, out);
+            return Ok(());
+        }
+    };
     out.fill(0.0);
     let len = out.len();
     for (p, &w) in weights.iter().enumerate() {
-        let row = &rows[p * stride..p * stride + len];
-        match isa {
-            Isa::Scalar => scalar::add_scaled(out, w, row),
-            Isa::Portable => portable::add_scaled(out, w, row),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2(token) => avx2::add_scaled(token, out, w, row),
-        }
+        add_scaled(out, w, &rows[p * stride..p * stride + len]);
     }
     Ok(())
 }
