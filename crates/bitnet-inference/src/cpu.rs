@@ -383,8 +383,19 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Query heads per attention task: the most heads of one KV group (a
+/// divisor of the group) that still leave at least four tasks per thread.
+/// Heads of one task read their KV head's keys and values once
+/// (`dot_rows_heads_f32`, `weighted_rows_heads_f32`) instead of once each;
+/// enough tasks keep the threads balanced. One decode row of 2B-4T (5 KV
+/// heads of 4) on 2 threads: 2 heads per task, 10 tasks.
+fn heads_per_task(rows: usize, n_kv_heads: usize, group: usize, threads: usize) -> usize {
+    (1..=group).rev().filter(|h| group % h == 0).find(|h| rows * n_kv_heads * (group / h) >= 4 * threads).unwrap_or(1)
+}
+
 /// Causal GQA attention of every row over its sequence's cache (which
-/// already holds this step's keys and values), parallel over rows x heads.
+/// already holds this step's keys and values), parallel over rows x groups
+/// of query heads that share a KV head ([`heads_per_task`]).
 fn attention(
     kernel: CpuKernel,
     c: &BitNetConfig,
@@ -395,17 +406,21 @@ fn attention(
 ) -> Result<(), KernelError> {
     let (h, hd, kv_dim, group) = (c.hidden_size, c.head_dim, c.kv_dim(), c.group_size());
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().try_for_each(|(idx, out_head)| -> Result<(), KernelError> {
-        let (r, head) = (idx / c.n_heads, idx % c.n_heads);
+    let heads = heads_per_task(rows.len(), c.n_kv_heads, group, rayon::current_num_threads());
+    let tasks_per_row = c.n_heads / heads;
+    out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
+        let (r, first_head) = (idx / tasks_per_row, idx % tasks_per_row * heads);
         let (entry, pos) = rows[r];
         let (keys, values) = caches[entry];
-        let kv_head = head / group;
-        let qh = &q[r * h + head * hd..r * h + (head + 1) * hd];
-        let mut scores = vec![0f32; pos + 1];
-        // This head's key and value of position p start at p * kv_dim.
-        k::dot_rows_f32(kernel, qh, &keys[kv_head * hd..], kv_dim, scale, &mut scores)?;
-        k::softmax_f32(kernel, &mut scores)?;
-        k::weighted_rows_f32(kernel, &scores, &values[kv_head * hd..], kv_dim, out_head)
+        let kv_head = first_head / group;
+        let qs = &q[r * h + first_head * hd..r * h + (first_head + heads) * hd];
+        let mut scores = vec![0f32; heads * (pos + 1)];
+        // The KV head's key and value of position p start at p * kv_dim.
+        k::dot_rows_heads_f32(kernel, qs, heads, &keys[kv_head * hd..], kv_dim, scale, &mut scores)?;
+        for head_scores in scores.chunks_exact_mut(pos + 1) {
+            k::softmax_f32(kernel, head_scores)?;
+        }
+        k::weighted_rows_heads_f32(kernel, &scores, heads, &values[kv_head * hd..], kv_dim, out_heads)
     })
 }
 
@@ -464,5 +479,26 @@ impl Backend for CpuBackend {
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.checked_step(batch, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heads_per_task;
+
+    #[test]
+    fn attention_tasks_keep_four_per_thread() {
+        // 2B-4T, one decode row, 2 threads: 4 heads a task would give 5 tasks
+        // (fewer than 8), 2 heads give 10.
+        assert_eq!(heads_per_task(1, 5, 4, 2), 2);
+        // Eight rows: 40 tasks of 4 heads.
+        assert_eq!(heads_per_task(8, 5, 4, 2), 4);
+        // 16 threads and one row: even single heads give only 20 tasks.
+        assert_eq!(heads_per_task(1, 5, 4, 16), 1);
+        // Groups of 3 (divisors 3 and 1): 2 tasks of 3 heads are too few for one thread.
+        assert_eq!(heads_per_task(1, 2, 3, 1), 1);
+        assert_eq!(heads_per_task(2, 2, 3, 1), 3);
+        // No grouping (multi-head attention).
+        assert_eq!(heads_per_task(1, 20, 1, 2), 1);
     }
 }

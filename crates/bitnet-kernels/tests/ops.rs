@@ -310,3 +310,98 @@ fn sum_u64_is_exact(kernel: CpuKernel) {
     assert_eq!(cpu::sum_u64(kernel, &[]).unwrap(), 0);
 }
 test_each_kernel!(sum_u64, sum_u64_is_exact);
+
+/// Random shapes for the grouped-head kernels: heads 1-5 (2 and 4 take the
+/// AVX2 grouped paths), 0-140 values per head, 0-6 of padding between rows,
+/// 0-20 positions.
+fn heads_shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    (1..=5usize, 0..=140usize, 0..=6usize, 0..=20usize)
+}
+
+/// Scores of several heads at once: each head's scores within the bound of
+/// [`dot_rows_within_tolerance`] of its f64 dot products.
+fn dot_rows_heads_within_tolerance(kernel: CpuKernel) {
+    let strategy = (heads_shape(), prop::sample::select(vec![1e-3f32, 1.0, 1e3])).prop_flat_map(
+        |((heads, len, pad, n), magnitude)| {
+            let stride = len + pad;
+            let rows_len = if n == 0 { 0 } else { (n - 1) * stride + len };
+            (
+                prop::collection::vec(-magnitude..magnitude, heads * len),
+                prop::collection::vec(-magnitude..magnitude, rows_len),
+                Just((heads, len, stride, n)),
+            )
+        },
+    );
+    runner(96)
+        .run(&strategy, |(q, rows, (heads, len, stride, n))| {
+            let scale = 0.125f32;
+            let mut found = vec![f32::NAN; heads * n];
+            cpu::dot_rows_heads_f32(kernel, &q, heads, &rows, stride, scale, &mut found).unwrap();
+            for h in 0..heads {
+                let qh = &q[h * len..(h + 1) * len];
+                for p in 0..n {
+                    let row = &rows[p * stride..p * stride + len];
+                    let exact: f64 = qh.iter().zip(row).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let magnitude: f64 = qh.iter().zip(row).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+                    let f = found[h * n + p];
+                    let err = (f64::from(f) - exact * f64::from(scale)).abs();
+                    prop_assert!(err <= 2e-5 * f64::from(scale) * magnitude + 1e-30, "head {h} row {p}: {f}");
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Two heads (1,2) and (0,1) over rows (3,4) and (5,6), 2 apart: 11, 17 and 4, 6.
+    let mut out = [0.0f32; 4];
+    cpu::dot_rows_heads_f32(kernel, &[1.0, 2.0, 0.0, 1.0], 2, &[3.0, 4.0, 5.0, 6.0], 2, 1.0, &mut out).unwrap();
+    assert_eq!(out, [11.0, 17.0, 4.0, 6.0]);
+    assert_eq!(
+        cpu::dot_rows_heads_f32(kernel, &[1.0; 3], 2, &[1.0; 8], 2, 1.0, &mut [0.0; 4]),
+        Err(KernelError::NotMultiple { what: "attention queries", value: 3, multiple: 2 })
+    );
+    assert_eq!(
+        cpu::dot_rows_heads_f32(kernel, &[1.0; 4], 0, &[1.0; 8], 2, 1.0, &mut [0.0; 4]),
+        Err(KernelError::ZeroDimension { what: "attention heads" })
+    );
+    assert_eq!(
+        cpu::dot_rows_heads_f32(kernel, &[1.0; 4], 2, &[1.0; 5], 4, 1.0, &mut [0.0; 4]),
+        Err(KernelError::LengthMismatch { what: "attention key rows", expected: 6, found: 5 })
+    );
+}
+test_each_kernel!(dot_rows_heads, dot_rows_heads_within_tolerance);
+
+/// Weighted sums of several heads at once: the scalar reference's bits,
+/// head by head.
+fn weighted_rows_heads_is_exact(kernel: CpuKernel) {
+    let strategy = heads_shape().prop_flat_map(|(heads, len, pad, n)| {
+        let stride = len + pad;
+        let rows_len = if n == 0 { 0 } else { (n - 1) * stride + len };
+        (
+            prop::collection::vec(0.0f32..1.0, heads * n),
+            prop::collection::vec(-100.0f32..100.0, rows_len),
+            Just((heads, len, stride, n)),
+        )
+    });
+    runner(96)
+        .run(&strategy, |(weights, rows, (heads, len, stride, n))| {
+            let mut found = vec![f32::NAN; heads * len];
+            cpu::weighted_rows_heads_f32(kernel, &weights, heads, &rows, stride, &mut found).unwrap();
+            for h in 0..heads {
+                let mut expected = vec![f32::NAN; len];
+                cpu::weighted_rows_f32(CpuKernel::Scalar, &weights[h * n..(h + 1) * n], &rows, stride, &mut expected)
+                    .unwrap();
+                prop_assert_eq!(bits(&found[h * len..(h + 1) * len]), bits(&expected), "head {}", h);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Heads with weights (1, 0) and (0.5, 0.5) over rows (2, 4) and (6, 8), 3 apart.
+    let mut out = [0.0f32; 4];
+    cpu::weighted_rows_heads_f32(kernel, &[1.0, 0.0, 0.5, 0.5], 2, &[2.0, 4.0, 9.0, 6.0, 8.0], 3, &mut out).unwrap();
+    assert_eq!(out, [2.0, 4.0, 4.0, 6.0]);
+    assert_eq!(
+        cpu::weighted_rows_heads_f32(kernel, &[1.0; 4], 2, &[1.0; 4], 3, &mut [0.0; 3]),
+        Err(KernelError::NotMultiple { what: "attention outputs", value: 3, multiple: 2 })
+    );
+}
+test_each_kernel!(weighted_rows_heads, weighted_rows_heads_is_exact);

@@ -56,6 +56,53 @@ pub(super) fn weighted_rows(_token: Avx2Token, weights: &[f32], rows: &[f32], st
     unsafe { weighted_rows_impl(weights, rows, stride, out) }
 }
 
+/// [`dot_rows`] for `heads` query heads sharing the rows (lengths checked
+/// by the caller: `q` and `out` hold `heads` equal runs).
+pub(super) fn dot_rows_heads(
+    token: Avx2Token,
+    q: &[f32],
+    heads: usize,
+    rows: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY (both calls): see the note above the wrappers.
+    match heads {
+        2 => unsafe { dot_rows_heads_impl::<2, 4>(q, rows, stride, scale, out) },
+        4 => unsafe { dot_rows_heads_impl::<4, 2>(q, rows, stride, scale, out) },
+        _ => {
+            let (len, n) = (q.len() / heads, out.len() / heads);
+            for h in 0..heads {
+                dot_rows(token, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n]);
+            }
+        }
+    }
+}
+
+/// [`weighted_rows`] for `heads` query heads sharing the rows (lengths
+/// checked by the caller: `weights` and `out` hold `heads` equal runs).
+pub(super) fn weighted_rows_heads(
+    token: Avx2Token,
+    weights: &[f32],
+    heads: usize,
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    // SAFETY (both calls): see the note above the wrappers.
+    match heads {
+        2 => unsafe { weighted_rows_heads_impl::<2, 4>(weights, rows, stride, out) },
+        4 => unsafe { weighted_rows_heads_impl::<4, 2>(weights, rows, stride, out) },
+        _ => {
+            let (n, len) = (weights.len() / heads, out.len() / heads);
+            for h in 0..heads {
+                weighted_rows(token, &weights[h * n..(h + 1) * n], rows, stride, &mut out[h * len..(h + 1) * len]);
+            }
+        }
+    }
+}
+
 pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8]) {
     // SAFETY: see the note above the wrappers.
     unsafe { quantize_impl(x, scale, out) }
@@ -347,4 +394,105 @@ fn sum_u64_impl(words: &[u64]) -> u64 {
     // SAFETY: `lanes` is 32 writable bytes borrowed exclusively; `vmovdqu` has no alignment requirement.
     unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
     lanes.iter().chain(tail).fold(0u64, |acc, &w| acc.wrapping_add(w))
+}
+
+/// `H` heads' scores over the same rows, `P` positions per pass: each load
+/// of a key serves `H` queries and each load of a query `P` keys, one
+/// accumulator per (head, position). `q` is `H` runs of `len`, `out` `H`
+/// runs of `n` scores.
+#[target_feature(enable = "avx2,fma")]
+// Heads and positions index parallel arrays (queries, keys, accumulators).
+#[allow(clippy::needless_range_loop)]
+fn dot_rows_heads_impl<const H: usize, const P: usize>(
+    q: &[f32],
+    rows: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (len, n) = (q.len() / H, out.len() / H);
+    let n_chunks = len / 8;
+    let vector_len = n_chunks * 8;
+    let queries: [&[f32]; H] = std::array::from_fn(|h| &q[h * len..(h + 1) * len]);
+    let query_chunks: [&[[f32; 8]]; H] = std::array::from_fn(|h| &queries[h].as_chunks::<8>().0[..n_chunks]);
+    let mut first = 0;
+    while first + P <= n {
+        let keys: [&[f32]; P] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
+        let key_chunks: [&[[f32; 8]]; P] = std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..n_chunks]);
+        let mut acc = [[_mm256_setzero_ps(); P]; H];
+        for c in 0..n_chunks {
+            let mut k = [_mm256_setzero_ps(); P];
+            for i in 0..P {
+                k[i] = load(&key_chunks[i][c]);
+            }
+            for h in 0..H {
+                let qv = load(&query_chunks[h][c]);
+                for i in 0..P {
+                    acc[h][i] = _mm256_fmadd_ps(k[i], qv, acc[h][i]);
+                }
+            }
+        }
+        for h in 0..H {
+            for i in 0..P {
+                let tail = scalar::dot(&queries[h][vector_len..], &keys[i][vector_len..]);
+                out[h * n + first + i] = (hsum(acc[h][i]) + tail) * scale;
+            }
+        }
+        first += P;
+    }
+    for p in first..n {
+        let key = &rows[p * stride..][..len];
+        for h in 0..H {
+            out[h * n + p] = dot_impl(queries[h], key) * scale;
+        }
+    }
+}
+
+/// `H` heads' weighted sums of the same rows, `8 * B` outputs per head per
+/// pass over the positions, kept in registers: each load of a value serves
+/// `H` heads. Per element the same multiply-then-add in order of `p` as the
+/// scalar reference. `weights` is `H` runs of `n`, `out` `H` runs of `len`.
+#[target_feature(enable = "avx2")]
+// Heads and blocks index parallel arrays (weights, values, accumulators).
+#[allow(clippy::needless_range_loop)]
+fn weighted_rows_heads_impl<const H: usize, const B: usize>(
+    weights: &[f32],
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let (n, len) = (weights.len() / H, out.len() / H);
+    let head_weights: [&[f32]; H] = std::array::from_fn(|h| &weights[h * n..(h + 1) * n]);
+    let blocks = len / (8 * B);
+    for b in 0..blocks {
+        let first = b * 8 * B;
+        let mut acc = [[_mm256_setzero_ps(); B]; H];
+        for p in 0..n {
+            let values = &rows[p * stride + first..][..8 * B].as_chunks::<8>().0;
+            let mut v = [_mm256_setzero_ps(); B];
+            for j in 0..B {
+                v[j] = load(&values[j]);
+            }
+            for h in 0..H {
+                let wv = _mm256_set1_ps(head_weights[h][p]);
+                for j in 0..B {
+                    // Separate multiply and add (no FMA): bit-identical to the scalar code.
+                    acc[h][j] = _mm256_add_ps(acc[h][j], _mm256_mul_ps(wv, v[j]));
+                }
+            }
+        }
+        for h in 0..H {
+            let head_out = &mut out[h * len + first..][..8 * B];
+            for (o, a) in head_out.as_chunks_mut::<8>().0.iter_mut().zip(acc[h]) {
+                store(o, a);
+            }
+        }
+    }
+    // The elements after the last whole block, one at a time in the same order.
+    for h in 0..H {
+        for i in blocks * 8 * B..len {
+            out[h * len + i] =
+                head_weights[h].iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + i]);
+        }
+    }
 }

@@ -271,6 +271,83 @@ pub fn weighted_rows_f32(
     Ok(())
 }
 
+/// Splits `len` values into `heads` equal runs, or says what is wrong.
+fn head_runs(what: &'static str, len: usize, heads: usize) -> Result<usize, KernelError> {
+    if heads == 0 {
+        return Err(KernelError::ZeroDimension { what: "attention heads" });
+    }
+    if !len.is_multiple_of(heads) {
+        return Err(KernelError::NotMultiple { what, value: len, multiple: heads });
+    }
+    Ok(len / heads)
+}
+
+/// [`dot_rows_f32`] for `heads` query heads that share one KV head (GQA):
+/// `q` holds their queries one after another (`heads` runs of equal
+/// length) and `out` their scores (`heads` runs of `n` positions):
+/// `out[h * n + p] = dot(q_h, row p) * scale`. Each head's scores are within
+/// the same bound of the exact value as [`dot_rows_f32`]'s; the AVX2 kernels
+/// read each key once for 2 or 4 heads.
+pub fn dot_rows_heads_f32(
+    kernel: CpuKernel,
+    q: &[f32],
+    heads: usize,
+    rows: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    let len = head_runs("attention queries", q.len(), heads)?;
+    let n = head_runs("attention scores", out.len(), heads)?;
+    check_rows("attention key rows", rows, stride, len, n)?;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::dot_rows_heads(token, q, heads, rows, stride, scale, out),
+        _ => {
+            for h in 0..heads {
+                dot_rows_f32(kernel, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`weighted_rows_f32`] for `heads` query heads that share one KV head:
+/// `weights` holds their weights one after another (`heads` runs of `n`)
+/// and `out` their outputs (`heads` runs of equal length). The same bits as
+/// [`weighted_rows_f32`] head by head, on every kernel; the AVX2 kernels
+/// read each value once for 2 or 4 heads.
+pub fn weighted_rows_heads_f32(
+    kernel: CpuKernel,
+    weights: &[f32],
+    heads: usize,
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let isa = isa(kernel)?;
+    let n = head_runs("attention weights", weights.len(), heads)?;
+    let len = head_runs("attention outputs", out.len(), heads)?;
+    check_rows("attention value rows", rows, stride, len, n)?;
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::weighted_rows_heads(token, weights, heads, rows, stride, out),
+        _ => {
+            for h in 0..heads {
+                weighted_rows_f32(
+                    kernel,
+                    &weights[h * n..(h + 1) * n],
+                    rows,
+                    stride,
+                    &mut out[h * len..(h + 1) * len],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Per-token absmax int8 quantization of one token, bit-identical to
 /// `bitnet_quant::act_quant::quantize_activations`: `s = (1 / max(max|x|, 1e-5)) * 127`,
 /// `q = clamp(round_half_even(x * s), -128, 127)`. Returns `s` (`x ≈ q / s`).
