@@ -28,6 +28,8 @@ mod token;
 /// docs/perf/cpu.md, "One stream per thread"): 16 gate-sized I2_S GEMVs reach
 /// 97% of a plain summing loop this way, against 73% when four rows were
 /// interleaved and each prefetched its successor in the next group of four.
+// Only the x86 kernels prefetch.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const PREFETCH_AHEAD: usize = 4096;
 
 /// [`PREFETCH_AHEAD`] for the I2_S kernels, which do more arithmetic per byte
@@ -36,6 +38,8 @@ pub(crate) const PREFETCH_AHEAD: usize = 4096;
 /// box's fast-memory minutes (equal, 25-28 GB/s, in its usual state), and on
 /// two threads 51.2-51.4 against 51.9-52.8 GB/s; the f16 head GEMV is
 /// slightly better at 4 KiB (107.8% against 105.4% of the summing loop).
+// Only the x86 kernels prefetch.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const I2S_PREFETCH_AHEAD: usize = 8192;
 
 pub use float::{

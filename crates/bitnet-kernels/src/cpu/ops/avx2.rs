@@ -56,51 +56,45 @@ pub(super) fn weighted_rows(_token: Avx2Token, weights: &[f32], rows: &[f32], st
     unsafe { weighted_rows_impl(weights, rows, stride, out) }
 }
 
-/// [`dot_rows`] for `heads` query heads sharing the rows (lengths checked
-/// by the caller: `q` and `out` hold `heads` equal runs).
+/// [`dot_rows`] for 2 or 4 query heads sharing the rows (lengths checked by
+/// the caller: `q` and `out` hold `heads` equal runs); `false`, with nothing
+/// written, for any other number of heads.
 pub(super) fn dot_rows_heads(
-    token: Avx2Token,
+    _token: Avx2Token,
     q: &[f32],
     heads: usize,
     rows: &[f32],
     stride: usize,
     scale: f32,
     out: &mut [f32],
-) {
+) -> bool {
     // SAFETY (both calls): see the note above the wrappers.
     match heads {
         2 => unsafe { dot_rows_heads_impl::<2, 4>(q, rows, stride, scale, out) },
         4 => unsafe { dot_rows_heads_impl::<4, 2>(q, rows, stride, scale, out) },
-        _ => {
-            let (len, n) = (q.len() / heads, out.len() / heads);
-            for h in 0..heads {
-                dot_rows(token, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n]);
-            }
-        }
+        _ => return false,
     }
+    true
 }
 
-/// [`weighted_rows`] for `heads` query heads sharing the rows (lengths
-/// checked by the caller: `weights` and `out` hold `heads` equal runs).
+/// [`weighted_rows`] for 2 or 4 query heads sharing the rows (lengths
+/// checked by the caller: `weights` and `out` hold `heads` equal runs);
+/// `false`, with nothing written, for any other number of heads.
 pub(super) fn weighted_rows_heads(
-    token: Avx2Token,
+    _token: Avx2Token,
     weights: &[f32],
     heads: usize,
     rows: &[f32],
     stride: usize,
     out: &mut [f32],
-) {
+) -> bool {
     // SAFETY (both calls): see the note above the wrappers.
     match heads {
         2 => unsafe { weighted_rows_heads_impl::<2, 4>(weights, rows, stride, out) },
         4 => unsafe { weighted_rows_heads_impl::<4, 2>(weights, rows, stride, out) },
-        _ => {
-            let (n, len) = (weights.len() / heads, out.len() / heads);
-            for h in 0..heads {
-                weighted_rows(token, &weights[h * n..(h + 1) * n], rows, stride, &mut out[h * len..(h + 1) * len]);
-            }
-        }
+        _ => return false,
     }
+    true
 }
 
 pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8]) {

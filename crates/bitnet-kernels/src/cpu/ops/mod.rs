@@ -301,13 +301,14 @@ pub fn dot_rows_heads_f32(
     let len = head_runs("attention queries", q.len(), heads)?;
     let n = head_runs("attention scores", out.len(), heads)?;
     check_rows("attention key rows", rows, stride, len, n)?;
-    match isa {
+    let grouped = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(token) => avx2::dot_rows_heads(token, q, heads, rows, stride, scale, out),
-        _ => {
-            for h in 0..heads {
-                dot_rows_f32(kernel, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n])?;
-            }
+        _ => false,
+    };
+    if !grouped {
+        for h in 0..heads {
+            dot_rows_f32(kernel, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n])?;
         }
     }
     Ok(())
@@ -330,19 +331,15 @@ pub fn weighted_rows_heads_f32(
     let n = head_runs("attention weights", weights.len(), heads)?;
     let len = head_runs("attention outputs", out.len(), heads)?;
     check_rows("attention value rows", rows, stride, len, n)?;
-    match isa {
+    let grouped = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(token) => avx2::weighted_rows_heads(token, weights, heads, rows, stride, out),
-        _ => {
-            for h in 0..heads {
-                weighted_rows_f32(
-                    kernel,
-                    &weights[h * n..(h + 1) * n],
-                    rows,
-                    stride,
-                    &mut out[h * len..(h + 1) * len],
-                )?;
-            }
+        _ => false,
+    };
+    if !grouped {
+        for h in 0..heads {
+            let head_out = &mut out[h * len..(h + 1) * len];
+            weighted_rows_f32(kernel, &weights[h * n..(h + 1) * n], rows, stride, head_out)?;
         }
     }
     Ok(())
