@@ -309,13 +309,22 @@ EMBED(embed_bf16, BF16)
 // One row, by a whole block (the thread mapping fixes the order of the
 // sums). Rows up to blockDim.x * CACHE values are read once into registers,
 // longer ones three times (same results). Thread 0 writes *scale and *qsum.
+// Calls pdl_wait() before it reads x (w may be read earlier).
 template <int CACHE>
 __device__ void norm_quant_row(const float* x, const float* w, float eps, int width, i8* q, float* scale, int* qsum,
                                int* flags, double* dslots, float* fslots, int* islots) {
     bool cached = CACHE > 0 && width <= (int)blockDim.x * CACHE;
-    float xv[CACHE > 0 ? CACHE : 1];
+    float xv[CACHE > 0 ? CACHE : 1], wv[CACHE > 0 ? CACHE : 1];
     double ss = 0.0;
     if (cached) {
+        // The norm weights (never written during a step) are loaded before
+        // waiting for the previous kernel, not after the first reduction.
+#pragma unroll
+        for (int j = 0; j < CACHE; j++) {
+            int i = threadIdx.x + j * blockDim.x;
+            wv[j] = i < width ? __ldg(w + i) : 0.0f;
+        }
+        pdl_wait();
 #pragma unroll
         for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
@@ -324,6 +333,7 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
 #pragma unroll
         for (int j = 0; j < CACHE; j++) ss += (double)xv[j] * (double)xv[j];
     } else {
+        pdl_wait();
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
             double v = (double)x[i];
             ss += v * v;
@@ -338,7 +348,7 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
         for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
-                xv[j] = __fmul_rn((float)((double)xv[j] * inv), w[i]);
+                xv[j] = __fmul_rn((float)((double)xv[j] * inv), wv[j]);
                 finite = finite && isfinite(xv[j]);
                 amax = fmaxf(amax, fabsf(xv[j]));
             }
@@ -388,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(256) rmsnorm_quant_f32(const float*
     __shared__ double dslots[32];
     __shared__ float fslots[32];
     __shared__ int islots[32];
-    pdl_begin();
+    pdl_trigger();  // norm_quant_row waits (pdl_wait) once it has the norm weights
     int r = blockIdx.x;
     size_t base = (size_t)r * width;
     norm_quant_row<RQ_CACHE>(x + base, w, eps, width, q + base, scale + r, qsum + r, flags, dslots, fslots, islots);
@@ -680,6 +690,194 @@ TERNARY(ternary_mm_gate_up, 2, 2, 4, false)
 TERNARY(ternary_mm_store_b, 0, 1, 8, true)
 TERNARY(ternary_mm_add_b, 1, 1, 8, true)
 TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true)
+
+// ---------------------------------------------------------------------------
+// Staged ternary products for passes of many tokens (batched decode steps and
+// prefill): the same products and epilogues as ternary_tile, bit for bit
+// (integer sums are exact in any order), organised for throughput:
+//
+// - a CTA owns MG row groups of 16 output rows (MODE 2: 16 gate rows and the
+//   16 up rows of the same indices per group) and TS_BN = 32 tokens; its 8
+//   warps are MG row groups x NG token groups (32 / NG tokens each), so every
+//   activation byte brought into the SM feeds MG row groups (ternary_tile: 1)
+//   and no K split needs a reduction (the kernels: MG = 4, NG = 2);
+// - weights and activations travel through a TS_NST-stage cp.async pipeline
+//   of TS_KB 128-wide blocks per stage, so the next stages' loads are in
+//   flight while a stage is multiplied (ternary_tile waits for each block's
+//   activations before its products);
+// - rows are padded in shared memory (weights 96 bytes per 64, activations
+//   288 per 256) so that the 8-byte fragment loads of a warp hit distinct banks.
+//
+// grid (ceil(rows / (16 MG)), ceil(tokens / 32)), block 256, dynamic shared
+// memory TS_NST * (weight rows * TS_WS + TS_BN * TS_AS) bytes (ops.rs:
+// staged_smem). Only where the grid fills the GPU: with few CTAs each one's
+// chain of pipeline stages is long, and ternary_tile's K split is faster
+// (docs/perf/gpu.md, session 7).
+
+#define TS_BN 32
+#define TS_KB 2
+#define TS_KC (128 * TS_KB)
+#define TS_NST 4
+#define TS_AS (TS_KC + 32)
+#define TS_WS (TS_KC / 4 + 32)
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+template <int MODE, int MG, int NG>
+__device__ void ternary_staged_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
+                                    float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                    const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                    float* __restrict__ out, int ld_out) {
+    static_assert(MG * NG == MM_WARPS, "8 warps");
+    constexpr int WROWS = (MODE == 2 ? 2 : 1) * MG * 16;  // weight rows per CTA
+    constexpr int NTW = TS_BN / 8 / NG;                     // 8-token tiles per warp
+    constexpr int MT = MODE == 2 ? 2 : 1;                   // 16-row tiles per warp
+    constexpr int W_STAGE = WROWS * TS_WS, A_STAGE = TS_BN * TS_AS;
+    extern __shared__ __align__(16) unsigned char smem[];
+    u8* sw = smem;                               // [TS_NST][WROWS][TS_WS]
+    u8* sa = smem + TS_NST * W_STAGE;            // [TS_NST][TS_BN][TS_AS]
+
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int mg = warp / NG, ng = warp % NG;
+    int row0 = blockIdx.x * MG * 16, tok0 = blockIdx.y * TS_BN;
+    int nblk = k >> 7, nch = (nblk + TS_KB - 1) / TS_KB;
+    size_t row_bytes = (size_t)(k >> 2);
+
+    // Weight pieces (16 bytes) of a stage: WROWS rows x TS_KC / 64.
+    auto load_w = [&](int ch) {
+        u8* dst = sw + (ch % TS_NST) * W_STAGE;
+        constexpr int PER_ROW = TS_KC / 64, PIECES = WROWS * PER_ROW;
+        for (int p = threadIdx.x; p < PIECES; p += blockDim.x) {
+            int rl = p / PER_ROW, off = (p % PER_ROW) * 16;
+            if (ch * (TS_KC / 4) + off >= (int)row_bytes) continue;
+            int row = MODE == 2 ? row0 + rl % (MG * 16) : row0 + rl;
+            const u8* base = (MODE == 2 && rl >= MG * 16) ? w1 : w0;
+            bool ok = row < n_rows;
+            cp_async16(dst + rl * TS_WS + off, base + (size_t)(ok ? row : 0) * row_bytes + (size_t)ch * (TS_KC / 4) + off,
+                       ok);
+        }
+    };
+    auto load_a = [&](int ch) {
+        u8* dst = sa + (ch % TS_NST) * A_STAGE;
+        constexpr int PER_ROW = TS_KC / 16, PIECES = TS_BN * PER_ROW;
+        for (int p = threadIdx.x; p < PIECES; p += blockDim.x) {
+            int tl = p / PER_ROW, off = (p % PER_ROW) * 16;
+            if (ch * TS_KC + off >= k) continue;
+            int tok = tok0 + tl;
+            bool ok = tok < n_tok;
+            cp_async16(dst + tl * TS_AS + off, act + (size_t)(ok ? tok : 0) * k + (size_t)ch * TS_KC + off, ok);
+        }
+    };
+
+    // Weights are never written during a step: their first stages load
+    // while the previous kernel finishes.
+    pdl_trigger();
+#pragma unroll
+    for (int s = 0; s < TS_NST - 1; s++)
+        if (s < nch) load_w(s);
+    pdl_wait();
+#pragma unroll
+    for (int s = 0; s < TS_NST - 1; s++) {
+        if (s < nch) load_a(s);
+        cp_async_commit();
+    }
+
+    int acc[MT][NTW][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int n = 0; n < NTW; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0;
+
+    for (int ch = 0; ch < nch; ch++) {
+        cp_async_wait<TS_NST - 2>();
+        __syncthreads();
+        int nx = ch + TS_NST - 1;
+        if (nx < nch) {
+            load_w(nx);
+            load_a(nx);
+        }
+        cp_async_commit();
+        const u8* cw = sw + (ch % TS_NST) * W_STAGE;
+        const u8* ca = sa + (ch % TS_NST) * A_STAGE;
+#pragma unroll
+        for (int j = 0; j < TS_KB; j++) {
+            if (ch * TS_KB + j >= nblk) break;
+            uint2 wa[MT], wb[MT];
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                int rl = m * MG * 16 + mg * 16 + g;
+                wa[m] = *(const uint2*)(cw + rl * TS_WS + j * 32 + 8 * t);
+                wb[m] = *(const uint2*)(cw + (rl + 8) * TS_WS + j * 32 + 8 * t);
+            }
+            uint2 bv[4][NTW];
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+#pragma unroll
+                for (int n = 0; n < NTW; n++)
+                    bv[c][n] = *(const uint2*)(ca + (ng * NTW * 8 + n * 8 + g) * TS_AS + j * 128 + 32 * c + 8 * t);
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int shift = 6 - 2 * c;
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    unsigned a0 = (wa[m].x >> shift) & 0x03030303u;
+                    unsigned a1 = (wb[m].x >> shift) & 0x03030303u;
+                    unsigned a2 = (wa[m].y >> shift) & 0x03030303u;
+                    unsigned a3 = (wb[m].y >> shift) & 0x03030303u;
+#pragma unroll
+                    for (int n = 0; n < NTW; n++) mma_s8(acc[m][n], a0, a1, a2, a3, bv[c][n].x, bv[c][n].y);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue straight from the accumulators: c0/c1 = row g, tokens 2t and
+    // 2t + 1; c2/c3 = row g + 8.
+#pragma unroll
+    for (int n = 0; n < NTW; n++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int row = row0 + mg * 16 + g + (r >= 2 ? 8 : 0);
+            int tok = tok0 + ng * NTW * 8 + n * 8 + 2 * t + (r & 1);
+            if (row >= n_rows || tok >= n_tok) continue;
+            float s = act_scale[tok];
+            int qs = act_sum[tok];
+            size_t o = (size_t)tok * ld_out + row;
+            if (MODE == 2) {
+                float gv = __fmul_rn((float)(acc[0][n][r] - qs), __fdiv_rn(s0, s));
+                float uv = __fmul_rn((float)(acc[MT - 1][n][r] - qs), __fdiv_rn(s1, s));
+                float rr = fmaxf(gv, 0.0f);
+                out[o] = __fmul_rn(__fmul_rn(rr, rr), uv);
+            } else {
+                float ws = row < seg1 ? s0 : (row < seg2 ? s1 : s2);
+                float y = __fmul_rn((float)(acc[0][n][r] - qs), __fdiv_rn(ws, s));
+                out[o] = MODE == 0 ? y : __fadd_rn(out[o], y);
+            }
+        }
+    }
+}
+
+#define TERNARY_STAGED(NAME, MODE, MG, NG)                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
+             const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
+        ternary_staged_impl<MODE, MG, NG>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, \
+                                          n_tok, out, ld_out);                                         \
+    }
+TERNARY_STAGED(ternary_mm_store_s4, 0, 4, 2)
+TERNARY_STAGED(ternary_mm_add_s4, 1, 4, 2)
+TERNARY_STAGED(ternary_mm_gate_up_s4, 2, 4, 2)
 
 // ---------------------------------------------------------------------------
 // RoPE (NEOX pairing i, i + head_dim/2) on q and k, and the KV-cache write.

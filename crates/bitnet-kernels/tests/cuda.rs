@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
-use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, HeadImpl, TernaryActs};
+use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic inputs without extra dependencies.
@@ -159,76 +159,114 @@ fn cpu_dots(codes: &[u8], rows: usize, k: usize, q: &[i8], n: usize) -> Vec<i32>
 #[test]
 fn ternary_store_and_add_are_exact() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(1);
     // Shapes cover partial row tiles, partial token tiles, several CTAs
-    // along tokens and the K split; n >= 16 runs the `_b` (batch) kernels.
-    for &(rows, k, n) in &[(16, 128, 1), (40, 256, 3), (96, 640, 8), (200, 1152, 33), (3840, 2560, 70), (64, 6912, 5)] {
-        let codes = random_codes(&mut rng, rows, k);
-        let acts = random_acts(&g, &mut rng, n, k);
-        let dots = cpu_dots(&codes, rows, k, &acts.q, n);
-        let w = g.upload("w", &codes).unwrap();
-        let scales = [0.7f32, 1.3, 2.1];
-        let segs = [rows / 3, 2 * rows / 3];
-        let ld = rows + 5;
-        let out = g.alloc("out", n * ld * 4).unwrap();
-        g.ternary_store(w.all(), rows, k, scales, segs, &acts.view(n), out.all(), ld).unwrap();
-        let got = read_f32(&g, &out, n * ld);
-        for t in 0..n {
-            for r in 0..rows {
-                let ws = if r < segs[0] {
-                    scales[0]
-                } else if r < segs[1] {
-                    scales[1]
-                } else {
-                    scales[2]
-                };
-                let want = dots[t * rows + r] as f32 * (ws / acts.scale[t]);
-                assert_eq!(got[t * ld + r].to_bits(), want.to_bits(), "store rows {rows} k {k} n {n}: t {t} r {r}");
-            }
+    // along tokens and the K split; n >= 16 runs the batch kernels, in each
+    // variant (the staged ones also with a last pipeline stage of one
+    // 128-wide block: k = 128, 1152).
+    let shapes = [
+        (16, 128, 1),
+        (40, 256, 3),
+        (96, 640, 8),
+        (200, 1152, 33),
+        (3840, 2560, 70),
+        (64, 6912, 5),
+        (40, 128, 17),
+        (2560, 6912, 40),
+    ];
+    for (i, &(rows, k, n)) in shapes.iter().enumerate() {
+        for batch in batch_variants(n) {
+            g.set_ternary_batch(batch);
+            check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
         }
-        // The residual add: out += y, on top of random values.
-        let init: Vec<f32> = (0..n * ld).map(|_| rng.f32(-3.0, 3.0)).collect();
-        let out = up_f32(&g, &init);
-        g.ternary_add(w.all(), rows, k, scales[1], &acts.view(n), out.all(), ld).unwrap();
-        let got = read_f32(&g, &out, n * ld);
-        for t in 0..n {
-            for r in 0..rows {
-                let want = init[t * ld + r] + dots[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
-                assert_eq!(got[t * ld + r].to_bits(), want.to_bits(), "add rows {rows} k {k} n {n}: t {t} r {r}");
-            }
-        }
-        let _ = acts.qsum;
     }
+    g.set_ternary_batch(TernaryBatch::Auto);
+}
+
+/// The batch-kernel variants a pass of `n` tokens can take (one when `n` is
+/// below the batch kernels' threshold of 16).
+fn batch_variants(n: usize) -> Vec<TernaryBatch> {
+    if n >= 16 {
+        vec![TernaryBatch::Split, TernaryBatch::Staged4, TernaryBatch::Auto]
+    } else {
+        vec![TernaryBatch::Auto]
+    }
+}
+
+fn check_store_and_add(g: &GpuContext, rng: &mut Rng, rows: usize, k: usize, n: usize, batch: TernaryBatch) {
+    let codes = random_codes(rng, rows, k);
+    let acts = random_acts(g, rng, n, k);
+    let dots = cpu_dots(&codes, rows, k, &acts.q, n);
+    let w = g.upload("w", &codes).unwrap();
+    let scales = [0.7f32, 1.3, 2.1];
+    let segs = [rows / 3, 2 * rows / 3];
+    let ld = rows + 5;
+    let out = g.alloc("out", n * ld * 4).unwrap();
+    g.ternary_store(w.all(), rows, k, scales, segs, &acts.view(n), out.all(), ld).unwrap();
+    let got = read_f32(g, &out, n * ld);
+    for t in 0..n {
+        for r in 0..rows {
+            let ws = if r < segs[0] {
+                scales[0]
+            } else if r < segs[1] {
+                scales[1]
+            } else {
+                scales[2]
+            };
+            let want = dots[t * rows + r] as f32 * (ws / acts.scale[t]);
+            assert_eq!(
+                got[t * ld + r].to_bits(),
+                want.to_bits(),
+                "store {batch:?} rows {rows} k {k} n {n}: t {t} r {r}"
+            );
+        }
+    }
+    // The residual add: out += y, on top of random values.
+    let init: Vec<f32> = (0..n * ld).map(|_| rng.f32(-3.0, 3.0)).collect();
+    let out = up_f32(g, &init);
+    g.ternary_add(w.all(), rows, k, scales[1], &acts.view(n), out.all(), ld).unwrap();
+    let got = read_f32(g, &out, n * ld);
+    for t in 0..n {
+        for r in 0..rows {
+            let want = init[t * ld + r] + dots[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
+            assert_eq!(got[t * ld + r].to_bits(), want.to_bits(), "add {batch:?} rows {rows} k {k} n {n}: t {t} r {r}");
+        }
+    }
+    let _ = acts.qsum;
 }
 
 #[test]
 fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(2);
-    for &(rows, k, n) in &[(48, 256, 2), (6912, 2560, 9), (96, 512, 40)] {
-        let gate = random_codes(&mut rng, rows, k);
-        let up = random_codes(&mut rng, rows, k);
-        let acts = random_acts(&g, &mut rng, n, k);
-        let (gd, ud) = (cpu_dots(&gate, rows, k, &acts.q, n), cpu_dots(&up, rows, k, &acts.q, n));
-        // Scales large enough that relu(gate)^2 * up leaves the f16 range.
-        let scales = [40.0f32, 30.0];
-        let (gb, ub) = (g.upload("g", &gate).unwrap(), g.upload("u", &up).unwrap());
-        let out = g.alloc("out", n * rows * 4).unwrap();
-        g.ternary_gate_up(gb.all(), ub.all(), rows, k, scales, &acts.view(n), out.all(), rows).unwrap();
-        let got = read_f32(&g, &out, n * rows);
-        let mut biggest = 0f32;
-        for t in 0..n {
-            for r in 0..rows {
-                let gv = gd[t * rows + r] as f32 * (scales[0] / acts.scale[t]);
-                let uv = ud[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
-                let rr = gv.max(0.0);
-                let want = rr * rr * uv;
-                biggest = biggest.max(want.abs());
-                assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "rows {rows} n {n}: t {t} r {r}");
+    let shapes = [(48, 256, 2), (6912, 2560, 9), (96, 512, 40), (6912, 2560, 33), (70, 1152, 100)];
+    for (rows, k, n) in shapes {
+        for batch in batch_variants(n) {
+            g.set_ternary_batch(batch);
+            let gate = random_codes(&mut rng, rows, k);
+            let up = random_codes(&mut rng, rows, k);
+            let acts = random_acts(&g, &mut rng, n, k);
+            let (gd, ud) = (cpu_dots(&gate, rows, k, &acts.q, n), cpu_dots(&up, rows, k, &acts.q, n));
+            // Scales large enough that relu(gate)^2 * up leaves the f16 range.
+            let scales = [40.0f32, 30.0];
+            let (gb, ub) = (g.upload("g", &gate).unwrap(), g.upload("u", &up).unwrap());
+            let out = g.alloc("out", n * rows * 4).unwrap();
+            g.ternary_gate_up(gb.all(), ub.all(), rows, k, scales, &acts.view(n), out.all(), rows).unwrap();
+            let got = read_f32(&g, &out, n * rows);
+            let mut biggest = 0f32;
+            for t in 0..n {
+                for r in 0..rows {
+                    let gv = gd[t * rows + r] as f32 * (scales[0] / acts.scale[t]);
+                    let uv = ud[t * rows + r] as f32 * (scales[1] / acts.scale[t]);
+                    let rr = gv.max(0.0);
+                    let want = rr * rr * uv;
+                    biggest = biggest.max(want.abs());
+                    assert_eq!(got[t * rows + r].to_bits(), want.to_bits(), "{batch:?} rows {rows} n {n}: t {t} r {r}");
+                }
             }
+            assert!(biggest > 65504.0, "the test must exceed the f16 range (largest {biggest})");
         }
-        assert!(biggest > 65504.0, "the test must exceed the f16 range (largest {biggest})");
     }
+    g.set_ternary_batch(TernaryBatch::Auto);
 }
 
 /// Host RMSNorm + quantisation, as the kernels define it.

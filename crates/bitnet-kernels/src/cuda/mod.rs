@@ -51,6 +51,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "ternary_mm_store_b",
     "ternary_mm_add_b",
     "ternary_mm_gate_up_b",
+    "ternary_mm_store_s4",
+    "ternary_mm_add_s4",
+    "ternary_mm_gate_up_s4",
     "rope_kv_f32",
     "rope_kv_f16",
     "rope_kv_bf16",
@@ -293,6 +296,8 @@ pub struct GpuContext {
     head_chunk: (usize, usize),
     /// Passes of at least this many tokens use the `_b` ternary kernels.
     pub(crate) ternary_batch_min: usize,
+    /// [`TernaryBatch`] code of the kernels for those passes.
+    ternary_batch: std::sync::atomic::AtomicU8,
     /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
     fused_grid: std::sync::Mutex<std::collections::HashMap<(&'static str, usize), u32>>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
@@ -307,6 +312,37 @@ pub struct GpuContext {
     /// Decode steps take RoPE and the KV write inside the tensor-core
     /// attention kernel (`BITNET_CUDA_ATTENTION_ROPE=0`: a separate rope_kv).
     decode_rope_in_attention: bool,
+}
+
+/// Which kernels run ternary products of passes of at least 16 tokens
+/// (`BITNET_CUDA_TERNARY_TILE=b|s4|auto`; see [`GpuContext::set_ternary_batch`]).
+/// Every choice gives the same bits: the products are exact integer sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TernaryBatch {
+    /// `ternary_mm_*_b`: 16 rows per CTA, the K range split over its warps.
+    Split,
+    /// `ternary_mm_*_s4`: 64 rows x 32 tokens per CTA, cp.async pipeline.
+    Staged4,
+    /// Per launch: `Staged4` when its CTAs fill every SM, else `Split`.
+    Auto,
+}
+
+impl TernaryBatch {
+    fn code(self) -> u8 {
+        match self {
+            Self::Split => 0,
+            Self::Staged4 => 1,
+            Self::Auto => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Self {
+        match c {
+            0 => Self::Split,
+            1 => Self::Staged4,
+            _ => Self::Auto,
+        }
+    }
 }
 
 /// Which code computes the output head.
@@ -423,6 +459,13 @@ impl GpuContext {
             } else {
                 16
             },
+            ternary_batch: match std::env::var("BITNET_CUDA_TERNARY_TILE").as_deref() {
+                Ok("b") => TernaryBatch::Split,
+                Ok("s4") => TernaryBatch::Staged4,
+                _ => TernaryBatch::Auto,
+            }
+            .code()
+            .into(),
             fused_grid: Default::default(),
             fused_ctas_per_sm: std::env::var("BITNET_CUDA_FUSED_CTAS")
                 .ok()
@@ -437,6 +480,16 @@ impl GpuContext {
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
+        // The staged ternary kernels take more than the default 48 KB of
+        // dynamic shared memory.
+        for (name, bytes) in ops::staged_smem_sizes() {
+            if bytes > 48 * 1024 {
+                let bytes = i32::try_from(bytes).map_err(|_| CudaError::Shape(format!("{name} shared memory")))?;
+                me.function(name)?
+                    .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
+                    .map_err(driver("cuFuncSetAttribute"))?;
+            }
+        }
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
         if std::env::var("BITNET_CUDA_HEAD").is_ok_and(|v| v == "kernels") {
@@ -482,6 +535,16 @@ impl GpuContext {
     pub fn set_head_impl(&self, want: HeadImpl) -> HeadImpl {
         self.head_cublas.store(want == HeadImpl::Cublas, std::sync::atomic::Ordering::Relaxed);
         self.head_impl()
+    }
+
+    /// Chooses the kernels of ternary products of 16 or more tokens per pass
+    /// (all give the same bits; for A/B runs and tests).
+    pub fn set_ternary_batch(&self, which: TernaryBatch) {
+        self.ternary_batch.store(which.code(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn ternary_batch(&self) -> TernaryBatch {
+        TernaryBatch::from_code(self.ternary_batch.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Programmatic dependent launch (compute capability 9.0+, on by default;

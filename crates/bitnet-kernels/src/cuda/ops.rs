@@ -2,7 +2,7 @@
 //! its dimensions and that every range covers what the kernel touches, then
 //! launches on the context's stream.
 
-use super::{Arg, CudaError, DevRange, GpuContext, GpuDType, HeadImpl};
+use super::{Arg, CudaError, DevRange, GpuContext, GpuDType, HeadImpl, TernaryBatch};
 
 /// Bit set in the flags word when a kernel saw a NaN or infinity.
 pub const FLAG_NONFINITE: i32 = 1;
@@ -10,6 +10,28 @@ pub const FLAG_NONFINITE: i32 = 1;
 /// Tokens per CTA of the ternary kernel.
 const MM_TOKENS: usize = 32;
 const HEAD_TOKENS: usize = 64;
+/// The staged ternary kernels' pipeline (`TS_*` in the kernel): stages,
+/// padded bytes per weight row and per activation row of a stage.
+const TS_STAGES: usize = 4;
+const TS_W_STRIDE: usize = 96;
+const TS_A_STRIDE: usize = 288;
+
+/// Dynamic shared memory of a staged ternary kernel: `mg` groups of 16
+/// output rows (gate/up: 16 gate and 16 up rows each).
+fn staged_smem(gate_up: bool, mg: usize) -> usize {
+    let weight_rows = if gate_up { 2 } else { 1 } * mg * 16;
+    TS_STAGES * (weight_rows * TS_W_STRIDE + MM_TOKENS * TS_A_STRIDE)
+}
+
+/// Every staged kernel with its shared memory.
+pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
+    [
+        ("ternary_mm_store_s4", staged_smem(false, 4)),
+        ("ternary_mm_add_s4", staged_smem(false, 4)),
+        ("ternary_mm_gate_up_s4", staged_smem(true, 4)),
+    ]
+}
+
 /// Positions per attention chunk (`ATT_CHUNK` in the kernel).
 const ATT_CHUNK: usize = 32;
 /// Most query heads per attention CTA (`ATT_G`).
@@ -303,18 +325,35 @@ impl GpuContext {
         let n_tok = acts.n_tok;
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
-        let grid = (u32_grid("row tiles", n_rows.div_ceil(16))?, u32_grid("tokens", n_tok.div_ceil(MM_TOKENS))?, 1);
-        let kernel = match (kernel, n_tok >= self.ternary_batch_min) {
-            ("ternary_mm_store", true) => "ternary_mm_store_b",
-            ("ternary_mm_add", true) => "ternary_mm_add_b",
-            ("ternary_mm_gate_up", true) => "ternary_mm_gate_up_b",
-            (k, _) => k,
+        let tok_tiles = u32_grid("tokens", n_tok.div_ceil(MM_TOKENS))?;
+        let gate_up = kernel == "ternary_mm_gate_up";
+        let batch = if n_tok >= self.ternary_batch_min { self.ternary_batch() } else { TernaryBatch::Split };
+        // Auto: the staged 64-row kernels when their CTAs fill every SM (on
+        // the H200: 2B-4T's gate/up from 64 tokens, every product from 128),
+        // else the K-split ones, whose 16-row CTAs keep more loads in flight
+        // on small grids (docs/perf/gpu.md, session 7).
+        let batch = match batch {
+            TernaryBatch::Auto if n_rows.div_ceil(64) * n_tok.div_ceil(MM_TOKENS) >= self.sm_count()? => {
+                TernaryBatch::Staged4
+            }
+            TernaryBatch::Auto => TernaryBatch::Split,
+            b => b,
         };
+        let (kernel, rows_per_cta, smem) = match (kernel, n_tok >= self.ternary_batch_min, batch) {
+            (k, false, _) => (k, 16, 0),
+            ("ternary_mm_store", true, TernaryBatch::Split) => ("ternary_mm_store_b", 16, 0),
+            ("ternary_mm_add", true, TernaryBatch::Split) => ("ternary_mm_add_b", 16, 0),
+            ("ternary_mm_gate_up", true, TernaryBatch::Split) => ("ternary_mm_gate_up_b", 16, 0),
+            ("ternary_mm_store", true, _) => ("ternary_mm_store_s4", 64, staged_smem(false, 4)),
+            ("ternary_mm_add", true, _) => ("ternary_mm_add_s4", 64, staged_smem(false, 4)),
+            (_, true, _) => ("ternary_mm_gate_up_s4", 64, staged_smem(gate_up, 4)),
+        };
+        let grid = (u32_grid("row tiles", n_rows.div_ceil(rows_per_cta))?, tok_tiles, 1);
         self.launch(
             kernel,
             grid,
             (256, 1, 1),
-            0,
+            u32::try_from(smem).map_err(|_| CudaError::Shape("ternary shared memory".into()))?,
             &[
                 Arg::Ptr(w[0]),
                 Arg::Ptr(w[1]),
