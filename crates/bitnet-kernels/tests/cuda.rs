@@ -173,9 +173,11 @@ fn ternary_store_and_add_are_exact() {
         (40, 128, 17),
         (2560, 6912, 40),
     ];
+    // Every supported GPU (sm_80+) can give the staged kernels their 84 KB.
+    assert_eq!(g.set_ternary_batch(TernaryBatch::Staged4), TernaryBatch::Staged4, "staged kernels unavailable");
     for (i, &(rows, k, n)) in shapes.iter().enumerate() {
         for batch in batch_variants(n) {
-            g.set_ternary_batch(batch);
+            assert_eq!(g.set_ternary_batch(batch), batch);
             check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
         }
     }
@@ -241,7 +243,7 @@ fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
     let shapes = [(48, 256, 2), (6912, 2560, 9), (96, 512, 40), (6912, 2560, 33), (70, 1152, 100)];
     for (rows, k, n) in shapes {
         for batch in batch_variants(n) {
-            g.set_ternary_batch(batch);
+            assert_eq!(g.set_ternary_batch(batch), batch);
             let gate = random_codes(&mut rng, rows, k);
             let up = random_codes(&mut rng, rows, k);
             let acts = random_acts(&g, &mut rng, n, k);

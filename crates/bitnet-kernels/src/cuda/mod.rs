@@ -298,6 +298,11 @@ pub struct GpuContext {
     pub(crate) ternary_batch_min: usize,
     /// [`TernaryBatch`] code of the kernels for those passes.
     ternary_batch: std::sync::atomic::AtomicU8,
+    /// The staged kernels could be given their shared memory (else every
+    /// choice resolves to the K-split kernels).
+    staged_ok: bool,
+    /// Streaming multiprocessors of the device.
+    sms: usize,
     /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
     fused_grid: std::sync::Mutex<std::collections::HashMap<(&'static str, usize), u32>>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
@@ -317,6 +322,7 @@ pub struct GpuContext {
 /// Which kernels run ternary products of passes of at least 16 tokens
 /// (`BITNET_CUDA_TERNARY_TILE=b|s4|auto`; see [`GpuContext::set_ternary_batch`]).
 /// Every choice gives the same bits: the products are exact integer sums.
+/// A device that refuses the staged kernels' shared memory runs `Split`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TernaryBatch {
     /// `ternary_mm_*_b`: 16 rows per CTA, the K range split over its warps.
@@ -466,6 +472,8 @@ impl GpuContext {
             }
             .code()
             .into(),
+            staged_ok: false,
+            sms: 0,
             fused_grid: Default::default(),
             fused_ctas_per_sm: std::env::var("BITNET_CUDA_FUSED_CTAS")
                 .ok()
@@ -480,16 +488,17 @@ impl GpuContext {
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
+        me.sms = me.sm_count()?;
         // The staged ternary kernels take more than the default 48 KB of
-        // dynamic shared memory.
-        for (name, bytes) in ops::staged_smem_sizes() {
-            if bytes > 48 * 1024 {
-                let bytes = i32::try_from(bytes).map_err(|_| CudaError::Shape(format!("{name} shared memory")))?;
-                me.function(name)?
-                    .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes)
-                    .map_err(driver("cuFuncSetAttribute"))?;
-            }
-        }
+        // dynamic shared memory; a device that refuses it keeps the K-split
+        // kernels for every pass (same results).
+        me.staged_ok = ops::staged_smem_sizes().iter().all(|&(name, bytes)| {
+            bytes <= 48 * 1024
+                || (i32::try_from(bytes).ok()).zip(me.function(name).ok()).is_some_and(|(b, f)| {
+                    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, b)
+                        .is_ok()
+                })
+        });
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
         if std::env::var("BITNET_CUDA_HEAD").is_ok_and(|v| v == "kernels") {
@@ -538,12 +547,18 @@ impl GpuContext {
     }
 
     /// Chooses the kernels of ternary products of 16 or more tokens per pass
-    /// (all give the same bits; for A/B runs and tests).
-    pub fn set_ternary_batch(&self, which: TernaryBatch) {
+    /// (all give the same bits; for A/B runs and tests); returns the choice
+    /// in effect ([`TernaryBatch::Split`] where the device cannot give the
+    /// staged kernels their shared memory).
+    pub fn set_ternary_batch(&self, which: TernaryBatch) -> TernaryBatch {
         self.ternary_batch.store(which.code(), std::sync::atomic::Ordering::Relaxed);
+        self.ternary_batch()
     }
 
     pub fn ternary_batch(&self) -> TernaryBatch {
+        if !self.staged_ok {
+            return TernaryBatch::Split;
+        }
         TernaryBatch::from_code(self.ternary_batch.load(std::sync::atomic::Ordering::Relaxed))
     }
 

@@ -23,6 +23,13 @@ fn staged_smem(gate_up: bool, mg: usize) -> usize {
     TS_STAGES * (weight_rows * TS_W_STRIDE + MM_TOKENS * TS_A_STRIDE)
 }
 
+/// Whether a staged product of `n_rows` x `n_tok` has a CTA (64 rows x 32
+/// tokens) for every one of `sms` multiprocessors: [`TernaryBatch::Auto`]
+/// takes the staged kernels then.
+fn staged_grid_fills(n_rows: usize, n_tok: usize, sms: usize) -> bool {
+    n_rows.div_ceil(64) * n_tok.div_ceil(MM_TOKENS) >= sms
+}
+
 /// Every staged kernel with its shared memory.
 pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
     [
@@ -333,9 +340,7 @@ impl GpuContext {
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
         // on small grids (docs/perf/gpu.md, session 7).
         let batch = match batch {
-            TernaryBatch::Auto if n_rows.div_ceil(64) * n_tok.div_ceil(MM_TOKENS) >= self.sm_count()? => {
-                TernaryBatch::Staged4
-            }
+            TernaryBatch::Auto if staged_grid_fills(n_rows, n_tok, self.sms) => TernaryBatch::Staged4,
             TernaryBatch::Auto => TernaryBatch::Split,
             b => b,
         };
@@ -820,4 +825,36 @@ fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> 
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_kernels_take_passes_whose_grid_fills_the_gpu() {
+        // 2B-4T on an H200 (132 SMs): at 32 tokens no product fills it
+        // (q|k|v 60 CTAs, gate/up 108, o/down 40); at 64 tokens gate/up does
+        // (216); at 128 tokens every product (o/down 160).
+        let sms = 132;
+        assert!(!staged_grid_fills(3840, 32, sms));
+        assert!(!staged_grid_fills(6912, 32, sms));
+        assert!(!staged_grid_fills(2560, 32, sms));
+        assert!(staged_grid_fills(6912, 64, sms));
+        assert!(!staged_grid_fills(2560, 64, sms));
+        assert!(staged_grid_fills(2560, 128, sms));
+        assert!(staged_grid_fills(3840, 1024, sms));
+        // Partial tiles count: 65 rows are two CTAs, 33 tokens two.
+        assert!(staged_grid_fills(65, 33, 4));
+        assert!(!staged_grid_fills(64, 32, 2));
+    }
+
+    #[test]
+    fn staged_shared_memory_matches_the_kernel_layout() {
+        // 4 stages x (64 weight rows x 96 + 32 tokens x 288) bytes; gate/up
+        // holds 128 weight rows.
+        assert_eq!(staged_smem(false, 4), 4 * (64 * 96 + 32 * 288));
+        assert_eq!(staged_smem(true, 4), 4 * (128 * 96 + 32 * 288));
+        assert!(staged_smem_sizes().iter().all(|&(_, b)| b <= 99 * 1024), "fits every sm_80+ GPU's opt-in limit");
+    }
 }
