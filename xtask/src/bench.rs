@@ -235,6 +235,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cpu = bitnet_device::CpuInfo::probe();
     let info = backend.info();
     let report = json!({
+        "commit": crate::crossval::git_commit(),
         "model": path, "file_size_bytes": file_size, "load_seconds": load_s,
         "backend_setup_seconds": backend_s, "int8_head": args.int8_head, "head_bytes": head_bytes,
         "machine": cpu.to_string(), "backend": info.detail, "threads": threads,

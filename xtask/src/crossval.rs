@@ -603,7 +603,7 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
 /// The commit being measured: `BITNET_COMMIT` when set (the GPU bundle records
 /// it at build time, since the machine that runs it may hold stale git data),
 /// else `git rev-parse`.
-fn git_commit() -> String {
+pub(crate) fn git_commit() -> String {
     if let Ok(commit) = std::env::var("BITNET_COMMIT") {
         return commit;
     }

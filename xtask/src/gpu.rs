@@ -289,7 +289,10 @@ pub fn bench(
     } else {
         json!(null)
     };
+    let ratios = throughput_vs_fp32(&rows);
     let report = json!({
+        "commit": crate::crossval::git_commit(),
+        "throughput_vs_fp32": ratios.iter().map(|(p, b, r)| json!({"precision": p, "batch": b, "ratio": r})).collect::<Vec<_>>(),
         "kernels_alone": kernels,
         "model": model_path, "gpu": gpus[0].name, "compute_capability": gpus[0].compute_capability,
         "host": bitnet_device::CpuInfo::probe().to_string(),
@@ -321,10 +324,32 @@ pub fn bench(
             f("gpu_memory_used_bytes") / 1e9
         );
     }
+    if !ratios.is_empty() {
+        println!("decode throughput against fp32 at the same batch:");
+        for (p, b, r) in &ratios {
+            println!("  {p} batch {b}: {r:.2}x");
+        }
+    }
     if let Some(out) = json_out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+/// (precision, batch, decode tok/s / fp32's at that batch) for every
+/// non-fp32 row with an fp32 row of the same batch in `rows`.
+fn throughput_vs_fp32(rows: &[serde_json::Value]) -> Vec<(String, u64, f64)> {
+    let tok_s = |r: &serde_json::Value| r["decode_tok_per_s"].as_f64().filter(|v| v.is_finite() && *v > 0.0);
+    let fp32 = |batch: u64| {
+        rows.iter().find(|r| r["precision"] == "fp32" && r["batch"].as_u64() == Some(batch)).and_then(tok_s)
+    };
+    rows.iter()
+        .filter(|r| r["precision"] != "fp32")
+        .filter_map(|r| {
+            let batch = r["batch"].as_u64()?;
+            Some((r["precision"].as_str()?.to_string(), batch, tok_s(r)? / fp32(batch)?))
+        })
+        .collect()
 }
 
 /// Per-kernel times at the 2B-4T shapes: each kernel launched 20 times in one
@@ -527,4 +552,27 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
         add("argmax", n * vocab * 4, time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all()))?);
     }
     Ok(json!(rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_ratios_pair_each_precision_with_fp32_of_the_same_batch() {
+        let row = |p: &str, b: u64, t: f64| json!({"precision": p, "batch": b, "decode_tok_per_s": t});
+        let rows = [
+            row("fp32", 1, 400.0),
+            row("fp32", 32, 7000.0),
+            row("bf16", 1, 520.0),
+            row("bf16", 32, 10500.0),
+            row("fp16", 8, 3000.0), // no fp32 row at batch 8: left out
+        ];
+        let r = throughput_vs_fp32(&rows);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].0.as_str(), r[0].1), ("bf16", 1));
+        assert!((r[0].2 - 1.3).abs() < 1e-12);
+        assert_eq!((r[1].0.as_str(), r[1].1), ("bf16", 32));
+        assert!((r[1].2 - 1.5).abs() < 1e-12);
+    }
 }
