@@ -95,7 +95,16 @@ pub fn smoke(args: GpuSmokeArgs) -> anyhow::Result<()> {
         "  bash {}/run.sh scenarios # the fallback scenario matrix with the real CUDA backend",
         args.bundle.display()
     );
-    println!("  bash {}/run.sh all       # all of the above", args.bundle.display());
+    println!(
+        "  bash {}/run.sh quick     # the GPU tests, then cargo xtask bench --device gpu --kernels",
+        args.bundle.display()
+    );
+    println!("  bash {}/run.sh ab        # A/B benches (AB_VARIANTS='ENV=a|ENV=b')", args.bundle.display());
+    println!(
+        "  bash {}/run.sh profile   # Nsight Compute reports (kernels built with -lineinfo)",
+        args.bundle.display()
+    );
+    println!("  bash {}/run.sh all       # smoke, crossval, scenarios, bench", args.bundle.display());
     Ok(())
 }
 

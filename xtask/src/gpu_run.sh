@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from the repository root:
-#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|quick|ab|all
+#   bash target/gpu-bundle/run.sh smoke|bench|crossval|scenarios|quick|ab|profile|all
 # (made by `cargo xtask gpu-smoke`, which builds everything on the dev box).
 # Logs and JSON go to bundle/out; at the end they are packed into
 # $OUT/results.tar.gz (the device tool returns at most 8 files) with summary.md.
@@ -98,6 +98,34 @@ ab() {
     done
 }
 
+# Nsight Compute reports (text) of decode steps on the 2b4t preset: the
+# batched kernels at batch 32 and 128 and the fused batch-1 kernel, with the
+# kernels compiled with -lineinfo (BITNET_CUDA_LINEINFO=1) so the source
+# counters name lines of kernels/bitnet.cu. PROFILE_KERNELS (a regex) and
+# PROFILE_BATCHES narrow it. The clocks are left alone (--clock-control none).
+profile() {
+    [ -f "$B/models/2b4t.gguf" ] || step gen-2b4t "$B/bin/xtask" gen-model --preset 2b4t --out "$B/models/2b4t.gguf"
+    local ncu
+    ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+    local sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis --section SourceCounters"
+    local b skip
+    for b in ${PROFILE_BATCHES:-32 128}; do
+        # 16-token prompts: the prefill is one pass per 1024 rows, so the
+        # skipped launches land in decode steps.
+        skip=$((b * 16 / 1024 * 300 + 400))
+        # shellcheck disable=SC2086
+        step "ncu-b$b" env BITNET_CUDA_LINEINFO=1 "$ncu" --clock-control none --import-source yes \
+            --kernel-name "regex:${PROFILE_KERNELS:-ternary_mm_|rmsnorm_quant|attention_mma}" --launch-skip $skip --launch-count 7 \
+            $sections "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" --batches "$b" --precisions bf16 \
+            --prompt-tokens 16 --gen-tokens 16
+    done
+    # shellcheck disable=SC2086
+    step ncu-fused env BITNET_CUDA_LINEINFO=1 "$ncu" --clock-control none --import-source yes \
+        --kernel-name regex:fused_decode_bf16 --launch-skip 4 --launch-count 1 $sections \
+        "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" --batches 1 --precisions bf16 \
+        --prompt-tokens 16 --gen-tokens 16
+}
+
 scenarios() {
     step scenarios-gpu "$B/bin/xtask" test --scenario all --json "$OUT/scenarios-gpu.json"
 }
@@ -109,8 +137,9 @@ crossval) crossval ;;
 scenarios) scenarios ;;
 quick) quick ;;
 ab) ab ;;
+profile) profile ;;
 all) smoke; crossval; scenarios; bench ;;
-*) echo "usage: run.sh smoke|bench|crossval|scenarios|quick|ab|all" >&2; exit 2 ;;
+*) echo "usage: run.sh smoke|bench|crossval|scenarios|quick|ab|profile|all" >&2; exit 2 ;;
 esac
 echo
 cat "$SUMMARY"

@@ -64,15 +64,28 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("bitnet-rs").join("ptx"))
 }
 
-/// Compiles `source` for `compute_{major}{minor}` with NVRTC.
+/// Whether NVRTC compiles with `-lineinfo` (`BITNET_CUDA_LINEINFO=1`), so a
+/// profiler (Nsight Compute's source view) can map samples to lines of
+/// `kernels/bitnet.cu`. The generated code is the same otherwise.
+pub fn lineinfo_requested() -> bool {
+    std::env::var("BITNET_CUDA_LINEINFO").is_ok_and(|v| v == "1")
+}
+
+/// Compiles `source` for `compute_{major}{minor}` with NVRTC (with
+/// `-lineinfo` when [`lineinfo_requested`]).
 pub fn compile(source: &str, arch: (u32, u32)) -> Result<String, CudaError> {
+    compile_with(source, arch, lineinfo_requested())
+}
+
+fn compile_with(source: &str, arch: (u32, u32), lineinfo: bool) -> Result<String, CudaError> {
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
     }
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1), "-std=c++17".into()],
-        ..Default::default()
-    };
+    let mut options = vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1), "-std=c++17".into()];
+    if lineinfo {
+        options.push("-lineinfo".into());
+    }
+    let opts = CompileOptions { options, ..Default::default() };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
         .map_err(|e| CudaError::Compile { arch: format!("compute_{}{}", arch.0, arch.1), log: e.to_string() })?;
     Ok(ptx.to_src())
@@ -86,8 +99,9 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
         return Ok((Ptx::from_src(ptx), PtxOrigin::Prebuilt));
     }
     let mut last_err = None;
+    let lineinfo = lineinfo_requested();
     for arch in [cc, MIN_COMPUTE_CAPABILITY] {
-        let key = fnv1a(&[SOURCE.as_bytes(), format!("compute_{}{}", arch.0, arch.1).as_bytes()]);
+        let key = cache_key(SOURCE, arch, lineinfo);
         let path = cache_dir().map(|d| d.join(format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)));
         if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
             if text.contains(".entry") {
@@ -95,7 +109,7 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
             }
         }
         let start = std::time::Instant::now();
-        match compile(SOURCE, arch) {
+        match compile_with(SOURCE, arch, lineinfo) {
             Ok(text) => {
                 if let Some(path) = &path {
                     store(path, &text);
@@ -114,6 +128,17 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
         }
     }
     Err(last_err.unwrap_or(CudaError::NoNvrtc))
+}
+
+/// The PTX cache key: the source, the architecture and (only when set, so
+/// the default keys stay as they were) `-lineinfo`.
+fn cache_key(source: &str, arch: (u32, u32), lineinfo: bool) -> u64 {
+    let arch = format!("compute_{}{}", arch.0, arch.1);
+    if lineinfo {
+        fnv1a(&[source.as_bytes(), arch.as_bytes(), b"-lineinfo"])
+    } else {
+        fnv1a(&[source.as_bytes(), arch.as_bytes()])
+    }
 }
 
 /// Writes the cache file atomically (temporary file, then rename); a cache
@@ -141,6 +166,10 @@ mod tests {
         assert_ne!(a, fnv1a(&[b"src2", b"compute_80"]));
         // Part boundaries matter: ("ab", "c") is not ("a", "bc").
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+        // -lineinfo PTX never answers for the default build, and the default
+        // key is the one earlier builds used.
+        assert_ne!(cache_key("src", (9, 0), true), cache_key("src", (9, 0), false));
+        assert_eq!(cache_key("src", (9, 0), false), fnv1a(&[b"src", b"compute_90"]));
     }
 
     /// Compiles every kernel with NVRTC for sm_80 and sm_90. Needs only
@@ -166,5 +195,8 @@ mod tests {
                 );
             }
         }
+        // With -lineinfo (profiling builds) the PTX carries source lines.
+        let ptx = compile_with(SOURCE, (9, 0), true).unwrap_or_else(|e| panic!("{e}"));
+        assert!(ptx.contains(".loc"), "-lineinfo PTX has no .loc directives");
     }
 }
