@@ -315,32 +315,45 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     for (name, model, batches, longest) in &models {
         let vocab = model.config.vocab_size;
         for precision in PRECISIONS {
-            let mut fused = cuda(model, precision, |c| {
-                c.kv_slots = 8 * 2200;
-                c.fused_max_rows = bitnet_kernels::cuda::FUSED_ROWS;
-            });
             let mut per_op = cuda(model, precision, |c| {
                 c.kv_slots = 8 * 2200;
                 c.fused_max_rows = 0;
             });
-            // The fused backend really runs the fused kernel for decode.
-            fused.add_sequence(99, 8).unwrap();
-            fused.step(&[StepInput { seq: 99, tokens: &[1, 2] }]).unwrap();
-            let profile = fused.profile_step(&[StepInput { seq: 99, tokens: &[3] }]).unwrap();
-            assert!(profile.iter().any(|(k, _, _)| k.starts_with("fused_decode")), "{name}: {profile:?}");
-            fused.remove_sequence(99);
-            for &n in batches {
-                // Lengths spread over several chunks and splits; the first is the longest.
-                let lens: Vec<usize> = (0..n).map(|i| if i == 0 { *longest } else { 6 + 37 * i }).collect();
-                let ps: Vec<Vec<u32>> =
-                    lens.iter().enumerate().map(|(i, &l)| prompts(1, l, vocab, 100 + i as u64).remove(0)).collect();
-                let a = prefill_then_decode(&mut fused, &ps, 5);
-                let b = prefill_then_decode(&mut per_op, &ps, 5);
-                assert!(a.iter().flatten().flatten().all(|v| v.is_finite()), "{name} {precision:?} batch {n}");
-                assert_eq!(a, b, "{name} {precision:?} batch {n}: the fused decode kernel changed the logits");
-                println!(
-                    "{name} {precision:?} batch {n}: fused decode logits equal the per-operation kernels' bit for bit"
-                );
+            // Lengths spread over several chunks and splits; the first is the longest.
+            let cases: Vec<(usize, Vec<Vec<u32>>)> = batches
+                .iter()
+                .map(|&n| {
+                    let lens: Vec<usize> = (0..n).map(|i| if i == 0 { *longest } else { 6 + 37 * i }).collect();
+                    (n, lens.iter().enumerate().map(|(i, &l)| prompts(1, l, vocab, 100 + i as u64).remove(0)).collect())
+                })
+                .collect();
+            let expected: Vec<_> = cases.iter().map(|(_, ps)| prefill_then_decode(&mut per_op, ps, 5)).collect();
+            // Each weight prefetch schedule: none, into L2 a layer or a stage
+            // ahead.
+            for prefetch in 0..=2 {
+                let mut fused = cuda(model, precision, |c| {
+                    c.kv_slots = 8 * 2200;
+                    c.fused_max_rows = bitnet_kernels::cuda::FUSED_ROWS;
+                });
+                assert_eq!(fused.gpu().set_fused_prefetch(prefetch), prefetch);
+                // The fused backend really runs the fused kernel for decode.
+                fused.add_sequence(99, 8).unwrap();
+                fused.step(&[StepInput { seq: 99, tokens: &[1, 2] }]).unwrap();
+                let profile = fused.profile_step(&[StepInput { seq: 99, tokens: &[3] }]).unwrap();
+                assert!(profile.iter().any(|(k, _, _)| k.starts_with("fused_decode")), "{name}: {profile:?}");
+                fused.remove_sequence(99);
+                for ((n, ps), b) in cases.iter().zip(&expected) {
+                    let a = prefill_then_decode(&mut fused, ps, 5);
+                    assert!(a.iter().flatten().flatten().all(|v| v.is_finite()), "{name} {precision:?} batch {n}");
+                    assert_eq!(
+                        &a, b,
+                        "{name} {precision:?} batch {n} prefetch {prefetch}: the fused decode kernel changed the logits"
+                    );
+                    println!(
+                        "{name} {precision:?} batch {n} prefetch {prefetch}: fused decode logits equal the \
+                         per-operation kernels' bit for bit"
+                    );
+                }
             }
         }
     }

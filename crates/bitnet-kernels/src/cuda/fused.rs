@@ -17,11 +17,9 @@ pub const FUSED_ROWS: usize = 2;
 const FUSED_THREADS: u32 = 256;
 /// Bytes of one layer's descriptor (`struct FusedLayer`: 11 pointers, 8 floats).
 const LAYER_BYTES: usize = 11 * 8 + 8 * 4;
-/// Shared memory of the kernel before the norm weights and rows (f32) and
-/// the int8 activations: the ternary partial sums (8 warps x 16 rows x 8 tokens,
-/// i32), two attention units' scratch (`FUSED_ATT_FLOATS` f32 each) and the
-/// rows' scales and sums.
-const SMEM_FIXED: usize = 8 * 16 * 8 * 4 + 2 * FUSED_ATT_FLOATS * 4 + FUSED_ROWS * 8;
+/// Bytes of the ternary partial sums in shared memory (8 warps x 16 rows x
+/// 8 tokens, i32).
+const SMEM_RED: usize = 8 * 16 * 8 * 4;
 
 /// `FUSED_ATT_FLOATS` of the kernel: the larger of the scalar attention
 /// unit's scratch (32 + 4 x 256 + 3 x 256) and the tensor-core unit's
@@ -86,8 +84,14 @@ impl FusedShape {
         self.hidden + 2 * self.n_kv_heads * self.head_dim
     }
 
+    /// Shared memory of a launch of `n` rows (the kernel's layout): the
+    /// partial sums; one region for the two attention units' scratch
+    /// (stage C) or the norm rows (f32) and int8 activations (the other
+    /// stages); the norm weights; the rows' scales and sums.
     fn smem(&self, n: usize) -> usize {
-        SMEM_FIXED + (4 + 5 * n) * self.hidden.max(self.inter)
+        let w = self.hidden.max(self.inter);
+        let region = (2 * FUSED_ATT_FLOATS * 4).max(5 * n * w).next_multiple_of(16);
+        SMEM_RED + region + 4 * w + FUSED_ROWS * 8
     }
 
     /// Entries of the trace: the start, three per barrier (five per layer),
@@ -329,7 +333,7 @@ impl GpuContext {
                 Arg::F32(eps),
                 Arg::I32(i32_dim("splits", splits)?),
                 Arg::F32(1.0 / (hd as f32).sqrt()),
-                Arg::I32(self.fused_prefetch),
+                Arg::I32(self.fused_prefetch.load(std::sync::atomic::Ordering::Relaxed)),
                 Arg::I32(i32::from(att_mma)),
                 Arg::Ptr(layers.trace.as_ref().map_or(0, |t| t.all().ptr)),
             ],

@@ -307,10 +307,11 @@ pub struct GpuContext {
     fused_grid: std::sync::Mutex<std::collections::HashMap<(&'static str, usize), u32>>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
     fused_ctas_per_sm: u32,
-    /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`:
-    /// 0 none, the default; 1 a layer ahead; 2 a stage ahead; neither was
-    /// faster on the H200, docs/perf/gpu.md).
-    fused_prefetch: i32,
+    /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`,
+    /// [`GpuContext::set_fused_prefetch`]): 0 none, the default; 1 into L2 a
+    /// layer ahead; 2 into L2 a stage ahead (neither was faster on the H200,
+    /// docs/perf/gpu.md).
+    fused_prefetch: std::sync::atomic::AtomicI32,
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
@@ -484,7 +485,8 @@ impl GpuContext {
                 .ok()
                 .and_then(|v| v.parse::<i32>().ok())
                 .filter(|c| (0..=2).contains(c))
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
@@ -569,6 +571,18 @@ impl GpuContext {
     /// it below 9.0 leaves it off.
     pub fn set_pdl(&self, on: bool) {
         self.pdl.store(on && self.cc >= (9, 0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the fused decode kernel's weight prefetch schedule (0 ..= 2, see
+    /// `BITNET_CUDA_FUSED_PREFETCH`; the same results in each); returns the
+    /// schedule in effect (unchanged for a value out of range). A backend
+    /// sets it before its first step: CUDA graphs keep the launch they
+    /// captured.
+    pub fn set_fused_prefetch(&self, mode: i32) -> i32 {
+        if (0..=2).contains(&mode) {
+            self.fused_prefetch.store(mode, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.fused_prefetch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs attention of f16/bf16 caches on tensor cores (the default) or
