@@ -109,6 +109,9 @@ profile() {
     ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
     local sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section ComputeWorkloadAnalysis --section SourceCounters"
     local b skip
+    # NVRTC names the program `default_program`; ncu imports the source
+    # from that path under the working directory.
+    cp "$ROOT/kernels/bitnet.cu" "$ROOT/default_program"
     for b in ${PROFILE_BATCHES:-32 128}; do
         # 16-token prompts: the prefill is one pass per 1024 rows, so the
         # skipped launches land in decode steps.
@@ -121,9 +124,13 @@ profile() {
     done
     # shellcheck disable=SC2086
     step ncu-fused env BITNET_CUDA_LINEINFO=1 "$ncu" --clock-control none --import-source yes \
-        --kernel-name regex:fused_decode_bf16 --launch-skip 4 --launch-count 1 $sections \
+        --kernel-name regex:fused_decode_bf16 --launch-skip 4 --launch-count 1 $sections -o "$OUT/fused" -f \
         "$B/bin/xtask" bench --device gpu --model "$B/models/2b4t.gguf" --batches 1 --precisions bf16 \
         --prompt-tokens 16 --gen-tokens 16
+    # The sections as text, then per source line and SASS instruction the
+    # stall samples by reason (the report itself is too big to bring back).
+    step ncu-fused-source bash -c "\"$ncu\" -i \"$OUT/fused.ncu-rep\" --page details && \"$ncu\" -i \"$OUT/fused.ncu-rep\" \
+        --page source --csv --print-source cuda,sass | gzip >\"$OUT/fused-source.csv.gz\" && rm -f \"$OUT/fused.ncu-rep\""
 }
 
 scenarios() {
