@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use bitnet_inference::{argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, StepInput};
+use bitnet_inference::{argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, KvCachePrecision, StepInput};
 use bitnet_kernels::cpu::{self, CpuKernel};
 use bitnet_models::{BitNetConfig, BitNetModel};
 use rayon::prelude::*;
@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Use the int8 output head (quantized once at load) instead of the file's f16 head.
     #[arg(long)]
     int8_head: bool,
+    /// Element type of the KV cache (f16 halves the bytes attention reads).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvCachePrecision,
     /// After the main run: this many (bandwidth, decode) pairs measured back
     /// to back, each decode segment judged against the bandwidth measured
     /// just before it (on a shared machine the bandwidth moves between runs).
@@ -145,11 +148,11 @@ fn bytes_per_token(model: &BitNetModel, head_bytes: usize) -> u64 {
     (ternary + norms + head_bytes + model.output_norm.len() * 4) as u64
 }
 
-/// Bytes of KV cache a decode step's attention reads (the f32 keys and values
-/// of every layer over its context), averaged over steps whose contexts
+/// Bytes of KV cache a decode step's attention reads (the keys and values,
+/// `elem` bytes each, of every layer over its context), averaged over steps whose contexts
 /// (positions, the new one included) run from `first` to `last`.
-fn kv_bytes_per_step(c: &BitNetConfig, first: usize, last: usize) -> f64 {
-    (2 * c.n_layers * c.kv_dim() * 4) as f64 * (first + last) as f64 / 2.0
+fn kv_bytes_per_step(c: &BitNetConfig, elem: usize, first: usize, last: usize) -> f64 {
+    (2 * c.n_layers * c.kv_dim() * elem) as f64 * (first + last) as f64 / 2.0
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -172,7 +175,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let c = model.config.clone();
     let head = if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native };
     let backend_start = Instant::now();
-    let mut backend = CpuBackend::new(model.clone(), &CpuBackendConfig { threads: args.threads, kernel: None, head })?;
+    let mut backend = CpuBackend::new(
+        model.clone(),
+        &CpuBackendConfig { threads: args.threads, kernel: None, head, kv_cache: args.kv_cache },
+    )?;
     let backend_s = backend_start.elapsed().as_secs_f64();
     let threads = backend.threads();
 
@@ -203,7 +209,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let head_bytes = backend.head_bytes();
     let weight_bytes = bytes_per_token(&model, head_bytes);
     // Decode step i (1-based) attends over prompt + i positions.
-    let kv_bytes_read = kv_bytes_per_step(&c, args.prompt_tokens + 1, args.prompt_tokens + decode_steps);
+    let kv_bytes_read =
+        kv_bytes_per_step(&c, args.kv_cache.bytes(), args.prompt_tokens + 1, args.prompt_tokens + decode_steps);
     let bytes = weight_bytes as f64 + kv_bytes_read;
     let floor_ms = bytes / bandwidth * 1e3;
     // Paired measurements: a second sequence decodes in segments, each right
@@ -218,7 +225,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         for pair in 0..args.pairs {
             let bw = read_bandwidth(&pool, kernel, &buf, 3)?.best();
             let first_context = args.prompt_tokens + pair * args.pair_steps + 1;
-            let kv = kv_bytes_per_step(&c, first_context, first_context + args.pair_steps - 1);
+            let kv = kv_bytes_per_step(&c, args.kv_cache.bytes(), first_context, first_context + args.pair_steps - 1);
             let start = Instant::now();
             for _ in 0..args.pair_steps {
                 let logits = backend.step(&[StepInput { seq: 1, tokens: &[token] }])?.remove(0);
@@ -231,13 +238,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         backend.remove_sequence(1);
     }
     let paired_fraction = (!pairs.is_empty()).then(|| median(pairs.iter().map(|p| p.2).collect()));
-    let kv_bytes = (2 * c.n_layers * positions * c.kv_dim() * 4) as u64;
+    let kv_bytes = (2 * c.n_layers * positions * c.kv_dim() * args.kv_cache.bytes()) as u64;
     let cpu = bitnet_device::CpuInfo::probe();
     let info = backend.info();
     let report = json!({
         "commit": crate::crossval::git_commit(),
         "model": path, "file_size_bytes": file_size, "load_seconds": load_s,
-        "backend_setup_seconds": backend_s, "int8_head": args.int8_head, "head_bytes": head_bytes,
+        "backend_setup_seconds": backend_s, "int8_head": args.int8_head, "head_bytes": head_bytes, "kv_cache": args.kv_cache.name(),
         "machine": cpu.to_string(), "backend": info.detail, "threads": threads,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
         "prompt_tok_per_s": args.prompt_tokens as f64 / prefill_s,

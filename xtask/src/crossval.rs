@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bitnet_inference::{
-    argmax, generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, LogitsMode,
-    ReferenceBackend, ReferenceForward, StepInput,
+    argmax, generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, KvCachePrecision,
+    LogitsMode, ReferenceBackend, ReferenceForward, StepInput,
 };
 use bitnet_models::synthetic::{self, Preset};
 use bitnet_models::BitNetModel;
@@ -265,8 +265,10 @@ fn bf16_vs_hf(ours_bf16: &[f32], hf: &HfLogits, vocab: usize) -> Option<(Vec<ser
 }
 
 /// `cpu_i2s_int8_head` is `cpu_i2s` with the output head quantized to int8
-/// (`HeadPrecision::Int8`), under the same CPU gates.
-pub const ALL_SCENARIOS: [&str; 5] = ["cpu_i2s", "cpu_i2s_int8_head", "gpu_fp32", "gpu_fp16", "gpu_bf16"];
+/// (`HeadPrecision::Int8`), `cpu_i2s_kv_f16` with an f16 KV cache
+/// (`KvCachePrecision::F16`), both under the same CPU gates.
+pub const ALL_SCENARIOS: [&str; 6] =
+    ["cpu_i2s", "cpu_i2s_int8_head", "cpu_i2s_kv_f16", "gpu_fp32", "gpu_fp16", "gpu_bf16"];
 
 /// Metrics of one scenario against the reference.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,9 +292,14 @@ pub struct Gates {
 }
 
 impl Gates {
+    /// The f16 KV cache is an opt-in lossy mode: its token agreement is
+    /// reported, not judged (every value attention reads is rounded to f16,
+    /// so a near-tie can turn a greedy continuation; docs/crossval/README.md);
+    /// its Pearson is judged like every CPU scenario's.
     pub fn for_scenario(name: &str, token_gates: bool) -> Self {
         let min_pearson = if name.starts_with("gpu") { 0.998 } else { 0.995 };
-        Self { min_token_accuracy: token_gates.then_some(0.99), min_pearson }
+        let judged = token_gates && name != "cpu_i2s_kv_f16";
+        Self { min_token_accuracy: judged.then_some(0.99), min_pearson }
     }
 
     /// Failed checks, as readable sentences (empty = pass). NaN fails.
@@ -451,6 +458,10 @@ pub fn scenario_backend(name: &str, model: &Arc<BitNetModel>) -> anyhow::Result<
             let config = CpuBackendConfig { head: HeadPrecision::Int8, ..CpuBackendConfig::default() };
             Ok(Ok(Box::new(CpuBackend::new(model.clone(), &config)?)))
         }
+        "cpu_i2s_kv_f16" => {
+            let config = CpuBackendConfig { kv_cache: KvCachePrecision::F16, ..CpuBackendConfig::default() };
+            Ok(Ok(Box::new(CpuBackend::new(model.clone(), &config)?)))
+        }
         "gpu_fp32" | "gpu_fp16" | "gpu_bf16" => gpu_backend(name, model),
         other => anyhow::bail!("unknown scenario {other:?}; expected one of {ALL_SCENARIOS:?}"),
     }
@@ -555,7 +566,11 @@ pub fn run(args: CrossvalArgs) -> anyhow::Result<()> {
                 }
                 let failures = gates.failures(&m);
                 failed |= !failures.is_empty();
-                let status = if failures.is_empty() { "PASS" } else { "FAIL" };
+                let status = match (failures.is_empty(), token_gates && gates.min_token_accuracy.is_none()) {
+                    (true, false) => "PASS",
+                    (true, true) => "PASS (Pearson; tokens reported)",
+                    (false, _) => "FAIL",
+                };
                 eprintln!("{name}: {status} {failures:?}");
                 rows.push(json!({
                     "scenario": name, "status": status, "failures": failures,
@@ -726,8 +741,15 @@ mod tests {
         let weak = Metrics { pearson: 0.997, top1_agreement: 0.9, ..good.clone() };
         assert_eq!(Gates::for_scenario("gpu_bf16", true).failures(&weak).len(), 2);
         assert_eq!(Gates::for_scenario("cpu_i2s", false).failures(&weak).len(), 0);
-        let nan = Metrics { pearson: f64::NAN, ..good };
+        let nan = Metrics { pearson: f64::NAN, ..good.clone() };
         assert_eq!(Gates::for_scenario("cpu_i2s", false).failures(&nan).len(), 1);
+        // The f16 KV cache: tokens reported, Pearson judged.
+        let drifted = Metrics { pearson: 0.9999, top1_agreement: 0.9, greedy_token_agreement: 0.9, ..good };
+        assert_eq!(Gates::for_scenario("cpu_i2s", true).failures(&drifted).len(), 2);
+        assert!(Gates::for_scenario("cpu_i2s_kv_f16", true).failures(&drifted).is_empty());
+        assert_eq!(Gates::for_scenario("cpu_i2s_kv_f16", true).failures(&weak).len(), 0);
+        let poor = Metrics { pearson: 0.99, ..drifted };
+        assert_eq!(Gates::for_scenario("cpu_i2s_kv_f16", true).failures(&poor).len(), 1);
     }
 
     /// A model read with the I2_S codes 0 and 1 swapped (-1 read as 0 and 0
@@ -761,7 +783,9 @@ mod tests {
     #[test]
     fn every_cpu_scenario_has_a_backend() {
         let model = Arc::new(synthetic::generate(Preset::Tiny, 42).unwrap());
-        for (name, detail_suffix) in [("cpu_i2s", "threads"), ("cpu_i2s_int8_head", "int8 head")] {
+        for (name, detail_suffix) in
+            [("cpu_i2s", "threads"), ("cpu_i2s_int8_head", "int8 head"), ("cpu_i2s_kv_f16", "f16 KV cache")]
+        {
             assert!(ALL_SCENARIOS.contains(&name));
             let backend = scenario_backend(name, &model).unwrap().unwrap();
             assert!(backend.info().detail.ends_with(detail_suffix), "{name}: {}", backend.info().detail);

@@ -4,7 +4,9 @@
 //! step runs all new tokens of all sequences through each projection in one
 //! GEMM, so prefill chunks and decode tokens of many sequences share the
 //! weight reads. The output head is the file's float tensor, or optionally
-//! an int8 copy ([`HeadPrecision::Int8`]).
+//! an int8 copy ([`HeadPrecision::Int8`]); the KV cache holds f32, or
+//! optionally f16 ([`KvCachePrecision::F16`]: half the memory and the bytes
+//! attention reads).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +30,100 @@ pub struct CpuBackendConfig {
     pub kernel: Option<CpuKernel>,
     /// Output head precision; [`HeadPrecision::Native`] reads the file's tensor.
     pub head: HeadPrecision,
+    /// Element type of the KV cache.
+    pub kv_cache: KvCachePrecision,
+}
+
+/// Element type of the CPU backend's KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KvCachePrecision {
+    /// f32: attention reads exactly what the projections produced.
+    #[default]
+    F32,
+    /// f16 (llama.cpp's default): half the memory and the bytes attention
+    /// reads per token; keys and values are rounded to f16 when stored (RoPE
+    /// is applied before), and the products read them back exactly.
+    F16,
+}
+
+impl KvCachePrecision {
+    /// Bytes of one cached element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvCachePrecision::F32 => 4,
+            KvCachePrecision::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCachePrecision::F32 => "f32",
+            KvCachePrecision::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCachePrecision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvCachePrecision::F32),
+            "f16" => Ok(KvCachePrecision::F16),
+            other => Err(format!("KV cache precision {other:?}: expected f32 or f16")),
+        }
+    }
+}
+
+/// One layer's keys or values, `[positions, kv_dim]`, in the cache's precision.
+enum KvLayer {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvLayer {
+    fn with_capacity(precision: KvCachePrecision, n: usize) -> Result<Self, std::collections::TryReserveError> {
+        Ok(match precision {
+            KvCachePrecision::F32 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(n)?;
+                KvLayer::F32(v)
+            }
+            KvCachePrecision::F16 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(n)?;
+                KvLayer::F16(v)
+            }
+        })
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            KvLayer::F32(v) => v.truncate(n),
+            KvLayer::F16(v) => v.truncate(n),
+        }
+    }
+
+    fn append(&mut self, rows: &[f32]) {
+        match self {
+            KvLayer::F32(v) => v.extend_from_slice(rows),
+            KvLayer::F16(v) => v.extend(rows.iter().map(|&x| half::f16::from_f32(x))),
+        }
+    }
+
+    fn view(&self) -> KvView<'_> {
+        match self {
+            KvLayer::F32(v) => KvView::F32(v),
+            KvLayer::F16(v) => KvView::F16(v),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum KvView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
 }
 
 /// A callback receiving `(layer, residual stream)` after each block.
@@ -35,8 +131,8 @@ pub type LayerTrace<'a> = &'a mut (dyn FnMut(usize, &[f32]) + Send);
 
 /// One sequence's KV cache: per layer, `[positions, kv_dim]` keys and values.
 struct CpuSequence {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<KvLayer>,
+    values: Vec<KvLayer>,
     len: usize,
     reserved: usize,
 }
@@ -51,6 +147,7 @@ pub struct CpuBackend {
     rope_sin: Vec<f32>,
     /// The int8 copy of the head, with [`HeadPrecision::Int8`].
     int8_head: Option<Int8Head>,
+    kv_cache: KvCachePrecision,
     sequences: HashMap<SeqId, CpuSequence>,
 }
 
@@ -60,6 +157,7 @@ impl fmt::Debug for CpuBackend {
             .field("kernel", &self.kernel)
             .field("threads", &self.threads)
             .field("int8_head", &self.int8_head.is_some())
+            .field("kv_cache", &self.kv_cache)
             .field("sequences", &self.sequences.len())
             .finish()
     }
@@ -90,7 +188,17 @@ impl CpuBackend {
             HeadPrecision::Native => None,
             HeadPrecision::Int8 => Some(pool.install(|| Int8Head::quantize(kernel, model.head()))?),
         };
-        Ok(Self { model, kernel, pool, threads, rope_cos, rope_sin, int8_head, sequences: HashMap::new() })
+        Ok(Self {
+            model,
+            kernel,
+            pool,
+            threads,
+            rope_cos,
+            rope_sin,
+            int8_head,
+            kv_cache: config.kv_cache,
+            sequences: HashMap::new(),
+        })
     }
 
     pub fn kernel(&self) -> CpuKernel {
@@ -108,6 +216,11 @@ impl CpuBackend {
         } else {
             HeadPrecision::Native
         }
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_cache_precision(&self) -> KvCachePrecision {
+        self.kv_cache
     }
 
     /// Bytes of output-head weights read per decode token: the file's tensor,
@@ -214,14 +327,14 @@ impl CpuBackend {
                 }
                 for (r, &(e, _)) in rows.iter().enumerate() {
                     let seq = sequences.get_mut(&batch[e].seq).expect("validated sequence");
-                    seq.keys[layer_idx].extend_from_slice(&kk[r * kv_dim..(r + 1) * kv_dim]);
-                    seq.values[layer_idx].extend_from_slice(&vv[r * kv_dim..(r + 1) * kv_dim]);
+                    seq.keys[layer_idx].append(&kk[r * kv_dim..(r + 1) * kv_dim]);
+                    seq.values[layer_idx].append(&vv[r * kv_dim..(r + 1) * kv_dim]);
                 }
-                let caches: Vec<(&[f32], &[f32])> = batch
+                let caches: Vec<(KvView, KvView)> = batch
                     .iter()
                     .map(|input| {
                         let seq = &sequences[&input.seq];
-                        (seq.keys[layer_idx].as_slice(), seq.values[layer_idx].as_slice())
+                        (seq.keys[layer_idx].view(), seq.values[layer_idx].view())
                     })
                     .collect();
                 attention(kernel, c, &rows, &caches, &q, &mut attn)?;
@@ -400,7 +513,7 @@ fn attention(
     kernel: CpuKernel,
     c: &BitNetConfig,
     rows: &[(usize, usize)],
-    caches: &[(&[f32], &[f32])],
+    caches: &[(KvView, KvView)],
     q: &[f32],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
@@ -416,11 +529,22 @@ fn attention(
         let qs = &q[r * h + first_head * hd..r * h + (first_head + heads) * hd];
         let mut scores = vec![0f32; heads * (pos + 1)];
         // The KV head's key and value of position p start at p * kv_dim.
-        k::dot_rows_heads_f32(kernel, qs, heads, &keys[kv_head * hd..], kv_dim, scale, &mut scores)?;
+        let first = kv_head * hd;
+        match keys {
+            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, &keys[first..], kv_dim, scale, &mut scores)?,
+            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, &keys[first..], kv_dim, scale, &mut scores)?,
+        }
         for head_scores in scores.chunks_exact_mut(pos + 1) {
             k::softmax_f32(kernel, head_scores)?;
         }
-        k::weighted_rows_heads_f32(kernel, &scores, heads, &values[kv_head * hd..], kv_dim, out_heads)
+        match values {
+            KvView::F32(values) => {
+                k::weighted_rows_heads_f32(kernel, &scores, heads, &values[first..], kv_dim, out_heads)
+            }
+            KvView::F16(values) => {
+                k::weighted_rows_heads_f16(kernel, &scores, heads, &values[first..], kv_dim, out_heads)
+            }
+        }
     })
 }
 
@@ -430,9 +554,15 @@ impl Backend for CpuBackend {
             device: "cpu".into(),
             precision: "f32".into(),
             quantization: "i2s".into(),
-            detail: match self.int8_head {
-                Some(_) => format!("{} kernels, {} threads, int8 head", self.kernel.name(), self.threads),
-                None => format!("{} kernels, {} threads", self.kernel.name(), self.threads),
+            detail: {
+                let mut d = format!("{} kernels, {} threads", self.kernel.name(), self.threads);
+                if self.kv_cache == KvCachePrecision::F16 {
+                    d.push_str(", f16 KV cache");
+                }
+                if self.int8_head.is_some() {
+                    d.push_str(", int8 head");
+                }
+                d
             },
         }
     }
@@ -452,14 +582,16 @@ impl Backend for CpuBackend {
             );
         }
         let per_layer = max_positions * c.kv_dim();
-        let alloc = || -> Result<Vec<Vec<f32>>, BackendError> {
+        let precision = self.kv_cache;
+        let alloc = || -> Result<Vec<KvLayer>, BackendError> {
             (0..c.n_layers)
                 .map(|_| {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(per_layer).map_err(|e| {
-                        BackendError::OutOfMemory(format!("KV cache of {max_positions} positions: {e}"))
-                    })?;
-                    Ok(v)
+                    KvLayer::with_capacity(precision, per_layer).map_err(|e| {
+                        BackendError::OutOfMemory(format!(
+                            "{} KV cache of {max_positions} positions: {e}",
+                            precision.name()
+                        ))
+                    })
                 })
                 .collect()
         };

@@ -6,8 +6,8 @@ use common::pearson;
 use std::sync::Arc;
 
 use bitnet_inference::{
-    argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, LogitsMode, ReferenceBackend, ReferenceForward,
-    StepInput,
+    argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, KvCachePrecision, LogitsMode, ReferenceBackend,
+    ReferenceForward, StepInput,
 };
 use bitnet_kernels::cpu::CpuKernel;
 use bitnet_models::synthetic::{self, Preset};
@@ -119,7 +119,7 @@ fn int8_head_tracks_the_reference_and_differs_from_the_native_head() {
     let reference = forward.forward(&tokens, &mut forward.new_cache(), LogitsMode::All).unwrap();
     let vocab = model.config.vocab_size;
     let kernel = CpuKernel::all_available()[0];
-    let config = CpuBackendConfig { threads: 2, kernel: Some(kernel), head: HeadPrecision::Int8 };
+    let config = CpuBackendConfig { threads: 2, kernel: Some(kernel), head: HeadPrecision::Int8, ..Default::default() };
     let mut int8 = CpuBackend::new(model.clone(), &config).unwrap();
     assert_eq!(int8.head_precision(), HeadPrecision::Int8);
     assert!(int8.info().detail.ends_with("int8 head"), "{}", int8.info().detail);
@@ -143,4 +143,42 @@ fn int8_head_tracks_the_reference_and_differs_from_the_native_head() {
     }
     assert!(top1 + 2 >= tokens.len(), "top-1 agreement {top1}/{}", tokens.len());
     assert_eq!(differing, tokens.len(), "the int8 head gave the native head's logits");
+}
+
+#[test]
+fn f16_kv_cache_tracks_the_reference_and_differs_from_the_f32_cache() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 26).unwrap());
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 500).collect();
+    let forward = ReferenceForward::new(&model);
+    let reference = forward.forward(&tokens, &mut forward.new_cache(), LogitsMode::All).unwrap();
+    let vocab = model.config.vocab_size;
+    for kernel in CpuKernel::all_available() {
+        let config = CpuBackendConfig {
+            threads: 2,
+            kernel: Some(kernel),
+            kv_cache: KvCachePrecision::F16,
+            ..Default::default()
+        };
+        let mut f16 = CpuBackend::new(model.clone(), &config).unwrap();
+        assert_eq!(f16.kv_cache_precision(), KvCachePrecision::F16);
+        assert!(f16.info().detail.contains("f16 KV cache"), "{}", f16.info().detail);
+        let mut f32 = backend(&model, kernel);
+        assert_eq!(f32.kv_cache_precision(), KvCachePrecision::F32);
+        // One token a step: every position after the first reads keys and
+        // values the cache rounded to f16.
+        let ours = decode_logits(&mut f16, 1, &tokens);
+        let theirs = decode_logits(&mut f32, 1, &tokens);
+        let (mut top1, mut differing) = (0, 0);
+        for (pos, logits) in ours.iter().enumerate() {
+            let want = &reference[pos * vocab..(pos + 1) * vocab];
+            let r = pearson(logits, want);
+            assert!(r > 0.999, "{kernel:?} position {pos}: Pearson {r}");
+            top1 += usize::from(argmax(logits) == argmax(want));
+            differing += usize::from(logits != &theirs[pos]);
+        }
+        assert!(top1 + 1 >= tokens.len(), "{kernel:?}: top-1 agreement {top1}/{}", tokens.len());
+        assert!(differing > 0, "{kernel:?}: the f16 cache gave the f32 cache's logits");
+    }
+    assert_eq!("f16".parse::<KvCachePrecision>(), Ok(KvCachePrecision::F16));
+    assert!("bf16".parse::<KvCachePrecision>().unwrap_err().contains("expected f32 or f16"));
 }

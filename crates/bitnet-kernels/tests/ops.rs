@@ -405,3 +405,65 @@ fn weighted_rows_heads_is_exact(kernel: CpuKernel) {
     );
 }
 test_each_kernel!(weighted_rows_heads, weighted_rows_heads_is_exact);
+
+/// The attention products over an f16 cache equal those over the same values
+/// stored as f32, bit for bit, on the same kernel (every f16 converts to f32
+/// exactly); the portable kernel computes the f16 products as the scalar one
+/// does. Also checks the f16 entry points' length checks.
+fn f16_cache_products_equal_f32_ones(kernel: CpuKernel) {
+    use half::f16;
+    let strategy = (heads_shape(), prop::sample::select(vec![1e-2f32, 1.0, 3e2])).prop_flat_map(
+        |((heads, len, pad, n), magnitude)| {
+            let stride = len + pad;
+            let rows_len = if n == 0 { 0 } else { (n - 1) * stride + len };
+            (
+                prop::collection::vec(-magnitude..magnitude, heads * len),
+                prop::collection::vec(-magnitude..magnitude, rows_len),
+                prop::collection::vec(0.0f32..1.0, heads * n),
+                Just((heads, len, stride, n)),
+            )
+        },
+    );
+    // The f32 products the f16 ones must equal: the same kernel, except that
+    // the portable kernel's f16 products are the scalar code's.
+    let same = if kernel == CpuKernel::Portable { CpuKernel::Scalar } else { kernel };
+    runner(96)
+        .run(&strategy, |(q, rows, weights, (heads, len, stride, n))| {
+            let rows16: Vec<f16> = rows.iter().map(|&v| f16::from_f32(v)).collect();
+            let rows32: Vec<f32> = rows16.iter().map(|v| v.to_f32()).collect();
+            let (mut s16, mut s32) = (vec![f32::NAN; heads * n], vec![f32::NAN; heads * n]);
+            cpu::dot_rows_heads_f16(kernel, &q, heads, &rows16, stride, 0.125, &mut s16).unwrap();
+            cpu::dot_rows_heads_f32(same, &q, heads, &rows32, stride, 0.125, &mut s32).unwrap();
+            prop_assert_eq!(
+                s16.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                s32.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let (mut o16, mut o32) = (vec![f32::NAN; heads * len], vec![f32::NAN; heads * len]);
+            cpu::weighted_rows_heads_f16(kernel, &weights, heads, &rows16, stride, &mut o16).unwrap();
+            cpu::weighted_rows_heads_f32(same, &weights, heads, &rows32, stride, &mut o32).unwrap();
+            prop_assert_eq!(
+                o16.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                o32.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            Ok(())
+        })
+        .unwrap();
+    // Hand-derived: heads (1, 2) and (0, 1) over f16 rows (3, 4), (5, 6).
+    let rows: Vec<f16> = [3.0f32, 4.0, 5.0, 6.0].iter().map(|&v| f16::from_f32(v)).collect();
+    let mut out = [0.0f32; 4];
+    cpu::dot_rows_heads_f16(kernel, &[1.0, 2.0, 0.0, 1.0], 2, &rows, 2, 1.0, &mut out).unwrap();
+    assert_eq!(out, [11.0, 17.0, 4.0, 6.0]);
+    // Weights (0.5, 0.25) and (1, 0): 0.5 * (3, 4) + 0.25 * (5, 6) and (3, 4).
+    let mut out = [0.0f32; 4];
+    cpu::weighted_rows_heads_f16(kernel, &[0.5, 0.25, 1.0, 0.0], 2, &rows, 2, &mut out).unwrap();
+    assert_eq!(out, [2.75, 3.5, 3.0, 4.0]);
+    assert_eq!(
+        cpu::dot_rows_heads_f16(kernel, &[1.0; 4], 2, &rows[..3], 2, 1.0, &mut [0.0; 4]),
+        Err(KernelError::LengthMismatch { what: "attention key rows", expected: 4, found: 3 })
+    );
+    assert_eq!(
+        cpu::weighted_rows_heads_f16(kernel, &[1.0; 4], 2, &rows[..3], 2, &mut [0.0; 4]),
+        Err(KernelError::LengthMismatch { what: "attention value rows", expected: 4, found: 3 })
+    );
+}
+test_each_kernel!(f16_cache_products, f16_cache_products_equal_f32_ones);

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bitnet_inference::{
-    generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, ReferenceBackend, SamplingConfig,
-    StopReason,
+    generate, Backend, CpuBackend, CpuBackendConfig, GenerationConfig, HeadPrecision, KvCachePrecision,
+    ReferenceBackend, SamplingConfig, StopReason,
 };
 use bitnet_models::tokenizer::{ChatMessage, ChatRole};
 
@@ -58,6 +58,11 @@ pub struct GenerateArgs {
     /// Quantize the output head to int8 (faster decode, small accuracy cost: docs/perf/cpu.md).
     #[arg(long)]
     int8_head: bool,
+    /// Element type of the CPU backend's KV cache: f32, or f16 (half the memory and
+    /// the bytes attention reads; small accuracy cost: docs/perf/cpu.md). The GPU's
+    /// KV cache follows --precision.
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvCachePrecision,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -162,11 +167,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 threads: args.threads,
                 kernel: None,
                 head: if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native },
+                kv_cache: args.kv_cache,
             },
         )?))
     };
     if args.int8_head && args.device == DeviceChoice::Gpu {
         anyhow::bail!("--int8-head is a CPU option; the GPU head runs in the chosen --precision");
+    }
+    if args.kv_cache != KvCachePrecision::F32 && args.device == DeviceChoice::Gpu {
+        anyhow::bail!("--kv-cache is a CPU option; the GPU's KV cache follows --precision");
     }
     let kv_slots = (prompt_tokens.len() + args.max_tokens).min(model.config.max_position_embeddings);
     let mut backend: Box<dyn Backend> = match (args.backend, args.device) {
@@ -175,7 +184,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (BackendChoice::Fast, DeviceChoice::Gpu) => {
             open_gpu(&model, args.precision, kv_slots).map_err(|e| anyhow::anyhow!("--device gpu: {e}"))?
         }
-        (BackendChoice::Fast, DeviceChoice::Auto) if args.int8_head => cpu()?,
+        (BackendChoice::Fast, DeviceChoice::Auto) if args.int8_head || args.kv_cache != KvCachePrecision::F32 => cpu()?,
         (BackendChoice::Fast, DeviceChoice::Auto) => match open_gpu(&model, args.precision, kv_slots) {
             Ok(b) => b,
             Err(reason) => {

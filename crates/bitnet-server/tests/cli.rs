@@ -35,7 +35,9 @@ fn embedded_default_model_is_the_committed_trained_model() {
 #[test]
 fn the_readme_example_prompt_gets_the_right_answer() {
     // README: 221 + 696 = 917, which this model writes least-significant digit first, padded to 4 digits.
-    for extra in [&[][..], &["--device", "cpu"][..], &["--int8-head"][..], &["--backend", "reference"][..]] {
+    let extras: [&[&str]; 5] =
+        [&[], &["--device", "cpu"], &["--int8-head"], &["--kv-cache", "f16"], &["--backend", "reference"]];
+    for extra in extras {
         let mut args = vec!["generate", "--prompt", "221+696=", "--max-tokens", "8"];
         args.extend_from_slice(extra);
         let out = bitnet(&args);
@@ -43,6 +45,22 @@ fn the_readme_example_prompt_gets_the_right_answer() {
         assert_eq!(stdout(&out), "221+696=7190\n", "{extra:?}");
         assert!(stderr(&out).contains("end of sequence"), "{}", stderr(&out));
     }
+}
+
+#[test]
+fn cpu_options_with_device_gpu_are_clear_errors() {
+    for (flag, value) in [("--kv-cache", "f16"), ("--int8-head", "")] {
+        let mut args = vec!["generate", "--prompt", "1+1=", "--max-tokens", "2", "--device", "gpu", flag];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let out = bitnet(&args);
+        assert!(!out.status.success(), "{flag}");
+        assert!(stderr(&out).contains(&format!("{flag} is a CPU option")), "{flag}: {}", stderr(&out));
+    }
+    let out = bitnet(&["generate", "--prompt", "1+1=", "--kv-cache", "bf16"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("expected f32 or f16"), "{}", stderr(&out));
 }
 
 #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use bitnet_device::{CpuInfo, FaultInjector, FaultPlan, GpuProbe};
 use bitnet_inference::simulated_gpu::{simulated_gpu_info, simulated_primary};
 use bitnet_inference::{
-    Backend, CpuBackend, CpuBackendConfig, Engine, EngineConfig, HeadPrecision, PrimaryDevice, ReferenceBackend,
+    Backend, CpuBackend, CpuBackendConfig, Engine, EngineConfig, HeadPrecision, KvCachePrecision, PrimaryDevice,
+    ReferenceBackend,
 };
 use bitnet_models::BitNetModel;
 
@@ -28,6 +29,8 @@ pub struct EngineOptions {
     /// CPU worker threads (0 = one per core).
     pub threads: usize,
     pub head: HeadPrecision,
+    /// Element type of the CPU backend's KV cache.
+    pub kv_cache: KvCachePrecision,
     /// Run a simulated GPU (the CPU backend as the primary device) when the
     /// machine has no usable GPU backend.
     pub simulate_gpu: bool,
@@ -42,6 +45,7 @@ impl Default for EngineOptions {
             backend: ServeBackend::Cpu,
             threads: 0,
             head: HeadPrecision::Native,
+            kv_cache: KvCachePrecision::F32,
             simulate_gpu: false,
             fault_plan: FaultPlan::default(),
             engine: EngineConfig::default(),
@@ -58,7 +62,8 @@ fn simulated_memory() -> u64 {
 /// Builds the engine for `model`; `probe` is what GPU probing found. Says on
 /// stderr which device is primary, so logs tell a simulated GPU from a real one.
 pub fn build_engine(model: Arc<BitNetModel>, options: &EngineOptions, probe: &GpuProbe) -> Result<Engine, LoadError> {
-    let cpu_config = CpuBackendConfig { threads: options.threads, kernel: None, head: options.head };
+    let cpu_config =
+        CpuBackendConfig { threads: options.threads, kernel: None, head: options.head, kv_cache: options.kv_cache };
     let cpu: Box<dyn Backend> = match options.backend {
         ServeBackend::Cpu => {
             Box::new(CpuBackend::new(model.clone(), &cpu_config).map_err(|e| format!("starting the CPU backend: {e}"))?)

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bitnet_device::FaultPlan;
-use bitnet_inference::{Backend, Engine, EngineConfig, HeadPrecision};
+use bitnet_inference::{Backend, Engine, EngineConfig, HeadPrecision, KvCachePrecision};
 use bitnet_models::{BitNetModel, Tokenizer};
 use tokio::net::TcpListener;
 
@@ -213,6 +213,10 @@ pub struct ServeArgs {
     /// Quantize the output head to int8 (faster decode, small accuracy cost: docs/perf/cpu.md).
     #[arg(long)]
     pub int8_head: bool,
+    /// Element type of the CPU backend's KV cache: f32, or f16 (half the memory
+    /// and the bytes attention reads; small accuracy cost: docs/perf/cpu.md).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache: KvCachePrecision,
     /// Faults for the primary device, e.g. `gpu_memory_limit=500MB,cc=6.1,failure_rate=0.3,seed=7`
     /// (keys: gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after).
     #[arg(long, env = "BITNET_FAULT_PLAN")]
@@ -266,6 +270,7 @@ where
         backend: args.backend,
         threads: args.threads,
         head: if args.int8_head { HeadPrecision::Int8 } else { HeadPrecision::Native },
+        kv_cache: args.kv_cache,
         simulate_gpu: args.simulate_gpu,
         fault_plan,
         engine: EngineConfig {

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::scalar;
+use super::{scalar, KvElement};
 use crate::cpu::token::Avx2Token;
 use crate::cpu::PREFETCH_AHEAD;
 
@@ -46,12 +46,25 @@ pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
     unsafe { abs_max_impl(x) }
 }
 
-pub(super) fn dot_rows(_token: Avx2Token, q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+pub(super) fn dot_rows<T: KvElement>(
+    _token: Avx2Token,
+    q: &[f32],
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     // SAFETY: see the note above the wrappers.
     unsafe { dot_rows_impl(q, rows, stride, scale, out) }
 }
 
-pub(super) fn weighted_rows(_token: Avx2Token, weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+pub(super) fn weighted_rows<T: KvElement>(
+    _token: Avx2Token,
+    weights: &[f32],
+    rows: &[T],
+    stride: usize,
+    out: &mut [f32],
+) {
     // SAFETY: see the note above the wrappers.
     unsafe { weighted_rows_impl(weights, rows, stride, out) }
 }
@@ -59,19 +72,19 @@ pub(super) fn weighted_rows(_token: Avx2Token, weights: &[f32], rows: &[f32], st
 /// [`dot_rows`] for 2 or 4 query heads sharing the rows (lengths checked by
 /// the caller: `q` and `out` hold `heads` equal runs); `false`, with nothing
 /// written, for any other number of heads.
-pub(super) fn dot_rows_heads(
+pub(super) fn dot_rows_heads<T: KvElement>(
     _token: Avx2Token,
     q: &[f32],
     heads: usize,
-    rows: &[f32],
+    rows: &[T],
     stride: usize,
     scale: f32,
     out: &mut [f32],
 ) -> bool {
     // SAFETY (both calls): see the note above the wrappers.
     match heads {
-        2 => unsafe { dot_rows_heads_impl::<2, 4>(q, rows, stride, scale, out) },
-        4 => unsafe { dot_rows_heads_impl::<4, 2>(q, rows, stride, scale, out) },
+        2 => unsafe { dot_rows_heads_impl::<T, 2, 4>(q, rows, stride, scale, out) },
+        4 => unsafe { dot_rows_heads_impl::<T, 4, 2>(q, rows, stride, scale, out) },
         _ => return false,
     }
     true
@@ -80,18 +93,18 @@ pub(super) fn dot_rows_heads(
 /// [`weighted_rows`] for 2 or 4 query heads sharing the rows (lengths
 /// checked by the caller: `weights` and `out` hold `heads` equal runs);
 /// `false`, with nothing written, for any other number of heads.
-pub(super) fn weighted_rows_heads(
+pub(super) fn weighted_rows_heads<T: KvElement>(
     _token: Avx2Token,
     weights: &[f32],
     heads: usize,
-    rows: &[f32],
+    rows: &[T],
     stride: usize,
     out: &mut [f32],
 ) -> bool {
     // SAFETY (both calls): see the note above the wrappers.
     match heads {
-        2 => unsafe { weighted_rows_heads_impl::<2, 4>(weights, rows, stride, out) },
-        4 => unsafe { weighted_rows_heads_impl::<4, 2>(weights, rows, stride, out) },
+        2 => unsafe { weighted_rows_heads_impl::<T, 2, 4>(weights, rows, stride, out) },
+        4 => unsafe { weighted_rows_heads_impl::<T, 4, 2>(weights, rows, stride, out) },
         _ => return false,
     }
     true
@@ -107,6 +120,14 @@ pub(super) fn quantize(_token: Avx2Token, x: &[f32], scale: f32, out: &mut [i8])
 fn load(values: &[f32; 8]) -> __m256 {
     // SAFETY: `values` refers to 8 readable floats; `vmovups` has no alignment requirement.
     unsafe { _mm256_loadu_ps(values.as_ptr()) }
+}
+
+/// Eight cache elements as f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load_kv<T: KvElement>(values: &[T; 8]) -> __m256 {
+    // SAFETY: AVX and F16C are enabled here (and an `Avx2Token` proved them).
+    unsafe { T::load8(values) }
 }
 
 #[inline]
@@ -281,14 +302,14 @@ fn quantize_impl(x: &[f32], scale: f32, out: &mut [i8]) {
     scalar::quantize(x_tail, scale, out_tail);
 }
 
-#[target_feature(enable = "avx2,fma")]
-fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_impl<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
     let (a_chunks, a_tail) = a.as_chunks::<8>();
     let (b_chunks, b_tail) = b.as_chunks::<8>();
     // Two accumulators: two independent chains of fused multiply-adds.
     let mut acc = [_mm256_setzero_ps(); 2];
     for (i, (x, y)) in a_chunks.iter().zip(b_chunks).enumerate() {
-        acc[i & 1] = _mm256_fmadd_ps(load(x), load(y), acc[i & 1]);
+        acc[i & 1] = _mm256_fmadd_ps(load(x), load_kv(y), acc[i & 1]);
     }
     let tail_len = a_tail.len().min(b_tail.len());
     hsum(_mm256_add_ps(acc[0], acc[1])) + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
@@ -308,22 +329,22 @@ const SCORED_ROWS: usize = 4;
 /// `out[p] = dot(q, row p) * scale`, rows `stride` apart (checked by the
 /// caller): four positions at a time, one accumulator each (four
 /// independent chains), so each load of `q` serves four keys.
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows_impl(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_rows_impl<T: KvElement>(q: &[f32], rows: &[T], stride: usize, scale: f32, out: &mut [f32]) {
     let len = q.len();
     let (q_chunks, q_tail) = q.as_chunks::<8>();
     let vector_len = q_chunks.len() * 8;
     let mut blocks = out.chunks_exact_mut(SCORED_ROWS);
     let mut first = 0;
     for block in &mut blocks {
-        let keys: [&[f32]; SCORED_ROWS] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
-        let key_chunks: [&[[f32; 8]]; SCORED_ROWS] =
+        let keys: [&[T]; SCORED_ROWS] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
+        let key_chunks: [&[[T; 8]]; SCORED_ROWS] =
             std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..q_chunks.len()]);
         let mut acc = [_mm256_setzero_ps(); SCORED_ROWS];
         for (c, q_chunk) in q_chunks.iter().enumerate() {
             let qv = load(q_chunk);
             for (a, key) in acc.iter_mut().zip(&key_chunks) {
-                *a = _mm256_fmadd_ps(load(&key[c]), qv, *a);
+                *a = _mm256_fmadd_ps(load_kv(&key[c]), qv, *a);
             }
         }
         for ((o, a), key) in block.iter_mut().zip(acc).zip(keys) {
@@ -344,17 +365,17 @@ const WEIGHTED_BLOCK: usize = 64;
 /// is added in order, with a multiply and then an add (no FMA): per element
 /// the same operations in the same order as the scalar reference, so the
 /// same bits.
-#[target_feature(enable = "avx2")]
-fn weighted_rows_impl(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+#[target_feature(enable = "avx2,f16c")]
+fn weighted_rows_impl<T: KvElement>(weights: &[f32], rows: &[T], stride: usize, out: &mut [f32]) {
     let (blocks, rest) = out.as_chunks_mut::<WEIGHTED_BLOCK>();
     for (b, block) in blocks.iter_mut().enumerate() {
         let mut acc = [_mm256_setzero_ps(); WEIGHTED_BLOCK / 8];
         for (p, &w) in weights.iter().enumerate() {
-            let values: &[f32; WEIGHTED_BLOCK] =
+            let values: &[T; WEIGHTED_BLOCK] =
                 rows[p * stride + b * WEIGHTED_BLOCK..][..WEIGHTED_BLOCK].try_into().expect("a block of values");
             let wv = _mm256_set1_ps(w);
             for (a, v) in acc.iter_mut().zip(values.as_chunks::<8>().0) {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, load(v)));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, load_kv(v)));
             }
         }
         for (o, a) in block.as_chunks_mut::<8>().0.iter_mut().zip(acc) {
@@ -364,7 +385,7 @@ fn weighted_rows_impl(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f
     // The last partial block, one element at a time in the same order.
     let first = blocks.len() * WEIGHTED_BLOCK;
     for (i, o) in rest.iter_mut().enumerate() {
-        *o = weights.iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + first + i]);
+        *o = weights.iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + first + i].to_f32());
     }
 }
 
@@ -394,12 +415,12 @@ fn sum_u64_impl(words: &[u64]) -> u64 {
 /// of a key serves `H` queries and each load of a query `P` keys, one
 /// accumulator per (head, position). `q` is `H` runs of `len`, `out` `H`
 /// runs of `n` scores.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 // Heads and positions index parallel arrays (queries, keys, accumulators).
 #[allow(clippy::needless_range_loop)]
-fn dot_rows_heads_impl<const H: usize, const P: usize>(
+fn dot_rows_heads_impl<T: KvElement, const H: usize, const P: usize>(
     q: &[f32],
-    rows: &[f32],
+    rows: &[T],
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -411,13 +432,13 @@ fn dot_rows_heads_impl<const H: usize, const P: usize>(
     let query_chunks: [&[[f32; 8]]; H] = std::array::from_fn(|h| &queries[h].as_chunks::<8>().0[..n_chunks]);
     let mut first = 0;
     while first + P <= n {
-        let keys: [&[f32]; P] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
-        let key_chunks: [&[[f32; 8]]; P] = std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..n_chunks]);
+        let keys: [&[T]; P] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
+        let key_chunks: [&[[T; 8]]; P] = std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..n_chunks]);
         let mut acc = [[_mm256_setzero_ps(); P]; H];
         for c in 0..n_chunks {
             let mut k = [_mm256_setzero_ps(); P];
             for i in 0..P {
-                k[i] = load(&key_chunks[i][c]);
+                k[i] = load_kv(&key_chunks[i][c]);
             }
             for h in 0..H {
                 let qv = load(&query_chunks[h][c]);
@@ -446,12 +467,12 @@ fn dot_rows_heads_impl<const H: usize, const P: usize>(
 /// pass over the positions, kept in registers: each load of a value serves
 /// `H` heads. Per element the same multiply-then-add in order of `p` as the
 /// scalar reference. `weights` is `H` runs of `n`, `out` `H` runs of `len`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 // Heads and blocks index parallel arrays (weights, values, accumulators).
 #[allow(clippy::needless_range_loop)]
-fn weighted_rows_heads_impl<const H: usize, const B: usize>(
+fn weighted_rows_heads_impl<T: KvElement, const H: usize, const B: usize>(
     weights: &[f32],
-    rows: &[f32],
+    rows: &[T],
     stride: usize,
     out: &mut [f32],
 ) {
@@ -465,7 +486,7 @@ fn weighted_rows_heads_impl<const H: usize, const B: usize>(
             let values = &rows[p * stride + first..][..8 * B].as_chunks::<8>().0;
             let mut v = [_mm256_setzero_ps(); B];
             for j in 0..B {
-                v[j] = load(&values[j]);
+                v[j] = load_kv(&values[j]);
             }
             for h in 0..H {
                 let wv = _mm256_set1_ps(head_weights[h][p]);
@@ -486,7 +507,7 @@ fn weighted_rows_heads_impl<const H: usize, const B: usize>(
     for h in 0..H {
         for i in blocks * 8 * B..len {
             out[h * len + i] =
-                head_weights[h].iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + i]);
+                head_weights[h].iter().enumerate().fold(0.0f32, |s, (p, &w)| s + w * rows[p * stride + i].to_f32());
         }
     }
 }

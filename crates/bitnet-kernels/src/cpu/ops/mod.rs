@@ -21,6 +21,76 @@ mod avx2;
 use super::kernel::{CpuKernel, Resolved};
 use crate::KernelError;
 
+/// An element type of the KV cache the attention products read: `f32`, or
+/// `half::f16` (half the bytes; every f16 converts to f32 exactly, so the
+/// products of f16 rows equal those of the same values stored as f32, on
+/// the same kernel). Sealed: implemented for those two types only.
+pub trait KvElement: Copy + Send + Sync + sealed::Sealed + 'static {
+    fn to_f32(self) -> f32;
+    /// `sum(a * b)` on the portable kernels.
+    #[doc(hidden)]
+    fn portable_dot(a: &[f32], b: &[Self]) -> f32;
+    /// `out += w * row` on the portable kernels.
+    #[doc(hidden)]
+    fn portable_add_scaled(out: &mut [f32], w: f32, row: &[Self]);
+    /// Eight elements as f32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX and F16C (an `Avx2Token` proves both).
+    #[doc(hidden)]
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn load8(chunk: &[Self; 8]) -> std::arch::x86_64::__m256;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
+        portable::dot(a, b)
+    }
+    fn portable_add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
+        portable::add_scaled(out, w, row)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[inline(always)]
+    unsafe fn load8(chunk: &[f32; 8]) -> std::arch::x86_64::__m256 {
+        // SAFETY: `chunk` is 8 readable floats (`vmovups` needs no alignment); AVX per the caller.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(chunk.as_ptr()) }
+    }
+}
+
+impl KvElement for half::f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    // The portable kernels convert element by element (the scalar code).
+    fn portable_dot(a: &[f32], b: &[half::f16]) -> f32 {
+        scalar::dot(a, b)
+    }
+    fn portable_add_scaled(out: &mut [f32], w: f32, row: &[half::f16]) {
+        scalar::add_scaled(out, w, row)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    #[inline(always)]
+    unsafe fn load8(chunk: &[half::f16; 8]) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::{_mm256_cvtph_ps, _mm_loadu_si128};
+        // SAFETY: `chunk` is 16 readable bytes (`vmovdqu` needs no alignment); F16C per the caller.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(chunk.as_ptr().cast())) }
+    }
+}
+
 /// Lower bound of a token's absolute maximum in [`quantize_act_i8`], so an
 /// all-zero token gets a finite scale (`127 / 1e-5`); as `bitnet_quant::act_quant`.
 pub const ACT_QUANT_EPS: f32 = 1e-5;
@@ -181,7 +251,7 @@ pub fn rope_neox_f32(
 }
 
 /// Checks that `rows` holds `n` rows of `len` values `stride` apart.
-fn check_rows(what: &'static str, rows: &[f32], stride: usize, len: usize, n: usize) -> Result<(), KernelError> {
+fn check_rows<T>(what: &'static str, rows: &[T], stride: usize, len: usize, n: usize) -> Result<(), KernelError> {
     if n == 0 {
         return Ok(());
     }
@@ -220,11 +290,22 @@ pub fn dot_rows_f32(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    dot_rows(kernel, q, rows, stride, scale, out)
+}
+
+fn dot_rows<T: KvElement>(
+    kernel: CpuKernel,
+    q: &[f32],
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     check_rows("attention key rows", rows, stride, q.len(), out.len())?;
-    let dot: fn(&[f32], &[f32]) -> f32 = match isa {
+    let dot: fn(&[f32], &[T]) -> f32 = match isa {
         Isa::Scalar => scalar::dot,
-        Isa::Portable => portable::dot,
+        Isa::Portable => T::portable_dot,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(token) => {
             avx2::dot_rows(token, q, rows, stride, scale, out);
@@ -252,11 +333,21 @@ pub fn weighted_rows_f32(
     stride: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    weighted_rows(kernel, weights, rows, stride, out)
+}
+
+fn weighted_rows<T: KvElement>(
+    kernel: CpuKernel,
+    weights: &[f32],
+    rows: &[T],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     check_rows("attention value rows", rows, stride, out.len(), weights.len())?;
-    let add_scaled: fn(&mut [f32], f32, &[f32]) = match isa {
+    let add_scaled: fn(&mut [f32], f32, &[T]) = match isa {
         Isa::Scalar => scalar::add_scaled,
-        Isa::Portable => portable::add_scaled,
+        Isa::Portable => T::portable_add_scaled,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2(token) => {
             avx2::weighted_rows(token, weights, rows, stride, out);
@@ -297,6 +388,33 @@ pub fn dot_rows_heads_f32(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    dot_rows_heads(kernel, q, heads, rows, stride, scale, out)
+}
+
+/// [`dot_rows_heads_f32`] over an f16 cache: the same results as over the
+/// same values stored as f32, on the same kernel (the portable kernel
+/// computes these as the scalar one does).
+pub fn dot_rows_heads_f16(
+    kernel: CpuKernel,
+    q: &[f32],
+    heads: usize,
+    rows: &[half::f16],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    dot_rows_heads(kernel, q, heads, rows, stride, scale, out)
+}
+
+fn dot_rows_heads<T: KvElement>(
+    kernel: CpuKernel,
+    q: &[f32],
+    heads: usize,
+    rows: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     let len = head_runs("attention queries", q.len(), heads)?;
     let n = head_runs("attention scores", out.len(), heads)?;
@@ -308,7 +426,7 @@ pub fn dot_rows_heads_f32(
     };
     if !grouped {
         for h in 0..heads {
-            dot_rows_f32(kernel, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n])?;
+            dot_rows(kernel, &q[h * len..(h + 1) * len], rows, stride, scale, &mut out[h * n..(h + 1) * n])?;
         }
     }
     Ok(())
@@ -327,6 +445,30 @@ pub fn weighted_rows_heads_f32(
     stride: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    weighted_rows_heads(kernel, weights, heads, rows, stride, out)
+}
+
+/// [`weighted_rows_heads_f32`] over an f16 cache: the same bits as over the
+/// same values stored as f32, on every kernel.
+pub fn weighted_rows_heads_f16(
+    kernel: CpuKernel,
+    weights: &[f32],
+    heads: usize,
+    rows: &[half::f16],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    weighted_rows_heads(kernel, weights, heads, rows, stride, out)
+}
+
+fn weighted_rows_heads<T: KvElement>(
+    kernel: CpuKernel,
+    weights: &[f32],
+    heads: usize,
+    rows: &[T],
+    stride: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     let isa = isa(kernel)?;
     let n = head_runs("attention weights", weights.len(), heads)?;
     let len = head_runs("attention outputs", out.len(), heads)?;
@@ -339,7 +481,7 @@ pub fn weighted_rows_heads_f32(
     if !grouped {
         for h in 0..heads {
             let head_out = &mut out[h * len..(h + 1) * len];
-            weighted_rows_f32(kernel, &weights[h * n..(h + 1) * n], rows, stride, head_out)?;
+            weighted_rows(kernel, &weights[h * n..(h + 1) * n], rows, stride, head_out)?;
         }
     }
     Ok(())

@@ -1,6 +1,8 @@
 //! Scalar element-wise kernels: the references (RMSNorm and softmax follow
 //! `bitnet-inference`'s reference forward pass operation for operation).
 
+use super::KvElement;
+
 /// `sum(x^2)` in f64, in order.
 pub(super) fn sum_squares_f64(x: &[f32]) -> f64 {
     x.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
@@ -53,15 +55,15 @@ pub(super) fn quantize(x: &[f32], scale: f32, out: &mut [i8]) {
     }
 }
 
-/// `sum(a * b)` in f32, in order.
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// `sum(a * b)` in f32, in order (`b` converted to f32 exactly).
+pub(super) fn dot<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
 /// `out += w * row`, element by element (multiply, then add).
-pub(super) fn add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
+pub(super) fn add_scaled<T: KvElement>(out: &mut [f32], w: f32, row: &[T]) {
     for (o, &v) in out.iter_mut().zip(row) {
-        *o += w * v;
+        *o += w * v.to_f32();
     }
 }
 
