@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
 use bitnet_kernels::KernelError;
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
@@ -108,7 +109,13 @@ impl KvLayer {
     fn append(&mut self, rows: &[f32]) {
         match self {
             KvLayer::F32(v) => v.extend_from_slice(rows),
-            KvLayer::F16(v) => v.extend(rows.iter().map(|&x| half::f16::from_f32(x))),
+            KvLayer::F16(v) => {
+                // Within the reserved capacity (steps never exceed it): no reallocation.
+                let start = v.len();
+                v.resize(start + rows.len(), half::f16::ZERO);
+                // Round to nearest even, with F16C where the CPU has it.
+                v[start..].convert_from_f32_slice(rows);
+            }
         }
     }
 
