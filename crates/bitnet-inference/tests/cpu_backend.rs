@@ -111,6 +111,28 @@ fn failed_steps_leave_sequences_untouched_and_errors_match_the_reference() {
     assert!(cpu.add_sequence(2, 1_000_000).is_err());
 }
 
+/// Per position, `ours` against the reference logits (`[positions, vocab]`):
+/// asserts Pearson > `min_r`; returns the positions whose top-1 token agrees
+/// with the reference and those whose logits differ from `other`'s.
+fn agreement(
+    ours: &[Vec<f32>],
+    other: &[Vec<f32>],
+    reference: &[f32],
+    vocab: usize,
+    min_r: f64,
+    what: &str,
+) -> (usize, usize) {
+    let (mut top1, mut differing) = (0, 0);
+    for (pos, logits) in ours.iter().enumerate() {
+        let want = &reference[pos * vocab..(pos + 1) * vocab];
+        let r = pearson(logits, want);
+        assert!(r > min_r, "{what}: position {pos}: Pearson {r}");
+        top1 += usize::from(argmax(logits) == argmax(want));
+        differing += usize::from(logits != &other[pos]);
+    }
+    (top1, differing)
+}
+
 #[test]
 fn int8_head_tracks_the_reference_and_differs_from_the_native_head() {
     let model = Arc::new(synthetic::generate(Preset::Tiny, 25).unwrap());
@@ -133,14 +155,7 @@ fn int8_head_tracks_the_reference_and_differs_from_the_native_head() {
 
     let ours = decode_logits(&mut int8, 1, &tokens);
     let theirs = decode_logits(&mut native, 1, &tokens);
-    let (mut top1, mut differing) = (0, 0);
-    for (pos, logits) in ours.iter().enumerate() {
-        let want = &reference[pos * vocab..(pos + 1) * vocab];
-        let r = pearson(logits, want);
-        assert!(r > 0.99, "position {pos}: Pearson {r}");
-        top1 += usize::from(argmax(logits) == argmax(want));
-        differing += usize::from(logits != &theirs[pos]);
-    }
+    let (top1, differing) = agreement(&ours, &theirs, &reference, vocab, 0.99, "int8 head");
     assert!(top1 + 2 >= tokens.len(), "top-1 agreement {top1}/{}", tokens.len());
     assert_eq!(differing, tokens.len(), "the int8 head gave the native head's logits");
 }
@@ -168,14 +183,7 @@ fn f16_kv_cache_tracks_the_reference_and_differs_from_the_f32_cache() {
         // values the cache rounded to f16.
         let ours = decode_logits(&mut f16, 1, &tokens);
         let theirs = decode_logits(&mut f32, 1, &tokens);
-        let (mut top1, mut differing) = (0, 0);
-        for (pos, logits) in ours.iter().enumerate() {
-            let want = &reference[pos * vocab..(pos + 1) * vocab];
-            let r = pearson(logits, want);
-            assert!(r > 0.999, "{kernel:?} position {pos}: Pearson {r}");
-            top1 += usize::from(argmax(logits) == argmax(want));
-            differing += usize::from(logits != &theirs[pos]);
-        }
+        let (top1, differing) = agreement(&ours, &theirs, &reference, vocab, 0.999, kernel.name());
         assert!(top1 + 1 >= tokens.len(), "{kernel:?}: top-1 agreement {top1}/{}", tokens.len());
         assert!(differing > 0, "{kernel:?}: the f16 cache gave the f32 cache's logits");
     }
