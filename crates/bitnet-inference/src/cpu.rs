@@ -85,17 +85,14 @@ enum KvLayer {
 
 impl KvLayer {
     fn with_capacity(precision: KvCachePrecision, n: usize) -> Result<Self, std::collections::TryReserveError> {
+        fn reserved<T>(n: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n)?;
+            Ok(v)
+        }
         Ok(match precision {
-            KvCachePrecision::F32 => {
-                let mut v = Vec::new();
-                v.try_reserve_exact(n)?;
-                KvLayer::F32(v)
-            }
-            KvCachePrecision::F16 => {
-                let mut v = Vec::new();
-                v.try_reserve_exact(n)?;
-                KvLayer::F16(v)
-            }
+            KvCachePrecision::F32 => KvLayer::F32(reserved(n)?),
+            KvCachePrecision::F16 => KvLayer::F16(reserved(n)?),
         })
     }
 
