@@ -1940,7 +1940,7 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
 // here are of one head when groups of four would leave most units idle
 // (small batches). a: this half-CTA's FUSED_ATT_FLOATS.
 template <class P>
-__device__ __noinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
+__device__ __forceinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
                                     const float* sin_t, typename P::T* kc, typename P::T* vc, float* attn, float* part,
                                     float* ml, unsigned* done, int* flags, int n, int n_heads, int n_kv_heads,
                                     int head_dim, int S, float scale, int layer, float* a, int* last) {
