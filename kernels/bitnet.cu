@@ -2345,12 +2345,43 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
     float best = -__int_as_float(0x7f800000);
     int bi = 0x7fffffff;
     bool finite = true;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = l[i];
-        finite = finite && isfinite(v);
-        if (v > best) {
-            best = v;
-            bi = i;
+    // Each thread visits its elements in increasing index order (so it keeps
+    // the first of equal maxima); rows of a multiple of 4 logits are read as
+    // float4, four loads in flight per thread.
+    if ((vocab & 3) == 0) {
+        const float4* l4 = (const float4*)l;
+        int n4 = vocab >> 2, bd = blockDim.x;
+        for (int b = 0; b < n4; b += 4 * bd) {
+            float4 v[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int q = b + j * bd + threadIdx.x;
+                if (q < n4) v[j] = l4[q];
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int q = b + j * bd + threadIdx.x;
+                if (q < n4) {
+                    float c[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+                    for (int k = 0; k < 4; k++) {
+                        finite = finite && isfinite(c[k]);
+                        if (c[k] > best) {
+                            best = c[k];
+                            bi = 4 * q + k;
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float v = l[i];
+            finite = finite && isfinite(v);
+            if (v > best) {
+                best = v;
+                bi = i;
+            }
         }
     }
     for (int o = 16; o > 0; o >>= 1) {

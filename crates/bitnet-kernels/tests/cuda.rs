@@ -679,6 +679,24 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
     let lb = up_f32(&g, &logits);
     g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
     assert_ne!(read_i32(&g, &flags, 1)[0], 0, "a NaN logit must raise the flag");
+    // Rows of a multiple of 4 logits are read four at a time, others one at
+    // a time: ties inside one group of four, across threads and loads (row
+    // 1: index 7 and the row's last two), in a row of odd length, and a row
+    // of only -inf (no maximum: index 0).
+    for (vocab, n) in [(8192, 4), (1001, 4)] {
+        let mut logits: Vec<f32> = (0..n * vocab).map(|_| rng.f32(-10.0, 10.0)).collect();
+        (logits[9], logits[10]) = (30.0, 30.0);
+        (logits[2 * vocab - 2], logits[2 * vocab - 1], logits[vocab + 7]) = (30.0, 30.0, 30.0);
+        (logits[2 * vocab + 4], logits[2 * vocab]) = (30.0, 30.0);
+        logits[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
+        let (lb, out) = (up_f32(&g, &logits), g.alloc("o", n * 4).unwrap());
+        g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
+        let got = read_i32(&g, &out, n);
+        for r in 0..n {
+            assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "vocab {vocab} row {r}");
+        }
+        assert_eq!(&got[..], &[9, 7, 0, 0], "vocab {vocab}");
+    }
 }
 
 fn argmax_host(l: &[f32]) -> u32 {
