@@ -308,8 +308,9 @@ pub struct GpuContext {
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
     fused_ctas_per_sm: u32,
     /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`,
-    /// [`GpuContext::set_fused_prefetch`]): 0 none, the default; 1 into L2 a
-    /// layer ahead; 2 into L2 a stage ahead (neither was faster on the H200,
+    /// [`GpuContext::set_fused_prefetch`]): 0 none; 1 into L2 a layer ahead;
+    /// 2 into L2 a stage ahead, the default (BF16 batch 1 on the H200,
+    /// session 9: 1.697 ms/step with none, 1.761 with 1, 1.661 with 2;
     /// docs/perf/gpu.md).
     fused_prefetch: std::sync::atomic::AtomicI32,
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
@@ -485,7 +486,7 @@ impl GpuContext {
                 .ok()
                 .and_then(|v| v.parse::<i32>().ok())
                 .filter(|c| (0..=2).contains(c))
-                .unwrap_or(0)
+                .unwrap_or(2)
                 .into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
