@@ -156,6 +156,13 @@ fn kv_bytes_per_step(c: &BitNetConfig, elem: usize, first: usize, last: usize) -
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Workspace crates build at opt-level 0 in the dev profile: a bench of
+    // that build measures the debug kernels (about 50x slower), never ours.
+    anyhow::ensure!(
+        !cfg!(debug_assertions),
+        "bench: this xtask is an unoptimized (debug) build, whose timings mean nothing; run `cargo xtask bench` \
+         (the alias builds with --release) or `cargo run --release -p xtask -- bench`"
+    );
     let path = match &args.model {
         Some(p) => p.clone(),
         None => {
