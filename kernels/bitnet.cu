@@ -2346,9 +2346,9 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
     int bi = 0x7fffffff;
     bool finite = true;
     // Each thread visits its elements in increasing index order (so it keeps
-    // the first of equal maxima); rows of a multiple of 4 logits are read as
-    // float4, four loads in flight per thread.
-    if ((vocab & 3) == 0) {
+    // the first of equal maxima); rows of a multiple of 4 logits starting on
+    // 16 bytes are read as float4, four loads in flight per thread.
+    if ((vocab & 3) == 0 && ((size_t)logits & 15) == 0) {
         const float4* l4 = (const float4*)l;
         int n4 = vocab >> 2, bd = blockDim.x;
         for (int b = 0; b < n4; b += 4 * bd) {

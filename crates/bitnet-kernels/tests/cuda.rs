@@ -696,6 +696,11 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
             assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "vocab {vocab} row {r}");
         }
         assert_eq!(&got[..], &[9, 7, 0, 0], "vocab {vocab}");
+        // The same rows 4 bytes into a buffer (not on 16 bytes: one at a time).
+        let shifted: Vec<f32> = std::iter::once(0.0).chain(logits.iter().copied()).collect();
+        let sb = up_f32(&g, &shifted);
+        g.argmax(sb.all().sub(4, n * vocab * 4).unwrap(), vocab, n, out.all(), flags.all()).unwrap();
+        assert_eq!(read_i32(&g, &out, n), got, "vocab {vocab}, rows 4 bytes off alignment");
     }
 }
 
