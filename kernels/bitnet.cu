@@ -228,6 +228,20 @@ __device__ __forceinline__ float ldcg_f(const float* p) {
     return v;
 }
 
+// ldcg_f of the float OFF bytes past p if `in`, else 0, without a branch,
+// so a group of them shares one address register and the compiler keeps
+// them together (with a branch or an address of its own per load, ptxas
+// placed each load's uses right behind it: one round trip per load).
+template <int OFF>
+__device__ __forceinline__ float ldcg_f_if(const float* p, bool in) {
+    float v;
+    asm volatile(
+        "{\n\t.reg .pred q;\n\tsetp.ne.u32 q, %2, 0;\n\tmov.f32 %0, 0f00000000;\n\t@q ld.global.cg.f32 %0, [%1+%3];\n\t}"
+        : "=f"(v)
+        : "l"(p), "r"((unsigned)in), "n"(OFF));
+    return v;
+}
+
 __device__ __forceinline__ float4 ldcg_f4(const float4* p) {
     float4 v;
     asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
@@ -467,6 +481,25 @@ FINAL_NORM(final_norm_bf16, BF16, true)
 // Products use __fmul_rn so no FMA contraction changes their rounding: the
 // results equal the CPU's bit for bit.
 
+// FUSED_SUBTRACE 1 (a developer build): with BITNET_CUDA_FUSED_TRACE=1 the
+// fused kernel's CTA 0 also records clock64() at 12 points of each stage of
+// every layer (after the trace's 19 entries per layer: 60 per layer, then
+// the start and end as globaltimer / clock64 pairs), which
+// BITNET_CUDA_FUSED_TRACE_DUMP writes out (docs/perf/tools/fused_subtrace.py
+// reads them). The points of a projection stage: 0 start, 1 weight prefetch
+// issued, 2 norm rows loaded and squared, 3 sum of squares reduced, 4 absmax
+// reduced, 5 quantised and summed, 6 norm done, 7 thread 0's warp done with
+// its products, 8 partial sums in shared memory, 9 outputs written, 10 next
+// norm weights staged, 11 barrier left; the attention stage records 0, 10
+// and 11. Off (the default), SUBT compiles to nothing.
+#ifndef FUSED_SUBTRACE
+#define FUSED_SUBTRACE 0
+#endif
+#if FUSED_SUBTRACE
+#define SUBT(P, i) do { if ((P) && threadIdx.x == 0) (P)[i] = clock64(); } while (0)
+#else
+#define SUBT(P, i) do { } while (0)
+#endif
 #define MM_WARPS 8
 #define MM_TOKENS 32
 #define MM_PREFETCH 4
@@ -510,7 +543,8 @@ template <int MODE, int TILES, int KSPLIT, bool BATCH, int TOK, bool FUSED>
 __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restrict__ w0, const u8* __restrict__ w1,
                              int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2,
                              const i8* __restrict__ act, const float* __restrict__ act_scale,
-                             const int* __restrict__ act_sum, int n_tok, float* __restrict__ out, int ld_out) {
+                             const int* __restrict__ act_sum, int n_tok, float* __restrict__ out, int ld_out,
+                             unsigned long long* st = nullptr) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
@@ -603,6 +637,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
         }
     }
 
+    SUBT(st, 7);
     // Partial sums to shared memory: red[warp * 16 * TOK + token * 16 + row].
 #pragma unroll
     for (int nt = 0; nt < TOK / 8; nt++) {
@@ -613,6 +648,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
         red[warp * 16 * TOK + (tl + 1) * 16 + g + 8] = acc[nt][3];
     }
     __syncthreads();
+    SUBT(st, 8);
 
     if (MODE == 2) {
         int row_cta = bx * GH * 16;
@@ -654,6 +690,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
         }
     }
     __syncthreads();  // red is free for the next unit
+    SUBT(st, 9);
 }
 
 template <int MODE, int TILES, int KSPLIT, bool BATCH>
@@ -1591,6 +1628,8 @@ ATTENTION_MMA(attention_mma_bf16, BF16)
 // positions through the read-only path.
 
 #define FUSED_ROWS 2
+#define FUSED_NORM_LOADS 16  // the loads fused_norm_n writes out (NORM_LOAD)
+static_assert(FUSED_NORM_LOADS == 16, "fused_norm_n issues NORM_LOAD(0) .. NORM_LOAD(15)");
 #define FUSED_THREADS 256
 
 // One layer's weights (host layout: 11 pointers, then 8 floats; 120 bytes).
@@ -1608,6 +1647,7 @@ struct FusedLayer {
     void* v_cache;
     float qkv_s0, qkv_s1, qkv_s2, o_s, gate_s, up_s, down_s, pad;
 };
+static_assert(sizeof(FusedLayer) == 120, "host layout: 11 pointers, then 8 floats");
 
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
@@ -1672,24 +1712,39 @@ __device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4)
 template <int NR>
 __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
-                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st) {
     const int nw = FUSED_THREADS / 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int r = 0; r < n; r++)
-        stage_f4<true>((float4*)(xs + (size_t)r * width), (const float4*)(src + (size_t)r * width), width >> 2);
-    __syncthreads();
+    // Each thread loads its elements (i = tid, tid + 256, ...: the order of
+    // the sums) up to FUSED_NORM_LOADS at a time, all in flight, and sums
+    // their squares straight from the registers as it stores them.
     double ss[NR];
 #pragma unroll
     for (int r = 0; r < NR; r++) ss[r] = 0.0;
-    for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
-        float v[NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++)
-            if (r < n) v[r] = xs[(size_t)r * width + i];
+    for (int r = 0; r < NR; r++) {
+        if (r < n) {
+            const float* s = src + (size_t)r * width;
+            float* d = xs + (size_t)r * width;
+            for (int b = threadIdx.x; b < width; b += FUSED_NORM_LOADS * FUSED_THREADS) {
+                float v[FUSED_NORM_LOADS];
+#define NORM_LOAD(j) v[j] = ldcg_f_if<(j) * FUSED_THREADS * 4>(s + b, b + (j) * FUSED_THREADS < width)
+                NORM_LOAD(0); NORM_LOAD(1); NORM_LOAD(2); NORM_LOAD(3); NORM_LOAD(4); NORM_LOAD(5);
+                NORM_LOAD(6); NORM_LOAD(7); NORM_LOAD(8); NORM_LOAD(9); NORM_LOAD(10); NORM_LOAD(11);
+                NORM_LOAD(12); NORM_LOAD(13); NORM_LOAD(14); NORM_LOAD(15);
+#undef NORM_LOAD
 #pragma unroll
-        for (int r = 0; r < NR; r++)
-            if (r < n) ss[r] += (double)v[r] * (double)v[r];
+                for (int j = 0; j < FUSED_NORM_LOADS; j++) {
+                    int i = b + j * FUSED_THREADS;
+                    if (i < width) {
+                        ss[r] += (double)v[j] * (double)v[j];
+                        d[i] = v[j];
+                    }
+                }
+            }
+        }
     }
+    SUBT(st, 2);
 #pragma unroll
     for (int r = 0; r < NR; r++) {
         if (r < n) {
@@ -1698,6 +1753,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         }
     }
     __syncthreads();
+    SUBT(st, 3);
     double inv[NR];
 #pragma unroll
     for (int r = 0; r < NR; r++) {
@@ -1739,6 +1795,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         }
     }
     __syncthreads();
+    SUBT(st, 4);
     float sc[NR];
 #pragma unroll
     for (int r = 0; r < NR; r++) {
@@ -1775,6 +1832,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         }
     }
     __syncthreads();
+    SUBT(st, 5);
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int r = 0; r < NR; r++) {
@@ -1787,21 +1845,24 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         }
     }
     __syncthreads();
+    SUBT(st, 6);
 }
 
 // fused_norm_n for one row or FUSED_ROWS (fewer live registers for one).
 __device__ void fused_norm(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
-                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS]) {
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st = nullptr) {
     if (n <= 1)
-        fused_norm_n<1>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+        fused_norm_n<1>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st);
     else
-        fused_norm_n<FUSED_ROWS>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl);
+        fused_norm_n<FUSED_ROWS>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st);
 }
 
 // Copies norm weights into shared sw for the next stage's fused_norm, if this
 // CTA has units in that stage: done before the barrier
-// that precedes the stage, so the copy overlaps the wait.
+// that precedes the stage, so the copy overlaps the wait. (Measured on the
+// H200: as cp.async copies, waited for in the norm or at the barrier's end,
+// batch-1 steps are 2.5-4% slower in BF16 and FP32.)
 __device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int width, int stage_units) {
     if ((int)blockIdx.x < stage_units) stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
 }
@@ -2004,7 +2065,7 @@ ATTENTION_MMA_ROPE(attention_mma_rope_f16, F16)
 ATTENTION_MMA_ROPE(attention_mma_rope_bf16, BF16)
 
 template <class P, int GROUPS>
-__device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos,
+__device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, float* x, int n, const int* pos,
                                   const int* base, const float* cos_t, const float* sin_t, float* qkv, float* attn,
                                   float* hbuf, float* part, float* ml, unsigned* sync, int* flags, int n_heads,
                                   int n_kv_heads, int head_dim, int inter, float eps, int S, float scale,
@@ -2029,6 +2090,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
     float* stage = (float*)((unsigned char*)att + region);       // [maxw] norm weights (sw)
     float* a_scale = stage + maxw;                               // [FUSED_ROWS]
     int* a_sum = (int*)(a_scale + FUSED_ROWS);                   // [FUSED_ROWS]
+    // The layer descriptors, copied once: every stage reads its pointers
+    // from shared memory instead of waiting on a global load for them.
+    size_t desc_off = ((size_t)((unsigned char*)(a_sum + FUSED_ROWS) - smem) + 15) & ~(size_t)15;
+    FusedLayer* layers = (FusedLayer*)(smem + desc_off);  // [n_layers]
+    for (int i = threadIdx.x; i < n_layers * (int)(sizeof(FusedLayer) / 8); i += FUSED_THREADS)
+        ((unsigned long long*)layers)[i] = ((const unsigned long long*)layers_g)[i];
+    __syncthreads();
     int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
     unsigned* bar = sync;
     unsigned* done = sync + 1;  // [n][n_heads] finished attention units
@@ -2039,23 +2107,40 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
     if (prefetch == 1)
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
+    // FUSED_SUBTRACE: CTA 0's clocks, 12 per stage (see SUBT).
+    unsigned long long* sub0 = (FUSED_SUBTRACE && trace && blockIdx.x == 0) ? trace + 1 + 19 * n_layers : nullptr;
+    if (sub0 && threadIdx.x == 0) {
+        sub0[60 * n_layers] = global_ns();
+        sub0[60 * n_layers + 1] = clock64();
+    }
     for (int l = 0; l < n_layers; l++) {
         const FusedLayer& L = layers[l];
+        unsigned long long* sA = sub0 ? sub0 + 60 * l : nullptr;
+        unsigned long long* sC = sA ? sA + 12 : nullptr;
+        unsigned long long* sD = sA ? sA + 24 : nullptr;
+        unsigned long long* sE = sA ? sA + 36 : nullptr;
+        unsigned long long* sF = sA ? sA + 48 : nullptr;
         typename P::T* kc = (typename P::T*)L.k_cache;
         typename P::T* vc = (typename P::T*)L.v_cache;
 
         // A: q|k|v.
+        SUBT(sA, 0);
         fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
+        SUBT(sA, 1);
         if (blockIdx.x * 16 < qkv_rows) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sA);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
             for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
-                                                       qkv_rows);
+                                                       qkv_rows,
+                                                       sA);
         }
         fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
+        SUBT(sA, 10);
         grid_sync(bar, ++epoch, trace);
+        SUBT(sA, 11);
+        SUBT(sC, 0);
 
         // C: attention, two units per CTA at a time.
         bool mma_done = false;
@@ -2130,43 +2215,64 @@ __device__ void fused_decode_impl(const FusedLayer* layers, int n_layers, float*
                 unit_sync(sid);
             }
         }
+        SUBT(sC, 10);
         grid_sync(bar, ++epoch, trace);
+        SUBT(sC, 11);
 
         // D: o projection into the residual stream.
+        SUBT(sD, 0);
         fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
+        SUBT(sD, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sD);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
-                                                       hidden, q8, a_scale, a_sum, n, x, hidden);
+                                                       hidden, q8, a_scale, a_sum, n, x, hidden,
+                                                       sD);
         }
         fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
+        SUBT(sD, 10);
         grid_sync(bar, ++epoch, trace);
+        SUBT(sD, 11);
 
         // E: gate/up, relu^2 * up.
+        SUBT(sE, 0);
         fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
+        SUBT(sE, 1);
         if (blockIdx.x * 32 < inter) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sE);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
                 ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
-                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter);
+                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter,
+                                                       sE);
         }
         fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
+        SUBT(sE, 10);
         grid_sync(bar, ++epoch, trace);
+        SUBT(sE, 11);
 
         // F: down projection into the residual stream.
+        SUBT(sF, 0);
         fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
+        SUBT(sF, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl);
+            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sF);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
-                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden);
+                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden,
+                                                       sF);
         }
         if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
+        SUBT(sF, 10);
         grid_sync(bar, ++epoch, trace);
+        SUBT(sF, 11);
+    }
+    if (sub0 && threadIdx.x == 0) {
+        sub0[60 * n_layers + 2] = global_ns();
+        sub0[60 * n_layers + 3] = clock64();
     }
 }
 

@@ -87,17 +87,19 @@ impl FusedShape {
     /// Shared memory of a launch of `n` rows (the kernel's layout): the
     /// partial sums; one region for the two attention units' scratch
     /// (stage C) or the norm rows (f32) and int8 activations (the other
-    /// stages); the norm weights; the rows' scales and sums.
+    /// stages); the norm weights; the rows' scales and sums; the layer
+    /// descriptors (16-byte aligned).
     fn smem(&self, n: usize) -> usize {
         let w = self.hidden.max(self.inter);
         let region = (2 * FUSED_ATT_FLOATS * 4).max(5 * n * w).next_multiple_of(16);
-        SMEM_RED + region + 4 * w + FUSED_ROWS * 8
+        (SMEM_RED + region + 4 * w + FUSED_ROWS * 8).next_multiple_of(16) + self.n_layers * LAYER_BYTES
     }
 
     /// Entries of the trace: the start, three per barrier (five per layer),
-    /// then four per layer (the norms' ends).
+    /// then four per layer (the norms' ends), then the sub-stage clocks of a
+    /// `FUSED_SUBTRACE` kernel build (60 per layer and 4).
     fn trace_len(&self) -> usize {
-        1 + 19 * self.n_layers
+        1 + 19 * self.n_layers + 60 * self.n_layers + 4
     }
 }
 
@@ -350,6 +352,13 @@ impl GpuContext {
         self.read(t.all(), &mut raw)?;
         let ns: Vec<f64> =
             raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect();
+        // The raw entries, one per line (docs/perf/tools/fused_subtrace.py).
+        if let Ok(path) = std::env::var("BITNET_CUDA_FUSED_TRACE_DUMP") {
+            let text: Vec<String> =
+                raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])).to_string()).collect();
+            std::fs::write(&path, text.join("\n"))
+                .map_err(|e| CudaError::Shape(format!("BITNET_CUDA_FUSED_TRACE_DUMP={path}: {e}")))?;
+        }
         let mut out = [(0.0, 0.0, 0.0, 0.0); 5];
         let n_layers = layers.shape.n_layers;
         for l in 0..n_layers {

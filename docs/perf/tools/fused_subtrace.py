@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Per-stage breakdown of the fused decode kernel from a sub-stage trace.
+
+Build with `#define FUSED_SUBTRACE 1` in kernels/bitnet.cu, then run e.g.
+  BITNET_CUDA_FUSED_TRACE=1 BITNET_CUDA_FUSED_TRACE_DUMP=dump.txt \\
+    xtask bench --device gpu --batches 1 --precisions bf16
+and pass the dump (one u64 per line: the last launch's trace buffer) and the
+model's layer count. Prints, per stage, the mean over the layers of the time
+between consecutive points of CTA 0 (us, from clock64 and the SM clock rate
+measured over the launch).
+"""
+import sys
+
+NAMES = ["start", "prefetch", "loaded", "sumsq", "amax", "qsum", "norm end", "products", "reduced",
+         "written", "weights staged", "barrier left"]
+STAGES = ["A q|k|v", "C attention", "D o", "E gate/up", "F down"]
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit("usage: fused_subtrace.py DUMP N_LAYERS")
+    v = [int(x) for x in open(sys.argv[1]).read().split()]
+    layers = int(sys.argv[2])
+    base = 1 + 19 * layers
+    if len(v) < base + 60 * layers + 4:
+        sys.exit(f"{sys.argv[1]}: {len(v)} entries, a {layers}-layer sub-stage trace has {base + 60 * layers + 4}")
+    sub = v[base:base + 60 * layers]
+    t0, c0, t1, c1 = v[base + 60 * layers:base + 60 * layers + 4]
+    if t1 <= t0 or c1 <= c0:
+        sys.exit("no sub-stage clocks in the dump (was the kernel built with FUSED_SUBTRACE 1?)")
+    ghz = (c1 - c0) / (t1 - t0)
+    print(f"SM clock {ghz:.3f} GHz, launch {(t1 - t0) / 1e3:.1f} us")
+    for s, name in enumerate(STAGES):
+        parts, total = [], 0.0
+        for i in range(1, 12):
+            d = [(sub[60 * l + 12 * s + i] - sub[60 * l + 12 * s + i - 1]) / ghz / 1e3 for l in range(layers)
+                 if sub[60 * l + 12 * s + i] and sub[60 * l + 12 * s + i - 1]]
+            if d:
+                m = sum(d) / len(d)
+                total += m
+                parts.append(f"{NAMES[i]} {m:.2f}")
+        if s == 1:
+            d = [(sub[60 * l + 12 + 11] - sub[60 * l + 12]) / ghz / 1e3 for l in range(layers)]
+            total = sum(d) / layers
+            parts = [f"whole stage incl. barrier {total:.2f}"]
+        print(f"  {name}: " + " | ".join(parts) + f"  (total {total:.2f} us)")
+
+
+if __name__ == "__main__":
+    main()
