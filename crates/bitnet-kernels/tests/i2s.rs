@@ -108,6 +108,24 @@ fn matches_reference_at_model_width(kernel: CpuKernel) {
 }
 test_each_kernel!(model_width_matches_reference, matches_reference_at_model_width);
 
+/// Decode (one token) at the 2B-4T widths (10 and 27 block pairs per row,
+/// the shapes decode streams), 37 rows, one call and the parallel one.
+fn decode_matches_reference_at_model_widths(kernel: CpuKernel) {
+    for k in [2560, 6912] {
+        let rows = 37;
+        let ternary: Vec<i8> = (0..rows * k).map(|i| ((i * 5 + i / 11) % 3) as i8 - 1).collect();
+        let q: Vec<i8> = (0..k).map(|i| ((i * 29 + 3) % 256) as u8 as i8).collect();
+        let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
+        let expected = naive_gemm(&ternary, rows, k, &q, 1);
+        assert_eq!(gemm(kernel, &codes[..rows * k / 4], rows, k, &q, 1), expected, "k {k}");
+        let w = I2sMatrixRef::new(&codes[..rows * k / 4], rows, k).unwrap();
+        let mut par = vec![i32::MIN; rows];
+        cpu::gemv_i2s_i8_par(kernel, w, &q, &mut par).unwrap();
+        assert_eq!(par, expected, "k {k}, parallel");
+    }
+}
+test_each_kernel!(decode_at_model_widths, decode_matches_reference_at_model_widths);
+
 /// The largest magnitudes: codes 2 (and 0) against -128 and 127 over a long
 /// row, where a saturating or 16-bit accumulation would show.
 fn extreme_values_are_exact(kernel: CpuKernel) {
