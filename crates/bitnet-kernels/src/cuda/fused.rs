@@ -350,15 +350,15 @@ impl GpuContext {
         let Some(t) = &layers.trace else { return Ok(None) };
         let mut raw = vec![0u8; t.len()];
         self.read(t.all(), &mut raw)?;
-        let ns: Vec<f64> =
-            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect();
+        let entries: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
         // The raw entries, one per line (docs/perf/tools/fused_subtrace.py).
         if let Ok(path) = std::env::var("BITNET_CUDA_FUSED_TRACE_DUMP") {
-            let text: Vec<String> =
-                raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])).to_string()).collect();
+            let text: Vec<String> = entries.iter().map(u64::to_string).collect();
             std::fs::write(&path, text.join("\n"))
                 .map_err(|e| CudaError::Shape(format!("BITNET_CUDA_FUSED_TRACE_DUMP={path}: {e}")))?;
         }
+        let ns: Vec<f64> = entries.iter().map(|&v| v as f64).collect();
         let mut out = [(0.0, 0.0, 0.0, 0.0); 5];
         let n_layers = layers.shape.n_layers;
         for l in 0..n_layers {
