@@ -10,7 +10,8 @@
 //! into a ring of registers (`ring::<U, QM>`: the activation pair cycles
 //! over QM pairs, so QM = 8 gives each unrolled slot a constant activation
 //! address); `rows_plain` / `rows_ring` add the row structure of the library
-//! (10 pairs per row, a horizontal sum per row); `sum` is a plain summing
+//! (10 pairs per row, a horizontal sum per row); `rows2` runs two rows in
+//! lockstep sharing each activation load; `sum` is a plain summing
 //! loop. Results in
 //! docs/perf/cpu.md (session 10). Experiment code: unsafe intrinsics
 //! outside the kernels' safe wrappers, never shipped.
@@ -105,6 +106,34 @@ unsafe fn rows_ring(codes: *const u8, n: usize, q: *const i8, ppr: usize, out: &
     out[row / 2]
 }
 
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn rows2(codes: *const u8, n: usize, q: *const i8, ppr: usize, pf: usize, out: &mut [i32]) -> i32 {
+    let masks = [0b1100_0000u8, 0b0011_0000, 0b0000_1100, 0b0000_0011].map(|m| _mm512_set1_epi8(m as i8));
+    let rows = n / ppr;
+    let mut r = 0;
+    while r + 2 <= rows {
+        let mut a = [_mm512_setzero_si512(); 4];
+        let mut b = [_mm512_setzero_si512(); 4];
+        let base = codes.add(r * ppr * 64);
+        for p in 0..ppr {
+            let wa = _mm512_loadu_si512(base.add(p * 64) as *const _);
+            let wb = _mm512_loadu_si512(base.add((ppr + p) * 64) as *const _);
+            if pf > 0 { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(p * 128 + pf) as *const i8); }
+            let qp = q.add(p * 256);
+            for g in 0..4 {
+                let qv = _mm512_loadu_si512(qp.add(g * 64) as *const _);
+                a[g] = _mm512_dpbusd_epi32(a[g], _mm512_and_si512(wa, masks[g]), qv);
+                b[g] = _mm512_dpbusd_epi32(b[g], _mm512_and_si512(wb, masks[g]), qv);
+            }
+        }
+        out[r] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32::<6>(a[0]), a[1]), _mm512_add_epi32(a[2], a[3])));
+        out[r + 1] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(_mm512_srai_epi32::<6>(b[0]), b[1]), _mm512_add_epi32(b[2], b[3])));
+        r += 2;
+    }
+    out[rows / 2]
+}
+
 #[target_feature(enable = "avx512f")]
 unsafe fn sum(codes: *const u8, n: usize) -> i64 {
     let mut a = [_mm512_setzero_si512(); 4];
@@ -136,6 +165,9 @@ fn main() {
         let rr = t(&|| unsafe { rows_ring(buf.as_ptr(), n, q.as_ptr(), 10, &mut outp.borrow_mut()) as i64 });
         let rr8 = t(&|| unsafe { rows_ring(buf.as_ptr(), n, q.as_ptr(), 8, &mut outp.borrow_mut()) as i64 });
         let rr40 = t(&|| unsafe { rows_ring(buf.as_ptr(), n, q.as_ptr(), 40, &mut outp.borrow_mut()) as i64 });
+        let t2 = t(&|| unsafe { rows2(buf.as_ptr(), n, q.as_ptr(), 10, 0, &mut outp.borrow_mut()) as i64 });
+        let t2p = t(&|| unsafe { rows2(buf.as_ptr(), n, q.as_ptr(), 10, 8192, &mut outp.borrow_mut()) as i64 });
+        println!("rows2 {t2:.1} rows2+pf {t2p:.1}");
         println!("round {r}: sum {s:.1}  plain {a0:.1}  ring8 {r8:.1} ring8-q%10 {r10:.1}  rows_plain {rp:.1}  rows_plain+pf {rpf:.1}  rows_ring {rr:.1}  rows_ring(ppr 8) {rr8:.1}  (ppr 40) {rr40:.1} GB/s");
     }
 }
