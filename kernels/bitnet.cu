@@ -242,12 +242,6 @@ __device__ __forceinline__ float ldcg_f_if(const float* p, bool in) {
     return v;
 }
 
-__device__ __forceinline__ float4 ldcg_f4(const float4* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-    return v;
-}
-
 // A float activation: plainly, or (CG) from L2 as above.
 template <bool CG>
 __device__ __forceinline__ float ld_act(const float* p) {
@@ -1679,17 +1673,16 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, unsigne
     __syncthreads();
 }
 
-// Copies n4 float4s from global memory into shared memory with up to 4 loads
-// per thread in flight; CG: data other CTAs write (through L2), else
-// read-only data.
-template <bool CG>
+// Copies n4 float4s of read-only data (never written during the launch)
+// from global memory into shared memory with up to 4 loads per thread in
+// flight.
 __device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4) {
     for (int b = 0; b < n4; b += 4 * FUSED_THREADS) {
         float4 v[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             int i = b + j * FUSED_THREADS + threadIdx.x;
-            if (i < n4) v[j] = CG ? ldcg_f4(src + i) : __ldg(src + i);
+            if (i < n4) v[j] = __ldg(src + i);
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -1864,7 +1857,7 @@ __device__ void fused_norm(const float* src, float eps, int width, int n, i8* q8
 // H200: as cp.async copies, waited for in the norm or at the barrier's end,
 // batch-1 steps are 2.5-4% slower in BF16 and FP32.)
 __device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int width, int stage_units) {
-    if ((int)blockIdx.x < stage_units) stage_f4<false>((float4*)sw, (const float4*)w, width >> 2);
+    if ((int)blockIdx.x < stage_units) stage_f4((float4*)sw, (const float4*)w, width >> 2);
 }
 
 // Prefetches into L2 the weight rows this CTA multiplies in stage `which`
