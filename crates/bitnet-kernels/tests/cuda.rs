@@ -160,9 +160,9 @@ fn cpu_dots(codes: &[u8], rows: usize, k: usize, q: &[i8], n: usize) -> Vec<i32>
 fn ternary_store_and_add_are_exact() {
     let Some(g) = gpu() else { return };
     // Shapes cover partial row tiles, partial token tiles, several CTAs
-    // along tokens and the K split; n >= 16 runs the batch kernels, in each
-    // variant (the staged ones also with a last pipeline stage of one
-    // 128-wide block: k = 128, 1152).
+    // along tokens and the K split, each on both kernel families (the
+    // staged ones also with a last pipeline stage of one 128-wide block:
+    // k = 128, 1152).
     let shapes = [
         (16, 128, 1),
         (40, 256, 3),
@@ -176,7 +176,7 @@ fn ternary_store_and_add_are_exact() {
     // Every supported GPU (sm_80+) can give the staged kernels their 84 KB.
     assert_eq!(g.set_ternary_batch(TernaryBatch::Staged4), TernaryBatch::Staged4, "staged kernels unavailable");
     for (i, &(rows, k, n)) in shapes.iter().enumerate() {
-        for batch in batch_variants(n) {
+        for batch in BATCH_VARIANTS {
             assert_eq!(g.set_ternary_batch(batch), batch);
             check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
         }
@@ -184,15 +184,9 @@ fn ternary_store_and_add_are_exact() {
     g.set_ternary_batch(TernaryBatch::Auto);
 }
 
-/// The batch-kernel variants a pass of `n` tokens can take (one when `n` is
-/// below the batch kernels' threshold of 16).
-fn batch_variants(n: usize) -> Vec<TernaryBatch> {
-    if n >= 16 {
-        vec![TernaryBatch::Split, TernaryBatch::Staged4, TernaryBatch::Auto]
-    } else {
-        vec![TernaryBatch::Auto]
-    }
-}
+/// The kernel choices every pass is tested with (any token count can take
+/// either kernel family; Auto picks by grid size).
+const BATCH_VARIANTS: [TernaryBatch; 3] = [TernaryBatch::Split, TernaryBatch::Staged4, TernaryBatch::Auto];
 
 fn check_store_and_add(g: &GpuContext, rng: &mut Rng, rows: usize, k: usize, n: usize, batch: TernaryBatch) {
     let codes = random_codes(rng, rows, k);
@@ -242,7 +236,7 @@ fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
     let mut rng = Rng(2);
     let shapes = [(48, 256, 2), (6912, 2560, 9), (96, 512, 40), (6912, 2560, 33), (70, 1152, 100)];
     for (rows, k, n) in shapes {
-        for batch in batch_variants(n) {
+        for batch in BATCH_VARIANTS {
             assert_eq!(g.set_ternary_batch(batch), batch);
             let gate = random_codes(&mut rng, rows, k);
             let up = random_codes(&mut rng, rows, k);

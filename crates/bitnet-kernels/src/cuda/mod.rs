@@ -45,9 +45,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "final_norm_f32",
     "final_norm_f16",
     "final_norm_bf16",
-    "ternary_mm_store",
-    "ternary_mm_add",
-    "ternary_mm_gate_up",
     "ternary_mm_store_b",
     "ternary_mm_add_b",
     "ternary_mm_gate_up_b",
@@ -295,7 +292,6 @@ pub struct GpuContext {
     /// Entries per cuBLAS head call (f32, f16/bf16); see [`GpuContext::head`].
     head_chunk: (usize, usize),
     /// Passes of at least this many tokens use the `_b` ternary kernels.
-    pub(crate) ternary_batch_min: usize,
     /// [`TernaryBatch`] code of the kernels for those passes.
     ternary_batch: std::sync::atomic::AtomicU8,
     /// The staged kernels could be given their shared memory (else every
@@ -461,12 +457,6 @@ impl GpuContext {
                 // smaller ones at batch 1 for f16/bf16 (f32 batch 1 pays 8%).
                 _ => (64, 64),
             },
-            // BITNET_CUDA_TERNARY_BATCH=0 keeps the plain kernels (A/B runs).
-            ternary_batch_min: if std::env::var("BITNET_CUDA_TERNARY_BATCH").is_ok_and(|v| v == "0") {
-                usize::MAX
-            } else {
-                16
-            },
             ternary_batch: match std::env::var("BITNET_CUDA_TERNARY_TILE").as_deref() {
                 Ok("b") => TernaryBatch::Split,
                 Ok("s4") => TernaryBatch::Staged4,
@@ -549,7 +539,7 @@ impl GpuContext {
         self.head_impl()
     }
 
-    /// Chooses the kernels of ternary products of 16 or more tokens per pass
+    /// Chooses the kernels of the per-operation ternary products
     /// (all give the same bits; for A/B runs and tests); returns the choice
     /// in effect ([`TernaryBatch::Split`] where the device cannot give the
     /// staged kernels their shared memory).

@@ -333,26 +333,24 @@ impl GpuContext {
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
         let tok_tiles = u32_grid("tokens", n_tok.div_ceil(MM_TOKENS))?;
-        let batched = n_tok >= self.ternary_batch_min;
         // Auto: the staged 64-row kernels when their CTAs fill every SM (on
         // the H200: 2B-4T's gate/up from 64 tokens, every product from 128),
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
         // on small grids (docs/perf/gpu.md, session 7).
-        let staged = batched
-            && match self.ternary_batch() {
-                TernaryBatch::Split => false,
-                TernaryBatch::Staged4 => true,
-                TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, self.sms),
-            };
-        // The three callers pass ternary_mm_{store,add,gate_up}.
-        let (kernel, rows_per_cta, smem) = match (kernel, batched, staged) {
-            (k, false, _) => (k, 16, 0),
-            ("ternary_mm_store", true, false) => ("ternary_mm_store_b", 16, 0),
-            ("ternary_mm_add", true, false) => ("ternary_mm_add_b", 16, 0),
-            (_, true, false) => ("ternary_mm_gate_up_b", 16, 0),
-            ("ternary_mm_store", true, true) => ("ternary_mm_store_s4", 64, staged_smem(false, 4)),
-            ("ternary_mm_add", true, true) => ("ternary_mm_add_s4", 64, staged_smem(false, 4)),
-            (_, true, true) => ("ternary_mm_gate_up_s4", 64, staged_smem(true, 4)),
+        let staged = match self.ternary_batch() {
+            TernaryBatch::Split => false,
+            TernaryBatch::Staged4 => true,
+            TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, self.sms),
+        };
+        // The three callers pass ternary_mm_{store,add,gate_up}; the K-split
+        // kernels (`_b`) take every other pass, one token included.
+        let (kernel, rows_per_cta, smem) = match (kernel, staged) {
+            ("ternary_mm_store", false) => ("ternary_mm_store_b", 16, 0),
+            ("ternary_mm_add", false) => ("ternary_mm_add_b", 16, 0),
+            (_, false) => ("ternary_mm_gate_up_b", 16, 0),
+            ("ternary_mm_store", true) => ("ternary_mm_store_s4", 64, staged_smem(false, 4)),
+            ("ternary_mm_add", true) => ("ternary_mm_add_s4", 64, staged_smem(false, 4)),
+            (_, true) => ("ternary_mm_gate_up_s4", 64, staged_smem(true, 4)),
         };
         let grid = (u32_grid("row tiles", n_rows.div_ceil(rows_per_cta))?, tok_tiles, 1);
         self.launch(
