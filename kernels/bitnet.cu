@@ -592,6 +592,22 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
             wa[i] = (in && v0) ? __ldg((const uint2*)(p0 + (size_t)b * 32)) : make_uint2(0u, 0u);
             wb[i] = (in && v1) ? __ldg((const uint2*)(p1 + (size_t)b * 32)) : make_uint2(0u, 0u);
         }
+        // One token tile from global memory (the _1 kernels): every
+        // activation fragment of the round's blocks before the first
+        // product. (In the fused kernel, whose activations sit in shared
+        // memory, this measured 3-4% slower at batch 1: loaded per block.)
+        constexpr bool HOIST = !BATCH && !FUSED;
+        uint2 bvh[HOIST ? MM_PREFETCH : 1][4];
+        if (HOIST) {
+#pragma unroll
+            for (int i = 0; i < MM_PREFETCH; i++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    int b = b0 + i * KSPLIT;
+                    bvh[i][c] = (b < nblk && va[0]) ? ld_act8<FUSED>(pa[0] + (size_t)b * 128 + 32 * c)
+                                                     : make_uint2(0u, 0u);
+                }
+        }
 #pragma unroll
         for (int i = 0; i < MM_PREFETCH; i++) {
             int b = b0 + i * KSPLIT;
@@ -627,7 +643,8 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
             uint2 bv[4];
 #pragma unroll
             for (int c = 0; c < 4; c++)
-                bv[c] = va[0] ? ld_act8<FUSED>(pa[0] + (size_t)b * 128 + 32 * c) : make_uint2(0u, 0u);
+                bv[c] = HOIST ? bvh[HOIST ? i : 0][c]
+                              : (va[0] ? ld_act8<FUSED>(pa[0] + (size_t)b * 128 + 32 * c) : make_uint2(0u, 0u));
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int shift = 6 - 2 * c;
@@ -733,6 +750,35 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
 TERNARY(ternary_mm_store_b, 0, 1, 8)
 TERNARY(ternary_mm_add_b, 1, 1, 8)
 TERNARY(ternary_mm_gate_up_b, 2, 2, 4)
+
+// The same products on one 8-token tile per CTA (passes of up to 8 tokens):
+// the fused decode kernel's tile (four accumulators per warp), with the
+// activations read through the read-only path, all of a round's fragments
+// before its first product (session 11: BF16 batch 4 / 8 1.95 / 2.03 ->
+// 1.71 / 1.82 ms per step against the _b kernels). grid (row tiles,
+// ceil(tokens / 8)).
+template <int MODE, int TILES, int KSPLIT>
+__device__ void ternary_mm1_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k, float s0,
+                                 float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                 const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                 float* __restrict__ out, int ld_out) {
+    __shared__ int red[MM_WARPS * 16 * 8];
+    pdl_trigger();
+    ternary_unit_prefetch<MODE, TILES>(blockIdx.x, w0, w1, n_rows, k);
+    pdl_wait();
+    ternary_tile<MODE, TILES, KSPLIT, false, 8, false>(blockIdx.x, blockIdx.y * 8, red, w0, w1, n_rows, k, s0, s1, s2,
+                                                       seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out);
+}
+#define TERNARY1(NAME, MODE, TILES, KSPLIT)                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
+             const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
+        ternary_mm1_impl<MODE, TILES, KSPLIT>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, \
+                                              n_tok, out, ld_out);                                     \
+    }
+TERNARY1(ternary_mm_store_1, 0, 1, 8)
+TERNARY1(ternary_mm_add_1, 1, 1, 8)
+TERNARY1(ternary_mm_gate_up_1, 2, 2, 4)
 
 // ---------------------------------------------------------------------------
 // Staged ternary products for passes of many tokens (batched decode steps and

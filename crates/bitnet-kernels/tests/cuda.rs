@@ -178,10 +178,15 @@ fn ternary_store_and_add_are_exact() {
     for (i, &(rows, k, n)) in shapes.iter().enumerate() {
         for batch in BATCH_VARIANTS {
             assert_eq!(g.set_ternary_batch(batch), batch);
-            check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
+            // Passes of up to 8 tokens on the one-tile kernels and on the K-split ones.
+            for one in [true, false] {
+                g.set_ternary_one(one);
+                check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
+            }
         }
     }
     g.set_ternary_batch(TernaryBatch::Auto);
+    g.set_ternary_one(true);
 }
 
 /// The kernel choices every pass is tested with (any token count can take
@@ -234,10 +239,13 @@ fn check_store_and_add(g: &GpuContext, rng: &mut Rng, rows: usize, k: usize, n: 
 fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(2);
-    let shapes = [(48, 256, 2), (6912, 2560, 9), (96, 512, 40), (6912, 2560, 33), (70, 1152, 100)];
+    let shapes = [(48, 256, 2), (120, 640, 5), (6912, 2560, 9), (96, 512, 40), (6912, 2560, 33), (70, 1152, 100)];
     for (rows, k, n) in shapes {
         for batch in BATCH_VARIANTS {
             assert_eq!(g.set_ternary_batch(batch), batch);
+            // Passes of up to 8 tokens: Split takes the K-split kernels, the
+            // others the one-tile kernels (unless staged).
+            g.set_ternary_one(batch != TernaryBatch::Split);
             let gate = random_codes(&mut rng, rows, k);
             let up = random_codes(&mut rng, rows, k);
             let acts = random_acts(&g, &mut rng, n, k);
@@ -263,6 +271,7 @@ fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
         }
     }
     g.set_ternary_batch(TernaryBatch::Auto);
+    g.set_ternary_one(true);
 }
 
 /// Host RMSNorm + quantisation, as the kernels define it.

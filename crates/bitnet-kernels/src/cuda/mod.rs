@@ -48,6 +48,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "ternary_mm_store_b",
     "ternary_mm_add_b",
     "ternary_mm_gate_up_b",
+    "ternary_mm_store_1",
+    "ternary_mm_add_1",
+    "ternary_mm_gate_up_1",
     "ternary_mm_store_s4",
     "ternary_mm_add_s4",
     "ternary_mm_gate_up_s4",
@@ -312,6 +315,8 @@ pub struct GpuContext {
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
+    /// Passes of up to 8 tokens on the one-tile kernels (`_1`; else `_b`).
+    pub(crate) ternary_one: std::sync::atomic::AtomicBool,
     /// Decode steps take RoPE and the KV write inside the tensor-core
     /// attention kernel (`BITNET_CUDA_ATTENTION_ROPE=0`: a separate rope_kv).
     decode_rope_in_attention: bool,
@@ -479,6 +484,7 @@ impl GpuContext {
                 .unwrap_or(2)
                 .into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
+            ternary_one: std::env::var("BITNET_CUDA_TERNARY_ONE").map_or(true, |v| v != "0").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
         me.sms = me.sm_count()?;
@@ -546,6 +552,14 @@ impl GpuContext {
     pub fn set_ternary_batch(&self, which: TernaryBatch) -> TernaryBatch {
         self.ternary_batch.store(which.code(), std::sync::atomic::Ordering::Relaxed);
         self.ternary_batch()
+    }
+
+    /// Runs per-operation ternary products of up to 8 tokens on the
+    /// one-tile kernels (`ternary_mm_*_1`, true: the default) or on the
+    /// K-split ones (`_b`); the same bits (for A/B runs and tests;
+    /// `BITNET_CUDA_TERNARY_ONE=0` turns them off).
+    pub fn set_ternary_one(&self, on: bool) {
+        self.ternary_one.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn ternary_batch(&self) -> TernaryBatch {

@@ -344,7 +344,13 @@ impl GpuContext {
         };
         // The three callers pass ternary_mm_{store,add,gate_up}; the K-split
         // kernels (`_b`) take every other pass, one token included.
+        // Up to 8 tokens: the one-tile kernels (unless turned off).
+        let one = !staged && n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
+        let tok_tiles = if one { u32_grid("tokens", n_tok.div_ceil(8))? } else { tok_tiles };
         let (kernel, rows_per_cta, smem) = match (kernel, staged) {
+            ("ternary_mm_store", false) if one => ("ternary_mm_store_1", 16, 0),
+            ("ternary_mm_add", false) if one => ("ternary_mm_add_1", 16, 0),
+            (_, false) if one => ("ternary_mm_gate_up_1", 16, 0),
             ("ternary_mm_store", false) => ("ternary_mm_store_b", 16, 0),
             ("ternary_mm_add", false) => ("ternary_mm_add_b", 16, 0),
             (_, false) => ("ternary_mm_gate_up_b", 16, 0),
