@@ -717,68 +717,51 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     SUBT(st, 9);
 }
 
-template <int MODE, int TILES, int KSPLIT>
+// One CTA of a per-operation ternary product: BATCH, a unit of MM_TOKENS
+// tokens (the _b kernels); otherwise one 8-token tile (the _1 kernels).
+template <int MODE, int TILES, int KSPLIT, bool BATCH>
 __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
                                 float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
                                 const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
                                 float* __restrict__ out, int ld_out) {
-    __shared__ int red[MM_WARPS * 16 * MM_TOKENS];
+    constexpr int TOK = BATCH ? MM_TOKENS : 8;
+    __shared__ int red[MM_WARPS * 16 * TOK];
     // Let the next kernel launch, and start pulling this CTA's weight rows
     // into L2 while the previous kernel ends.
     pdl_trigger();
     ternary_unit_prefetch<MODE, TILES>(blockIdx.x, w0, w1, n_rows, k);
     pdl_wait();
-    ternary_tile<MODE, TILES, KSPLIT, true, MM_TOKENS, false>(blockIdx.x, blockIdx.y * MM_TOKENS, red, w0, w1,
-                                                               n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale,
-                                                               act_sum, n_tok, out, ld_out);
+    ternary_tile<MODE, TILES, KSPLIT, BATCH, TOK, false>(blockIdx.x, blockIdx.y * TOK, red, w0, w1, n_rows, k, s0,
+                                                         s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out,
+                                                         ld_out);
 }
 
-// The three kernels take the same arguments: the weights (w1 = the up rows
-// for gate/up, else unused), the scales of the row segments, the quantised
-// activations and the output. They load all activation fragments of a
-// weight block before its first product; they serve passes of any number of
-// tokens (session 11: at one token tile too, 8-11% faster per batch-8 step
-// than loading each fragment right before its product, which the kernels
-// without _b did).
-#define TERNARY(NAME, MODE, TILES, KSPLIT)                                                             \
+// The kernels take the same arguments: the weights (w1 = the up rows for
+// gate/up, else unused), the scales of the row segments, the quantised
+// activations and the output.
+// - _b: grid (row units, ceil(tokens / 32)); all activation fragments of a
+//   weight block before its first product; any number of tokens (session
+//   11: at one token tile too, 8-11% faster per batch-8 step than loading
+//   each fragment right before its product, which the kernels without a
+//   suffix did).
+// - _1: grid (row units, ceil(tokens / 8)), for passes of up to 8 tokens:
+//   the fused decode kernel's tile (four accumulators per warp), with the
+//   activations read through the read-only path, all of a round's fragments
+//   before its first product (session 11: BF16 batch 4 / 8 1.95 / 2.03 ->
+//   1.71 / 1.82 ms per step against the _b kernels).
+#define TERNARY(NAME, MODE, TILES, KSPLIT, BATCH)                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                                  \
         NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
              const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
-        ternary_mm_impl<MODE, TILES, KSPLIT>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, \
-                                             n_tok, out, ld_out);                                      \
+        ternary_mm_impl<MODE, TILES, KSPLIT, BATCH>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, \
+                                                    act_sum, n_tok, out, ld_out);                      \
     }
-TERNARY(ternary_mm_store_b, 0, 1, 8)
-TERNARY(ternary_mm_add_b, 1, 1, 8)
-TERNARY(ternary_mm_gate_up_b, 2, 2, 4)
-
-// The same products on one 8-token tile per CTA (passes of up to 8 tokens):
-// the fused decode kernel's tile (four accumulators per warp), with the
-// activations read through the read-only path, all of a round's fragments
-// before its first product (session 11: BF16 batch 4 / 8 1.95 / 2.03 ->
-// 1.71 / 1.82 ms per step against the _b kernels). grid (row tiles,
-// ceil(tokens / 8)).
-template <int MODE, int TILES, int KSPLIT>
-__device__ void ternary_mm1_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k, float s0,
-                                 float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
-                                 const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
-                                 float* __restrict__ out, int ld_out) {
-    __shared__ int red[MM_WARPS * 16 * 8];
-    pdl_trigger();
-    ternary_unit_prefetch<MODE, TILES>(blockIdx.x, w0, w1, n_rows, k);
-    pdl_wait();
-    ternary_tile<MODE, TILES, KSPLIT, false, 8, false>(blockIdx.x, blockIdx.y * 8, red, w0, w1, n_rows, k, s0, s1, s2,
-                                                       seg1, seg2, act, act_scale, act_sum, n_tok, out, ld_out);
-}
-#define TERNARY1(NAME, MODE, TILES, KSPLIT)                                                            \
-    extern "C" __global__ void __launch_bounds__(256)                                                  \
-        NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
-             const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
-        ternary_mm1_impl<MODE, TILES, KSPLIT>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, \
-                                              n_tok, out, ld_out);                                     \
-    }
-TERNARY1(ternary_mm_store_1, 0, 1, 8)
-TERNARY1(ternary_mm_add_1, 1, 1, 8)
-TERNARY1(ternary_mm_gate_up_1, 2, 2, 4)
+TERNARY(ternary_mm_store_b, 0, 1, 8, true)
+TERNARY(ternary_mm_add_b, 1, 1, 8, true)
+TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true)
+TERNARY(ternary_mm_store_1, 0, 1, 8, false)
+TERNARY(ternary_mm_add_1, 1, 1, 8, false)
+TERNARY(ternary_mm_gate_up_1, 2, 2, 4, false)
 
 // ---------------------------------------------------------------------------
 // Staged ternary products for passes of many tokens (batched decode steps and
