@@ -294,8 +294,7 @@ pub struct GpuContext {
     head_cublas: std::sync::atomic::AtomicBool,
     /// Entries per cuBLAS head call (f32, f16/bf16); see [`GpuContext::head`].
     head_chunk: (usize, usize),
-    /// Passes of at least this many tokens use the `_b` ternary kernels.
-    /// [`TernaryBatch`] code of the kernels for those passes.
+    /// [`TernaryBatch`] code of the per-operation ternary kernels.
     ternary_batch: std::sync::atomic::AtomicU8,
     /// The staged kernels could be given their shared memory (else every
     /// choice resolves to the K-split kernels).
@@ -322,8 +321,10 @@ pub struct GpuContext {
     decode_rope_in_attention: bool,
 }
 
-/// Which kernels run ternary products of passes of at least 16 tokens
-/// (`BITNET_CUDA_TERNARY_TILE=b|s4|auto`; see [`GpuContext::set_ternary_batch`]).
+/// Which kernels run the per-operation ternary products
+/// (`BITNET_CUDA_TERNARY_TILE=b|s4|auto`; see [`GpuContext::set_ternary_batch`];
+/// where `Split` applies, passes of up to 8 tokens take the one-tile `_1`
+/// kernels instead unless [`GpuContext::set_ternary_one`] turns them off).
 /// Every choice gives the same bits: the products are exact integer sums.
 /// A device that refuses the staged kernels' shared memory runs `Split`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -332,7 +332,6 @@ impl GpuContext {
         let n_tok = acts.n_tok;
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
-        let tok_tiles = u32_grid("tokens", n_tok.div_ceil(MM_TOKENS))?;
         // Auto: the staged 64-row kernels when their CTAs fill every SM (on
         // the H200: 2B-4T's gate/up from 64 tokens, every product from 128),
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
@@ -342,11 +341,11 @@ impl GpuContext {
             TernaryBatch::Staged4 => true,
             TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, self.sms),
         };
-        // The three callers pass ternary_mm_{store,add,gate_up}; the K-split
-        // kernels (`_b`) take every other pass, one token included.
-        // Up to 8 tokens: the one-tile kernels (unless turned off).
+        // Not staged: passes of up to 8 tokens on the one-tile kernels
+        // (`_1`, unless turned off), the others on the K-split ones (`_b`).
         let one = !staged && n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
-        let tok_tiles = if one { u32_grid("tokens", n_tok.div_ceil(8))? } else { tok_tiles };
+        let tok_tiles = u32_grid("tokens", n_tok.div_ceil(if one { 8 } else { MM_TOKENS }))?;
+        // The three callers pass ternary_mm_{store,add,gate_up}.
         let (kernel, rows_per_cta, smem) = match (kernel, staged) {
             ("ternary_mm_store", false) if one => ("ternary_mm_store_1", 16, 0),
             ("ternary_mm_add", false) if one => ("ternary_mm_add_1", 16, 0),
