@@ -2167,8 +2167,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
-                                                       qkv_rows,
-                                                       sA);
+                                                       qkv_rows, sA);
         }
         fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
         SUBT(sA, 10);
@@ -2262,8 +2261,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
-                                                       hidden, q8, a_scale, a_sum, n, x, hidden,
-                                                       sD);
+                                                       hidden, q8, a_scale, a_sum, n, x, hidden, sD);
         }
         fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
         SUBT(sD, 10);
@@ -2279,8 +2277,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
                 ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
-                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter,
-                                                       sE);
+                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter, sE);
         }
         fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
         SUBT(sE, 10);
@@ -2296,8 +2293,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
-                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden,
-                                                       sF);
+                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden, sF);
         }
         if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
         SUBT(sF, 10);

@@ -30,12 +30,36 @@ fn staged_grid_fills(n_rows: usize, n_tok: usize, sms: usize) -> bool {
     n_rows.div_ceil(64) * n_tok.div_ceil(MM_TOKENS) >= sms
 }
 
+/// The kernels of one ternary product: one 8-token tile per CTA (`_1`),
+/// the K split over a CTA's warps (`_b`), staged (`_s4`).
+struct TernaryKernels {
+    one: &'static str,
+    split: &'static str,
+    staged: &'static str,
+    gate_up: bool,
+}
+
+const TERNARY_STORE: TernaryKernels = TernaryKernels {
+    one: "ternary_mm_store_1",
+    split: "ternary_mm_store_b",
+    staged: "ternary_mm_store_s4",
+    gate_up: false,
+};
+const TERNARY_ADD: TernaryKernels =
+    TernaryKernels { one: "ternary_mm_add_1", split: "ternary_mm_add_b", staged: "ternary_mm_add_s4", gate_up: false };
+const TERNARY_GATE_UP: TernaryKernels = TernaryKernels {
+    one: "ternary_mm_gate_up_1",
+    split: "ternary_mm_gate_up_b",
+    staged: "ternary_mm_gate_up_s4",
+    gate_up: true,
+};
+
 /// Every staged kernel with its shared memory.
 pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
     [
-        ("ternary_mm_store_s4", staged_smem(false, 4)),
-        ("ternary_mm_add_s4", staged_smem(false, 4)),
-        ("ternary_mm_gate_up_s4", staged_smem(true, 4)),
+        (TERNARY_STORE.staged, staged_smem(false, 4)),
+        (TERNARY_ADD.staged, staged_smem(false, 4)),
+        (TERNARY_GATE_UP.staged, staged_smem(true, 4)),
     ]
 }
 
@@ -276,7 +300,7 @@ impl GpuContext {
         ld_out: usize,
     ) -> Result<(), CudaError> {
         let wp = check_ternary(w, n_rows, k)?;
-        self.ternary("ternary_mm_store", [wp, wp], n_rows, k, scales, segments, acts, out, ld_out)
+        self.ternary(&TERNARY_STORE, [wp, wp], n_rows, k, scales, segments, acts, out, ld_out)
     }
 
     /// `out[t, n] += dot(w[n], q[t]) * w_scale / s[t]` (the residual add).
@@ -292,7 +316,7 @@ impl GpuContext {
         ld_out: usize,
     ) -> Result<(), CudaError> {
         let wp = check_ternary(w, n_rows, k)?;
-        self.ternary("ternary_mm_add", [wp, wp], n_rows, k, [scale; 3], [n_rows; 2], acts, out, ld_out)
+        self.ternary(&TERNARY_ADD, [wp, wp], n_rows, k, [scale; 3], [n_rows; 2], acts, out, ld_out)
     }
 
     /// `out[t, n] = relu(gate[n] . q[t])^2 * (up[n] . q[t])`, each product
@@ -312,14 +336,14 @@ impl GpuContext {
         let gp = check_ternary(gate, n_rows, k)?;
         let up_p = check_ternary(up, n_rows, k)?;
         let s = [scales[0], scales[1], scales[1]];
-        self.ternary("ternary_mm_gate_up", [gp, up_p], n_rows, k, s, [n_rows; 2], acts, out, ld_out)
+        self.ternary(&TERNARY_GATE_UP, [gp, up_p], n_rows, k, s, [n_rows; 2], acts, out, ld_out)
     }
 
     /// The shared launch of the three ternary kernels (one argument list).
     #[allow(clippy::too_many_arguments)]
     fn ternary(
         &self,
-        kernel: &'static str,
+        kernels: &TernaryKernels,
         w: [u64; 2],
         n_rows: usize,
         k: usize,
@@ -345,17 +369,12 @@ impl GpuContext {
         // (`_1`, unless turned off), the others on the K-split ones (`_b`).
         let one = !staged && n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
         let tok_tiles = u32_grid("tokens", n_tok.div_ceil(if one { 8 } else { MM_TOKENS }))?;
-        // The three callers pass ternary_mm_{store,add,gate_up}.
-        let (kernel, rows_per_cta, smem) = match (kernel, staged) {
-            ("ternary_mm_store", false) if one => ("ternary_mm_store_1", 16, 0),
-            ("ternary_mm_add", false) if one => ("ternary_mm_add_1", 16, 0),
-            (_, false) if one => ("ternary_mm_gate_up_1", 16, 0),
-            ("ternary_mm_store", false) => ("ternary_mm_store_b", 16, 0),
-            ("ternary_mm_add", false) => ("ternary_mm_add_b", 16, 0),
-            (_, false) => ("ternary_mm_gate_up_b", 16, 0),
-            ("ternary_mm_store", true) => ("ternary_mm_store_s4", 64, staged_smem(false, 4)),
-            ("ternary_mm_add", true) => ("ternary_mm_add_s4", 64, staged_smem(false, 4)),
-            (_, true) => ("ternary_mm_gate_up_s4", 64, staged_smem(true, 4)),
+        let (kernel, rows_per_cta, smem) = if staged {
+            (kernels.staged, 64, staged_smem(kernels.gate_up, 4))
+        } else if one {
+            (kernels.one, 16, 0)
+        } else {
+            (kernels.split, 16, 0)
         };
         let grid = (u32_grid("row tiles", n_rows.div_ceil(rows_per_cta))?, tok_tiles, 1);
         self.launch(
