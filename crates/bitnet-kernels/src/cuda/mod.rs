@@ -333,7 +333,8 @@ pub enum TernaryBatch {
     Split,
     /// `ternary_mm_*_s4`: 64 rows x 32 tokens per CTA, cp.async pipeline.
     Staged4,
-    /// Per launch: `Staged4` when its CTAs fill every SM, else `Split`.
+    /// Per launch: `Staged4` when its work fills every SM (gate/up CTAs
+    /// count twice, a partial token tile for its share), else `Split`.
     Auto,
 }
 

@@ -23,11 +23,17 @@ fn staged_smem(gate_up: bool, mg: usize) -> usize {
     TS_STAGES * (weight_rows * TS_W_STRIDE + MM_TOKENS * TS_A_STRIDE)
 }
 
-/// Whether a staged product of `n_rows` x `n_tok` has a CTA (64 rows x 32
+/// Whether a staged product of `n_rows` x `n_tok` (`gate_up`: two matrices
+/// of `n_rows`) has the work of a full staged CTA (64 weight rows x 32
 /// tokens) for every one of `sms` multiprocessors: [`TernaryBatch::Auto`]
-/// takes the staged kernels then.
-fn staged_grid_fills(n_rows: usize, n_tok: usize, sms: usize) -> bool {
-    n_rows.div_ceil(64) * n_tok.div_ceil(MM_TOKENS) >= sms
+/// takes the staged kernels then. A gate/up CTA multiplies 128 weight rows,
+/// so it counts twice; a partial token tile counts for its share. On the
+/// H200 (session 12): at 32 tokens gate/up's 108 CTAs (work of 216) run
+/// faster staged, q|k|v's 60 and o's and down's 40 slower, and at 64 tokens
+/// q|k|v's 120 CTAs and o's and down's 80 slower too.
+fn staged_grid_fills(n_rows: usize, n_tok: usize, gate_up: bool, sms: usize) -> bool {
+    let weight_rows = if gate_up { 2 * n_rows } else { n_rows };
+    weight_rows.div_ceil(64) * n_tok >= sms * MM_TOKENS
 }
 
 /// The kernels of one ternary product: one 8-token tile per CTA (`_1`),
@@ -356,14 +362,14 @@ impl GpuContext {
         let n_tok = acts.n_tok;
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
-        // Auto: the staged 64-row kernels when their CTAs fill every SM (on
-        // the H200: 2B-4T's gate/up from 64 tokens, every product from 128),
+        // Auto: the staged 64-row kernels when their work fills every SM (on
+        // the H200: 2B-4T's gate/up from 32 tokens, every product from 128),
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
-        // on small grids (docs/perf/gpu.md, session 7).
+        // on small grids (docs/perf/gpu.md, sessions 7 and 12).
         let staged = match self.ternary_batch() {
             TernaryBatch::Split => false,
             TernaryBatch::Staged4 => true,
-            TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, self.sms),
+            TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
         };
         // Not staged: passes of up to 8 tokens on the one-tile kernels
         // (`_1`, unless turned off), the others on the K-split ones (`_b`).
@@ -856,20 +862,27 @@ mod tests {
 
     #[test]
     fn staged_kernels_take_passes_whose_grid_fills_the_gpu() {
-        // 2B-4T on an H200 (132 SMs): at 32 tokens no product fills it
-        // (q|k|v 60 CTAs, gate/up 108, o/down 40); at 64 tokens gate/up does
-        // (216); at 128 tokens every product (o/down 160).
+        // 2B-4T on an H200 (132 SMs): at 32 tokens only gate/up (108 CTAs
+        // of 128 weight rows: the work of 216) fills it, not q|k|v (60),
+        // o/down (40) or a 6912-row product of one matrix (108); at 64
+        // tokens not q|k|v (120) or o/down (80); at 128 every product.
         let sms = 132;
-        assert!(!staged_grid_fills(3840, 32, sms));
-        assert!(!staged_grid_fills(6912, 32, sms));
-        assert!(!staged_grid_fills(2560, 32, sms));
-        assert!(staged_grid_fills(6912, 64, sms));
-        assert!(!staged_grid_fills(2560, 64, sms));
-        assert!(staged_grid_fills(2560, 128, sms));
-        assert!(staged_grid_fills(3840, 1024, sms));
-        // Partial tiles count: 65 rows are two CTAs, 33 tokens two.
-        assert!(staged_grid_fills(65, 33, 4));
-        assert!(!staged_grid_fills(64, 32, 2));
+        assert!(staged_grid_fills(6912, 32, true, sms));
+        assert!(!staged_grid_fills(6912, 32, false, sms));
+        assert!(!staged_grid_fills(3840, 32, false, sms));
+        assert!(!staged_grid_fills(2560, 32, false, sms));
+        assert!(!staged_grid_fills(3840, 64, false, sms));
+        assert!(!staged_grid_fills(2560, 64, false, sms));
+        assert!(staged_grid_fills(2560, 128, false, sms));
+        assert!(staged_grid_fills(3840, 1024, false, sms));
+        // Below a full token tile, gate/up counts its share: 16 tokens of
+        // 216 tiles are the work of 108 CTAs (not filled), 20 tokens of 135.
+        assert!(!staged_grid_fills(6912, 16, true, sms));
+        assert!(staged_grid_fills(6912, 20, true, sms));
+        // Partial row tiles count whole: 65 rows are two CTAs.
+        assert!(staged_grid_fills(65, 64, false, 4));
+        assert!(!staged_grid_fills(64, 64, false, 3));
+        assert!(staged_grid_fills(64, 32, true, 2));
     }
 
     #[test]
