@@ -534,19 +534,26 @@ __device__ __forceinline__ void ternary_unit_prefetch(int bx, const u8* w0, cons
 // the added-into output is read from L2 (other CTAs of the persistent
 // kernel write it). BATCH: any number of token tiles (the per-operation
 // kernels); otherwise TOK == 8, one token tile (the fused decode kernel).
-template <int MODE, int TILES, int KSPLIT, bool BATCH, int TOK, bool FUSED>
+// RT (BATCH only): each warp multiplies RT row tiles of 16 rows with every
+// activation fragment it loads, so a CTA holds TILES * RT row tiles and red
+// is [MM_WARPS][RT][16 * TOK].
+template <int MODE, int TILES, int KSPLIT, bool BATCH, int TOK, bool FUSED, int RT = 1>
 __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restrict__ w0, const u8* __restrict__ w1,
                              int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2,
                              const i8* __restrict__ act, const float* __restrict__ act_scale,
                              const int* __restrict__ act_sum, int n_tok, float* __restrict__ out, int ld_out,
                              unsigned long long* st = nullptr) {
     static_assert(BATCH || TOK == 8, "the one-token-tile path (not BATCH) is for one tile of 8 tokens");
+    static_assert(BATCH || RT == 1, "several row tiles per warp only in the batch path");
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
-    // MODE 2: tiles 0 .. GH - 1 take gate rows, GH .. TILES - 1 the same up rows.
+    // MODE 2: tiles 0 .. GH - 1 take gate rows, GH .. TILES - 1 the same up
+    // rows. Warp tile `tile` covers the CTA's row tiles tile * RT .. + RT - 1
+    // (MODE 2: gate tiles below GH * RT, then the up tiles of the same rows).
     const int GH = MODE == 2 ? TILES / 2 : TILES;
-    int row_base = MODE == 2 ? (bx * GH + tile % GH) * 16 : (bx * TILES + tile) * 16;
+    const int GR = GH * RT;  // row tiles of one matrix per CTA
+    int row_base = MODE == 2 ? (bx * GR + (tile % GH) * RT) * 16 : (bx * TILES * RT + tile * RT) * 16;
     const u8* w = (MODE == 2 && tile >= GH) ? w1 : w0;
     int ntiles = min(TOK / 8, (n_tok - tok_base + 7) / 8);
     // FUSED add: when the epilogue is one entry per thread, its read of the
@@ -558,9 +565,11 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
         int row = bx * TILES * 16 + rl, tok = tok_base + tl;
         if (row < n_rows && tok < n_tok) prev = ldcg_f(out + (size_t)tok * ld_out + row);
     }
-    int acc[TOK / 8][4];
+    int acc[RT][TOK / 8][4];
 #pragma unroll
-    for (int i = 0; i < TOK / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
+    for (int j = 0; j < RT; j++)
+#pragma unroll
+        for (int i = 0; i < TOK / 8; i++) acc[j][i][0] = acc[j][i][1] = acc[j][i][2] = acc[j][i][3] = 0;
     // Not BATCH (TOK == 8, one token tile): one accumulator per sub-block.
     int acc1[4][4];
 #pragma unroll
@@ -572,6 +581,11 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     bool v0 = r0 < n_rows, v1 = r1 < n_rows;
     const u8* p0 = w + (size_t)(v0 ? r0 : 0) * row_bytes + 8 * t;
     const u8* p1 = w + (size_t)(v1 ? r1 : 0) * row_bytes + 8 * t;
+    // RT == 2: the warp's second row tile.
+    int r2 = r0 + 16, r3 = r1 + 16;
+    bool v2 = RT > 1 && r2 < n_rows, v3 = RT > 1 && r3 < n_rows;
+    const u8* p2 = RT > 1 ? w + (size_t)(v2 ? r2 : 0) * row_bytes + 8 * t : p0;
+    const u8* p3 = RT > 1 ? w + (size_t)(v3 ? r3 : 0) * row_bytes + 8 * t : p1;
     // Activation pointers of this lane's token in each token tile.
     const i8* pa[TOK / 8];
     bool va[TOK / 8];
@@ -584,13 +598,17 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 
     // This warp's blocks: kpart, kpart + KSPLIT, ...
     for (int b0 = kpart; b0 < nblk; b0 += KSPLIT * MM_PREFETCH) {
-        uint2 wa[MM_PREFETCH], wb[MM_PREFETCH];
+        uint2 wa[RT][MM_PREFETCH], wb[RT][MM_PREFETCH];
 #pragma unroll
         for (int i = 0; i < MM_PREFETCH; i++) {
             int b = b0 + i * KSPLIT;
             bool in = b < nblk;
-            wa[i] = (in && v0) ? __ldg((const uint2*)(p0 + (size_t)b * 32)) : make_uint2(0u, 0u);
-            wb[i] = (in && v1) ? __ldg((const uint2*)(p1 + (size_t)b * 32)) : make_uint2(0u, 0u);
+            wa[0][i] = (in && v0) ? __ldg((const uint2*)(p0 + (size_t)b * 32)) : make_uint2(0u, 0u);
+            wb[0][i] = (in && v1) ? __ldg((const uint2*)(p1 + (size_t)b * 32)) : make_uint2(0u, 0u);
+            if (RT > 1) {
+                wa[RT - 1][i] = (in && v2) ? __ldg((const uint2*)(p2 + (size_t)b * 32)) : make_uint2(0u, 0u);
+                wb[RT - 1][i] = (in && v3) ? __ldg((const uint2*)(p3 + (size_t)b * 32)) : make_uint2(0u, 0u);
+            }
         }
         // One token tile from global memory (the _1 kernels): every
         // activation fragment of the round's blocks before the first
@@ -625,13 +643,16 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 #pragma unroll
                 for (int c = 0; c < 4; c++) {
                     int shift = 6 - 2 * c;
-                    unsigned a0 = (wa[i].x >> shift) & 0x03030303u;
-                    unsigned a1 = (wb[i].x >> shift) & 0x03030303u;
-                    unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
-                    unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
 #pragma unroll
-                    for (int nt = 0; nt < TOK / 8; nt++)
-                        if (nt < ntiles) mma_s8(acc[nt], a0, a1, a2, a3, bv[c][nt].x, bv[c][nt].y);
+                    for (int j = 0; j < RT; j++) {
+                        unsigned a0 = (wa[j][i].x >> shift) & 0x03030303u;
+                        unsigned a1 = (wb[j][i].x >> shift) & 0x03030303u;
+                        unsigned a2 = (wa[j][i].y >> shift) & 0x03030303u;
+                        unsigned a3 = (wb[j][i].y >> shift) & 0x03030303u;
+#pragma unroll
+                        for (int nt = 0; nt < TOK / 8; nt++)
+                            if (nt < ntiles) mma_s8(acc[j][nt], a0, a1, a2, a3, bv[c][nt].x, bv[c][nt].y);
+                    }
                 }
                 continue;
             }
@@ -648,10 +669,10 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int shift = 6 - 2 * c;
-                unsigned a0 = (wa[i].x >> shift) & 0x03030303u;
-                unsigned a1 = (wb[i].x >> shift) & 0x03030303u;
-                unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
-                unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
+                unsigned a0 = (wa[0][i].x >> shift) & 0x03030303u;
+                unsigned a1 = (wb[0][i].x >> shift) & 0x03030303u;
+                unsigned a2 = (wa[0][i].y >> shift) & 0x03030303u;
+                unsigned a3 = (wb[0][i].y >> shift) & 0x03030303u;
                 mma_s8(acc1[c], a0, a1, a2, a3, bv[c].x, bv[c].y);
             }
         }
@@ -659,25 +680,30 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 
     if (!BATCH) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) acc[0][j] = (acc1[0][j] + acc1[1][j]) + (acc1[2][j] + acc1[3][j]);
+        for (int j = 0; j < 4; j++) acc[0][0][j] = (acc1[0][j] + acc1[1][j]) + (acc1[2][j] + acc1[3][j]);
     }
     SUBT(st, 7);
-    // Partial sums to shared memory: red[warp * 16 * TOK + token * 16 + row].
+    // Partial sums to shared memory: slot (row tile tile * RT + j, kpart),
+    // red[slot * 16 * TOK + token * 16 + row]; with RT == 1 the slot is the
+    // warp.
 #pragma unroll
-    for (int nt = 0; nt < TOK / 8; nt++) {
-        int tl = nt * 8 + 2 * t;
-        red[warp * 16 * TOK + tl * 16 + g] = acc[nt][0];
-        red[warp * 16 * TOK + (tl + 1) * 16 + g] = acc[nt][1];
-        red[warp * 16 * TOK + tl * 16 + g + 8] = acc[nt][2];
-        red[warp * 16 * TOK + (tl + 1) * 16 + g + 8] = acc[nt][3];
-    }
+    for (int j = 0; j < RT; j++)
+#pragma unroll
+        for (int nt = 0; nt < TOK / 8; nt++) {
+            int tl = nt * 8 + 2 * t;
+            int slot = RT == 1 ? warp : (tile * RT + j) * KSPLIT + kpart;
+            red[slot * 16 * TOK + tl * 16 + g] = acc[j][nt][0];
+            red[slot * 16 * TOK + (tl + 1) * 16 + g] = acc[j][nt][1];
+            red[slot * 16 * TOK + tl * 16 + g + 8] = acc[j][nt][2];
+            red[slot * 16 * TOK + (tl + 1) * 16 + g + 8] = acc[j][nt][3];
+        }
     __syncthreads();
     SUBT(st, 8);
 
     if (MODE == 2) {
-        int row_cta = bx * GH * 16;
-        for (int idx = threadIdx.x; idx < GH * 16 * TOK; idx += blockDim.x) {
-            int rl = idx % (GH * 16), tl = idx / (GH * 16);
+        int row_cta = bx * GR * 16;
+        for (int idx = threadIdx.x; idx < GR * 16 * TOK; idx += blockDim.x) {
+            int rl = idx % (GR * 16), tl = idx / (GR * 16);
             int sub = rl >> 4, r16 = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
             if (row >= n_rows || tok >= n_tok) continue;
@@ -685,7 +711,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 #pragma unroll
             for (int kp = 0; kp < KSPLIT; kp++) {
                 ga += red[(sub * KSPLIT + kp) * 16 * TOK + tl * 16 + r16];
-                ua += red[((GH + sub) * KSPLIT + kp) * 16 * TOK + tl * 16 + r16];
+                ua += red[((GR + sub) * KSPLIT + kp) * 16 * TOK + tl * 16 + r16];
             }
             float s = act_scale[tok];
             int qs = act_sum[tok];
@@ -695,9 +721,9 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
             out[(size_t)tok * ld_out + row] = __fmul_rn(__fmul_rn(rr, rr), uv);
         }
     } else {
-        int row_cta = bx * TILES * 16;
-        for (int idx = threadIdx.x; idx < TILES * 16 * TOK; idx += blockDim.x) {
-            int rl = idx % (TILES * 16), tl = idx / (TILES * 16);
+        int row_cta = bx * TILES * RT * 16;
+        for (int idx = threadIdx.x; idx < TILES * RT * 16 * TOK; idx += blockDim.x) {
+            int rl = idx % (TILES * RT * 16), tl = idx / (TILES * RT * 16);
             int tile_l = rl >> 4, rr = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
             if (row >= n_rows || tok >= n_tok) continue;
@@ -718,22 +744,23 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
 }
 
 // One CTA of a per-operation ternary product: BATCH, a unit of MM_TOKENS
-// tokens (the _b kernels); otherwise one 8-token tile (the _1 kernels).
-template <int MODE, int TILES, int KSPLIT, bool BATCH>
+// tokens (the _b kernels, RT row tiles per warp); otherwise one 8-token
+// tile (the _1 kernels).
+template <int MODE, int TILES, int KSPLIT, bool BATCH, int RT>
 __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
                                 float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
                                 const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
                                 float* __restrict__ out, int ld_out) {
     constexpr int TOK = BATCH ? MM_TOKENS : 8;
-    __shared__ int red[MM_WARPS * 16 * TOK];
+    __shared__ int red[MM_WARPS * RT * 16 * TOK];
     // Let the next kernel launch, and start pulling this CTA's weight rows
     // into L2 while the previous kernel ends.
     pdl_trigger();
-    ternary_unit_prefetch<MODE, TILES>(blockIdx.x, w0, w1, n_rows, k);
+    ternary_unit_prefetch<MODE, TILES * RT>(blockIdx.x, w0, w1, n_rows, k);
     pdl_wait();
-    ternary_tile<MODE, TILES, KSPLIT, BATCH, TOK, false>(blockIdx.x, blockIdx.y * TOK, red, w0, w1, n_rows, k, s0,
-                                                         s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, out,
-                                                         ld_out);
+    ternary_tile<MODE, TILES, KSPLIT, BATCH, TOK, false, RT>(blockIdx.x, blockIdx.y * TOK, red, w0, w1, n_rows, k,
+                                                             s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok,
+                                                             out, ld_out);
 }
 
 // The kernels take the same arguments: the weights (w1 = the up rows for
@@ -749,19 +776,22 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
 //   activations read through the read-only path, all of a round's fragments
 //   before its first product (session 11: BF16 batch 4 / 8 1.95 / 2.03 ->
 //   1.71 / 1.82 ms per step against the _b kernels).
-#define TERNARY(NAME, MODE, TILES, KSPLIT, BATCH)                                                      \
+#define TERNARY(NAME, MODE, TILES, KSPLIT, BATCH, RT)                                                  \
     extern "C" __global__ void __launch_bounds__(256)                                                  \
         NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
              const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
-        ternary_mm_impl<MODE, TILES, KSPLIT, BATCH>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, \
-                                                    act_sum, n_tok, out, ld_out);                      \
+        ternary_mm_impl<MODE, TILES, KSPLIT, BATCH, RT>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, \
+                                                        act_sum, n_tok, out, ld_out);                  \
     }
-TERNARY(ternary_mm_store_b, 0, 1, 8, true)
-TERNARY(ternary_mm_add_b, 1, 1, 8, true)
-TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true)
-TERNARY(ternary_mm_store_1, 0, 1, 8, false)
-TERNARY(ternary_mm_add_1, 1, 1, 8, false)
-TERNARY(ternary_mm_gate_up_1, 2, 2, 4, false)
+TERNARY(ternary_mm_store_b, 0, 1, 8, true, 1)
+TERNARY(ternary_mm_add_b, 1, 1, 8, true, 1)
+TERNARY(ternary_mm_gate_up_b, 2, 2, 4, true, 1)
+TERNARY(ternary_mm_store_b2, 0, 1, 8, true, 2)
+TERNARY(ternary_mm_add_b2, 1, 1, 8, true, 2)
+TERNARY(ternary_mm_gate_up_b2, 2, 2, 4, true, 2)
+TERNARY(ternary_mm_store_1, 0, 1, 8, false, 1)
+TERNARY(ternary_mm_add_1, 1, 1, 8, false, 1)
+TERNARY(ternary_mm_gate_up_1, 2, 2, 4, false, 1)
 
 // ---------------------------------------------------------------------------
 // Staged ternary products for passes of many tokens (batched decode steps and

@@ -191,7 +191,8 @@ fn ternary_store_and_add_are_exact() {
 
 /// The kernel choices every pass is tested with (any token count can take
 /// either kernel family; Auto picks by grid size).
-const BATCH_VARIANTS: [TernaryBatch; 3] = [TernaryBatch::Split, TernaryBatch::Staged4, TernaryBatch::Auto];
+const BATCH_VARIANTS: [TernaryBatch; 4] =
+    [TernaryBatch::Split, TernaryBatch::Split2, TernaryBatch::Staged4, TernaryBatch::Auto];
 
 fn check_store_and_add(g: &GpuContext, rng: &mut Rng, rows: usize, k: usize, n: usize, batch: TernaryBatch) {
     let codes = random_codes(rng, rows, k);

@@ -48,6 +48,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "ternary_mm_store_b",
     "ternary_mm_add_b",
     "ternary_mm_gate_up_b",
+    "ternary_mm_store_b2",
+    "ternary_mm_add_b2",
+    "ternary_mm_gate_up_b2",
     "ternary_mm_store_1",
     "ternary_mm_add_1",
     "ternary_mm_gate_up_1",
@@ -322,19 +325,24 @@ pub struct GpuContext {
 }
 
 /// Which kernels run the per-operation ternary products
-/// (`BITNET_CUDA_TERNARY_TILE=b|s4|auto`; see [`GpuContext::set_ternary_batch`];
+/// (`BITNET_CUDA_TERNARY_TILE=b|b2|s4|auto`; see [`GpuContext::set_ternary_batch`];
 /// where `Split` applies, passes of up to 8 tokens take the one-tile `_1`
 /// kernels instead unless [`GpuContext::set_ternary_one`] turns them off).
 /// Every choice gives the same bits: the products are exact integer sums.
-/// A device that refuses the staged kernels' shared memory runs `Split`.
+/// A device that refuses the staged kernels' shared memory runs `Split` for
+/// `Staged4`, and `Auto` never stages there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TernaryBatch {
     /// `ternary_mm_*_b`: 16 rows per CTA, the K range split over its warps.
     Split,
+    /// `ternary_mm_*_b2`: as `Split` with 32 rows per CTA, each warp
+    /// multiplying two 16-row tiles with every activation fragment it loads.
+    Split2,
     /// `ternary_mm_*_s4`: 64 rows x 32 tokens per CTA, cp.async pipeline.
     Staged4,
     /// Per launch: `Staged4` when its work fills every SM (gate/up CTAs
-    /// count twice, a partial token tile for its share), else `Split`.
+    /// count twice, a partial token tile for its share), else `Split2` when
+    /// its grid fits one wave (a CTA per SM), else `Split`.
     Auto,
 }
 
@@ -344,6 +352,7 @@ impl TernaryBatch {
             Self::Split => 0,
             Self::Staged4 => 1,
             Self::Auto => 2,
+            Self::Split2 => 3,
         }
     }
 
@@ -351,6 +360,7 @@ impl TernaryBatch {
         match c {
             0 => Self::Split,
             1 => Self::Staged4,
+            3 => Self::Split2,
             _ => Self::Auto,
         }
     }
@@ -466,6 +476,7 @@ impl GpuContext {
             },
             ternary_batch: match std::env::var("BITNET_CUDA_TERNARY_TILE").as_deref() {
                 Ok("b") => TernaryBatch::Split,
+                Ok("b2") => TernaryBatch::Split2,
                 Ok("s4") => TernaryBatch::Staged4,
                 _ => TernaryBatch::Auto,
             }
@@ -549,8 +560,9 @@ impl GpuContext {
 
     /// Chooses the kernels of the per-operation ternary products
     /// (all give the same bits; for A/B runs and tests); returns the choice
-    /// in effect ([`TernaryBatch::Split`] where the device cannot give the
-    /// staged kernels their shared memory).
+    /// in effect ([`TernaryBatch::Split`] for `Staged4` where the device
+    /// cannot give the staged kernels their shared memory; `Auto` then never
+    /// picks them).
     pub fn set_ternary_batch(&self, which: TernaryBatch) -> TernaryBatch {
         self.ternary_batch.store(which.code(), std::sync::atomic::Ordering::Relaxed);
         self.ternary_batch()
@@ -565,10 +577,15 @@ impl GpuContext {
     }
 
     pub fn ternary_batch(&self) -> TernaryBatch {
-        if !self.staged_ok {
-            return TernaryBatch::Split;
+        match TernaryBatch::from_code(self.ternary_batch.load(std::sync::atomic::Ordering::Relaxed)) {
+            TernaryBatch::Staged4 if !self.staged_ok => TernaryBatch::Split,
+            which => which,
         }
-        TernaryBatch::from_code(self.ternary_batch.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether the staged ternary kernels could be given their shared memory.
+    pub(crate) fn staged_ok(&self) -> bool {
+        self.staged_ok
     }
 
     /// Programmatic dependent launch (compute capability 9.0+, on by default;

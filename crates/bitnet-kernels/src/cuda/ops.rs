@@ -36,11 +36,24 @@ fn staged_grid_fills(n_rows: usize, n_tok: usize, gate_up: bool, sms: usize) -> 
     weight_rows.div_ceil(64) * n_tok >= sms * MM_TOKENS
 }
 
+/// Whether the K-split kernels' two-row-tile variant (`_b2`: 32 rows x 32
+/// tokens per CTA, 140 registers a thread, so one CTA per SM) runs a pass
+/// of `n_rows` x `n_tok` in one wave: [`TernaryBatch::Auto`] takes it then,
+/// else the 16-row `_b` kernels. Each `_b2` warp multiplies two row tiles
+/// with every activation fragment it loads, half the activation traffic
+/// from L2 of `_b` (session 12, H200, 32 tokens: q|k|v 7.5 -> 6.7 us, o 7.9
+/// -> 7.3, down 15.1 -> 14.7).
+fn split2_fits(n_rows: usize, n_tok: usize, sms: usize) -> bool {
+    n_rows.div_ceil(32) * n_tok.div_ceil(MM_TOKENS) <= sms
+}
+
 /// The kernels of one ternary product: one 8-token tile per CTA (`_1`),
-/// the K split over a CTA's warps (`_b`), staged (`_s4`).
+/// the K split over a CTA's warps (`_b`, `_b2` with two row tiles per
+/// warp), staged (`_s4`).
 struct TernaryKernels {
     one: &'static str,
     split: &'static str,
+    split2: &'static str,
     staged: &'static str,
     gate_up: bool,
 }
@@ -48,14 +61,21 @@ struct TernaryKernels {
 const TERNARY_STORE: TernaryKernels = TernaryKernels {
     one: "ternary_mm_store_1",
     split: "ternary_mm_store_b",
+    split2: "ternary_mm_store_b2",
     staged: "ternary_mm_store_s4",
     gate_up: false,
 };
-const TERNARY_ADD: TernaryKernels =
-    TernaryKernels { one: "ternary_mm_add_1", split: "ternary_mm_add_b", staged: "ternary_mm_add_s4", gate_up: false };
+const TERNARY_ADD: TernaryKernels = TernaryKernels {
+    one: "ternary_mm_add_1",
+    split: "ternary_mm_add_b",
+    split2: "ternary_mm_add_b2",
+    staged: "ternary_mm_add_s4",
+    gate_up: false,
+};
 const TERNARY_GATE_UP: TernaryKernels = TernaryKernels {
     one: "ternary_mm_gate_up_1",
     split: "ternary_mm_gate_up_b",
+    split2: "ternary_mm_gate_up_b2",
     staged: "ternary_mm_gate_up_s4",
     gate_up: true,
 };
@@ -367,18 +387,25 @@ impl GpuContext {
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
         // on small grids (docs/perf/gpu.md, sessions 7 and 12).
         let staged = match self.ternary_batch() {
-            TernaryBatch::Split => false,
+            TernaryBatch::Split | TernaryBatch::Split2 => false,
             TernaryBatch::Staged4 => true,
-            TernaryBatch::Auto => staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
+            TernaryBatch::Auto => self.staged_ok() && staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
         };
         // Not staged: passes of up to 8 tokens on the one-tile kernels
-        // (`_1`, unless turned off), the others on the K-split ones (`_b`).
+        // (`_1`, unless turned off), the others on the K-split ones (`_b2`
+        // when their grid fits one wave, else `_b`).
         let one = !staged && n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
         let tok_tiles = u32_grid("tokens", n_tok.div_ceil(if one { 8 } else { MM_TOKENS }))?;
         let (kernel, rows_per_cta, smem) = if staged {
             (kernels.staged, 64, staged_smem(kernels.gate_up, 4))
         } else if one {
             (kernels.one, 16, 0)
+        } else if match self.ternary_batch() {
+            TernaryBatch::Split2 => true,
+            TernaryBatch::Auto => split2_fits(n_rows, n_tok, self.sms),
+            _ => false,
+        } {
+            (kernels.split2, 32, 0)
         } else {
             (kernels.split, 16, 0)
         };
@@ -883,6 +910,22 @@ mod tests {
         assert!(staged_grid_fills(65, 64, false, 4));
         assert!(!staged_grid_fills(64, 64, false, 3));
         assert!(staged_grid_fills(64, 32, true, 2));
+    }
+
+    #[test]
+    fn two_row_tile_kernels_take_passes_that_fit_one_wave() {
+        // 2B-4T on an H200 (132 SMs), 9-32 tokens: q|k|v (120 CTAs of 32
+        // rows), o and down (80) fit; gate/up's 6912 rows (216) do not;
+        // 33-64 tokens: q|k|v 240, o/down 160 do not.
+        let sms = 132;
+        assert!(split2_fits(3840, 32, sms));
+        assert!(split2_fits(2560, 9, sms));
+        assert!(!split2_fits(6912, 16, sms));
+        assert!(!split2_fits(3840, 33, sms));
+        assert!(!split2_fits(2560, 64, sms));
+        // Partial tiles count whole: 33 rows are two CTAs.
+        assert!(split2_fits(33, 32, 2));
+        assert!(!split2_fits(33, 33, 3));
     }
 
     #[test]
