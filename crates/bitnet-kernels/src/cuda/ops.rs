@@ -386,7 +386,8 @@ impl GpuContext {
         // the H200: 2B-4T's gate/up from 32 tokens, every product from 128),
         // else the K-split ones, whose 16-row CTAs keep more loads in flight
         // on small grids (docs/perf/gpu.md, sessions 7 and 12).
-        let staged = match self.ternary_batch() {
+        let choice = self.ternary_batch();
+        let staged = match choice {
             TernaryBatch::Split | TernaryBatch::Split2 => false,
             TernaryBatch::Staged4 => true,
             TernaryBatch::Auto => self.staged_ok() && staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
@@ -400,11 +401,9 @@ impl GpuContext {
             (kernels.staged, 64, staged_smem(kernels.gate_up, 4))
         } else if one {
             (kernels.one, 16, 0)
-        } else if match self.ternary_batch() {
-            TernaryBatch::Split2 => true,
-            TernaryBatch::Auto => split2_fits(n_rows, n_tok, self.sms),
-            _ => false,
-        } {
+        } else if choice == TernaryBatch::Split2
+            || (choice == TernaryBatch::Auto && split2_fits(n_rows, n_tok, self.sms))
+        {
             (kernels.split2, 32, 0)
         } else {
             (kernels.split, 16, 0)
