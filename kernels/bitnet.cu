@@ -545,6 +545,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
                              unsigned long long* st = nullptr) {
     static_assert(BATCH || TOK == 8, "the one-token-tile path (not BATCH) is for one tile of 8 tokens");
     static_assert(BATCH || RT == 1, "several row tiles per warp only in the batch path");
+    static_assert(RT == 1 || RT == 2, "one or two row tiles per warp (p0 .. p3 below)");
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
@@ -771,6 +772,9 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
 //   11: at one token tile too, 8-11% faster per batch-8 step than loading
 //   each fragment right before its product, which the kernels without a
 //   suffix did).
+// - _b2: as _b with 32 rows per CTA, each warp multiplying two row tiles
+//   with every activation fragment (half the activation reads; 140
+//   registers, so one CTA per SM: ops.rs takes it for grids of one wave).
 // - _1: grid (row units, ceil(tokens / 8)), for passes of up to 8 tokens:
 //   the fused decode kernel's tile (four accumulators per warp), with the
 //   activations read through the read-only path, all of a round's fragments
