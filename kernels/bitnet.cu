@@ -816,9 +816,10 @@ TERNARY(ternary_mm_gate_up_1, 2, 2, 4, false, 1)
 //
 // grid (ceil(rows / (16 MG)), ceil(tokens / 32)), block 256, dynamic shared
 // memory TS_NST * (weight rows * TS_WS + TS_BN * TS_AS) bytes (ops.rs:
-// staged_smem). Only where the grid fills the GPU: with few CTAs each one's
-// chain of pipeline stages is long, and ternary_tile's K split is faster
-// (docs/perf/gpu.md, session 7).
+// staged_smem). Only where their work fills the GPU (ops.rs:
+// staged_grid_fills): with few CTAs each one's chain of pipeline stages is
+// long, and ternary_tile's K split is faster (docs/perf/gpu.md, sessions 7
+// and 12).
 
 #define TS_BN 32
 #define TS_KB 2

@@ -384,8 +384,8 @@ impl GpuContext {
         let [act, act_s, act_sum, _] = acts.args(k)?;
         // Auto: the staged 64-row kernels when their work fills every SM (on
         // the H200: 2B-4T's gate/up from 32 tokens, every product from 128),
-        // else the K-split ones, whose 16-row CTAs keep more loads in flight
-        // on small grids (docs/perf/gpu.md, sessions 7 and 12).
+        // else the K-split ones, whose small CTAs (16 or 32 rows) keep more
+        // loads in flight on small grids (docs/perf/gpu.md, sessions 7 and 12).
         let choice = self.ternary_batch();
         let staged = match choice {
             TernaryBatch::Split | TernaryBatch::Split2 => false,
