@@ -1525,10 +1525,15 @@ __device__ __forceinline__ void amma_chunk(AmmaState& st, AmmaKV& kv, const unsi
 }
 
 // Merges the unit's warps in order 0 .. AMMA_WARPS - 1 and writes
-// part[slot0 + h * S] and ml; starts and ends with a unit barrier.
-template <bool FUSED>
+// part[slot0 + h * S] and ml; starts and ends with a unit barrier. DIRECT
+// (a unit that covers all of its row's positions, S = 1): writes instead
+// the combined output of head h at out + h * head_dim, with the arithmetic
+// combine_head applies to one part (the same bits), raising
+// FLAG_NONFINITE as it does.
+template <bool FUSED, bool DIRECT = false>
 __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, int S, int ng, int head_dim,
-                            float* part, float* ml, int tid, int sync_id) {
+                            float* part, float* ml, int tid, int sync_id, float* out = nullptr,
+                            int* flags = nullptr) {
     const unsigned full = 0xffffffffu;
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
     // hi + lo columns; lanes t < 2 then hold O[2t][..] (acc[][][0], [2]) and
@@ -1572,9 +1577,29 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
             float m = sh.wml[w][h][0];
             if (m > -__int_as_float(0x7f800000)) o += sh.wo[w][h][d] * expf(m - M);
         }
-        part[(slot0 + (size_t)h * S) * head_dim + d] = o;
+        if constexpr (DIRECT) {
+            // The (m, l) pair the second loop below would store, then
+            // combine_head over that one part.
+            float L = 0.0f;
+#pragma unroll
+            for (int w = 0; w < AMMA_WARPS; w++) {
+                float m = sh.wml[w][h][0];
+                if (m > -__int_as_float(0x7f800000)) L += sh.wml[w][h][1] * expf(m - M);
+            }
+            float Mc = fmaxf(-__int_as_float(0x7f800000), M);
+            float Lc = 0.0f;
+            Lc += L * expf(M - Mc);
+            float inv = 1.0f / Lc;
+            float oc = 0.0f;
+            if (M > -__int_as_float(0x7f800000)) oc += o * expf(M - Mc);
+            oc *= inv;
+            if (!isfinite(oc)) atomicOr(flags, FLAG_NONFINITE);
+            out[(size_t)h * head_dim + d] = oc;
+        } else {
+            part[(slot0 + (size_t)h * S) * head_dim + d] = o;
+        }
     }
-    if (tid < ng) {
+    if (!DIRECT && tid < ng) {
         int h = tid;
         float M = -__int_as_float(0x7f800000), L = 0.0f;
 #pragma unroll
@@ -1595,13 +1620,15 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
 // one row, q (f32, unscaled) at qh + h * head_dim, over the chunks s, s + S,
 // ... of its visible positions, whose K/V start at `first`; half a CTA
 // synchronised by named barrier sync_id; position `cur` (if >= 0) takes K
-// and V from knew / vnew. Writes part[slot0 + h * S] and ml; raises
+// and V from knew / vnew. Writes part[slot0 + h * S] and ml (DIRECT, S = 1:
+// the combined output at out + h * head_dim; see amma_finish); raises
 // FLAG_NONFINITE if q * scale is not finite in T.
-template <class P>
+template <class P, bool DIRECT = false>
 __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, const u16* __restrict__ vc,
                                    size_t first, int visible, int s, int S, int ng, int head_dim, int kv_dim,
                                    float scale, const u16* knew, const u16* vnew, int cur, size_t slot0, float* part,
-                                   float* ml, int* flags, int tid, int sync_id, float* scratch) {
+                                   float* ml, int* flags, int tid, int sync_id, float* scratch,
+                                   float* out = nullptr) {
     AmmaShared sh(scratch);
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
     amma_qbuild<P>(qh, ng, head_dim, scale, flags, sh.qbs, warp, lane);
@@ -1615,7 +1642,7 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
         amma_load_k<true>(kv, kc, first, p0, visible, kv_dim, C, g, t, knew, cur);
         amma_chunk<P, true, true>(st, kv, sh.qbs, sh.pt[warp], p0, visible, C, lane, vc, first, kv_dim, vnew, cur);
     }
-    amma_finish<true>(st, sh, slot0, S, ng, head_dim, part, ml, tid, sync_id);
+    amma_finish<true, DIRECT>(st, sh, slot0, S, ng, head_dim, part, ml, tid, sync_id, out, flags);
 }
 
 // The per-operation kernel: one unit per CTA, grid (rows, n_kv_heads *
@@ -1736,14 +1763,20 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, unsigne
     if (threadIdx.x == 0) {
         unsigned target = epoch * gridDim.x;
         if (trace && blockIdx.x == 0) trace[3 * epoch - 2] = global_ns();
-        __threadfence();
-        unsigned before = atomicAdd(bar, 1u);
-        if (trace && before == target - 1) trace[3 * epoch - 1] = global_ns();
+        // Release (the CTA's writes, ordered before this by the CTA
+        // barrier) then the arrival; the acquiring loads below pair with
+        // the other CTAs' releases (CUTLASS's generic barrier does the same).
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        if (trace) {
+            unsigned before = atomicAdd(bar, 1u);
+            if (before == target - 1) trace[3 * epoch - 1] = global_ns();
+        } else {
+            asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+        }
         unsigned v;
         do {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
         } while (v < target);
-        __threadfence();
         if (trace && blockIdx.x == 0) trace[3 * epoch] = global_ns();
     }
     __syncthreads();
@@ -1981,12 +2014,14 @@ __device__ __forceinline__ void fused_prefetch_at(const FusedLayer* layers, int 
 // and v rounded to T into shared memory (the first group of the kv head also
 // writing them into the caches), then attention_mma_unit. Shared by the
 // fused kernel's stage C and attention_mma_rope. a: FUSED_ATT_MMA floats
-// (the unit's scratch, q of 4 heads, the new k and v in T).
-template <class P, bool KV_PREFETCH>
+// (the unit's scratch, q of 4 heads, the new k and v in T). DIRECT (S = 1):
+// the unit writes its heads' output into out + head0 * head_dim (the row's).
+template <class P, bool DIRECT = false>
 __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* base, const float* cos_t,
                                  const float* sin_t, typename P::T* kc, typename P::T* vc, float* part, float* ml,
                                  int* flags, int r, int kvh, int head0, int ng, bool first_group, int s, int S,
-                                 int n_heads, int n_kv_heads, int head_dim, float scale, int tid, int sid, float* a) {
+                                 int n_heads, int n_kv_heads, int head_dim, float scale, int tid, int sid, float* a,
+                                 float* out = nullptr) {
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     int qkv_rows = hidden + 2 * kv_dim;
     float* scratch = a;                // AMMA_FLOATS
@@ -2000,23 +2035,6 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
     const float* cs = cos_t + (size_t)p * half;
     const float* sn = sin_t + (size_t)p * half;
     size_t slot = (size_t)(base[r] + p) * kv_dim + (size_t)kvh * head_dim;
-    // KV_PREFETCH (the per-operation kernel): the first chunk's K and V rows
-    // (they do not depend on this step) start coming into L2 while q, k and v
-    // are read and rotated. A prefetch holds no registers (K loaded into
-    // registers here spilled them). Measured on the H200: 2% faster decode
-    // at batch 32, 1% slower in the fused kernel (which does not).
-    if (KV_PREFETCH) {
-        int lines = (head_dim * 2 + 127) / 128;  // 128-byte lines of a row
-        size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
-        for (int i = tid; i < AMMA_CHUNK * lines; i += AMMA_WARPS * 32) {
-            int pp = s * AMMA_CHUNK + i / lines;
-            size_t o = first + (size_t)pp * kv_dim + (size_t)(i % lines) * 64;
-            if (pp < p) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + o));
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + o));
-            }
-        }
-    }
     // q pairs of the group, the k pairs and v (when covering): every
     // load of an item is issued before its products.
     int items = max(ng * half, covers ? head_dim : 0);
@@ -2054,9 +2072,9 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
         }
     }
     unit_sync(sid);
-    attention_mma_unit<P>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
+    attention_mma_unit<P, DIRECT>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
                                        ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, ((size_t)r * n_heads + head0) * S + s, part,
-                                       ml, flags, tid, sid, scratch);
+                                       ml, flags, tid, sid, scratch, DIRECT ? out + (size_t)head0 * head_dim : nullptr);
 }
 
 // Stage C of the fused kernel on tensor cores (P::MMA, head_dim 64 or 128):
@@ -2083,7 +2101,7 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
         int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
-        amma_decode_unit<P, false>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0, s, S,
+        amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0, s, S,
                             n_heads, n_kv_heads, head_dim, scale, tid, sid, a);
         // The last of the S units of (r, group) to finish combines them.
         __threadfence();
@@ -2106,28 +2124,67 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
     }
 }
 
+// The per-operation kernel's first chunk of K and V rows (its first four
+// chunks when S = 1; positions before p, which no kernel of this step
+// writes) into L2, issued before pdl_wait: they stream in while the
+// previous kernel (the q|k|v product) finishes. A prefetch holds no
+// registers (K loaded into registers spilled them) and cannot change
+// results; pos and base are the step's inputs, copied before its first
+// kernel. Measured on the H200 (BF16 decode): after pdl_wait, while q, k
+// and v were read and rotated, it made batch 32 2% faster; moved before
+// pdl_wait, 0.5-1.5% more at batches 16-64. The fused kernel, where it
+// measured 1% slower, does not prefetch.
+template <class P>
+__device__ __forceinline__ void amma_kv_prefetch(const typename P::T* kc, const typename P::T* vc, const int* pos,
+                                                 const int* base, int r, int kvh, int s, int S, int kv_dim,
+                                                 int head_dim, int tid) {
+    int p = pos[r];
+    int lines = (head_dim * 2 + 127) / 128;  // 128-byte lines of a row
+    size_t first = (size_t)base[r] * kv_dim + (size_t)kvh * head_dim;
+    int n = S == 1 ? min(p, 4 * AMMA_CHUNK) : AMMA_CHUNK;  // positions from s * AMMA_CHUNK
+    for (int i = tid; i < n * lines; i += AMMA_WARPS * 32) {
+        int pp = s * AMMA_CHUNK + i / lines;
+        size_t o = first + (size_t)pp * kv_dim + (size_t)(i % lines) * 64;
+        if (pp < p) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(kc + o));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(vc + o));
+        }
+    }
+}
+
 // Decode rows (each the next position of its own sequence) on tensor cores
 // without a separate rope_kv launch: q, k and v straight from qkv, as the
 // fused kernel's stage C does (same arithmetic as rope_kv + attention_mma).
-// grid (rows, n_kv_heads * ceil(G / 4), S), block 128.
+// With one split (S = 1) each unit writes its heads' output into attn
+// itself (the arithmetic attention_combine applies to one part), so no
+// combine launch follows. grid (rows, n_kv_heads * ceil(G / 4), S), block 128.
 template <class P>
 __device__ void attention_mma_rope_impl(const float* qkv, const int* pos, const int* base, const float* cos_t,
-                                        const float* sin_t, u16* kc, u16* vc, float* part, float* ml, int* flags,
-                                        int n_heads, int n_kv_heads, int head_dim, float scale) {
+                                        const float* sin_t, u16* kc, u16* vc, float* part, float* ml, float* attn,
+                                        int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) {
     __shared__ __align__(16) float a[FUSED_ATT_MMA];
-    pdl_begin();
+    pdl_trigger();
     int G = n_heads / n_kv_heads, hgroups = (G + 3) / 4;
     int kvh = blockIdx.y / hgroups, hg = blockIdx.y % hgroups;
     int head0 = kvh * G + hg * 4, ng = min(4, G - hg * 4);
-    amma_decode_unit<P, true>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, blockIdx.x, kvh, head0, ng, hg == 0,
-                        blockIdx.z, gridDim.z, n_heads, n_kv_heads, head_dim, scale, threadIdx.x, 0, a);
+    int r = blockIdx.x, S = gridDim.z;
+    amma_kv_prefetch<P>(kc, vc, pos, base, r, kvh, blockIdx.z, S, n_kv_heads * head_dim, head_dim, threadIdx.x);
+    pdl_wait();
+    if (S == 1)
+        amma_decode_unit<P, true>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0,
+                                  0, 1, n_heads, n_kv_heads, head_dim, scale, threadIdx.x, 0, a,
+                                  attn + (size_t)r * n_heads * head_dim);
+    else
+        amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0,
+                            blockIdx.z, S, n_heads, n_kv_heads, head_dim, scale, threadIdx.x, 0, a);
 }
 
 #define ATTENTION_MMA_ROPE(NAME, P)                                                                    \
     extern "C" __global__ void __launch_bounds__(128, 4)                                               \
         NAME(const float* qkv, const int* pos, const int* base, const float* cos_t, const float* sin_t, u16* kc, \
-             u16* vc, float* part, float* ml, int* flags, int n_heads, int n_kv_heads, int head_dim, float scale) { \
-        attention_mma_rope_impl<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, n_heads, n_kv_heads, \
+             u16* vc, float* part, float* ml, float* attn, int* flags, int n_heads, int n_kv_heads, int head_dim, \
+             float scale) {                                                                            \
+        attention_mma_rope_impl<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, attn, flags, n_heads, n_kv_heads, \
                                    head_dim, scale);                                                   \
     }
 ATTENTION_MMA_ROPE(attention_mma_rope_f16, F16)

@@ -288,6 +288,56 @@ fn prefill_then_decode(b: &mut CudaBackend, prompts: &[Vec<u32>], steps: usize) 
     out
 }
 
+/// One attention split per row (the split count's target of CTAs set to
+/// 1): the per-operation decode kernel writes its output itself, the fused
+/// kernel's last unit combines one part; the logits stay identical, and they
+/// differ from the default split count's only in the last bits.
+#[test]
+fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
+    if !gpu_present() {
+        return;
+    }
+    let mut hd128 = Preset::Tiny.config();
+    (hd128.n_heads, hd128.n_kv_heads, hd128.head_dim, hd128.hidden_size) = (8, 2, 128, 1024);
+    hd128.intermediate_size = 2048;
+    hd128.max_position_embeddings = 4096;
+    let model = Arc::new(synthetic::generate_with_config(hd128, 13).unwrap());
+    let vocab = model.config.vocab_size;
+    for precision in [Precision::Fp16, Precision::Bf16] {
+        let backend = |fused_rows: usize, ctas: usize| {
+            let b = cuda(&model, precision, |c| {
+                c.kv_slots = 8 * 2200;
+                c.fused_max_rows = fused_rows;
+            });
+            b.gpu().set_attention_ctas(ctas);
+            b
+        };
+        for n in [1usize, 2] {
+            let lens: Vec<usize> = (0..n).map(|i| if i == 0 { 700 } else { 6 + 37 * i }).collect();
+            let ps: Vec<Vec<u32>> =
+                lens.iter().enumerate().map(|(i, &l)| prompts(1, l, vocab, 300 + i as u64).remove(0)).collect();
+            let per_op = prefill_then_decode(&mut backend(0, 1), &ps, 5);
+            let fused = prefill_then_decode(&mut backend(bitnet_kernels::cuda::FUSED_ROWS, 1), &ps, 5);
+            let default = prefill_then_decode(&mut backend(0, 0), &ps, 5);
+            assert!(per_op.iter().flatten().flatten().all(|v| v.is_finite()), "{precision:?} batch {n}");
+            assert_eq!(per_op, fused, "{precision:?} batch {n}: one split, fused and per-operation logits differ");
+            // Same model, other split count: close (f16/bf16 attention
+            // parts are merged in another order), but not the same run.
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                per_op.iter().flatten().flatten().copied().collect(),
+                default.iter().flatten().flatten().copied().collect(),
+            );
+            let r = pearson(&a, &b);
+            assert!(r >= 0.999, "{precision:?} batch {n}: one split moved the logits (Pearson {r})");
+            assert_ne!(per_op, default, "{precision:?} batch {n}: the split count did not change (test ineffective)");
+            println!(
+                "{precision:?} batch {n}: one attention split, fused = per-operation bit for bit; Pearson {r:.6} \
+                 against the default split count"
+            );
+        }
+    }
+}
+
 #[test]
 fn fused_decode_kernel_equals_the_per_operation_kernels() {
     if !gpu_present() {

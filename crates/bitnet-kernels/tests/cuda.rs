@@ -785,68 +785,78 @@ fn decode_attention_with_rope_equals_rope_kv_then_attention() {
             let k: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-2.0, 2.0))).collect();
             let v: Vec<f32> = (0..slots * kv_dim).map(|_| round_to(dt, rng.f32(-3.0, 3.0))).collect();
             let scratch_bytes = GpuContext::attention_scratch_bytes(n, max_visible, nh, hd);
-            // Separate kernels: rope_kv, then attention.
-            let (ka, va) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
-            let (q, out_a, flags) = (
-                g.alloc("q", n * hidden * 4).unwrap(),
-                g.alloc("o", n * hidden * 4).unwrap(),
-                g.alloc("f", 4).unwrap(),
-            );
-            let heads = (nh, nkv, hd);
-            let rope = (cb.all(), sb.all(), max_pos);
-            g.rope_kv(
-                dt,
-                qkvb.all(),
-                rope.0,
-                rope.1,
-                max_pos,
-                pb.all(),
-                bb.all(),
-                n,
-                q.all(),
-                ka.all(),
-                va.all(),
-                slots,
-                heads,
-            )
-            .unwrap();
-            let caches = Caches { dt, k: &ka, v: &va, slots, heads };
-            run_attention(&g, &caches, &q, &pb, &bb, n, max_visible, &out_a, &flags);
-            // One kernel.
-            let (kb, vb) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
-            let (out_b, scratch) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("s", scratch_bytes).unwrap());
-            g.attention_decode_rope(
-                dt,
-                qkvb.all(),
-                rope,
-                pb.all(),
-                bb.all(),
-                n,
-                max_visible,
-                (kb.all(), vb.all(), slots),
-                out_b.all(),
-                heads,
-                scratch.all(),
-                flags.all(),
-            )
-            .unwrap();
-            assert_eq!(read_i32(&g, &flags, 1)[0], 0);
-            let (a, b) = (read_f32(&g, &out_a, n * hidden), read_f32(&g, &out_b, n * hidden));
-            assert_finite(&b, "attention output");
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{dt:?} heads {nh}/{nkv} hd {hd}: outputs differ"
-            );
-            let cache_bytes = slots * kv_dim * dt.size();
-            assert!(
-                read_bytes(&g, &ka, cache_bytes) == read_bytes(&g, &kb, cache_bytes),
-                "{dt:?} hd {hd}: key caches differ"
-            );
-            assert!(
-                read_bytes(&g, &va, cache_bytes) == read_bytes(&g, &vb, cache_bytes),
-                "{dt:?} hd {hd}: value caches differ"
-            );
-            println!("{dt:?} heads {nh}/{nkv} hd {hd}: one decode kernel equals rope_kv + attention bit for bit");
+            // The default split count (many splits here: parts, then the
+            // combine kernel) and one split (the decode kernel writes its
+            // output itself; rope_kv + attention still combine one part).
+            for ctas in [0usize, 1] {
+                g.set_attention_ctas(ctas);
+                // Separate kernels: rope_kv, then attention.
+                let (ka, va) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+                let (q, out_a, flags) = (
+                    g.alloc("q", n * hidden * 4).unwrap(),
+                    g.alloc("o", n * hidden * 4).unwrap(),
+                    g.alloc("f", 4).unwrap(),
+                );
+                let heads = (nh, nkv, hd);
+                let rope = (cb.all(), sb.all(), max_pos);
+                g.rope_kv(
+                    dt,
+                    qkvb.all(),
+                    rope.0,
+                    rope.1,
+                    max_pos,
+                    pb.all(),
+                    bb.all(),
+                    n,
+                    q.all(),
+                    ka.all(),
+                    va.all(),
+                    slots,
+                    heads,
+                )
+                .unwrap();
+                let caches = Caches { dt, k: &ka, v: &va, slots, heads };
+                run_attention(&g, &caches, &q, &pb, &bb, n, max_visible, &out_a, &flags);
+                // One kernel.
+                let (kb, vb) = (g.upload("k", &encode(dt, &k)).unwrap(), g.upload("v", &encode(dt, &v)).unwrap());
+                let (out_b, scratch) = (g.alloc("o", n * hidden * 4).unwrap(), g.alloc("s", scratch_bytes).unwrap());
+                g.attention_decode_rope(
+                    dt,
+                    qkvb.all(),
+                    rope,
+                    pb.all(),
+                    bb.all(),
+                    n,
+                    max_visible,
+                    (kb.all(), vb.all(), slots),
+                    out_b.all(),
+                    heads,
+                    scratch.all(),
+                    flags.all(),
+                )
+                .unwrap();
+                assert_eq!(read_i32(&g, &flags, 1)[0], 0);
+                let (a, b) = (read_f32(&g, &out_a, n * hidden), read_f32(&g, &out_b, n * hidden));
+                assert_finite(&b, "attention output");
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{dt:?} heads {nh}/{nkv} hd {hd} target CTAs {ctas}: outputs differ"
+                );
+                let cache_bytes = slots * kv_dim * dt.size();
+                assert!(
+                    read_bytes(&g, &ka, cache_bytes) == read_bytes(&g, &kb, cache_bytes),
+                    "{dt:?} hd {hd}: key caches differ"
+                );
+                assert!(
+                    read_bytes(&g, &va, cache_bytes) == read_bytes(&g, &vb, cache_bytes),
+                    "{dt:?} hd {hd}: value caches differ"
+                );
+                println!(
+                    "{dt:?} heads {nh}/{nkv} hd {hd} target CTAs {ctas}: one decode kernel equals rope_kv + attention \
+                     bit for bit"
+                );
+            }
+            g.set_attention_ctas(0);
         }
     }
 }

@@ -317,6 +317,9 @@ pub struct GpuContext {
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
+    /// CTAs the tensor-core attention's split count aims for (0: two per SM;
+    /// `BITNET_CUDA_ATTENTION_CTAS`).
+    pub(crate) attention_ctas: std::sync::atomic::AtomicUsize,
     /// Passes of up to 8 tokens on the one-tile kernels (`_1`; else `_b`).
     pub(crate) ternary_one: std::sync::atomic::AtomicBool,
     /// Decode steps take RoPE and the KV write inside the tensor-core
@@ -497,6 +500,11 @@ impl GpuContext {
                 .unwrap_or(2)
                 .into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
+            attention_ctas: std::env::var("BITNET_CUDA_ATTENTION_CTAS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+                .into(),
             ternary_one: std::env::var("BITNET_CUDA_TERNARY_ONE").map_or(true, |v| v != "0").into(),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
@@ -614,6 +622,15 @@ impl GpuContext {
     /// the results: a backend sets it before its first step, never between.
     pub fn set_attention_mma(&self, on: bool) {
         self.attention_mma.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the number of CTAs the tensor-core attention's split count aims
+    /// for (0, the default: two per SM, or `BITNET_CUDA_ATTENTION_CTAS`; see
+    /// [`GpuContext::attention_mma_splits`]): 1 gives every row one split,
+    /// a large number one split per chunk. Changes the last bits of the
+    /// results: a backend sets it before its first step, never between.
+    pub fn set_attention_ctas(&self, ctas: usize) {
+        self.attention_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Streaming multiprocessors of the device.
