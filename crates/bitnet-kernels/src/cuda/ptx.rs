@@ -194,6 +194,17 @@ mod tests {
                     arch.1
                 );
             }
+            // And every kernel of the source is in the list the module
+            // loads (a launch of an unlisted one fails only on a GPU).
+            for line in ptx.lines() {
+                if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                    let name = rest.split('(').next().unwrap_or(rest).trim();
+                    assert!(
+                        super::super::KERNEL_NAMES.contains(&name),
+                        "kernel {name} is not in KERNEL_NAMES, so it is never loaded"
+                    );
+                }
+            }
         }
         // With -lineinfo (profiling builds) the PTX carries source lines.
         let ptx = compile_with(SOURCE, (9, 0), true).unwrap_or_else(|e| panic!("{e}"));
