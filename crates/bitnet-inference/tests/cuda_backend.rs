@@ -288,6 +288,17 @@ fn prefill_then_decode(b: &mut CudaBackend, prompts: &[Vec<u32>], steps: usize) 
     out
 }
 
+/// A tiny model with head_dim 128 (as 2B-4T's: the tensor-core attention's
+/// two 64-wide column blocks in f16/bf16), 4 query heads per kv head and a
+/// 4096-position context.
+fn hd128_config() -> bitnet_models::BitNetConfig {
+    let mut c = Preset::Tiny.config();
+    (c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_size) = (8, 2, 128, 1024);
+    c.intermediate_size = 2048;
+    c.max_position_embeddings = 4096;
+    c
+}
+
 /// One attention split per row (the split count's target of CTAs set to
 /// 1): the per-operation decode kernel writes its output itself, the fused
 /// kernel's last unit combines one part; the logits stay identical, and they
@@ -297,11 +308,7 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
     if !gpu_present() {
         return;
     }
-    let mut hd128 = Preset::Tiny.config();
-    (hd128.n_heads, hd128.n_kv_heads, hd128.head_dim, hd128.hidden_size) = (8, 2, 128, 1024);
-    hd128.intermediate_size = 2048;
-    hd128.max_position_embeddings = 4096;
-    let model = Arc::new(synthetic::generate_with_config(hd128, 13).unwrap());
+    let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     for precision in [Precision::Fp16, Precision::Bf16] {
         let backend = |fused_rows: usize, ctas: usize| {
@@ -351,12 +358,8 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     (wide.n_heads, wide.n_kv_heads, wide.head_dim, wide.hidden_size) = (6, 2, 256, 1536);
     wide.intermediate_size = 3200;
     wide.max_position_embeddings = 4096;
-    // And head_dim 128 (as 2B-4T's: the tensor-core attention's two 64-wide
-    // column blocks in f16/bf16) with a context of many 64-position chunks.
-    let mut hd128 = Preset::Tiny.config();
-    (hd128.n_heads, hd128.n_kv_heads, hd128.head_dim, hd128.hidden_size) = (8, 2, 128, 1024);
-    hd128.intermediate_size = 2048;
-    hd128.max_position_embeddings = 4096;
+    // And head_dim 128 with a context of many 64-position chunks.
+    let hd128 = hd128_config();
     let models = [
         ("small", Arc::new(synthetic::generate(Preset::Small, 11).unwrap()), vec![1, 2], 200),
         ("wide", Arc::new(synthetic::generate_with_config(wide, 12).unwrap()), vec![1, 2], 2100),
