@@ -1524,6 +1524,24 @@ __device__ __forceinline__ void amma_chunk(AmmaState& st, AmmaKV& kv, const unsi
     }
 }
 
+// Head h's maximum over the unit's warps, and its sum of l rescaled to that
+// maximum M, merged in order 0 .. AMMA_WARPS - 1 (the part's (m, l)).
+__device__ __forceinline__ float amma_head_max(const AmmaShared& sh, int h) {
+    float M = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, sh.wml[w][h][0]);
+    return M;
+}
+__device__ __forceinline__ float amma_head_sum(const AmmaShared& sh, int h, float M) {
+    float L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < AMMA_WARPS; w++) {
+        float m = sh.wml[w][h][0];
+        if (m > -__int_as_float(0x7f800000)) L += sh.wml[w][h][1] * expf(m - M);
+    }
+    return L;
+}
+
 // Merges the unit's warps in order 0 .. AMMA_WARPS - 1 and writes
 // part[slot0 + h * S] and ml; starts and ends with a unit barrier. DIRECT
 // (a unit that covers all of its row's positions, S = 1): writes instead
@@ -1568,9 +1586,7 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
     unit_sync(FUSED ? sync_id : 0);
     for (int i = tid; i < ng * head_dim; i += AMMA_WARPS * 32) {
         int h = i / head_dim, d = i - h * head_dim;
-        float M = -__int_as_float(0x7f800000);
-#pragma unroll
-        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, sh.wml[w][h][0]);
+        float M = amma_head_max(sh, h);
         float o = 0.0f;
 #pragma unroll
         for (int w = 0; w < AMMA_WARPS; w++) {
@@ -1580,12 +1596,7 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
         if constexpr (DIRECT) {
             // The (m, l) pair the second loop below would store, then
             // combine_head over that one part.
-            float L = 0.0f;
-#pragma unroll
-            for (int w = 0; w < AMMA_WARPS; w++) {
-                float m = sh.wml[w][h][0];
-                if (m > -__int_as_float(0x7f800000)) L += sh.wml[w][h][1] * expf(m - M);
-            }
+            float L = amma_head_sum(sh, h, M);
             float Mc = fmaxf(-__int_as_float(0x7f800000), M);
             float Lc = 0.0f;
             Lc += L * expf(M - Mc);
@@ -1601,14 +1612,8 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
     }
     if (!DIRECT && tid < ng) {
         int h = tid;
-        float M = -__int_as_float(0x7f800000), L = 0.0f;
-#pragma unroll
-        for (int w = 0; w < AMMA_WARPS; w++) M = fmaxf(M, sh.wml[w][h][0]);
-#pragma unroll
-        for (int w = 0; w < AMMA_WARPS; w++) {
-            float m = sh.wml[w][h][0];
-            if (m > -__int_as_float(0x7f800000)) L += sh.wml[w][h][1] * expf(m - M);
-        }
+        float M = amma_head_max(sh, h);
+        float L = amma_head_sum(sh, h, M);
         size_t slot = slot0 + (size_t)h * S;
         ml[2 * slot] = M;
         ml[2 * slot + 1] = L;

@@ -542,7 +542,7 @@ impl GpuContext {
     /// The split count [`Self::attention`], [`Self::attention_decode_rope`]
     /// and the fused kernel use for `n` rows (so their results are the
     /// same): on tensor cores, [`Self::attention_mma_splits`] with a target
-    /// of two CTAs per SM.
+    /// of two CTAs per SM (or [`Self::set_attention_ctas`]'s).
     pub fn attention_split_count(
         &self,
         precision: GpuDType,
