@@ -217,6 +217,44 @@ fn par_uses_the_current_pool() {
     }
 }
 
+/// Decode-sized passes (one to four tokens) run as one stream per pool
+/// thread, in blocks an idle thread may take from another's share: at the
+/// 2B-4T width, a group big enough for several blocks per share gives the
+/// reference product on pools of 1, 2, 3 and 5 threads.
+#[test]
+fn streamed_shares_match_reference_on_any_pool() {
+    let k = 2560;
+    let shapes = [1000usize, 300, 17];
+    let ternaries: Vec<Vec<i8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(m, &rows)| (0..rows * k).map(|i| ((i * 11 + i / 7 + m) % 3) as i8 - 1).collect())
+        .collect();
+    let codes: Vec<Vec<u8>> = ternaries.iter().map(|t| i2s::encode_i2s(t, 1.0).unwrap()).collect();
+    let kernel = cpu::select_kernel_from(None).unwrap();
+    for n_tokens in [1, 4] {
+        let q: Vec<i8> = (0..n_tokens * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
+        let expected: Vec<Vec<i32>> =
+            shapes.iter().zip(&ternaries).map(|(&rows, t)| naive_gemm(t, rows, k, &q, n_tokens)).collect();
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut outs: Vec<Vec<i32>> = shapes.iter().map(|&rows| vec![i32::MIN; n_tokens * rows]).collect();
+            let mut jobs: Vec<(I2sMatrixRef<'_>, &mut [i32])> = codes
+                .iter()
+                .zip(&shapes)
+                .zip(outs.iter_mut())
+                .map(|((c, &rows), o)| (I2sMatrixRef::new(&c[..rows * k / 4], rows, k).unwrap(), o.as_mut_slice()))
+                .collect();
+            pool.install(|| cpu::gemm_i2s_i8_par_group(kernel, &mut jobs, &q, n_tokens)).unwrap();
+            assert_eq!(outs, expected, "{n_tokens} tokens, {threads} threads");
+            let mut single = vec![i32::MIN; n_tokens * shapes[0]];
+            let w = I2sMatrixRef::new(&codes[0][..shapes[0] * k / 4], shapes[0], k).unwrap();
+            pool.install(|| cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut single)).unwrap();
+            assert_eq!(single, expected[0], "one matrix, {n_tokens} tokens, {threads} threads");
+        }
+    }
+}
+
 /// Grouped matrices (q, k, v shapes of 2B-4T scaled down, different row
 /// counts, one shared input) give each matrix the exact reference product.
 fn group_matches_reference(kernel: CpuKernel) {

@@ -19,6 +19,7 @@ mod int8;
 mod kernel;
 mod ops;
 mod partition;
+mod stream;
 mod token;
 
 /// How far ahead of the current read the streaming kernels prefetch, in bytes

@@ -311,14 +311,29 @@ fn gemv_par<T: FloatWeight>(
         return Ok(());
     }
     let row_bytes = w.k * T::SIZE;
-    let chunk_rows = par_chunk_rows(w.rows, row_bytes, rayon::current_num_threads());
+    let threads = rayon::current_num_threads();
     if row_bytes == 0 {
         out.fill(0.0);
         return Ok(());
     }
-    out.par_chunks_mut(chunk_rows).zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(out, bytes)| {
-        gemv_rows::<T>(resolved, bytes, x, out);
-    });
+    // One contiguous share per pool thread, in blocks: one sequential
+    // stream each (the `stream` module).
+    let block_rows = super::stream::block_rows(row_bytes);
+    let mut rest = out;
+    let mut shares = Vec::with_capacity(threads);
+    for part in super::stream::stream_parts(&[(w.rows, row_bytes)], threads) {
+        let mut blocks = Vec::new();
+        for seg in part {
+            for first in (seg.start..seg.end).step_by(block_rows) {
+                let end = (first + block_rows).min(seg.end);
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - first);
+                rest = tail;
+                blocks.push((&w.bytes[first * row_bytes..end * row_bytes], mine));
+            }
+        }
+        shares.push(blocks);
+    }
+    super::stream::run_shares(shares, |(bytes, out)| gemv_rows::<T>(resolved, bytes, x, out));
     Ok(())
 }
 
@@ -357,6 +372,9 @@ fn gemm_par<T: FloatWeight>(
     if row_bytes == 0 {
         out.fill(0.0);
         return Ok(());
+    }
+    if n == 1 {
+        return gemv_par::<T>(kernel, w, x, out);
     }
     let chunk_rows = par_chunk_rows(w.rows, row_bytes, rayon::current_num_threads());
     let per_chunk = chunk_outputs(out, w.rows, chunk_rows);

@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 use super::kernel::{CpuKernel, Resolved};
 use super::partition::{chunk_outputs, par_chunk_rows};
+use super::stream::{self, stream_parts};
 use crate::KernelError;
 
 /// Elements per I2_S block.
@@ -171,10 +172,8 @@ pub fn gemm_i2s_i8(
 
 /// [`gemm_i2s_i8`] split over rows on the current rayon pool.
 ///
-/// Rows are cut into chunks of a multiple of 16 rows (whole 64-byte cache
-/// lines of `i32` output per token, so threads never share a line), about
-/// eight per thread, each with at most ~256 KiB of weights so the chunk is
-/// reused from L2 across all token tiles.
+/// Up to four tokens (decode) run as one sequential stream per pool thread,
+/// larger batches as row chunks: see [`gemm_i2s_i8_par_group`].
 pub fn gemm_i2s_i8_par(
     kernel: CpuKernel,
     w: I2sMatrixRef<'_>,
@@ -182,30 +181,23 @@ pub fn gemm_i2s_i8_par(
     n_tokens: usize,
     out: &mut [i32],
 ) -> Result<(), KernelError> {
-    let resolved = kernel.resolve()?;
-    check_shapes(w, q, n_tokens, out)?;
-    if w.rows == 0 || n_tokens == 0 {
-        return Ok(());
-    }
-    if w.k == 0 {
-        out.fill(0);
-        return Ok(());
-    }
-    let acts = prepare(resolved, q, n_tokens, w.k);
-    let chunk_rows = par_chunk_rows(w.rows, w.k / 4, rayon::current_num_threads());
-    // Each task owns exactly its rows of every token's output.
-    let chunk_outs = chunk_outputs(out, w.rows, chunk_rows);
-    chunk_outs.into_par_iter().zip(w.codes.par_chunks(chunk_rows * (w.k / 4))).for_each(|(mut outs, codes)| {
-        gemm_rows(resolved, codes, &acts, &mut outs);
-    });
-    Ok(())
+    gemm_i2s_i8_par_group(kernel, &mut [(w, out)], q, n_tokens)
 }
 
 /// [`gemm_i2s_i8_par`] for several matrices with the same input width and the
 /// same activations (q, k and v; gate and up): the activations are prepared
-/// once and the row chunks of every matrix run as one parallel job, so a
-/// layer pays one fork-join instead of one per matrix. Each output equals
+/// once and the rows of every matrix run as one parallel job, so a layer pays
+/// one fork-join instead of one per matrix. Each output equals
 /// [`gemm_i2s_i8`]'s, exactly.
+///
+/// Up to four tokens (decode: every weight is read once per call), the
+/// group's rows, concatenated, are cut into one contiguous share per pool
+/// thread, each read as one sequential stream (the `stream` module;
+/// docs/perf/cpu.md, "One share per thread"). Larger batches cut each
+/// matrix into chunks of a multiple of 16 rows (whole 64-byte cache lines of
+/// `i32` output per token, so threads never share a line), about eight per
+/// thread, each with at most ~256 KiB of weights so the chunk is reused from
+/// L2 across all token tiles.
 pub fn gemm_i2s_i8_par_group(
     kernel: CpuKernel,
     jobs: &mut [(I2sMatrixRef<'_>, &mut [i32])],
@@ -233,6 +225,11 @@ pub fn gemm_i2s_i8_par_group(
     }
     let acts = prepare(resolved, q, n_tokens, k);
     let threads = rayon::current_num_threads();
+    if n_tokens <= TOKEN_TILE {
+        let shares = stream_blocks(jobs, threads);
+        stream::run_shares(shares, |(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
+        return Ok(());
+    }
     let mut tasks: Vec<(&[u8], Vec<&mut [i32]>)> = Vec::new();
     for (w, out) in jobs.iter_mut() {
         if w.rows == 0 {
@@ -244,6 +241,59 @@ pub fn gemm_i2s_i8_par_group(
     }
     tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
     Ok(())
+}
+
+/// A block of rows: its codes and each token's outputs for those rows.
+type Block<'c, 'o> = (&'c [u8], Vec<&'o mut [i32]>);
+
+/// Cuts the jobs' rows (all of width `k`) into one share per thread, each a
+/// list of blocks of about `stream::STREAM_BLOCK_BYTES` in stream order, and
+/// hands every block its rows of each token's output (`out` is
+/// `[n_tokens, rows]` per job).
+fn stream_blocks<'c, 'o>(jobs: &'o mut [(I2sMatrixRef<'c>, &mut [i32])], threads: usize) -> Vec<Vec<Block<'c, 'o>>> {
+    let Some(row_bytes) = jobs.first().map(|(w, _)| w.k / 4) else { return Vec::new() };
+    let sizes: Vec<(usize, usize)> = jobs.iter().map(|(w, _)| (w.rows, row_bytes)).collect();
+    let block_rows = stream::block_rows(row_bytes);
+    // Blocks in stream order per share, as (job, first row, end row).
+    let mut shares: Vec<Vec<(usize, usize, usize)>> = Vec::with_capacity(threads);
+    for part in stream_parts(&sizes, threads) {
+        let mut blocks = Vec::new();
+        for seg in part {
+            for first in (seg.start..seg.end).step_by(block_rows) {
+                blocks.push((seg.job, first, (first + block_rows).min(seg.end)));
+            }
+        }
+        shares.push(blocks);
+    }
+    // Each job's blocks in row order (shares are in stream order, so this
+    // is the order they were pushed in), to split its outputs.
+    let mut per_job: Vec<Vec<(usize, usize)>> = vec![Vec::new(); jobs.len()];
+    for (s, blocks) in shares.iter().enumerate() {
+        for (b, &(job, _, _)) in blocks.iter().enumerate() {
+            per_job[job].push((s, b));
+        }
+    }
+    let mut out: Vec<Vec<Block<'c, 'o>>> = shares
+        .iter()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .map(|&(job, first, end)| (&jobs[job].0.codes[first * row_bytes..end * row_bytes], Vec::new()))
+                .collect()
+        })
+        .collect();
+    for ((w, token_outs), order) in jobs.iter_mut().zip(&per_job) {
+        for token_out in token_outs.chunks_mut(w.rows.max(1)) {
+            let mut rest = token_out;
+            for &(s, b) in order {
+                let len = out[s][b].0.len() / row_bytes;
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                out[s][b].1.push(mine);
+                rest = tail;
+            }
+        }
+    }
+    out
 }
 
 fn check_shapes(w: I2sMatrixRef<'_>, q: &[i8], n_tokens: usize, out: &mut [i32]) -> Result<(), KernelError> {

@@ -1,0 +1,229 @@
+//! Decode passes over weights as one sequential stream per thread.
+//!
+//! A decode step reads every weight once. Cut into many small chunks shared
+//! out by rayon's work stealing, each chunk restarts a thread's stream at a
+//! new address (the hardware prefetchers and the kernels' own prefetch start
+//! cold) and costs a task. Here a call's rows are cut into exactly one
+//! contiguous share per pool thread ([`stream_parts`], by bytes, at multiples
+//! of 16 rows), and thread `i` works through share `i` front to back in
+//! blocks of about [`STREAM_BLOCK_BYTES`]. A thread that finishes early takes
+//! blocks from the *back* of another share, so a descheduled or slower thread
+//! delays the call by at most about one block.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// Bytes of weights per block: the unit a thread claims in its share, and
+/// that an idle thread takes from another's.
+pub(crate) const STREAM_BLOCK_BYTES: usize = 256 * 1024;
+
+/// Row granularity of the cuts: 16 `i32`/`f32` outputs are one 64-byte cache line.
+const CUT_ROWS: usize = 16;
+
+/// Rows `start..end` of job `job`: one piece of a thread's share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub(crate) job: usize,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+/// Cuts the concatenation of `jobs` (`(rows, row_bytes)` each, in order) into
+/// `n_parts` contiguous shares of about equal bytes. Cuts fall on multiples of
+/// [`CUT_ROWS`] rows inside a job (or on a job's end), so two shares never
+/// write one cache line of a job's output. Every row of every job is in
+/// exactly one share, in order; a share may be empty.
+pub(crate) fn stream_parts(jobs: &[(usize, usize)], n_parts: usize) -> Vec<Vec<Segment>> {
+    let n_parts = n_parts.max(1);
+    let bytes: Vec<u128> = jobs.iter().map(|&(rows, row_bytes)| rows as u128 * row_bytes as u128).collect();
+    let total: u128 = bytes.iter().sum();
+    // Cut `t` as (job, row), non-decreasing in t.
+    let mut cuts = Vec::with_capacity(n_parts + 1);
+    cuts.push((0usize, 0usize));
+    for t in 1..n_parts {
+        let target = total * t as u128 / n_parts as u128;
+        let mut before = 0u128;
+        let mut cut = (jobs.len(), 0);
+        for (j, (&(rows, row_bytes), &b)) in jobs.iter().zip(&bytes).enumerate() {
+            if b > 0 && target < before + b {
+                let local = ((target - before) / row_bytes as u128) as usize;
+                let rounded = (local + CUT_ROWS / 2) / CUT_ROWS * CUT_ROWS;
+                cut = (j, rounded.min(rows));
+                break;
+            }
+            before += b;
+        }
+        cuts.push(cut);
+    }
+    cuts.push((jobs.len(), 0));
+    cuts.windows(2)
+        .map(|w| {
+            let ((ja, ra), (jb, rb)) = (w[0], w[1]);
+            (ja..jobs.len().min(jb + 1))
+                .filter_map(|j| {
+                    let start = if j == ja { ra } else { 0 };
+                    let end = if j == jb { rb } else { jobs[j].0 };
+                    (end > start).then_some(Segment { job: j, start, end })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Rows per block for rows of `row_bytes` bytes: about
+/// [`STREAM_BLOCK_BYTES`], a multiple of [`CUT_ROWS`], at least [`CUT_ROWS`].
+pub(crate) fn block_rows(row_bytes: usize) -> usize {
+    (STREAM_BLOCK_BYTES / row_bytes.max(1) / CUT_ROWS).max(1) * CUT_ROWS
+}
+
+/// Runs every block of every share: share `i`'s blocks in order on pool
+/// thread `i` (so consecutive calls stream the same rows on the same core),
+/// while a thread with nothing left of its own takes the last unclaimed
+/// block of another share. Each block runs exactly once; the call returns
+/// when all have run.
+pub(crate) fn run_shares<B: Send>(shares: Vec<Vec<B>>, work: impl Fn(B) + Sync) {
+    // Per share: unclaimed blocks are `front..back`, packed as
+    // `back << 32 | front`, claimed with compare-and-swap.
+    let mut bounds = Vec::with_capacity(shares.len());
+    let mut slots: Vec<Vec<Mutex<Option<B>>>> = Vec::with_capacity(shares.len());
+    for share in shares {
+        bounds.push(AtomicU64::new((share.len() as u64) << 32));
+        slots.push(share.into_iter().map(|b| Mutex::new(Some(b))).collect());
+    }
+    let claim = |share: usize, from_front: bool| -> Option<usize> {
+        let state = &bounds[share];
+        let mut cur = state.load(Ordering::Acquire);
+        loop {
+            let (front, back) = (cur & 0xffff_ffff, cur >> 32);
+            if front >= back {
+                return None;
+            }
+            let (next, block) =
+                if from_front { ((back << 32) | (front + 1), front) } else { (((back - 1) << 32) | front, back - 1) };
+            match state.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(block as usize),
+                Err(seen) => cur = seen,
+            }
+        }
+    };
+    let run = |share: usize, block: usize| {
+        let taken = slots[share][block].lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(b) = taken {
+            work(b);
+        }
+    };
+    let n = slots.len();
+    if n == 0 {
+        return;
+    }
+    let drain = |me: usize| {
+        if me < n {
+            while let Some(block) = claim(me, true) {
+                run(me, block);
+            }
+        }
+        for other in (1..=n).map(|d| (me + d) % n) {
+            while let Some(block) = claim(other, false) {
+                run(other, block);
+            }
+        }
+    };
+    rayon::broadcast(|ctx| drain(ctx.index()));
+    // Every block was claimed by some thread before `broadcast` returned;
+    // this only matters if the pool had no threads to broadcast to.
+    drain(n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(job: usize, start: usize, end: usize) -> Segment {
+        Segment { job, start, end }
+    }
+
+    #[test]
+    fn shares_cover_every_row_once_in_order() {
+        // q|k|v of 2B-4T on two threads: 3840 rows of 640 bytes, cut at 1920.
+        let qkv = [(2560, 640), (640, 640), (640, 640)];
+        assert_eq!(
+            stream_parts(&qkv, 2),
+            vec![vec![seg(0, 0, 1920)], vec![seg(0, 1920, 2560), seg(1, 0, 640), seg(2, 0, 640)]]
+        );
+        // One job on one thread.
+        assert_eq!(stream_parts(&[(2560, 640)], 1), vec![vec![seg(0, 0, 2560)]]);
+        // Cuts on multiples of 16 rows: 100 rows in three shares.
+        assert_eq!(
+            stream_parts(&[(100, 32)], 3),
+            vec![vec![seg(0, 0, 32)], vec![seg(0, 32, 64)], vec![seg(0, 64, 100)]]
+        );
+        // More shares than 16-row pieces: some shares are empty.
+        let tiny = stream_parts(&[(20, 32)], 4);
+        assert_eq!(tiny.iter().flatten().map(|s| s.end - s.start).sum::<usize>(), 20);
+        assert!(tiny.iter().any(Vec::is_empty));
+        // Empty jobs are skipped; a zero-byte group gives empty shares.
+        assert_eq!(stream_parts(&[(0, 640), (32, 640)], 2), vec![vec![seg(1, 0, 16)], vec![seg(1, 16, 32)]]);
+        assert_eq!(stream_parts(&[(0, 640)], 2), vec![vec![], vec![]]);
+    }
+
+    #[test]
+    fn shares_are_balanced_by_bytes_and_disjoint() {
+        for threads in 1..=9 {
+            for jobs in [
+                vec![(6912, 640), (6912, 640)],
+                vec![(2560, 1728)],
+                vec![(2560, 640), (640, 640), (640, 640)],
+                vec![(17, 32), (100, 64)],
+            ] {
+                let parts = stream_parts(&jobs, threads);
+                assert_eq!(parts.len(), threads);
+                let mut next = vec![0usize; jobs.len()];
+                let mut last_job = 0;
+                for seg in parts.iter().flatten() {
+                    assert!(seg.job >= last_job, "shares out of order");
+                    last_job = seg.job;
+                    assert_eq!(seg.start, next[seg.job], "gap or overlap in job {}", seg.job);
+                    assert!(seg.start.is_multiple_of(CUT_ROWS), "cut inside a cache line");
+                    next[seg.job] = seg.end;
+                }
+                assert_eq!(next, jobs.iter().map(|j| j.0).collect::<Vec<_>>());
+                let total: usize = jobs.iter().map(|(r, b)| r * b).sum();
+                let slack = CUT_ROWS * jobs.iter().map(|j| j.1).max().unwrap() * 2;
+                for part in &parts {
+                    let bytes: usize = part.iter().map(|s| (s.end - s.start) * jobs[s.job].1).sum();
+                    assert!(bytes.abs_diff(total / threads) <= slack, "{threads} threads, {jobs:?}: {bytes} bytes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_block_runs_exactly_once_on_any_pool() {
+        use std::sync::atomic::AtomicUsize;
+        // Uneven shares (one empty, one long), more or fewer than the threads.
+        for sizes in [vec![0usize, 40], vec![7, 1, 30], vec![5], vec![3, 3, 3, 3, 3, 3]] {
+            for threads in [1, 2, 3, 5] {
+                let counts: Vec<Vec<AtomicUsize>> =
+                    sizes.iter().map(|&n| (0..n).map(|_| AtomicUsize::new(0)).collect()).collect();
+                let shares: Vec<Vec<(usize, usize)>> =
+                    sizes.iter().enumerate().map(|(s, &n)| (0..n).map(|b| (s, b)).collect()).collect();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| run_shares(shares, |(s, b)| _ = counts[s][b].fetch_add(1, Ordering::Relaxed)));
+                for (s, share) in counts.iter().enumerate() {
+                    for (b, c) in share.iter().enumerate() {
+                        assert_eq!(c.load(Ordering::Relaxed), 1, "sizes {sizes:?}, {threads} threads, block {s}.{b}");
+                    }
+                }
+            }
+        }
+        run_shares(Vec::<Vec<usize>>::new(), |_| unreachable!("no blocks"));
+    }
+
+    #[test]
+    fn blocks_are_whole_cache_lines_of_output() {
+        assert_eq!(block_rows(640), 400);
+        assert_eq!(block_rows(5120), 48);
+        assert_eq!(block_rows(1 << 20), CUT_ROWS);
+        assert_eq!(block_rows(0) % CUT_ROWS, 0);
+    }
+}
