@@ -77,41 +77,61 @@ impl std::str::FromStr for KvCachePrecision {
     }
 }
 
-/// One layer's keys or values, `[positions, kv_dim]`, in the cache's precision.
+/// One layer's keys or values in the cache's precision, one vector per KV
+/// head, `[positions, head_dim]` each: the positions one head's attention
+/// reads are contiguous (docs/perf/cpu.md, session 14).
 enum KvLayer {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<half::f16>>),
 }
 
 impl KvLayer {
-    fn with_capacity(precision: KvCachePrecision, n: usize) -> Result<Self, std::collections::TryReserveError> {
-        fn reserved<T>(n: usize) -> Result<Vec<T>, std::collections::TryReserveError> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(n)?;
-            Ok(v)
+    /// Room for `per_head` elements in each of `n_kv_heads` heads, reserved
+    /// up front (appends within it never reallocate).
+    fn with_capacity(
+        precision: KvCachePrecision,
+        n_kv_heads: usize,
+        per_head: usize,
+    ) -> Result<Self, std::collections::TryReserveError> {
+        fn reserved<T>(n_kv_heads: usize, n: usize) -> Result<Vec<Vec<T>>, std::collections::TryReserveError> {
+            (0..n_kv_heads)
+                .map(|_| {
+                    let mut v = Vec::new();
+                    v.try_reserve_exact(n)?;
+                    Ok(v)
+                })
+                .collect()
         }
         Ok(match precision {
-            KvCachePrecision::F32 => KvLayer::F32(reserved(n)?),
-            KvCachePrecision::F16 => KvLayer::F16(reserved(n)?),
+            KvCachePrecision::F32 => KvLayer::F32(reserved(n_kv_heads, per_head)?),
+            KvCachePrecision::F16 => KvLayer::F16(reserved(n_kv_heads, per_head)?),
         })
     }
 
-    fn truncate(&mut self, n: usize) {
+    /// Keeps the first `positions` positions of every head.
+    fn truncate(&mut self, positions: usize, head_dim: usize) {
         match self {
-            KvLayer::F32(v) => v.truncate(n),
-            KvLayer::F16(v) => v.truncate(n),
+            KvLayer::F32(heads) => heads.iter_mut().for_each(|h| h.truncate(positions * head_dim)),
+            KvLayer::F16(heads) => heads.iter_mut().for_each(|h| h.truncate(positions * head_dim)),
         }
     }
 
-    fn append(&mut self, rows: &[f32]) {
+    /// Appends one position: `row` is `[kv_dim]`, head after head.
+    fn append(&mut self, row: &[f32], head_dim: usize) {
         match self {
-            KvLayer::F32(v) => v.extend_from_slice(rows),
-            KvLayer::F16(v) => {
-                // Within the reserved capacity (steps never exceed it): no reallocation.
-                let start = v.len();
-                v.resize(start + rows.len(), half::f16::ZERO);
-                // Round to nearest even, with F16C where the CPU has it.
-                v[start..].convert_from_f32_slice(rows);
+            KvLayer::F32(heads) => {
+                for (h, part) in heads.iter_mut().zip(row.chunks_exact(head_dim)) {
+                    h.extend_from_slice(part);
+                }
+            }
+            KvLayer::F16(heads) => {
+                for (h, part) in heads.iter_mut().zip(row.chunks_exact(head_dim)) {
+                    // Within the reserved capacity (steps never exceed it): no reallocation.
+                    let start = h.len();
+                    h.resize(start + part.len(), half::f16::ZERO);
+                    // Round to nearest even, with F16C where the CPU has it.
+                    h[start..].convert_from_f32_slice(part);
+                }
             }
         }
     }
@@ -124,16 +144,17 @@ impl KvLayer {
     }
 }
 
+/// A layer's keys or values, per KV head `[positions, head_dim]`.
 #[derive(Clone, Copy)]
 enum KvView<'a> {
-    F32(&'a [f32]),
-    F16(&'a [half::f16]),
+    F32(&'a [Vec<f32>]),
+    F16(&'a [Vec<half::f16>]),
 }
 
 /// A callback receiving `(layer, residual stream)` after each block.
 pub type LayerTrace<'a> = &'a mut (dyn FnMut(usize, &[f32]) + Send);
 
-/// One sequence's KV cache: per layer, `[positions, kv_dim]` keys and values.
+/// One sequence's KV cache: per layer, keys and values per KV head ([`KvLayer`]).
 struct CpuSequence {
     keys: Vec<KvLayer>,
     values: Vec<KvLayer>,
@@ -258,8 +279,8 @@ impl CpuBackend {
             // Undo partial KV appends so the failed step leaves no trace.
             for (input, &len) in batch.iter().zip(&lens) {
                 if let Some(seq) = self.sequences.get_mut(&input.seq) {
-                    let kv = len * self.model.config.kv_dim();
-                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(kv));
+                    let hd = self.model.config.head_dim;
+                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(len, hd));
                     seq.len = len;
                 }
             }
@@ -331,8 +352,8 @@ impl CpuBackend {
                 }
                 for (r, &(e, _)) in rows.iter().enumerate() {
                     let seq = sequences.get_mut(&batch[e].seq).expect("validated sequence");
-                    seq.keys[layer_idx].append(&kk[r * kv_dim..(r + 1) * kv_dim]);
-                    seq.values[layer_idx].append(&vv[r * kv_dim..(r + 1) * kv_dim]);
+                    seq.keys[layer_idx].append(&kk[r * kv_dim..(r + 1) * kv_dim], hd);
+                    seq.values[layer_idx].append(&vv[r * kv_dim..(r + 1) * kv_dim], hd);
                 }
                 let caches: Vec<(KvView, KvView)> = batch
                     .iter()
@@ -521,7 +542,7 @@ fn attention(
     q: &[f32],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let (h, hd, kv_dim, group) = (c.hidden_size, c.head_dim, c.kv_dim(), c.group_size());
+    let (h, hd, group) = (c.hidden_size, c.head_dim, c.group_size());
     let scale = 1.0 / (hd as f32).sqrt();
     let heads = heads_per_task(rows.len(), c.n_kv_heads, group, rayon::current_num_threads());
     let tasks_per_row = c.n_heads / heads;
@@ -532,22 +553,17 @@ fn attention(
         let kv_head = first_head / group;
         let qs = &q[r * h + first_head * hd..r * h + (first_head + heads) * hd];
         let mut scores = vec![0f32; heads * (pos + 1)];
-        // The KV head's key and value of position p start at p * kv_dim.
-        let first = kv_head * hd;
+        // The KV head's key and value of position p start at p * head_dim.
         match keys {
-            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, &keys[first..], kv_dim, scale, &mut scores)?,
-            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, &keys[first..], kv_dim, scale, &mut scores)?,
+            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, &keys[kv_head], hd, scale, &mut scores)?,
+            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, &keys[kv_head], hd, scale, &mut scores)?,
         }
         for head_scores in scores.chunks_exact_mut(pos + 1) {
             k::softmax_f32(kernel, head_scores)?;
         }
         match values {
-            KvView::F32(values) => {
-                k::weighted_rows_heads_f32(kernel, &scores, heads, &values[first..], kv_dim, out_heads)
-            }
-            KvView::F16(values) => {
-                k::weighted_rows_heads_f16(kernel, &scores, heads, &values[first..], kv_dim, out_heads)
-            }
+            KvView::F32(values) => k::weighted_rows_heads_f32(kernel, &scores, heads, &values[kv_head], hd, out_heads),
+            KvView::F16(values) => k::weighted_rows_heads_f16(kernel, &scores, heads, &values[kv_head], hd, out_heads),
         }
     })
 }
@@ -585,12 +601,12 @@ impl Backend for CpuBackend {
                 InferenceError::ContextOverflow { needed: max_positions, max: c.max_position_embeddings }.into()
             );
         }
-        let per_layer = max_positions * c.kv_dim();
+        let per_head = max_positions * c.head_dim;
         let precision = self.kv_cache;
         let alloc = || -> Result<Vec<KvLayer>, BackendError> {
             (0..c.n_layers)
                 .map(|_| {
-                    KvLayer::with_capacity(precision, per_layer).map_err(|e| {
+                    KvLayer::with_capacity(precision, c.n_kv_heads, per_head).map_err(|e| {
                         BackendError::OutOfMemory(format!(
                             "{} KV cache of {max_positions} positions: {e}",
                             precision.name()

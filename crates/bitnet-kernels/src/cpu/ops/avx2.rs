@@ -411,6 +411,24 @@ fn sum_u64_impl(words: &[u64]) -> u64 {
     lanes.iter().chain(tail).fold(0u64, |acc, &w| acc.wrapping_add(w))
 }
 
+/// How many positions ahead the attention kernels hint the KV cache's rows
+/// (decode reads a layer's cache cold from DRAM after the weight stream).
+const KV_PREFETCH_ROWS: usize = 16;
+
+/// Hints the cache lines of the `len` elements at `rows[start..]` into L1,
+/// if `start < end` (the first element past the rows in use). `wrapping_add`
+/// and `prefetcht0` never fault and read nothing.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn prefetch_row<T>(rows: &[T], start: usize, len: usize, end: usize) {
+    if start < end {
+        let base = rows.as_ptr().wrapping_add(start).cast::<i8>();
+        for offset in (0..len * std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(offset));
+        }
+    }
+}
+
 /// `H` heads' scores over the same rows, `P` positions per pass: each load
 /// of a key serves `H` queries and each load of a query `P` keys, one
 /// accumulator per (head, position). `q` is `H` runs of `len`, `out` `H`
@@ -432,6 +450,9 @@ fn dot_rows_heads_impl<T: KvElement, const H: usize, const P: usize>(
     let query_chunks: [&[[f32; 8]]; H] = std::array::from_fn(|h| &queries[h].as_chunks::<8>().0[..n_chunks]);
     let mut first = 0;
     while first + P <= n {
+        for i in 0..P {
+            prefetch_row(rows, (first + i + KV_PREFETCH_ROWS) * stride, len, n * stride);
+        }
         let keys: [&[T]; P] = std::array::from_fn(|i| &rows[(first + i) * stride..][..len]);
         let key_chunks: [&[[T; 8]]; P] = std::array::from_fn(|i| &keys[i].as_chunks::<8>().0[..n_chunks]);
         let mut acc = [[_mm256_setzero_ps(); P]; H];
@@ -483,6 +504,11 @@ fn weighted_rows_heads_impl<T: KvElement, const H: usize, const B: usize>(
         let first = b * 8 * B;
         let mut acc = [[_mm256_setzero_ps(); B]; H];
         for p in 0..n {
+            if b == 0 {
+                // The first pass brings every position's whole row toward
+                // L1/L2 for the passes over the later blocks.
+                prefetch_row(rows, (p + KV_PREFETCH_ROWS) * stride, len, n * stride);
+            }
             let values = &rows[p * stride + first..][..8 * B].as_chunks::<8>().0;
             let mut v = [_mm256_setzero_ps(); B];
             for j in 0..B {
