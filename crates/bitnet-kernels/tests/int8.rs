@@ -136,18 +136,22 @@ fn unavailable_kernels_are_refused() {
     }
 }
 
+/// The parallel GEMV runs one share per pool thread in blocks an idle thread
+/// may take from another's share: the same result on any pool, for a matrix
+/// of one block and one of about twenty (2000 rows of the head width).
 #[test]
 fn par_uses_the_current_pool() {
-    let (rows, k) = (150, 200);
-    let w: Vec<i8> = (0..rows * k).map(|i| (i * 37 % 251) as u8 as i8).collect();
-    let q: Vec<i8> = (0..k).map(|i| (i as i32 * 5 - 300) as i8).collect();
-    let expected = naive_gemv(&w, rows, k, &q);
-    let matrix = I8MatrixRef::new(&w, rows, k).unwrap();
-    for threads in [1, 3] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let mut out = vec![0; rows];
-        pool.install(|| cpu::gemv_i8_i8_par(cpu::select_kernel_from(None).unwrap(), matrix, &q, &mut out)).unwrap();
-        assert_eq!(out, expected, "{threads} threads");
+    for (rows, k) in [(150, 200), (2000, 2560)] {
+        let w: Vec<i8> = (0..rows * k).map(|i| (i * 37 % 251) as u8 as i8).collect();
+        let q: Vec<i8> = (0..k).map(|i| (i as i32 * 5 - 300) as i8).collect();
+        let expected = naive_gemv(&w, rows, k, &q);
+        let matrix = I8MatrixRef::new(&w, rows, k).unwrap();
+        for threads in [1, 2, 3, 5] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut out = vec![0; rows];
+            pool.install(|| cpu::gemv_i8_i8_par(cpu::select_kernel_from(None).unwrap(), matrix, &q, &mut out)).unwrap();
+            assert_eq!(out, expected, "{rows} rows, {threads} threads");
+        }
     }
 }
 

@@ -76,6 +76,35 @@ pub(crate) fn block_rows(row_bytes: usize) -> usize {
     (STREAM_BLOCK_BYTES / row_bytes.max(1) / CUT_ROWS).max(1) * CUT_ROWS
 }
 
+/// One row-major matrix of `out.len()` rows of `row_len` elements each
+/// (`values`), one output per row, cut into one share per thread
+/// ([`stream_parts`], by bytes) of blocks of [`block_rows`] rows: each
+/// block's elements and its outputs.
+pub(crate) fn matrix_shares<'v, 'o, E, T>(
+    values: &'v [E],
+    row_len: usize,
+    out: &'o mut [T],
+    threads: usize,
+) -> Vec<Vec<(&'v [E], &'o mut [T])>> {
+    let row_bytes = row_len * std::mem::size_of::<E>();
+    let block_rows = block_rows(row_bytes);
+    let mut rest = out;
+    let mut shares = Vec::with_capacity(threads);
+    for part in stream_parts(&[(rest.len(), row_bytes)], threads) {
+        let mut blocks = Vec::new();
+        for seg in part {
+            for first in (seg.start..seg.end).step_by(block_rows) {
+                let end = (first + block_rows).min(seg.end);
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - first);
+                rest = tail;
+                blocks.push((&values[first * row_len..end * row_len], mine));
+            }
+        }
+        shares.push(blocks);
+    }
+    shares
+}
+
 /// Runs every block of every share: share `i`'s blocks in order on pool
 /// thread `i` (so consecutive calls stream the same rows on the same core),
 /// while a thread with nothing left of its own takes the last unclaimed

@@ -318,21 +318,7 @@ fn gemv_par<T: FloatWeight>(
     }
     // One contiguous share per pool thread, in blocks: one sequential
     // stream each (the `stream` module).
-    let block_rows = super::stream::block_rows(row_bytes);
-    let mut rest = out;
-    let mut shares = Vec::with_capacity(threads);
-    for part in super::stream::stream_parts(&[(w.rows, row_bytes)], threads) {
-        let mut blocks = Vec::new();
-        for seg in part {
-            for first in (seg.start..seg.end).step_by(block_rows) {
-                let end = (first + block_rows).min(seg.end);
-                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - first);
-                rest = tail;
-                blocks.push((&w.bytes[first * row_bytes..end * row_bytes], mine));
-            }
-        }
-        shares.push(blocks);
-    }
+    let shares = super::stream::matrix_shares(w.bytes, row_bytes, out, threads);
     super::stream::run_shares(shares, |(bytes, out)| gemv_rows::<T>(resolved, bytes, x, out));
     Ok(())
 }

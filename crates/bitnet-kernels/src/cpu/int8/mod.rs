@@ -87,9 +87,9 @@ pub fn gemv_i8_i8(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i3
     Ok(())
 }
 
-/// [`gemv_i8_i8`] split over rows on the current rayon pool, in chunks of a
-/// multiple of 16 rows (whole cache lines of output) of at most ~256 KiB of
-/// weights each.
+/// [`gemv_i8_i8`] split over rows on the current rayon pool: one contiguous
+/// share per thread, in blocks of a multiple of 16 rows (whole cache lines of
+/// output) of about 256 KiB of weights (the `stream` module).
 pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i32]) -> Result<(), KernelError> {
     let resolved = kernel.resolve()?;
     check_shapes(w, q, out)?;
@@ -100,10 +100,10 @@ pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut
         out.fill(0);
         return Ok(());
     }
-    let chunk_rows = par_chunk_rows(w.rows, w.k, rayon::current_num_threads());
-    out.par_chunks_mut(chunk_rows).zip(w.values.par_chunks(chunk_rows * w.k)).for_each(|(out, values)| {
-        gemv_rows(resolved, values, q, out);
-    });
+    // One contiguous share per pool thread, in blocks: one sequential
+    // stream each (the `stream` module).
+    let shares = super::stream::matrix_shares(w.values, w.k, out, rayon::current_num_threads());
+    super::stream::run_shares(shares, |(values, out)| gemv_rows(resolved, values, q, out));
     Ok(())
 }
 
@@ -145,6 +145,9 @@ pub fn gemm_i8_i8_par(
     if w.k == 0 {
         out.fill(0);
         return Ok(());
+    }
+    if n == 1 {
+        return gemv_i8_i8_par(kernel, w, q, out);
     }
     let chunk_rows = par_chunk_rows(w.rows, w.k, rayon::current_num_threads());
     let per_chunk = chunk_outputs(out, w.rows, chunk_rows);
