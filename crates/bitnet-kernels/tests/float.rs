@@ -188,6 +188,32 @@ fn gemv_at_model_width(kernel: CpuKernel) {
 }
 test_each_kernel!(gemv_model_width, gemv_at_model_width);
 
+/// A GEMV of several rows (which the AVX-512 kernel reads two at a time,
+/// row `i` of the first half with row `i` of the second) gives every row
+/// the bits of the one-row dot product, for even and odd row counts and
+/// every tail length class.
+fn gemv_rows_equal_dot(kernel: CpuKernel) {
+    fn check<T: TestWeight>(kernel: CpuKernel, rows: usize, k: usize) {
+        let weights: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 4000.0).collect();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 104_729 % 977) as f32 - 488.0) / 100.0).collect();
+        let bytes = to_le_bytes::<T>(&weights);
+        let w = FloatMatrixRef::<T>::from_le_bytes(&bytes, rows, k).unwrap();
+        let mut out = vec![f32::NAN; rows];
+        T::gemv(kernel, w, &x, &mut out).unwrap();
+        let row_bytes = k * T::SIZE;
+        for (j, o) in out.iter().enumerate() {
+            let dot = T::dot(kernel, &bytes[j * row_bytes..(j + 1) * row_bytes], &x).unwrap();
+            assert_eq!(o.to_bits(), dot.to_bits(), "{} rows {rows}, k {k}, row {j}", T::NAME);
+        }
+    }
+    for (rows, k) in [(2, 16), (3, 77), (7, 2560), (10, 33), (64, 136)] {
+        check::<f16>(kernel, rows, k);
+        check::<bf16>(kernel, rows, k);
+        check::<f32>(kernel, rows, k);
+    }
+}
+test_each_kernel!(gemv_rows_match_dot, gemv_rows_equal_dot);
+
 /// The parallel GEMV runs one share per pool thread in blocks an idle thread
 /// may take from another's share; on any pool size every row equals the
 /// one-thread GEMV's bit for bit (1000 f16 rows of the head width: about

@@ -291,8 +291,8 @@ fn weighted_rows_is_exact(kernel: CpuKernel) {
 }
 test_each_kernel!(weighted_rows, weighted_rows_is_exact);
 
-/// The read-bandwidth probe's sum is the wrapping sum of the words on every
-/// kernel: checked against `u128` arithmetic reduced mod 2^64, on lengths
+/// The read-bandwidth probes' sums are the wrapping sum of the words on every
+/// kernel (one stream, and two in lockstep): checked against `u128` arithmetic reduced mod 2^64, on lengths
 /// around the 16-word step and with values that overflow `u64`.
 fn sum_u64_is_exact(kernel: CpuKernel) {
     let strategy = (0..=200usize).prop_flat_map(|len| prop::collection::vec(any::<u64>(), len));
@@ -300,6 +300,11 @@ fn sum_u64_is_exact(kernel: CpuKernel) {
         .run(&strategy, |words| {
             let expected = words.iter().map(|&w| u128::from(w)).sum::<u128>() as u64;
             prop_assert_eq!(cpu::sum_u64(kernel, &words).unwrap(), expected);
+            // The two-stream probe, split anywhere (unequal halves too).
+            for cut in [0, words.len() / 3, words.len() / 2, words.len()] {
+                let (a, b) = words.split_at(cut);
+                prop_assert_eq!(cpu::sum_u64_pair(kernel, a, b).unwrap(), expected, "cut at {}", cut);
+            }
             Ok(())
         })
         .unwrap();

@@ -56,6 +56,6 @@ pub use int8::{gemm_i8_i8_par, gemv_i8_i8, gemv_i8_i8_par, I8MatrixRef, I8_MAX_K
 pub use kernel::{select_kernel, select_kernel_from, CpuKernel, KERNEL_ENV_VAR};
 pub use ops::{
     dot_rows_f32, dot_rows_heads_f16, dot_rows_heads_f32, quantize_act_i8, quantize_act_i8_rows, relu2_mul_f32,
-    rms_norm_f32, rope_neox_f32, softmax_f32, sum_u64, weighted_rows_f32, weighted_rows_heads_f16,
+    rms_norm_f32, rope_neox_f32, softmax_f32, sum_u64, sum_u64_pair, weighted_rows_f32, weighted_rows_heads_f16,
     weighted_rows_heads_f32, KvElement, ACT_QUANT_EPS,
 };

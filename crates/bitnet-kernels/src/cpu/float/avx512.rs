@@ -1,7 +1,9 @@
 //! AVX-512 float GEMV: sixteen weights per step (`vcvtph2ps zmm` for f16),
-//! two accumulators. The output head is memory bound: rows go one after
-//! another, so the weights are one sequential stream prefetched
-//! `PREFETCH_AHEAD` bytes ahead (`x` is re-read from L1 for every row).
+//! two accumulators per row. The output head is memory bound: a call's rows
+//! are taken two at a time, row `i` of the first half with row `i` of the
+//! second, so the weights are two sequential streams prefetched
+//! `PREFETCH_AHEAD` bytes ahead, each load of `x` serving both rows. Each
+//! row's sums are those of the one-row `dot_row`, in the same order.
 
 use std::arch::x86_64::*;
 
@@ -31,9 +33,63 @@ macro_rules! gemv_for_dtype {
             #[target_feature(enable = "avx512f,avx512bw")]
             pub(super) fn gemv_rows(bytes: &[u8], x: &[f32], out: &mut [f32]) {
                 let row_bytes = x.len() * <$dtype as FloatWeight>::SIZE;
+                // Row i of the first half with row i of the second: two
+                // sequential streams per thread (docs/perf/cpu.md, session 14).
+                if out.len() >= 2 && row_bytes > 0 {
+                    let half = out.len() / 2;
+                    let (first, second) = bytes.split_at(half * row_bytes);
+                    let (out_a, out_b) = out.split_at_mut(half);
+                    for ((ra, rb), (oa, ob)) in first
+                        .chunks_exact(row_bytes)
+                        .zip(second.chunks_exact(row_bytes))
+                        .zip(out_a.iter_mut().zip(out_b.iter_mut()))
+                    {
+                        (*oa, *ob) = dot_rows2(ra, rb, x);
+                    }
+                    if out.len() % 2 == 1 {
+                        out[out.len() - 1] = dot_row(&bytes[(out.len() - 1) * row_bytes..], x);
+                    }
+                    return;
+                }
                 for (row, value) in bytes.chunks_exact(row_bytes).zip(out.iter_mut()) {
                     *value = dot_row(row, x);
                 }
+            }
+
+            /// [`dot_row`] of two rows at once (each with its own two
+            /// accumulators, in the same order), sharing the loads of `x`.
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn dot_rows2(ra: &[u8], rb: &[u8], x: &[f32]) -> (f32, f32) {
+                let (x_chunks, _) = x.as_chunks::<16>();
+                let n_chunks = x_chunks.len();
+                let a_chunks = &ra.as_chunks::<CHUNK_BYTES>().0[..n_chunks];
+                let b_chunks = &rb.as_chunks::<CHUNK_BYTES>().0[..n_chunks];
+                let mut acc_a = [_mm512_setzero_ps(); 2];
+                let mut acc_b = [_mm512_setzero_ps(); 2];
+                let mut c = 0;
+                while c + 2 <= n_chunks {
+                    prefetch(ra.as_ptr(), PREFETCH_AHEAD + c * CHUNK_BYTES);
+                    prefetch(rb.as_ptr(), PREFETCH_AHEAD + c * CHUNK_BYTES);
+                    if CHUNK_BYTES == 64 {
+                        prefetch(ra.as_ptr(), PREFETCH_AHEAD + (c + 1) * CHUNK_BYTES);
+                        prefetch(rb.as_ptr(), PREFETCH_AHEAD + (c + 1) * CHUNK_BYTES);
+                    }
+                    let (x0, x1) = (load_f32x16(&x_chunks[c]), load_f32x16(&x_chunks[c + 1]));
+                    acc_a[0] = _mm512_fmadd_ps($load(&a_chunks[c]), x0, acc_a[0]);
+                    acc_b[0] = _mm512_fmadd_ps($load(&b_chunks[c]), x0, acc_b[0]);
+                    acc_a[1] = _mm512_fmadd_ps($load(&a_chunks[c + 1]), x1, acc_a[1]);
+                    acc_b[1] = _mm512_fmadd_ps($load(&b_chunks[c + 1]), x1, acc_b[1]);
+                    c += 2;
+                }
+                if c < n_chunks {
+                    let x0 = load_f32x16(&x_chunks[c]);
+                    acc_a[0] = _mm512_fmadd_ps($load(&a_chunks[c]), x0, acc_a[0]);
+                    acc_b[0] = _mm512_fmadd_ps($load(&b_chunks[c]), x0, acc_b[0]);
+                }
+                (
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc_a[0], acc_a[1])) + tail_dot::<$dtype>(ra, x, n_chunks * 16),
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc_b[0], acc_b[1])) + tail_dot::<$dtype>(rb, x, n_chunks * 16),
+                )
             }
 
             #[target_feature(enable = "avx512f,avx512bw")]

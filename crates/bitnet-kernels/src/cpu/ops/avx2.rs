@@ -41,6 +41,11 @@ pub(super) fn sum_u64(_token: Avx2Token, words: &[u64]) -> u64 {
     unsafe { sum_u64_impl(words) }
 }
 
+pub(super) fn sum_u64_pair(_token: Avx2Token, a: &[u64], b: &[u64]) -> u64 {
+    // SAFETY: see the note above the wrappers.
+    unsafe { sum_u64_pair_impl(a, b) }
+}
+
 pub(super) fn abs_max(_token: Avx2Token, x: &[f32]) -> f32 {
     // SAFETY: see the note above the wrappers.
     unsafe { abs_max_impl(x) }
@@ -409,6 +414,36 @@ fn sum_u64_impl(words: &[u64]) -> u64 {
     // SAFETY: `lanes` is 32 writable bytes borrowed exclusively; `vmovdqu` has no alignment requirement.
     unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
     lanes.iter().chain(tail).fold(0u64, |acc, &w| acc.wrapping_add(w))
+}
+
+/// [`sum_u64_impl`] over two slices in lockstep: two sequential streams,
+/// 128 bytes of each per step, both prefetched; the longer one's rest and
+/// the tails after.
+#[target_feature(enable = "avx2")]
+fn sum_u64_pair_impl(a: &[u64], b: &[u64]) -> u64 {
+    let n = a.len().min(b.len()) / 16 * 16;
+    let (a_steps, b_steps) = (a[..n].as_chunks::<16>().0, b[..n].as_chunks::<16>().0);
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for (sa, sb) in a_steps.iter().zip(b_steps) {
+        for base in [sa.as_ptr().cast::<i8>(), sb.as_ptr().cast::<i8>()] {
+            // `wrapping_add` and `prefetcht0` never fault: past the end of
+            // the buffer this is a wasted hint, not a read.
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_AHEAD));
+            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH_AHEAD + 64));
+        }
+        for (step, pair) in [sa, sb].into_iter().zip([[0, 1], [2, 3]]) {
+            for (quad, i) in step.as_chunks::<4>().0.iter().zip([pair[0], pair[1], pair[0], pair[1]]) {
+                // SAFETY: `quad` refers to 32 readable bytes and `vmovdqu` has no alignment requirement.
+                acc[i] = _mm256_add_epi64(acc[i], unsafe { _mm256_loadu_si256(quad.as_ptr().cast()) });
+            }
+        }
+    }
+    let total = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
+    let mut lanes = [0u64; 4];
+    // SAFETY: `lanes` is 32 writable bytes borrowed exclusively; `vmovdqu` has no alignment requirement.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total) };
+    let rest = sum_u64_impl(&a[n..]).wrapping_add(sum_u64_impl(&b[n..]));
+    lanes.iter().fold(rest, |acc, &w| acc.wrapping_add(w))
 }
 
 /// How many positions ahead the attention kernels hint the KV cache's rows

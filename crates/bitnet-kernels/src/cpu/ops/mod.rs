@@ -132,6 +132,19 @@ pub fn sum_u64(kernel: CpuKernel, words: &[u64]) -> Result<u64, KernelError> {
     })
 }
 
+/// The wrapping sum of `a` and `b`, read as two streams in lockstep (128
+/// bytes of each per step, both prefetched as [`sum_u64`] does): the
+/// benchmarks' second read-bandwidth probe, since the AVX-512 decode
+/// kernels read two streams per thread (on the dev box one stream per
+/// thread did not reach the memory's bandwidth). Identical on every kernel.
+pub fn sum_u64_pair(kernel: CpuKernel, a: &[u64], b: &[u64]) -> Result<u64, KernelError> {
+    Ok(match isa(kernel)? {
+        Isa::Scalar | Isa::Portable => scalar::sum_u64(a).wrapping_add(scalar::sum_u64(b)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(token) => avx2::sum_u64_pair(token, a, b),
+    })
+}
+
 fn check_len(what: &'static str, expected: usize, found: usize) -> Result<(), KernelError> {
     if expected != found {
         return Err(KernelError::LengthMismatch { what, expected, found });
