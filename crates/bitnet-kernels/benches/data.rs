@@ -29,3 +29,10 @@ pub fn i2s_codes(rows: usize, k: usize, seed: u64) -> Vec<u8> {
 pub fn activations(len: usize, seed: u64) -> Vec<i8> {
     bytes(len, seed).into_iter().map(|b| b as i8).collect()
 }
+
+/// The examples' plain summing loop (as the compiler builds it) over `buf`
+/// on the current rayon pool: their bandwidth yardstick.
+pub fn plain_sum(buf: &[u64]) -> u64 {
+    use rayon::prelude::*;
+    buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add)
+}

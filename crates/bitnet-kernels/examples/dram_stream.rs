@@ -12,11 +12,10 @@ use std::time::Instant;
 
 use bitnet_kernels::cpu::{self, FloatMatrixRef, I2sMatrixRef};
 use half::f16;
-use rayon::prelude::*;
 
 #[path = "../benches/data.rs"]
 mod data;
-use data::{activations, bytes};
+use data::{activations, bytes, plain_sum};
 
 fn main() {
     let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
@@ -39,13 +38,7 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().build().expect("a thread pool");
     for round in 0..rounds {
         let v = pool.install(|| {
-            let s = gbps(sum_buf.len() * 8, &mut || {
-                let total: u64 = sum_buf
-                    .par_chunks(1 << 16)
-                    .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                    .reduce(|| 0, u64::wrapping_add);
-                black_box(total);
-            });
+            let s = gbps(sum_buf.len() * 8, &mut || _ = black_box(plain_sum(&sum_buf)));
             let h = gbps(head.len(), &mut || cpu::gemv_f16_f32_par(kernel, hw, black_box(&x), &mut logits).unwrap());
             let i = gbps(nm * mb, &mut || {
                 for i in 0..nm {

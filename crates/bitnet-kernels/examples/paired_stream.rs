@@ -12,11 +12,10 @@ use std::time::Instant;
 
 use bitnet_kernels::cpu::{self, FloatMatrixRef, I2sMatrixRef};
 use half::f16;
-use rayon::prelude::*;
 
 #[path = "../benches/data.rs"]
 mod data;
-use data::{activations, bytes, i2s_codes};
+use data::{activations, bytes, i2s_codes, plain_sum};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -53,13 +52,7 @@ fn main() {
     let pool = rayon::ThreadPoolBuilder::new().build().expect("a thread pool");
     for round in 0..rounds {
         let (s, h, i, t) = pool.install(|| {
-            let s = gbps(sum_buf.len() * 8, &mut || {
-                let total: u64 = sum_buf
-                    .par_chunks(1 << 16)
-                    .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                    .reduce(|| 0, u64::wrapping_add);
-                black_box(total);
-            });
+            let s = gbps(sum_buf.len() * 8, &mut || _ = black_box(plain_sum(&sum_buf)));
             let h = gbps(head.len(), &mut || cpu::gemv_f16_f32_par(kernel, w, black_box(&x), &mut logits).unwrap());
             let i = gbps(16 * inter * hidden / 4, &mut || {
                 for m in &mats {

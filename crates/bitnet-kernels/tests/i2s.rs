@@ -217,6 +217,30 @@ fn par_uses_the_current_pool() {
     }
 }
 
+/// Ternary matrices of `shapes` rows and `k` columns (matrix `m`'s element
+/// `i` from `pattern(m, i)`) and their I2_S codes.
+fn ternary_group(shapes: &[usize], k: usize, pattern: impl Fn(usize, usize) -> i8) -> (Vec<Vec<i8>>, Vec<Vec<u8>>) {
+    let ternaries: Vec<Vec<i8>> =
+        shapes.iter().enumerate().map(|(m, &rows)| (0..rows * k).map(|i| pattern(m, i)).collect()).collect();
+    let codes = ternaries.iter().map(|t| i2s::encode_i2s(t, 1.0).unwrap()).collect();
+    (ternaries, codes)
+}
+
+/// A grouped call's jobs: each matrix's codes (without the GGUF trailer) and its output.
+fn group_jobs<'a>(
+    codes: &'a [Vec<u8>],
+    shapes: &[usize],
+    k: usize,
+    outs: &'a mut [Vec<i32>],
+) -> Vec<(I2sMatrixRef<'a>, &'a mut [i32])> {
+    codes
+        .iter()
+        .zip(shapes)
+        .zip(outs.iter_mut())
+        .map(|((c, &rows), o)| (I2sMatrixRef::new(&c[..rows * k / 4], rows, k).unwrap(), o.as_mut_slice()))
+        .collect()
+}
+
 /// Decode-sized passes (one to four tokens) run as one stream per pool
 /// thread, in blocks an idle thread may take from another's share: at the
 /// 2B-4T width, a group big enough for several blocks per share gives the
@@ -225,12 +249,7 @@ fn par_uses_the_current_pool() {
 fn streamed_shares_match_reference_on_any_pool() {
     let k = 2560;
     let shapes = [1000usize, 300, 17];
-    let ternaries: Vec<Vec<i8>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(m, &rows)| (0..rows * k).map(|i| ((i * 11 + i / 7 + m) % 3) as i8 - 1).collect())
-        .collect();
-    let codes: Vec<Vec<u8>> = ternaries.iter().map(|t| i2s::encode_i2s(t, 1.0).unwrap()).collect();
+    let (ternaries, codes) = ternary_group(&shapes, k, |m, i| ((i * 11 + i / 7 + m) % 3) as i8 - 1);
     let kernel = cpu::select_kernel_from(None).unwrap();
     for n_tokens in [1, 4] {
         let q: Vec<i8> = (0..n_tokens * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
@@ -239,12 +258,7 @@ fn streamed_shares_match_reference_on_any_pool() {
         for threads in [1, 2, 3, 5] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut outs: Vec<Vec<i32>> = shapes.iter().map(|&rows| vec![i32::MIN; n_tokens * rows]).collect();
-            let mut jobs: Vec<(I2sMatrixRef<'_>, &mut [i32])> = codes
-                .iter()
-                .zip(&shapes)
-                .zip(outs.iter_mut())
-                .map(|((c, &rows), o)| (I2sMatrixRef::new(&c[..rows * k / 4], rows, k).unwrap(), o.as_mut_slice()))
-                .collect();
+            let mut jobs = group_jobs(&codes, &shapes, k, &mut outs);
             pool.install(|| cpu::gemm_i2s_i8_par_group(kernel, &mut jobs, &q, n_tokens)).unwrap();
             assert_eq!(outs, expected, "{n_tokens} tokens, {threads} threads");
             let mut single = vec![i32::MIN; n_tokens * shapes[0]];
@@ -261,19 +275,9 @@ fn group_matches_reference(kernel: CpuKernel) {
     let (k, n_tokens) = (512, 3);
     let q: Vec<i8> = (0..n_tokens * k).map(|i| ((i * 31 + 7) % 256) as u8 as i8).collect();
     let shapes = [200usize, 40, 40, 0, 17];
-    let ternaries: Vec<Vec<i8>> = shapes
-        .iter()
-        .enumerate()
-        .map(|(m, &rows)| (0..rows * k).map(|i| ((i * 7 + i / 13 + m) % 3) as i8 - 1).collect())
-        .collect();
-    let codes: Vec<Vec<u8>> = ternaries.iter().map(|t| i2s::encode_i2s(t, 1.0).unwrap()).collect();
+    let (ternaries, codes) = ternary_group(&shapes, k, |m, i| ((i * 7 + i / 13 + m) % 3) as i8 - 1);
     let mut outs: Vec<Vec<i32>> = shapes.iter().map(|&rows| vec![i32::MIN; n_tokens * rows]).collect();
-    let mut jobs: Vec<(I2sMatrixRef<'_>, &mut [i32])> = codes
-        .iter()
-        .zip(&shapes)
-        .zip(outs.iter_mut())
-        .map(|((c, &rows), o)| (I2sMatrixRef::new(&c[..rows * k / 4], rows, k).unwrap(), o.as_mut_slice()))
-        .collect();
+    let mut jobs = group_jobs(&codes, &shapes, k, &mut outs);
     cpu::gemm_i2s_i8_par_group(kernel, &mut jobs, &q, n_tokens).unwrap();
     for (m, &rows) in shapes.iter().enumerate() {
         assert_eq!(outs[m], naive_gemm(&ternaries[m], rows, k, &q, n_tokens), "matrix {m}");
