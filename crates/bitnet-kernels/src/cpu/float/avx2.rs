@@ -1,7 +1,10 @@
 //! AVX2 + FMA + F16C float GEMV and conversion: eight weights per step
 //! (`vcvtph2ps` for f16, a zero-extend and shift for bf16), two accumulators
-//! to cover the FMA latency. Rows go one after another, so the weights are
-//! one sequential stream prefetched `PREFETCH_AHEAD` bytes ahead.
+//! per row to cover the FMA latency. A call's rows are taken two at a time,
+//! row `i` of the first half with row `i` of the second, so the weights are
+//! two sequential streams prefetched `PREFETCH_AHEAD` bytes ahead, each load
+//! of `x` serving both rows; each row's sums are those of the one-row
+//! `dot_row`, in the same order.
 
 use std::arch::x86_64::*;
 
@@ -41,9 +44,57 @@ macro_rules! gemv_for_dtype {
             #[target_feature(enable = "avx2,fma,f16c")]
             pub(super) fn gemv_rows(bytes: &[u8], x: &[f32], out: &mut [f32]) {
                 let row_bytes = x.len() * <$dtype as FloatWeight>::SIZE;
-                for (row, value) in bytes.chunks_exact(row_bytes).zip(out.iter_mut()) {
-                    *value = dot_row(row, x);
+                if row_bytes == 0 {
+                    out.fill(0.0);
+                    return;
                 }
+                // Row i of the first half with row i of the second: two
+                // sequential streams per thread (docs/perf/cpu.md, session 14).
+                let half = out.len() / 2;
+                let (first, second) = bytes.split_at(half * row_bytes);
+                let (out_a, out_b) = out.split_at_mut(half);
+                for ((ra, rb), (oa, ob)) in first
+                    .chunks_exact(row_bytes)
+                    .zip(second.chunks_exact(row_bytes))
+                    .zip(out_a.iter_mut().zip(out_b.iter_mut()))
+                {
+                    (*oa, *ob) = dot_rows2(ra, rb, x);
+                }
+                if out_b.len() > half {
+                    out_b[half] = dot_row(&second[half * row_bytes..], x);
+                }
+            }
+
+            /// [`dot_row`] of two rows at once (each with its own two
+            /// accumulators, in the same order), sharing the loads of `x`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn dot_rows2(ra: &[u8], rb: &[u8], x: &[f32]) -> (f32, f32) {
+                let (x_chunks, _) = x.as_chunks::<8>();
+                let n_chunks = x_chunks.len();
+                let a_chunks = &ra.as_chunks::<CHUNK_BYTES>().0[..n_chunks];
+                let b_chunks = &rb.as_chunks::<CHUNK_BYTES>().0[..n_chunks];
+                let mut acc_a = [_mm256_setzero_ps(); 2];
+                let mut acc_b = [_mm256_setzero_ps(); 2];
+                let mut c = 0;
+                while c + 2 <= n_chunks {
+                    prefetch(ra.as_ptr(), PREFETCH_AHEAD + c * CHUNK_BYTES);
+                    prefetch(rb.as_ptr(), PREFETCH_AHEAD + c * CHUNK_BYTES);
+                    let (x0, x1) = (load_f32x8(&x_chunks[c]), load_f32x8(&x_chunks[c + 1]));
+                    acc_a[0] = _mm256_fmadd_ps($load(&a_chunks[c]), x0, acc_a[0]);
+                    acc_b[0] = _mm256_fmadd_ps($load(&b_chunks[c]), x0, acc_b[0]);
+                    acc_a[1] = _mm256_fmadd_ps($load(&a_chunks[c + 1]), x1, acc_a[1]);
+                    acc_b[1] = _mm256_fmadd_ps($load(&b_chunks[c + 1]), x1, acc_b[1]);
+                    c += 2;
+                }
+                if c < n_chunks {
+                    let x0 = load_f32x8(&x_chunks[c]);
+                    acc_a[0] = _mm256_fmadd_ps($load(&a_chunks[c]), x0, acc_a[0]);
+                    acc_b[0] = _mm256_fmadd_ps($load(&b_chunks[c]), x0, acc_b[0]);
+                }
+                (
+                    hsum_ps(_mm256_add_ps(acc_a[0], acc_a[1])) + tail_dot::<$dtype>(ra, x, n_chunks * 8),
+                    hsum_ps(_mm256_add_ps(acc_b[0], acc_b[1])) + tail_dot::<$dtype>(rb, x, n_chunks * 8),
+                )
             }
 
             #[target_feature(enable = "avx2,fma,f16c")]

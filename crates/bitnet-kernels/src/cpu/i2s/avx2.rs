@@ -49,11 +49,13 @@ impl<'a> Tile<'a> {
 }
 
 /// `gemm_rows` for one module: token tiles of up to four, then rows in
-/// groups of `R` (`$tiles` gives `R` for 1, 2, 3 and 4 tokens, chosen to fit
-/// the 16 `ymm` registers; one row for a single token, so decode reads the
-/// weights as one sequential stream), leftover rows one at a time.
+/// groups of `R` (`$tiles` gives `R` for 2, 3 and 4 tokens, chosen to fit
+/// the 16 `ymm` registers), leftover rows one at a time. A single token
+/// takes row `i` of the first half of the rows with row `i` of the second,
+/// so decode reads the weights as two sequential streams per thread (as
+/// the AVX-512 kernel does; docs/perf/cpu.md, session 14).
 macro_rules! driver {
-    ($features:literal, tiles: [$r1:literal, $r2:literal, $r3:literal, $r4:literal]) => {
+    ($features:literal, tiles: [$r2:literal, $r3:literal, $r4:literal]) => {
         #[target_feature(enable = $features)]
         pub(super) fn gemm_rows(codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) {
             let blocks_per_row = acts.k / I2S_BLOCK_ELEMS;
@@ -71,7 +73,7 @@ macro_rules! driver {
                     4 => run_rows::<$r4, 4>(&tile, out),
                     3 => run_rows::<$r3, 3>(&tile, out),
                     2 => run_rows::<$r2, 2>(&tile, out),
-                    _ => run_rows::<$r1, 1>(&tile, out),
+                    _ => run_two_streams(&tile, out),
                 }
             }
         }
@@ -81,10 +83,23 @@ macro_rules! driver {
             let n_rows = tile.code_blocks.len() / tile.blocks_per_row;
             let grouped = n_rows / R * R;
             for first_row in (0..grouped).step_by(R) {
-                run_tile::<R, T>(tile, first_row, out);
+                run_tile::<R, T>(tile, std::array::from_fn(|r| first_row + r), out);
             }
             for row in grouped..n_rows {
-                run_tile::<1, T>(tile, row, out);
+                run_tile::<1, T>(tile, [row], out);
+            }
+        }
+
+        /// One token: rows `i` and `half + i` together, an odd last row alone.
+        #[target_feature(enable = $features)]
+        fn run_two_streams(tile: &Tile<'_>, out: &mut [&mut [i32]]) {
+            let n_rows = tile.code_blocks.len() / tile.blocks_per_row;
+            let half = n_rows / 2;
+            for i in 0..half {
+                run_tile::<2, 1>(tile, [i, half + i], out);
+            }
+            if n_rows % 2 == 1 {
+                run_tile::<1, 1>(tile, [n_rows - 1], out);
             }
         }
     };
@@ -93,19 +108,19 @@ macro_rules! driver {
 mod with_maddubs {
     use super::*;
 
-    driver!("avx2,fma,f16c", tiles: [1, 2, 1, 1]);
+    driver!("avx2,fma,f16c", tiles: [2, 1, 1]);
 
     /// Blocks summed in `i16` before widening (see the module docs).
     const BLOCKS_PER_WIDEN: usize = 8;
 
-    /// Rows `first_row..first_row + R` x the tile's `T` tokens.
+    /// Rows `rows` x the tile's `T` tokens.
     #[target_feature(enable = "avx2,fma,f16c")]
     // Rows and tokens index several parallel arrays (codes, activations, outputs).
     #[allow(clippy::needless_range_loop)]
-    fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, first_row: usize, out: &mut [&mut [i32]]) {
+    fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, rows: [usize; R], out: &mut [&mut [i32]]) {
         let mut w_rows: [&[[u8; I2S_BLOCK_BYTES]]; R] = [&[]; R];
         for r in 0..R {
-            w_rows[r] = tile.row_blocks(first_row + r);
+            w_rows[r] = tile.row_blocks(rows[r]);
         }
         let mut q: [&[[i8; I2S_BLOCK_ELEMS]]; T] = [&[]; T];
         for t in 0..T {
@@ -144,7 +159,7 @@ mod with_maddubs {
         }
         for r in 0..R {
             for t in 0..T {
-                out[tile.first + t][first_row + r] = hsum_epi32(acc[r][t]) - tile.sums[tile.first + t];
+                out[tile.first + t][rows[r]] = hsum_epi32(acc[r][t]) - tile.sums[tile.first + t];
             }
         }
     }
@@ -153,20 +168,20 @@ mod with_maddubs {
 mod with_vnni {
     use super::*;
 
-    driver!("avx2,fma,f16c,avxvnni", tiles: [1, 2, 1, 1]);
+    driver!("avx2,fma,f16c,avxvnni", tiles: [2, 1, 1]);
 
     /// Accumulators per (row, token): consecutive groups alternate between
     /// two, so a register's `vpdpbusd` chain is half as long.
     const ACC: usize = 2;
 
-    /// Rows `first_row..first_row + R` x the tile's `T` tokens.
+    /// Rows `rows` x the tile's `T` tokens.
     #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     // Rows and tokens index several parallel arrays (codes, activations, outputs).
     #[allow(clippy::needless_range_loop)]
-    fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, first_row: usize, out: &mut [&mut [i32]]) {
+    fn run_tile<const R: usize, const T: usize>(tile: &Tile<'_>, rows: [usize; R], out: &mut [&mut [i32]]) {
         let mut w_rows: [&[[u8; I2S_BLOCK_BYTES]]; R] = [&[]; R];
         for r in 0..R {
-            w_rows[r] = tile.row_blocks(first_row + r);
+            w_rows[r] = tile.row_blocks(rows[r]);
         }
         let mut q: [&[[i8; I2S_BLOCK_ELEMS]]; T] = [&[]; T];
         for t in 0..T {
@@ -196,7 +211,7 @@ mod with_vnni {
         for r in 0..R {
             for t in 0..T {
                 let total = _mm256_add_epi32(acc[r][t][0], acc[r][t][1]);
-                out[tile.first + t][first_row + r] = hsum_epi32(total) - tile.sums[tile.first + t];
+                out[tile.first + t][rows[r]] = hsum_epi32(total) - tile.sums[tile.first + t];
             }
         }
     }
