@@ -50,19 +50,7 @@ macro_rules! gemv_for_dtype {
                 }
                 // Row i of the first half with row i of the second: two
                 // sequential streams per thread (docs/perf/cpu.md, session 14).
-                let half = out.len() / 2;
-                let (first, second) = bytes.split_at(half * row_bytes);
-                let (out_a, out_b) = out.split_at_mut(half);
-                for ((ra, rb), (oa, ob)) in first
-                    .chunks_exact(row_bytes)
-                    .zip(second.chunks_exact(row_bytes))
-                    .zip(out_a.iter_mut().zip(out_b.iter_mut()))
-                {
-                    (*oa, *ob) = dot_rows2(ra, rb, x);
-                }
-                if out_b.len() > half {
-                    out_b[half] = dot_row(&second[half * row_bytes..], x);
-                }
+                super::super::two_streams(bytes, row_bytes, out, |r| dot_row(r, x), |ra, rb| dot_rows2(ra, rb, x));
             }
 
             /// [`dot_row`] of two rows at once (each with its own two

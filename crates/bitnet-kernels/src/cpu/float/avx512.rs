@@ -33,27 +33,13 @@ macro_rules! gemv_for_dtype {
             #[target_feature(enable = "avx512f,avx512bw")]
             pub(super) fn gemv_rows(bytes: &[u8], x: &[f32], out: &mut [f32]) {
                 let row_bytes = x.len() * <$dtype as FloatWeight>::SIZE;
-                // Row i of the first half with row i of the second: two
-                // sequential streams per thread (docs/perf/cpu.md, session 14).
-                if out.len() >= 2 && row_bytes > 0 {
-                    let half = out.len() / 2;
-                    let (first, second) = bytes.split_at(half * row_bytes);
-                    let (out_a, out_b) = out.split_at_mut(half);
-                    for ((ra, rb), (oa, ob)) in first
-                        .chunks_exact(row_bytes)
-                        .zip(second.chunks_exact(row_bytes))
-                        .zip(out_a.iter_mut().zip(out_b.iter_mut()))
-                    {
-                        (*oa, *ob) = dot_rows2(ra, rb, x);
-                    }
-                    if out.len() % 2 == 1 {
-                        out[out.len() - 1] = dot_row(&bytes[(out.len() - 1) * row_bytes..], x);
-                    }
+                if row_bytes == 0 {
+                    out.fill(0.0);
                     return;
                 }
-                for (row, value) in bytes.chunks_exact(row_bytes).zip(out.iter_mut()) {
-                    *value = dot_row(row, x);
-                }
+                // Row i of the first half with row i of the second: two
+                // sequential streams per thread (docs/perf/cpu.md, session 14).
+                super::super::two_streams(bytes, row_bytes, out, |r| dot_row(r, x), |ra, rb| dot_rows2(ra, rb, x));
             }
 
             /// [`dot_row`] of two rows at once (each with its own two

@@ -431,6 +431,31 @@ fn gemv_rows<T: FloatWeight>(resolved: Resolved, bytes: &[u8], x: &[f32], out: &
     }
 }
 
+/// A GEMV's rows two at a time: row `i` of the first half of `out` with row
+/// `i` of the second (`two`), so the weights are read as two sequential
+/// streams; an odd last row alone (`one`). `bytes` holds `out.len()` rows of
+/// `row_bytes` bytes. Inlined into each ISA's `#[target_feature]` kernel.
+#[inline(always)]
+pub(super) fn two_streams(
+    bytes: &[u8],
+    row_bytes: usize,
+    out: &mut [f32],
+    one: impl Fn(&[u8]) -> f32,
+    two: impl Fn(&[u8], &[u8]) -> (f32, f32),
+) {
+    let half = out.len() / 2;
+    let (first, second) = bytes.split_at(half * row_bytes);
+    let (out_a, out_b) = out.split_at_mut(half);
+    for ((ra, rb), (oa, ob)) in
+        first.chunks_exact(row_bytes).zip(second.chunks_exact(row_bytes)).zip(out_a.iter_mut().zip(out_b.iter_mut()))
+    {
+        (*oa, *ob) = two(ra, rb);
+    }
+    if out_b.len() > half {
+        out_b[half] = one(&second[half * row_bytes..]);
+    }
+}
+
 /// Decodes one little-endian element (`T::SIZE` bytes); the scalar reference
 /// conversion, also used for the tails of the SIMD kernels.
 #[inline]
