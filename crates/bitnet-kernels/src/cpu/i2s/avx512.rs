@@ -126,13 +126,19 @@ fn two_row_pairs(a: &[[u8; 64]], b: &[[u8; 64]], q: &[[i8; PAIR_ELEMS]]) -> (__m
             acc_b[g] = _mm512_dpbusd_epi32(acc_b[g], _mm512_and_si512(wb, masks[g]), qv);
         }
     }
-    let fold = |acc: [__m512i; 4]| {
-        _mm512_add_epi32(
-            _mm512_add_epi32(_mm512_srai_epi32::<6>(acc[0]), _mm512_srai_epi32::<4>(acc[1])),
-            _mm512_add_epi32(_mm512_srai_epi32::<2>(acc[2]), acc[3]),
-        )
-    };
-    (fold(acc_a), fold(acc_b))
+    (fold_groups(acc_a), fold_groups(acc_b))
+}
+
+/// One row's lanes from its four group accumulators: group `g`'s products
+/// were `code * 4^(3 - g) * q`, so each is divided back exactly (see
+/// [`single_row_pairs`]) and the four added.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn fold_groups(acc: [__m512i; 4]) -> __m512i {
+    _mm512_add_epi32(
+        _mm512_add_epi32(_mm512_srai_epi32::<6>(acc[0]), _mm512_srai_epi32::<4>(acc[1])),
+        _mm512_add_epi32(_mm512_srai_epi32::<2>(acc[2]), acc[3]),
+    )
 }
 
 /// Rows in groups of `R`, leftover rows one at a time.
@@ -247,10 +253,7 @@ fn single_row_pairs(codes: &[[u8; 64]], q: &[[i8; PAIR_ELEMS]]) -> __m512i {
             acc[g] = _mm512_dpbusd_epi32(acc[g], _mm512_and_si512(w, masks[g]), load_512_i8(q_group));
         }
     }
-    _mm512_add_epi32(
-        _mm512_add_epi32(_mm512_srai_epi32::<6>(acc[0]), _mm512_srai_epi32::<4>(acc[1])),
-        _mm512_add_epi32(_mm512_srai_epi32::<2>(acc[2]), acc[3]),
-    )
+    fold_groups(acc)
 }
 
 /// The codes of group `group` of both blocks in a 64-byte pair, one per byte.
