@@ -6,16 +6,24 @@
 //! cold) and costs a task. Here a call's rows are cut into exactly one
 //! contiguous share per pool thread ([`stream_parts`], by bytes, at multiples
 //! of 16 rows), and thread `i` works through share `i` front to back in
-//! blocks of about [`STREAM_BLOCK_BYTES`]. A thread that finishes early takes
-//! blocks from the *back* of another share, so a descheduled or slower thread
-//! delays the call by at most about one block.
+//! blocks of about [`STREAM_BLOCK_BYTES`], the last one cut into pieces of
+//! halving size ([`share_blocks`]). A thread that finishes early takes
+//! blocks from the *back* of another share, smallest first, so a descheduled
+//! or slower thread delays the call by at most about one block, and two
+//! threads running at the same speed finish within one small piece of each
+//! other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 /// Bytes of weights per block: the unit a thread claims in its share, and
-/// that an idle thread takes from another's.
-pub(crate) const STREAM_BLOCK_BYTES: usize = 256 * 1024;
+/// that an idle thread takes from another's. The decode kernels read a
+/// block as two streams (its two halves), and each block restarts one of
+/// them at a new address: on the Intel dev box (session 15, docs/perf/cpu.md)
+/// 32 / 64 KiB blocks cost 5.5 / 2.5 ms more I2_S time per 2B-4T token than
+/// 256 KiB, and 1 MiB (with [`share_blocks`]' smaller last pieces) about
+/// 0.8 ms less.
+pub(crate) const STREAM_BLOCK_BYTES: usize = 1024 * 1024;
 
 /// Row granularity of the cuts: 16 `i32`/`f32` outputs are one 64-byte cache line.
 const CUT_ROWS: usize = 16;
@@ -76,6 +84,32 @@ pub(crate) fn block_rows(row_bytes: usize) -> usize {
     (STREAM_BLOCK_BYTES / row_bytes.max(1) / CUT_ROWS).max(1) * CUT_ROWS
 }
 
+/// A share's segments cut into blocks in stream order: [`block_rows`] rows
+/// each, except that the share's last block is cut again into pieces of
+/// halving size (at multiples of [`CUT_ROWS`] rows), so that a thread taking
+/// blocks from the back of this share takes small ones first and the two
+/// threads finish within about one small piece of each other, where a whole
+/// last block would leave one idle for up to a block's time.
+pub(crate) fn share_blocks(part: &[Segment], row_bytes: usize) -> Vec<Segment> {
+    let rows = block_rows(row_bytes);
+    let mut blocks: Vec<Segment> = Vec::new();
+    for seg in part {
+        for first in (seg.start..seg.end).step_by(rows) {
+            blocks.push(Segment { job: seg.job, start: first, end: (first + rows).min(seg.end) });
+        }
+    }
+    if let Some(last) = blocks.pop() {
+        let mut start = last.start;
+        while last.end - start >= 4 * CUT_ROWS {
+            let piece = (last.end - start) / 2 / CUT_ROWS * CUT_ROWS;
+            blocks.push(Segment { job: last.job, start, end: start + piece });
+            start += piece;
+        }
+        blocks.push(Segment { job: last.job, start, end: last.end });
+    }
+    blocks
+}
+
 /// One row-major matrix of `out.len()` rows of `row_len` elements each
 /// (`values`), one output per row, cut into one share per thread
 /// ([`stream_parts`], by bytes) of blocks of [`block_rows`] rows: each
@@ -87,18 +121,14 @@ pub(crate) fn matrix_shares<'v, 'o, E, T>(
     threads: usize,
 ) -> Vec<Vec<(&'v [E], &'o mut [T])>> {
     let row_bytes = row_len * std::mem::size_of::<E>();
-    let block_rows = block_rows(row_bytes);
     let mut rest = out;
     let mut shares = Vec::with_capacity(threads);
     for part in stream_parts(&[(rest.len(), row_bytes)], threads) {
         let mut blocks = Vec::new();
-        for seg in part {
-            for first in (seg.start..seg.end).step_by(block_rows) {
-                let end = (first + block_rows).min(seg.end);
-                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(end - first);
-                rest = tail;
-                blocks.push((&values[first * row_len..end * row_len], mine));
-            }
+        for block in share_blocks(&part, row_bytes) {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(block.end - block.start);
+            rest = tail;
+            blocks.push((&values[block.start * row_len..block.end * row_len], mine));
         }
         shares.push(blocks);
     }
@@ -249,9 +279,40 @@ mod tests {
     }
 
     #[test]
+    fn share_blocks_cover_the_share_in_order_with_a_halving_tail() {
+        // An I2_S gate|up share of 2B-4T on two threads: 6912 rows of 640 bytes.
+        let part = stream_parts(&[(6912, 640), (6912, 640)], 2).remove(0);
+        let blocks = share_blocks(&part, 640);
+        let sizes: Vec<usize> = blocks.iter().map(|b| b.end - b.start).collect();
+        // Four whole blocks of 1632 rows, then the last 6912 - 4 * 1632 = 384
+        // rows halved at multiples of 16 while at least 64 remain: 192, 96, 48, 48.
+        assert_eq!(sizes, vec![1632, 1632, 1632, 1632, 192, 96, 48, 48]);
+        let mut next = 0;
+        for b in &blocks {
+            assert_eq!((b.job, b.start), (0, next));
+            assert!(b.start.is_multiple_of(CUT_ROWS));
+            next = b.end;
+        }
+        assert_eq!(next, 6912);
+        // A share spanning jobs (q|k|v's second share): the pieces come from its last job.
+        let part = stream_parts(&[(2560, 640), (640, 640), (640, 640)], 2).remove(1);
+        let blocks = share_blocks(&part, 640);
+        let tail: Vec<(usize, usize, usize)> = blocks.iter().map(|b| (b.job, b.start, b.end)).collect();
+        // v's 640 rows: 320, 160, 80, 32 (half of 80 rounded down to 16), then the last 48.
+        assert_eq!(
+            tail,
+            vec![(0, 1920, 2560), (1, 0, 640), (2, 0, 320), (2, 320, 480), (2, 480, 560), (2, 560, 592), (2, 592, 640)]
+        );
+        // Small and empty shares.
+        assert_eq!(share_blocks(&[seg(0, 0, 48)], 640), vec![seg(0, 0, 48)]);
+        assert_eq!(share_blocks(&[seg(0, 16, 80)], 640), vec![seg(0, 16, 48), seg(0, 48, 80)]);
+        assert!(share_blocks(&[], 640).is_empty());
+    }
+
+    #[test]
     fn blocks_are_whole_cache_lines_of_output() {
-        assert_eq!(block_rows(640), 400);
-        assert_eq!(block_rows(5120), 48);
+        assert_eq!(block_rows(640), 1632);
+        assert_eq!(block_rows(5120), 192);
         assert_eq!(block_rows(1 << 20), CUT_ROWS);
         assert_eq!(block_rows(0) % CUT_ROWS, 0);
     }

@@ -247,24 +247,18 @@ pub fn gemm_i2s_i8_par_group(
 type Block<'c, 'o> = (&'c [u8], Vec<&'o mut [i32]>);
 
 /// Cuts the jobs' rows (all of width `k`) into one share per thread, each a
-/// list of blocks of about `stream::STREAM_BLOCK_BYTES` in stream order, and
+/// list of blocks of about `stream::STREAM_BLOCK_BYTES` in stream order
+/// (`stream::share_blocks`: the last one in halving pieces), and
 /// hands every block its rows of each token's output (`out` is
 /// `[n_tokens, rows]` per job).
 fn stream_blocks<'c, 'o>(jobs: &'o mut [(I2sMatrixRef<'c>, &mut [i32])], threads: usize) -> Vec<Vec<Block<'c, 'o>>> {
     let Some(row_bytes) = jobs.first().map(|(w, _)| w.k / 4) else { return Vec::new() };
     let sizes: Vec<(usize, usize)> = jobs.iter().map(|(w, _)| (w.rows, row_bytes)).collect();
-    let block_rows = stream::block_rows(row_bytes);
     // Blocks in stream order per share, as (job, first row, end row).
-    let mut shares: Vec<Vec<(usize, usize, usize)>> = Vec::with_capacity(threads);
-    for part in stream_parts(&sizes, threads) {
-        let mut blocks = Vec::new();
-        for seg in part {
-            for first in (seg.start..seg.end).step_by(block_rows) {
-                blocks.push((seg.job, first, (first + block_rows).min(seg.end)));
-            }
-        }
-        shares.push(blocks);
-    }
+    let shares: Vec<Vec<(usize, usize, usize)>> = stream_parts(&sizes, threads)
+        .iter()
+        .map(|part| stream::share_blocks(part, row_bytes).into_iter().map(|b| (b.job, b.start, b.end)).collect())
+        .collect();
     // Each job's blocks in row order (shares are in stream order, so this
     // is the order they were pushed in), to split its outputs.
     let mut per_job: Vec<Vec<(usize, usize)>> = vec![Vec::new(); jobs.len()];
