@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
@@ -332,19 +333,28 @@ impl CpuBackend {
         let (rope_cos, rope_sin) = (&self.rope_cos, &self.rope_sin);
         let half = hd / 2;
 
+        // The head's input and output, allocated before the pool's threads
+        // are kept awake.
+        let entries = batch.len();
+        let mut normed_rows = vec![0f32; entries * h];
+        let mut all_logits = vec![0f32; entries * c.vocab_size];
+        let int8_head = &self.int8_head;
         pool.install(|| -> Result<(), KernelError> {
+            let mut awake = KeepAwake::start();
             for (layer_idx, layer) in model.layers.iter().enumerate() {
                 // Attention block.
                 rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                bitlinear_group(
-                    kernel,
-                    &q8[..n * h],
-                    &scales,
-                    n,
-                    &mut acc,
-                    &mut [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])],
-                )?;
+                awake.parallel(|| {
+                    bitlinear_group(
+                        kernel,
+                        &q8[..n * h],
+                        &scales,
+                        n,
+                        &mut acc,
+                        &mut [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])],
+                    )
+                })?;
                 for (r, &(_, pos)) in rows.iter().enumerate() {
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
                     k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
@@ -362,59 +372,118 @@ impl CpuBackend {
                         (seq.keys[layer_idx].view(), seq.values[layer_idx].view())
                     })
                     .collect();
-                attention(kernel, c, &rows, &caches, &q, &mut attn)?;
+                awake.parallel(|| attention(kernel, c, &rows, &caches, &q, &mut attn))?;
                 rms_norm_rows(kernel, &attn, &layer.attn_sub_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)?;
+                awake.parallel(|| {
+                    bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)
+                })?;
                 add_in_place(&mut x, &proj);
 
                 // Feed-forward block. relu^2 and its sub-norm stay in f32.
                 rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                bitlinear_group(
-                    kernel,
-                    &q8[..n * h],
-                    &scales,
-                    n,
-                    &mut acc,
-                    &mut [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])],
-                )?;
+                awake.parallel(|| {
+                    bitlinear_group(
+                        kernel,
+                        &q8[..n * h],
+                        &scales,
+                        n,
+                        &mut acc,
+                        &mut [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])],
+                    )
+                })?;
                 k::relu2_mul_f32(kernel, &mut gate, &up)?;
                 rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
-                bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)?;
+                awake.parallel(|| {
+                    bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)
+                })?;
                 add_in_place(&mut x, &proj);
                 if let Some(trace) = trace.as_mut() {
                     trace(layer_idx, &x);
                 }
             }
-            Ok(())
-        })?;
 
-        // Logits of each entry's last new position, with one pass over the
-        // head for the whole batch (it is the largest matrix of the model).
-        let head = model.head();
-        let entries = batch.len();
-        let mut normed_rows = vec![0f32; entries * h];
-        let mut last = 0usize;
-        for (input, normed_row) in batch.iter().zip(normed_rows.chunks_exact_mut(h)) {
-            last += input.tokens.len();
-            let r = last - 1;
-            k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, normed_row)?;
-        }
-        let mut all_logits = vec![0f32; entries * c.vocab_size];
-        match &self.int8_head {
-            Some(int8_head) => {
-                pool.install(|| int8_head.logits_batch(kernel, &normed_rows, entries, &mut all_logits))?
+            // Logits of each entry's last new position, with one pass over the
+            // head for the whole batch (it is the largest matrix of the model).
+            let mut last = 0usize;
+            for (input, normed_row) in batch.iter().zip(normed_rows.chunks_exact_mut(h)) {
+                last += input.tokens.len();
+                let r = last - 1;
+                k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, normed_row)?;
             }
-            None => pool.install(|| head_gemm(kernel, head, &normed_rows, entries, &mut all_logits))?,
-        }
+            awake.stop();
+            match int8_head {
+                Some(int8_head) => int8_head.logits_batch(kernel, &normed_rows, entries, &mut all_logits),
+                None => head_gemm(kernel, model.head(), &normed_rows, entries, &mut all_logits),
+            }
+        })?;
         let out: Vec<Vec<f32>> = all_logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect();
         for input in batch {
             let seq = sequences.get_mut(&input.seq).expect("validated sequence");
             seq.len += input.tokens.len();
         }
         Ok(out)
+    }
+}
+
+/// Keeps the pool's other threads spinning while the calling thread runs
+/// the serial work between two parallel calls of a step (norms,
+/// quantisation, RoPE, the KV append). A rayon worker idle for more than
+/// about 10 us goes to sleep, and waking it cost 20-90 us on the 2-vCPU dev
+/// box (session 15, docs/perf/cpu.md: an empty `rayon::broadcast` after a
+/// 20 us gap 38 us, after 50 us 87 us, with the workers spinning 1-3 us),
+/// against 150 parallel calls per 2B-4T decode step with a few to 15 us of
+/// serial work before each. [`KeepAwake::parallel`] stops the spinners just
+/// before its call (they return at once, and their threads find the call's
+/// work) and starts them again after it; dropping it stops them, so nothing
+/// spins outside a step.
+struct KeepAwake {
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl KeepAwake {
+    /// Starts one spinner on every thread of the current pool (the calling
+    /// thread's own copy runs, and returns at once, the next time it waits
+    /// inside the pool, which is after [`KeepAwake::stop`]).
+    fn start() -> Self {
+        let mut awake = Self { stop: None };
+        awake.spin();
+        awake
+    }
+
+    fn spin(&mut self) {
+        if self.stop.is_none() && rayon::current_num_threads() > 1 {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&stop);
+            rayon::spawn_broadcast(move |_| {
+                while !flag.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+            });
+            self.stop = Some(stop);
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.store(true, Ordering::Release);
+        }
+    }
+
+    /// Runs `f` (a parallel call) with the spinners stopped, then restarts them.
+    fn parallel<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.stop();
+        let result = f();
+        self.spin();
+        result
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -636,7 +705,33 @@ impl Backend for CpuBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::heads_per_task;
+    use super::*;
+
+    /// The spinners never hold up a parallel call, stop when dropped, and
+    /// spin only between calls.
+    #[test]
+    fn keep_awake_spins_between_parallel_calls_only() {
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut awake = KeepAwake::start();
+                assert_eq!(awake.stop.is_some(), threads > 1);
+                for _ in 0..50 {
+                    // Every thread takes part in the call (none is stuck in a spinner).
+                    let mut seen = awake.parallel(|| rayon::broadcast(|ctx| ctx.index()));
+                    seen.sort_unstable();
+                    assert_eq!(seen, (0..threads).collect::<Vec<_>>());
+                    let sum: u64 = awake.parallel(|| (0..10_000u64).into_par_iter().sum());
+                    assert_eq!(sum, 49_995_000);
+                }
+                let flag = awake.stop.clone();
+                drop(awake);
+                assert!(flag.is_none_or(|f| f.load(Ordering::Acquire)), "dropping stops the spinners");
+            });
+            // Outside a step nothing spins: a broadcast still reaches every thread.
+            assert_eq!(pool.broadcast(|ctx| ctx.index()).len(), threads);
+        }
+    }
 
     #[test]
     fn attention_tasks_keep_four_per_thread() {
