@@ -601,8 +601,10 @@ fn heads_per_task(rows: usize, n_kv_heads: usize, group: usize, threads: usize) 
 }
 
 /// Causal GQA attention of every row over its sequence's cache (which
-/// already holds this step's keys and values), parallel over rows x groups
-/// of query heads that share a KV head ([`heads_per_task`]).
+/// already holds this step's keys and values): with few rows, each KV head's
+/// positions cut between the threads ([`attention_split`]), otherwise tasks
+/// of query heads sharing a KV head ([`attention_tasks`]); the same bits
+/// either way.
 fn attention(
     kernel: CpuKernel,
     c: &BitNetConfig,
@@ -611,9 +613,28 @@ fn attention(
     q: &[f32],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    let threads = rayon::current_num_threads();
+    if splits_positions(rows.len(), c.n_kv_heads, threads) {
+        attention_split(kernel, c, rows, caches, q, out)
+    } else {
+        attention_tasks(kernel, c, rows, caches, q, out, threads)
+    }
+}
+
+/// [`attention`] as parallel tasks of a row's query heads that share a KV
+/// head ([`heads_per_task`]).
+fn attention_tasks(
+    kernel: CpuKernel,
+    c: &BitNetConfig,
+    rows: &[(usize, usize)],
+    caches: &[(KvView, KvView)],
+    q: &[f32],
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), KernelError> {
     let (h, hd, group) = (c.hidden_size, c.head_dim, c.group_size());
     let scale = 1.0 / (hd as f32).sqrt();
-    let heads = heads_per_task(rows.len(), c.n_kv_heads, group, rayon::current_num_threads());
+    let heads = heads_per_task(rows.len(), c.n_kv_heads, group, threads);
     let tasks_per_row = c.n_heads / heads;
     out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
         let (r, first_head) = (idx / tasks_per_row, idx % tasks_per_row * heads);
@@ -703,9 +724,200 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Whether [`attention`] cuts each KV head's positions between threads
+/// ([`attention_split`]): when rows x KV heads are too few tasks to keep
+/// every thread busy (a decode step of a few sequences: 2B-4T has 5 KV
+/// heads) and there is more than one thread.
+fn splits_positions(rows: usize, n_kv_heads: usize, threads: usize) -> bool {
+    threads > 1 && rows * n_kv_heads < 4 * threads
+}
+
+/// Output dimensions per unit of [`attention_split`]'s second pass.
+const SPLIT_DIMS: usize = 16;
+
+/// [`attention`] for a few rows, in two passes on every thread of the current
+/// pool (`rayon::broadcast`), each thread taking one contiguous run of the work:
+/// first the scores, the (row, KV head, position) triples cut into equal
+/// runs, so each thread reads about the same bytes of keys as one or two
+/// long streams; then softmax and the weighted sums, the (row, KV head,
+/// 16 output dimensions) triples cut the same way. Each score and each
+/// output element goes through the same operations in the same order as in
+/// the per-head tasks of [`attention`] (the kernels score each position
+/// alone and sum each element over the positions in order), so the two give
+/// the same bits; only who computes what changes. On the 2-vCPU dev box one
+/// 2B-4T decode row at 192 positions (session 15, docs/perf/cpu.md):
+/// per-head tasks 2.4-2.8 ms of attention per token, this 2.1 ms.
+fn attention_split(
+    kernel: CpuKernel,
+    c: &BitNetConfig,
+    rows: &[(usize, usize)],
+    caches: &[(KvView, KvView)],
+    q: &[f32],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    let (h, hd, group, kv_heads) = (c.hidden_size, c.head_dim, c.group_size(), c.n_kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Scores of (row r, KV head g): `group` runs of `pos + 1`, at `offsets[r * kv_heads + g]`.
+    let mut offsets = Vec::with_capacity(rows.len() * kv_heads + 1);
+    offsets.push(0usize);
+    for &(_, pos) in rows {
+        for _ in 0..kv_heads {
+            offsets.push(offsets.last().copied().unwrap_or(0) + group * (pos + 1));
+        }
+    }
+    // Pass 1: thread t scores positions [t * total / threads, (t + 1) * total / threads)
+    // of the (row, KV head, position) sequence.
+    let total = offsets.last().copied().unwrap_or(0) / group.max(1);
+    let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
+        let (t, n_threads) = (ctx.index(), ctx.num_threads());
+        let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
+        let mut parts = Vec::new();
+        for (unit, &offset) in offsets[..rows.len() * kv_heads].iter().enumerate() {
+            let (row, g) = (unit / kv_heads, unit % kv_heads);
+            let (entry, pos) = rows[row];
+            let start = offset / group;
+            let (a, b) = (from.max(start) - start, to.min(start + pos + 1).saturating_sub(start));
+            if a >= b {
+                continue;
+            }
+            let qs = &q[row * h + g * group * hd..row * h + (g + 1) * group * hd];
+            let mut scores = vec![0f32; group * (b - a)];
+            match caches[entry].0 {
+                KvView::F32(keys) => {
+                    k::dot_rows_heads_f32(kernel, qs, group, &keys[g][a * hd..b * hd], hd, scale, &mut scores)?
+                }
+                KvView::F16(keys) => {
+                    k::dot_rows_heads_f16(kernel, qs, group, &keys[g][a * hd..b * hd], hd, scale, &mut scores)?
+                }
+            }
+            parts.push((unit, a, scores));
+        }
+        Ok(parts)
+    });
+    let mut scores = vec![0f32; offsets.last().copied().unwrap_or(0)];
+    for (unit, a, part) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
+        let n = (offsets[unit + 1] - offsets[unit]) / group;
+        let m = part.len() / group;
+        for (head, run) in part.chunks_exact(m).enumerate() {
+            let at = offsets[unit] + head * n + a;
+            scores[at..at + m].copy_from_slice(run);
+        }
+    }
+    // Pass 2: thread t takes units [t * total / threads, ...) of the
+    // (row, KV head, block of SPLIT_DIMS outputs) sequence; each (row, KV
+    // head) it touches gets its softmax (computed again by the other thread
+    // where a cut falls inside one).
+    let blocks = hd.div_ceil(SPLIT_DIMS);
+    let total = rows.len() * kv_heads * blocks;
+    let scores = &scores;
+    let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
+        let (t, n_threads) = (ctx.index(), ctx.num_threads());
+        let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
+        let mut parts = Vec::new();
+        for unit in from / blocks..to.div_ceil(blocks) {
+            let (b0, b1) = (from.max(unit * blocks) - unit * blocks, to.min((unit + 1) * blocks) - unit * blocks);
+            if b0 >= b1 {
+                continue;
+            }
+            let (d0, d1) = (b0 * SPLIT_DIMS, (b1 * SPLIT_DIMS).min(hd));
+            let (row, g) = (unit / kv_heads, unit % kv_heads);
+            let (entry, pos) = rows[row];
+            let n = pos + 1;
+            let mut weights = scores[offsets[unit]..offsets[unit + 1]].to_vec();
+            for head_scores in weights.chunks_exact_mut(n) {
+                k::softmax_f32(kernel, head_scores)?;
+            }
+            let mut sums = vec![0f32; group * (d1 - d0)];
+            let span = d0..(n - 1) * hd + d1;
+            match caches[entry].1 {
+                KvView::F32(values) => {
+                    k::weighted_rows_heads_f32(kernel, &weights, group, &values[g][span], hd, &mut sums)?
+                }
+                KvView::F16(values) => {
+                    k::weighted_rows_heads_f16(kernel, &weights, group, &values[g][span], hd, &mut sums)?
+                }
+            }
+            parts.push((unit, d0, sums));
+        }
+        Ok(parts)
+    });
+    for (unit, d0, sums) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
+        let (row, g) = (unit / kv_heads, unit % kv_heads);
+        let m = sums.len() / group;
+        for (head, run) in sums.chunks_exact(m).enumerate() {
+            let at = row * h + (g * group + head) * hd + d0;
+            out[at..at + m].copy_from_slice(run);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The split attention equals the per-head tasks bit for bit: any pool,
+    /// head shape, cut and cache precision, on every kernel.
+    #[test]
+    fn split_attention_equals_the_per_head_tasks() {
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0).collect()
+        };
+        // (n_heads, n_kv_heads, head_dim): 2B-4T, groups of 3, a head_dim off the 16-dim blocks.
+        for (n_heads, kv_heads, hd) in [(20, 5, 128), (6, 2, 64), (2, 2, 40)] {
+            let c = BitNetConfig {
+                n_heads,
+                n_kv_heads: kv_heads,
+                head_dim: hd,
+                hidden_size: n_heads * hd,
+                ..BitNetConfig::bitnet_2b4t()
+            };
+            // Rows (entry, position) over two sequences' caches of 200 positions.
+            for rows in [vec![(0usize, 0usize)], vec![(0, 192)], vec![(1, 6), (0, 37)]] {
+                let cache =
+                    |seed: usize| -> Vec<Vec<f32>> { (0..kv_heads).map(|g| values(200 * hd, seed * 10 + g)).collect() };
+                let (k32, v32): (Vec<_>, Vec<_>) =
+                    ((0..2).map(|s| cache(2 * s + 1)).collect(), (0..2).map(|s| cache(2 * s + 2)).collect());
+                let to_f16 = |x: &Vec<Vec<f32>>| -> Vec<Vec<half::f16>> {
+                    x.iter().map(|v| v.iter().map(|&f| half::f16::from_f32(f)).collect()).collect()
+                };
+                let (k16, v16): (Vec<_>, Vec<_>) = (k32.iter().map(to_f16).collect(), v32.iter().map(to_f16).collect());
+                let q = values(rows.len() * c.hidden_size, 99);
+                for kernel in CpuKernel::all_available() {
+                    for f16 in [false, true] {
+                        let caches: Vec<(KvView, KvView)> = (0..2)
+                            .map(|s| {
+                                if f16 {
+                                    (KvView::F16(&k16[s]), KvView::F16(&v16[s]))
+                                } else {
+                                    (KvView::F32(&k32[s]), KvView::F32(&v32[s]))
+                                }
+                            })
+                            .collect();
+                        let mut tasks = vec![0f32; q.len()];
+                        attention_tasks(kernel, &c, &rows, &caches, &q, &mut tasks, 2).unwrap();
+                        for threads in [2, 3, 5] {
+                            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                            let mut split = vec![f32::NAN; q.len()];
+                            pool.install(|| attention_split(kernel, &c, &rows, &caches, &q, &mut split)).unwrap();
+                            let same = tasks.iter().zip(&split).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{kernel:?} f16 {f16} heads {n_heads}/{kv_heads}x{hd} rows {rows:?} {threads} threads"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Decode of one or two 2B-4T rows on 2 threads splits; 8 rows or one thread do not.
+        assert!(
+            splits_positions(1, 5, 2)
+                && splits_positions(1, 5, 16)
+                && !splits_positions(8, 5, 2)
+                && !splits_positions(1, 5, 1)
+        );
+    }
 
     /// The spinners never hold up a parallel call, stop when dropped, and
     /// spin only between calls.

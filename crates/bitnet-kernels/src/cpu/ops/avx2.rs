@@ -311,13 +311,16 @@ fn quantize_impl(x: &[f32], scale: f32, out: &mut [i8]) {
 fn dot_impl<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
     let (a_chunks, a_tail) = a.as_chunks::<8>();
     let (b_chunks, b_tail) = b.as_chunks::<8>();
-    // Two accumulators: two independent chains of fused multiply-adds.
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (i, (x, y)) in a_chunks.iter().zip(b_chunks).enumerate() {
-        acc[i & 1] = _mm256_fmadd_ps(load(x), load_kv(y), acc[i & 1]);
+    // One chain of fused multiply-adds, as each position of the grouped
+    // kernels (`dot_rows_impl`, `dot_rows_heads_impl`): a key's score is the
+    // same bits whichever positions it is scored with, so attention may cut
+    // the positions anywhere (the CPU backend's split decode attention).
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in a_chunks.iter().zip(b_chunks) {
+        acc = _mm256_fmadd_ps(load_kv(y), load(x), acc);
     }
     let tail_len = a_tail.len().min(b_tail.len());
-    hsum(_mm256_add_ps(acc[0], acc[1])) + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
+    hsum(acc) + scalar::dot(&a_tail[..tail_len], &b_tail[..tail_len])
 }
 
 #[inline]
