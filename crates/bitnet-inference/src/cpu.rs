@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use bitnet_device::HugePageBuffer;
 use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
 use bitnet_kernels::KernelError;
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
@@ -78,89 +79,91 @@ impl std::str::FromStr for KvCachePrecision {
     }
 }
 
-/// One layer's keys or values in the cache's precision, one vector per KV
-/// head, `[positions, head_dim]` each: the positions one head's attention
-/// reads are contiguous (docs/perf/cpu.md, session 14).
-enum KvLayer {
-    F32(Vec<Vec<f32>>),
-    F16(Vec<Vec<half::f16>>),
-}
-
-impl KvLayer {
-    /// Room for `per_head` elements in each of `n_kv_heads` heads, reserved
-    /// up front (appends within it never reallocate).
-    fn with_capacity(
-        precision: KvCachePrecision,
-        n_kv_heads: usize,
-        per_head: usize,
-    ) -> Result<Self, std::collections::TryReserveError> {
-        fn reserved<T>(n_kv_heads: usize, n: usize) -> Result<Vec<Vec<T>>, std::collections::TryReserveError> {
-            (0..n_kv_heads)
-                .map(|_| {
-                    let mut v = Vec::new();
-                    v.try_reserve_exact(n)?;
-                    Ok(v)
-                })
-                .collect()
-        }
-        Ok(match precision {
-            KvCachePrecision::F32 => KvLayer::F32(reserved(n_kv_heads, per_head)?),
-            KvCachePrecision::F16 => KvLayer::F16(reserved(n_kv_heads, per_head)?),
-        })
-    }
-
-    /// Keeps the first `positions` positions of every head.
-    fn truncate(&mut self, positions: usize, head_dim: usize) {
-        match self {
-            KvLayer::F32(heads) => heads.iter_mut().for_each(|h| h.truncate(positions * head_dim)),
-            KvLayer::F16(heads) => heads.iter_mut().for_each(|h| h.truncate(positions * head_dim)),
-        }
-    }
-
-    /// Appends one position: `row` is `[kv_dim]`, head after head.
-    fn append(&mut self, row: &[f32], head_dim: usize) {
-        match self {
-            KvLayer::F32(heads) => {
-                for (h, part) in heads.iter_mut().zip(row.chunks_exact(head_dim)) {
-                    h.extend_from_slice(part);
-                }
-            }
-            KvLayer::F16(heads) => {
-                for (h, part) in heads.iter_mut().zip(row.chunks_exact(head_dim)) {
-                    // Within the reserved capacity (steps never exceed it): no reallocation.
-                    let start = h.len();
-                    h.resize(start + part.len(), half::f16::ZERO);
-                    // Round to nearest even, with F16C where the CPU has it.
-                    h[start..].convert_from_f32_slice(part);
-                }
-            }
-        }
-    }
-
-    fn view(&self) -> KvView<'_> {
-        match self {
-            KvLayer::F32(v) => KvView::F32(v),
-            KvLayer::F16(v) => KvView::F16(v),
-        }
-    }
-}
-
-/// A layer's keys or values, per KV head `[positions, head_dim]`.
-#[derive(Clone, Copy)]
+/// A layer's keys or values, one `[positions, head_dim]` slice per KV head:
+/// the positions one head's attention reads are contiguous
+/// (docs/perf/cpu.md, session 14).
 enum KvView<'a> {
-    F32(&'a [Vec<f32>]),
-    F16(&'a [Vec<half::f16>]),
+    F32(Vec<&'a [f32]>),
+    F16(Vec<&'a [half::f16]>),
 }
 
 /// A callback receiving `(layer, residual stream)` after each block.
 pub type LayerTrace<'a> = &'a mut (dyn FnMut(usize, &[f32]) + Send);
 
-/// One sequence's KV cache: per layer, keys and values per KV head ([`KvLayer`]).
+/// One sequence's KV cache: every layer's keys and values in one buffer
+/// asked to use 2 MiB pages ([`HugePageBuffer`]: attention reads the whole
+/// cache cold every token, and in 4 KiB pages a TLB miss every 4 KiB cost
+/// it about a fifth of its time on the dev box, docs/perf/cpu.md session
+/// 15), laid out `[layer][keys, values][KV head][reserved positions][head_dim]`
+/// in the cache's precision. The whole reservation is committed as the first
+/// step touches each head's run (2 MiB at a time), as a preallocated cache
+/// is; positions at or past `len` hold nothing the backend reads.
 struct CpuSequence {
-    keys: Vec<KvLayer>,
-    values: Vec<KvLayer>,
+    kv: HugePageBuffer,
+    precision: KvCachePrecision,
     len: usize,
     reserved: usize,
+}
+
+impl CpuSequence {
+    fn new(c: &BitNetConfig, precision: KvCachePrecision, reserved: usize) -> Result<Self, String> {
+        let bytes = [c.n_layers, 2, c.n_kv_heads, reserved, c.head_dim, precision.bytes()]
+            .into_iter()
+            .try_fold(1usize, usize::checked_mul)
+            .ok_or_else(|| "its size overflows usize".to_owned())?;
+        let kv = HugePageBuffer::zeroed(bytes).map_err(|e| format!("{bytes} bytes: {e}"))?;
+        Ok(Self { kv, precision, len: 0, reserved })
+    }
+
+    /// Element index where KV head `g`'s run of layer `layer`'s keys
+    /// (`which` 0) or values (1) starts.
+    fn run_start(&self, c: &BitNetConfig, layer: usize, which: usize, g: usize) -> usize {
+        ((layer * 2 + which) * c.n_kv_heads + g) * self.reserved * c.head_dim
+    }
+
+    /// Stores position `pos` of layer `layer`: `keys` and `values` are
+    /// `[kv_dim]` rows, head after head (f16 rounds to nearest even, with
+    /// F16C where the CPU has it).
+    fn store(&mut self, c: &BitNetConfig, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
+        let hd = c.head_dim;
+        let starts: Vec<usize> = (0..2)
+            .flat_map(|which| (0..c.n_kv_heads).map(move |g| (which, g)))
+            .map(|(which, g)| self.run_start(c, layer, which, g) + pos * hd)
+            .collect();
+        let parts = keys.chunks_exact(hd).chain(values.chunks_exact(hd));
+        match self.precision {
+            KvCachePrecision::F32 => {
+                let data: &mut [f32] = bytemuck::cast_slice_mut(self.kv.as_bytes_mut());
+                for (&start, part) in starts.iter().zip(parts) {
+                    data[start..start + hd].copy_from_slice(part);
+                }
+            }
+            KvCachePrecision::F16 => {
+                let data: &mut [half::f16] = bytemuck::cast_slice_mut(self.kv.as_bytes_mut());
+                for (&start, part) in starts.iter().zip(parts) {
+                    data[start..start + hd].convert_from_f32_slice(part);
+                }
+            }
+        }
+    }
+
+    /// Layer `layer`'s keys and values of the first `positions` positions.
+    fn view(&self, c: &BitNetConfig, layer: usize, positions: usize) -> (KvView<'_>, KvView<'_>) {
+        let n = positions * c.head_dim;
+        let runs = |which: usize| (0..c.n_kv_heads).map(move |g| self.run_start(c, layer, which, g));
+        match self.precision {
+            KvCachePrecision::F32 => {
+                let data: &[f32] = bytemuck::cast_slice(self.kv.as_bytes());
+                let heads = |which| KvView::F32(runs(which).map(|s| &data[s..s + n]).collect());
+                (heads(0), heads(1))
+            }
+            KvCachePrecision::F16 => {
+                let data: &[half::f16] = bytemuck::cast_slice(self.kv.as_bytes());
+                let heads = |which| KvView::F16(runs(which).map(|s| &data[s..s + n]).collect());
+                (heads(0), heads(1))
+            }
+        }
+    }
 }
 
 pub struct CpuBackend {
@@ -277,11 +280,10 @@ impl CpuBackend {
         validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
         let lens: Vec<usize> = batch.iter().map(|i| self.sequences[&i.seq].len).collect();
         self.run_step(batch, trace).map_err(|err| {
-            // Undo partial KV appends so the failed step leaves no trace.
+            // The failed step leaves no trace: positions at or past a
+            // sequence's length are never read, and the next step overwrites them.
             for (input, &len) in batch.iter().zip(&lens) {
                 if let Some(seq) = self.sequences.get_mut(&input.seq) {
-                    let hd = self.model.config.head_dim;
-                    seq.keys.iter_mut().chain(seq.values.iter_mut()).for_each(|layer| layer.truncate(len, hd));
                     seq.len = len;
                 }
             }
@@ -360,16 +362,16 @@ impl CpuBackend {
                     k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
                     k::rope_neox_f32(kernel, &mut kk[r * kv_dim..(r + 1) * kv_dim], hd, cos, sin)?;
                 }
-                for (r, &(e, _)) in rows.iter().enumerate() {
+                for (r, &(e, pos)) in rows.iter().enumerate() {
                     let seq = sequences.get_mut(&batch[e].seq).expect("validated sequence");
-                    seq.keys[layer_idx].append(&kk[r * kv_dim..(r + 1) * kv_dim], hd);
-                    seq.values[layer_idx].append(&vv[r * kv_dim..(r + 1) * kv_dim], hd);
+                    let span = r * kv_dim..(r + 1) * kv_dim;
+                    seq.store(c, layer_idx, pos, &kk[span.clone()], &vv[span]);
                 }
                 let caches: Vec<(KvView, KvView)> = batch
                     .iter()
                     .map(|input| {
                         let seq = &sequences[&input.seq];
-                        (seq.keys[layer_idx].view(), seq.values[layer_idx].view())
+                        seq.view(c, layer_idx, seq.len + input.tokens.len())
                     })
                     .collect();
                 awake.parallel(|| attention(kernel, c, &rows, &caches, &q, &mut attn))?;
@@ -639,21 +641,21 @@ fn attention_tasks(
     out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
         let (r, first_head) = (idx / tasks_per_row, idx % tasks_per_row * heads);
         let (entry, pos) = rows[r];
-        let (keys, values) = caches[entry];
+        let (keys, values) = &caches[entry];
         let kv_head = first_head / group;
         let qs = &q[r * h + first_head * hd..r * h + (first_head + heads) * hd];
         let mut scores = vec![0f32; heads * (pos + 1)];
         // The KV head's key and value of position p start at p * head_dim.
         match keys {
-            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, &keys[kv_head], hd, scale, &mut scores)?,
-            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, &keys[kv_head], hd, scale, &mut scores)?,
+            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, keys[kv_head], hd, scale, &mut scores)?,
+            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, keys[kv_head], hd, scale, &mut scores)?,
         }
         for head_scores in scores.chunks_exact_mut(pos + 1) {
             k::softmax_f32(kernel, head_scores)?;
         }
         match values {
-            KvView::F32(values) => k::weighted_rows_heads_f32(kernel, &scores, heads, &values[kv_head], hd, out_heads),
-            KvView::F16(values) => k::weighted_rows_heads_f16(kernel, &scores, heads, &values[kv_head], hd, out_heads),
+            KvView::F32(values) => k::weighted_rows_heads_f32(kernel, &scores, heads, values[kv_head], hd, out_heads),
+            KvView::F16(values) => k::weighted_rows_heads_f16(kernel, &scores, heads, values[kv_head], hd, out_heads),
         }
     })
 }
@@ -691,23 +693,11 @@ impl Backend for CpuBackend {
                 InferenceError::ContextOverflow { needed: max_positions, max: c.max_position_embeddings }.into()
             );
         }
-        let per_head = max_positions * c.head_dim;
         let precision = self.kv_cache;
-        let alloc = || -> Result<Vec<KvLayer>, BackendError> {
-            (0..c.n_layers)
-                .map(|_| {
-                    KvLayer::with_capacity(precision, c.n_kv_heads, per_head).map_err(|e| {
-                        BackendError::OutOfMemory(format!(
-                            "{} KV cache of {max_positions} positions: {e}",
-                            precision.name()
-                        ))
-                    })
-                })
-                .collect()
-        };
-        let keys = alloc()?;
-        let values = alloc()?;
-        self.sequences.insert(seq, CpuSequence { keys, values, len: 0, reserved: max_positions });
+        let sequence = CpuSequence::new(c, precision, max_positions).map_err(|e| {
+            BackendError::OutOfMemory(format!("{} KV cache of {max_positions} positions: {e}", precision.name()))
+        })?;
+        self.sequences.insert(seq, sequence);
         Ok(())
     }
 
@@ -782,7 +772,7 @@ fn attention_split(
             }
             let qs = &q[row * h + g * group * hd..row * h + (g + 1) * group * hd];
             let mut scores = vec![0f32; group * (b - a)];
-            match caches[entry].0 {
+            match &caches[entry].0 {
                 KvView::F32(keys) => {
                     k::dot_rows_heads_f32(kernel, qs, group, &keys[g][a * hd..b * hd], hd, scale, &mut scores)?
                 }
@@ -829,7 +819,7 @@ fn attention_split(
             }
             let mut sums = vec![0f32; group * (d1 - d0)];
             let span = d0..(n - 1) * hd + d1;
-            match caches[entry].1 {
+            match &caches[entry].1 {
                 KvView::F32(values) => {
                     k::weighted_rows_heads_f32(kernel, &weights, group, &values[g][span], hd, &mut sums)?
                 }
@@ -888,9 +878,15 @@ mod tests {
                         let caches: Vec<(KvView, KvView)> = (0..2)
                             .map(|s| {
                                 if f16 {
-                                    (KvView::F16(&k16[s]), KvView::F16(&v16[s]))
+                                    (
+                                        KvView::F16(k16[s].iter().map(Vec::as_slice).collect()),
+                                        KvView::F16(v16[s].iter().map(Vec::as_slice).collect()),
+                                    )
                                 } else {
-                                    (KvView::F32(&k32[s]), KvView::F32(&v32[s]))
+                                    (
+                                        KvView::F32(k32[s].iter().map(Vec::as_slice).collect()),
+                                        KvView::F32(v32[s].iter().map(Vec::as_slice).collect()),
+                                    )
                                 }
                             })
                             .collect();
