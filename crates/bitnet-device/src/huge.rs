@@ -1,6 +1,7 @@
-//! Zeroed anonymous memory asked to be backed by 2 MiB pages: working
-//! buffers that a decode step reads in full and cold every token (the CPU
-//! backend's KV cache), where 4 KiB pages cost a TLB miss every 4 KiB.
+//! Zeroed anonymous memory asked to be backed by 2 MiB pages: buffers that a
+//! decode step reads in full and cold every token (the model's weights when
+//! read into memory, the CPU backend's KV cache), where 4 KiB pages cost a
+//! TLB miss every 4 KiB and scatter a stream over physical memory.
 //!
 //! On the 2-vCPU Intel dev box (session 15, docs/perf/cpu.md) attention over
 //! a 2B-4T cache of 192 positions took 3.2 / 2.8 / 3.2 ms per token in 4 KiB
@@ -65,6 +66,12 @@ impl HugePageBuffer {
             Some(map) => &mut map[self.offset..self.offset + self.len],
             None => &mut [],
         }
+    }
+}
+
+impl AsRef<[u8]> for HugePageBuffer {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
     }
 }
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::ops::{Deref, Range};
 use std::sync::Arc;
 
-use bitnet_device::MappedFile;
+use bitnet_device::{HugePageBuffer, MappedFile};
 
 /// A reference-counted byte range. Cloning and slicing never copy.
 #[derive(Clone)]
@@ -36,6 +36,12 @@ impl SharedBytes {
     pub fn from_mapped(file: MappedFile) -> Self {
         let len = file.len();
         Self { owner: Arc::new(file), start: 0, len }
+    }
+
+    /// Bytes read into memory in 2 MiB pages ([`HugePageBuffer`]).
+    pub fn from_huge_pages(buffer: HugePageBuffer) -> Self {
+        let len = buffer.len();
+        Self { owner: Arc::new(buffer), start: 0, len }
     }
 
     /// A sub-range of these bytes, or `None` if it is out of bounds.

@@ -78,8 +78,21 @@ impl BitNetModel {
         self.output.as_ref().unwrap_or(&self.embedding)
     }
 
-    /// Loads a model from a `.gguf` file or an HF folder (with config.json).
+    /// Loads a model from a `.gguf` file (read into memory in 2 MiB pages,
+    /// [`GgufFile::read`]) or an HF folder (with config.json).
     pub fn load(path: &Path) -> Result<(Self, LoadReport), ModelError> {
+        if path.is_dir() {
+            return crate::hf::load_hf_dir(path);
+        }
+        let file = GgufFile::read(path)?;
+        Self::from_gguf(&file)
+    }
+
+    /// [`BitNetModel::load`] with a `.gguf` file memory-mapped instead of
+    /// read: nothing copied, the weights shared with the page cache (and
+    /// other processes mapping the file), at the decode speed the page
+    /// cache's layout of the file gives.
+    pub fn load_mapped(path: &Path) -> Result<(Self, LoadReport), ModelError> {
         if path.is_dir() {
             return crate::hf::load_hf_dir(path);
         }

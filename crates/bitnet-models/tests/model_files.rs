@@ -306,6 +306,28 @@ fn truncated_model_file_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn gguf_files_load_read_into_memory_or_mapped_alike() {
+    let model = tiny();
+    let bytes = gguf_bytes(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let (read, _) = BitNetModel::load(&path).unwrap();
+    let (mapped, _) = BitNetModel::load_mapped(&path).unwrap();
+    assert_same_model(&model, &read);
+    assert_same_model(&model, &mapped);
+    let file = GgufFile::read(&path).unwrap();
+    assert_eq!(file.bytes().as_slice(), &bytes[..]);
+    // A truncated file fails in the mapped parse, before its data is read, naming the file.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = BitNetModel::load(&cut).unwrap_err().to_string();
+    assert!(err.contains("cut.gguf"), "{err}");
+    let err = BitNetModel::load(&dir.path().join("missing.gguf")).unwrap_err().to_string();
+    assert!(err.contains("missing.gguf"), "{err}");
+}
+
+#[test]
 fn bad_hf_folders_get_clear_errors() {
     let model = tiny();
     let dir = tempfile::tempdir().unwrap();

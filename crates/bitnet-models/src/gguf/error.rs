@@ -22,6 +22,14 @@ pub enum GgufError {
     #[error(transparent)]
     Map(#[from] MapError),
 
+    /// The file could not be read into memory ([`GgufFile::read`](super::GgufFile::read)).
+    #[error("cannot read {} into memory: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     /// A parse or validation error in the named file.
     #[error("{}: {inner}", path.display())]
     InFile { path: PathBuf, inner: Box<GgufError> },

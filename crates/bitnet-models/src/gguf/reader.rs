@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use bitnet_device::MappedFile;
+use bitnet_device::{HugePageBuffer, MappedFile};
 
 use super::error::GgufError;
 use super::types::{checked_tensor_nbytes, n_elements, GgmlType, MAX_DIMS};
@@ -92,6 +93,33 @@ impl GgufFile {
             .map_err(|inner| GgufError::InFile { path: path.to_owned(), inner: Box::new(inner) })?;
         file.path = Some(path.to_owned());
         Ok(file)
+    }
+
+    /// Reads the whole file at `path` into memory in 2 MiB pages
+    /// ([`HugePageBuffer`]) and parses it: what [`crate::BitNetModel::load`]
+    /// uses, so decode streams the weights from memory laid out the same way
+    /// on every run. A mapping's pages are wherever the page cache holds the
+    /// file, which depends on how it was read before: on the dev box the same
+    /// 2b4t file decoded at 51-52 ms/token mapped against 45.7-46.2 ms from a
+    /// fresh copy (docs/perf/cpu.md, session 15). The file is first mapped and
+    /// parsed, so a malformed one fails before anything is allocated for its
+    /// data; the mapping is dropped before the read (peak RSS stays the file's
+    /// size, not twice it).
+    pub fn read(path: &Path) -> Result<Self, GgufError> {
+        let len = Self::open(path)?.bytes.len();
+        let read_error = |source| GgufError::Read { path: path.to_owned(), source };
+        let mut buffer = HugePageBuffer::zeroed(len).map_err(read_error)?;
+        let mut file = std::fs::File::open(path).map_err(read_error)?;
+        file.read_exact(buffer.as_bytes_mut()).map_err(read_error)?;
+        // The file must not have grown or shrunk since it was parsed.
+        let mut probe = [0u8; 1];
+        if file.read(&mut probe).map_err(read_error)? != 0 {
+            return Err(read_error(std::io::Error::other("the file grew while it was read")));
+        }
+        let mut parsed = Self::from_bytes(SharedBytes::from_huge_pages(buffer))
+            .map_err(|inner| GgufError::InFile { path: path.to_owned(), inner: Box::new(inner) })?;
+        parsed.path = Some(path.to_owned());
+        Ok(parsed)
     }
 
     /// Parses a GGUF file held in memory.
