@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use bitnet_device::HugePageBuffer;
 use bitnet_inference::{argmax, Backend, CpuBackend, CpuBackendConfig, HeadPrecision, KvCachePrecision, StepInput};
 use bitnet_kernels::cpu::{self, CpuKernel};
 use bitnet_models::{BitNetConfig, BitNetModel};
@@ -71,7 +72,11 @@ fn peak_rss_bytes() -> Option<u64> {
 /// plain summing loop (as the compiler builds it, STREAM-like), of the SIMD
 /// summing kernel that prefetches as the decode kernels do, and of the same
 /// kernel reading two streams per thread (as the AVX-512 decode kernels do:
-/// on the session-14 dev box one stream per thread fell short of the memory).
+/// on the session-14 dev box one stream per thread fell short of the memory),
+/// each over the same values in 4 KiB pages and in 2 MiB pages (the model's
+/// weights are read into 2 MiB pages since session 15; a buffer's page size
+/// and physical layout moved the loops by up to a fifth on that box): the
+/// floor takes the fastest loop over either buffer.
 #[derive(Debug, Clone, Copy)]
 struct Bandwidth {
     plain: f64,
@@ -89,45 +94,70 @@ impl Bandwidth {
 fn read_bandwidth(
     pool: &rayon::ThreadPool,
     kernel: CpuKernel,
-    buf: &[u64],
+    buffers: &BandwidthBuffers,
     passes: usize,
 ) -> anyhow::Result<Bandwidth> {
     let mut best = Bandwidth { plain: 0.0, simd: 0.0, simd_pair: 0.0 };
-    let bytes = std::mem::size_of_val(buf) as f64;
     for _ in 0..passes {
-        let start = Instant::now();
-        let sum: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add)
-        });
-        best.plain = best.plain.max(bytes / start.elapsed().as_secs_f64());
-        let start = Instant::now();
-        let simd_sum: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16).map(|c| cpu::sum_u64(kernel, c)).try_reduce(|| 0, |a, b| Ok(a.wrapping_add(b)))
-        })?;
-        best.simd = best.simd.max(bytes / start.elapsed().as_secs_f64());
-        let start = Instant::now();
-        let pair_sum: u64 = pool.install(|| {
-            buf.par_chunks(1 << 17)
-                .map(|c| {
-                    let (a, b) = c.split_at(c.len() / 2);
-                    cpu::sum_u64_pair(kernel, a, b)
-                })
-                .try_reduce(|| 0, |a, b| Ok(a.wrapping_add(b)))
-        })?;
-        best.simd_pair = best.simd_pair.max(bytes / start.elapsed().as_secs_f64());
-        anyhow::ensure!(
-            sum == simd_sum && sum == pair_sum,
-            "the bandwidth loops disagree on the sum ({sum}, {simd_sum}, {pair_sum})"
-        );
+        for buf in [&buffers.small[..], buffers.huge()] {
+            best = best_of(best, read_pass(pool, kernel, buf)?);
+        }
     }
     Ok(best)
 }
 
-/// The bandwidth buffer: 1 GiB of distinct values.
-fn bandwidth_buffer() -> Vec<u64> {
-    (0..(1usize << 30) / 8).map(|i| i as u64).collect()
+fn best_of(a: Bandwidth, b: Bandwidth) -> Bandwidth {
+    Bandwidth { plain: a.plain.max(b.plain), simd: a.simd.max(b.simd), simd_pair: a.simd_pair.max(b.simd_pair) }
+}
+
+/// One pass of each loop over `buf`, in bytes/s.
+fn read_pass(pool: &rayon::ThreadPool, kernel: CpuKernel, buf: &[u64]) -> anyhow::Result<Bandwidth> {
+    let bytes = std::mem::size_of_val(buf) as f64;
+    let start = Instant::now();
+    let sum: u64 = pool.install(|| {
+        buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add)
+    });
+    let plain = bytes / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let simd_sum: u64 = pool.install(|| {
+        buf.par_chunks(1 << 16).map(|c| cpu::sum_u64(kernel, c)).try_reduce(|| 0, |a, b| Ok(a.wrapping_add(b)))
+    })?;
+    let simd = bytes / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let pair_sum: u64 = pool.install(|| {
+        buf.par_chunks(1 << 17)
+            .map(|c| {
+                let (a, b) = c.split_at(c.len() / 2);
+                cpu::sum_u64_pair(kernel, a, b)
+            })
+            .try_reduce(|| 0, |a, b| Ok(a.wrapping_add(b)))
+    })?;
+    let simd_pair = bytes / start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        sum == simd_sum && sum == pair_sum,
+        "the bandwidth loops disagree on the sum ({sum}, {simd_sum}, {pair_sum})"
+    );
+    Ok(Bandwidth { plain, simd, simd_pair })
+}
+
+/// The bandwidth buffers: the same 1 GiB of distinct values on the heap (4
+/// KiB pages) and in a [`HugePageBuffer`] (2 MiB pages where granted).
+struct BandwidthBuffers {
+    small: Vec<u64>,
+    huge: HugePageBuffer,
+}
+
+impl BandwidthBuffers {
+    fn new() -> anyhow::Result<Self> {
+        let small: Vec<u64> = (0..(1usize << 30) / 8).map(|i| i as u64).collect();
+        let mut huge = HugePageBuffer::zeroed(1 << 30)?;
+        huge.as_bytes_mut().copy_from_slice(bytemuck::cast_slice(&small));
+        Ok(Self { small, huge })
+    }
+
+    fn huge(&self) -> &[u64] {
+        bytemuck::cast_slice(self.huge.as_bytes())
+    }
 }
 
 /// Median of a non-empty list.
@@ -225,7 +255,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Peak memory first: the bandwidth buffer below must not count.
     let peak_rss = peak_rss_bytes();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-    let buf = bandwidth_buffer();
+    let buf = BandwidthBuffers::new()?;
     let kernel = backend.kernel();
     let measured = read_bandwidth(&pool, kernel, &buf, 5)?;
     let bandwidth = measured.best();
@@ -277,6 +307,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "weight_bytes_per_token": weight_bytes,
         "kv_cache_bytes_read_per_token": kv_bytes_read,
         "read_bandwidth_gb_per_s": bandwidth / 1e9,
+        "read_bandwidth_buffers": "the same 1 GiB in 4 KiB pages (heap) and in 2 MiB pages (HugePageBuffer); each loop the faster of the two",
         "read_bandwidth_plain_loop_gb_per_s": measured.plain / 1e9,
         "read_bandwidth_simd_loop_gb_per_s": measured.simd / 1e9,
         "read_bandwidth_simd_two_stream_loop_gb_per_s": measured.simd_pair / 1e9,
@@ -312,7 +343,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("| int8 head quantization (once, at load) | {backend_s:.2} s |");
     }
     println!(
-        "| read bandwidth (same run, {threads} threads; the fastest of three loops) | {:.1} GB/s (plain loop {:.1}, SIMD loop {:.1}, two-stream SIMD loop {:.1}) |",
+        "| read bandwidth (same run, {threads} threads; the fastest of three loops, 4 KiB and 2 MiB pages) | {:.1} GB/s (plain loop {:.1}, SIMD loop {:.1}, two-stream SIMD loop {:.1}) |",
         bandwidth / 1e9,
         measured.plain / 1e9,
         measured.simd / 1e9,
