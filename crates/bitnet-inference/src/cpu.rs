@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -347,16 +348,8 @@ impl CpuBackend {
                 // Attention block.
                 rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                awake.parallel(|| {
-                    bitlinear_group(
-                        kernel,
-                        &q8[..n * h],
-                        &scales,
-                        n,
-                        &mut acc,
-                        &mut [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])],
-                    )
-                })?;
+                let mut qkv = [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])];
+                awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut qkv))?;
                 for (r, &(_, pos)) in rows.iter().enumerate() {
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
                     k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
@@ -385,16 +378,8 @@ impl CpuBackend {
                 // Feed-forward block. relu^2 and its sub-norm stay in f32.
                 rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
-                awake.parallel(|| {
-                    bitlinear_group(
-                        kernel,
-                        &q8[..n * h],
-                        &scales,
-                        n,
-                        &mut acc,
-                        &mut [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])],
-                    )
-                })?;
+                let mut gate_up = [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])];
+                awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut gate_up))?;
                 k::relu2_mul_f32(kernel, &mut gate, &up)?;
                 rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
@@ -604,8 +589,8 @@ fn heads_per_task(rows: usize, n_kv_heads: usize, group: usize, threads: usize) 
 
 /// Causal GQA attention of every row over its sequence's cache (which
 /// already holds this step's keys and values): with few rows, each KV head's
-/// positions cut between the threads ([`attention_split`]), otherwise tasks
-/// of query heads sharing a KV head ([`attention_tasks`]); the same bits
+/// positions cut between the threads ([`Attention::split`]), otherwise tasks
+/// of query heads sharing a KV head ([`Attention::tasks`]); the same bits
 /// either way.
 fn attention(
     kernel: CpuKernel,
@@ -615,49 +600,190 @@ fn attention(
     q: &[f32],
     out: &mut [f32],
 ) -> Result<(), KernelError> {
+    let attention = Attention { kernel, c, rows, caches, q };
     let threads = rayon::current_num_threads();
     if splits_positions(rows.len(), c.n_kv_heads, threads) {
-        attention_split(kernel, c, rows, caches, q, out)
+        attention.split(out)
     } else {
-        attention_tasks(kernel, c, rows, caches, q, out, threads)
+        attention.tasks(out, threads)
     }
 }
 
-/// [`attention`] as parallel tasks of a row's query heads that share a KV
-/// head ([`heads_per_task`]).
-fn attention_tasks(
+/// Whether [`attention`] cuts each KV head's positions between threads
+/// ([`Attention::split`]): when rows x KV heads are too few tasks to keep
+/// every thread busy (a decode step of a few sequences: 2B-4T has 5 KV
+/// heads) and there is more than one thread.
+fn splits_positions(rows: usize, n_kv_heads: usize, threads: usize) -> bool {
+    threads > 1 && rows * n_kv_heads < 4 * threads
+}
+
+/// Output dimensions per unit of [`Attention::split`]'s second pass.
+const SPLIT_DIMS: usize = 16;
+
+/// The inputs every attention path of a step shares: the step's rows
+/// (entry, position), each entry's cache views, the rows' rotated queries.
+struct Attention<'a> {
     kernel: CpuKernel,
-    c: &BitNetConfig,
-    rows: &[(usize, usize)],
-    caches: &[(KvView, KvView)],
-    q: &[f32],
-    out: &mut [f32],
-    threads: usize,
-) -> Result<(), KernelError> {
-    let (h, hd, group) = (c.hidden_size, c.head_dim, c.group_size());
-    let scale = 1.0 / (hd as f32).sqrt();
-    let heads = heads_per_task(rows.len(), c.n_kv_heads, group, threads);
-    let tasks_per_row = c.n_heads / heads;
-    out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
-        let (r, first_head) = (idx / tasks_per_row, idx % tasks_per_row * heads);
-        let (entry, pos) = rows[r];
-        let (keys, values) = &caches[entry];
-        let kv_head = first_head / group;
-        let qs = &q[r * h + first_head * hd..r * h + (first_head + heads) * hd];
-        let mut scores = vec![0f32; heads * (pos + 1)];
-        // The KV head's key and value of position p start at p * head_dim.
-        match keys {
-            KvView::F32(keys) => k::dot_rows_heads_f32(kernel, qs, heads, keys[kv_head], hd, scale, &mut scores)?,
-            KvView::F16(keys) => k::dot_rows_heads_f16(kernel, qs, heads, keys[kv_head], hd, scale, &mut scores)?,
+    c: &'a BitNetConfig,
+    rows: &'a [(usize, usize)],
+    caches: &'a [(KvView<'a>, KvView<'a>)],
+    q: &'a [f32],
+}
+
+impl Attention<'_> {
+    /// `out` (`heads` runs of `positions.len()`) = the scores of row `row`'s
+    /// query heads `first..first + heads` (one KV group) against their KV
+    /// head's keys at `positions`.
+    fn scores(
+        &self,
+        row: usize,
+        first: usize,
+        heads: usize,
+        positions: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let (h, hd) = (self.c.hidden_size, self.c.head_dim);
+        let (entry, g) = (self.rows[row].0, first / self.c.group_size());
+        let q = &self.q[row * h + first * hd..row * h + (first + heads) * hd];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let span = positions.start * hd..positions.end * hd;
+        match &self.caches[entry].0 {
+            KvView::F32(keys) => k::dot_rows_heads_f32(self.kernel, q, heads, &keys[g][span], hd, scale, out),
+            KvView::F16(keys) => k::dot_rows_heads_f16(self.kernel, q, heads, &keys[g][span], hd, scale, out),
         }
-        for head_scores in scores.chunks_exact_mut(pos + 1) {
-            k::softmax_f32(kernel, head_scores)?;
+    }
+
+    /// `out` (`heads` runs of `dims.len()`) = output dimensions `dims` of the
+    /// weighted sums of row `row`'s query heads `first..first + heads` over
+    /// their KV head's values at the positions `weights` (`heads` runs) covers.
+    fn weighted(
+        &self,
+        row: usize,
+        first: usize,
+        weights: &[f32],
+        dims: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let hd = self.c.head_dim;
+        let heads = out.len() / dims.len().max(1);
+        let (entry, g) = (self.rows[row].0, first / self.c.group_size());
+        let n = weights.len() / heads.max(1);
+        let span = dims.start..n.saturating_sub(1) * hd + dims.end;
+        match &self.caches[entry].1 {
+            KvView::F32(values) => k::weighted_rows_heads_f32(self.kernel, weights, heads, &values[g][span], hd, out),
+            KvView::F16(values) => k::weighted_rows_heads_f16(self.kernel, weights, heads, &values[g][span], hd, out),
         }
-        match values {
-            KvView::F32(values) => k::weighted_rows_heads_f32(kernel, &scores, heads, values[kv_head], hd, out_heads),
-            KvView::F16(values) => k::weighted_rows_heads_f16(kernel, &scores, heads, values[kv_head], hd, out_heads),
+    }
+
+    /// Parallel tasks of a row's query heads that share a KV head
+    /// ([`heads_per_task`]).
+    fn tasks(&self, out: &mut [f32], threads: usize) -> Result<(), KernelError> {
+        let (hd, group) = (self.c.head_dim, self.c.group_size());
+        let heads = heads_per_task(self.rows.len(), self.c.n_kv_heads, group, threads);
+        let tasks_per_row = self.c.n_heads / heads;
+        out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
+            let (r, first) = (idx / tasks_per_row, idx % tasks_per_row * heads);
+            let n = self.rows[r].1 + 1;
+            let mut scores = vec![0f32; heads * n];
+            self.scores(r, first, heads, 0..n, &mut scores)?;
+            for head_scores in scores.chunks_exact_mut(n) {
+                k::softmax_f32(self.kernel, head_scores)?;
+            }
+            self.weighted(r, first, &scores, 0..hd, out_heads)
+        })
+    }
+
+    /// [`attention`] for a few rows, in two passes on every thread of the current
+    /// pool (`rayon::broadcast`), each thread taking one contiguous run of the work:
+    /// first the scores, the (row, KV head, position) triples cut into equal
+    /// runs, so each thread reads about the same bytes of keys as one or two
+    /// long streams; then softmax and the weighted sums, the (row, KV head,
+    /// 16 output dimensions) triples cut the same way. Each score and each
+    /// output element goes through the same operations in the same order as in
+    /// the per-head tasks of [`attention`] (the kernels score each position
+    /// alone and sum each element over the positions in order), so the two give
+    /// the same bits; only who computes what changes. On the 2-vCPU dev box one
+    /// 2B-4T decode row at 192 positions (session 15, docs/perf/cpu.md):
+    /// per-head tasks 2.4-2.8 ms of attention per token, this 2.1 ms.
+    fn split(&self, out: &mut [f32]) -> Result<(), KernelError> {
+        let (rows, kernel) = (self.rows, self.kernel);
+        let (h, hd, group, kv_heads) = (self.c.hidden_size, self.c.head_dim, self.c.group_size(), self.c.n_kv_heads);
+        // Scores of (row r, KV head g): `group` runs of `pos + 1`, at `offsets[r * kv_heads + g]`.
+        let mut offsets = Vec::with_capacity(rows.len() * kv_heads + 1);
+        offsets.push(0usize);
+        for &(_, pos) in rows {
+            for _ in 0..kv_heads {
+                offsets.push(offsets.last().copied().unwrap_or(0) + group * (pos + 1));
+            }
         }
-    })
+        // Pass 1: thread t scores positions [t * total / threads, (t + 1) * total / threads)
+        // of the (row, KV head, position) sequence.
+        let total = offsets.last().copied().unwrap_or(0) / group.max(1);
+        let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
+            let (t, n_threads) = (ctx.index(), ctx.num_threads());
+            let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
+            let mut parts = Vec::new();
+            for (unit, &offset) in offsets[..rows.len() * kv_heads].iter().enumerate() {
+                let (row, g) = (unit / kv_heads, unit % kv_heads);
+                let start = offset / group;
+                let (a, b) = (from.max(start) - start, to.min(start + rows[row].1 + 1).saturating_sub(start));
+                if a >= b {
+                    continue;
+                }
+                let mut scores = vec![0f32; group * (b - a)];
+                self.scores(row, g * group, group, a..b, &mut scores)?;
+                parts.push((unit, a, scores));
+            }
+            Ok(parts)
+        });
+        let mut scores = vec![0f32; offsets.last().copied().unwrap_or(0)];
+        for (unit, a, part) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
+            let n = (offsets[unit + 1] - offsets[unit]) / group;
+            let m = part.len() / group;
+            for (head, run) in part.chunks_exact(m).enumerate() {
+                let at = offsets[unit] + head * n + a;
+                scores[at..at + m].copy_from_slice(run);
+            }
+        }
+        // Pass 2: thread t takes units [t * total / threads, ...) of the
+        // (row, KV head, block of SPLIT_DIMS outputs) sequence; each (row, KV
+        // head) it touches gets its softmax (computed again by the other thread
+        // where a cut falls inside one).
+        let blocks = hd.div_ceil(SPLIT_DIMS);
+        let total = rows.len() * kv_heads * blocks;
+        let scores = &scores;
+        let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
+            let (t, n_threads) = (ctx.index(), ctx.num_threads());
+            let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
+            let mut parts = Vec::new();
+            for unit in from / blocks..to.div_ceil(blocks) {
+                let (b0, b1) = (from.max(unit * blocks) - unit * blocks, to.min((unit + 1) * blocks) - unit * blocks);
+                if b0 >= b1 {
+                    continue;
+                }
+                let (d0, d1) = (b0 * SPLIT_DIMS, (b1 * SPLIT_DIMS).min(hd));
+                let (row, g) = (unit / kv_heads, unit % kv_heads);
+                let n = rows[row].1 + 1;
+                let mut weights = scores[offsets[unit]..offsets[unit + 1]].to_vec();
+                for head_scores in weights.chunks_exact_mut(n) {
+                    k::softmax_f32(kernel, head_scores)?;
+                }
+                let mut sums = vec![0f32; group * (d1 - d0)];
+                self.weighted(row, g * group, &weights, d0..d1, &mut sums)?;
+                parts.push((unit, d0, sums));
+            }
+            Ok(parts)
+        });
+        for (unit, d0, sums) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
+            let (row, g) = (unit / kv_heads, unit % kv_heads);
+            let m = sums.len() / group;
+            for (head, run) in sums.chunks_exact(m).enumerate() {
+                let at = row * h + (g * group + head) * hd + d0;
+                out[at..at + m].copy_from_slice(run);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Backend for CpuBackend {
@@ -714,134 +840,6 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Whether [`attention`] cuts each KV head's positions between threads
-/// ([`attention_split`]): when rows x KV heads are too few tasks to keep
-/// every thread busy (a decode step of a few sequences: 2B-4T has 5 KV
-/// heads) and there is more than one thread.
-fn splits_positions(rows: usize, n_kv_heads: usize, threads: usize) -> bool {
-    threads > 1 && rows * n_kv_heads < 4 * threads
-}
-
-/// Output dimensions per unit of [`attention_split`]'s second pass.
-const SPLIT_DIMS: usize = 16;
-
-/// [`attention`] for a few rows, in two passes on every thread of the current
-/// pool (`rayon::broadcast`), each thread taking one contiguous run of the work:
-/// first the scores, the (row, KV head, position) triples cut into equal
-/// runs, so each thread reads about the same bytes of keys as one or two
-/// long streams; then softmax and the weighted sums, the (row, KV head,
-/// 16 output dimensions) triples cut the same way. Each score and each
-/// output element goes through the same operations in the same order as in
-/// the per-head tasks of [`attention`] (the kernels score each position
-/// alone and sum each element over the positions in order), so the two give
-/// the same bits; only who computes what changes. On the 2-vCPU dev box one
-/// 2B-4T decode row at 192 positions (session 15, docs/perf/cpu.md):
-/// per-head tasks 2.4-2.8 ms of attention per token, this 2.1 ms.
-fn attention_split(
-    kernel: CpuKernel,
-    c: &BitNetConfig,
-    rows: &[(usize, usize)],
-    caches: &[(KvView, KvView)],
-    q: &[f32],
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    let (h, hd, group, kv_heads) = (c.hidden_size, c.head_dim, c.group_size(), c.n_kv_heads);
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Scores of (row r, KV head g): `group` runs of `pos + 1`, at `offsets[r * kv_heads + g]`.
-    let mut offsets = Vec::with_capacity(rows.len() * kv_heads + 1);
-    offsets.push(0usize);
-    for &(_, pos) in rows {
-        for _ in 0..kv_heads {
-            offsets.push(offsets.last().copied().unwrap_or(0) + group * (pos + 1));
-        }
-    }
-    // Pass 1: thread t scores positions [t * total / threads, (t + 1) * total / threads)
-    // of the (row, KV head, position) sequence.
-    let total = offsets.last().copied().unwrap_or(0) / group.max(1);
-    let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
-        let (t, n_threads) = (ctx.index(), ctx.num_threads());
-        let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
-        let mut parts = Vec::new();
-        for (unit, &offset) in offsets[..rows.len() * kv_heads].iter().enumerate() {
-            let (row, g) = (unit / kv_heads, unit % kv_heads);
-            let (entry, pos) = rows[row];
-            let start = offset / group;
-            let (a, b) = (from.max(start) - start, to.min(start + pos + 1).saturating_sub(start));
-            if a >= b {
-                continue;
-            }
-            let qs = &q[row * h + g * group * hd..row * h + (g + 1) * group * hd];
-            let mut scores = vec![0f32; group * (b - a)];
-            match &caches[entry].0 {
-                KvView::F32(keys) => {
-                    k::dot_rows_heads_f32(kernel, qs, group, &keys[g][a * hd..b * hd], hd, scale, &mut scores)?
-                }
-                KvView::F16(keys) => {
-                    k::dot_rows_heads_f16(kernel, qs, group, &keys[g][a * hd..b * hd], hd, scale, &mut scores)?
-                }
-            }
-            parts.push((unit, a, scores));
-        }
-        Ok(parts)
-    });
-    let mut scores = vec![0f32; offsets.last().copied().unwrap_or(0)];
-    for (unit, a, part) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
-        let n = (offsets[unit + 1] - offsets[unit]) / group;
-        let m = part.len() / group;
-        for (head, run) in part.chunks_exact(m).enumerate() {
-            let at = offsets[unit] + head * n + a;
-            scores[at..at + m].copy_from_slice(run);
-        }
-    }
-    // Pass 2: thread t takes units [t * total / threads, ...) of the
-    // (row, KV head, block of SPLIT_DIMS outputs) sequence; each (row, KV
-    // head) it touches gets its softmax (computed again by the other thread
-    // where a cut falls inside one).
-    let blocks = hd.div_ceil(SPLIT_DIMS);
-    let total = rows.len() * kv_heads * blocks;
-    let scores = &scores;
-    let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
-        let (t, n_threads) = (ctx.index(), ctx.num_threads());
-        let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
-        let mut parts = Vec::new();
-        for unit in from / blocks..to.div_ceil(blocks) {
-            let (b0, b1) = (from.max(unit * blocks) - unit * blocks, to.min((unit + 1) * blocks) - unit * blocks);
-            if b0 >= b1 {
-                continue;
-            }
-            let (d0, d1) = (b0 * SPLIT_DIMS, (b1 * SPLIT_DIMS).min(hd));
-            let (row, g) = (unit / kv_heads, unit % kv_heads);
-            let (entry, pos) = rows[row];
-            let n = pos + 1;
-            let mut weights = scores[offsets[unit]..offsets[unit + 1]].to_vec();
-            for head_scores in weights.chunks_exact_mut(n) {
-                k::softmax_f32(kernel, head_scores)?;
-            }
-            let mut sums = vec![0f32; group * (d1 - d0)];
-            let span = d0..(n - 1) * hd + d1;
-            match &caches[entry].1 {
-                KvView::F32(values) => {
-                    k::weighted_rows_heads_f32(kernel, &weights, group, &values[g][span], hd, &mut sums)?
-                }
-                KvView::F16(values) => {
-                    k::weighted_rows_heads_f16(kernel, &weights, group, &values[g][span], hd, &mut sums)?
-                }
-            }
-            parts.push((unit, d0, sums));
-        }
-        Ok(parts)
-    });
-    for (unit, d0, sums) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
-        let (row, g) = (unit / kv_heads, unit % kv_heads);
-        let m = sums.len() / group;
-        for (head, run) in sums.chunks_exact(m).enumerate() {
-            let at = row * h + (g * group + head) * hd + d0;
-            out[at..at + m].copy_from_slice(run);
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -891,11 +889,14 @@ mod tests {
                             })
                             .collect();
                         let mut tasks = vec![0f32; q.len()];
-                        attention_tasks(kernel, &c, &rows, &caches, &q, &mut tasks, 2).unwrap();
+                        Attention { kernel, c: &c, rows: &rows, caches: &caches, q: &q }.tasks(&mut tasks, 2).unwrap();
                         for threads in [2, 3, 5] {
                             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                             let mut split = vec![f32::NAN; q.len()];
-                            pool.install(|| attention_split(kernel, &c, &rows, &caches, &q, &mut split)).unwrap();
+                            pool.install(|| {
+                                Attention { kernel, c: &c, rows: &rows, caches: &caches, q: &q }.split(&mut split)
+                            })
+                            .unwrap();
                             let same = tasks.iter().zip(&split).all(|(a, b)| a.to_bits() == b.to_bits());
                             assert!(
                                 same,
