@@ -126,23 +126,22 @@ impl CpuSequence {
     /// `[kv_dim]` rows, head after head (f16 rounds to nearest even, with
     /// F16C where the CPU has it).
     fn store(&mut self, c: &BitNetConfig, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
-        let hd = c.head_dim;
-        let starts: Vec<usize> = (0..2)
-            .flat_map(|which| (0..c.n_kv_heads).map(move |g| (which, g)))
-            .map(|(which, g)| self.run_start(c, layer, which, g) + pos * hd)
-            .collect();
-        let parts = keys.chunks_exact(hd).chain(values.chunks_exact(hd));
+        // The layer's 2 x n_kv_heads runs (keys' heads, then values') follow
+        // one another, `reserved * head_dim` elements apart.
+        let (hd, run) = (c.head_dim, self.reserved * c.head_dim);
+        let first = self.run_start(c, layer, 0, 0) + pos * hd;
+        let parts = keys.chunks_exact(hd).chain(values.chunks_exact(hd)).enumerate();
         match self.precision {
             KvCachePrecision::F32 => {
                 let data: &mut [f32] = bytemuck::cast_slice_mut(self.kv.as_bytes_mut());
-                for (&start, part) in starts.iter().zip(parts) {
-                    data[start..start + hd].copy_from_slice(part);
+                for (i, part) in parts {
+                    data[first + i * run..][..hd].copy_from_slice(part);
                 }
             }
             KvCachePrecision::F16 => {
                 let data: &mut [half::f16] = bytemuck::cast_slice_mut(self.kv.as_bytes_mut());
-                for (&start, part) in starts.iter().zip(parts) {
-                    data[start..start + hd].convert_from_f32_slice(part);
+                for (i, part) in parts {
+                    data[first + i * run..][..hd].convert_from_f32_slice(part);
                 }
             }
         }
@@ -700,11 +699,12 @@ impl Attention<'_> {
     /// long streams; then softmax and the weighted sums, the (row, KV head,
     /// 16 output dimensions) triples cut the same way. Each score and each
     /// output element goes through the same operations in the same order as in
-    /// the per-head tasks of [`attention`] (the kernels score each position
+    /// the per-head tasks of [`Attention::tasks`] (the kernels score each position
     /// alone and sum each element over the positions in order), so the two give
-    /// the same bits; only who computes what changes. On the 2-vCPU dev box one
-    /// 2B-4T decode row at 192 positions (session 15, docs/perf/cpu.md):
-    /// per-head tasks 2.4-2.8 ms of attention per token, this 2.1 ms.
+    /// the same bits; only who computes what changes. On the 2-vCPU dev box, one
+    /// 2B-4T decode row at 192 positions (session 15, docs/perf/cpu.md), ms of
+    /// attention per token: per-head tasks 4.0-4.3, this 3.4-3.9 (the bench,
+    /// threads kept awake, KV cache then in 4 KiB pages).
     fn split(&self, out: &mut [f32]) -> Result<(), KernelError> {
         let (rows, kernel) = (self.rows, self.kernel);
         let (h, hd, group, kv_heads) = (self.c.hidden_size, self.c.head_dim, self.c.group_size(), self.c.n_kv_heads);
