@@ -987,6 +987,238 @@ TERNARY_STAGED(ternary_mm_add_s4, 1, 4, 2)
 TERNARY_STAGED(ternary_mm_gate_up_s4, 2, 4, 2)
 
 // ---------------------------------------------------------------------------
+// Cluster split-K ternary products (sm_90+), for passes whose 16- to 64-row
+// tiles are too few to fill the GPU (2B-4T's products at 9-64 tokens). The
+// K range is split over the KS CTAs of a thread-block cluster instead of
+// over one CTA's warps (_b) or not at all (staged):
+//
+// - a cluster owns TC_WROWS weight rows (MODE 2: 64 gate rows and the 64 up
+//   rows of the same indices) and 32 tokens; its CTA `rank` multiplies the
+//   128-wide K blocks [rank nblk / KS, (rank + 1) nblk / KS), each of its 8
+//   warps 16 rows by every token;
+// - a CTA's weight words go straight into registers, the first ones before
+//   pdl_wait (weights are never written during a step), double-buffered by
+//   TC_ROUND blocks; its activation slice (32 tokens x its K blocks) comes
+//   into shared memory once (cp.async) and feeds all 8 warps, so every
+//   activation byte crosses from L2 once per cluster of 128 rows (_b: once
+//   per 16-row CTA);
+// - the int32 partial sums go to shared memory (ternary_tile's layout);
+//   after a cluster barrier each CTA sums its share of the cluster's outputs
+//   (output idx = token * rows + row, shares of total / KS in order) over
+//   the KS CTAs' partials through distributed shared memory, every load of
+//   a thread in flight at once, and runs ternary_tile's epilogue, so the
+//   outputs are its bits exactly (integer sums are exact in any order). The
+//   residual (MODE 1) and the tokens' scales are read before the barrier.
+//   (Adding the partials into the owners' shared memory with red.add
+//   instead measured slower on the H200: docs/perf/gpu.md, session 16.)
+//
+// grid (KS * ceil(rows / output rows per cluster), ceil(tokens / 32)),
+// cluster (KS, 1, 1) (a launch attribute), block 256, dynamic shared memory
+// (ops.rs: cluster_smem) max(32 activation rows of 128 nb + 32 bytes, the
+// 16 KB of partial sums), then the 32 tokens' scales and sums. Activation
+// rows 128 nb + 32 bytes apart put the 8-byte fragment loads of a half-warp
+// (4 tokens x 32 bytes) in distinct banks. Compiled for sm_80 too (one
+// module), where the host never launches it.
+
+#define TC_WROWS 128
+#define TC_ROUND 4
+#define TC_EMAX 16  // most outputs per thread: 4096 / 256 (one CTA per cluster)
+#define TC_KMAX 8   // most CTAs per cluster (the portable limit)
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned cluster_size() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+// Every thread of every CTA of the cluster: arrive releases the thread's
+// earlier shared-memory writes (and ends its reads of others'), wait
+// acquires the others'.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The generic address of this CTA's shared `p` in CTA `rank`'s shared
+// memory (plain loads through it; the barriers' memory clobbers keep them
+// after the barrier).
+__device__ __forceinline__ const int* dsmem_map(const int* p, unsigned rank) {
+    const int* r;
+    asm("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return r;
+}
+#endif
+
+template <int MODE>
+__device__ void ternary_cluster_impl(const u8* __restrict__ w0, const u8* __restrict__ w1, int n_rows, int k,
+                                     float s0, float s1, float s2, int seg1, int seg2, const i8* __restrict__ act,
+                                     const float* __restrict__ act_scale, const int* __restrict__ act_sum, int n_tok,
+                                     float* __restrict__ out, int ld_out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    extern __shared__ __align__(16) unsigned char smem[];
+    constexpr int OR = MODE == 2 ? TC_WROWS / 2 : TC_WROWS;  // output rows per cluster
+    constexpr int TOTAL = OR * 32;                           // outputs per cluster
+    const int KS = (int)cluster_size(), rank = (int)cluster_rank();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int row0 = (int)(blockIdx.x / KS) * OR, tok0 = blockIdx.y * 32;
+    int nblk = k >> 7;
+    int kb0 = rank * nblk / KS, nb = (rank + 1) * nblk / KS - kb0, nb_max = (nblk + KS - 1) / KS;
+    int stride = nb * 128 + 32;
+    i8* sa = (i8*)smem;    // [32][stride] activations, then
+    int* red = (int*)smem;  // [8 warps][32 tokens][16 rows] partial sums
+    float* s_scale = (float*)(smem + max(32 * (nb_max * 128 + 32), 8 * 32 * 16 * 4));  // [32]
+    int* s_sum = (int*)(s_scale + 32);                                                  // [32]
+    size_t row_bytes = (size_t)(k >> 2);
+    // This warp's 16 weight rows (MODE 2: warps 0-3 gate rows, 4-7 the
+    // same up rows).
+    int wr = MODE == 2 ? row0 + (warp & 3) * 16 : row0 + warp * 16;
+    const u8* w = (MODE == 2 && warp >= 4) ? w1 : w0;
+    int r0 = wr + g, r1 = wr + g + 8;
+    bool v0 = r0 < n_rows, v1 = r1 < n_rows;
+    const u8* p0 = w + (size_t)(v0 ? r0 : 0) * row_bytes + (size_t)kb0 * 32 + 8 * t;
+    const u8* p1 = w + (size_t)(v1 ? r1 : 0) * row_bytes + (size_t)kb0 * 32 + 8 * t;
+    auto load = [&](uint2(&wa)[TC_ROUND], uint2(&wb)[TC_ROUND], int b0) {
+#pragma unroll
+        for (int i = 0; i < TC_ROUND; i++) {
+            bool in = b0 + i < nb;
+            wa[i] = (in && v0) ? __ldg((const uint2*)(p0 + (size_t)(b0 + i) * 32)) : make_uint2(0u, 0u);
+            wb[i] = (in && v1) ? __ldg((const uint2*)(p1 + (size_t)(b0 + i) * 32)) : make_uint2(0u, 0u);
+        }
+    };
+    pdl_trigger();
+    uint2 wa0[TC_ROUND], wb0[TC_ROUND], wa1[TC_ROUND], wb1[TC_ROUND];
+    load(wa0, wb0, 0);
+    load(wa1, wb1, TC_ROUND);
+    pdl_wait();
+    {
+        int per_row = nb * 8;  // 16-byte pieces
+        for (int p = threadIdx.x; p < 32 * per_row; p += blockDim.x) {
+            int tl = p / per_row, off = (p % per_row) * 16;
+            int tok = tok0 + tl;
+            bool ok = tok < n_tok;
+            cp_async16(sa + tl * stride + off, act + (size_t)(ok ? tok : 0) * k + (size_t)kb0 * 128 + off, ok);
+        }
+        cp_async_commit();
+    }
+    if (threadIdx.x < 32) {
+        int tok = min(tok0 + (int)threadIdx.x, n_tok - 1);
+        s_scale[threadIdx.x] = act_scale[tok];
+        s_sum[threadIdx.x] = act_sum[tok];
+    }
+    int ntiles = min(4, (n_tok - tok0 + 7) / 8);
+    int acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+    cp_async_wait<0>();
+    __syncthreads();
+    // Lane (g, t)'s activation bytes of token tile nt, block b, sub-block c:
+    // sa[(nt * 8 + g) * stride + b * 128 + 32 c + 8 t], as ternary_tile.
+    const i8* la = sa + (size_t)g * stride + 8 * t;
+    auto products = [&](const uint2(&wa)[TC_ROUND], const uint2(&wb)[TC_ROUND], int b0) {
+#pragma unroll
+        for (int i = 0; i < TC_ROUND; i++) {
+            if (b0 + i >= nb) break;
+            const i8* ab = la + (b0 + i) * 128;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int shift = 6 - 2 * c;
+                unsigned a0 = (wa[i].x >> shift) & 0x03030303u;
+                unsigned a1 = (wb[i].x >> shift) & 0x03030303u;
+                unsigned a2 = (wa[i].y >> shift) & 0x03030303u;
+                unsigned a3 = (wb[i].y >> shift) & 0x03030303u;
+                uint2 bv[4];
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++)
+                    if (nt < ntiles) bv[nt] = *(const uint2*)(ab + nt * 8 * stride + 32 * c);
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++)
+                    if (nt < ntiles) mma_s8(acc[nt], a0, a1, a2, a3, bv[nt].x, bv[nt].y);
+            }
+        }
+    };
+    for (int b0 = 0; b0 < nb; b0 += 2 * TC_ROUND) {
+        products(wa0, wb0, b0);
+        if (b0 + 2 * TC_ROUND < nb) load(wa0, wb0, b0 + 2 * TC_ROUND);
+        products(wa1, wb1, b0 + TC_ROUND);
+        if (b0 + 3 * TC_ROUND < nb) load(wa1, wb1, b0 + 3 * TC_ROUND);
+    }
+    __syncthreads();  // every warp is done with the activations: red takes their place
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) {
+        int tl = nt * 8 + 2 * t;
+        red[warp * 512 + tl * 16 + g] = acc[nt][0];
+        red[warp * 512 + (tl + 1) * 16 + g] = acc[nt][1];
+        red[warp * 512 + tl * 16 + g + 8] = acc[nt][2];
+        red[warp * 512 + (tl + 1) * 16 + g + 8] = acc[nt][3];
+    }
+    // This CTA's share of the cluster's outputs: idx = lo + tid + 256 e.
+    int lo = rank * TOTAL / KS, hi = (rank + 1) * TOTAL / KS;
+    // The residual (MODE 1), read while the other CTAs finish.
+    float prev[TC_EMAX];
+#pragma unroll
+    for (int e = 0; e < TC_EMAX; e++) {
+        int idx = lo + (int)threadIdx.x + e * 256;
+        int rl = idx % OR, tl = idx / OR;
+        prev[e] = (MODE == 1 && idx < hi && row0 + rl < n_rows && tok0 + tl < n_tok)
+                      ? out[(size_t)(tok0 + tl) * ld_out + row0 + rl]
+                      : 0.0f;
+    }
+    const int* part[TC_KMAX];
+#pragma unroll
+    for (int q = 0; q < TC_KMAX; q++) part[q] = dsmem_map(red, q < KS ? q : 0);
+    cluster_sync();
+#pragma unroll
+    for (int e = 0; e < TC_EMAX; e++) {
+        int idx = lo + (int)threadIdx.x + e * 256;
+        if (idx >= hi) break;
+        int rl = idx % OR, tl = idx / OR;
+        int row = row0 + rl, tok = tok0 + tl;
+        int off = (rl >> 4) * 512 + tl * 16 + (rl & 15);  // gate (MODE 2) or the row's
+        int a = 0, u = 0;
+#pragma unroll
+        for (int q = 0; q < TC_KMAX; q++) {
+            if (q < KS) {
+                a += part[q][off];
+                if (MODE == 2) u += part[q][off + 4 * 512];
+            }
+        }
+        if (row >= n_rows || tok >= n_tok) continue;
+        float s = s_scale[tl];
+        int qs = s_sum[tl];
+        size_t o = (size_t)tok * ld_out + row;
+        if (MODE == 2) {
+            float gv = __fmul_rn((float)(a - qs), __fdiv_rn(s0, s));
+            float uv = __fmul_rn((float)(u - qs), __fdiv_rn(s1, s));
+            float rr = fmaxf(gv, 0.0f);
+            out[o] = __fmul_rn(__fmul_rn(rr, rr), uv);
+        } else {
+            float ws = row < seg1 ? s0 : (row < seg2 ? s1 : s2);
+            float y = __fmul_rn((float)(a - qs), __fdiv_rn(ws, s));
+            out[o] = MODE == 0 ? y : __fadd_rn(prev[e], y);
+        }
+    }
+    cluster_sync();  // no CTA leaves while another still reads its partials
+#else
+    __trap();
+#endif
+}
+
+#define TERNARY_CLUSTER(NAME, MODE)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                               \
+        NAME(const u8* w0, const u8* w1, int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2, \
+             const i8* act, const float* act_scale, const int* act_sum, int n_tok, float* out, int ld_out) { \
+        ternary_cluster_impl<MODE>(w0, w1, n_rows, k, s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok, \
+                                   out, ld_out);                                                       \
+    }
+TERNARY_CLUSTER(ternary_mm_store_c, 0)
+TERNARY_CLUSTER(ternary_mm_add_c, 1)
+TERNARY_CLUSTER(ternary_mm_gate_up_c, 2)
+
+// ---------------------------------------------------------------------------
 // RoPE (NEOX pairing i, i + head_dim/2) on q and k, and the KV-cache write.
 //
 // qkv [rows, hidden + 2 kv_dim] f32 (q | k | v); cos/sin [max_pos, head_dim/2]

@@ -129,6 +129,9 @@ pub struct GpuBenchArgs {
     /// Also time each kernel alone at the 2B-4T shapes (graph of 20 launches).
     #[arg(long)]
     pub kernels: bool,
+    /// Rows (tokens) of each pass the kernels alone are timed at.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub kernel_rows: Vec<usize>,
 }
 
 fn parse_precision(s: &str) -> anyhow::Result<Precision> {
@@ -294,7 +297,7 @@ pub fn bench(
     }
     let kernels = if args.kernels {
         eprintln!("bench gpu: kernels alone (20 launches in one graph, median of 5):");
-        kernel_bench(&[1, 32])?
+        kernel_bench(&args.kernel_rows)?
     } else {
         json!(null)
     };

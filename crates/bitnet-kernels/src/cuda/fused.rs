@@ -9,7 +9,7 @@
 //! shape when it was built.
 
 use super::ops::{bytes, check_ternary, i32_dim, multiple};
-use super::{driver, Arg, CudaError, DevBuf, DevRange, GpuContext, GpuDType};
+use super::{driver, Arg, CudaError, DevBuf, DevRange, GpuContext, GpuDType, LaunchKind};
 use cudarc::driver::sys;
 
 /// Most token rows one fused launch runs (`FUSED_ROWS` in the kernel).
@@ -339,7 +339,7 @@ impl GpuContext {
                 Arg::I32(i32::from(att_mma)),
                 Arg::Ptr(layers.trace.as_ref().map_or(0, |t| t.all().ptr)),
             ],
-            true,
+            LaunchKind::Cooperative,
         )
     }
 

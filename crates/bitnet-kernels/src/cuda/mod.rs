@@ -57,6 +57,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "ternary_mm_store_s4",
     "ternary_mm_add_s4",
     "ternary_mm_gate_up_s4",
+    "ternary_mm_store_c",
+    "ternary_mm_add_c",
+    "ternary_mm_gate_up_c",
     "rope_kv_f32",
     "rope_kv_f16",
     "rope_kv_bf16",
@@ -302,6 +305,8 @@ pub struct GpuContext {
     /// The staged kernels could be given their shared memory (else every
     /// choice resolves to the K-split kernels).
     staged_ok: bool,
+    /// The cluster ternary kernels can run here (see [`GpuContext::cluster_ok`]).
+    cluster_ok: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
     /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
@@ -322,13 +327,16 @@ pub struct GpuContext {
     pub(crate) attention_ctas: std::sync::atomic::AtomicUsize,
     /// Passes of up to 8 tokens on the one-tile kernels (`_1`; else `_b`).
     pub(crate) ternary_one: std::sync::atomic::AtomicBool,
+    /// CTAs the cluster ternary kernels' split count aims for (0: one per
+    /// SM; `BITNET_CUDA_CLUSTER_CTAS`).
+    pub(crate) cluster_ctas: usize,
     /// Decode steps take RoPE and the KV write inside the tensor-core
     /// attention kernel (`BITNET_CUDA_ATTENTION_ROPE=0`: a separate rope_kv).
     decode_rope_in_attention: bool,
 }
 
 /// Which kernels run the per-operation ternary products
-/// (`BITNET_CUDA_TERNARY_TILE=b|b2|s4|auto`; see [`GpuContext::set_ternary_batch`];
+/// (`BITNET_CUDA_TERNARY_TILE=b|b2|s4|c|auto`; see [`GpuContext::set_ternary_batch`];
 /// where `Split` applies, passes of up to 8 tokens take the one-tile `_1`
 /// kernels instead unless [`GpuContext::set_ternary_one`] turns them off).
 /// Every choice gives the same bits: the products are exact integer sums.
@@ -343,8 +351,16 @@ pub enum TernaryBatch {
     Split2,
     /// `ternary_mm_*_s4`: 64 rows x 32 tokens per CTA, cp.async pipeline.
     Staged4,
-    /// Per launch: `Staged4` when its work fills every SM (gate/up CTAs
-    /// count twice, a partial token tile for its share), else `Split2` when
+    /// `ternary_mm_*_c`: 128 weight rows x 32 tokens per thread-block
+    /// cluster, the K range split over the cluster's CTAs (compute
+    /// capability 9.0+; elsewhere, and for a K range too long for the
+    /// kernel's shared memory, `Split`).
+    Cluster,
+    /// Per launch: passes of up to 8 tokens on the one-tile kernels; else
+    /// `Cluster` where it pays (fewer unsplit cluster tiles than SMs, and
+    /// more than 16 tokens or at least 16 Mi weights; compute capability
+    /// 9.0+); else `Staged4` when its work fills every SM (gate/up CTAs
+    /// count twice, a partial token tile for its share); else `Split2` when
     /// its grid fits one wave (a CTA per SM), else `Split`.
     Auto,
 }
@@ -356,6 +372,7 @@ impl TernaryBatch {
             Self::Staged4 => 1,
             Self::Auto => 2,
             Self::Split2 => 3,
+            Self::Cluster => 4,
         }
     }
 
@@ -364,9 +381,25 @@ impl TernaryBatch {
             0 => Self::Split,
             1 => Self::Staged4,
             3 => Self::Split2,
+            4 => Self::Cluster,
             _ => Self::Auto,
         }
     }
+}
+
+/// How a kernel is launched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LaunchKind {
+    /// With programmatic dependent launch where it is on.
+    Plain,
+    /// With the cooperative attribute (the driver refuses a grid whose CTAs
+    /// cannot all be resident at once, which grid-wide barriers need) and
+    /// without programmatic dependent launch (the kernel starts once the
+    /// previous one has completed).
+    Cooperative,
+    /// As `Plain`, in thread-block clusters of this many CTAs along x
+    /// (compute capability 9.0+; the grid's x a multiple of it).
+    Cluster(u32),
 }
 
 /// Which code computes the output head.
@@ -481,11 +514,13 @@ impl GpuContext {
                 Ok("b") => TernaryBatch::Split,
                 Ok("b2") => TernaryBatch::Split2,
                 Ok("s4") => TernaryBatch::Staged4,
+                Ok("c") => TernaryBatch::Cluster,
                 _ => TernaryBatch::Auto,
             }
             .code()
             .into(),
             staged_ok: false,
+            cluster_ok: false,
             sms: 0,
             fused_grid: Default::default(),
             fused_ctas_per_sm: std::env::var("BITNET_CUDA_FUSED_CTAS")
@@ -506,6 +541,10 @@ impl GpuContext {
                 .unwrap_or(0)
                 .into(),
             ternary_one: std::env::var("BITNET_CUDA_TERNARY_ONE").map_or(true, |v| v != "0").into(),
+            cluster_ctas: std::env::var("BITNET_CUDA_CLUSTER_CTAS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0),
             decode_rope_in_attention: std::env::var("BITNET_CUDA_ATTENTION_ROPE").map_or(true, |v| v != "0"),
         };
         me.sms = me.sm_count()?;
@@ -519,6 +558,20 @@ impl GpuContext {
                         .is_ok()
                 })
         });
+        // The cluster kernels: compute capability 9.0 and up to 64 KB of
+        // dynamic shared memory (`BITNET_CUDA_CLUSTER=0` turns them off);
+        // elsewhere every choice resolves to others.
+        me.cluster_ok = me.cc >= (9, 0)
+            && std::env::var("BITNET_CUDA_CLUSTER").map_or(true, |v| v != "0")
+            && ops::CLUSTER_KERNELS.iter().all(|&name| {
+                me.function(name).is_ok_and(|f| {
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        ops::TC_MAX_SMEM as i32,
+                    )
+                    .is_ok()
+                })
+            });
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
         // (or when it cannot start) our kernels compute the head.
         if std::env::var("BITNET_CUDA_HEAD").is_ok_and(|v| v == "kernels") {
@@ -587,6 +640,7 @@ impl GpuContext {
     pub fn ternary_batch(&self) -> TernaryBatch {
         match TernaryBatch::from_code(self.ternary_batch.load(std::sync::atomic::Ordering::Relaxed)) {
             TernaryBatch::Staged4 if !self.staged_ok => TernaryBatch::Split,
+            TernaryBatch::Cluster if !self.cluster_ok() => TernaryBatch::Split,
             which => which,
         }
     }
@@ -594,6 +648,12 @@ impl GpuContext {
     /// Whether the staged ternary kernels could be given their shared memory.
     pub(crate) fn staged_ok(&self) -> bool {
         self.staged_ok
+    }
+
+    /// Whether the `_c` ternary kernels can run: thread-block clusters
+    /// (compute capability 9.0+) and their shared memory.
+    pub(crate) fn cluster_ok(&self) -> bool {
+        self.cluster_ok
     }
 
     /// Programmatic dependent launch (compute capability 9.0+, on by default;
@@ -848,14 +908,10 @@ impl GpuContext {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
-        self.launch_with(name, grid, block, smem, args, false)
+        self.launch_with(name, grid, block, smem, args, LaunchKind::Plain)
     }
 
-    /// [`Self::launch`]; `cooperative` launches with the cooperative
-    /// attribute (the driver refuses a grid whose CTAs cannot all be
-    /// resident at once, which grid-wide barriers need) and without
-    /// programmatic dependent launch (the kernel starts once the previous
-    /// one has completed).
+    /// [`Self::launch`] of a [`LaunchKind`].
     pub(crate) fn launch_with(
         &self,
         name: &'static str,
@@ -863,7 +919,7 @@ impl GpuContext {
         block: (u32, u32, u32),
         smem: u32,
         args: &[Arg],
-        cooperative: bool,
+        kind: LaunchKind,
     ) -> Result<(), CudaError> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
@@ -891,15 +947,27 @@ impl GpuContext {
             slots.iter_mut().map(|s| s.0.as_mut_ptr().cast::<std::ffi::c_void>()).collect();
         // SAFETY: a zeroed launch attribute is a valid plain-data value; only
         // the id and the union member of that id are set below.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        if cooperative {
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-            attr.value.cooperative = 1;
-        } else {
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n_attrs = 0usize;
+        if kind == LaunchKind::Cooperative {
+            attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attrs[0].value.cooperative = 1;
+            n_attrs = 1;
+        } else if self.pdl_enabled() {
+            attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[0].value.programmaticStreamSerializationAllowed = 1;
+            n_attrs = 1;
         }
-        let with_attr = cooperative || self.pdl_enabled();
+        if let LaunchKind::Cluster(x) = kind {
+            if x == 0 || !grid.0.is_multiple_of(x) {
+                return Err(CudaError::Shape(format!("{name}: grid {} is not a multiple of the cluster {x}", grid.0)));
+            }
+            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n_attrs].value.clusterDim.x = x;
+            attrs[n_attrs].value.clusterDim.y = 1;
+            attrs[n_attrs].value.clusterDim.z = 1;
+            n_attrs += 1;
+        }
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -909,8 +977,8 @@ impl GpuContext {
             blockDimZ: block.2,
             sharedMemBytes: smem,
             hStream: self.stream.cu_stream(),
-            attrs: if with_attr { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: u32::from(with_attr),
+            attrs: if n_attrs > 0 { attrs.as_mut_ptr() } else { std::ptr::null_mut() },
+            numAttrs: n_attrs as u32,
         };
         self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
         self.profiled(name, || {
@@ -918,7 +986,7 @@ impl GpuContext {
             // wrapper in `ops` is written against `kernels/bitnet.cu`), every
             // pointer is a checked `DevRange` of a live allocation large enough
             // for the dimensions passed with it; `params` points into `slots`,
-            // and both (and `attr`) outlive this call (the driver copies the
+            // and both (and `attrs`) outlive this call (the driver copies the
             // values at launch). `f` belongs to this context's loaded module.
             let rc = unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()) };
             rc.result().map_err(driver("cuLaunchKernelEx"))

@@ -2,7 +2,7 @@
 //! its dimensions and that every range covers what the kernel touches, then
 //! launches on the context's stream.
 
-use super::{Arg, CudaError, DevRange, GpuContext, GpuDType, HeadImpl, TernaryBatch};
+use super::{Arg, CudaError, DevRange, GpuContext, GpuDType, HeadImpl, LaunchKind, TernaryBatch};
 
 /// Bit set in the flags word when a kernel saw a NaN or infinity.
 pub const FLAG_NONFINITE: i32 = 1;
@@ -47,6 +47,62 @@ fn split2_fits(n_rows: usize, n_tok: usize, sms: usize) -> bool {
     n_rows.div_ceil(32) * n_tok.div_ceil(MM_TOKENS) <= sms
 }
 
+/// Weight rows per cluster of the `_c` kernels (`TC_WROWS`; gate/up: 64
+/// rows of each matrix).
+const TC_WROWS: usize = 128;
+/// Most CTAs per cluster (the portable limit).
+const TC_MAX_CLUSTER: usize = 8;
+/// Dynamic shared memory a `_c` CTA may take (set as the kernels' limit when
+/// the context opens; two CTAs still fit an SM of any sm_90 GPU).
+pub(super) const TC_MAX_SMEM: usize = 64 * 1024;
+
+/// Dynamic shared memory of a `_c` CTA whose K slice is at most `nb`
+/// 128-wide blocks: 32 tokens' activation rows of `128 nb + 32` bytes, or
+/// after the products the partial sums (8 warps x 32 tokens x 16 rows of
+/// i32) in the same place; then the 32 tokens' scales and sums.
+fn cluster_smem(nb: usize) -> usize {
+    (MM_TOKENS * (nb * 128 + 32)).max(8 * MM_TOKENS * 16 * 4) + 256
+}
+
+/// The cluster size of a `_c` product of `n_rows` x `n_tok` with inputs of
+/// width `k` (`gate_up`: two matrices, 64 rows of each per cluster) and its
+/// shared memory: the fewest CTAs per cluster that give the grid `target`
+/// CTAs, at most 8 and one per 128-wide K block, more where a CTA would not
+/// fit [`TC_MAX_SMEM`]; `None` when even the most do not fit.
+fn cluster_split(n_rows: usize, n_tok: usize, k: usize, gate_up: bool, target: usize) -> Option<(usize, usize)> {
+    let out_rows = if gate_up { TC_WROWS / 2 } else { TC_WROWS };
+    let groups = n_rows.div_ceil(out_rows) * n_tok.div_ceil(MM_TOKENS);
+    let nblk = k / 128;
+    let most = TC_MAX_CLUSTER.min(nblk).max(1);
+    let smem = |ks: usize| cluster_smem(nblk.div_ceil(ks));
+    let mut ks = target.div_ceil(groups.max(1)).clamp(1, most);
+    while smem(ks) > TC_MAX_SMEM {
+        if ks >= most {
+            return None;
+        }
+        ks += 1;
+    }
+    Some((ks, smem(ks)))
+}
+
+/// Whether [`TernaryBatch::Auto`] takes the cluster kernels for a pass of
+/// `n_tok` tokens (more than 8: fewer run the one-tile kernels) through
+/// `n_rows` x `k` weights (`gate_up`: two such matrices): when its clusters'
+/// unsplit tiles (128 weight rows x 32 tokens) number fewer than the `sms`
+/// multiprocessors, so that splitting K puts every SM to work, and either
+/// the pass has more than 16 tokens or the product is big (at least 16 Mi
+/// weights). Per kernel on the H200 (session 16, 2B-4T, us; `--kernels`):
+/// at 32 tokens q|k|v 7.15 -> 6.90, o 7.67 -> 7.59, gate/up 14.99 -> 11.53,
+/// down 14.80 -> 10.69; at 16 tokens gate/up 13.24 -> 9.89 and down 10.76
+/// -> 9.91, but q|k|v 5.00 -> 6.59 and o 5.38 -> 7.26; at 64 and 128 tokens
+/// q|k|v, o and down 27-45% faster, gate/up (216 and 432 tiles: the staged
+/// kernel's grid fills the GPU) 17.05 -> 21.76 and 33.66 -> 36.68 slower.
+fn cluster_pays(n_rows: usize, n_tok: usize, k: usize, gate_up: bool, sms: usize) -> bool {
+    let weight_rows = if gate_up { 2 * n_rows } else { n_rows };
+    let tiles = weight_rows.div_ceil(TC_WROWS) * n_tok.div_ceil(MM_TOKENS);
+    n_tok > 8 && tiles < sms && (n_tok > 16 || weight_rows * k >= 16 << 20)
+}
+
 /// The kernels of one ternary product: one 8-token tile per CTA (`_1`),
 /// the K split over a CTA's warps (`_b`, `_b2` with two row tiles per
 /// warp), staged (`_s4`).
@@ -55,6 +111,7 @@ struct TernaryKernels {
     split: &'static str,
     split2: &'static str,
     staged: &'static str,
+    cluster: &'static str,
     gate_up: bool,
 }
 
@@ -63,6 +120,7 @@ const TERNARY_STORE: TernaryKernels = TernaryKernels {
     split: "ternary_mm_store_b",
     split2: "ternary_mm_store_b2",
     staged: "ternary_mm_store_s4",
+    cluster: "ternary_mm_store_c",
     gate_up: false,
 };
 const TERNARY_ADD: TernaryKernels = TernaryKernels {
@@ -70,6 +128,7 @@ const TERNARY_ADD: TernaryKernels = TernaryKernels {
     split: "ternary_mm_add_b",
     split2: "ternary_mm_add_b2",
     staged: "ternary_mm_add_s4",
+    cluster: "ternary_mm_add_c",
     gate_up: false,
 };
 const TERNARY_GATE_UP: TernaryKernels = TernaryKernels {
@@ -77,8 +136,12 @@ const TERNARY_GATE_UP: TernaryKernels = TernaryKernels {
     split: "ternary_mm_gate_up_b",
     split2: "ternary_mm_gate_up_b2",
     staged: "ternary_mm_gate_up_s4",
+    cluster: "ternary_mm_gate_up_c",
     gate_up: true,
 };
+
+/// The cluster kernels (each may take up to [`TC_MAX_SMEM`]).
+pub(super) const CLUSTER_KERNELS: [&str; 3] = [TERNARY_STORE.cluster, TERNARY_ADD.cluster, TERNARY_GATE_UP.cluster];
 
 /// Every staged kernel with its shared memory.
 pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
@@ -382,34 +445,54 @@ impl GpuContext {
         let n_tok = acts.n_tok;
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
-        // Auto: the staged 64-row kernels when their work fills every SM (on
-        // the H200: 2B-4T's gate/up from 32 tokens, every product from 128),
-        // else the K-split ones, whose small CTAs (16 or 32 rows) keep more
-        // loads in flight on small grids (docs/perf/gpu.md, sessions 7 and 12).
         let choice = self.ternary_batch();
-        let staged = match choice {
-            TernaryBatch::Split | TernaryBatch::Split2 => false,
-            TernaryBatch::Staged4 => true,
-            TernaryBatch::Auto => self.staged_ok() && staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
+        // Auto: passes of up to 8 tokens on the one-tile kernels; the
+        // cluster kernels where they pay (`cluster_pays`); the staged 64-row
+        // kernels when their work fills every SM (on the H200: 2B-4T's
+        // gate/up from 32 tokens, every product from 128); else the K-split
+        // ones, whose small CTAs (16 or 32 rows) keep more loads in flight
+        // on small grids (docs/perf/gpu.md, sessions 7, 12 and 16).
+        let one_ok = n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
+        let want_cluster = match choice {
+            TernaryBatch::Cluster => !one_ok,
+            TernaryBatch::Auto => {
+                !one_ok && self.cluster_ok() && cluster_pays(n_rows, n_tok, k, kernels.gate_up, self.sms)
+            }
+            _ => false,
         };
-        // Not staged: passes of up to 8 tokens on the one-tile kernels
-        // (`_1`, unless turned off), the others on the K-split ones (`_b2`
-        // when their grid fits one wave, else `_b`).
-        let one = !staged && n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
+        let target = if self.cluster_ctas > 0 { self.cluster_ctas } else { self.sms };
+        let cluster = if want_cluster { cluster_split(n_rows, n_tok, k, kernels.gate_up, target) } else { None };
+        let staged = cluster.is_none()
+            && match choice {
+                TernaryBatch::Split | TernaryBatch::Split2 | TernaryBatch::Cluster => false,
+                TernaryBatch::Staged4 => true,
+                TernaryBatch::Auto => self.staged_ok() && staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
+            };
+        // Neither: passes of up to 8 tokens on the one-tile kernels (`_1`,
+        // unless turned off), the others on the K-split ones (`_b2` when
+        // their grid fits one wave, else `_b`).
+        let one = !staged && cluster.is_none() && one_ok;
         let tok_tiles = u32_grid("tokens", n_tok.div_ceil(if one { 8 } else { MM_TOKENS }))?;
         let (kernel, rows_per_cta, smem) = if staged {
             (kernels.staged, 64, staged_smem(kernels.gate_up, 4))
         } else if one {
             (kernels.one, 16, 0)
+        } else if let Some((_, smem)) = cluster {
+            (kernels.cluster, if kernels.gate_up { TC_WROWS / 2 } else { TC_WROWS }, smem)
         } else if choice == TernaryBatch::Split2
-            || (choice == TernaryBatch::Auto && split2_fits(n_rows, n_tok, self.sms))
+            || (choice != TernaryBatch::Split && split2_fits(n_rows, n_tok, self.sms))
         {
             (kernels.split2, 32, 0)
         } else {
             (kernels.split, 16, 0)
         };
-        let grid = (u32_grid("row tiles", n_rows.div_ceil(rows_per_cta))?, tok_tiles, 1);
-        self.launch(
+        let ks = cluster.map_or(1, |(ks, _)| ks);
+        let grid = (u32_grid("row tiles", n_rows.div_ceil(rows_per_cta) * ks)?, tok_tiles, 1);
+        let launch = match cluster {
+            Some(_) => LaunchKind::Cluster(u32_grid("cluster", ks)?),
+            None => LaunchKind::Plain,
+        };
+        self.launch_with(
             kernel,
             grid,
             (256, 1, 1),
@@ -431,6 +514,7 @@ impl GpuContext {
                 Arg::Ptr(out.ptr),
                 Arg::I32(i32_dim("ld_out", ld_out)?),
             ],
+            launch,
         )
     }
 
@@ -915,6 +999,58 @@ fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_kernels_take_the_passes_they_speed_up() {
+        let sms = 132;
+        // 2B-4T (hand-derived tile counts, 128 weight rows x 32 tokens):
+        // q|k|v 30 per 32 tokens, o and down 20, gate/up 108.
+        for (rows, k, gate_up) in [(3840, 2560, false), (2560, 2560, false), (6912, 2560, true), (2560, 6912, false)] {
+            // Up to 8 tokens: the one-tile kernels.
+            assert!(!cluster_pays(rows, 8, k, gate_up, sms));
+            // 17-64 tokens: every product but gate/up at 64 (216 tiles).
+            assert!(cluster_pays(rows, 32, k, gate_up, sms));
+            assert_eq!(cluster_pays(rows, 64, k, gate_up, sms), !gate_up);
+            // 128 tokens: q|k|v 120 tiles, o and down 80: yes; gate/up 432: no.
+            assert_eq!(cluster_pays(rows, 128, k, gate_up, sms), !gate_up);
+            // 256 tokens: q|k|v 240 tiles, o and down 160: no.
+            assert!(!cluster_pays(rows, 256, k, gate_up, sms));
+        }
+        // 9-16 tokens: only the big products (gate/up 2 x 6912 x 2560 and
+        // down 2560 x 6912 weights are >= 16 Mi; q|k|v 9.8 Mi, o 6.6 Mi).
+        assert!(cluster_pays(6912, 16, 2560, true, sms));
+        assert!(cluster_pays(2560, 9, 6912, false, sms));
+        assert!(!cluster_pays(3840, 16, 2560, false, sms));
+        assert!(!cluster_pays(2560, 16, 2560, false, sms));
+    }
+
+    #[test]
+    fn cluster_split_fills_the_gpu_within_shared_memory() {
+        // 2B-4T at 32 tokens on 132 SMs (hand-derived): q|k|v has 30 groups
+        // of 128 rows, so 5 CTAs per cluster (150 CTAs), each 4 of the 20 K
+        // blocks: 32 x (512 + 32) bytes of activations, then 256 of scales
+        // and sums; o 20 groups: 7 (3 blocks: the 16 KB of partial sums are
+        // more); gate/up 108 groups of 64 rows: 2 (10 blocks); down 20
+        // groups: 7 (8 of 54 blocks).
+        assert_eq!(cluster_split(3840, 32, 2560, false, 132), Some((5, 17408 + 256)));
+        assert_eq!(cluster_split(2560, 32, 2560, false, 132), Some((7, 16384 + 256)));
+        assert_eq!(cluster_split(6912, 32, 2560, true, 132), Some((2, 41984 + 256)));
+        assert_eq!(cluster_split(2560, 32, 6912, false, 132), Some((7, 33792 + 256)));
+        // 64 tokens: twice the groups, half the split; gate/up's 216 groups
+        // would take one CTA each, but its 20 blocks (32 x 2592 bytes) do
+        // not fit 64 KB: two.
+        assert_eq!(cluster_split(3840, 64, 2560, false, 132), Some((3, 32 * (7 * 128 + 32) + 256)));
+        assert_eq!(cluster_split(6912, 64, 2560, true, 132), Some((2, 41984 + 256)));
+        // A K range too long for one CTA's 64 KB: split further than the
+        // target asks (one group: 54 blocks; 3 CTAs of 18 blocks would take
+        // 74752 bytes of activations: 4 of 14, 58368).
+        assert_eq!(cluster_split(128, 32, 6912, false, 1), Some((4, 58368 + 256)));
+        // Never more CTAs than K blocks, never more than 8.
+        assert_eq!(cluster_split(16, 1, 256, false, 132), Some((2, 16384 + 256)));
+        assert_eq!(cluster_split(16, 1, 6912, false, 1000), Some((8, 32 * (7 * 128 + 32) + 256)));
+        // Too long even for 8 CTAs (19 of 150 blocks each: 78848 bytes).
+        assert_eq!(cluster_split(128, 32, 150 * 128, false, 132), None);
+    }
 
     #[test]
     fn staged_kernels_take_passes_whose_grid_fills_the_gpu() {
