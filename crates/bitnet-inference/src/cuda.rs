@@ -863,7 +863,7 @@ impl Backend for CudaBackend {
             .into(),
             quantization: "i2s".into(),
             detail: format!(
-                "{} (cc {major}.{minor}), device {}, {} KV slots{}{}, head on {}{}",
+                "{} (cc {major}.{minor}), device {}, {} KV slots{}{}, head on {}{}{}",
                 self.gpu.name(),
                 self.gpu.ordinal(),
                 self.kv_slots,
@@ -877,7 +877,8 @@ impl Backend for CudaBackend {
                     HeadImpl::Cublas => "cuBLAS".to_string(),
                     HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),
                 },
-                if self.gpu.pdl_enabled() { ", programmatic dependent launch" } else { "" }
+                if self.gpu.pdl_enabled() { ", programmatic dependent launch" } else { "" },
+                if self.gpu.cluster_ok() { ", cluster ternary kernels" } else { "" }
             ),
         }
     }

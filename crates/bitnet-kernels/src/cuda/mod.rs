@@ -570,6 +570,7 @@ impl GpuContext {
                         ops::TC_MAX_SMEM as i32,
                     )
                     .is_ok()
+                        && me.clusters_fit(f.cu_function())
                 })
             });
         // cuBLAS for the head unless BITNET_CUDA_HEAD=kernels; without it
@@ -650,10 +651,47 @@ impl GpuContext {
         self.staged_ok
     }
 
-    /// Whether the `_c` ternary kernels can run: thread-block clusters
-    /// (compute capability 9.0+) and their shared memory.
-    pub(crate) fn cluster_ok(&self) -> bool {
+    /// Whether the `_c` ternary kernels run here: thread-block clusters
+    /// (compute capability 9.0+), their shared memory, a cluster of the
+    /// largest shape they use resident at once, and not turned off
+    /// (`BITNET_CUDA_CLUSTER=0`).
+    pub fn cluster_ok(&self) -> bool {
         self.cluster_ok
+    }
+
+    /// Whether the driver can make at least one cluster of the largest
+    /// shape the `_c` kernels launch resident (8 CTAs of 256 threads with
+    /// [`ops::TC_MAX_SMEM`] bytes each), asked before the first launch so
+    /// that a device or partition that cannot is never sent one.
+    fn clusters_fit(&self, f: sys::CUfunction) -> bool {
+        // SAFETY: a zeroed launch attribute is a valid plain-data value; the
+        // id and its union member are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim.x = 8;
+        attr.value.clusterDim.y = 1;
+        attr.value.clusterDim.z = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: 8,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: 256,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: ops::TC_MAX_SMEM as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut clusters: std::ffi::c_int = 0;
+        if self.ctx.bind_to_thread().is_err() {
+            return false;
+        }
+        // SAFETY: `f` is a function of this context's loaded module, `cfg`
+        // and `attr` live across the call, and `clusters` is a valid out
+        // pointer; the driver only reads the configuration.
+        let rc = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f, &cfg) };
+        rc == sys::CUresult::CUDA_SUCCESS && clusters >= 1
     }
 
     /// Programmatic dependent launch (compute capability 9.0+, on by default;
