@@ -775,7 +775,7 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
 // - _b2: as _b with 32 rows per CTA, each warp multiplying two row tiles
 //   with every activation fragment (half the activation reads; 140
 //   registers, so one CTA per SM: ops.rs takes it for grids of one wave).
-// - _1: grid (row units, ceil(tokens / 8)), for passes of up to 8 tokens:
+// - _1: grid (row units, ceil(tokens / 8)), for passes of up to 12 tokens:
 //   the fused decode kernel's tile (four accumulators per warp), with the
 //   activations read through the read-only path, all of a round's fragments
 //   before its first product (session 11: BF16 batch 4 / 8 1.95 / 2.03 ->

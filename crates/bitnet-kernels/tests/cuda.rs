@@ -172,6 +172,7 @@ fn ternary_store_and_add_are_exact() {
         (64, 6912, 5),
         (40, 128, 17),
         (2560, 6912, 40),
+        (300, 1280, 12),
     ];
     // Every supported GPU (sm_80+) can give the staged kernels their 84 KB.
     assert_eq!(g.set_ternary_batch(TernaryBatch::Staged4), TernaryBatch::Staged4, "staged kernels unavailable");
@@ -180,7 +181,7 @@ fn ternary_store_and_add_are_exact() {
             if !takes(&g, batch) {
                 continue;
             }
-            // Passes of up to 8 tokens on the one-tile kernels and on the K-split ones.
+            // Passes of up to 12 tokens on the one-tile kernels and on the K-split ones.
             for one in [true, false] {
                 g.set_ternary_one(one);
                 check_store_and_add(&g, &mut Rng(1000 + i as u64), rows, k, n, batch);
@@ -262,7 +263,7 @@ fn gate_up_relu2_is_exact_and_survives_f16_overflow() {
             if !takes(&g, batch) {
                 continue;
             }
-            // Passes of up to 8 tokens: Split takes the K-split kernels, the
+            // Passes of up to 12 tokens: Split takes the K-split kernels, the
             // others the one-tile kernels (unless staged).
             g.set_ternary_one(batch != TernaryBatch::Split);
             let gate = random_codes(&mut rng, rows, k);

@@ -325,11 +325,15 @@ pub struct GpuContext {
     /// CTAs the tensor-core attention's split count aims for (0: two per SM;
     /// `BITNET_CUDA_ATTENTION_CTAS`).
     pub(crate) attention_ctas: std::sync::atomic::AtomicUsize,
-    /// Passes of up to 8 tokens on the one-tile kernels (`_1`; else `_b`).
+    /// Passes of up to `one_max` tokens on the one-tile kernels (`_1`; else `_b`).
     pub(crate) ternary_one: std::sync::atomic::AtomicBool,
     /// CTAs the cluster ternary kernels' split count aims for (0: one per
     /// SM; `BITNET_CUDA_CLUSTER_CTAS`).
     pub(crate) cluster_ctas: usize,
+    /// Most tokens of a pass on the one-tile kernels where the cluster
+    /// kernels do not pay (`BITNET_CUDA_ONE_MAX`, default
+    /// [`ops::ONE_TILE_MAX_TOKENS`]).
+    pub(crate) one_max: usize,
     /// Decode steps take RoPE and the KV write inside the tensor-core
     /// attention kernel (`BITNET_CUDA_ATTENTION_ROPE=0`: a separate rope_kv).
     decode_rope_in_attention: bool,
@@ -337,7 +341,7 @@ pub struct GpuContext {
 
 /// Which kernels run the per-operation ternary products
 /// (`BITNET_CUDA_TERNARY_TILE=b|b2|s4|c|auto`; see [`GpuContext::set_ternary_batch`];
-/// where `Split` applies, passes of up to 8 tokens take the one-tile `_1`
+/// where `Split` applies, passes of up to 12 tokens take the one-tile `_1`
 /// kernels instead unless [`GpuContext::set_ternary_one`] turns them off).
 /// Every choice gives the same bits: the products are exact integer sums.
 /// A device that refuses the staged kernels' shared memory runs `Split` for
@@ -356,10 +360,10 @@ pub enum TernaryBatch {
     /// capability 9.0+; elsewhere, and for a K range too long for the
     /// kernel's shared memory, `Split`).
     Cluster,
-    /// Per launch: passes of up to 8 tokens on the one-tile kernels; else
-    /// `Cluster` where it pays (fewer unsplit cluster tiles than SMs, and
-    /// more than 16 tokens or at least 16 Mi weights; compute capability
-    /// 9.0+); else `Staged4` when its work fills every SM (gate/up CTAs
+    /// Per launch: `Cluster` where it pays (more than 8 tokens, fewer
+    /// unsplit cluster tiles than SMs, and more than 16 tokens or at least
+    /// 16 Mi weights; compute capability 9.0+); else passes of up to 12
+    /// tokens on the one-tile kernels; else `Staged4` when its work fills every SM (gate/up CTAs
     /// count twice, a partial token tile for its share); else `Split2` when
     /// its grid fits one wave (a CTA per SM), else `Split`.
     Auto,
@@ -541,6 +545,10 @@ impl GpuContext {
                 .unwrap_or(0)
                 .into(),
             ternary_one: std::env::var("BITNET_CUDA_TERNARY_ONE").map_or(true, |v| v != "0").into(),
+            one_max: std::env::var("BITNET_CUDA_ONE_MAX")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(ops::ONE_TILE_MAX_TOKENS),
             cluster_ctas: std::env::var("BITNET_CUDA_CLUSTER_CTAS")
                 .ok()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -630,7 +638,7 @@ impl GpuContext {
         self.ternary_batch()
     }
 
-    /// Runs per-operation ternary products of up to 8 tokens on the
+    /// Runs per-operation ternary products of up to 12 tokens on the
     /// one-tile kernels (`ternary_mm_*_1`, true: the default) or on the
     /// K-split ones (`_b`); the same bits (for A/B runs and tests;
     /// `BITNET_CUDA_TERNARY_ONE=0` turns them off).

@@ -47,6 +47,15 @@ fn split2_fits(n_rows: usize, n_tok: usize, sms: usize) -> bool {
     n_rows.div_ceil(32) * n_tok.div_ceil(MM_TOKENS) <= sms
 }
 
+/// Most tokens of a pass that [`TernaryBatch::Auto`] runs on the one-tile
+/// `_1` kernels (where the cluster kernels do not pay). On the H200
+/// (session 16, BF16 decode steps, the cluster kernels taking gate/up and
+/// down, two alternated runs each, ms/step): with q|k|v and o on `_1`
+/// instead of `_b2` up to 16 tokens, batch 9 2.123 / 2.112 -> 2.049 /
+/// 2.056, 12 2.145 / 2.170 -> 2.083 / 2.085, 13 2.106 / 2.124 -> 2.113 /
+/// 2.115, 16 2.138 / 2.151 -> 2.185 / 2.177.
+pub(super) const ONE_TILE_MAX_TOKENS: usize = 12;
+
 /// Weight rows per cluster of the `_c` kernels (`TC_WROWS`; gate/up: 64
 /// rows of each matrix).
 const TC_WROWS: usize = 128;
@@ -446,18 +455,16 @@ impl GpuContext {
         self.check_out(out, n_tok, n_rows, ld_out)?;
         let [act, act_s, act_sum, _] = acts.args(k)?;
         let choice = self.ternary_batch();
-        // Auto: passes of up to 8 tokens on the one-tile kernels; the
-        // cluster kernels where they pay (`cluster_pays`); the staged 64-row
+        // Auto: the cluster kernels where they pay (`cluster_pays`); passes
+        // of up to 12 tokens on the one-tile kernels; the staged 64-row
         // kernels when their work fills every SM (on the H200: 2B-4T's
         // gate/up from 32 tokens, every product from 128); else the K-split
         // ones, whose small CTAs (16 or 32 rows) keep more loads in flight
         // on small grids (docs/perf/gpu.md, sessions 7, 12 and 16).
-        let one_ok = n_tok <= 8 && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
+        let one_ok = n_tok <= self.one_max && self.ternary_one.load(std::sync::atomic::Ordering::Relaxed);
         let want_cluster = match choice {
             TernaryBatch::Cluster => !one_ok,
-            TernaryBatch::Auto => {
-                !one_ok && self.cluster_ok() && cluster_pays(n_rows, n_tok, k, kernels.gate_up, self.sms)
-            }
+            TernaryBatch::Auto => self.cluster_ok() && cluster_pays(n_rows, n_tok, k, kernels.gate_up, self.sms),
             _ => false,
         };
         let target = if self.cluster_ctas > 0 { self.cluster_ctas } else { self.sms };
@@ -468,7 +475,7 @@ impl GpuContext {
                 TernaryBatch::Staged4 => true,
                 TernaryBatch::Auto => self.staged_ok() && staged_grid_fills(n_rows, n_tok, kernels.gate_up, self.sms),
             };
-        // Neither: passes of up to 8 tokens on the one-tile kernels (`_1`,
+        // Neither: passes of up to 12 tokens on the one-tile kernels (`_1`,
         // unless turned off), the others on the K-split ones (`_b2` when
         // their grid fits one wave, else `_b`).
         let one = !staged && cluster.is_none() && one_ok;
