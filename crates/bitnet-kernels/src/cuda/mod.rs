@@ -356,16 +356,18 @@ pub enum TernaryBatch {
     /// `ternary_mm_*_s4`: 64 rows x 32 tokens per CTA, cp.async pipeline.
     Staged4,
     /// `ternary_mm_*_c`: 128 weight rows x 32 tokens per thread-block
-    /// cluster, the K range split over the cluster's CTAs (compute
-    /// capability 9.0+; elsewhere, and for a K range too long for the
-    /// kernel's shared memory, `Split`).
+    /// cluster, the K range split over the cluster's CTAs, for passes the
+    /// one-tile kernels do not take (where the device has no clusters:
+    /// `Split`; for a K range too long for the kernel's shared memory:
+    /// `Split2` when its grid fits one wave, else `Split`).
     Cluster,
     /// Per launch: `Cluster` where it pays (more than 8 tokens, fewer
     /// unsplit cluster tiles than SMs, and more than 16 tokens or at least
     /// 16 Mi weights; compute capability 9.0+); else passes of up to 12
-    /// tokens on the one-tile kernels; else `Staged4` when its work fills every SM (gate/up CTAs
-    /// count twice, a partial token tile for its share); else `Split2` when
-    /// its grid fits one wave (a CTA per SM), else `Split`.
+    /// tokens on the one-tile kernels; else `Staged4` when its work fills
+    /// every SM (gate/up CTAs count twice, a partial token tile for its
+    /// share); else `Split2` when its grid fits one wave (a CTA per SM),
+    /// else `Split`.
     Auto,
 }
 
@@ -404,6 +406,18 @@ pub(crate) enum LaunchKind {
     /// As `Plain`, in thread-block clusters of this many CTAs along x
     /// (compute capability 9.0+; the grid's x a multiple of it).
     Cluster(u32),
+}
+
+/// The launch attribute for thread-block clusters of `x` CTAs along x.
+fn cluster_attribute(x: u32) -> sys::CUlaunchAttribute {
+    // SAFETY: a zeroed launch attribute is a valid plain-data value; the id
+    // and the union member of that id are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = x;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = 1;
+    attr
 }
 
 /// Which code computes the output head.
@@ -672,13 +686,7 @@ impl GpuContext {
     /// [`ops::TC_MAX_SMEM`] bytes each), asked before the first launch so
     /// that a device or partition that cannot is never sent one.
     fn clusters_fit(&self, f: sys::CUfunction) -> bool {
-        // SAFETY: a zeroed launch attribute is a valid plain-data value; the
-        // id and its union member are set below.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = 8;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = 1;
+        let mut attr = cluster_attribute(8);
         let cfg = sys::CUlaunchConfig {
             gridDimX: 8,
             gridDimY: 1,
@@ -1008,10 +1016,7 @@ impl GpuContext {
             if x == 0 || !grid.0.is_multiple_of(x) {
                 return Err(CudaError::Shape(format!("{name}: grid {} is not a multiple of the cluster {x}", grid.0)));
             }
-            attrs[n_attrs].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attrs[n_attrs].value.clusterDim.x = x;
-            attrs[n_attrs].value.clusterDim.y = 1;
-            attrs[n_attrs].value.clusterDim.z = 1;
+            attrs[n_attrs] = cluster_attribute(x);
             n_attrs += 1;
         }
         let cfg = sys::CUlaunchConfig {
