@@ -360,10 +360,17 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     wide.max_position_embeddings = 4096;
     // And head_dim 128 with a context of many 64-position chunks.
     let hd128 = hd128_config();
+    // head_dim 48: scalar attention units (no tensor-core kernel for it)
+    // whose heads are not whole warps of the combine.
+    let mut hd48 = Preset::Tiny.config();
+    (hd48.n_heads, hd48.n_kv_heads, hd48.head_dim, hd48.hidden_size) = (8, 2, 48, 384);
+    hd48.intermediate_size = 1024;
+    hd48.max_position_embeddings = 4096;
     let models = [
         ("small", Arc::new(synthetic::generate(Preset::Small, 11).unwrap()), vec![1, 2], 200),
         ("wide", Arc::new(synthetic::generate_with_config(wide, 12).unwrap()), vec![1, 2], 2100),
         ("head_dim 128", Arc::new(synthetic::generate_with_config(hd128, 13).unwrap()), vec![1, 2], 2100),
+        ("head_dim 48", Arc::new(synthetic::generate_with_config(hd48, 14).unwrap()), vec![1, 2], 300),
     ];
     for (name, model, batches, longest) in &models {
         let vocab = model.config.vocab_size;

@@ -308,17 +308,25 @@ fn host_rmsnorm_quant(x: &[f32], w: &[f32], eps: f32) -> (Vec<i8>, f32) {
 fn rmsnorm_quant_matches_host_and_survives_relu2_sized_values() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(3);
-    let (rows, width, eps) = (7, 6912, 1e-5f32);
+    // 2B-4T's FFN width (held in registers) and a longer row, not a
+    // multiple of the block size, that the kernel reads three times.
+    for width in [6912, 9000] {
+        rmsnorm_quant_case(&g, &mut rng, width);
+    }
+}
+
+fn rmsnorm_quant_case(g: &GpuContext, rng: &mut Rng, width: usize) {
+    let (rows, eps) = (7, 1e-5f32);
     let w: Vec<f32> = (0..width).map(|_| rng.f32(0.2, 3.0)).collect();
     // relu^2-sized values, far above the f16 range.
     let x: Vec<f32> = (0..rows * width).map(|_| rng.f32(-1.0, 1.0).powi(3) * 2.0e5).collect();
-    let (wb, xb) = (up_f32(&g, &w), up_f32(&g, &x));
+    let (wb, xb) = (up_f32(g, &w), up_f32(g, &x));
     let q = g.alloc("q", rows * width).unwrap();
     let (s, qs, flags) = (g.alloc("s", rows * 4).unwrap(), g.alloc("qs", rows * 4).unwrap(), g.alloc("f", 4).unwrap());
     let acts = TernaryActs { q: q.all(), scale: s.all(), qsum: qs.all(), n_tok: rows };
     g.rmsnorm_quant(xb.all(), wb.all(), eps, rows, width, &acts, flags.all()).unwrap();
-    let (gq, gs, gqs) = (read_bytes(&g, &q, rows * width), read_f32(&g, &s, rows), read_i32(&g, &qs, rows));
-    assert_eq!(read_i32(&g, &flags, 1)[0], 0, "non-finite flag");
+    let (gq, gs, gqs) = (read_bytes(g, &q, rows * width), read_f32(g, &s, rows), read_i32(g, &qs, rows));
+    assert_eq!(read_i32(g, &flags, 1)[0], 0, "non-finite flag");
     let mut flips = 0usize;
     for r in 0..rows {
         let (hq, hs) = host_rmsnorm_quant(&x[r * width..(r + 1) * width], &w, eps);
