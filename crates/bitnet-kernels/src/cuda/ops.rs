@@ -620,6 +620,32 @@ impl GpuContext {
         most.min(enough).min((ATT_PART_ROWS / n.max(1)).max(1))
     }
 
+    /// [`Self::attention_mma_splits`] for `n` rows of a model with these
+    /// query and kv heads (CTAs of one split: rows x kv heads x groups of
+    /// up to four query heads), except that one row takes at most
+    /// `target_ctas / n_heads` splits: the fused kernel runs a batch-1
+    /// step's attention as one unit per query head and split, so the CTA
+    /// count of the kv-head grouping (5 a split for 2B-4T) gave it far more
+    /// units than the GPU holds at long windows. Measured on the H200
+    /// (BF16, 2B-4T, target 264; session 17): windows 1024 / 2048 / 4096
+    /// with 16 / 32 / 53 splits 1.56 / 2.02 / 2.34 ms per step, with 12 1.54
+    /// / 1.64 / 1.74 and 14 1.55 / 1.67 / 1.78; two rows keep the general
+    /// rule (27 splits at window 2048: 1.79 ms against 1.95 with 7).
+    pub fn attention_mma_decode_splits(
+        n: usize,
+        (n_heads, n_kv): (usize, usize),
+        max_visible: usize,
+        target_ctas: usize,
+    ) -> usize {
+        let units = n * n_kv * (n_heads / n_kv.max(1)).div_ceil(ATT_G);
+        let s = Self::attention_mma_splits(n, units, max_visible, target_ctas);
+        if n == 1 {
+            s.min((target_ctas / n_heads.max(1)).max(1))
+        } else {
+            s
+        }
+    }
+
     /// Whether attention in `precision` with this head_dim runs on tensor
     /// cores (f16/bf16 caches, head_dim 64 or 128, unless turned off with
     /// [`Self::set_attention_mma`] or `BITNET_CUDA_ATTENTION=scalar`). The
@@ -642,12 +668,11 @@ impl GpuContext {
         max_visible: usize,
     ) -> usize {
         if self.attention_on_tensor_cores(precision, head_dim) {
-            let units = n * n_kv * (n_heads / n_kv.max(1)).div_ceil(ATT_G);
             let target = match self.attention_ctas.load(std::sync::atomic::Ordering::Relaxed) {
                 0 => 2 * self.sms.max(1),
                 t => t,
             };
-            Self::attention_mma_splits(n, units, max_visible, target)
+            Self::attention_mma_decode_splits(n, (n_heads, n_kv), max_visible, target)
         } else {
             Self::attention_splits(n, max_visible)
         }
@@ -1118,6 +1143,22 @@ mod tests {
         // within the scratch (ATT_PART_ROWS).
         assert_eq!(GpuContext::attention_mma_splits(1, 1, 100, usize::MAX), 2);
         assert_eq!(GpuContext::attention_mma_splits(1, 0, 100, 0), 1);
+    }
+
+    #[test]
+    fn one_row_takes_no_more_splits_than_its_heads_fill() {
+        let heads = (20, 5); // 2B-4T: 20 query heads, 5 kv heads (4 each)
+                             // One row: at most 264 / 20 = 13 splits, whatever the window...
+        assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 2048, 264), 13);
+        assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 4096, 264), 13);
+        // ...but never more than one per chunk of 64 positions.
+        assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 256, 264), 4);
+        assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 1024, 264), 13);
+        // Two rows keep the fewest splits giving 264 CTAs of 10: 27.
+        assert_eq!(GpuContext::attention_mma_decode_splits(2, heads, 2048, 264), 27);
+        assert_eq!(GpuContext::attention_mma_decode_splits(8, heads, 256, 264), 4);
+        // A target below the head count still leaves one split.
+        assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 2048, 1), 1);
         assert_eq!(GpuContext::attention_mma_splits(1024, 1, 4096, usize::MAX), ATT_PART_ROWS / 1024);
     }
 
