@@ -658,8 +658,8 @@ impl GpuContext {
 
     /// The split count [`Self::attention`], [`Self::attention_decode_rope`]
     /// and the fused kernel use for `n` rows (so their results are the
-    /// same): on tensor cores, [`Self::attention_mma_splits`] with a target
-    /// of two CTAs per SM (or [`Self::set_attention_ctas`]'s).
+    /// same): on tensor cores, [`Self::attention_mma_decode_splits`] with a
+    /// target of two CTAs per SM (or [`Self::set_attention_ctas`]'s).
     pub fn attention_split_count(
         &self,
         precision: GpuDType,
@@ -1143,12 +1143,14 @@ mod tests {
         // within the scratch (ATT_PART_ROWS).
         assert_eq!(GpuContext::attention_mma_splits(1, 1, 100, usize::MAX), 2);
         assert_eq!(GpuContext::attention_mma_splits(1, 0, 100, 0), 1);
+        assert_eq!(GpuContext::attention_mma_splits(1024, 1, 4096, usize::MAX), ATT_PART_ROWS / 1024);
     }
 
     #[test]
     fn one_row_takes_no_more_splits_than_its_heads_fill() {
-        let heads = (20, 5); // 2B-4T: 20 query heads, 5 kv heads (4 each)
-                             // One row: at most 264 / 20 = 13 splits, whatever the window...
+        // 2B-4T: 20 query heads, 5 kv heads (4 each). One row: at most
+        // 264 / 20 = 13 splits, whatever the window...
+        let heads = (20, 5);
         assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 2048, 264), 13);
         assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 4096, 264), 13);
         // ...but never more than one per chunk of 64 positions.
@@ -1159,7 +1161,6 @@ mod tests {
         assert_eq!(GpuContext::attention_mma_decode_splits(8, heads, 256, 264), 4);
         // A target below the head count still leaves one split.
         assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 2048, 1), 1);
-        assert_eq!(GpuContext::attention_mma_splits(1024, 1, 4096, usize::MAX), ATT_PART_ROWS / 1024);
     }
 
     #[test]
