@@ -1389,14 +1389,18 @@ __device__ void attention_unit(const float* qh, const typename P::T* __restrict_
                 float m_new = fmaxf(m_run[g], warp_max_f(mine));
                 float factor = expf(m_run[g] - m_new);  // 0 on the first chunk (m_run = -inf)
                 e_mine[g] = lane < cnt ? expf(mine - m_new) : 0.0f;
-                l_run[g] = l_run[g] * factor + warp_sum_f(e_mine[g]);
+                // Explicit roundings here and below: with plain operators the
+                // compiler fused acc * factor into the first product of the
+                // chunk in the fused kernel but not in attention_*_h1, so
+                // their results differed whenever a split's maximum moved.
+                l_run[g] = __fmaf_rn(l_run[g], factor, warp_sum_f(e_mine[g]));
                 m_run[g] = m_new;
 #pragma unroll
                 for (int j = 0; j < GROUPS; j++) {
-                    acc[g][j].x *= factor;
-                    acc[g][j].y *= factor;
-                    acc[g][j].z *= factor;
-                    acc[g][j].w *= factor;
+                    acc[g][j].x = __fmul_rn(acc[g][j].x, factor);
+                    acc[g][j].y = __fmul_rn(acc[g][j].y, factor);
+                    acc[g][j].z = __fmul_rn(acc[g][j].z, factor);
+                    acc[g][j].w = __fmul_rn(acc[g][j].w, factor);
                 }
             }
         }
@@ -1421,10 +1425,10 @@ __device__ void attention_unit(const float* qh, const typename P::T* __restrict_
                 float e = __shfl_sync(0xffffffffu, e_mine[g], i & 31);
 #pragma unroll
                 for (int j = 0; j < GROUPS; j++) {
-                    acc[g][j].x += e * kv[ii][j].x;
-                    acc[g][j].y += e * kv[ii][j].y;
-                    acc[g][j].z += e * kv[ii][j].z;
-                    acc[g][j].w += e * kv[ii][j].w;
+                    acc[g][j].x = __fmaf_rn(e, kv[ii][j].x, acc[g][j].x);
+                    acc[g][j].y = __fmaf_rn(e, kv[ii][j].y, acc[g][j].y);
+                    acc[g][j].z = __fmaf_rn(e, kv[ii][j].z, acc[g][j].z);
+                    acc[g][j].w = __fmaf_rn(e, kv[ii][j].w, acc[g][j].w);
                 }
             }
         }

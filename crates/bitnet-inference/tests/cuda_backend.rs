@@ -345,6 +345,40 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
     }
 }
 
+/// Batch-1 split counts that leave the new position's split without the
+/// window's first chunks (12, 15, 25 and 33 splits for this model's 8
+/// heads): the scalar attention unit once rounded its rescale differently
+/// in the fused and the per-operation kernels (the compiler contracted
+/// `acc * factor + e * kv` in one and not the other), which only such
+/// splits exposed.
+#[test]
+fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
+    if !gpu_present() {
+        return;
+    }
+    let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
+    let vocab = model.config.vocab_size;
+    let ps = vec![prompts(1, 2100, vocab, 100).remove(0)];
+    for precision in PRECISIONS {
+        for splits in [12usize, 15, 25, 33] {
+            let backend = |fused_rows: usize| {
+                let b = cuda(&model, precision, |c| {
+                    c.kv_slots = 8 * 2200;
+                    c.fused_max_rows = fused_rows;
+                });
+                // One row takes at most target / query heads splits.
+                b.gpu().set_attention_ctas(8 * splits);
+                b
+            };
+            let per_op = prefill_then_decode(&mut backend(0), &ps, 5);
+            let fused = prefill_then_decode(&mut backend(bitnet_kernels::cuda::FUSED_ROWS), &ps, 5);
+            assert!(per_op.iter().flatten().flatten().all(|v| v.is_finite()), "{precision:?} {splits} splits");
+            assert_eq!(per_op, fused, "{precision:?} target {splits} splits: fused and per-operation logits differ");
+            println!("{precision:?} batch 1, {splits} splits: fused = per-operation bit for bit");
+        }
+    }
+}
+
 #[test]
 fn fused_decode_kernel_equals_the_per_operation_kernels() {
     if !gpu_present() {

@@ -322,8 +322,8 @@ pub struct GpuContext {
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
-    /// CTAs the tensor-core attention's split count aims for (0: two per SM;
-    /// `BITNET_CUDA_ATTENTION_CTAS`).
+    /// CTAs the attention's split count aims for (0: two per SM;
+    /// `BITNET_CUDA_ATTENTION_CTAS`; see [`GpuContext::attention_split_count`]).
     pub(crate) attention_ctas: std::sync::atomic::AtomicUsize,
     /// Passes of up to `one_max` tokens on the one-tile kernels (`_1`; else `_b`).
     pub(crate) ternary_one: std::sync::atomic::AtomicBool,
@@ -738,10 +738,11 @@ impl GpuContext {
         self.attention_mma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Sets the number of CTAs the tensor-core attention's split count aims
-    /// for (0, the default: two per SM, or `BITNET_CUDA_ATTENTION_CTAS`; see
-    /// [`GpuContext::attention_mma_splits`]): 1 gives every row one split,
-    /// a large number one split per chunk. Changes the last bits of the
+    /// Sets the number of CTAs the attention's split count aims for (0, the
+    /// default: two per SM, or `BITNET_CUDA_ATTENTION_CTAS`; see
+    /// [`GpuContext::attention_split_count`]): on tensor cores 1 gives every
+    /// row one split, a large number one split per chunk; scalar attention
+    /// uses it for one row only (at most target / query heads splits). Changes the last bits of the
     /// results: a backend sets it before its first step, never between.
     pub fn set_attention_ctas(&self, ctas: usize) {
         self.attention_ctas.store(ctas, std::sync::atomic::Ordering::Relaxed);

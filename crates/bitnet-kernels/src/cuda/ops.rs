@@ -667,14 +667,30 @@ impl GpuContext {
         n: usize,
         max_visible: usize,
     ) -> usize {
+        let target = match self.attention_ctas.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => 2 * self.sms.max(1),
+            t => t,
+        };
         if self.attention_on_tensor_cores(precision, head_dim) {
-            let target = match self.attention_ctas.load(std::sync::atomic::Ordering::Relaxed) {
-                0 => 2 * self.sms.max(1),
-                t => t,
-            };
             Self::attention_mma_decode_splits(n, (n_heads, n_kv), max_visible, target)
         } else {
-            Self::attention_splits(n, max_visible)
+            Self::attention_scalar_decode_splits(n, n_heads, max_visible, target)
+        }
+    }
+
+    /// Split count of the scalar attention kernels: [`Self::attention_splits`],
+    /// except that one row takes at most `target_ctas / n_heads` splits,
+    /// for the reason given at [`Self::attention_mma_decode_splits`] (the
+    /// fused kernel runs one unit per query head and split). Measured on
+    /// the H200 (FP32, 2B-4T, target 264; session 17): windows 1024 / 2048
+    /// 3.16 / 3.78 ms per step uncapped (16 / 32 splits), 2.30 / 2.49
+    /// capped at 13.
+    pub fn attention_scalar_decode_splits(n: usize, n_heads: usize, max_visible: usize, target_ctas: usize) -> usize {
+        let s = Self::attention_splits(n, max_visible);
+        if n == 1 {
+            s.min((target_ctas / n_heads.max(1)).max(1))
+        } else {
+            s
         }
     }
 
@@ -1161,6 +1177,19 @@ mod tests {
         assert_eq!(GpuContext::attention_mma_decode_splits(8, heads, 256, 264), 4);
         // A target below the head count still leaves one split.
         assert_eq!(GpuContext::attention_mma_decode_splits(1, heads, 2048, 1), 1);
+    }
+
+    #[test]
+    fn one_scalar_row_takes_no_more_splits_than_its_heads_fill() {
+        // Scalar attention splits the window in chunks of 32 positions, at
+        // most 64 splits; 2B-4T's 20 query heads on 264 CTAs cap one row
+        // at 13 (4096 positions would otherwise take 64).
+        assert_eq!(GpuContext::attention_scalar_decode_splits(1, 20, 4096, 264), 13);
+        assert_eq!(GpuContext::attention_scalar_decode_splits(1, 20, 32, 264), 1);
+        assert_eq!(GpuContext::attention_scalar_decode_splits(1, 20, 96, 264), 3);
+        // Two rows keep the general rule; a tiny target still leaves one.
+        assert_eq!(GpuContext::attention_scalar_decode_splits(2, 20, 4096, 264), 64);
+        assert_eq!(GpuContext::attention_scalar_decode_splits(1, 20, 4096, 1), 1);
     }
 
     #[test]
