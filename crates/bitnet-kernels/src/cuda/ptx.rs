@@ -71,37 +71,82 @@ pub fn lineinfo_requested() -> bool {
     std::env::var("BITNET_CUDA_LINEINFO").is_ok_and(|v| v == "1")
 }
 
-/// Compiles `source` for `compute_{major}{minor}` with NVRTC (with
-/// `-lineinfo` when [`lineinfo_requested`]).
-pub fn compile(source: &str, arch: (u32, u32)) -> Result<String, CudaError> {
-    compile_with(source, arch, lineinfo_requested())
+/// The preprocessor definitions of a developer build,
+/// `BITNET_CUDA_DEFINES="NAME[=VALUE],..."` (e.g. `FUSED_SUBTRACE=1`, the
+/// fused kernel's sub-stage trace): each becomes `-DNAME[=VALUE]` for NVRTC,
+/// so an experiment needs no rebuilt binary. Names are C identifiers, values
+/// letters, digits, `_`, `.` or `-`; anything else is an error naming the
+/// item. Set, the run compiles the source even where the binary carries
+/// nvcc's PTX, and caches it under its own key.
+pub fn requested_defines() -> Result<Vec<String>, CudaError> {
+    parse_defines(&std::env::var("BITNET_CUDA_DEFINES").unwrap_or_default())
 }
 
-fn compile_with(source: &str, arch: (u32, u32), lineinfo: bool) -> Result<String, CudaError> {
+fn parse_defines(spec: &str) -> Result<Vec<String>, CudaError> {
+    let bad = |item: &str, why: &str| CudaError::Shape(format!("BITNET_CUDA_DEFINES: `{item}` {why}"));
+    let mut out = Vec::new();
+    for item in spec.split([',', ' ']).map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, value) = match item.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (item, None),
+        };
+        let ident = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ident {
+            return Err(bad(item, "is not NAME or NAME=VALUE with NAME a C identifier"));
+        }
+        if let Some(v) = value {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+                return Err(bad(item, "has a value other than letters, digits, `_`, `.` or `-`"));
+            }
+        }
+        out.push(format!("-D{item}"));
+    }
+    Ok(out)
+}
+
+/// Compiles `source` for `compute_{major}{minor}` with NVRTC (with
+/// `-lineinfo` when [`lineinfo_requested`] and the
+/// [`requested_defines`]).
+pub fn compile(source: &str, arch: (u32, u32)) -> Result<String, CudaError> {
+    compile_with(source, arch, &dev_options()?)
+}
+
+/// The options of a developer build: `-lineinfo`, then the definitions.
+fn dev_options() -> Result<Vec<String>, CudaError> {
+    let mut extra = Vec::new();
+    if lineinfo_requested() {
+        extra.push("-lineinfo".to_string());
+    }
+    extra.extend(requested_defines()?);
+    Ok(extra)
+}
+
+fn compile_with(source: &str, arch: (u32, u32), extra: &[String]) -> Result<String, CudaError> {
     if !nvrtc_present() {
         return Err(CudaError::NoNvrtc);
     }
     let mut options = vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1), "-std=c++17".into()];
-    if lineinfo {
-        options.push("-lineinfo".into());
-    }
+    options.extend(extra.iter().cloned());
     let opts = CompileOptions { options, ..Default::default() };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
         .map_err(|e| CudaError::Compile { arch: format!("compute_{}{}", arch.0, arch.1), log: e.to_string() })?;
     Ok(ptx.to_src())
 }
 
-/// The PTX for a device of compute capability `cc`: the prebuilt one, the
-/// cached one, or a fresh NVRTC compile (for the device's architecture, or
-/// for `compute_80` if this NVRTC does not know the device's).
+/// The PTX for a device of compute capability `cc`: the prebuilt one (unless
+/// a developer build asks for definitions), the cached one, or a fresh NVRTC
+/// compile (for the device's architecture, or for `compute_80` if this NVRTC
+/// does not know the device's).
 pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
-    if let Some(ptx) = PREBUILT {
+    let defines = requested_defines()?;
+    if let (Some(ptx), true) = (PREBUILT, defines.is_empty()) {
         return Ok((Ptx::from_src(ptx), PtxOrigin::Prebuilt));
     }
     let mut last_err = None;
-    let lineinfo = lineinfo_requested();
+    let extra = dev_options()?;
     for arch in [cc, MIN_COMPUTE_CAPABILITY] {
-        let key = cache_key(SOURCE, arch, lineinfo);
+        let key = cache_key(SOURCE, arch, &extra);
         let path = cache_dir().map(|d| d.join(format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)));
         if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
             if text.contains(".entry") {
@@ -109,7 +154,7 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
             }
         }
         let start = std::time::Instant::now();
-        match compile_with(SOURCE, arch, lineinfo) {
+        match compile_with(SOURCE, arch, &extra) {
             Ok(text) => {
                 if let Some(path) = &path {
                     store(path, &text);
@@ -130,15 +175,13 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
     Err(last_err.unwrap_or(CudaError::NoNvrtc))
 }
 
-/// The PTX cache key: the source, the architecture and (only when set, so
-/// the default keys stay as they were) `-lineinfo`.
-fn cache_key(source: &str, arch: (u32, u32), lineinfo: bool) -> u64 {
+/// The PTX cache key: the source, the architecture and the developer
+/// options, if any (none: the key earlier builds used).
+fn cache_key(source: &str, arch: (u32, u32), extra: &[String]) -> u64 {
     let arch = format!("compute_{}{}", arch.0, arch.1);
-    if lineinfo {
-        fnv1a(&[source.as_bytes(), arch.as_bytes(), b"-lineinfo"])
-    } else {
-        fnv1a(&[source.as_bytes(), arch.as_bytes()])
-    }
+    let mut parts: Vec<&[u8]> = vec![source.as_bytes(), arch.as_bytes()];
+    parts.extend(extra.iter().map(|o| o.as_bytes()));
+    fnv1a(&parts)
 }
 
 /// Writes the cache file atomically (temporary file, then rename); a cache
@@ -168,8 +211,27 @@ mod tests {
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
         // -lineinfo PTX never answers for the default build, and the default
         // key is the one earlier builds used.
-        assert_ne!(cache_key("src", (9, 0), true), cache_key("src", (9, 0), false));
-        assert_eq!(cache_key("src", (9, 0), false), fnv1a(&[b"src", b"compute_90"]));
+        let lineinfo = ["-lineinfo".to_string()];
+        assert_ne!(cache_key("src", (9, 0), &lineinfo), cache_key("src", (9, 0), &[]));
+        assert_eq!(cache_key("src", (9, 0), &[]), fnv1a(&[b"src", b"compute_90"]));
+        // The key -lineinfo builds used before definitions existed.
+        assert_eq!(cache_key("src", (9, 0), &lineinfo), fnv1a(&[b"src", b"compute_90", b"-lineinfo"]));
+        // Definitions give their own key.
+        let d = ["-DFUSED_SUBTRACE=1".to_string()];
+        assert_ne!(cache_key("src", (9, 0), &d), cache_key("src", (9, 0), &[]));
+    }
+
+    #[test]
+    fn developer_defines_are_checked() {
+        assert_eq!(parse_defines("").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            parse_defines("FUSED_SUBTRACE=1, X_2 ,_Y=a.b-c").unwrap(),
+            ["-DFUSED_SUBTRACE=1", "-DX_2", "-D_Y=a.b-c"]
+        );
+        for bad in ["1X", "A=", "A=b c=", "A=\"x\"", "A-B", "=1", "A=$(x)"] {
+            let e = parse_defines(bad).expect_err(bad).to_string();
+            assert!(e.contains("BITNET_CUDA_DEFINES"), "{bad}: {e}");
+        }
     }
 
     /// Compiles every kernel with NVRTC for sm_80 and sm_90. Needs only
@@ -207,7 +269,7 @@ mod tests {
             }
         }
         // With -lineinfo (profiling builds) the PTX carries source lines.
-        let ptx = compile_with(SOURCE, (9, 0), true).unwrap_or_else(|e| panic!("{e}"));
+        let ptx = compile_with(SOURCE, (9, 0), &["-lineinfo".to_string()]).unwrap_or_else(|e| panic!("{e}"));
         assert!(ptx.contains(".loc"), "-lineinfo PTX has no .loc directives");
     }
 }
