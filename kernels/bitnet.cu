@@ -485,7 +485,11 @@ FINAL_NORM(final_norm_bf16, BF16, true)
 // reduced, 5 quantised and summed, 6 norm done, 7 thread 0's warp done with
 // its products, 8 partial sums in shared memory, 9 outputs written, 10 next
 // norm weights staged, 11 barrier left; the attention stage records 0, 10
-// and 11. Off (the default), SUBT compiles to nothing.
+// and 11, and for its first unit in CTA 0: 1 q (and k, v) rotated, 2 q
+// built for the tensor cores, 3 thread 0's warp done with its positions, 4
+// the unit's warps merged (tensor cores), 5 the unit's part written, 6
+// after the fence, 7 after the completion counter, 8 after the combine (a
+// unit that combines). Off (the default), SUBT compiles to nothing.
 #ifndef FUSED_SUBTRACE
 #define FUSED_SUBTRACE 0
 #endif
@@ -1787,7 +1791,7 @@ __device__ __forceinline__ float amma_head_sum(const AmmaShared& sh, int h, floa
 template <bool FUSED, bool DIRECT = false>
 __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, int S, int ng, int head_dim,
                             float* part, float* ml, int tid, int sync_id, float* out = nullptr,
-                            int* flags = nullptr) {
+                            int* flags = nullptr, unsigned long long* trace = nullptr) {
     const unsigned full = 0xffffffffu;
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
     // hi + lo columns; lanes t < 2 then hold O[2t][..] (acc[][][0], [2]) and
@@ -1820,6 +1824,7 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
         }
     }
     unit_sync(FUSED ? sync_id : 0);
+    SUBT(trace, 4);
     for (int i = tid; i < ng * head_dim; i += AMMA_WARPS * 32) {
         int h = i / head_dim, d = i - h * head_dim;
         float M = amma_head_max(sh, h);
@@ -1869,11 +1874,12 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
                                    size_t first, int visible, int s, int S, int ng, int head_dim, int kv_dim,
                                    float scale, const u16* knew, const u16* vnew, int cur, size_t slot0, float* part,
                                    float* ml, int* flags, int tid, int sync_id, float* scratch,
-                                   float* out = nullptr) {
+                                   float* out = nullptr, unsigned long long* trace = nullptr) {
     AmmaShared sh(scratch);
     int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3, C = head_dim >> 6;
     amma_qbuild<P>(qh, ng, head_dim, scale, flags, sh.qbs, warp, lane);
     unit_sync(sync_id);
+    SUBT(trace, 2);
     AmmaState st;
     st.init();
     AmmaKV kv;
@@ -1883,7 +1889,9 @@ __device__ void attention_mma_unit(const float* qh, const u16* __restrict__ kc, 
         amma_load_k<true>(kv, kc, first, p0, visible, kv_dim, C, g, t, knew, cur);
         amma_chunk<P, true, true>(st, kv, sh.qbs, sh.pt[warp], p0, visible, C, lane, vc, first, kv_dim, vnew, cur);
     }
-    amma_finish<true, DIRECT>(st, sh, slot0, S, ng, head_dim, part, ml, tid, sync_id, out, flags);
+    SUBT(trace, 3);
+    amma_finish<true, DIRECT>(st, sh, slot0, S, ng, head_dim, part, ml, tid, sync_id, out, flags, trace);
+    SUBT(trace, 5);
 }
 
 // The per-operation kernel: one unit per CTA, grid (rows, n_kv_heads *
@@ -2262,7 +2270,7 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
                                  const float* sin_t, typename P::T* kc, typename P::T* vc, float* part, float* ml,
                                  int* flags, int r, int kvh, int head0, int ng, bool first_group, int s, int S,
                                  int n_heads, int n_kv_heads, int head_dim, float scale, int tid, int sid, float* a,
-                                 float* out = nullptr) {
+                                 float* out = nullptr, unsigned long long* trace = nullptr) {
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     int qkv_rows = hidden + 2 * kv_dim;
     float* scratch = a;                // AMMA_FLOATS
@@ -2313,9 +2321,10 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
         }
     }
     unit_sync(sid);
+    SUBT(trace, 1);
     attention_mma_unit<P, DIRECT>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s, S,
                                        ng, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, ((size_t)r * n_heads + head0) * S + s, part,
-                                       ml, flags, tid, sid, scratch, DIRECT ? out + (size_t)head0 * head_dim : nullptr);
+                                       ml, flags, tid, sid, scratch, DIRECT ? out + (size_t)head0 * head_dim : nullptr, trace);
 }
 
 // Stage C of the fused kernel on tensor cores (P::MMA, head_dim 64 or 128):
@@ -2332,7 +2341,8 @@ template <class P>
 __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
                                     const float* sin_t, typename P::T* kc, typename P::T* vc, float* attn, float* part,
                                     float* ml, unsigned* done, int* flags, int n, int n_heads, int n_kv_heads,
-                                    int head_dim, int S, float scale, int layer, float* a, int* last) {
+                                    int head_dim, int S, float scale, int layer, float* a, int* last,
+                                    unsigned long long* trace = nullptr) {
     int hh = threadIdx.x / (AMMA_WARPS * 32), tid = threadIdx.x % (AMMA_WARPS * 32), sid = 1 + hh;
     int hidden = n_heads * head_dim, G = n_heads / n_kv_heads;
     int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4, hgroups = (G + hpu - 1) / hpu;
@@ -2343,16 +2353,18 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
         amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0, s, S,
-                            n_heads, n_kv_heads, head_dim, scale, tid, sid, a);
+                            n_heads, n_kv_heads, head_dim, scale, tid, sid, a, nullptr, trace);
         // The last of the S units of (r, group) to finish combines them.
         __threadfence();
         unit_sync(sid);
+        SUBT(trace, 6);
         if (tid == 0) {
             unsigned before = atomicAdd(done + (size_t)r * n_heads + head0, 1u);
             last[hh] = before == (unsigned)((layer + 1) * S - 1);
             __threadfence();
         }
         unit_sync(sid);
+        SUBT(trace, 7);
         if (last[hh]) {
             for (int h = 0; h < ng; h++) {
                 combine_head<true>(part, ml, slot0 + (size_t)h * S, S, head_dim,
@@ -2362,6 +2374,7 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
             }
         }
         unit_sync(sid);
+        SUBT(trace, 8);
     }
 }
 
@@ -2431,12 +2444,12 @@ __device__ void attention_mma_rope_impl(const float* qkv, const int* pos, const 
 ATTENTION_MMA_ROPE(attention_mma_rope_f16, F16)
 ATTENTION_MMA_ROPE(attention_mma_rope_bf16, BF16)
 
-template <class P, int GROUPS>
+template <class P, int GROUPS, bool MMA>
 __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, float* x, int n, const int* pos,
                                   const int* base, const float* cos_t, const float* sin_t, float* qkv, float* attn,
                                   float* hbuf, float* part, float* ml, unsigned* sync, int* flags, int n_heads,
                                   int n_kv_heads, int head_dim, int inter, float eps, int S, float scale,
-                                  int prefetch, int att_mma, unsigned long long* trace) {
+                                  int prefetch, unsigned long long* trace) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ double dsl[FUSED_THREADS / 32][FUSED_ROWS];
     __shared__ float fsl[FUSED_THREADS / 32][FUSED_ROWS];
@@ -2509,16 +2522,12 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         SUBT(sC, 0);
 
         // C: attention, two units per CTA at a time.
-        bool mma_done = false;
-        if constexpr (P::MMA && GROUPS == 1) {
-            if (att_mma) {
-                fused_attention_mma<P>(qkv, pos, base, cos_t, sin_t, kc, vc, attn, part, ml, done, flags, n, n_heads,
-                                       n_kv_heads, head_dim, S, scale, l, att + (threadIdx.x / 128) * FUSED_ATT_FLOATS,
-                                       last);
-                mma_done = true;
-            }
-        }
-        if (!mma_done) {
+        if constexpr (MMA) {
+            static_assert(P::MMA && GROUPS == 1, "tensor-core attention: f16/bf16, head_dim <= 128");
+            fused_attention_mma<P>(qkv, pos, base, cos_t, sin_t, kc, vc, attn, part, ml, done, flags, n, n_heads,
+                                   n_kv_heads, head_dim, S, scale, l, att + (threadIdx.x / 128) * FUSED_ATT_FLOATS,
+                                   last, sC);
+        } else {
             int hh = threadIdx.x / (ATT_WARPS * 32), tid = threadIdx.x % (ATT_WARPS * 32), sid = 1 + hh;
             float* a = att + hh * FUSED_ATT_FLOATS;
             float(*sc)[ATT_CHUNK] = (float(*)[ATT_CHUNK])a;
@@ -2562,23 +2571,28 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
                     }
                 }
                 unit_sync(sid);
+                SUBT(sC, 1);
                 size_t slot0 = ((size_t)r * n_heads + head) * S;
                 attention_unit<P, GROUPS, 1, true>(qs, kc, vc, (size_t)base[r] * kv_dim + (size_t)kvh * head_dim, p + 1, s,
                                              S, 1, head_dim, kv_dim, scale, knew, vnew, covers ? p : -1, slot0 + s,
                                              part, ml, tid, sid, sc, ared);
+                SUBT(sC, 5);
                 // The last of the S units of (r, head) to finish combines them.
                 __threadfence();
                 unit_sync(sid);
+                SUBT(sC, 6);
                 if (tid == 0) {
                     unsigned before = atomicAdd(done + (size_t)r * n_heads + head, 1u);
                     last[hh] = before == (unsigned)((l + 1) * S - 1);
                     __threadfence();
                 }
                 unit_sync(sid);
+                SUBT(sC, 7);
                 if (last[hh])
                     combine_head<true>(part, ml, slot0, S, head_dim, attn + (size_t)r * hidden + (size_t)head * head_dim,
                                        flags, tid, ATT_WARPS * 32, &ared[0][0], sid);
                 unit_sync(sid);
+                SUBT(sC, 8);
             }
         }
         SUBT(sC, 10);
@@ -2639,22 +2653,26 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
     }
 }
 
-#define FUSED_DECODE(NAME, P, GROUPS)                                                                  \
+#define FUSED_DECODE(NAME, P, GROUPS, MMA)                                                             \
     extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                     \
         NAME(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos, const int* base, \
              const float* cos_t, const float* sin_t, float* qkv, float* attn, float* hbuf, float* part, float* ml, \
              unsigned* sync, int* flags, int n_heads, int n_kv_heads, int head_dim, int inter, float eps, int S, \
-             float scale, int prefetch, int att_mma, unsigned long long* trace) {                      \
-        fused_decode_impl<P, GROUPS>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, hbuf, part, ml, \
-                                     sync, flags, n_heads, n_kv_heads, head_dim, inter, eps, S, scale, prefetch, \
-                                     att_mma, trace);                                                  \
+             float scale, int prefetch, unsigned long long* trace) {                                   \
+        fused_decode_impl<P, GROUPS, MMA>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, hbuf, part, \
+                                          ml, sync, flags, n_heads, n_kv_heads, head_dim, inter, eps, S, scale, \
+                                          prefetch, trace);                                            \
     }
-FUSED_DECODE(fused_decode_f32, F32, 1)
-FUSED_DECODE(fused_decode_f16, F16, 1)
-FUSED_DECODE(fused_decode_bf16, BF16, 1)
-FUSED_DECODE(fused_decode_f32_wide, F32, 2)
-FUSED_DECODE(fused_decode_f16_wide, F16, 2)
-FUSED_DECODE(fused_decode_bf16_wide, BF16, 2)
+// Each kernel holds one attention stage, tensor-core or scalar, not both:
+// the unused one's code cost the 16-bit kernels registers and spills.
+FUSED_DECODE(fused_decode_f32, F32, 1, false)
+FUSED_DECODE(fused_decode_f16, F16, 1, true)
+FUSED_DECODE(fused_decode_bf16, BF16, 1, true)
+FUSED_DECODE(fused_decode_f16_scalar, F16, 1, false)
+FUSED_DECODE(fused_decode_bf16_scalar, BF16, 1, false)
+FUSED_DECODE(fused_decode_f32_wide, F32, 2, false)
+FUSED_DECODE(fused_decode_f16_wide, F16, 2, false)
+FUSED_DECODE(fused_decode_bf16_wide, BF16, 2, false)
 
 // ---------------------------------------------------------------------------
 // Output head: logits[e, v] = sum_k W[v, k] * x[e, k], f32 accumulation.

@@ -6,13 +6,17 @@ Build with `#define FUSED_SUBTRACE 1` in kernels/bitnet.cu, then run e.g.
     xtask bench --device gpu --batches 1 --precisions bf16
 and pass the dump (one u64 per line: the last launch's trace buffer) and the
 model's layer count. Prints, per stage, the mean over the layers of the time
-between consecutive points of CTA 0 (us, from clock64 and the SM clock rate
+between consecutive recorded points of CTA 0 (us, from clock64 and the SM clock rate
 measured over the launch).
 """
 import sys
 
 NAMES = ["start", "prefetch", "loaded", "sumsq", "amax", "qsum", "norm end", "products", "reduced",
          "written", "weights staged", "barrier left"]
+# The attention stage's points (its first unit in CTA 0; 2 and 4 only on
+# tensor cores, 8 only where this unit combined).
+ATT_NAMES = ["start", "q/k/v rotated", "q built (tensor cores)", "positions done", "warps merged (tensor cores)",
+             "part written", "fence", "counter", "combined", "", "stage end", "barrier left"]
 STAGES = ["A q|k|v", "C attention", "D o", "E gate/up", "F down"]
 
 
@@ -31,20 +35,20 @@ def main():
     ghz = (c1 - c0) / (t1 - t0)
     print(f"SM clock {ghz:.3f} GHz, launch {(t1 - t0) / 1e3:.1f} us")
     for s, name in enumerate(STAGES):
+        names = ATT_NAMES if s == 1 else NAMES
         parts, total = [], 0.0
         for i in range(1, 12):
-            d = [(sub[60 * l + 12 * s + i] - sub[60 * l + 12 * s + i - 1]) / ghz / 1e3 for l in range(layers)
-                 if sub[60 * l + 12 * s + i] and sub[60 * l + 12 * s + i - 1]]
+            d = []
+            for l in range(layers):
+                row = sub[60 * l + 12 * s:60 * l + 12 * s + 12]
+                prev = [j for j in range(i) if row[j]]
+                if row[i] and prev:
+                    d.append((row[i] - row[prev[-1]]) / ghz / 1e3)
             if d:
                 m = sum(d) / len(d)
                 total += m
-                parts.append(f"{NAMES[i]} {m:.2f}")
-        if s == 1:
-            d = [(sub[60 * l + 12 + 11] - sub[60 * l + 12]) / ghz / 1e3 for l in range(layers)]
-            total = sum(d) / layers
-            parts = [f"whole stage incl. barrier {total:.2f}"]
+                parts.append(f"{names[i]} {m:.2f}")
         print(f"  {name}: " + " | ".join(parts) + f"  (total {total:.2f} us)")
-
 
 if __name__ == "__main__":
     main()

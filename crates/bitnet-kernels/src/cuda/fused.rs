@@ -34,15 +34,22 @@ const FUSED_ATT_FLOATS: usize = {
     }
 };
 
-/// The kernel for a shape: the cache type, and `_wide` for head_dim > 128.
-fn fused_kernel_name(s: &FusedShape) -> &'static str {
-    match (s.cache, s.head_dim <= 128) {
-        (GpuDType::F32, true) => "fused_decode_f32",
-        (GpuDType::F16, true) => "fused_decode_f16",
-        (GpuDType::BF16, true) => "fused_decode_bf16",
-        (GpuDType::F32, false) => "fused_decode_f32_wide",
-        (GpuDType::F16, false) => "fused_decode_f16_wide",
-        (GpuDType::BF16, false) => "fused_decode_bf16_wide",
+/// The kernel for a shape: the cache type, `_scalar` for f16/bf16 caches
+/// whose attention does not run on tensor cores (`att_mma` false), `_wide`
+/// for head_dim > 128 (never on tensor cores). Each kernel holds one
+/// attention stage: both in one kernel cost the 16-bit kernels registers
+/// (108 / 164 bytes of spill stores / loads against 64 / 88; ptxas,
+/// sm_90).
+fn fused_kernel_name(s: &FusedShape, att_mma: bool) -> &'static str {
+    match (s.cache, s.head_dim <= 128, att_mma) {
+        (GpuDType::F32, true, _) => "fused_decode_f32",
+        (GpuDType::F16, true, true) => "fused_decode_f16",
+        (GpuDType::BF16, true, true) => "fused_decode_bf16",
+        (GpuDType::F16, true, false) => "fused_decode_f16_scalar",
+        (GpuDType::BF16, true, false) => "fused_decode_bf16_scalar",
+        (GpuDType::F32, false, _) => "fused_decode_f32_wide",
+        (GpuDType::F16, false, _) => "fused_decode_f16_wide",
+        (GpuDType::BF16, false, _) => "fused_decode_bf16_wide",
     }
 }
 
@@ -265,7 +272,7 @@ impl GpuContext {
     /// and at least one CTA an SM. 0 when not even one row fits.
     pub fn fused_rows_that_fit(&self, layers: &FusedLayers, want: usize) -> usize {
         let s = &layers.shape;
-        let name = fused_kernel_name(s);
+        let name = fused_kernel_name(s, self.attention_on_tensor_cores(s.cache, s.head_dim));
         (1..=want.min(FUSED_ROWS)).take_while(|&n| self.fused_grid(name, s.smem(n)).is_ok()).last().unwrap_or(0)
     }
 
@@ -303,7 +310,7 @@ impl GpuContext {
         let att_mma = self.attention_on_tensor_cores(s.cache, hd);
         let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
         let flags = step.flags.need("flags", 4)?;
-        let name = fused_kernel_name(s);
+        let name = fused_kernel_name(s, att_mma);
         let smem = s.smem(n);
         let grid = self.fused_grid(name, smem)?;
         self.zero(sync)?;
@@ -336,7 +343,6 @@ impl GpuContext {
                 Arg::I32(i32_dim("splits", splits)?),
                 Arg::F32(1.0 / (hd as f32).sqrt()),
                 Arg::I32(self.fused_prefetch.load(std::sync::atomic::Ordering::Relaxed)),
-                Arg::I32(i32::from(att_mma)),
                 Arg::Ptr(layers.trace.as_ref().map_or(0, |t| t.all().ptr)),
             ],
             LaunchKind::Cooperative,

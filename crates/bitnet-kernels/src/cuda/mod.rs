@@ -83,6 +83,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fused_decode_f32",
     "fused_decode_f16",
     "fused_decode_bf16",
+    "fused_decode_f16_scalar",
+    "fused_decode_bf16_scalar",
     "fused_decode_f32_wide",
     "fused_decode_f16_wide",
     "fused_decode_bf16_wide",
