@@ -1862,6 +1862,25 @@ __device__ void amma_finish(AmmaState& st, const AmmaShared& sh, size_t slot0, i
     unit_sync(FUSED ? sync_id : 0);
 }
 
+// Copies n4 float4s of read-only data into shared memory by threads t of
+// nt, 4 loads in flight each (not inlined: inlined into the fused kernel's
+// attention stage it cost registers there).
+__device__ __noinline__ void stage_f4_by(float4* dst, const float4* src, int n4, int t, int nt) {
+    for (int b = 0; b < n4; b += 4 * nt) {
+        float4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int i = b + j * nt + t;
+            if (i < n4) v[j] = __ldg(src + i);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int i = b + j * nt + t;
+            if (i < n4) dst[i] = v[j];
+        }
+    }
+}
+
 // One unit of the fused kernel: heads head0 .. head0 + ng - 1 (ng <= 4) of
 // one row, q (f32, unscaled) at qh + h * head_dim, over the chunks s, s + S,
 // ... of its visible positions, whose K/V start at `first`; half a CTA
@@ -2337,13 +2356,15 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
 // head's results do not depend on the other heads of its unit, so groups
 // here are of one head when groups of four would leave most units idle
 // (small batches). a: this half-CTA's FUSED_ATT_FLOATS.
-// The first attention unit of half-CTA hh (then every 2 x grid): units
-// go to the first halves of all CTAs before any second half (unit u to
-// CTA u mod grid), so the few units of a small batch land on as many SMs.
-// Measured on the H200 (2B-4T, batch 1, against units 2b and 2b + 1 on CTA
-// b): BF16 1.428 / 1.429 -> 1.384 / 1.386 ms/step at prompt 128, the
-// attention stage 9.1 -> 6.3 us per layer; FP32 unchanged.
-#define FUSED_UNIT0(hh) ((hh) * (int)gridDim.x + (int)blockIdx.x)
+// The first attention unit of half-CTA hh (then every 2 x grid): units go
+// to the first halves of all CTAs before any second half, so the few units
+// of a small batch land on as many SMs (measured on the H200, 2B-4T, batch
+// 1, against units 2b and 2b + 1 on CTA b: BF16 1.428 / 1.429 -> 1.384 /
+// 1.386 ms/step at prompt 128, the attention stage 9.1 -> 6.3 us per layer;
+// FP32 unchanged), and from the last CTA down, so the first CTAs, which
+// have the projection units and the most norm weights to stage, are the
+// ones free to stage them during stage C (SEP_W).
+#define FUSED_UNIT0(hh) ((hh) * (int)gridDim.x + (int)gridDim.x - 1 - (int)blockIdx.x)
 
 template <class P>
 __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
@@ -2452,12 +2473,13 @@ __device__ void attention_mma_rope_impl(const float* qkv, const int* pos, const 
 ATTENTION_MMA_ROPE(attention_mma_rope_f16, F16)
 ATTENTION_MMA_ROPE(attention_mma_rope_bf16, BF16)
 
-template <class P, int GROUPS, bool MMA>
+template <class P, int GROUPS, bool MMA, bool SEP_W>
 __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, float* x, int n, const int* pos,
                                   const int* base, const float* cos_t, const float* sin_t, float* qkv, float* attn,
                                   float* hbuf, float* part, float* ml, unsigned* sync, int* flags, int n_heads,
                                   int n_kv_heads, int head_dim, int inter, float eps, int S, float scale,
                                   int prefetch, unsigned long long* trace) {
+    constexpr bool sep_w = SEP_W;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ double dsl[FUSED_THREADS / 32][FUSED_ROWS];
     __shared__ float fsl[FUSED_THREADS / 32][FUSED_ROWS];
@@ -2486,12 +2508,25 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         ((unsigned long long*)layers)[i] = ((const unsigned long long*)layers_g)[i];
     __syncthreads();
     int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
+    // Norm weights. With sep_w each of a layer's norms has its own buffer
+    // (after the layer descriptors: attn_norm, attn_sub_norm, ffn_norm;
+    // ffn_sub_norm in `stage`), all staged during stage C, where most CTAs
+    // have no unit; without (where that shared memory would cost a CTA per
+    // SM), `stage` holds the next norm's weights, copied before each
+    // barrier. (Recomputed from the launch's parameters at each use:
+    // pointers kept live across the layer loop cost registers.)
+#define FUSED_SEPW ((float*)(smem + ((((size_t)((unsigned char*)(a_sum + FUSED_ROWS) - smem) + 15) & ~(size_t)15) + \
+                                     n_layers * sizeof(FusedLayer) + 15 & ~(size_t)15)))
+#define w_a (sep_w ? FUSED_SEPW : stage)
+#define w_d (sep_w ? FUSED_SEPW + hidden : stage)
+#define w_e (sep_w ? FUSED_SEPW + 2 * hidden : stage)
+#define w_f stage
     unsigned* bar = sync;
     unsigned* done = sync + 1;  // [n][n_heads] finished attention units
     unsigned epoch = 0;
 
     if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[0] = global_ns();
-    fused_stage_w(stage, layers[0].attn_norm, hidden, (qkv_rows + 15) / 16);
+    fused_stage_w(w_a, layers[0].attn_norm, hidden, (qkv_rows + 15) / 16);
     if (prefetch == 1)
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
@@ -2516,14 +2551,14 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
         SUBT(sA, 1);
         if (blockIdx.x * 16 < qkv_rows) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sA);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
             for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
                                                        qkv_rows, sA);
         }
-        fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
+        if (!sep_w) fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
         SUBT(sA, 10);
         grid_sync(bar, ++epoch, trace);
         SUBT(sA, 11);
@@ -2603,6 +2638,21 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
                 SUBT(sC, 8);
             }
         }
+        if constexpr (SEP_W) {
+            // The next norms' weights: a CTA without attention units copies
+            // them with all its threads, one with units with its second half.
+            int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4;
+            int units = (MMA ? n * n_kv_heads * ((G + hpu - 1) / hpu) : n * n_heads) * S;
+            bool idle = FUSED_UNIT0(0) >= units;
+            if (idle || threadIdx.x >= FUSED_THREADS / 2) {
+                int nt = idle ? FUSED_THREADS : FUSED_THREADS / 2, t = threadIdx.x % nt, b = (int)blockIdx.x;
+                if (b < (hidden + 15) / 16) stage_f4_by((float4*)w_d, (const float4*)L.attn_sub_norm, hidden >> 2, t, nt);
+                if (b < (inter + 31) / 32) stage_f4_by((float4*)w_e, (const float4*)L.ffn_norm, hidden >> 2, t, nt);
+                if (b < (hidden + 15) / 16) stage_f4_by((float4*)w_f, (const float4*)L.ffn_sub_norm, inter >> 2, t, nt);
+                if (l + 1 < n_layers && b < (qkv_rows + 15) / 16)
+                    stage_f4_by((float4*)w_a, (const float4*)layers[l + 1].attn_norm, hidden >> 2, t, nt);
+            }
+        }
         SUBT(sC, 10);
         grid_sync(bar, ++epoch, trace);
         SUBT(sC, 11);
@@ -2612,13 +2662,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
         SUBT(sD, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sD);
+            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
                                                        hidden, q8, a_scale, a_sum, n, x, hidden, sD);
         }
-        fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
+        if (!sep_w) fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
         SUBT(sD, 10);
         grid_sync(bar, ++epoch, trace);
         SUBT(sD, 11);
@@ -2628,13 +2678,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
         SUBT(sE, 1);
         if (blockIdx.x * 32 < inter) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sE);
+            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
                 ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
                                                        inter, inter, q8, a_scale, a_sum, n, hbuf, inter, sE);
         }
-        fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
+        if (!sep_w) fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
         SUBT(sE, 10);
         grid_sync(bar, ++epoch, trace);
         SUBT(sE, 11);
@@ -2644,13 +2694,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
         SUBT(sF, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, stage, xs, dsl, fsl, isl, sF);
+            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF);
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
                                                        L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden, sF);
         }
-        if (l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
+        if (!sep_w && l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
         SUBT(sF, 10);
         grid_sync(bar, ++epoch, trace);
         SUBT(sF, 11);
@@ -2659,28 +2709,39 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         sub0[60 * n_layers + 2] = global_ns();
         sub0[60 * n_layers + 3] = clock64();
     }
+#undef FUSED_SEPW
+#undef w_a
+#undef w_d
+#undef w_e
+#undef w_f
 }
 
-#define FUSED_DECODE(NAME, P, GROUPS, MMA)                                                             \
+#define FUSED_DECODE(NAME, P, GROUPS, MMA, SEP_W)                                                      \
     extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                     \
         NAME(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos, const int* base, \
              const float* cos_t, const float* sin_t, float* qkv, float* attn, float* hbuf, float* part, float* ml, \
              unsigned* sync, int* flags, int n_heads, int n_kv_heads, int head_dim, int inter, float eps, int S, \
              float scale, int prefetch, unsigned long long* trace) {                                   \
-        fused_decode_impl<P, GROUPS, MMA>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, hbuf, part, \
-                                          ml, sync, flags, n_heads, n_kv_heads, head_dim, inter, eps, S, scale, \
-                                          prefetch, trace);                                            \
+        fused_decode_impl<P, GROUPS, MMA, SEP_W>(layers, n_layers, x, n, pos, base, cos_t, sin_t, qkv, attn, \
+                                                 hbuf, part, ml, sync, flags, n_heads, n_kv_heads, head_dim, \
+                                                 inter, eps, S, scale, prefetch, trace);               \
     }
 // Each kernel holds one attention stage, tensor-core or scalar, not both:
-// the unused one's code cost the 16-bit kernels registers and spills.
-FUSED_DECODE(fused_decode_f32, F32, 1, false)
-FUSED_DECODE(fused_decode_f16, F16, 1, true)
-FUSED_DECODE(fused_decode_bf16, BF16, 1, true)
-FUSED_DECODE(fused_decode_f16_scalar, F16, 1, false)
-FUSED_DECODE(fused_decode_bf16_scalar, BF16, 1, false)
-FUSED_DECODE(fused_decode_f32_wide, F32, 2, false)
-FUSED_DECODE(fused_decode_f16_wide, F16, 2, false)
-FUSED_DECODE(fused_decode_bf16_wide, BF16, 2, false)
+// the unused one's code cost the 16-bit kernels registers and spills. The
+// main kernels give each norm its own weight buffer (SEP_W; a runtime
+// switch cost registers); their _w1 twins run where that shared memory
+// would cost a CTA per SM (fused_launch_shape on the host).
+FUSED_DECODE(fused_decode_f32, F32, 1, false, true)
+FUSED_DECODE(fused_decode_f16, F16, 1, true, true)
+FUSED_DECODE(fused_decode_bf16, BF16, 1, true, true)
+FUSED_DECODE(fused_decode_f32_w1, F32, 1, false, false)
+FUSED_DECODE(fused_decode_f16_w1, F16, 1, true, false)
+FUSED_DECODE(fused_decode_bf16_w1, BF16, 1, true, false)
+FUSED_DECODE(fused_decode_f16_scalar, F16, 1, false, false)
+FUSED_DECODE(fused_decode_bf16_scalar, BF16, 1, false, false)
+FUSED_DECODE(fused_decode_f32_wide, F32, 2, false, false)
+FUSED_DECODE(fused_decode_f16_wide, F16, 2, false, false)
+FUSED_DECODE(fused_decode_bf16_wide, BF16, 2, false, false)
 
 // ---------------------------------------------------------------------------
 // Output head: logits[e, v] = sum_k W[v, k] * x[e, k], f32 accumulation.

@@ -423,29 +423,35 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
                 .collect();
             let expected: Vec<_> = cases.iter().map(|(_, ps)| prefill_then_decode(&mut per_op, ps, 5)).collect();
             // Each weight prefetch schedule: none, into L2 a layer or a stage
-            // ahead.
-            for prefetch in 0..=2 {
+            // ahead; with a weight buffer per norm (the default) and with one
+            // (the `_w1` kernels, which 2B-4T's two-row steps take).
+            for (prefetch, sep_w) in [(0, true), (1, true), (2, true), (2, false)] {
                 let mut fused = cuda(model, precision, |c| {
                     c.kv_slots = 8 * 2200;
                     c.fused_max_rows = bitnet_kernels::cuda::FUSED_ROWS;
                 });
                 assert_eq!(fused.gpu().set_fused_prefetch(prefetch), prefetch);
+                fused.gpu().set_fused_sep_w(sep_w);
                 // The fused backend really runs the fused kernel for decode.
                 fused.add_sequence(99, 8).unwrap();
                 fused.step(&[StepInput { seq: 99, tokens: &[1, 2] }]).unwrap();
                 let profile = fused.profile_step(&[StepInput { seq: 99, tokens: &[3] }]).unwrap();
-                assert!(profile.iter().any(|(k, _, _)| k.starts_with("fused_decode")), "{name}: {profile:?}");
+                let kernel = profile.iter().find(|(k, _, _)| k.starts_with("fused_decode"));
+                let Some((kernel, _, _)) = kernel else { panic!("{name}: no fused kernel in {profile:?}") };
+                // The main kernels run their `_w1` twins without a buffer per norm.
+                let main = !kernel.contains("_scalar") && !kernel.contains("_wide");
+                assert_eq!(kernel.ends_with("_w1"), main && !sep_w, "{name} {precision:?}: {kernel}, sep_w {sep_w}");
                 fused.remove_sequence(99);
                 for ((n, ps), b) in cases.iter().zip(&expected) {
                     let a = prefill_then_decode(&mut fused, ps, 5);
                     assert!(a.iter().flatten().flatten().all(|v| v.is_finite()), "{name} {precision:?} batch {n}");
                     assert_eq!(
                         &a, b,
-                        "{name} {precision:?} batch {n} prefetch {prefetch}: the fused decode kernel changed the logits"
+                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w}: the fused decode kernel changed the logits"
                     );
                     println!(
-                        "{name} {precision:?} batch {n} prefetch {prefetch}: fused decode logits equal the \
-                         per-operation kernels' bit for bit"
+                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w}: fused decode logits equal \
+                         the per-operation kernels' bit for bit"
                     );
                 }
             }

@@ -39,18 +39,38 @@ const FUSED_ATT_FLOATS: usize = {
 /// for head_dim > 128 (never on tensor cores). Each kernel holds one
 /// attention stage: both in one kernel cost the 16-bit kernels registers
 /// (108 / 164 bytes of spill stores / loads against 64 / 88; ptxas,
-/// sm_90).
-fn fused_kernel_name(s: &FusedShape, att_mma: bool) -> &'static str {
-    match (s.cache, s.head_dim <= 128, att_mma) {
-        (GpuDType::F32, true, _) => "fused_decode_f32",
-        (GpuDType::F16, true, true) => "fused_decode_f16",
-        (GpuDType::BF16, true, true) => "fused_decode_bf16",
-        (GpuDType::F16, true, false) => "fused_decode_f16_scalar",
-        (GpuDType::BF16, true, false) => "fused_decode_bf16_scalar",
-        (GpuDType::F32, false, _) => "fused_decode_f32_wide",
-        (GpuDType::F16, false, _) => "fused_decode_f16_wide",
-        (GpuDType::BF16, false, _) => "fused_decode_bf16_wide",
+/// sm_90). The main kernels (f32, and f16/bf16 on tensor cores, head_dim
+/// <= 128) give each norm its own weight buffer, staged during the
+/// attention stage (`sep_w`, see [`FusedShape::smem`]); their `_w1` twins,
+/// and the other kernels, stage one buffer before each barrier.
+fn fused_kernel_name(s: &FusedShape, att_mma: bool, sep_w: bool) -> &'static str {
+    match (s.cache, s.head_dim <= 128, att_mma, sep_w && has_sep_w(s, att_mma)) {
+        (GpuDType::F32, true, _, true) => "fused_decode_f32",
+        (GpuDType::F32, true, _, false) => "fused_decode_f32_w1",
+        (GpuDType::F16, true, true, true) => "fused_decode_f16",
+        (GpuDType::F16, true, true, false) => "fused_decode_f16_w1",
+        (GpuDType::BF16, true, true, true) => "fused_decode_bf16",
+        (GpuDType::BF16, true, true, false) => "fused_decode_bf16_w1",
+        (GpuDType::F16, true, false, _) => "fused_decode_f16_scalar",
+        (GpuDType::BF16, true, false, _) => "fused_decode_bf16_scalar",
+        (GpuDType::F32, false, _, _) => "fused_decode_f32_wide",
+        (GpuDType::F16, false, _, _) => "fused_decode_f16_wide",
+        (GpuDType::BF16, false, _, _) => "fused_decode_bf16_wide",
     }
+}
+
+/// Whether the shape's kernel has a variant with a weight buffer per norm.
+fn has_sep_w(s: &FusedShape, att_mma: bool) -> bool {
+    s.head_dim <= 128 && (s.cache == GpuDType::F32 || att_mma)
+}
+
+/// The fused kernels' grid sizes per (kernel, shared memory), and the
+/// dynamic shared memory each kernel was last allowed (the attribute only
+/// ever grows, so every cached size stays launchable).
+#[derive(Debug, Default)]
+pub(crate) struct FusedGrids {
+    grids: std::collections::HashMap<(&'static str, usize), u32>,
+    allowed: std::collections::HashMap<&'static str, usize>,
 }
 
 /// The model dimensions a [`FusedLayers`] was built for.
@@ -95,11 +115,17 @@ impl FusedShape {
     /// partial sums; one region for the two attention units' scratch
     /// (stage C) or the norm rows (f32) and int8 activations (the other
     /// stages); the norm weights; the rows' scales and sums; the layer
-    /// descriptors (16-byte aligned).
-    fn smem(&self, n: usize) -> usize {
+    /// descriptors (16-byte aligned); with `sep_w`, three more norm-weight
+    /// buffers of `hidden` floats (16-byte aligned).
+    fn smem(&self, n: usize, sep_w: bool) -> usize {
         let w = self.hidden.max(self.inter);
         let region = (2 * FUSED_ATT_FLOATS * 4).max(5 * n * w).next_multiple_of(16);
-        (SMEM_RED + region + 4 * w + FUSED_ROWS * 8).next_multiple_of(16) + self.n_layers * LAYER_BYTES
+        let base = (SMEM_RED + region + 4 * w + FUSED_ROWS * 8).next_multiple_of(16) + self.n_layers * LAYER_BYTES;
+        if sep_w {
+            base.next_multiple_of(16) + 3 * self.hidden * 4
+        } else {
+            base
+        }
     }
 
     /// Entries of the trace: the start, three per barrier (five per layer),
@@ -245,14 +271,15 @@ impl GpuContext {
     /// resident (at most 2, or `BITNET_CUDA_FUSED_CTAS`), on every SM.
     fn fused_grid(&self, name: &'static str, smem: usize) -> Result<u32, CudaError> {
         let mut cache = self.fused_grid.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&g) = cache.get(&(name, smem)) {
+        if let Some(&g) = cache.grids.get(&(name, smem)) {
             return Ok(g);
         }
         let f = self.function(name)?;
         let smem_i = i32::try_from(smem).map_err(|_| CudaError::Shape("fused decode shared memory".into()))?;
-        if smem > 48 * 1024 {
+        if smem > 48 * 1024 && cache.allowed.get(name).is_none_or(|&a| a < smem) {
             f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i)
                 .map_err(driver("cuFuncSetAttribute"))?;
+            cache.allowed.insert(name, smem);
         }
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, smem, None)
@@ -263,8 +290,26 @@ impl GpuContext {
             return Err(CudaError::Shape(format!("fused decode: no CTA of {smem} bytes of shared memory fits an SM")));
         }
         let g = per_sm * sms as u32;
-        cache.insert((name, smem), g);
+        cache.grids.insert((name, smem), g);
         Ok(g)
+    }
+
+    /// The kernel, its shared memory and grid for `n` rows: the variant
+    /// with a weight buffer per norm where the shape has one and its larger
+    /// shared memory still lets as many CTAs per SM run (on the H200 not so
+    /// for two rows of 2B-4T: 135 KB a CTA).
+    fn fused_launch_shape(&self, s: &FusedShape, att_mma: bool, n: usize) -> Result<(&'static str, usize, u32), CudaError> {
+        let one = fused_kernel_name(s, att_mma, false);
+        let one_smem = s.smem(n, false);
+        let one_grid = self.fused_grid(one, one_smem)?;
+        if has_sep_w(s, att_mma) && self.fused_sep_w.load(std::sync::atomic::Ordering::Relaxed) {
+            let sep = fused_kernel_name(s, att_mma, true);
+            let sep_smem = s.smem(n, true);
+            if self.fused_grid(sep, sep_smem).is_ok_and(|g| g == one_grid) {
+                return Ok((sep, sep_smem, one_grid));
+            }
+        }
+        Ok((one, one_smem, one_grid))
     }
 
     /// The most rows (up to `want`, at most [`FUSED_ROWS`]) a fused launch
@@ -272,8 +317,8 @@ impl GpuContext {
     /// and at least one CTA an SM. 0 when not even one row fits.
     pub fn fused_rows_that_fit(&self, layers: &FusedLayers, want: usize) -> usize {
         let s = &layers.shape;
-        let name = fused_kernel_name(s, self.attention_on_tensor_cores(s.cache, s.head_dim));
-        (1..=want.min(FUSED_ROWS)).take_while(|&n| self.fused_grid(name, s.smem(n)).is_ok()).last().unwrap_or(0)
+        let att_mma = self.attention_on_tensor_cores(s.cache, s.head_dim);
+        (1..=want.min(FUSED_ROWS)).take_while(|&n| self.fused_launch_shape(s, att_mma, n).is_ok()).last().unwrap_or(0)
     }
 
     /// Every layer of a decode pass of `n` rows (`1..=FUSED_ROWS`, each at
@@ -310,9 +355,7 @@ impl GpuContext {
         let att_mma = self.attention_on_tensor_cores(s.cache, hd);
         let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
         let flags = step.flags.need("flags", 4)?;
-        let name = fused_kernel_name(s, att_mma);
-        let smem = s.smem(n);
-        let grid = self.fused_grid(name, smem)?;
+        let (name, smem, grid) = self.fused_launch_shape(s, att_mma, n)?;
         self.zero(sync)?;
         self.launch_with(
             name,

@@ -83,6 +83,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fused_decode_f32",
     "fused_decode_f16",
     "fused_decode_bf16",
+    "fused_decode_f32_w1",
+    "fused_decode_f16_w1",
+    "fused_decode_bf16_w1",
     "fused_decode_f16_scalar",
     "fused_decode_bf16_scalar",
     "fused_decode_f32_wide",
@@ -312,7 +315,7 @@ pub struct GpuContext {
     /// Streaming multiprocessors of the device.
     sms: usize,
     /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
-    fused_grid: std::sync::Mutex<std::collections::HashMap<(&'static str, usize), u32>>,
+    fused_grid: std::sync::Mutex<fused::FusedGrids>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
     fused_ctas_per_sm: u32,
     /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`,
@@ -321,6 +324,10 @@ pub struct GpuContext {
     /// session 9: 1.697 ms/step with none, 1.761 with 1, 1.661 with 2;
     /// docs/perf/gpu.md).
     fused_prefetch: std::sync::atomic::AtomicI32,
+    /// The fused kernel's weight buffer per norm, where it fits (the default;
+    /// `BITNET_CUDA_FUSED_SEPW=0` and [`GpuContext::set_fused_sep_w`] turn it
+    /// off: the `_w1` kernels).
+    pub(crate) fused_sep_w: std::sync::atomic::AtomicBool,
     /// Attention of f16/bf16 caches on tensor cores (`BITNET_CUDA_ATTENTION=scalar`
     /// turns it off; see [`GpuContext::attention_on_tensor_cores`]).
     pub(crate) attention_mma: std::sync::atomic::AtomicBool,
@@ -554,6 +561,7 @@ impl GpuContext {
                 .filter(|c| (0..=2).contains(c))
                 .unwrap_or(2)
                 .into(),
+            fused_sep_w: std::env::var("BITNET_CUDA_FUSED_SEPW").map_or(true, |v| v != "0").into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             attention_ctas: std::env::var("BITNET_CUDA_ATTENTION_CTAS")
                 .ok()
@@ -731,6 +739,13 @@ impl GpuContext {
             self.fused_prefetch.store(mode, std::sync::atomic::Ordering::Relaxed);
         }
         self.fused_prefetch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives the fused kernel's norms a weight buffer each where the shared
+    /// memory allows (true, the default) or one buffer (the `_w1` kernels);
+    /// the same results either way. A backend sets it before its first step.
+    pub fn set_fused_sep_w(&self, on: bool) {
+        self.fused_sep_w.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs attention of f16/bf16 caches on tensor cores (the default) or
