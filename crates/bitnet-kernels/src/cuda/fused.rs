@@ -298,7 +298,12 @@ impl GpuContext {
     /// with a weight buffer per norm where the shape has one and its larger
     /// shared memory still lets as many CTAs per SM run (on the H200 not so
     /// for two rows of 2B-4T: 135 KB a CTA).
-    fn fused_launch_shape(&self, s: &FusedShape, att_mma: bool, n: usize) -> Result<(&'static str, usize, u32), CudaError> {
+    fn fused_launch_shape(
+        &self,
+        s: &FusedShape,
+        att_mma: bool,
+        n: usize,
+    ) -> Result<(&'static str, usize, u32), CudaError> {
         let one = fused_kernel_name(s, att_mma, false);
         let one_smem = s.smem(n, false);
         let one_grid = self.fused_grid(one, one_smem)?;
