@@ -435,3 +435,64 @@ impl GpuContext {
         Ok(Some(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape_2b4t(cache: GpuDType, head_dim: usize) -> FusedShape {
+        FusedShape {
+            n_layers: 30,
+            hidden: 2560,
+            n_heads: 20,
+            n_kv_heads: 5,
+            head_dim,
+            inter: 6912,
+            max_pos: 4096,
+            kv_slots: 4096,
+            cache,
+        }
+    }
+
+    #[test]
+    fn norm_weight_buffers_follow_the_layer_descriptors() {
+        // The kernel's layout (fused_decode_impl), 2B-4T: partial sums 4096 B,
+        // the region (one row: the larger of two attention scratches of 3488
+        // floats, 27904 B, and 5 x 6912 B), the norm weights (6912 floats), the
+        // rows' scales and sums (16 B); the 30 descriptors of 120 B at the next
+        // 16 B; then the three 2560-float buffers at the next 16 B.
+        let s = shape_2b4t(GpuDType::BF16, 128);
+        let desc = 4096 + 34560 + 4 * 6912 + 16; // 66320, a multiple of 16
+        assert_eq!(s.smem(1, false), desc + 30 * 120);
+        assert_eq!(s.smem(1, true), (desc + 30 * 120).next_multiple_of(16) + 3 * 2560 * 4);
+        assert_eq!(s.smem(1, true), 100_640);
+        // Two rows: a region of 2 x 5 x 6912 B; with the buffers a CTA needs
+        // 135200 B, so two no longer fit an H200 SM (228 KB): the _w1 kernel.
+        assert_eq!(s.smem(2, false), 4096 + 69120 + 4 * 6912 + 16 + 30 * 120);
+        assert_eq!(s.smem(2, true), 135_200);
+    }
+
+    #[test]
+    fn kernels_by_precision_attention_and_weight_buffers() {
+        let name = |cache, hd, mma, sep| fused_kernel_name(&shape_2b4t(cache, hd), mma, sep);
+        assert_eq!(name(GpuDType::F32, 128, false, true), "fused_decode_f32");
+        assert_eq!(name(GpuDType::F32, 128, false, false), "fused_decode_f32_w1");
+        assert_eq!(name(GpuDType::BF16, 128, true, true), "fused_decode_bf16");
+        assert_eq!(name(GpuDType::BF16, 128, true, false), "fused_decode_bf16_w1");
+        assert_eq!(name(GpuDType::F16, 64, true, true), "fused_decode_f16");
+        // Scalar attention in f16/bf16 and head_dim > 128: one buffer only.
+        assert_eq!(name(GpuDType::BF16, 128, false, true), "fused_decode_bf16_scalar");
+        assert_eq!(name(GpuDType::F16, 48, false, true), "fused_decode_f16_scalar");
+        assert_eq!(name(GpuDType::F32, 256, false, true), "fused_decode_f32_wide");
+        assert_eq!(name(GpuDType::BF16, 256, false, false), "fused_decode_bf16_wide");
+        assert!(!has_sep_w(&shape_2b4t(GpuDType::BF16, 128), false));
+        assert!(!has_sep_w(&shape_2b4t(GpuDType::F32, 256), false));
+        // Every name is a kernel the module loads.
+        for cache in [GpuDType::F32, GpuDType::F16, GpuDType::BF16] {
+            for (hd, mma, sep) in [(128, true, true), (128, true, false), (128, false, true), (256, false, false)] {
+                let n = name(cache, hd, mma, sep);
+                assert!(super::super::KERNEL_NAMES.contains(&n), "{n}");
+            }
+        }
+    }
+}
