@@ -299,6 +299,19 @@ fn hd128_config() -> bitnet_models::BitNetConfig {
     c
 }
 
+/// A backend for the head_dim-128 model with room for 2200-position
+/// sequences, fused decode up to `fused_rows` rows (0: per-operation
+/// kernels) and the attention split count's target of `ctas` CTAs (0: the
+/// default).
+fn hd128_backend(model: &Arc<BitNetModel>, precision: Precision, fused_rows: usize, ctas: usize) -> CudaBackend {
+    let b = cuda(model, precision, |c| {
+        c.kv_slots = 8 * 2200;
+        c.fused_max_rows = fused_rows;
+    });
+    b.gpu().set_attention_ctas(ctas);
+    b
+}
+
 /// One attention split per row (the split count's target of CTAs set to
 /// 1): the per-operation decode kernel writes its output itself, the fused
 /// kernel's last unit combines one part; the logits stay identical, and they
@@ -311,14 +324,7 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
     let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     for precision in [Precision::Fp16, Precision::Bf16] {
-        let backend = |fused_rows: usize, ctas: usize| {
-            let b = cuda(&model, precision, |c| {
-                c.kv_slots = 8 * 2200;
-                c.fused_max_rows = fused_rows;
-            });
-            b.gpu().set_attention_ctas(ctas);
-            b
-        };
+        let backend = |fused_rows: usize, ctas: usize| hd128_backend(&model, precision, fused_rows, ctas);
         for n in [1usize, 2] {
             let lens: Vec<usize> = (0..n).map(|i| if i == 0 { 700 } else { 6 + 37 * i }).collect();
             let ps: Vec<Vec<u32>> =
@@ -361,15 +367,8 @@ fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
     let ps = vec![prompts(1, 2100, vocab, 100).remove(0)];
     for precision in PRECISIONS {
         for splits in [12usize, 15, 25, 33] {
-            let backend = |fused_rows: usize| {
-                let b = cuda(&model, precision, |c| {
-                    c.kv_slots = 8 * 2200;
-                    c.fused_max_rows = fused_rows;
-                });
-                // One row takes at most target / query heads splits.
-                b.gpu().set_attention_ctas(8 * splits);
-                b
-            };
+            // One row takes at most target / query heads splits.
+            let backend = |fused_rows: usize| hd128_backend(&model, precision, fused_rows, 8 * splits);
             let per_op = prefill_then_decode(&mut backend(0), &ps, 5);
             let fused = prefill_then_decode(&mut backend(bitnet_kernels::cuda::FUSED_ROWS), &ps, 5);
             assert!(per_op.iter().flatten().flatten().all(|v| v.is_finite()), "{precision:?} {splits} splits");
