@@ -2366,6 +2366,25 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
 // ones free to stage them during stage C (SEP_W).
 #define FUSED_UNIT0(hh) ((hh) * (int)gridDim.x + (int)gridDim.x - 1 - (int)blockIdx.x)
 
+// Query heads per tensor-core unit of the fused kernel's stage C: one when
+// groups of four would leave most units idle (small batches), else four.
+__device__ __forceinline__ int fused_att_hpu(int n, int n_kv_heads, int G, int S) {
+    return n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4;
+}
+
+// The units of the fused kernel's stage C: on tensor cores one per (row, kv
+// head, group of fused_att_hpu query heads, split), else one per (row,
+// query head, split).
+template <bool MMA>
+__device__ __forceinline__ int fused_att_units(int n, int n_heads, int n_kv_heads, int S) {
+    int G = n_heads / n_kv_heads;
+    if (MMA) {
+        int hpu = fused_att_hpu(n, n_kv_heads, G, S);
+        return n * n_kv_heads * ((G + hpu - 1) / hpu) * S;
+    }
+    return n * n_heads * S;
+}
+
 template <class P>
 __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int* pos, const int* base, const float* cos_t,
                                     const float* sin_t, typename P::T* kc, typename P::T* vc, float* attn, float* part,
@@ -2374,9 +2393,9 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
                                     unsigned long long* trace = nullptr) {
     int hh = threadIdx.x / (AMMA_WARPS * 32), tid = threadIdx.x % (AMMA_WARPS * 32), sid = 1 + hh;
     int hidden = n_heads * head_dim, G = n_heads / n_kv_heads;
-    int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4, hgroups = (G + hpu - 1) / hpu;
+    int hpu = fused_att_hpu(n, n_kv_heads, G, S), hgroups = (G + hpu - 1) / hpu;
     float* scratch = a;  // the unit's scratch, free again after amma_decode_unit
-    int units = n * n_kv_heads * hgroups * S;
+    int units = fused_att_units<true>(n, n_heads, n_kv_heads, S);
     for (int u = FUSED_UNIT0(hh); u < units; u += gridDim.x * 2) {
         int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
@@ -2578,7 +2597,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             float* qs = a + ATT_CHUNK + ATT_WARPS * ATT_MAX_HD;
             float* knew = qs + ATT_MAX_HD;
             float* vnew = knew + ATT_MAX_HD;
-            int units = n * n_heads * S;
+            int units = fused_att_units<false>(n, n_heads, n_kv_heads, S);
             for (int u = FUSED_UNIT0(hh); u < units; u += gridDim.x * 2) {
                 int r = u / (n_heads * S), head = (u / S) % n_heads, s = u % S;
                 int kvh = head / G, p = pos[r];
@@ -2641,9 +2660,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         if constexpr (SEP_W) {
             // The next norms' weights: a CTA without attention units copies
             // them with all its threads, one with units with its second half.
-            int hpu = n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4;
-            int units = (MMA ? n * n_kv_heads * ((G + hpu - 1) / hpu) : n * n_heads) * S;
-            bool idle = FUSED_UNIT0(0) >= units;
+            bool idle = FUSED_UNIT0(0) >= fused_att_units<MMA>(n, n_heads, n_kv_heads, S);
             if (idle || threadIdx.x >= FUSED_THREADS / 2) {
                 int nt = idle ? FUSED_THREADS : FUSED_THREADS / 2, t = threadIdx.x % nt, b = (int)blockIdx.x;
                 if (b < (hidden + 15) / 16) stage_f4_by((float4*)w_d, (const float4*)L.attn_sub_norm, hidden >> 2, t, nt);

@@ -169,6 +169,17 @@ const ATT_G: usize = 4;
 const ATT_GROUPED_MIN_CTAS: usize = 256;
 /// Rows x splits of the attention scratch.
 pub const ATT_PART_ROWS: usize = 4096;
+
+/// At most `target_ctas / n_heads` splits (at least one) for a single row,
+/// whose fused kernel runs one attention unit per query head and split;
+/// `splits` unchanged for more rows.
+fn one_row_cap(splits: usize, n: usize, n_heads: usize, target_ctas: usize) -> usize {
+    if n == 1 {
+        splits.min((target_ctas / n_heads.max(1)).max(1))
+    } else {
+        splits
+    }
+}
 /// Positions per CTA iteration of the tensor-core attention kernel.
 const ATT_MMA_CHUNK: usize = 64;
 
@@ -638,12 +649,7 @@ impl GpuContext {
         target_ctas: usize,
     ) -> usize {
         let units = n * n_kv * (n_heads / n_kv.max(1)).div_ceil(ATT_G);
-        let s = Self::attention_mma_splits(n, units, max_visible, target_ctas);
-        if n == 1 {
-            s.min((target_ctas / n_heads.max(1)).max(1))
-        } else {
-            s
-        }
+        one_row_cap(Self::attention_mma_splits(n, units, max_visible, target_ctas), n, n_heads, target_ctas)
     }
 
     /// Whether attention in `precision` with this head_dim runs on tensor
@@ -686,12 +692,7 @@ impl GpuContext {
     /// 3.16 / 3.78 ms per step uncapped (16 / 32 splits), 2.30 / 2.49
     /// capped at 13.
     pub fn attention_scalar_decode_splits(n: usize, n_heads: usize, max_visible: usize, target_ctas: usize) -> usize {
-        let s = Self::attention_splits(n, max_visible);
-        if n == 1 {
-            s.min((target_ctas / n_heads.max(1)).max(1))
-        } else {
-            s
-        }
+        one_row_cap(Self::attention_splits(n, max_visible), n, n_heads, target_ctas)
     }
 
     /// Bytes of the scratch [`Self::attention`] needs for `n` rows.
