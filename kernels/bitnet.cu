@@ -301,10 +301,63 @@ EMBED(embed_f16, F16)
 EMBED(embed_bf16, BF16)
 
 // ---------------------------------------------------------------------------
+// The norms' per-element arithmetic without conversion instructions, which
+// sm_90 issues at 16 per clock and SM (an eighth of f32 arithmetic): a norm
+// of 2560 values in both CTAs of an SM took three conversions a value for
+// x * inv in f64 and two (rint, float to int) for the quantisation.
+// NORM_CVT 0 (a developer build) restores those conversions.
+#ifndef NORM_CVT
+#define NORM_CVT 1
+#endif
+
+// clamp(rint(t), -128, 127) as an int: clamping first to the integer bounds
+// gives the same result (rounding is monotonic), and adding 1.5 * 2^23 to a
+// value of [-128, 127] leaves it in [2^23, 2^24), whose spacing is 1, so the
+// f32 addition rounds it to the nearest integer, ties to even, as rint does;
+// its bits less those of 1.5 * 2^23 are that integer. NaN clamps to -128,
+// as before (fmaxf returns the other operand).
+__device__ __forceinline__ int quant_i8(float t) {
+#if NORM_CVT
+    float c = fminf(fmaxf(t, -128.0f), 127.0f);
+    return __float_as_int(__fadd_rn(c, 12582912.0f)) - 0x4B400000;
+#else
+    return (int)fminf(fmaxf(rintf(t), -128.0f), 127.0f);
+#endif
+}
+
+// An f64 factor held as ih + il (ih = (float)inv, il = (float)(inv - ih)).
+struct InvF64 {
+    double d;
+    float hi, lo;
+};
+__device__ __forceinline__ InvF64 inv_split(double inv) {
+    InvF64 r;
+    r.d = inv;
+    r.hi = (float)inv;
+    r.lo = (float)(inv - (double)r.hi);
+    return r;
+}
+
+// (float)((double)x * inv), the CPU's normalisation, in f32 arithmetic: x *
+// ih exactly as ph + pl (pl by FMA), plus x * il, rounded once. The sum is
+// within about 2^-48 of x * inv, so the result differs from the f64 form's
+// only where x * inv lies that close to the midpoint of two floats.
+__device__ __forceinline__ float mul_inv(float x, const InvF64& inv) {
+#if NORM_CVT
+    float ph = __fmul_rn(x, inv.hi);
+    float pl = __fmaf_rn(x, inv.hi, -ph);
+    return __fadd_rn(ph, __fmaf_rn(x, inv.lo, pl));
+#else
+    return (float)((double)x * inv.d);
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // RMSNorm, then per-token int8 quantisation (BitLinear's input).
 //
-// v = (x * inv) * w with inv = 1 / sqrt(mean(x^2) + eps) in f64, as the CPU;
-// s = (1 / max(max|v|, 1e-5)) * 127; q = clamp(rint(v * s), -128, 127).
+// v = (x * inv) * w with inv = 1 / sqrt(mean(x^2) + eps) in f64, as the CPU
+// (x * inv by mul_inv); s = (1 / max(max|v|, 1e-5)) * 127;
+// q = clamp(rint(v * s), -128, 127) (quant_i8).
 // Writes q [rows, width], scale[r] = s and qsum[r] = sum q (the I2_S code
 // offset: codes are t + 1). Input f32 in every precision: the values go
 // straight to int8, and rounding them to f16/bf16 first would only move
@@ -348,7 +401,7 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
         }
     }
     ss = block_sum_d(ss, dslots);
-    double inv = 1.0 / sqrt(ss / (double)width + (double)eps);
+    InvF64 inv = inv_split(1.0 / sqrt(ss / (double)width + (double)eps));
     float amax = 0.0f;
     bool finite = true;
     if (cached) {
@@ -356,14 +409,14 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
         for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
-                xv[j] = __fmul_rn((float)((double)xv[j] * inv), wv[j]);
+                xv[j] = __fmul_rn(mul_inv(xv[j], inv), wv[j]);
                 finite = finite && isfinite(xv[j]);
                 amax = fmaxf(amax, fabsf(xv[j]));
             }
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)x[i] * inv), w[i]);
+            float v = __fmul_rn(mul_inv(x[i], inv), w[i]);
             finite = finite && isfinite(v);
             amax = fmaxf(amax, fabsf(v));
         }
@@ -380,15 +433,15 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
         for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
-                int qi = (int)fminf(fmaxf(rintf(__fmul_rn(xv[j], s)), -128.0f), 127.0f);
+                int qi = quant_i8(__fmul_rn(xv[j], s));
                 q[i] = (i8)qi;
                 sum += qi;
             }
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn((float)((double)x[i] * inv), w[i]);
-            int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, s)), -128.0f), 127.0f);
+            float v = __fmul_rn(mul_inv(x[i], inv), w[i]);
+            int qi = quant_i8(__fmul_rn(v, s));
             q[i] = (i8)qi;
             sum += qi;
         }
@@ -2124,14 +2177,14 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
     }
     __syncthreads();
     SUBT(st, 3);
-    double inv[NR];
+    InvF64 inv[NR];
 #pragma unroll
     for (int r = 0; r < NR; r++) {
-        inv[r] = 1.0;
+        inv[r] = inv_split(1.0);
         if (r < n) {
             double t = 0.0;
             for (int k = 0; k < nw; k++) t += dsl[k][r];
-            inv[r] = 1.0 / sqrt(t / (double)width + (double)eps);
+            inv[r] = inv_split(1.0 / sqrt(t / (double)width + (double)eps));
         }
     }
     float amax[NR];
@@ -2150,7 +2203,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
 #pragma unroll
         for (int r = 0; r < NR; r++) {
             if (r < n) {
-                float v = __fmul_rn((float)((double)x[r] * inv[r]), wi);
+                float v = __fmul_rn(mul_inv(x[r], inv[r]), wi);
                 finite[r] = finite[r] && isfinite(v);
                 amax[r] = fmaxf(amax[r], fabsf(v));
                 xs[(size_t)r * width + i] = v;  // the quantisation pass reads v back
@@ -2188,7 +2241,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         for (int r = 0; r < NR; r++) {
             if (r < n) {
                 float v = xs[(size_t)r * width + i];
-                int qi = (int)fminf(fmaxf(rintf(__fmul_rn(v, sc[r])), -128.0f), 127.0f);
+                int qi = quant_i8(__fmul_rn(v, sc[r]));
                 q8[(size_t)r * width + i] = (i8)qi;
                 sum[r] += qi;
             }

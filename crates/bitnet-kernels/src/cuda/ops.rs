@@ -1201,4 +1201,85 @@ mod tests {
         assert_eq!(staged_smem(true, 4), 4 * (128 * 96 + 32 * 288));
         assert!(staged_smem_sizes().iter().all(|&(_, b)| b <= 99 * 1024), "fits every sm_80+ GPU's opt-in limit");
     }
+
+    // kernels/bitnet.cu's quant_i8, step for step in f32. max/min as fmaxf
+    // and fminf (a NaN operand yields the other), which clamp is not.
+    #[allow(clippy::manual_clamp)]
+    fn quant_i8(t: f32) -> i32 {
+        let c = t.max(-128.0).min(127.0);
+        (c + 12_582_912.0).to_bits() as i32 - 0x4B40_0000
+    }
+
+    // kernels/bitnet.cu's inv_split and mul_inv.
+    fn mul_inv(x: f32, inv: f64) -> f32 {
+        let hi = inv as f32;
+        let lo = (inv - f64::from(hi)) as f32;
+        let ph = x * hi;
+        let pl = x.mul_add(hi, -ph);
+        ph + x.mul_add(lo, pl)
+    }
+
+    #[test]
+    fn conversion_free_quantisation_rounds_as_rint_then_clamp() {
+        // What the kernels computed before: clamp(rint(t)), ties to even,
+        // NaN to -128 (fmaxf returns the other operand).
+        let want = |t: f32| if t.is_nan() { -128 } else { t.round_ties_even().clamp(-128.0, 127.0) as i32 };
+        let mut checked = 0;
+        // Every half-integer tie of the range and beyond, its four nearest
+        // floats on each side, and a fine grid.
+        for k in -140..140 {
+            let tie = k as f32 + 0.5;
+            let mut up = tie;
+            let mut down = tie;
+            for _ in 0..5 {
+                for t in [up, down, -up] {
+                    assert_eq!(quant_i8(t), want(t), "t = {t:e}");
+                    checked += 1;
+                }
+                up = f32::from_bits(up.to_bits() + 1);
+                down = f32::from_bits(down.to_bits() - 1);
+            }
+        }
+        for i in -300_000..300_000 {
+            let t = i as f32 / 1024.0;
+            assert_eq!(quant_i8(t), want(t), "t = {t}");
+        }
+        for t in [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 127.49, -128.51] {
+            assert_eq!(quant_i8(t), want(t), "t = {t:e}");
+        }
+        assert_eq!(checked, 280 * 5 * 3);
+        // Hand-derived ties: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2, 126.5 -> 126.
+        assert_eq!([quant_i8(0.5), quant_i8(1.5), quant_i8(-2.5), quant_i8(126.5)], [0, 2, -2, 126]);
+    }
+
+    #[test]
+    fn f32_normalisation_equals_the_f64_product_away_from_midpoints() {
+        // mul_inv(x, inv) against (x as f64 * inv) as f32 (the CPU's form):
+        // equal, except where the f64 product lies within about 2^-47 of
+        // the midpoint between two floats (then either side is one ulp off).
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut differ, n) = (0, 1_000_000);
+        for _ in 0..n {
+            let a = next();
+            // x over many binades (relu^2-sized too), inv as a norm makes it.
+            let x = f32::from_bits(((a >> 40) as u32 & 0x807F_FFFF) | (((a >> 24) as u32 % 80 + 90) << 23));
+            let inv = 1.0 / ((next() >> 11) as f64 / (1u64 << 53) as f64 * 1e4 + 1e-5).sqrt();
+            let want = (f64::from(x) * inv) as f32;
+            let got = mul_inv(x, inv);
+            if got != want {
+                differ += 1;
+                let p = f64::from(x) * inv;
+                let mid = (f64::from(got) + f64::from(want)) / 2.0;
+                assert!(((p - mid) / p).abs() < 2f64.powi(-46), "x {x:e} inv {inv:e}: {got:e} vs {want:e}");
+                assert_eq!(got.to_bits().abs_diff(want.to_bits()), 1);
+            }
+        }
+        assert!(differ * 100_000 <= n, "{differ} of {n} differ");
+    }
 }
