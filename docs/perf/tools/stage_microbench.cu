@@ -1,0 +1,439 @@
+// What a grid-synchronised stage of the batch-1 fused kernel costs on this
+// GPU, without weights: a persistent grid of `ctas` CTAs of 256 threads runs
+// `iters` rounds of
+//   each CTA writes its share of a float row (the producing stage's outputs),
+//   grid barrier,
+//   each CTA brings the whole row into shared memory, sums its squares and
+//   reduces them over the CTA (the start of every norm),
+// with the row brought in one of four ways (mode):
+//   0 no row (the barrier alone)
+//   1 every thread loads its elements with ld.global.cg (the fused kernel's way)
+//   2 one bulk copy (cp.async.bulk, TMA) per CTA into shared memory
+//   3 clusters of `cl` CTAs: each CTA bulk-copies 1/cl of the row, multicast
+//     into every CTA of its cluster (L2 reads the row once per cluster)
+//   4 no grid barrier: two CTAs hand a flag back and forth (release store,
+//     acquire poll), so a round is two one-way hand-offs through L2
+//   6 as 1, then the rest of the fused kernel's norm: sums of squares in
+//     f64, the normalised values' absolute maximum (a pass and a reduction),
+//     the int8 quantisation and its sum (a pass and a reduction)
+//   7 as 6, each pass loading eight of a thread's elements before using any
+//   8 as 6 without conversion instructions (x * inv and the rounding as
+//     kernels/bitnet.cu's mul_inv and quant_i8 compute them)
+//   5 no grid barrier: each element travels with its round number in one
+//     64-bit word (NCCL's "LL" protocol: value bits | round << 32, stored and
+//     loaded relaxed, single-copy atomic), every CTA loads the whole row and
+//     reloads the words whose round is not yet the current one
+// Each CTA checks the sum against the value the row must hold in that round
+// (a stale or torn row fails), and the run prints us per round.
+//
+// Build and run on the GPU machine:
+//   nvcc -O3 -arch=sm_90a -o /tmp/smb docs/perf/tools/stage_microbench.cu
+//   /tmp/smb MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS
+// BARRIER_KIND 0: fence.acq_rel.gpu then red.relaxed, acquire polls of the
+//                 counter (the fused kernel's);
+//              1: red.release.gpu (no separate fence);
+//              2: as 0, relaxed polls and one acquire fence after;
+//              3: as 0, 32 ns sleeps between polls;
+//              4: the last CTA to arrive (atomicAdd's old value) sets a flag
+//                 on another line, which the others poll.
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                   \
+    do {                                                                           \
+        cudaError_t e = (x);                                                       \
+        if (e != cudaSuccess) {                                                    \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+            exit(1);                                                               \
+        }                                                                          \
+    } while (0)
+
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, int kind) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned target = epoch * gridDim.x;
+        unsigned v;
+        if (kind == 4) {
+            // The last CTA to arrive publishes the epoch in a flag on its own
+            // line (bar + 32); the others poll the flag, not the counter.
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            unsigned before = atomicAdd(bar, 1u);
+            if (before == target - 1) {
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar + 32), "r"(epoch) : "memory");
+            } else {
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar + 32) : "memory");
+                } while (v < epoch);
+            }
+        } else {
+            if (kind == 1) {
+                asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+            } else {
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+                asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+            }
+            if (kind == 2) {
+                // Relaxed polls, one acquire fence after.
+                do {
+                    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+                } while (v < target);
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            } else {
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+                    if (kind == 3 && v < target) __nanosleep(32);
+                } while (v < target);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int w = 0; w < 8; w++) s += red[w];
+    __syncthreads();
+    return s;
+}
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+__device__ __forceinline__ void cluster_sync_all() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Value of element i in round r (exact in f32: small integers).
+__device__ __forceinline__ float elem(int i, int r) { return (float)((i + r) & 7); }
+
+extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsigned* bar, int* bad, int n, int iters,
+                                                               int mode, int cl, int kind) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    __shared__ __align__(8) unsigned long long mbar;
+    __shared__ float red[8];
+    float* row = (float*)smem;
+    const int tid = threadIdx.x;
+    if (mode >= 2) {
+        if (tid == 0) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(&mbar)));
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        if (mode == 3) cluster_sync_all();
+        else __syncthreads();
+    }
+    // Expected sum of squares of a round's row, per residue class.
+    const int per = (n + gridDim.x - 1) / gridDim.x;
+    unsigned phase = 0;
+    if (mode == 4) {
+        // CTA 0 waits for even values, CTA 1 for odd ones; each writes the next.
+        if (tid == 0 && blockIdx.x < 2) {
+            for (unsigned v = blockIdx.x; v < 2u * iters; v += 2) {
+                unsigned seen;
+                do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(bar) : "memory");
+                } while (seen != v);
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar), "r"(v + 1) : "memory");
+            }
+        }
+        return;
+    }
+    if (mode == 5) {
+        unsigned long long* words = (unsigned long long*)rows;
+        for (int r = 0; r < iters; r++) {
+            unsigned long long* buf = words + (size_t)(r & 1) * n;
+            const unsigned tag = (unsigned)r + 1u;
+            for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += 256) {
+                unsigned long long w = (unsigned long long)__float_as_uint(elem(i, r)) | ((unsigned long long)tag << 32);
+                asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(buf + i), "l"(w) : "memory");
+            }
+            float s = 0.f;
+            constexpr int MAXJ = 28;  // n <= 28 * 256
+            unsigned long long w[MAXJ];
+#pragma unroll
+            for (int j = 0; j < MAXJ; j++) {
+                int i = tid + j * 256;
+                w[j] = 0;
+                if (i < n) asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w[j]) : "l"(buf + i) : "memory");
+            }
+#pragma unroll
+            for (int j = 0; j < MAXJ; j++) {
+                int i = tid + j * 256;
+                if (i < n) {
+                    while ((unsigned)(w[j] >> 32) != tag)
+                        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w[j]) : "l"(buf + i) : "memory");
+                    float v = __uint_as_float((unsigned)w[j]);
+                    row[i] = v;
+                    s += v * v;
+                }
+            }
+            s = block_sum(s, red);
+            double exact = 0.0;
+            for (int c = 0; c < 8; c++) {
+                int cnt = n / 8 + ((n % 8) > c ? 1 : 0);
+                float v = (float)((c + r) & 7);
+                exact += (double)cnt * v * v;
+            }
+            if (tid == 0 && (double)s != exact) atomicAdd(bad, 1);
+        }
+        return;
+    }
+    for (int r = 0; r < iters; r++) {
+        float* buf = rows + (size_t)(r & 1) * n;
+        // Produce: this CTA's share of the row.
+        for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += 256) buf[i] = elem(i, r);
+        grid_sync(bar, r + 1, kind);
+        if (mode == 0) continue;
+        float s = 0.f;
+        if (mode >= 6) {
+            // The fused norm's shape: f64 squares, three CTA reductions, two
+            // passes over the shared row; weights w_i = 1 (the row is 0..7,
+            // so the scale and every quantised value are exact).
+            double ss = 0.0;
+            for (int i = tid; i < n; i += 256) {
+                float v;
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
+                row[i] = v;
+                ss += (double)v * (double)v;
+            }
+            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            __shared__ double dred[8];
+            if ((tid & 31) == 0) dred[tid >> 5] = ss;
+            __syncthreads();
+            double t = 0.0;
+            for (int w = 0; w < 8; w++) t += dred[w];
+            double inv = 1.0 / sqrt(t / (double)n + 1e-6);
+            float amax = 0.f;
+            if (mode == 7) {
+                // Eight of the thread's elements loaded before any is used.
+                for (int b = tid; b < n; b += 256 * 8) {
+                    float x[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) x[u] = b + u * 256 < n ? row[b + u * 256] : 0.f;
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        float v = (float)((double)x[u] * inv);
+                        amax = fmaxf(amax, fabsf(v));
+                        if (b + u * 256 < n) row[b + u * 256] = v;
+                    }
+                }
+            } else if (mode == 8) {
+                float ih = (float)inv, il = (float)(inv - (double)ih);
+                for (int i = tid; i < n; i += 256) {
+                    float x = row[i];
+                    float ph = __fmul_rn(x, ih);
+                    float v = __fadd_rn(ph, __fmaf_rn(x, il, __fmaf_rn(x, ih, -ph)));
+                    amax = fmaxf(amax, fabsf(v));
+                    row[i] = v;
+                }
+            } else {
+                for (int i = tid; i < n; i += 256) {
+                    float v = (float)((double)row[i] * inv);
+                    amax = fmaxf(amax, fabsf(v));
+                    row[i] = v;
+                }
+            }
+            for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            if ((tid & 31) == 0) red[tid >> 5] = amax;
+            __syncthreads();
+            float m = red[0];
+            for (int w = 1; w < 8; w++) m = fmaxf(m, red[w]);
+            float sc = 127.0f / fmaxf(m, 1e-5f);
+            int qs = 0;
+            signed char* q8 = (signed char*)(row + n);
+            if (mode == 7) {
+                for (int b = tid; b < n; b += 256 * 8) {
+                    float x[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) x[u] = b + u * 256 < n ? row[b + u * 256] : 0.f;
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int q = (int)fminf(fmaxf(rintf(x[u] * sc), -128.f), 127.f);
+                        if (b + u * 256 < n) {
+                            q8[b + u * 256] = (signed char)q;
+                            qs += q;
+                        }
+                    }
+                }
+            } else if (mode == 8) {
+                for (int i = tid; i < n; i += 256) {
+                    float c = fminf(fmaxf(__fmul_rn(row[i], sc), -128.f), 127.f);
+                    int q = __float_as_int(__fadd_rn(c, 12582912.0f)) - 0x4B400000;
+                    q8[i] = (signed char)q;
+                    qs += q;
+                }
+            } else {
+                for (int i = tid; i < n; i += 256) {
+                    int q = (int)fminf(fmaxf(rintf(row[i] * sc), -128.f), 127.f);
+                    q8[i] = (signed char)q;
+                    qs += q;
+                }
+            }
+            __syncthreads();
+            for (int o = 16; o; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
+            __shared__ int ired[8];
+            if ((tid & 31) == 0) ired[tid >> 5] = qs;
+            __syncthreads();
+            int qt = 0;
+            for (int w = 0; w < 8; w++) qt += ired[w];
+            // The check: the sum of squares of the row, recomputed exactly.
+            s = (float)t;
+            if (qt < 0) s = -1.f;  // keeps the quantisation live (the row is non-negative)
+            __syncthreads();
+        } else if (mode == 1) {
+            for (int i = tid; i < n; i += 256) {
+                float v;
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
+                row[i] = v;
+                s += v * v;
+            }
+        } else {
+            if (tid == 0) {
+                const unsigned bytes = (unsigned)n * 4u;
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(&mbar)),
+                             "r"(bytes)
+                             : "memory");
+                if (mode == 2) {
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                            smem_u32(row)),
+                        "l"(buf), "r"(bytes), "r"(smem_u32(&mbar))
+                        : "memory");
+                } else {
+                    const unsigned rank = cluster_rank();
+                    const unsigned part = bytes / cl;  // n * 4 / cl, a multiple of 16 (checked on the host)
+                    const unsigned short mask = (unsigned short)((1u << cl) - 1u);
+                    asm volatile(
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], "
+                        "[%1], %2, [%3], %4;" ::"r"(smem_u32(row) + rank * part),
+                        "l"((const char*)buf + rank * part), "r"(part), "r"(smem_u32(&mbar)), "h"(mask)
+                        : "memory");
+                }
+            }
+            // Every thread waits for the phase to complete.
+            unsigned done = 0;
+            while (!done) {
+                asm volatile(
+                    "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                    : "=r"(done)
+                    : "r"(smem_u32(&mbar)), "r"(phase)
+                    : "memory");
+            }
+            phase ^= 1;
+            for (int i = tid; i < n; i += 256) {
+                float v = row[i];
+                s += v * v;
+            }
+        }
+        if (mode < 6) s = block_sum(s, red);
+        // Exact check of the whole sum: each residue class mod 8 repeats.
+        double exact = 0.0;
+        for (int c = 0; c < 8; c++) {
+            int cnt = n / 8 + ((n % 8) > c ? 1 : 0);
+            float v = (float)((c + r) & 7);
+            exact += (double)cnt * v * v;
+        }
+        if (tid == 0 && (double)s != exact) atomicAdd(bad, 1);
+    }
+    if (mode == 3) cluster_sync_all();  // no CTA exits while a peer may still multicast into it
+}
+
+int main(int argc, char** argv) {
+    if (argc < 7) {
+        fprintf(stderr, "usage: %s MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS\n", argv[0]);
+        return 2;
+    }
+    int mode = atoi(argv[1]), n = atoi(argv[2]), ctas = atoi(argv[3]), cl = atoi(argv[4]), kind = atoi(argv[5]),
+        iters = atoi(argv[6]);
+    if (mode == 5 && n > 28 * 256) {
+        fprintf(stderr, "mode 5 takes at most 7168 floats\n");
+        return 2;
+    }
+    if (mode == 3 && ((n * 4) % (16 * cl) || ctas % cl)) {
+        fprintf(stderr, "row bytes must split into 16-byte multiples per cluster CTA, CTAs into clusters\n");
+        return 2;
+    }
+    float* rows;
+    unsigned* bar;
+    int* bad;
+    CHECK(cudaMalloc(&rows, 2 * (size_t)n * 8));  // mode 5: 64-bit words
+    CHECK(cudaMemset(rows, 0, 2 * (size_t)n * 8));
+    CHECK(cudaMalloc(&bar, 256));
+    CHECK(cudaMalloc(&bad, 4));
+    size_t smem = (size_t)n * 5;  // the row, and (mode 6) its int8 copy
+    CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (mode == 3) CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(ctas);
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attrs[2];
+    int na = 0;
+    attrs[na].id = cudaLaunchAttributeCooperative;
+    attrs[na].val.cooperative = 1;
+    na++;
+    if (mode == 3) {
+        attrs[na].id = cudaLaunchAttributeClusterDimension;
+        attrs[na].val.clusterDim.x = cl;
+        attrs[na].val.clusterDim.y = 1;
+        attrs[na].val.clusterDim.z = 1;
+        na++;
+        int clusters = 0;
+        cfg.attrs = attrs + 1;
+        cfg.numAttrs = 1;
+        CHECK(cudaOccupancyMaxActiveClusters(&clusters, stage_bench, &cfg));
+        printf("max active clusters of %d: %d (%d CTAs)\n", cl, clusters, clusters * cl);
+        if (clusters * cl < ctas) {
+            printf("RESULT mode=%d n=%d ctas=%d cl=%d kind=%d: does not fit\n", mode, n, ctas, cl, kind);
+            return 0;
+        }
+    }
+    cfg.attrs = attrs;
+    cfg.numAttrs = na;
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    float best = 1e30f;
+    for (int rep = 0; rep < 5; rep++) {
+        CHECK(cudaMemset(bar, 0, 256));
+        CHECK(cudaMemset(bad, 0, 4));
+        CHECK(cudaEventRecord(e0));
+        cudaError_t le = cudaLaunchKernelEx(&cfg, stage_bench, rows, bar, bad, n, iters, mode, cl, kind);
+        if (le != cudaSuccess && mode == 3 && rep == 0) {
+            printf("cooperative + cluster launch refused (%s); launching without the cooperative attribute\n",
+                   cudaGetErrorString(le));
+            cudaGetLastError();
+            cfg.attrs = attrs + 1;
+            cfg.numAttrs = 1;
+            le = cudaLaunchKernelEx(&cfg, stage_bench, rows, bar, bad, n, iters, mode, cl, kind);
+        }
+        CHECK(le);
+        CHECK(cudaEventRecord(e1));
+        CHECK(cudaEventSynchronize(e1));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        int hbad;
+        CHECK(cudaMemcpy(&hbad, bad, 4, cudaMemcpyDeviceToHost));
+        if (hbad) {
+            printf("RESULT mode=%d n=%d ctas=%d cl=%d kind=%d: %d WRONG SUMS\n", mode, n, ctas, cl, kind, hbad);
+            return 1;
+        }
+        if (ms < best) best = ms;
+    }
+    printf("RESULT mode=%d n=%d ctas=%d cl=%d kind=%d: %.3f us per round (best of 5, %d rounds)\n", mode, n, ctas,
+           cl, kind, best * 1000.f / iters, iters);
+    return 0;
+}

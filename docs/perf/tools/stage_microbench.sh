@@ -1,0 +1,13 @@
+# The runs of docs/perf/gpu.md's "Session 19" stage-floor table (GPU machine, repo root).
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
+nvcc -O3 -arch=sm_90a -o /tmp/smb docs/perf/tools/stage_microbench.cu 2>/dev/null || exit 1
+B=/tmp/smb
+for n in 2560 6912; do
+ for c in 264 132; do
+  $B 0 $n $c 1 0 2000
+  for m in 1 6 7 8 2 5; do $B $m $n $c 1 0 2000; done
+  for cl in 2 4 8; do $B 3 $n $c $cl 0 2000; done
+ done
+done
+for k in 0 1 2 3 4; do $B 0 2560 264 1 $k 2000; $B 1 2560 264 1 $k 2000; done
+$B 4 2560 2 1 0 20000
