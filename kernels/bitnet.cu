@@ -352,12 +352,30 @@ __device__ __forceinline__ float mul_inv(float x, const InvF64& inv) {
 #endif
 }
 
+// NORM_2PASS 1: v = (x * w) * inv instead of the CPU's (x * inv) * w (each
+// a correctly rounded f32 step of the same real value; they can differ in
+// the last bit). Then max |v| = mul_inv(max |x w|, inv) exactly (mul_inv
+// is odd and monotonic in x), found in the pass that sums the squares: one
+// pass and one CTA reduction fewer. NORM_2PASS 0 (a developer build) keeps
+// the three passes of the CPU's order.
+#ifndef NORM_2PASS
+#define NORM_2PASS 1
+#endif
+
+// max(a, b), NaN if either is (a non-finite x w must reach the check).
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
 // ---------------------------------------------------------------------------
 // RMSNorm, then per-token int8 quantisation (BitLinear's input).
 //
-// v = (x * inv) * w with inv = 1 / sqrt(mean(x^2) + eps) in f64, as the CPU
-// (x * inv by mul_inv); s = (1 / max(max|v|, 1e-5)) * 127;
-// q = clamp(rint(v * s), -128, 127) (quant_i8).
+// v = (x * w) * inv (NORM_2PASS; the CPU: (x * inv) * w) with inv = 1 /
+// sqrt(mean(x^2) + eps) in f64, as the CPU (the product by mul_inv);
+// s = (1 / max(max|v|, 1e-5)) * 127; q = clamp(rint(v * s), -128, 127)
+// (quant_i8).
 // Writes q [rows, width], scale[r] = s and qsum[r] = sum q (the I2_S code
 // offset: codes are t + 1). Input f32 in every precision: the values go
 // straight to int8, and rounding them to f16/bf16 first would only move
@@ -377,6 +395,7 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
     bool cached = CACHE > 0 && width <= (int)blockDim.x * CACHE;
     float xv[CACHE > 0 ? CACHE : 1], wv[CACHE > 0 ? CACHE : 1];
     double ss = 0.0;
+    float mxw = 0.0f;  // NORM_2PASS: max |x w| (NaN or inf if any x w is)
     if (cached) {
         // The norm weights (never written during a step) are loaded before
         // waiting for the previous kernel, not after the first reduction.
@@ -392,36 +411,46 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
             xv[j] = i < width ? x[i] : 0.0f;
         }
 #pragma unroll
-        for (int j = 0; j < CACHE; j++) ss += (double)xv[j] * (double)xv[j];
+        for (int j = 0; j < CACHE; j++) {
+            ss += (double)xv[j] * (double)xv[j];
+            if (NORM_2PASS) mxw = fmax_nan(mxw, fabsf(__fmul_rn(xv[j], wv[j])));
+        }
     } else {
         pdl_wait();
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            double v = (double)x[i];
+            float xi = x[i];
+            double v = (double)xi;
             ss += v * v;
+            if (NORM_2PASS) mxw = fmax_nan(mxw, fabsf(__fmul_rn(xi, w[i])));
         }
     }
     ss = block_sum_d(ss, dslots);
     InvF64 inv = inv_split(1.0 / sqrt(ss / (double)width + (double)eps));
     float amax = 0.0f;
-    bool finite = true;
-    if (cached) {
+    if (NORM_2PASS) {
+        amax = block_max_f(isfinite(mxw) ? mxw : __int_as_float(0x7f800000), fslots);
+        amax = mul_inv(amax, inv);  // = max |v|; inf or NaN if any v is not finite
+    } else {
+        bool finite = true;
+        if (cached) {
 #pragma unroll
-        for (int j = 0; j < CACHE; j++) {
-            int i = threadIdx.x + j * blockDim.x;
-            if (i < width) {
-                xv[j] = __fmul_rn(mul_inv(xv[j], inv), wv[j]);
-                finite = finite && isfinite(xv[j]);
-                amax = fmaxf(amax, fabsf(xv[j]));
+            for (int j = 0; j < CACHE; j++) {
+                int i = threadIdx.x + j * blockDim.x;
+                if (i < width) {
+                    xv[j] = __fmul_rn(mul_inv(xv[j], inv), wv[j]);
+                    finite = finite && isfinite(xv[j]);
+                    amax = fmaxf(amax, fabsf(xv[j]));
+                }
+            }
+        } else {
+            for (int i = threadIdx.x; i < width; i += blockDim.x) {
+                float v = __fmul_rn(mul_inv(x[i], inv), w[i]);
+                finite = finite && isfinite(v);
+                amax = fmaxf(amax, fabsf(v));
             }
         }
-    } else {
-        for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn(mul_inv(x[i], inv), w[i]);
-            finite = finite && isfinite(v);
-            amax = fmaxf(amax, fabsf(v));
-        }
+        amax = block_max_f(finite ? amax : __int_as_float(0x7f800000), fslots);
     }
-    amax = block_max_f(finite ? amax : __int_as_float(0x7f800000), fslots);
     if (!isfinite(amax)) {
         if (threadIdx.x == 0) atomicOr(flags, FLAG_NONFINITE);
         amax = 1.0f;
@@ -433,14 +462,15 @@ __device__ void norm_quant_row(const float* x, const float* w, float eps, int wi
         for (int j = 0; j < CACHE; j++) {
             int i = threadIdx.x + j * blockDim.x;
             if (i < width) {
-                int qi = quant_i8(__fmul_rn(xv[j], s));
+                float v = NORM_2PASS ? mul_inv(__fmul_rn(xv[j], wv[j]), inv) : xv[j];
+                int qi = quant_i8(__fmul_rn(v, s));
                 q[i] = (i8)qi;
                 sum += qi;
             }
         }
     } else {
         for (int i = threadIdx.x; i < width; i += blockDim.x) {
-            float v = __fmul_rn(mul_inv(x[i], inv), w[i]);
+            float v = NORM_2PASS ? mul_inv(__fmul_rn(x[i], w[i]), inv) : __fmul_rn(mul_inv(x[i], inv), w[i]);
             int qi = quant_i8(__fmul_rn(v, s));
             q[i] = (i8)qi;
             sum += qi;
@@ -2140,10 +2170,15 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Each thread loads its elements (i = tid, tid + 256, ...: the order of
     // the sums) up to FUSED_NORM_LOADS at a time, all in flight, and sums
-    // their squares straight from the registers as it stores them.
+    // their squares straight from the registers as it stores them (with
+    // NORM_2PASS also max |x w|, NaN or inf if any x w is).
     double ss[NR];
+    float mxw[NR];
 #pragma unroll
-    for (int r = 0; r < NR; r++) ss[r] = 0.0;
+    for (int r = 0; r < NR; r++) {
+        ss[r] = 0.0;
+        mxw[r] = 0.0f;
+    }
 #pragma unroll
     for (int r = 0; r < NR; r++) {
         if (r < n) {
@@ -2161,6 +2196,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
                     int i = b + j * FUSED_THREADS;
                     if (i < width) {
                         ss[r] += (double)v[j] * (double)v[j];
+                        if (NORM_2PASS) mxw[r] = fmax_nan(mxw[r], fabsf(__fmul_rn(v[j], sw[i])));
                         d[i] = v[j];
                     }
                 }
@@ -2173,6 +2209,10 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         if (r < n) {
             double t = warp_sum_d(ss[r]);
             if (lane == 0) dsl[warp][r] = t;
+            if (NORM_2PASS) {
+                float m = warp_max_f(isfinite(mxw[r]) ? mxw[r] : __int_as_float(0x7f800000));
+                if (lane == 0) fsl[warp][r] = m;
+            }
         }
     }
     __syncthreads();
@@ -2187,37 +2227,39 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
             inv[r] = inv_split(1.0 / sqrt(t / (double)width + (double)eps));
         }
     }
-    float amax[NR];
-    bool finite[NR];
+    if (!NORM_2PASS) {
+        float amax[NR];
+        bool finite[NR];
 #pragma unroll
-    for (int r = 0; r < NR; r++) {
-        amax[r] = 0.0f;
-        finite[r] = true;
-    }
-    for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
-        float wi = sw[i];
-        float x[NR];
+        for (int r = 0; r < NR; r++) {
+            amax[r] = 0.0f;
+            finite[r] = true;
+        }
+        for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
+            float wi = sw[i];
+            float x[NR];
 #pragma unroll
-        for (int r = 0; r < NR; r++)
-            if (r < n) x[r] = xs[(size_t)r * width + i];
+            for (int r = 0; r < NR; r++)
+                if (r < n) x[r] = xs[(size_t)r * width + i];
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                if (r < n) {
+                    float v = __fmul_rn(mul_inv(x[r], inv[r]), wi);
+                    finite[r] = finite[r] && isfinite(v);
+                    amax[r] = fmaxf(amax[r], fabsf(v));
+                    xs[(size_t)r * width + i] = v;  // the quantisation pass reads v back
+                }
+            }
+        }
 #pragma unroll
         for (int r = 0; r < NR; r++) {
             if (r < n) {
-                float v = __fmul_rn(mul_inv(x[r], inv[r]), wi);
-                finite[r] = finite[r] && isfinite(v);
-                amax[r] = fmaxf(amax[r], fabsf(v));
-                xs[(size_t)r * width + i] = v;  // the quantisation pass reads v back
+                float m = warp_max_f(finite[r] ? amax[r] : __int_as_float(0x7f800000));
+                if (lane == 0) fsl[warp][r] = m;
             }
         }
+        __syncthreads();
     }
-#pragma unroll
-    for (int r = 0; r < NR; r++) {
-        if (r < n) {
-            float m = warp_max_f(finite[r] ? amax[r] : __int_as_float(0x7f800000));
-            if (lane == 0) fsl[warp][r] = m;
-        }
-    }
-    __syncthreads();
     SUBT(st, 4);
     float sc[NR];
 #pragma unroll
@@ -2226,6 +2268,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
         if (r < n) {
             float m = fsl[0][r];
             for (int k = 1; k < nw; k++) m = fmaxf(m, fsl[k][r]);
+            if (NORM_2PASS) m = mul_inv(m, inv[r]);  // = max |v|; inf or NaN if any v is not finite
             if (!isfinite(m)) {
                 if (threadIdx.x == 0) atomicOr(flags, FLAG_NONFINITE);
                 m = 1.0f;
@@ -2237,10 +2280,12 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
 #pragma unroll
     for (int r = 0; r < NR; r++) sum[r] = 0;
     for (int i = threadIdx.x; i < width; i += FUSED_THREADS) {
+        float wi = NORM_2PASS ? sw[i] : 0.0f;
 #pragma unroll
         for (int r = 0; r < NR; r++) {
             if (r < n) {
-                float v = xs[(size_t)r * width + i];
+                float x = xs[(size_t)r * width + i];
+                float v = NORM_2PASS ? mul_inv(__fmul_rn(x, wi), inv[r]) : x;
                 int qi = quant_i8(__fmul_rn(v, sc[r]));
                 q8[(size_t)r * width + i] = (i8)qi;
                 sum[r] += qi;
@@ -2599,6 +2644,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
     if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[0] = global_ns();
     fused_stage_w(w_a, layers[0].attn_norm, hidden, (qkv_rows + 15) / 16);
+    __syncthreads();  // the first norm reads these weights in its first pass
     if (prefetch == 1)
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
