@@ -19,6 +19,8 @@
 //   7 as 6, each pass loading eight of a thread's elements before using any
 //   8 as 6 without conversion instructions (x * inv and the rounding as
 //     kernels/bitnet.cu's mul_inv and quant_i8 compute them)
+//   9 as 8 in two passes: max |x w| with the sum of squares (one combined
+//     reduction), then v = (x w) * inv, so max |v| needs no pass of its own
 //   5 no grid barrier: each element travels with its round number in one
 //     64-bit word (NCCL's "LL" protocol: value bits | round << 32, stored and
 //     loaded relaxed, single-copy atomic), every CTA loads the whole row and
@@ -125,6 +127,8 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
     __shared__ __align__(8) unsigned long long mbar;
     __shared__ float red[8];
     float* row = (float*)smem;
+    float* wn = row + n;  // modes 6-9: the norm weights (all 1, read at run time)
+    for (int i = threadIdx.x; i < n && mode >= 6; i += 256) wn[i] = 1.0f;
     const int tid = threadIdx.x;
     if (mode >= 2) {
         if (tid == 0) {
@@ -197,7 +201,58 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
         grid_sync(bar, r + 1, kind);
         if (mode == 0) continue;
         float s = 0.f;
-        if (mode >= 6) {
+        if (mode == 9) {
+            // Two passes: the sum of squares and max |x w| from the loads,
+            // one combined reduction, then v = (x w) * inv quantised.
+            double ss = 0.0;
+            float m = 0.f;
+            for (int i = tid; i < n; i += 256) {
+                float v;
+                asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
+                row[i] = v;
+                ss += (double)v * (double)v;
+                m = fmaxf(m, fabsf(__fmul_rn(v, wn[i])));
+            }
+            for (int o = 16; o; o >>= 1) {
+                ss += __shfl_xor_sync(0xffffffffu, ss, o);
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            }
+            __shared__ double dred9[8];
+            if ((tid & 31) == 0) {
+                dred9[tid >> 5] = ss;
+                red[tid >> 5] = m;
+            }
+            __syncthreads();
+            double t = 0.0;
+            float mm = red[0];
+            for (int w = 0; w < 8; w++) t += dred9[w];
+            for (int w = 1; w < 8; w++) mm = fmaxf(mm, red[w]);
+            double inv = 1.0 / sqrt(t / (double)n + 1e-6);
+            float ih = (float)inv, il = (float)(inv - (double)ih);
+            float ph = __fmul_rn(mm, ih);
+            float amax = __fadd_rn(ph, __fmaf_rn(mm, il, __fmaf_rn(mm, ih, -ph)));
+            float sc = 127.0f / fmaxf(amax, 1e-5f);
+            int qs = 0;
+            signed char* q8 = (signed char*)(row + 2 * n);
+            for (int i = tid; i < n; i += 256) {
+                float xw = __fmul_rn(row[i], wn[i]);
+                float p = __fmul_rn(xw, ih);
+                float v = __fadd_rn(p, __fmaf_rn(xw, il, __fmaf_rn(xw, ih, -p)));
+                float c = fminf(fmaxf(__fmul_rn(v, sc), -128.f), 127.f);
+                int q = __float_as_int(__fadd_rn(c, 12582912.0f)) - 0x4B400000;
+                q8[i] = (signed char)q;
+                qs += q;
+            }
+            for (int o = 16; o; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
+            __shared__ int ired9[8];
+            if ((tid & 31) == 0) ired9[tid >> 5] = qs;
+            __syncthreads();
+            int qt = 0;
+            for (int w = 0; w < 8; w++) qt += ired9[w];
+            s = (float)t;
+            if (qt < 0) s = -1.f;
+            __syncthreads();
+        } else if (mode >= 6) {
             // The fused norm's shape: f64 squares, three CTA reductions, two
             // passes over the shared row; weights w_i = 1 (the row is 0..7,
             // so the scale and every quantised value are exact).
@@ -224,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                     for (int u = 0; u < 8; u++) x[u] = b + u * 256 < n ? row[b + u * 256] : 0.f;
 #pragma unroll
                     for (int u = 0; u < 8; u++) {
-                        float v = (float)((double)x[u] * inv);
+                        float v = (float)((double)x[u] * inv) * wn[b + u * 256 < n ? b + u * 256 : 0];
                         amax = fmaxf(amax, fabsf(v));
                         if (b + u * 256 < n) row[b + u * 256] = v;
                     }
@@ -234,13 +289,13 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                 for (int i = tid; i < n; i += 256) {
                     float x = row[i];
                     float ph = __fmul_rn(x, ih);
-                    float v = __fadd_rn(ph, __fmaf_rn(x, il, __fmaf_rn(x, ih, -ph)));
+                    float v = __fmul_rn(__fadd_rn(ph, __fmaf_rn(x, il, __fmaf_rn(x, ih, -ph))), wn[i]);
                     amax = fmaxf(amax, fabsf(v));
                     row[i] = v;
                 }
             } else {
                 for (int i = tid; i < n; i += 256) {
-                    float v = (float)((double)row[i] * inv);
+                    float v = (float)((double)row[i] * inv) * wn[i];
                     amax = fmaxf(amax, fabsf(v));
                     row[i] = v;
                 }
@@ -252,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             for (int w = 1; w < 8; w++) m = fmaxf(m, red[w]);
             float sc = 127.0f / fmaxf(m, 1e-5f);
             int qs = 0;
-            signed char* q8 = (signed char*)(row + n);
+            signed char* q8 = (signed char*)(row + 2 * n);
             if (mode == 7) {
                 for (int b = tid; b < n; b += 256 * 8) {
                     float x[8];
@@ -373,7 +428,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMemset(rows, 0, 2 * (size_t)n * 8));
     CHECK(cudaMalloc(&bar, 256));
     CHECK(cudaMalloc(&bad, 4));
-    size_t smem = (size_t)n * 5;  // the row, and (mode 6) its int8 copy
+    size_t smem = (size_t)n * 9;  // the row, (modes 6-9) the norm weights and the int8 copy
     CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     if (mode == 3) CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     cudaLaunchConfig_t cfg = {};

@@ -5,7 +5,7 @@ B=/tmp/smb
 for n in 2560 6912; do
  for c in 264 132; do
   $B 0 $n $c 1 0 2000
-  for m in 1 6 7 8 2 5; do $B $m $n $c 1 0 2000; done
+  for m in 1 6 7 8 9 2 5; do $B $m $n $c 1 0 2000; done
   for cl in 2 4 8; do $B 3 $n $c $cl 0 2000; done
  done
 done
