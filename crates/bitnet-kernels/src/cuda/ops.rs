@@ -1282,4 +1282,35 @@ mod tests {
         }
         assert!(differ * 100_000 <= n, "{differ} of {n} differ");
     }
+
+    #[test]
+    fn max_of_the_normalised_row_is_mul_inv_of_max_x_w() {
+        // The two-pass norm (NORM_2PASS) takes max |v| as mul_inv(max |x w|,
+        // inv) without a pass over v: mul_inv must be odd and monotonic.
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for row in 0..2000 {
+            let inv = 1.0 / ((next() >> 11) as f64 / (1u64 << 53) as f64 * 1e4 + 1e-5).sqrt();
+            let xw: Vec<f32> = (0..64)
+                .map(|_| {
+                    let a = next();
+                    f32::from_bits(((a >> 40) as u32 & 0x807F_FFFF) | (((a >> 24) as u32 % 60 + 100) << 23))
+                })
+                .collect();
+            let m = xw.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let want = xw.iter().map(|&v| mul_inv(v, inv).abs()).fold(0f32, f32::max);
+            assert_eq!(mul_inv(m, inv), want, "row {row}");
+            for &v in &xw {
+                // Odd, and monotonic across adjacent floats.
+                assert_eq!(mul_inv(-v, inv), -mul_inv(v, inv));
+                let up = f32::from_bits(v.abs().to_bits() + 1);
+                assert!(mul_inv(up, inv) >= mul_inv(v.abs(), inv));
+            }
+        }
+    }
 }
