@@ -118,6 +118,15 @@ __device__ __forceinline__ void cluster_sync_all() {
     asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// kernels/bitnet.cu's mul_inv (x * inv for inv = ih + il) and quant_i8.
+__device__ __forceinline__ float mul_inv(float x, float ih, float il) {
+    float ph = __fmul_rn(x, ih);
+    return __fadd_rn(ph, __fmaf_rn(x, il, __fmaf_rn(x, ih, -ph)));
+}
+__device__ __forceinline__ int quant_i8(float t) {
+    return __float_as_int(__fadd_rn(fminf(fmaxf(t, -128.f), 127.f), 12582912.0f)) - 0x4B400000;
+}
+
 // Value of element i in round r (exact in f32: small integers).
 __device__ __forceinline__ float elem(int i, int r) { return (float)((i + r) & 7); }
 
@@ -229,17 +238,12 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             for (int w = 1; w < 8; w++) mm = fmaxf(mm, red[w]);
             double inv = 1.0 / sqrt(t / (double)n + 1e-6);
             float ih = (float)inv, il = (float)(inv - (double)ih);
-            float ph = __fmul_rn(mm, ih);
-            float amax = __fadd_rn(ph, __fmaf_rn(mm, il, __fmaf_rn(mm, ih, -ph)));
+            float amax = mul_inv(mm, ih, il);
             float sc = 127.0f / fmaxf(amax, 1e-5f);
             int qs = 0;
             signed char* q8 = (signed char*)(row + 2 * n);
             for (int i = tid; i < n; i += 256) {
-                float xw = __fmul_rn(row[i], wn[i]);
-                float p = __fmul_rn(xw, ih);
-                float v = __fadd_rn(p, __fmaf_rn(xw, il, __fmaf_rn(xw, ih, -p)));
-                float c = fminf(fmaxf(__fmul_rn(v, sc), -128.f), 127.f);
-                int q = __float_as_int(__fadd_rn(c, 12582912.0f)) - 0x4B400000;
+                int q = quant_i8(__fmul_rn(mul_inv(__fmul_rn(row[i], wn[i]), ih, il), sc));
                 q8[i] = (signed char)q;
                 qs += q;
             }
@@ -287,9 +291,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             } else if (mode == 8) {
                 float ih = (float)inv, il = (float)(inv - (double)ih);
                 for (int i = tid; i < n; i += 256) {
-                    float x = row[i];
-                    float ph = __fmul_rn(x, ih);
-                    float v = __fmul_rn(__fadd_rn(ph, __fmaf_rn(x, il, __fmaf_rn(x, ih, -ph))), wn[i]);
+                    float v = __fmul_rn(mul_inv(row[i], ih, il), wn[i]);
                     amax = fmaxf(amax, fabsf(v));
                     row[i] = v;
                 }
@@ -324,8 +326,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                 }
             } else if (mode == 8) {
                 for (int i = tid; i < n; i += 256) {
-                    float c = fminf(fmaxf(__fmul_rn(row[i], sc), -128.f), 127.f);
-                    int q = __float_as_int(__fadd_rn(c, 12582912.0f)) - 0x4B400000;
+                    int q = quant_i8(__fmul_rn(row[i], sc));
                     q8[i] = (signed char)q;
                     qs += q;
                 }

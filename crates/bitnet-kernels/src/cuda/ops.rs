@@ -1210,6 +1210,24 @@ mod tests {
         (c + 12_582_912.0).to_bits() as i32 - 0x4B40_0000
     }
 
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    // A float of either sign with exponent field lo..lo+span (from one draw),
+    // and an inverse norm as a row of mean square up to 1e4 gives.
+    fn draw_f32(a: u64, lo: u32, span: u32) -> f32 {
+        f32::from_bits(((a >> 40) as u32 & 0x807F_FFFF) | (((a >> 24) as u32 % span + lo) << 23))
+    }
+    fn draw_inv(a: u64) -> f64 {
+        1.0 / ((a >> 11) as f64 / (1u64 << 53) as f64 * 1e4 + 1e-5).sqrt()
+    }
+
     // kernels/bitnet.cu's inv_split and mul_inv.
     fn mul_inv(x: f32, inv: f64) -> f32 {
         let hi = inv as f32;
@@ -1257,19 +1275,12 @@ mod tests {
         // mul_inv(x, inv) against (x as f64 * inv) as f32 (the CPU's form):
         // equal, except where the f64 product lies within about 2^-47 of
         // the midpoint between two floats (then either side is one ulp off).
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         let (mut differ, n) = (0, 1_000_000);
         for _ in 0..n {
-            let a = next();
             // x over many binades (relu^2-sized too), inv as a norm makes it.
-            let x = f32::from_bits(((a >> 40) as u32 & 0x807F_FFFF) | (((a >> 24) as u32 % 80 + 90) << 23));
-            let inv = 1.0 / ((next() >> 11) as f64 / (1u64 << 53) as f64 * 1e4 + 1e-5).sqrt();
+            let x = draw_f32(next(), 90, 80);
+            let inv = draw_inv(next());
             let want = (f64::from(x) * inv) as f32;
             let got = mul_inv(x, inv);
             if got != want {
@@ -1287,21 +1298,10 @@ mod tests {
     fn max_of_the_normalised_row_is_mul_inv_of_max_x_w() {
         // The two-pass norm (NORM_2PASS) takes max |v| as mul_inv(max |x w|,
         // inv) without a pass over v: mul_inv must be odd and monotonic.
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
         for row in 0..2000 {
-            let inv = 1.0 / ((next() >> 11) as f64 / (1u64 << 53) as f64 * 1e4 + 1e-5).sqrt();
-            let xw: Vec<f32> = (0..64)
-                .map(|_| {
-                    let a = next();
-                    f32::from_bits(((a >> 40) as u32 & 0x807F_FFFF) | (((a >> 24) as u32 % 60 + 100) << 23))
-                })
-                .collect();
+            let inv = draw_inv(next());
+            let xw: Vec<f32> = (0..64).map(|_| draw_f32(next(), 100, 60)).collect();
             let m = xw.iter().fold(0f32, |m, v| m.max(v.abs()));
             let want = xw.iter().map(|&v| mul_inv(v, inv).abs()).fold(0f32, f32::max);
             assert_eq!(mul_inv(m, inv), want, "row {row}");
