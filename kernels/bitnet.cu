@@ -213,9 +213,10 @@ __device__ __forceinline__ void pdl_begin() {
     pdl_wait();
 }
 
-// Starts fetching [p, p + len) into L2 (weights: safe before pdl_wait).
-__device__ __forceinline__ void prefetch_l2(const u8* p, size_t len) {
-    for (size_t off = (size_t)threadIdx.x * 128; off < len; off += (size_t)blockDim.x * 128)
+// Starts fetching [p, p + len) into L2 (weights: safe before pdl_wait), by
+// threads tid of nt.
+__device__ __forceinline__ void prefetch_l2(const u8* p, size_t len, int tid, int nt) {
+    for (size_t off = (size_t)tid * 128; off < len; off += (size_t)nt * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
 }
 
@@ -604,19 +605,32 @@ __device__ __forceinline__ void ternary_unit_rows(int bx, int n_rows, int* first
 }
 
 // Starts pulling the weight rows of unit bx (contiguous, never written)
-// into L2.
+// into L2, by threads tid of nt.
 template <int MODE, int TILES>
-__device__ __forceinline__ void ternary_unit_prefetch(int bx, const u8* w0, const u8* w1, int n_rows, int k) {
+__device__ __forceinline__ void ternary_unit_prefetch(int bx, const u8* w0, const u8* w1, int n_rows, int k, int tid,
+                                                      int nt) {
     size_t row_bytes = (size_t)(k >> 2);
     int first, nr;
     ternary_unit_rows<MODE, TILES>(bx, n_rows, &first, &nr);
     if (nr <= 0) return;
-    prefetch_l2(w0 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
-    if (MODE == 2) prefetch_l2(w1 + (size_t)first * row_bytes, (size_t)nr * row_bytes);
+    prefetch_l2(w0 + (size_t)first * row_bytes, (size_t)nr * row_bytes, tid, nt);
+    if (MODE == 2) prefetch_l2(w1 + (size_t)first * row_bytes, (size_t)nr * row_bytes, tid, nt);
+}
+
+// Barrier of MM_WARPS * 32 threads: the CTA's (id 0: every CTA that runs
+// ternary_tile but the fused kernel's has that many) or a named one (the
+// fused kernel's CTAs of two halves).
+__device__ __forceinline__ void tile_sync(int id) {
+    if (id == 0)
+        __syncthreads();
+    else
+        asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(MM_WARPS * 32) : "memory");
 }
 
 // One unit (bx, tokens tok_base .. tok_base + TOK) of a ternary product, by
-// the whole CTA; red is shared [MM_WARPS][16 * TOK]. FUSED: the activations
+// MM_WARPS * 32 threads (the CTA, or in the fused kernel half of it:
+// threads threadIdx.x % (MM_WARPS * 32), synchronised by tile_sync(bar));
+// red is shared [MM_WARPS][16 * TOK]. FUSED: the activations
 // (act, act_scale, act_sum) may live in shared memory (plain loads), and
 // the added-into output is read from L2 (other CTAs of the persistent
 // kernel write it). BATCH: any number of token tiles (the per-operation
@@ -629,11 +643,12 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
                              int n_rows, int k, float s0, float s1, float s2, int seg1, int seg2,
                              const i8* __restrict__ act, const float* __restrict__ act_scale,
                              const int* __restrict__ act_sum, int n_tok, float* __restrict__ out, int ld_out,
-                             unsigned long long* st = nullptr) {
+                             unsigned long long* st = nullptr, int bar = 0) {
     static_assert(BATCH || TOK == 8, "the one-token-tile path (not BATCH) is for one tile of 8 tokens");
+    const int tid = threadIdx.x % (MM_WARPS * 32);
     static_assert(BATCH || RT == 1, "several row tiles per warp only in the batch path");
     static_assert(RT == 1 || RT == 2, "one or two row tiles per warp (p0 .. p3 below)");
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int warp = tid >> 5, lane = tid & 31;
     int g = lane >> 2, t = lane & 3;
     int tile = warp / KSPLIT, kpart = warp % KSPLIT;
     // MODE 2: tiles 0 .. GH - 1 take gate rows, GH .. TILES - 1 the same up
@@ -648,8 +663,8 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
     // output (from L2) is issued now, overlapping the products.
     const bool early = FUSED && MODE == 1 && TILES * 16 * TOK <= MM_WARPS * 32;
     float prev = 0.0f;
-    if (early && (int)threadIdx.x < TILES * 16 * TOK) {
-        int rl = threadIdx.x % (TILES * 16), tl = threadIdx.x / (TILES * 16);
+    if (early && tid < TILES * 16 * TOK) {
+        int rl = tid % (TILES * 16), tl = tid / (TILES * 16);
         int row = bx * TILES * 16 + rl, tok = tok_base + tl;
         if (row < n_rows && tok < n_tok) prev = ldcg_f(out + (size_t)tok * ld_out + row);
     }
@@ -785,12 +800,12 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
             red[slot * 16 * TOK + tl * 16 + g + 8] = acc[j][nt][2];
             red[slot * 16 * TOK + (tl + 1) * 16 + g + 8] = acc[j][nt][3];
         }
-    __syncthreads();
+    tile_sync(bar);
     SUBT(st, 8);
 
     if (MODE == 2) {
         int row_cta = bx * GR * 16;
-        for (int idx = threadIdx.x; idx < GR * 16 * TOK; idx += blockDim.x) {
+        for (int idx = tid; idx < GR * 16 * TOK; idx += MM_WARPS * 32) {
             int rl = idx % (GR * 16), tl = idx / (GR * 16);
             int sub = rl >> 4, r16 = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
@@ -810,7 +825,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
         }
     } else {
         int row_cta = bx * TILES * RT * 16;
-        for (int idx = threadIdx.x; idx < TILES * RT * 16 * TOK; idx += blockDim.x) {
+        for (int idx = tid; idx < TILES * RT * 16 * TOK; idx += MM_WARPS * 32) {
             int rl = idx % (TILES * RT * 16), tl = idx / (TILES * RT * 16);
             int tile_l = rl >> 4, rr = rl & 15;
             int row = row_cta + rl, tok = tok_base + tl;
@@ -827,7 +842,7 @@ __device__ void ternary_tile(int bx, int tok_base, int* red, const u8* __restric
                 out[o] = __fadd_rn(early ? prev : ld_act<FUSED>(out + o), y);
         }
     }
-    __syncthreads();  // red is free for the next unit
+    tile_sync(bar);  // red is free for the next unit
     SUBT(st, 9);
 }
 
@@ -844,7 +859,7 @@ __device__ void ternary_mm_impl(const u8* __restrict__ w0, const u8* __restrict_
     // Let the next kernel launch, and start pulling this CTA's weight rows
     // into L2 while the previous kernel ends.
     pdl_trigger();
-    ternary_unit_prefetch<MODE, TILES * RT>(blockIdx.x, w0, w1, n_rows, k);
+    ternary_unit_prefetch<MODE, TILES * RT>(blockIdx.x, w0, w1, n_rows, k, threadIdx.x, blockDim.x);
     pdl_wait();
     ternary_tile<MODE, TILES, KSPLIT, BATCH, TOK, false, RT>(blockIdx.x, blockIdx.y * TOK, red, w0, w1, n_rows, k,
                                                              s0, s1, s2, seg1, seg2, act, act_scale, act_sum, n_tok,
@@ -2137,16 +2152,17 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, unsigne
 // from global memory into shared memory with up to 4 loads per thread in
 // flight.
 __device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4) {
-    for (int b = 0; b < n4; b += 4 * FUSED_THREADS) {
+    const int nt = blockDim.x;
+    for (int b = 0; b < n4; b += 4 * nt) {
         float4 v[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            int i = b + j * FUSED_THREADS + threadIdx.x;
+            int i = b + j * nt + threadIdx.x;
             if (i < n4) v[j] = __ldg(src + i);
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            int i = b + j * FUSED_THREADS + threadIdx.x;
+            int i = b + j * nt + threadIdx.x;
             if (i < n4) dst[i] = v[j];
         }
     }
@@ -2165,7 +2181,7 @@ __device__ __forceinline__ void stage_f4(float4* dst, const float4* src, int n4)
 template <int NR>
 __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
-                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st) {
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st, int bar) {
     const int nw = FUSED_THREADS / 32;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Each thread loads its elements (i = tid, tid + 256, ...: the order of
@@ -2215,7 +2231,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
             }
         }
     }
-    __syncthreads();
+    tile_sync(bar);
     SUBT(st, 3);
     InvF64 inv[NR];
 #pragma unroll
@@ -2258,7 +2274,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
                 if (lane == 0) fsl[warp][r] = m;
             }
         }
-        __syncthreads();
+        tile_sync(bar);
     }
     SUBT(st, 4);
     float sc[NR];
@@ -2299,7 +2315,7 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
             if (lane == 0) isl[warp][r] = t;
         }
     }
-    __syncthreads();
+    tile_sync(bar);
     SUBT(st, 5);
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -2312,18 +2328,20 @@ __device__ void fused_norm_n(const float* src, float eps, int width, int n, i8* 
             }
         }
     }
-    __syncthreads();
+    tile_sync(bar);
     SUBT(st, 6);
 }
 
 // fused_norm_n for one row or FUSED_ROWS (fewer live registers for one).
+// Run by the first FUSED_THREADS threads of the CTA, synchronised by
+// tile_sync(bar) (0: the CTA is those threads).
 __device__ void fused_norm(const float* src, float eps, int width, int n, i8* q8, float* scale,
                            int* qsum, int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
-                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st = nullptr) {
+                           float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS], unsigned long long* st, int bar) {
     if (n <= 1)
-        fused_norm_n<1>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st);
+        fused_norm_n<1>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st, bar);
     else
-        fused_norm_n<FUSED_ROWS>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st);
+        fused_norm_n<FUSED_ROWS>(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st, bar);
 }
 
 // Copies norm weights into shared sw for the next stage's fused_norm, if this
@@ -2335,21 +2353,29 @@ __device__ __forceinline__ void fused_stage_w(float* sw, const float* w, int wid
     if ((int)blockIdx.x < stage_units) stage_f4((float4*)sw, (const float4*)w, width >> 2);
 }
 
-// Prefetches into L2 the weight rows this CTA multiplies in stage `which`
-// (0 q|k|v, 1 o, 2 gate/up, 3 down) of layer L.
+// The fused kernel's CTAs of FUSED_THREADS threads: a CTA of 2 x
+// FUSED_THREADS runs two, half h being virtual CTA blockIdx.x + h x
+// gridDim.x of a grid of 2 x gridDim.x (fused_decode_impl).
+__device__ __forceinline__ int fused_halves() { return (int)blockDim.x / FUSED_THREADS; }
+__device__ __forceinline__ int fused_vb() { return (int)blockIdx.x + (int)(threadIdx.x / FUSED_THREADS) * (int)gridDim.x; }
+__device__ __forceinline__ int fused_vgrid() { return (int)gridDim.x * fused_halves(); }
+
+// Prefetches into L2 the weight rows this virtual CTA multiplies in stage
+// `which` (0 q|k|v, 1 o, 2 gate/up, 3 down) of layer L.
 __device__ void fused_prefetch(const FusedLayer& L, int which, int hidden, int qkv_rows, int inter) {
+    const int vb = fused_vb(), vg = fused_vgrid(), t = threadIdx.x % FUSED_THREADS;
     if (which == 0)
-        for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
-            ternary_unit_prefetch<0, 1>(u, L.qkv, L.qkv, qkv_rows, hidden);
+        for (int u = vb; u * 16 < qkv_rows; u += vg)
+            ternary_unit_prefetch<0, 1>(u, L.qkv, L.qkv, qkv_rows, hidden, t, FUSED_THREADS);
     if (which == 1)
-        for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
-            ternary_unit_prefetch<1, 1>(u, L.o, L.o, hidden, hidden);
+        for (int u = vb; u * 16 < hidden; u += vg)
+            ternary_unit_prefetch<1, 1>(u, L.o, L.o, hidden, hidden, t, FUSED_THREADS);
     if (which == 2)
-        for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
-            ternary_unit_prefetch<2, 4>(u, L.gate, L.up, inter, hidden);
+        for (int u = vb; u * 32 < inter; u += vg)
+            ternary_unit_prefetch<2, 4>(u, L.gate, L.up, inter, hidden, t, FUSED_THREADS);
     if (which == 3)
-        for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
-            ternary_unit_prefetch<1, 1>(u, L.down, L.down, hidden, inter);
+        for (int u = vb; u * 16 < hidden; u += vg)
+            ternary_unit_prefetch<1, 1>(u, L.down, L.down, hidden, inter, t, FUSED_THREADS);
 }
 
 // Prefetch schedule (the kernel's `prefetch` argument): 0 none; 1 at each
@@ -2463,11 +2489,14 @@ __device__ void amma_decode_unit(const float* qkv, const int* pos, const int* ba
 // have the projection units and the most norm weights to stage, are the
 // ones free to stage them during stage C (SEP_W).
 #define FUSED_UNIT0(hh) ((hh) * (int)gridDim.x + (int)gridDim.x - 1 - (int)blockIdx.x)
+// Attention units in flight: one per 128 threads of every CTA (the step
+// between a unit slot's units).
+#define FUSED_SLOTS ((int)gridDim.x * ((int)blockDim.x / 128))
 
 // Query heads per tensor-core unit of the fused kernel's stage C: one when
 // groups of four would leave most units idle (small batches), else four.
 __device__ __forceinline__ int fused_att_hpu(int n, int n_kv_heads, int G, int S) {
-    return n * n_kv_heads * ((G + 3) / 4) * S < 2 * (int)gridDim.x ? 1 : 4;
+    return n * n_kv_heads * ((G + 3) / 4) * S < FUSED_SLOTS ? 1 : 4;
 }
 
 // The units of the fused kernel's stage C: on tensor cores one per (row, kv
@@ -2494,7 +2523,7 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
     int hpu = fused_att_hpu(n, n_kv_heads, G, S), hgroups = (G + hpu - 1) / hpu;
     float* scratch = a;  // the unit's scratch, free again after amma_decode_unit
     int units = fused_att_units<true>(n, n_heads, n_kv_heads, S);
-    for (int u = FUSED_UNIT0(hh); u < units; u += gridDim.x * 2) {
+    for (int u = FUSED_UNIT0(hh); u < units; u += FUSED_SLOTS) {
         int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
@@ -2601,17 +2630,24 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
     __shared__ double dsl[FUSED_THREADS / 32][FUSED_ROWS];
     __shared__ float fsl[FUSED_THREADS / 32][FUSED_ROWS];
     __shared__ int isl[FUSED_THREADS / 32][FUSED_ROWS];
-    __shared__ int last[2];
+    __shared__ int last[2 * FUSED_THREADS / 128];
     // Shared memory (host twin: FusedShape::smem): the ternary partial sums;
     // one region that holds the two attention units' scratch during stage C
     // and the norm rows and int8 activations in the other stages; the norm
     // weights; the rows' scales and sums.
     int hidden = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, half = head_dim / 2;
     int maxw = max(hidden, inter);
-    size_t region = max((size_t)2 * FUSED_ATT_FLOATS * 4, (size_t)5 * n * maxw);
+    // A CTA of 2 x FUSED_THREADS threads runs two virtual CTAs (halves, see
+    // fused_vb) in the products and four attention units: one norm, one
+    // barrier arrival and one copy of each row per CTA for both halves.
+    // Half h's products synchronise on named barrier 5 + h; the norm runs
+    // on the first half alone (barrier 5), then the CTA synchronises.
+    const int halves = fused_halves(), hf = threadIdx.x / FUSED_THREADS;
+    const int vb = fused_vb(), vgrid = fused_vgrid(), tbar = halves == 1 ? 0 : 5 + hf;
+    size_t region = max((size_t)halves * 2 * FUSED_ATT_FLOATS * 4, (size_t)5 * n * maxw);
     region = (region + 15) & ~(size_t)15;
-    int* red = (int*)smem;                                       // [MM_WARPS][16 * 8]
-    float* att = (float*)(smem + MM_WARPS * 16 * 8 * 4);         // [2][FUSED_ATT_FLOATS] (stage C)
+    int* red = (int*)smem + hf * MM_WARPS * 16 * 8;              // [halves][MM_WARPS][16 * 8]
+    float* att = (float*)(smem + halves * MM_WARPS * 16 * 8 * 4);  // [2 halves][FUSED_ATT_FLOATS] (stage C)
     float* xs = att;                                             // [n][maxw] norm rows (other stages)
     i8* q8 = (i8*)(xs + (size_t)n * maxw);                       // [n][maxw]
     float* stage = (float*)((unsigned char*)att + region);       // [maxw] norm weights (sw)
@@ -2621,7 +2657,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
     // from shared memory instead of waiting on a global load for them.
     size_t desc_off = ((size_t)((unsigned char*)(a_sum + FUSED_ROWS) - smem) + 15) & ~(size_t)15;
     FusedLayer* layers = (FusedLayer*)(smem + desc_off);  // [n_layers]
-    for (int i = threadIdx.x; i < n_layers * (int)(sizeof(FusedLayer) / 8); i += FUSED_THREADS)
+    for (int i = threadIdx.x; i < n_layers * (int)(sizeof(FusedLayer) / 8); i += blockDim.x)
         ((unsigned long long*)layers)[i] = ((const unsigned long long*)layers_g)[i];
     __syncthreads();
     int qkv_rows = hidden + 2 * kv_dim, G = n_heads / n_kv_heads;
@@ -2669,12 +2705,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
         SUBT(sA, 1);
         if (blockIdx.x * 16 < qkv_rows) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA);
+            if (hf == 0) fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA, tbar);
+            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
-            for (int u = blockIdx.x; u * 16 < qkv_rows; u += gridDim.x)
+            for (int u = vb; u * 16 < qkv_rows; u += vgrid)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
                                                        L.qkv_s2, hidden, hidden + kv_dim, q8, a_scale, a_sum, n, qkv,
-                                                       qkv_rows, sA);
+                                                       qkv_rows, sA, tbar);
         }
         if (!sep_w) fused_stage_w(stage, L.attn_sub_norm, hidden, (hidden + 15) / 16);  // for D (free during C)
         SUBT(sA, 10);
@@ -2697,7 +2734,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             float* knew = qs + ATT_MAX_HD;
             float* vnew = knew + ATT_MAX_HD;
             int units = fused_att_units<false>(n, n_heads, n_kv_heads, S);
-            for (int u = FUSED_UNIT0(hh); u < units; u += gridDim.x * 2) {
+            for (int u = FUSED_UNIT0(hh); u < units; u += FUSED_SLOTS) {
                 int r = u / (n_heads * S), head = (u / S) % n_heads, s = u % S;
                 int kvh = head / G, p = pos[r];
                 bool covers = (p / ATT_CHUNK) % S == s;
@@ -2760,8 +2797,9 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             // The next norms' weights: a CTA without attention units copies
             // them with all its threads, one with units with its second half.
             bool idle = FUSED_UNIT0(0) >= fused_att_units<MMA>(n, n_heads, n_kv_heads, S);
-            if (idle || threadIdx.x >= FUSED_THREADS / 2) {
-                int nt = idle ? FUSED_THREADS : FUSED_THREADS / 2, t = threadIdx.x % nt, b = (int)blockIdx.x;
+            if (idle || threadIdx.x >= 128) {
+                int nt = idle ? (int)blockDim.x : (int)blockDim.x - 128, t = idle ? threadIdx.x : threadIdx.x - 128;
+                int b = (int)blockIdx.x;
                 if (b < (hidden + 15) / 16) stage_f4_by((float4*)w_d, (const float4*)L.attn_sub_norm, hidden >> 2, t, nt);
                 if (b < (inter + 31) / 32) stage_f4_by((float4*)w_e, (const float4*)L.ffn_norm, hidden >> 2, t, nt);
                 if (b < (hidden + 15) / 16) stage_f4_by((float4*)w_f, (const float4*)L.ffn_sub_norm, inter >> 2, t, nt);
@@ -2778,11 +2816,12 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
         SUBT(sD, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD);
+            if (hf == 0) fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD, tbar);
+            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
-            for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+            for (int u = vb; u * 16 < hidden; u += vgrid)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
-                                                       hidden, q8, a_scale, a_sum, n, x, hidden, sD);
+                                                       hidden, q8, a_scale, a_sum, n, x, hidden, sD, tbar);
         }
         if (!sep_w) fused_stage_w(stage, L.ffn_norm, hidden, (inter + 31) / 32);
         SUBT(sD, 10);
@@ -2794,11 +2833,12 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
         SUBT(sE, 1);
         if (blockIdx.x * 32 < inter) {
-            fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE);
+            if (hf == 0) fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE, tbar);
+            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
-            for (int u = blockIdx.x; u * 32 < inter; u += gridDim.x)
+            for (int u = vb; u * 32 < inter; u += vgrid)
                 ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
-                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter, sE);
+                                                       inter, inter, q8, a_scale, a_sum, n, hbuf, inter, sE, tbar);
         }
         if (!sep_w) fused_stage_w(stage, L.ffn_sub_norm, inter, (hidden + 15) / 16);
         SUBT(sE, 10);
@@ -2810,11 +2850,13 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
         SUBT(sF, 1);
         if (blockIdx.x * 16 < hidden) {
-            fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF);
+            if (hf == 0) fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF, tbar);
+            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
-            for (int u = blockIdx.x; u * 16 < hidden; u += gridDim.x)
+            for (int u = vb; u * 16 < hidden; u += vgrid)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,
-                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden, sF);
+                                                       L.down_s, hidden, hidden, q8, a_scale, a_sum, n, x, hidden, sF,
+                                                       tbar);
         }
         if (!sep_w && l + 1 < n_layers) fused_stage_w(stage, layers[l + 1].attn_norm, hidden, (qkv_rows + 15) / 16);
         SUBT(sF, 10);
@@ -2833,7 +2875,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 }
 
 #define FUSED_DECODE(NAME, P, GROUPS, MMA, SEP_W)                                                      \
-    extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                     \
+    extern "C" __global__ void __launch_bounds__(2 * FUSED_THREADS, 1)                                 \
         NAME(const FusedLayer* layers, int n_layers, float* x, int n, const int* pos, const int* base, \
              const float* cos_t, const float* sin_t, float* qkv, float* attn, float* hbuf, float* part, float* ml, \
              unsigned* sync, int* flags, int n_heads, int n_kv_heads, int head_dim, int inter, float eps, int S, \

@@ -330,10 +330,19 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
             let ps: Vec<Vec<u32>> =
                 lens.iter().enumerate().map(|(i, &l)| prompts(1, l, vocab, 300 + i as u64).remove(0)).collect();
             let per_op = prefill_then_decode(&mut backend(0, 1), &ps, 5);
-            let fused = prefill_then_decode(&mut backend(bitnet_kernels::cuda::FUSED_ROWS, 1), &ps, 5);
             let default = prefill_then_decode(&mut backend(0, 0), &ps, 5);
             assert!(per_op.iter().flatten().flatten().all(|v| v.is_finite()), "{precision:?} batch {n}");
-            assert_eq!(per_op, fused, "{precision:?} batch {n}: one split, fused and per-operation logits differ");
+            // CTAs of one half, and of two (whose units combine a head's
+            // splits in shared memory).
+            for halves in [1, 2] {
+                let mut fused_backend = backend(bitnet_kernels::cuda::FUSED_ROWS, 1);
+                assert_eq!(fused_backend.gpu().set_fused_halves(halves), halves);
+                let fused = prefill_then_decode(&mut fused_backend, &ps, 5);
+                assert_eq!(
+                    per_op, fused,
+                    "{precision:?} batch {n}, {halves} halves: one split, fused and per-operation logits differ"
+                );
+            }
             // Same model, other split count: close (f16/bf16 attention
             // parts are merged in another order), but not the same run.
             let (a, b): (Vec<f32>, Vec<f32>) = (
@@ -356,7 +365,8 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
 /// heads): the scalar attention unit once rounded its rescale differently
 /// in the fused and the per-operation kernels (the compiler contracted
 /// `acc * factor + e * kv` in one and not the other), which only such
-/// splits exposed.
+/// splits exposed. Also 2-4 splits, where 16-bit attention runs the fused
+/// kernel in CTAs of two halves by default; both CTA sizes are checked.
 #[test]
 fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
     if !gpu_present() {
@@ -366,14 +376,23 @@ fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
     let vocab = model.config.vocab_size;
     let ps = vec![prompts(1, 2100, vocab, 100).remove(0)];
     for precision in PRECISIONS {
-        for splits in [12usize, 15, 25, 33] {
+        for splits in [2usize, 3, 4, 12, 15, 25, 33] {
             // One row takes at most target / query heads splits.
             let backend = |fused_rows: usize| hd128_backend(&model, precision, fused_rows, 8 * splits);
             let per_op = prefill_then_decode(&mut backend(0), &ps, 5);
-            let fused = prefill_then_decode(&mut backend(bitnet_kernels::cuda::FUSED_ROWS), &ps, 5);
             assert!(per_op.iter().flatten().flatten().all(|v| v.is_finite()), "{precision:?} {splits} splits");
-            assert_eq!(per_op, fused, "{precision:?} target {splits} splits: fused and per-operation logits differ");
-            println!("{precision:?} batch 1, {splits} splits: fused = per-operation bit for bit");
+            // The fused kernel in CTAs of one and of two halves (whose
+            // attention units take other slots).
+            for halves in [1, 2] {
+                let mut fused_backend = backend(bitnet_kernels::cuda::FUSED_ROWS);
+                assert_eq!(fused_backend.gpu().set_fused_halves(halves), halves);
+                let fused = prefill_then_decode(&mut fused_backend, &ps, 5);
+                assert_eq!(
+                    per_op, fused,
+                    "{precision:?} target {splits} splits, {halves} halves: fused and per-operation logits differ"
+                );
+                println!("{precision:?} batch 1, {splits} splits, {halves} halves: fused = per-operation bit for bit");
+            }
         }
     }
 }
@@ -423,14 +442,18 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
             let expected: Vec<_> = cases.iter().map(|(_, ps)| prefill_then_decode(&mut per_op, ps, 5)).collect();
             // Each weight prefetch schedule: none, into L2 a layer or a stage
             // ahead; with a weight buffer per norm (the default) and with one
-            // (the `_w1` kernels, which 2B-4T's two-row steps take).
-            for (prefetch, sep_w) in [(0, true), (1, true), (2, true), (2, false)] {
+            // (the `_w1` kernels, which 2B-4T's two-row steps take); in CTAs
+            // of one and of two halves.
+            let variants =
+                [(0, true, 1), (1, true, 1), (2, true, 1), (2, false, 1), (0, true, 2), (2, true, 2), (2, false, 2)];
+            for (prefetch, sep_w, halves) in variants {
                 let mut fused = cuda(model, precision, |c| {
                     c.kv_slots = 8 * 2200;
                     c.fused_max_rows = bitnet_kernels::cuda::FUSED_ROWS;
                 });
                 assert_eq!(fused.gpu().set_fused_prefetch(prefetch), prefetch);
                 fused.gpu().set_fused_sep_w(sep_w);
+                assert_eq!(fused.gpu().set_fused_halves(halves), halves);
                 // The fused backend really runs the fused kernel for decode.
                 fused.add_sequence(99, 8).unwrap();
                 fused.step(&[StepInput { seq: 99, tokens: &[1, 2] }]).unwrap();
@@ -446,11 +469,12 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
                     assert!(a.iter().flatten().flatten().all(|v| v.is_finite()), "{name} {precision:?} batch {n}");
                     assert_eq!(
                         &a, b,
-                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w}: the fused decode kernel changed the logits"
+                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w} halves {halves}: the fused \
+                         decode kernel changed the logits"
                     );
                     println!(
-                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w}: fused decode logits equal \
-                         the per-operation kernels' bit for bit"
+                        "{name} {precision:?} batch {n} prefetch {prefetch} sep_w {sep_w} halves {halves}: fused decode \
+                         logits equal the per-operation kernels' bit for bit"
                     );
                 }
             }

@@ -94,12 +94,13 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, int kin
     __syncthreads();
 }
 
+template <int NT>
 __device__ __forceinline__ float block_sum(float v, float* red) {
     for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
     __syncthreads();
     float s = 0.f;
-    for (int w = 0; w < 8; w++) s += red[w];
+    for (int w = 0; w < NT / 32; w++) s += red[w];
     __syncthreads();
     return s;
 }
@@ -130,14 +131,15 @@ __device__ __forceinline__ int quant_i8(float t) {
 // Value of element i in round r (exact in f32: small integers).
 __device__ __forceinline__ float elem(int i, int r) { return (float)((i + r) & 7); }
 
-extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsigned* bar, int* bad, int n, int iters,
+template <int NT>
+__global__ void __launch_bounds__(NT) stage_bench(float* rows, unsigned* bar, int* bad, int n, int iters,
                                                                int mode, int cl, int kind) {
     extern __shared__ __align__(128) unsigned char smem[];
     __shared__ __align__(8) unsigned long long mbar;
-    __shared__ float red[8];
+    __shared__ float red[NT / 32];
     float* row = (float*)smem;
     float* wn = row + n;  // modes 6-9: the norm weights (all 1, read at run time)
-    for (int i = threadIdx.x; i < n && mode >= 6; i += 256) wn[i] = 1.0f;
+    for (int i = threadIdx.x; i < n && mode >= 6; i += NT) wn[i] = 1.0f;
     const int tid = threadIdx.x;
     if (mode >= 2) {
         if (tid == 0) {
@@ -168,22 +170,22 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
         for (int r = 0; r < iters; r++) {
             unsigned long long* buf = words + (size_t)(r & 1) * n;
             const unsigned tag = (unsigned)r + 1u;
-            for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += 256) {
+            for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += NT) {
                 unsigned long long w = (unsigned long long)__float_as_uint(elem(i, r)) | ((unsigned long long)tag << 32);
                 asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(buf + i), "l"(w) : "memory");
             }
             float s = 0.f;
-            constexpr int MAXJ = 28;  // n <= 28 * 256
+            constexpr int MAXJ = 28;  // n <= 28 * NT
             unsigned long long w[MAXJ];
 #pragma unroll
             for (int j = 0; j < MAXJ; j++) {
-                int i = tid + j * 256;
+                int i = tid + j * NT;
                 w[j] = 0;
                 if (i < n) asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w[j]) : "l"(buf + i) : "memory");
             }
 #pragma unroll
             for (int j = 0; j < MAXJ; j++) {
-                int i = tid + j * 256;
+                int i = tid + j * NT;
                 if (i < n) {
                     while ((unsigned)(w[j] >> 32) != tag)
                         asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w[j]) : "l"(buf + i) : "memory");
@@ -192,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                     s += v * v;
                 }
             }
-            s = block_sum(s, red);
+            s = block_sum<NT>(s, red);
             double exact = 0.0;
             for (int c = 0; c < 8; c++) {
                 int cnt = n / 8 + ((n % 8) > c ? 1 : 0);
@@ -206,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
     for (int r = 0; r < iters; r++) {
         float* buf = rows + (size_t)(r & 1) * n;
         // Produce: this CTA's share of the row.
-        for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += 256) buf[i] = elem(i, r);
+        for (int i = blockIdx.x * per + tid; i < min(n, (blockIdx.x + 1) * per); i += NT) buf[i] = elem(i, r);
         grid_sync(bar, r + 1, kind);
         if (mode == 0) continue;
         float s = 0.f;
@@ -215,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             // one combined reduction, then v = (x w) * inv quantised.
             double ss = 0.0;
             float m = 0.f;
-            for (int i = tid; i < n; i += 256) {
+            for (int i = tid; i < n; i += NT) {
                 float v;
                 asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
                 row[i] = v;
@@ -226,7 +228,7 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                 ss += __shfl_xor_sync(0xffffffffu, ss, o);
                 m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
             }
-            __shared__ double dred9[8];
+            __shared__ double dred9[NT / 32];
             if ((tid & 31) == 0) {
                 dred9[tid >> 5] = ss;
                 red[tid >> 5] = m;
@@ -234,25 +236,25 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             __syncthreads();
             double t = 0.0;
             float mm = red[0];
-            for (int w = 0; w < 8; w++) t += dred9[w];
-            for (int w = 1; w < 8; w++) mm = fmaxf(mm, red[w]);
+            for (int w = 0; w < NT / 32; w++) t += dred9[w];
+            for (int w = 1; w < NT / 32; w++) mm = fmaxf(mm, red[w]);
             double inv = 1.0 / sqrt(t / (double)n + 1e-6);
             float ih = (float)inv, il = (float)(inv - (double)ih);
             float amax = mul_inv(mm, ih, il);
             float sc = 127.0f / fmaxf(amax, 1e-5f);
             int qs = 0;
             signed char* q8 = (signed char*)(row + 2 * n);
-            for (int i = tid; i < n; i += 256) {
+            for (int i = tid; i < n; i += NT) {
                 int q = quant_i8(__fmul_rn(mul_inv(__fmul_rn(row[i], wn[i]), ih, il), sc));
                 q8[i] = (signed char)q;
                 qs += q;
             }
             for (int o = 16; o; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
-            __shared__ int ired9[8];
+            __shared__ int ired9[NT / 32];
             if ((tid & 31) == 0) ired9[tid >> 5] = qs;
             __syncthreads();
             int qt = 0;
-            for (int w = 0; w < 8; w++) qt += ired9[w];
+            for (int w = 0; w < NT / 32; w++) qt += ired9[w];
             s = (float)t;
             if (qt < 0) s = -1.f;
             __syncthreads();
@@ -261,42 +263,42 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             // passes over the shared row; weights w_i = 1 (the row is 0..7,
             // so the scale and every quantised value are exact).
             double ss = 0.0;
-            for (int i = tid; i < n; i += 256) {
+            for (int i = tid; i < n; i += NT) {
                 float v;
                 asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
                 row[i] = v;
                 ss += (double)v * (double)v;
             }
             for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            __shared__ double dred[8];
+            __shared__ double dred[NT / 32];
             if ((tid & 31) == 0) dred[tid >> 5] = ss;
             __syncthreads();
             double t = 0.0;
-            for (int w = 0; w < 8; w++) t += dred[w];
+            for (int w = 0; w < NT / 32; w++) t += dred[w];
             double inv = 1.0 / sqrt(t / (double)n + 1e-6);
             float amax = 0.f;
             if (mode == 7) {
                 // Eight of the thread's elements loaded before any is used.
-                for (int b = tid; b < n; b += 256 * 8) {
+                for (int b = tid; b < n; b += NT * 8) {
                     float x[8];
 #pragma unroll
-                    for (int u = 0; u < 8; u++) x[u] = b + u * 256 < n ? row[b + u * 256] : 0.f;
+                    for (int u = 0; u < 8; u++) x[u] = b + u * NT < n ? row[b + u * NT] : 0.f;
 #pragma unroll
                     for (int u = 0; u < 8; u++) {
-                        float v = (float)((double)x[u] * inv) * wn[b + u * 256 < n ? b + u * 256 : 0];
+                        float v = (float)((double)x[u] * inv) * wn[b + u * NT < n ? b + u * NT : 0];
                         amax = fmaxf(amax, fabsf(v));
-                        if (b + u * 256 < n) row[b + u * 256] = v;
+                        if (b + u * NT < n) row[b + u * NT] = v;
                     }
                 }
             } else if (mode == 8) {
                 float ih = (float)inv, il = (float)(inv - (double)ih);
-                for (int i = tid; i < n; i += 256) {
+                for (int i = tid; i < n; i += NT) {
                     float v = __fmul_rn(mul_inv(row[i], ih, il), wn[i]);
                     amax = fmaxf(amax, fabsf(v));
                     row[i] = v;
                 }
             } else {
-                for (int i = tid; i < n; i += 256) {
+                for (int i = tid; i < n; i += NT) {
                     float v = (float)((double)row[i] * inv) * wn[i];
                     amax = fmaxf(amax, fabsf(v));
                     row[i] = v;
@@ -306,32 +308,32 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             if ((tid & 31) == 0) red[tid >> 5] = amax;
             __syncthreads();
             float m = red[0];
-            for (int w = 1; w < 8; w++) m = fmaxf(m, red[w]);
+            for (int w = 1; w < NT / 32; w++) m = fmaxf(m, red[w]);
             float sc = 127.0f / fmaxf(m, 1e-5f);
             int qs = 0;
             signed char* q8 = (signed char*)(row + 2 * n);
             if (mode == 7) {
-                for (int b = tid; b < n; b += 256 * 8) {
+                for (int b = tid; b < n; b += NT * 8) {
                     float x[8];
 #pragma unroll
-                    for (int u = 0; u < 8; u++) x[u] = b + u * 256 < n ? row[b + u * 256] : 0.f;
+                    for (int u = 0; u < 8; u++) x[u] = b + u * NT < n ? row[b + u * NT] : 0.f;
 #pragma unroll
                     for (int u = 0; u < 8; u++) {
                         int q = (int)fminf(fmaxf(rintf(x[u] * sc), -128.f), 127.f);
-                        if (b + u * 256 < n) {
-                            q8[b + u * 256] = (signed char)q;
+                        if (b + u * NT < n) {
+                            q8[b + u * NT] = (signed char)q;
                             qs += q;
                         }
                     }
                 }
             } else if (mode == 8) {
-                for (int i = tid; i < n; i += 256) {
+                for (int i = tid; i < n; i += NT) {
                     int q = quant_i8(__fmul_rn(row[i], sc));
                     q8[i] = (signed char)q;
                     qs += q;
                 }
             } else {
-                for (int i = tid; i < n; i += 256) {
+                for (int i = tid; i < n; i += NT) {
                     int q = (int)fminf(fmaxf(rintf(row[i] * sc), -128.f), 127.f);
                     q8[i] = (signed char)q;
                     qs += q;
@@ -339,17 +341,17 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
             }
             __syncthreads();
             for (int o = 16; o; o >>= 1) qs += __shfl_xor_sync(0xffffffffu, qs, o);
-            __shared__ int ired[8];
+            __shared__ int ired[NT / 32];
             if ((tid & 31) == 0) ired[tid >> 5] = qs;
             __syncthreads();
             int qt = 0;
-            for (int w = 0; w < 8; w++) qt += ired[w];
+            for (int w = 0; w < NT / 32; w++) qt += ired[w];
             // The check: the sum of squares of the row, recomputed exactly.
             s = (float)t;
             if (qt < 0) s = -1.f;  // keeps the quantisation live (the row is non-negative)
             __syncthreads();
         } else if (mode == 1) {
-            for (int i = tid; i < n; i += 256) {
+            for (int i = tid; i < n; i += NT) {
                 float v;
                 asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(buf + i));
                 row[i] = v;
@@ -389,12 +391,12 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
                     : "memory");
             }
             phase ^= 1;
-            for (int i = tid; i < n; i += 256) {
+            for (int i = tid; i < n; i += NT) {
                 float v = row[i];
                 s += v * v;
             }
         }
-        if (mode < 6) s = block_sum(s, red);
+        if (mode < 6) s = block_sum<NT>(s, red);
         // Exact check of the whole sum: each residue class mod 8 repeats.
         double exact = 0.0;
         for (int c = 0; c < 8; c++) {
@@ -409,12 +411,17 @@ extern "C" __global__ void __launch_bounds__(256) stage_bench(float* rows, unsig
 
 int main(int argc, char** argv) {
     if (argc < 7) {
-        fprintf(stderr, "usage: %s MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS\n", argv[0]);
+        fprintf(stderr, "usage: %s MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS [THREADS: 256 or 512]\n", argv[0]);
         return 2;
     }
     int mode = atoi(argv[1]), n = atoi(argv[2]), ctas = atoi(argv[3]), cl = atoi(argv[4]), kind = atoi(argv[5]),
-        iters = atoi(argv[6]);
-    if (mode == 5 && n > 28 * 256) {
+        iters = atoi(argv[6]), nt = argc > 7 ? atoi(argv[7]) : 256;
+    if (nt != 256 && nt != 512) {
+        fprintf(stderr, "THREADS must be 256 or 512\n");
+        return 2;
+    }
+    auto kern = nt == 256 ? stage_bench<256> : stage_bench<512>;
+    if (mode == 5 && n > 28 * nt) {
         fprintf(stderr, "mode 5 takes at most 7168 floats\n");
         return 2;
     }
@@ -430,11 +437,11 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&bar, 256));
     CHECK(cudaMalloc(&bad, 4));
     size_t smem = (size_t)n * 9;  // the row, (modes 6-9) the norm weights and the int8 copy
-    CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    if (mode == 3) CHECK(cudaFuncSetAttribute(stage_bench, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    if (mode == 3) CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(ctas);
-    cfg.blockDim = dim3(256);
+    cfg.blockDim = dim3(nt);
     cfg.dynamicSmemBytes = smem;
     cudaLaunchAttribute attrs[2];
     int na = 0;
@@ -450,7 +457,7 @@ int main(int argc, char** argv) {
         int clusters = 0;
         cfg.attrs = attrs + 1;
         cfg.numAttrs = 1;
-        CHECK(cudaOccupancyMaxActiveClusters(&clusters, stage_bench, &cfg));
+        CHECK(cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg));
         printf("max active clusters of %d: %d (%d CTAs)\n", cl, clusters, clusters * cl);
         if (clusters * cl < ctas) {
             printf("RESULT mode=%d n=%d ctas=%d cl=%d kind=%d: does not fit\n", mode, n, ctas, cl, kind);
@@ -467,14 +474,14 @@ int main(int argc, char** argv) {
         CHECK(cudaMemset(bar, 0, 256));
         CHECK(cudaMemset(bad, 0, 4));
         CHECK(cudaEventRecord(e0));
-        cudaError_t le = cudaLaunchKernelEx(&cfg, stage_bench, rows, bar, bad, n, iters, mode, cl, kind);
+        cudaError_t le = cudaLaunchKernelEx(&cfg, kern, rows, bar, bad, n, iters, mode, cl, kind);
         if (le != cudaSuccess && mode == 3 && rep == 0) {
             printf("cooperative + cluster launch refused (%s); launching without the cooperative attribute\n",
                    cudaGetErrorString(le));
             cudaGetLastError();
             cfg.attrs = attrs + 1;
             cfg.numAttrs = 1;
-            le = cudaLaunchKernelEx(&cfg, stage_bench, rows, bar, bad, n, iters, mode, cl, kind);
+            le = cudaLaunchKernelEx(&cfg, kern, rows, bar, bad, n, iters, mode, cl, kind);
         }
         CHECK(le);
         CHECK(cudaEventRecord(e1));
@@ -489,7 +496,7 @@ int main(int argc, char** argv) {
         }
         if (ms < best) best = ms;
     }
-    printf("RESULT mode=%d n=%d ctas=%d cl=%d kind=%d: %.3f us per round (best of 5, %d rounds)\n", mode, n, ctas,
-           cl, kind, best * 1000.f / iters, iters);
+    printf("RESULT mode=%d n=%d ctas=%d threads=%d cl=%d kind=%d: %.3f us per round (best of 5, %d rounds)\n", mode, n,
+           ctas, nt, cl, kind, best * 1000.f / iters, iters);
     return 0;
 }

@@ -14,6 +14,8 @@ use cudarc::driver::sys;
 
 /// Most token rows one fused launch runs (`FUSED_ROWS` in the kernel).
 pub const FUSED_ROWS: usize = 2;
+/// Threads of one of the kernel's (virtual) CTAs; a launch's CTAs hold one
+/// or two of them (see [`GpuContext::set_fused_halves`]).
 const FUSED_THREADS: u32 = 256;
 /// Bytes of one layer's descriptor (`struct FusedLayer`: 11 pointers, 8 floats).
 const LAYER_BYTES: usize = 11 * 8 + 8 * 4;
@@ -64,12 +66,20 @@ fn has_sep_w(s: &FusedShape, att_mma: bool) -> bool {
     s.head_dim <= 128 && (s.cache == GpuDType::F32 || att_mma)
 }
 
-/// The fused kernels' grid sizes per (kernel, shared memory), and the
-/// dynamic shared memory each kernel was last allowed (the attribute only
-/// ever grows, so every cached size stays launchable).
+/// [`GpuContext::fused_halves_for`] with `setting` in effect (0: choose).
+pub(crate) fn choose_halves(setting: usize, att_mma: bool, splits: usize) -> (usize, bool) {
+    match setting {
+        0 => (if att_mma && splits <= 4 { 2 } else { 1 }, false),
+        h => (h, true),
+    }
+}
+
+/// The fused kernels' grid sizes per (kernel, shared memory, threads), and
+/// the dynamic shared memory each kernel was last allowed (the attribute
+/// only ever grows, so every cached size stays launchable).
 #[derive(Debug, Default)]
 pub(crate) struct FusedGrids {
-    grids: std::collections::HashMap<(&'static str, usize), u32>,
+    grids: std::collections::HashMap<(&'static str, usize, u32), u32>,
     allowed: std::collections::HashMap<&'static str, usize>,
 }
 
@@ -111,16 +121,18 @@ impl FusedShape {
         self.hidden + 2 * self.n_kv_heads * self.head_dim
     }
 
-    /// Shared memory of a launch of `n` rows (the kernel's layout): the
-    /// partial sums; one region for the two attention units' scratch
-    /// (stage C) or the norm rows (f32) and int8 activations (the other
-    /// stages); the norm weights; the rows' scales and sums; the layer
-    /// descriptors (16-byte aligned); with `sep_w`, three more norm-weight
-    /// buffers of `hidden` floats (16-byte aligned).
-    fn smem(&self, n: usize, sep_w: bool) -> usize {
+    /// Shared memory of a launch of `n` rows by CTAs of `halves` virtual
+    /// CTAs (the kernel's layout): the partial sums of each half; one region
+    /// for the attention units' scratch (two per half, stage C) or the norm
+    /// rows (f32) and int8 activations (the other stages); the norm weights;
+    /// the rows' scales and sums; the layer descriptors (16-byte aligned);
+    /// with `sep_w`, three more norm-weight buffers of `hidden` floats
+    /// (16-byte aligned).
+    fn smem(&self, n: usize, sep_w: bool, halves: usize) -> usize {
         let w = self.hidden.max(self.inter);
-        let region = (2 * FUSED_ATT_FLOATS * 4).max(5 * n * w).next_multiple_of(16);
-        let base = (SMEM_RED + region + 4 * w + FUSED_ROWS * 8).next_multiple_of(16) + self.n_layers * LAYER_BYTES;
+        let region = (halves * 2 * FUSED_ATT_FLOATS * 4).max(5 * n * w).next_multiple_of(16);
+        let base =
+            (halves * SMEM_RED + region + 4 * w + FUSED_ROWS * 8).next_multiple_of(16) + self.n_layers * LAYER_BYTES;
         if sep_w {
             base.next_multiple_of(16) + 3 * self.hidden * 4
         } else {
@@ -267,11 +279,12 @@ impl GpuContext {
         (1 + n * n_heads) * 4
     }
 
-    /// CTAs of the fused kernel for `n` rows: as many per SM as can be
-    /// resident (at most 2, or `BITNET_CUDA_FUSED_CTAS`), on every SM.
-    fn fused_grid(&self, name: &'static str, smem: usize) -> Result<u32, CudaError> {
+    /// CTAs of the fused kernel of `threads` threads for `n` rows: as many
+    /// per SM as can be resident (at most 2, or `BITNET_CUDA_FUSED_CTAS`),
+    /// on every SM.
+    fn fused_grid(&self, name: &'static str, smem: usize, threads: u32) -> Result<u32, CudaError> {
         let mut cache = self.fused_grid.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&g) = cache.grids.get(&(name, smem)) {
+        if let Some(&g) = cache.grids.get(&(name, smem, threads)) {
             return Ok(g);
         }
         let f = self.function(name)?;
@@ -282,7 +295,7 @@ impl GpuContext {
             cache.allowed.insert(name, smem);
         }
         let per_sm = f
-            .occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, smem, None)
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
             .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
         let sms = self.sm_count()?;
         let per_sm = per_sm.min(self.fused_ctas_per_sm);
@@ -290,31 +303,33 @@ impl GpuContext {
             return Err(CudaError::Shape(format!("fused decode: no CTA of {smem} bytes of shared memory fits an SM")));
         }
         let g = per_sm * sms as u32;
-        cache.grids.insert((name, smem), g);
+        cache.grids.insert((name, smem, threads), g);
         Ok(g)
     }
 
-    /// The kernel, its shared memory and grid for `n` rows: the variant
-    /// with a weight buffer per norm where the shape has one and its larger
-    /// shared memory still lets as many CTAs per SM run (on the H200 not so
-    /// for two rows of 2B-4T: 135 KB a CTA).
+    /// The kernel, its shared memory, grid and CTA size for `n` rows: the
+    /// variant with a weight buffer per norm where the shape has one and its
+    /// larger shared memory still lets as many CTAs per SM run (on the H200
+    /// not so for two rows of 2B-4T in CTAs of one half: 135 KB a CTA).
     fn fused_launch_shape(
         &self,
         s: &FusedShape,
         att_mma: bool,
         n: usize,
-    ) -> Result<(&'static str, usize, u32), CudaError> {
+        halves: usize,
+    ) -> Result<(&'static str, usize, u32, u32), CudaError> {
+        let threads = FUSED_THREADS * halves as u32;
         let one = fused_kernel_name(s, att_mma, false);
-        let one_smem = s.smem(n, false);
-        let one_grid = self.fused_grid(one, one_smem)?;
+        let one_smem = s.smem(n, false, halves);
+        let one_grid = self.fused_grid(one, one_smem, threads)?;
         if has_sep_w(s, att_mma) && self.fused_sep_w.load(std::sync::atomic::Ordering::Relaxed) {
             let sep = fused_kernel_name(s, att_mma, true);
-            let sep_smem = s.smem(n, true);
-            if self.fused_grid(sep, sep_smem).is_ok_and(|g| g == one_grid) {
-                return Ok((sep, sep_smem, one_grid));
+            let sep_smem = s.smem(n, true, halves);
+            if self.fused_grid(sep, sep_smem, threads).is_ok_and(|g| g == one_grid) {
+                return Ok((sep, sep_smem, one_grid, threads));
             }
         }
-        Ok((one, one_smem, one_grid))
+        Ok((one, one_smem, one_grid, threads))
     }
 
     /// The most rows (up to `want`, at most [`FUSED_ROWS`]) a fused launch
@@ -323,7 +338,10 @@ impl GpuContext {
     pub fn fused_rows_that_fit(&self, layers: &FusedLayers, want: usize) -> usize {
         let s = &layers.shape;
         let att_mma = self.attention_on_tensor_cores(s.cache, s.head_dim);
-        (1..=want.min(FUSED_ROWS)).take_while(|&n| self.fused_launch_shape(s, att_mma, n).is_ok()).last().unwrap_or(0)
+        (1..=want.min(FUSED_ROWS))
+            .take_while(|&n| self.fused_launch_shape(s, att_mma, n, 1).is_ok())
+            .last()
+            .unwrap_or(0)
     }
 
     /// Every layer of a decode pass of `n` rows (`1..=FUSED_ROWS`, each at
@@ -360,12 +378,18 @@ impl GpuContext {
         let att_mma = self.attention_on_tensor_cores(s.cache, hd);
         let sync = step.sync.sub(0, Self::fused_sync_bytes(n, nh))?;
         let flags = step.flags.need("flags", 4)?;
-        let (name, smem, grid) = self.fused_launch_shape(s, att_mma, n)?;
+        let (name, smem, grid, threads) = match self.fused_halves_for(att_mma, splits) {
+            // Chosen, not asked for: CTAs of one half wherever two do not fit.
+            (2, false) => {
+                self.fused_launch_shape(s, att_mma, n, 2).or_else(|_| self.fused_launch_shape(s, att_mma, n, 1))?
+            }
+            (halves, _) => self.fused_launch_shape(s, att_mma, n, halves)?,
+        };
         self.zero(sync)?;
         self.launch_with(
             name,
             (grid, 1, 1),
-            (FUSED_THREADS, 1, 1),
+            (threads, 1, 1),
             smem as u32,
             &[
                 Arg::Ptr(layers.buf.all().ptr),
@@ -463,13 +487,32 @@ mod tests {
         // 16 B; then the three 2560-float buffers at the next 16 B.
         let s = shape_2b4t(GpuDType::BF16, 128);
         let desc = 4096 + 34560 + 4 * 6912 + 16; // 66320, a multiple of 16
-        assert_eq!(s.smem(1, false), desc + 30 * 120);
-        assert_eq!(s.smem(1, true), (desc + 30 * 120).next_multiple_of(16) + 3 * 2560 * 4);
-        assert_eq!(s.smem(1, true), 100_640);
+        assert_eq!(s.smem(1, false, 1), desc + 30 * 120);
+        assert_eq!(s.smem(1, true, 1), (desc + 30 * 120).next_multiple_of(16) + 3 * 2560 * 4);
+        assert_eq!(s.smem(1, true, 1), 100_640);
         // Two rows: a region of 2 x 5 x 6912 B; with the buffers a CTA needs
         // 135200 B, so two no longer fit an H200 SM (228 KB): the _w1 kernel.
-        assert_eq!(s.smem(2, false), 4096 + 69120 + 4 * 6912 + 16 + 30 * 120);
-        assert_eq!(s.smem(2, true), 135_200);
+        assert_eq!(s.smem(2, false, 1), 4096 + 69120 + 4 * 6912 + 16 + 30 * 120);
+        assert_eq!(s.smem(2, true, 1), 135_200);
+        // CTAs of two halves: two sets of partial sums, and a region of four
+        // attention scratches (55808 B) for one row, 2 x 5 x 6912 B for two.
+        assert_eq!(s.smem(1, false, 2), 2 * 4096 + 55808 + 4 * 6912 + 16 + 30 * 120);
+        assert_eq!(s.smem(2, true, 2), 4096 + 135_200);
+    }
+
+    #[test]
+    fn two_halves_only_where_they_measured_faster() {
+        // Tensor-core attention in 1-4 splits (BF16/FP16 at short windows).
+        for splits in 1..=4 {
+            assert_eq!(choose_halves(0, true, splits), (2, false));
+        }
+        // Longer windows and scalar attention (FP32): one half.
+        assert_eq!(choose_halves(0, true, 5), (1, false));
+        assert_eq!(choose_halves(0, true, 13), (1, false));
+        assert_eq!(choose_halves(0, false, 4), (1, false));
+        // A setting is kept, and marked as asked for.
+        assert_eq!(choose_halves(1, true, 4), (1, true));
+        assert_eq!(choose_halves(2, false, 13), (2, true));
     }
 
     #[test]

@@ -318,6 +318,10 @@ pub struct GpuContext {
     fused_grid: std::sync::Mutex<fused::FusedGrids>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
     fused_ctas_per_sm: u32,
+    /// Virtual CTAs of 256 threads per fused-decode CTA: 1 or 2, or 0 to
+    /// choose per launch (`BITNET_CUDA_FUSED_HALVES`,
+    /// [`GpuContext::set_fused_halves`]).
+    fused_halves: std::sync::atomic::AtomicUsize,
     /// The fused kernel's weight prefetch schedule (`BITNET_CUDA_FUSED_PREFETCH`,
     /// [`GpuContext::set_fused_prefetch`]): 0 none; 1 into L2 a layer ahead;
     /// 2 into L2 a stage ahead, the default (BF16 batch 1 on the H200,
@@ -555,6 +559,12 @@ impl GpuContext {
                 .and_then(|v| v.parse::<u32>().ok())
                 .filter(|c| (1..=2).contains(c))
                 .unwrap_or(2),
+            fused_halves: std::env::var("BITNET_CUDA_FUSED_HALVES")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|c| (0..=2).contains(c))
+                .unwrap_or(0)
+                .into(),
             fused_prefetch: std::env::var("BITNET_CUDA_FUSED_PREFETCH")
                 .ok()
                 .and_then(|v| v.parse::<i32>().ok())
@@ -739,6 +749,33 @@ impl GpuContext {
             self.fused_prefetch.store(mode, std::sync::atomic::Ordering::Relaxed);
         }
         self.fused_prefetch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs the fused decode kernel in CTAs of 256 threads (`halves` 1), of
+    /// 512 threads (2: each CTA holds two of the 256-thread CTAs for the
+    /// products and four attention units, but runs each norm, grid-barrier
+    /// arrival and row load once; one CTA per SM), or (0, the default) in
+    /// whichever [`GpuContext::fused_halves_for`] picks; the same results in
+    /// each. Returns the setting in effect (unchanged for a value above 2).
+    /// A backend sets it before its first step.
+    pub fn set_fused_halves(&self, halves: usize) -> usize {
+        if halves <= 2 {
+            self.fused_halves.store(halves, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.fused_halves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The fused kernel's halves per CTA for a launch with attention on
+    /// tensor cores (`att_mma`) or not, in `splits` position splits, and
+    /// whether the setting asked for it (else it was chosen). Chosen: two
+    /// halves with tensor-core attention in at most 4 splits, else one.
+    /// Measured on the H200 (2B-4T, batch 1, alternated in one call; session
+    /// 20): BF16 at prompt 128 (4 splits) 1.320-1.323 -> 1.278-1.290 ms per
+    /// step, at prompt 32 (1 split) 1.306-1.308 -> 1.293-1.295; at prompt
+    /// 1024 (13 splits) 1.519-1.521 -> 1.533-1.541 and FP32 (scalar
+    /// attention) at 128 1.947-1.950 -> 1.976-1.994, both slower.
+    pub fn fused_halves_for(&self, att_mma: bool, splits: usize) -> (usize, bool) {
+        fused::choose_halves(self.fused_halves.load(std::sync::atomic::Ordering::Relaxed), att_mma, splits)
     }
 
     /// Gives the fused kernel's norms a weight buffer each where the shared
