@@ -1,5 +1,6 @@
 // What a grid-synchronised stage of the batch-1 fused kernel costs on this
-// GPU, without weights: a persistent grid of `ctas` CTAs of 256 threads runs
+// GPU, without weights: a persistent grid of `ctas` CTAs of THREADS threads
+// (256, the default, or 512) runs
 // `iters` rounds of
 //   each CTA writes its share of a float row (the producing stage's outputs),
 //   grid barrier,
@@ -30,7 +31,7 @@
 //
 // Build and run on the GPU machine:
 //   nvcc -O3 -arch=sm_90a -o /tmp/smb docs/perf/tools/stage_microbench.cu
-//   /tmp/smb MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS
+//   /tmp/smb MODE N_FLOATS CTAS CLUSTER BARRIER_KIND ITERS [THREADS]
 // BARRIER_KIND 0: fence.acq_rel.gpu then red.relaxed, acquire polls of the
 //                 counter (the fused kernel's);
 //              1: red.release.gpu (no separate fence);

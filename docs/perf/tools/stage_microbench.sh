@@ -11,3 +11,7 @@ for n in 2560 6912; do
 done
 for k in 0 1 2 3 4; do $B 0 2560 264 1 $k 2000; $B 1 2560 264 1 $k 2000; done
 $B 4 2560 2 1 0 20000
+# Session 20 (gpu-stage-floor-s20-h200.txt): one CTA of 512 threads per SM against two of 256.
+for n in 2560 6912; do for m in 0 1 9; do
+  $B $m $n 264 1 0 2000 256; $B $m $n 132 1 0 2000 256; $B $m $n 132 1 0 2000 512
+done; done
