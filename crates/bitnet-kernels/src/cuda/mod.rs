@@ -494,6 +494,12 @@ pub(crate) enum Arg {
     F32(f32),
 }
 
+/// The developer switch `name` parsed as a number in `range`, else
+/// `default` (unset, unparsable or out of range).
+fn env_in<T: std::str::FromStr + PartialOrd>(name: &str, range: std::ops::RangeInclusive<T>, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse::<T>().ok()).filter(|v| range.contains(v)).unwrap_or(default)
+}
+
 impl GpuContext {
     /// Opens device `ordinal`: checks the libraries, the compute capability
     /// (>= 8.0), creates the context and a stream, and loads the kernels.
@@ -554,23 +560,9 @@ impl GpuContext {
             cluster_ok: false,
             sms: 0,
             fused_grid: Default::default(),
-            fused_ctas_per_sm: std::env::var("BITNET_CUDA_FUSED_CTAS")
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-                .filter(|c| (1..=2).contains(c))
-                .unwrap_or(2),
-            fused_halves: std::env::var("BITNET_CUDA_FUSED_HALVES")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|c| (0..=2).contains(c))
-                .unwrap_or(0)
-                .into(),
-            fused_prefetch: std::env::var("BITNET_CUDA_FUSED_PREFETCH")
-                .ok()
-                .and_then(|v| v.parse::<i32>().ok())
-                .filter(|c| (0..=2).contains(c))
-                .unwrap_or(2)
-                .into(),
+            fused_ctas_per_sm: env_in("BITNET_CUDA_FUSED_CTAS", 1..=2, 2),
+            fused_halves: env_in("BITNET_CUDA_FUSED_HALVES", 0..=2, 0).into(),
+            fused_prefetch: env_in("BITNET_CUDA_FUSED_PREFETCH", 0..=2, 2).into(),
             fused_sep_w: std::env::var("BITNET_CUDA_FUSED_SEPW").map_or(true, |v| v != "0").into(),
             attention_mma: std::env::var("BITNET_CUDA_ATTENTION").map_or(true, |v| v != "scalar").into(),
             attention_ctas: std::env::var("BITNET_CUDA_ATTENTION_CTAS")
