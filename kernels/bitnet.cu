@@ -577,6 +577,9 @@ FINAL_NORM(final_norm_bf16, BF16, true)
 #ifndef FUSED_SUBTRACE
 #define FUSED_SUBTRACE 0
 #endif
+#ifndef FUSED_SUBTRACE_LAST
+#define FUSED_SUBTRACE_LAST 0
+#endif
 #if FUSED_SUBTRACE
 #define SUBT(P, i) do { if ((P) && threadIdx.x == 0) (P)[i] = clock64(); } while (0)
 #else
@@ -2685,7 +2688,11 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
         for (int k = 0; k < 4; k++) fused_prefetch(layers[0], k, hidden, qkv_rows, inter);
     if (prefetch == 2) fused_prefetch(layers[0], 0, hidden, qkv_rows, inter);
     // FUSED_SUBTRACE: CTA 0's clocks, 12 per stage (see SUBT).
-    unsigned long long* sub0 = (FUSED_SUBTRACE && trace && blockIdx.x == 0) ? trace + 1 + 19 * n_layers : nullptr;
+    // FUSED_SUBTRACE_LAST: the last CTA's clocks instead (at batch 1 it holds
+    // attention unit 0; CTA 0 holds none).
+    const unsigned sub_cta = FUSED_SUBTRACE_LAST ? gridDim.x - 1 : 0;
+    unsigned long long* sub0 =
+        (FUSED_SUBTRACE && trace && blockIdx.x == sub_cta) ? trace + 1 + 19 * n_layers : nullptr;
     if (sub0 && threadIdx.x == 0) {
         sub0[60 * n_layers] = global_ns();
         sub0[60 * n_layers + 1] = clock64();

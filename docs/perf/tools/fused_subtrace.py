@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Per-stage breakdown of the fused decode kernel from a sub-stage trace.
 
-Build with `#define FUSED_SUBTRACE 1` in kernels/bitnet.cu, then run e.g.
+Build with `#define FUSED_SUBTRACE 1` in kernels/bitnet.cu (or run with
+BITNET_CUDA_DEFINES=FUSED_SUBTRACE=1; add FUSED_SUBTRACE_LAST=1 to trace the
+last CTA, which holds attention unit 0 at batch 1, instead of CTA 0), then run e.g.
   BITNET_CUDA_FUSED_TRACE=1 BITNET_CUDA_FUSED_TRACE_DUMP=dump.txt \\
     xtask bench --device gpu --batches 1 --precisions bf16
 and pass the dump (one u64 per line: the last launch's trace buffer) and the
@@ -13,7 +15,7 @@ import sys
 
 NAMES = ["start", "prefetch", "loaded", "sumsq", "amax", "qsum", "norm end", "products", "reduced",
          "written", "weights staged", "barrier left"]
-# The attention stage's points (its first unit in CTA 0; 2 and 4 only on
+# The attention stage's points (its first unit in the traced CTA; 2 and 4 only on
 # tensor cores, 8 only where this unit combined).
 ATT_NAMES = ["start", "q/k/v rotated", "q built (tensor cores)", "positions done", "warps merged (tensor cores)",
              "part written", "fence", "counter", "combined", "", "stage end", "barrier left"]
