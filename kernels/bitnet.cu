@@ -2650,7 +2650,7 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
     size_t region = max((size_t)halves * 2 * FUSED_ATT_FLOATS * 4, (size_t)5 * n * maxw);
     region = (region + 15) & ~(size_t)15;
     int* red = (int*)smem + hf * MM_WARPS * 16 * 8;              // [halves][MM_WARPS][16 * 8]
-    float* att = (float*)(smem + halves * MM_WARPS * 16 * 8 * 4);  // [2 halves][FUSED_ATT_FLOATS] (stage C)
+    float* att = (float*)(smem + halves * MM_WARPS * 16 * 8 * 4);  // [2 x halves][FUSED_ATT_FLOATS] (stage C)
     float* xs = att;                                             // [n][maxw] norm rows (other stages)
     i8* q8 = (i8*)(xs + (size_t)n * maxw);                       // [n][maxw]
     float* stage = (float*)((unsigned char*)att + region);       // [maxw] norm weights (sw)
