@@ -580,6 +580,16 @@ FINAL_NORM(final_norm_bf16, BF16, true)
 #ifndef FUSED_SUBTRACE_LAST
 #define FUSED_SUBTRACE_LAST 0
 #endif
+// FUSED_UNITTRACE 1 (with FUSED_SUBTRACE 1): every tensor-core attention
+// unit u < FUSED_UT_UNITS of the first quarters of the CTAs records its own
+// 12 entries per layer after the sub-stage clocks (layer-major): clock64 at
+// its points 0-8 (0 its start, the rest as above), globaltimer at its start
+// (9) and end (10, bit 63 set if it combined), and its CTA | covers << 16 |
+// writer << 17 (11) (docs/perf/tools/fused_unittrace.py reads them).
+#ifndef FUSED_UNITTRACE
+#define FUSED_UNITTRACE 0
+#endif
+#define FUSED_UT_UNITS 128
 #if FUSED_SUBTRACE
 #define SUBT(P, i) do { if ((P) && threadIdx.x == 0) (P)[i] = clock64(); } while (0)
 #else
@@ -2397,6 +2407,25 @@ __device__ __forceinline__ void fused_prefetch_at(const FusedLayer* layers, int 
     }
 }
 
+// The start of projection stage `which` (0 q|k|v, 1 o, 2 gate/up, 3 down)
+// of layer l: the weight prefetch of schedule `mode` (fused_prefetch_at),
+// then, where this CTA has units in the stage (`active`), the norm of src
+// into q8 / scale / qsum by its first half; every thread of the CTA returns
+// after the norm.
+__device__ __forceinline__ void fused_stage_start(bool active, const FusedLayer* layers, int n_layers, int l, int which,
+                                                  int mode, int hidden, int qkv_rows, int inter, const float* src,
+                                                  float eps, int width, int n, i8* q8, float* scale, int* qsum,
+                                                  int* flags, float* sw, float* xs, double (*dsl)[FUSED_ROWS],
+                                                  float (*fsl)[FUSED_ROWS], int (*isl)[FUSED_ROWS],
+                                                  unsigned long long* st, int bar, int hf, int halves) {
+    fused_prefetch_at(layers, n_layers, l, which, mode, hidden, qkv_rows, inter);
+    SUBT(st, 1);
+    if (active) {
+        if (hf == 0) fused_norm(src, eps, width, n, q8, scale, qsum, flags, sw, xs, dsl, fsl, isl, st, bar);
+        if (halves > 1) __syncthreads();
+    }
+}
+
 // Per attention half-CTA (floats): sc [32], red [4][ATT_MAX_HD], q, new k,
 // new v [ATT_MAX_HD] each; or, on tensor cores, the unit's scratch, q of
 // four heads and the new k and v in T.
@@ -2520,7 +2549,7 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
                                     const float* sin_t, typename P::T* kc, typename P::T* vc, float* attn, float* part,
                                     float* ml, unsigned* done, int* flags, int n, int n_heads, int n_kv_heads,
                                     int head_dim, int S, float scale, int layer, float* a, int* last,
-                                    unsigned long long* trace = nullptr) {
+                                    unsigned long long* trace = nullptr, unsigned long long* utrace = nullptr) {
     int hh = threadIdx.x / (AMMA_WARPS * 32), tid = threadIdx.x % (AMMA_WARPS * 32), sid = 1 + hh;
     int hidden = n_heads * head_dim, G = n_heads / n_kv_heads;
     int hpu = fused_att_hpu(n, n_kv_heads, G, S), hgroups = (G + hpu - 1) / hpu;
@@ -2530,19 +2559,31 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
         int r = u / (n_kv_heads * hgroups * S), y = (u / S) % (n_kv_heads * hgroups), s = u % S;
         int kvh = y / hgroups, hg = y % hgroups, head0 = kvh * G + hg * hpu, ng = min(hpu, G - hg * hpu);
         size_t slot0 = ((size_t)r * n_heads + head0) * S;
+        unsigned long long* ut = trace;
+#if FUSED_UNITTRACE
+        // This unit's 12 entries (units of the first quarters only: SUBT
+        // records thread 0's clock).
+        ut = utrace && u < FUSED_UT_UNITS ? utrace + ((size_t)layer * FUSED_UT_UNITS + u) * 12 : nullptr;
+        if (ut && threadIdx.x == 0) {
+            bool covers = (pos[r] / AMMA_CHUNK) % S == s;
+            ut[9] = global_ns();
+            ut[11] = blockIdx.x | (unsigned long long)covers << 16 | (unsigned long long)(covers && hg == 0) << 17;
+        }
+        SUBT(ut, 0);
+#endif
         amma_decode_unit<P>(qkv, pos, base, cos_t, sin_t, kc, vc, part, ml, flags, r, kvh, head0, ng, hg == 0, s, S,
-                            n_heads, n_kv_heads, head_dim, scale, tid, sid, a, nullptr, trace);
+                            n_heads, n_kv_heads, head_dim, scale, tid, sid, a, nullptr, ut);
         // The last of the S units of (r, group) to finish combines them.
         __threadfence();
         unit_sync(sid);
-        SUBT(trace, 6);
+        SUBT(ut, 6);
         if (tid == 0) {
             unsigned before = atomicAdd(done + (size_t)r * n_heads + head0, 1u);
             last[hh] = before == (unsigned)((layer + 1) * S - 1);
             __threadfence();
         }
         unit_sync(sid);
-        SUBT(trace, 7);
+        SUBT(ut, 7);
         if (last[hh]) {
             for (int h = 0; h < ng; h++) {
                 combine_head<true>(part, ml, slot0 + (size_t)h * S, S, head_dim,
@@ -2552,7 +2593,10 @@ __device__ __forceinline__ void fused_attention_mma(const float* qkv, const int*
             }
         }
         unit_sync(sid);
-        SUBT(trace, 8);
+        SUBT(ut, 8);
+#if FUSED_UNITTRACE
+        if (ut && threadIdx.x == 0) ut[10] = global_ns() | (unsigned long long)last[hh] << 63;
+#endif
     }
 }
 
@@ -2709,11 +2753,9 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // A: q|k|v.
         SUBT(sA, 0);
-        fused_prefetch_at(layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter);
-        SUBT(sA, 1);
+        fused_stage_start(blockIdx.x * 16 < qkv_rows, layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter, x, eps, hidden,
+                          n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA, tbar, hf, halves);
         if (blockIdx.x * 16 < qkv_rows) {
-            if (hf == 0) fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA, tbar);
-            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
             for (int u = vb; u * 16 < qkv_rows; u += vgrid)
                 ternary_tile<0, 1, 8, false, 8, true>(u, 0, red, L.qkv, L.qkv, qkv_rows, hidden, L.qkv_s0, L.qkv_s1,
@@ -2731,7 +2773,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             static_assert(P::MMA && GROUPS == 1, "tensor-core attention: f16/bf16, head_dim <= 128");
             fused_attention_mma<P>(qkv, pos, base, cos_t, sin_t, kc, vc, attn, part, ml, done, flags, n, n_heads,
                                    n_kv_heads, head_dim, S, scale, l, att + (threadIdx.x / 128) * FUSED_ATT_FLOATS,
-                                   last, sC);
+                                   last, sC,
+                                   FUSED_SUBTRACE && FUSED_UNITTRACE && trace ? trace + 1 + 79 * n_layers + 4 : nullptr);
         } else {
             int hh = threadIdx.x / (ATT_WARPS * 32), tid = threadIdx.x % (ATT_WARPS * 32), sid = 1 + hh;
             float* a = att + hh * FUSED_ATT_FLOATS;
@@ -2820,11 +2863,9 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // D: o projection into the residual stream.
         SUBT(sD, 0);
-        fused_prefetch_at(layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter);
-        SUBT(sD, 1);
+        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter, attn, eps, hidden,
+                          n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD, tbar, hf, halves);
         if (blockIdx.x * 16 < hidden) {
-            if (hf == 0) fused_norm(attn, eps, hidden, n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD, tbar);
-            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = vb; u * 16 < hidden; u += vgrid)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.o, L.o, hidden, hidden, L.o_s, L.o_s, L.o_s, hidden,
@@ -2837,11 +2878,9 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // E: gate/up, relu^2 * up.
         SUBT(sE, 0);
-        fused_prefetch_at(layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter);
-        SUBT(sE, 1);
+        fused_stage_start(blockIdx.x * 32 < inter, layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter, x, eps, hidden,
+                          n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE, tbar, hf, halves);
         if (blockIdx.x * 32 < inter) {
-            if (hf == 0) fused_norm(x, eps, hidden, n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE, tbar);
-            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = vb; u * 32 < inter; u += vgrid)
                 ternary_tile<2, 4, 2, false, 8, true>(u, 0, red, L.gate, L.up, inter, hidden, L.gate_s, L.up_s, 0.0f,
@@ -2854,11 +2893,9 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // F: down projection into the residual stream.
         SUBT(sF, 0);
-        fused_prefetch_at(layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter);
-        SUBT(sF, 1);
+        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter, hbuf, eps, inter,
+                          n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF, tbar, hf, halves);
         if (blockIdx.x * 16 < hidden) {
-            if (hf == 0) fused_norm(hbuf, eps, inter, n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF, tbar);
-            if (halves > 1) __syncthreads();
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = vb; u * 16 < hidden; u += vgrid)
                 ternary_tile<1, 1, 8, false, 8, true>(u, 0, red, L.down, L.down, hidden, inter, L.down_s, L.down_s,

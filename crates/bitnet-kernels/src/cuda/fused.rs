@@ -142,9 +142,11 @@ impl FusedShape {
 
     /// Entries of the trace: the start, three per barrier (five per layer),
     /// then four per layer (the norms' ends), then the sub-stage clocks of a
-    /// `FUSED_SUBTRACE` kernel build (60 per layer and 4).
+    /// `FUSED_SUBTRACE` kernel build (60 per layer and 4), then the
+    /// attention units' entries of a `FUSED_UNITTRACE` build (12 for each of
+    /// 128 units per layer).
     fn trace_len(&self) -> usize {
-        1 + 19 * self.n_layers + 60 * self.n_layers + 4
+        1 + 19 * self.n_layers + 60 * self.n_layers + 4 + 12 * 128 * self.n_layers
     }
 }
 
