@@ -982,8 +982,20 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_supported, SlotPool};
+    use super::{check_flags, check_supported, SlotPool};
     use bitnet_models::synthetic::{self, Preset};
+
+    #[test]
+    fn the_flags_word_read_back_with_the_tokens_refuses_non_finite_steps() {
+        // Little-endian i32 words as the device writes them; bit 0 is
+        // FLAG_NONFINITE, other bits are not ours to judge.
+        assert!(check_flags([0, 0, 0, 0]).is_ok());
+        assert!(check_flags([2, 0, 0, 0]).is_ok());
+        for word in [[1, 0, 0, 0], [3, 0, 0, 0], [1, 0, 0, 0x80]] {
+            let err = check_flags(word).unwrap_err().to_string();
+            assert!(err.contains("NaN or infinity"), "{err}");
+        }
+    }
 
     #[test]
     fn unsupported_shapes_are_refused_before_touching_the_gpu() {
