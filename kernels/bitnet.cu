@@ -2753,8 +2753,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // A: q|k|v.
         SUBT(sA, 0);
-        fused_stage_start(blockIdx.x * 16 < qkv_rows, layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter, x, eps, hidden,
-                          n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA, tbar, hf, halves);
+        fused_stage_start(blockIdx.x * 16 < qkv_rows, layers, n_layers, l, 0, prefetch, hidden, qkv_rows, inter, x,
+                          eps, hidden, n, q8, a_scale, a_sum, flags, w_a, xs, dsl, fsl, isl, sA, tbar, hf, halves);
         if (blockIdx.x * 16 < qkv_rows) {
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 0] = global_ns();
             for (int u = vb; u * 16 < qkv_rows; u += vgrid)
@@ -2774,7 +2774,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
             fused_attention_mma<P>(qkv, pos, base, cos_t, sin_t, kc, vc, attn, part, ml, done, flags, n, n_heads,
                                    n_kv_heads, head_dim, S, scale, l, att + (threadIdx.x / 128) * FUSED_ATT_FLOATS,
                                    last, sC,
-                                   FUSED_SUBTRACE && FUSED_UNITTRACE && trace ? trace + 1 + 79 * n_layers + 4 : nullptr);
+                                   FUSED_SUBTRACE && FUSED_UNITTRACE && trace ? trace + 1 + 79 * n_layers + 4
+                                                                              : nullptr);
         } else {
             int hh = threadIdx.x / (ATT_WARPS * 32), tid = threadIdx.x % (ATT_WARPS * 32), sid = 1 + hh;
             float* a = att + hh * FUSED_ATT_FLOATS;
@@ -2863,8 +2864,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // D: o projection into the residual stream.
         SUBT(sD, 0);
-        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter, attn, eps, hidden,
-                          n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD, tbar, hf, halves);
+        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 1, prefetch, hidden, qkv_rows, inter, attn,
+                          eps, hidden, n, q8, a_scale, a_sum, flags, w_d, xs, dsl, fsl, isl, sD, tbar, hf, halves);
         if (blockIdx.x * 16 < hidden) {
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 1] = global_ns();
             for (int u = vb; u * 16 < hidden; u += vgrid)
@@ -2878,8 +2879,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // E: gate/up, relu^2 * up.
         SUBT(sE, 0);
-        fused_stage_start(blockIdx.x * 32 < inter, layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter, x, eps, hidden,
-                          n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE, tbar, hf, halves);
+        fused_stage_start(blockIdx.x * 32 < inter, layers, n_layers, l, 2, prefetch, hidden, qkv_rows, inter, x,
+                          eps, hidden, n, q8, a_scale, a_sum, flags, w_e, xs, dsl, fsl, isl, sE, tbar, hf, halves);
         if (blockIdx.x * 32 < inter) {
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 2] = global_ns();
             for (int u = vb; u * 32 < inter; u += vgrid)
@@ -2893,8 +2894,8 @@ __device__ void fused_decode_impl(const FusedLayer* layers_g, int n_layers, floa
 
         // F: down projection into the residual stream.
         SUBT(sF, 0);
-        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter, hbuf, eps, inter,
-                          n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF, tbar, hf, halves);
+        fused_stage_start(blockIdx.x * 16 < hidden, layers, n_layers, l, 3, prefetch, hidden, qkv_rows, inter, hbuf,
+                          eps, inter, n, q8, a_scale, a_sum, flags, w_f, xs, dsl, fsl, isl, sF, tbar, hf, halves);
         if (blockIdx.x * 16 < hidden) {
             if (trace && blockIdx.x == 0 && threadIdx.x == 0) trace[1 + 15 * n_layers + 4 * l + 3] = global_ns();
             for (int u = vb; u * 16 < hidden; u += vgrid)
