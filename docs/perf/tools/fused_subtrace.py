@@ -22,20 +22,29 @@ ATT_NAMES = ["start", "q/k/v rotated", "q built (tensor cores)", "positions done
 STAGES = ["A q|k|v", "C attention", "D o", "E gate/up", "F down"]
 
 
-def main():
+def load_dump(tool, what, extra):
+    """The dump named on the command line (DUMP N_LAYERS), checked to hold the
+    sub-stage clocks and `extra(layers)` more entries: returns the entries,
+    the layer count, the index of the sub-stage clocks, the SM clock (GHz)
+    and the launch's length (us). Shared with fused_unittrace.py."""
     if len(sys.argv) != 3:
-        sys.exit("usage: fused_subtrace.py DUMP N_LAYERS")
+        sys.exit(f"usage: {tool} DUMP N_LAYERS")
     v = [int(x) for x in open(sys.argv[1]).read().split()]
     layers = int(sys.argv[2])
     base = 1 + 19 * layers
-    if len(v) < base + 60 * layers + 4:
-        sys.exit(f"{sys.argv[1]}: {len(v)} entries, a {layers}-layer sub-stage trace has {base + 60 * layers + 4}")
-    sub = v[base:base + 60 * layers]
+    need = base + 60 * layers + 4 + extra(layers)
+    if len(v) < need:
+        sys.exit(f"{sys.argv[1]}: {len(v)} entries, a {layers}-layer {what} has {need}")
     t0, c0, t1, c1 = v[base + 60 * layers:base + 60 * layers + 4]
     if t1 <= t0 or c1 <= c0:
         sys.exit("no sub-stage clocks in the dump (was the kernel built with FUSED_SUBTRACE 1?)")
-    ghz = (c1 - c0) / (t1 - t0)
-    print(f"SM clock {ghz:.3f} GHz, launch {(t1 - t0) / 1e3:.1f} us")
+    return v, layers, base, (c1 - c0) / (t1 - t0), (t1 - t0) / 1e3
+
+
+def main():
+    v, layers, base, ghz, launch_us = load_dump("fused_subtrace.py", "sub-stage trace", lambda layers: 0)
+    sub = v[base:base + 60 * layers]
+    print(f"SM clock {ghz:.3f} GHz, launch {launch_us:.1f} us")
     for s, name in enumerate(STAGES):
         names = ATT_NAMES if s == 1 else NAMES
         parts, total = [], 0.0

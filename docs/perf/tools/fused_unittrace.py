@@ -15,23 +15,15 @@ combined its head; then the same means by kind of unit.
 """
 import sys
 
+from fused_subtrace import load_dump
+
 POINTS = ["rotated", "q built", "positions", "merged", "part", "fence", "counter", "end"]
 UNITS = 128
 
 
 def main():
-    if len(sys.argv) != 3:
-        sys.exit("usage: fused_unittrace.py DUMP N_LAYERS")
-    v = [int(x) for x in open(sys.argv[1]).read().split()]
-    layers = int(sys.argv[2])
-    sub = 1 + 19 * layers
+    v, layers, sub, ghz, _ = load_dump("fused_unittrace.py", "unit trace", lambda layers: 12 * UNITS * layers)
     base = sub + 60 * layers + 4
-    if len(v) < base + 12 * UNITS * layers:
-        sys.exit(f"{sys.argv[1]}: {len(v)} entries, a {layers}-layer unit trace has {base + 12 * UNITS * layers}")
-    t0, c0, t1, c1 = v[sub + 60 * layers:sub + 60 * layers + 4]
-    if t1 <= t0 or c1 <= c0:
-        sys.exit("no sub-stage clocks in the dump (was the kernel built with FUSED_SUBTRACE 1?)")
-    ghz = (c1 - c0) / (t1 - t0)
     units = {}
     for l in range(layers):
         rows = [v[base + 12 * (l * UNITS + u):base + 12 * (l * UNITS + u) + 12] for u in range(UNITS)]
