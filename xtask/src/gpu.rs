@@ -205,7 +205,19 @@ pub fn bench(
         let setup_s = setup.elapsed().as_secs_f64();
         let (free_after, _) = backend.gpu().mem_info()?;
         let used = free_before.saturating_sub(free_after);
-        eprintln!("bench gpu {p}: head {:?}, PDL {}", backend.gpu().head_impl(), backend.gpu().pdl_enabled());
+        let head_dt = match precision {
+            Precision::Fp32 => bitnet_kernels::cuda::GpuDType::F32,
+            Precision::Fp16 => bitnet_kernels::cuda::GpuDType::F16,
+            Precision::Bf16 => bitnet_kernels::cuda::GpuDType::BF16,
+        };
+        let head_chunks = backend.gpu().head_chunks(head_dt, c.vocab_size, c.hidden_size);
+        eprintln!(
+            "bench gpu {p}: head {:?} (cuBLAS calls of {} entries, small calls {:?}), PDL {}",
+            backend.gpu().head_impl(),
+            head_chunks.0,
+            head_chunks.1,
+            backend.gpu().pdl_enabled()
+        );
         eprintln!(
             "bench gpu {p}: {:?}, free memory fell by {:.3} GB (of {:.1} GB)",
             backend.memory(),
@@ -289,7 +301,8 @@ pub fn bench(
                     "weights": backend.memory().weights, "kv_cache": backend.memory().kv_cache, "workspace": backend.memory().workspace,
                 },
                 "kv_slots": config.kv_slots, "setup_seconds": setup_s, "cuda_graphs": !args.no_graphs,
-                "head": format!("{:?}", backend.gpu().head_impl()), "pdl": backend.gpu().pdl_enabled(),
+                "head": format!("{:?}", backend.gpu().head_impl()), "head_chunk": head_chunks.0, "head_small_chunk": head_chunks.1,
+                "pdl": backend.gpu().pdl_enabled(),
                 "kernel_ms_eager_step": kernel_ms,
                 "kernels": profile.iter().map(|(n, ms, k)| json!({"kernel": n, "ms": ms, "launches": k})).collect::<Vec<_>>(),
             }));

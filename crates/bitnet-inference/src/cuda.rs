@@ -473,6 +473,13 @@ impl CudaBackend {
             gpu.set_cublas_note(format!("cuBLAS failed its first call: {err}"));
             warm(&gpu).map_err(cuda_error)?;
         }
+        // Steps of a few entries on cuBLAS calls of a few entries, where
+        // that gives every entry the bits of the whole-chunk calls (checked
+        // on these weights; see verify_head_small_chunk), so an entry's
+        // logits still do not depend on its batch.
+        if gpu.head_impl() == HeadImpl::Cublas {
+            gpu.verify_head_small_chunk(dt, head.all(), vocab, h, ws.head_scratch.all()).map_err(cuda_error)?;
+        }
 
         // The fused decode kernel, for the shapes it supports.
         let fused_rows = std::env::var("BITNET_CUDA_FUSED_ROWS")
@@ -896,7 +903,15 @@ impl Backend for CudaBackend {
                     String::new()
                 },
                 match self.gpu.head_impl() {
-                    HeadImpl::Cublas => "cuBLAS".to_string(),
+                    HeadImpl::Cublas => {
+                        let c = &self.model.config;
+                        match self.gpu.head_chunks(self.dt, c.vocab_size, c.hidden_size) {
+                            (chunk, Some(small)) => {
+                                format!("cuBLAS (calls of {chunk} entries, of {small} for steps of up to {small})")
+                            }
+                            (chunk, None) => format!("cuBLAS (calls of {chunk} entries)"),
+                        }
+                    }
                     HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),
                 },
                 if self.gpu.pdl_enabled() { ", programmatic dependent launch" } else { "" },

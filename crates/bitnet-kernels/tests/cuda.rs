@@ -649,6 +649,14 @@ fn head_matches_host_dot_products() {
                 let (wb, xb) = (g.upload("w", &encode(dt, &w)).unwrap(), g.upload("x", &encode(dt, &parts)).unwrap());
                 let logits = g.alloc("l", g.head_logits_bytes(dt, n, vocab)).unwrap();
                 let scratch = g.alloc("s", g.head_scratch_bytes(dt, vocab)).unwrap();
+                // Calls of up to 8 entries on cuBLAS calls of 8 where that
+                // gives the bits of whole chunks (checked there): the
+                // entries alone below then run the small calls, the 70
+                // together whole chunks.
+                if imp == HeadImpl::Cublas {
+                    let small = g.verify_head_small_chunk(dt, wb.all(), vocab, hidden, scratch.all()).unwrap();
+                    println!("{dt:?} n {n}: cuBLAS head, small calls {small:?}");
+                }
                 g.head(dt, wb.all(), vocab, hidden, xb.all(), n, logits.all(), scratch.all()).unwrap();
                 let got = read_f32(&g, &logits, n * vocab);
                 // Batch invariance: an entry alone gets the same bits.

@@ -161,6 +161,10 @@ pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
     ]
 }
 
+/// Entries per cuBLAS head call for calls of at most that many entries,
+/// where [`GpuContext::verify_head_small_chunk`] allows it.
+pub const HEAD_SMALL_CHUNK: usize = 8;
+
 /// Positions per attention chunk (`ATT_CHUNK` in the kernel).
 const ATT_CHUNK: usize = 32;
 /// Most query heads per attention CTA (`ATT_G`).
@@ -334,6 +338,121 @@ impl GpuContext {
             self.head_chunk.0
         } else {
             self.head_chunk.1
+        }
+    }
+
+    /// Entries per cuBLAS head call for a call of `n` entries on a head of
+    /// this shape: the small chunk where it was verified and `n` fits it
+    /// (one call), else whole chunks.
+    fn head_call_chunk(&self, precision: GpuDType, vocab: usize, hidden: usize, n: usize) -> usize {
+        let small = self
+            .head_small
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(precision, vocab, hidden))
+            .copied()
+            .unwrap_or(0);
+        if small > 0 && n <= small {
+            small
+        } else {
+            self.head_chunk(precision)
+        }
+    }
+
+    /// The cuBLAS head's entries per call for a head of this shape: whole
+    /// chunks, and the small chunk calls of up to that many entries take
+    /// where [`Self::verify_head_small_chunk`] allowed it.
+    pub fn head_chunks(&self, precision: GpuDType, vocab: usize, hidden: usize) -> (usize, Option<usize>) {
+        let small = self.head_small.lock().unwrap_or_else(|e| e.into_inner()).get(&(precision, vocab, hidden)).copied();
+        (self.head_chunk(precision), small)
+    }
+
+    /// Lets calls of up to [`HEAD_SMALL_CHUNK`] entries (or
+    /// `BITNET_CUDA_HEAD_SMALL`) run the cuBLAS head on chunks of that many
+    /// entries instead of whole chunks, if the two shapes give every entry
+    /// the same bits on these weights. A call's shape picks cuBLAS's
+    /// algorithm, whose summation order decides the bits, so this is checked
+    /// here, not assumed: random inputs, eight distinct entries repeated
+    /// over a whole chunk, one whole-chunk call against one small-chunk call
+    /// of the eight; every logit of every position must match bit for bit
+    /// (which also checks that a whole-chunk call gives an entry the same
+    /// bits at any position). Returns the small chunk when allowed, `None`
+    /// when not (cuBLAS not in use, the shapes differ, no memory for the
+    /// check's buffers). Measured on the H200 (2B-4T, BF16, session 22):
+    /// the head at batch 1 0.190 ms in chunks of 64 entries, 0.164 in
+    /// chunks of 8, while batch 128 needs chunks of 64 (4.56 ms/step
+    /// against 6.83 in chunks of 8). `scratch` holds
+    /// [`Self::head_scratch_bytes`]. Call it before capturing graphs.
+    pub fn verify_head_small_chunk(
+        &self,
+        precision: GpuDType,
+        w: DevRange,
+        vocab: usize,
+        hidden: usize,
+        scratch: DevRange,
+    ) -> Result<Option<usize>, CudaError> {
+        let key = (precision, vocab, hidden);
+        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let (chunk, small) = (self.head_chunk(precision), self.head_small_try);
+        if self.head_impl() != HeadImpl::Cublas || small == 0 || small >= chunk || !chunk.is_multiple_of(small) {
+            return Ok(None);
+        }
+        let parts = if precision == GpuDType::F32 { 1 } else { 2 };
+        // Entry e holds entry e % small's values: hi rows (and lo rows, the
+        // rounding error of hi, as final_norm writes them) of values in
+        // [-2, 2) from a fixed xorshift sequence.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut x = Vec::with_capacity(chunk * parts * hidden * precision.size());
+        let mut row: Vec<u8> = Vec::new();
+        for _ in 0..small {
+            let mut hi = Vec::with_capacity(hidden * precision.size());
+            let mut lo = Vec::with_capacity(hidden * precision.size());
+            for _ in 0..hidden {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let v = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0;
+                match precision {
+                    GpuDType::F32 => hi.extend_from_slice(&v.to_le_bytes()),
+                    GpuDType::F16 => {
+                        let h = half::f16::from_f32(v);
+                        hi.extend_from_slice(&h.to_bits().to_le_bytes());
+                        lo.extend_from_slice(&half::f16::from_f32(v - h.to_f32()).to_bits().to_le_bytes());
+                    }
+                    GpuDType::BF16 => {
+                        let h = half::bf16::from_f32(v);
+                        hi.extend_from_slice(&h.to_bits().to_le_bytes());
+                        lo.extend_from_slice(&half::bf16::from_f32(v - h.to_f32()).to_bits().to_le_bytes());
+                    }
+                }
+            }
+            row.extend_from_slice(&hi);
+            row.extend_from_slice(&lo);
+        }
+        for _ in 0..chunk / small {
+            x.extend_from_slice(&row);
+        }
+        let (Ok(xb), Ok(whole), Ok(part)) = (
+            self.upload("head check input", &x),
+            self.alloc("head check logits", self.head_logits_bytes(precision, chunk, vocab)),
+            self.alloc("head check logits", chunk * vocab * 4),
+        ) else {
+            return Ok(None);
+        };
+        self.head(precision, w, vocab, hidden, xb.all(), chunk, whole.all(), scratch)?;
+        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, small);
+        let run_small = self.head(precision, w, vocab, hidden, xb.all(), small, part.all(), scratch);
+        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        run_small?;
+        let mut a = vec![0u8; chunk * vocab * 4];
+        let mut b = vec![0u8; small * vocab * 4];
+        self.read(whole.all().sub(0, a.len())?, &mut a)?;
+        self.read(part.all().sub(0, b.len())?, &mut b)?;
+        if rows_repeat(&a, &b, vocab * 4) {
+            self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, small);
+            Ok(Some(small))
+        } else {
+            Ok(None)
         }
     }
 
@@ -950,7 +1069,7 @@ impl GpuContext {
         let lp = logits.need("logits", self.head_logits_bytes(precision, n, vocab))?;
         if let Some(blas) = self.blas.as_ref().filter(|_| self.head_impl() == HeadImpl::Cublas) {
             let sp = scratch.need("head scratch", self.head_scratch_bytes(precision, vocab))?;
-            let chunk = self.head_chunk(precision);
+            let chunk = self.head_call_chunk(precision, vocab, hidden, n);
             let parts = if precision == GpuDType::F32 { 1 } else { 2 };
             let dt = match precision {
                 GpuDType::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
@@ -1036,6 +1155,18 @@ impl GpuContext {
     }
 }
 
+/// Whether every row of `whole` (rows of `row_bytes` bytes) equals row
+/// `p % n` of `part` (its `n` rows), bit for bit; `part` must hold whole
+/// rows and `whole` at least one.
+fn rows_repeat(whole: &[u8], part: &[u8], row_bytes: usize) -> bool {
+    if row_bytes == 0 || part.is_empty() || !part.len().is_multiple_of(row_bytes) || whole.len() < row_bytes {
+        return false;
+    }
+    let n = part.len() / row_bytes;
+    whole.len().is_multiple_of(row_bytes)
+        && whole.chunks_exact(row_bytes).enumerate().all(|(p, r)| r == &part[(p % n) * row_bytes..][..row_bytes])
+}
+
 fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> {
     if n_heads == 0 || n_kv == 0 || !n_heads.is_multiple_of(n_kv) || hd == 0 || !hd.is_multiple_of(2) {
         return Err(CudaError::Shape(format!(
@@ -1048,6 +1179,22 @@ fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_check_compares_every_row_with_its_repeat() {
+        // Rows of 2 bytes; the part holds 2 rows: [1 2] [3 4].
+        let part = [1u8, 2, 3, 4];
+        assert!(rows_repeat(&[1, 2, 3, 4, 1, 2, 3, 4], &part, 2));
+        assert!(rows_repeat(&[1, 2, 3, 4], &part, 2));
+        // One byte off in the fourth row, or rows in another order.
+        assert!(!rows_repeat(&[1, 2, 3, 4, 1, 2, 3, 5], &part, 2));
+        assert!(!rows_repeat(&[3, 4, 1, 2], &part, 2));
+        // A partial row, an empty part or comparison.
+        assert!(!rows_repeat(&[1, 2, 3], &part, 2));
+        assert!(!rows_repeat(&[], &part, 2));
+        assert!(!rows_repeat(&[1, 2], &[], 2));
+        assert!(!rows_repeat(&[1, 2], &[1, 2, 3], 2));
+    }
 
     #[test]
     fn cluster_kernels_take_the_passes_they_speed_up() {
