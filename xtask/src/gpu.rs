@@ -212,7 +212,7 @@ pub fn bench(
         };
         let head_chunks = backend.gpu().head_chunks(head_dt, c.vocab_size, c.hidden_size);
         eprintln!(
-            "bench gpu {p}: head {:?} (cuBLAS calls of {} entries, small calls {:?}), PDL {}",
+            "bench gpu {p}: head {:?} (cuBLAS calls of {} entries, small calls of {:?}), PDL {}",
             backend.gpu().head_impl(),
             head_chunks.0,
             head_chunks.1,

@@ -905,11 +905,15 @@ impl Backend for CudaBackend {
                 match self.gpu.head_impl() {
                     HeadImpl::Cublas => {
                         let c = &self.model.config;
-                        match self.gpu.head_chunks(self.dt, c.vocab_size, c.hidden_size) {
-                            (chunk, Some(small)) => {
-                                format!("cuBLAS (calls of {chunk} entries, of {small} for steps of up to {small})")
-                            }
-                            (chunk, None) => format!("cuBLAS (calls of {chunk} entries)"),
+                        let (chunk, small) = self.gpu.head_chunks(self.dt, c.vocab_size, c.hidden_size);
+                        if small.is_empty() {
+                            format!("cuBLAS (calls of {chunk} entries)")
+                        } else {
+                            let small: Vec<String> = small.iter().map(usize::to_string).collect();
+                            format!(
+                                "cuBLAS (calls of {chunk} entries, smaller steps in calls of {})",
+                                small.join(" / ")
+                            )
                         }
                     }
                     HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),

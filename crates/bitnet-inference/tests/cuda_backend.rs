@@ -163,10 +163,11 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
         return;
     }
     let model = Arc::new(synthetic::generate(Preset::Tiny, 5).unwrap());
-    // 12 sequences: more entries together than a small cuBLAS head call
-    // takes (8), so the batched steps run the whole-chunk head calls and the
-    // sequences alone the small ones where the backend verified them.
-    let ps = prompts(12, 40, model.config.vocab_size, 9);
+    // 34 sequences: more entries together than the largest small cuBLAS
+    // head call takes (32), so the batched steps run the whole-chunk head
+    // calls and the sequences alone the small ones where the backend
+    // verified them (HEAD_SMALL_CHUNKS).
+    let ps = prompts(34, 40, model.config.vocab_size, 9);
     for precision in PRECISIONS {
         // One sequence at a time, no graphs, a roomy workspace.
         let mut alone = Vec::new();

@@ -630,7 +630,7 @@ fn head_matches_host_dot_products() {
         let mut rng = Rng(7);
         let (vocab, hidden) = (1000, 256); // vocab not a multiple of 16 or 64
         for dt in DTYPES {
-            for n in [1usize, 3, 8, 70] {
+            for n in [1usize, 3, 8, 20, 70] {
                 let w: Vec<f32> = (0..vocab * hidden).map(|_| round_to(dt, rng.f32(-1.0, 1.0))).collect();
                 // Activations in f32, split into hi + lo parts of the precision as
                 // final_norm writes them.
@@ -649,10 +649,10 @@ fn head_matches_host_dot_products() {
                 let (wb, xb) = (g.upload("w", &encode(dt, &w)).unwrap(), g.upload("x", &encode(dt, &parts)).unwrap());
                 let logits = g.alloc("l", g.head_logits_bytes(dt, n, vocab)).unwrap();
                 let scratch = g.alloc("s", g.head_scratch_bytes(dt, vocab)).unwrap();
-                // Calls of up to 8 entries on cuBLAS calls of 8 where that
-                // gives the bits of whole chunks (checked there): the
-                // entries alone below then run the small calls, the 70
-                // together whole chunks.
+                // Calls of few entries on small cuBLAS calls where those give
+                // the bits of whole chunks (checked there): the entries
+                // alone below then run the smallest such calls, 3, 8 and 20
+                // together the smallest that hold them, 70 whole chunks.
                 if imp == HeadImpl::Cublas {
                     let small = g.verify_head_small_chunk(dt, wb.all(), vocab, hidden, scratch.all()).unwrap();
                     println!("{dt:?} n {n}: cuBLAS head, small calls {small:?}");

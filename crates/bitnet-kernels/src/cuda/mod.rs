@@ -305,14 +305,14 @@ pub struct GpuContext {
     head_cublas: std::sync::atomic::AtomicBool,
     /// Entries per cuBLAS head call (f32, f16/bf16); see [`GpuContext::head`].
     head_chunk: (usize, usize),
-    /// Entries per cuBLAS head call for calls of at most that many entries,
-    /// by (precision, vocab, hidden): set where
-    /// [`GpuContext::verify_head_small_chunk`] found them to give every
-    /// entry the bits of the whole-chunk calls.
-    head_small: std::sync::Mutex<std::collections::HashMap<(GpuDType, usize, usize), usize>>,
-    /// The small chunk that check tries (`BITNET_CUDA_HEAD_SMALL`, default
-    /// [`ops::HEAD_SMALL_CHUNK`]; 0: never).
-    head_small_try: usize,
+    /// Entries per cuBLAS head call for calls of at most that many entries
+    /// (ascending), by (precision, vocab, hidden): the sizes
+    /// [`GpuContext::verify_head_small_chunk`] found to give every entry the
+    /// bits of the whole-chunk calls.
+    head_small: std::sync::Mutex<std::collections::HashMap<(GpuDType, usize, usize), Vec<usize>>>,
+    /// The small chunks that check tries (`BITNET_CUDA_HEAD_SMALL`, a
+    /// comma-separated list, default [`ops::HEAD_SMALL_CHUNKS`]; 0: none).
+    head_small_try: Vec<usize>,
     /// [`TernaryBatch`] code of the per-operation ternary kernels.
     ternary_batch: std::sync::atomic::AtomicU8,
     /// The staged kernels could be given their shared memory (else every
@@ -556,10 +556,10 @@ impl GpuContext {
                 _ => (64, 64),
             },
             head_small: Default::default(),
-            head_small_try: std::env::var("BITNET_CUDA_HEAD_SMALL")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(ops::HEAD_SMALL_CHUNK),
+            head_small_try: match std::env::var("BITNET_CUDA_HEAD_SMALL") {
+                Ok(v) => v.split(',').filter_map(|s| s.trim().parse::<usize>().ok()).collect(),
+                Err(_) => ops::HEAD_SMALL_CHUNKS.to_vec(),
+            },
             ternary_batch: match std::env::var("BITNET_CUDA_TERNARY_TILE").as_deref() {
                 Ok("b") => TernaryBatch::Split,
                 Ok("b2") => TernaryBatch::Split2,

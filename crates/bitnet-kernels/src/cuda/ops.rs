@@ -161,9 +161,9 @@ pub(super) fn staged_smem_sizes() -> [(&'static str, usize); 3] {
     ]
 }
 
-/// Entries per cuBLAS head call for calls of at most that many entries,
-/// where [`GpuContext::verify_head_small_chunk`] allows it.
-pub const HEAD_SMALL_CHUNK: usize = 8;
+/// Entries per cuBLAS head call that [`GpuContext::verify_head_small_chunk`]
+/// checks for calls of at most that many entries.
+pub const HEAD_SMALL_CHUNKS: [usize; 3] = [8, 16, 32];
 
 /// Positions per attention chunk (`ATT_CHUNK` in the kernel).
 const ATT_CHUNK: usize = 32;
@@ -342,47 +342,43 @@ impl GpuContext {
     }
 
     /// Entries per cuBLAS head call for a call of `n` entries on a head of
-    /// this shape: the small chunk where it was verified and `n` fits it
-    /// (one call), else whole chunks.
+    /// this shape: the smallest verified small chunk that holds all `n` (one
+    /// call), else whole chunks.
     fn head_call_chunk(&self, precision: GpuDType, vocab: usize, hidden: usize, n: usize) -> usize {
-        let small = self
-            .head_small
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let small = self.head_small.lock().unwrap_or_else(|e| e.into_inner());
+        small
             .get(&(precision, vocab, hidden))
-            .copied()
-            .unwrap_or(0);
-        if small > 0 && n <= small {
-            small
-        } else {
-            self.head_chunk(precision)
-        }
+            .and_then(|sizes| sizes.iter().copied().find(|&s| n <= s))
+            .unwrap_or_else(|| self.head_chunk(precision))
     }
 
     /// The cuBLAS head's entries per call for a head of this shape: whole
-    /// chunks, and the small chunk calls of up to that many entries take
-    /// where [`Self::verify_head_small_chunk`] allowed it.
-    pub fn head_chunks(&self, precision: GpuDType, vocab: usize, hidden: usize) -> (usize, Option<usize>) {
-        let small = self.head_small.lock().unwrap_or_else(|e| e.into_inner()).get(&(precision, vocab, hidden)).copied();
-        (self.head_chunk(precision), small)
+    /// chunks, and the small chunks (ascending) that calls of up to that
+    /// many entries take, those [`Self::verify_head_small_chunk`] allowed.
+    pub fn head_chunks(&self, precision: GpuDType, vocab: usize, hidden: usize) -> (usize, Vec<usize>) {
+        let small = self.head_small.lock().unwrap_or_else(|e| e.into_inner());
+        (self.head_chunk(precision), small.get(&(precision, vocab, hidden)).cloned().unwrap_or_default())
     }
 
-    /// Lets calls of up to [`HEAD_SMALL_CHUNK`] entries (or
-    /// `BITNET_CUDA_HEAD_SMALL`) run the cuBLAS head on chunks of that many
-    /// entries instead of whole chunks, if the two shapes give every entry
-    /// the same bits on these weights. A call's shape picks cuBLAS's
-    /// algorithm, whose summation order decides the bits, so this is checked
-    /// here, not assumed: random inputs, eight distinct entries repeated
-    /// over a whole chunk, one whole-chunk call against one small-chunk call
-    /// of the eight; every logit of every position must match bit for bit
-    /// (which also checks that a whole-chunk call gives an entry the same
-    /// bits at any position). Returns the small chunk when allowed, `None`
-    /// when not (cuBLAS not in use, the shapes differ, no memory for the
-    /// check's buffers). Measured on the H200 (2B-4T, BF16, session 22):
-    /// the head at batch 1 0.190 ms in chunks of 64 entries, 0.164 in
-    /// chunks of 8, while batch 128 needs chunks of 64 (4.56 ms/step
-    /// against 6.83 in chunks of 8). `scratch` holds
-    /// [`Self::head_scratch_bytes`]. Call it before capturing graphs.
+    /// Lets calls of few entries run the cuBLAS head on chunks of that many
+    /// entries instead of whole chunks, where the two shapes give every
+    /// entry the same bits on these weights: checks each size of
+    /// [`HEAD_SMALL_CHUNKS`] (or `BITNET_CUDA_HEAD_SMALL`, a comma-separated
+    /// list; 0: none) and keeps those that pass; a call then takes the
+    /// smallest kept size that holds all its entries. A
+    /// call's shape picks cuBLAS's algorithm, whose summation order decides
+    /// the bits, so this is checked here, not assumed: random inputs, `small`
+    /// distinct entries repeated over a whole chunk, one whole-chunk call
+    /// against one small-chunk call of the `small`; every logit of every
+    /// position must match bit for bit (which also checks that a whole-chunk
+    /// call gives an entry the same bits at any position). Returns the sizes
+    /// kept (ascending; empty when none passed, cuBLAS is not in use or the
+    /// check's buffers did not fit). Measured on the H200 (2B-4T, session
+    /// 22): the BF16 head at batch 1 takes 0.190 ms in chunks of 64, 0.164 in
+    /// chunks of 8, while batch 128 needs chunks of 64 (4.56 ms/step against
+    /// 6.83 in chunks of 8); BF16 passed at 8, FP32 at 16 (not at 8).
+    /// `scratch` holds [`Self::head_scratch_bytes`]. Call it before
+    /// capturing graphs.
     pub fn verify_head_small_chunk(
         &self,
         precision: GpuDType,
@@ -390,19 +386,49 @@ impl GpuContext {
         vocab: usize,
         hidden: usize,
         scratch: DevRange,
-    ) -> Result<Option<usize>, CudaError> {
+    ) -> Result<Vec<usize>, CudaError> {
         let key = (precision, vocab, hidden);
         self.head_small.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-        let (chunk, small) = (self.head_chunk(precision), self.head_small_try);
-        if self.head_impl() != HeadImpl::Cublas || small == 0 || small >= chunk || !chunk.is_multiple_of(small) {
-            return Ok(None);
+        let chunk = self.head_chunk(precision);
+        if self.head_impl() != HeadImpl::Cublas {
+            return Ok(Vec::new());
         }
-        let parts = if precision == GpuDType::F32 { 1 } else { 2 };
+        let mut sizes: Vec<usize> =
+            self.head_small_try.iter().copied().filter(|&s| s > 0 && s < chunk && chunk.is_multiple_of(s)).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let mut kept = Vec::new();
+        for small in sizes {
+            match self.head_small_matches(precision, w, vocab, hidden, scratch, small)? {
+                Some(true) => kept.push(small),
+                Some(false) => {}
+                None => break,
+            }
+        }
+        if !kept.is_empty() {
+            self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, kept.clone());
+        }
+        Ok(kept)
+    }
+
+    /// One size of [`Self::verify_head_small_chunk`]: whether calls of
+    /// `small` entries give the bits of whole chunks (`None`: the check's
+    /// buffers did not fit).
+    fn head_small_matches(
+        &self,
+        precision: GpuDType,
+        w: DevRange,
+        vocab: usize,
+        hidden: usize,
+        scratch: DevRange,
+        small: usize,
+    ) -> Result<Option<bool>, CudaError> {
+        let key = (precision, vocab, hidden);
+        let chunk = self.head_chunk(precision);
         // Entry e holds entry e % small's values: hi rows (and lo rows, the
         // rounding error of hi, as final_norm writes them) of values in
         // [-2, 2) from a fixed xorshift sequence.
         let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut x = Vec::with_capacity(chunk * parts * hidden * precision.size());
         let mut row: Vec<u8> = Vec::new();
         for _ in 0..small {
             let mut hi = Vec::with_capacity(hidden * precision.size());
@@ -429,9 +455,7 @@ impl GpuContext {
             row.extend_from_slice(&hi);
             row.extend_from_slice(&lo);
         }
-        for _ in 0..chunk / small {
-            x.extend_from_slice(&row);
-        }
+        let x = row.repeat(chunk / small);
         let (Ok(xb), Ok(whole), Ok(part)) = (
             self.upload("head check input", &x),
             self.alloc("head check logits", self.head_logits_bytes(precision, chunk, vocab)),
@@ -440,7 +464,7 @@ impl GpuContext {
             return Ok(None);
         };
         self.head(precision, w, vocab, hidden, xb.all(), chunk, whole.all(), scratch)?;
-        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, small);
+        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, vec![small]);
         let run_small = self.head(precision, w, vocab, hidden, xb.all(), small, part.all(), scratch);
         self.head_small.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         run_small?;
@@ -448,12 +472,7 @@ impl GpuContext {
         let mut b = vec![0u8; small * vocab * 4];
         self.read(whole.all().sub(0, a.len())?, &mut a)?;
         self.read(part.all().sub(0, b.len())?, &mut b)?;
-        if rows_repeat(&a, &b, vocab * 4) {
-            self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, small);
-            Ok(Some(small))
-        } else {
-            Ok(None)
-        }
+        Ok(Some(rows_repeat(&a, &b, vocab * 4)))
     }
 
     /// Entries the head reads and writes for `entries` rows: whole chunks on
