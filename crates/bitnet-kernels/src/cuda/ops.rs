@@ -364,7 +364,8 @@ impl GpuContext {
     /// entries instead of whole chunks, where the two shapes give every
     /// entry the same bits on these weights: checks each size of
     /// [`HEAD_SMALL_CHUNKS`] (or `BITNET_CUDA_HEAD_SMALL`, a comma-separated
-    /// list; 0: none) and keeps those that pass; a call then takes the
+    /// list; 0: none) that divides the whole chunk and keeps those that
+    /// pass; a call then takes the
     /// smallest kept size that holds all its entries. A
     /// call's shape picks cuBLAS's algorithm, whose summation order decides
     /// the bits, so this is checked here, not assumed: random inputs, `small`
