@@ -365,10 +365,10 @@ impl GpuContext {
     /// entry the same bits on these weights: checks each size of
     /// [`HEAD_SMALL_CHUNKS`] (or `BITNET_CUDA_HEAD_SMALL`, a comma-separated
     /// list; 0: none) that divides the whole chunk and keeps those that
-    /// pass; a call then takes the
-    /// smallest kept size that holds all its entries. A
-    /// call's shape picks cuBLAS's algorithm, whose summation order decides
-    /// the bits, so this is checked here, not assumed: random inputs, `small`
+    /// pass; a call then takes the smallest kept size that holds all its
+    /// entries. A call's shape picks cuBLAS's algorithm, whose summation
+    /// order decides the bits, so this is checked here, not assumed: random
+    /// inputs, `small`
     /// distinct entries repeated over a whole chunk, one whole-chunk call
     /// against one small-chunk call of the `small`; every logit of every
     /// position must match bit for bit (which also checks that a whole-chunk
@@ -424,7 +424,6 @@ impl GpuContext {
         scratch: DevRange,
         small: usize,
     ) -> Result<Option<bool>, CudaError> {
-        let key = (precision, vocab, hidden);
         let chunk = self.head_chunk(precision);
         // Entry e holds entry e % small's values: hi rows (and lo rows, the
         // rounding error of hi, as final_norm writes them) of values in
@@ -464,11 +463,8 @@ impl GpuContext {
         ) else {
             return Ok(None);
         };
-        self.head(precision, w, vocab, hidden, xb.all(), chunk, whole.all(), scratch)?;
-        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).insert(key, vec![small]);
-        let run_small = self.head(precision, w, vocab, hidden, xb.all(), small, part.all(), scratch);
-        self.head_small.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-        run_small?;
+        self.head_in_calls(precision, w, vocab, hidden, xb.all(), chunk, whole.all(), scratch, Some(chunk))?;
+        self.head_in_calls(precision, w, vocab, hidden, xb.all(), small, part.all(), scratch, Some(small))?;
         let mut a = vec![0u8; chunk * vocab * 4];
         let mut b = vec![0u8; small * vocab * 4];
         self.read(whole.all().sub(0, a.len())?, &mut a)?;
@@ -1067,9 +1063,10 @@ impl GpuContext {
     ///
     /// Both implementations give every entry the same bits whatever the
     /// batch: our kernels compute each logit in a fixed order, and cuBLAS is
-    /// always called with the same shape (whole chunks of entries; the
-    /// rows past `n` are computed from whatever the buffer holds and
-    /// ignored), so it always picks the same algorithm.
+    /// called on whole chunks of entries (the rows past `n` are computed
+    /// from whatever the buffer holds and ignored), a call's shape picking
+    /// its algorithm, or on the small chunks
+    /// [`Self::verify_head_small_chunk`] found to give the same bits.
     #[allow(clippy::too_many_arguments)]
     pub fn head(
         &self,
@@ -1082,6 +1079,24 @@ impl GpuContext {
         logits: DevRange,
         scratch: DevRange,
     ) -> Result<(), CudaError> {
+        self.head_in_calls(precision, w, vocab, hidden, x, n, logits, scratch, None)
+    }
+
+    /// [`Self::head`], on cuBLAS in calls of `calls` entries where given
+    /// (else as [`Self::head_call_chunk`] chooses).
+    #[allow(clippy::too_many_arguments)]
+    fn head_in_calls(
+        &self,
+        precision: GpuDType,
+        w: DevRange,
+        vocab: usize,
+        hidden: usize,
+        x: DevRange,
+        n: usize,
+        logits: DevRange,
+        scratch: DevRange,
+        calls: Option<usize>,
+    ) -> Result<(), CudaError> {
         multiple("hidden size", hidden, 16)?;
         let e = precision.size();
         let wp = w.need("head weights", bytes("head", &[vocab, hidden, e])?)?;
@@ -1089,7 +1104,7 @@ impl GpuContext {
         let lp = logits.need("logits", self.head_logits_bytes(precision, n, vocab))?;
         if let Some(blas) = self.blas.as_ref().filter(|_| self.head_impl() == HeadImpl::Cublas) {
             let sp = scratch.need("head scratch", self.head_scratch_bytes(precision, vocab))?;
-            let chunk = self.head_call_chunk(precision, vocab, hidden, n);
+            let chunk = calls.unwrap_or_else(|| self.head_call_chunk(precision, vocab, hidden, n));
             let parts = if precision == GpuDType::F32 { 1 } else { 2 };
             let dt = match precision {
                 GpuDType::F32 => cudarc::cublas::sys::cudaDataType::CUDA_R_32F,
