@@ -39,6 +39,14 @@
 //              3: as 0, 32 ns sleeps between polls;
 //              4: the last CTA to arrive (atomicAdd's old value) sets a flag
 //                 on another line, which the others poll.
+//              5: no counter: each CTA stores the epoch in its own word of a
+//                 flag array (fence, then a relaxed store); warp 0 of every
+//                 CTA polls all the words with relaxed 16-byte loads, then
+//                 one acquire fence;
+//              6: as 5, each lane polling its words with acquire loads;
+//              7: eight counters on separate 128-byte lines, CTA b arriving
+//                 at counter b % 8; lanes 0-7 poll one counter each
+//                 (acquire) until each holds its share.
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cstdio>
@@ -56,6 +64,60 @@
 
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned epoch, int kind) {
     __syncthreads();
+    if (kind >= 5) {
+        // bar + 32 * (1 + i): kind 7's counters; bar + 512: kinds 5-6's flags
+        // (at most 1024 CTAs: main checks).
+        if (threadIdx.x < 32) {
+            const int lane = threadIdx.x, g = gridDim.x;
+            unsigned* flags = bar + 512;
+            if (lane == 0) {
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+                if (kind == 7)
+                    asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(bar + 32 * (1 + blockIdx.x % 8))
+                                 : "memory");
+                else
+                    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(flags + blockIdx.x), "r"(epoch)
+                                 : "memory");
+            }
+            bool ok;
+            if (kind == 5) {
+                do {
+                    ok = true;
+                    for (int i = 4 * lane; i < g; i += 128) {
+                        unsigned a, b, c, d;
+                        asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                                     : "=r"(a), "=r"(b), "=r"(c), "=r"(d)
+                                     : "l"(flags + i)
+                                     : "memory");
+                        // Words past the grid stay 0: count them as arrived.
+                        ok &= (a >= epoch) && (i + 1 >= g || b >= epoch) && (i + 2 >= g || c >= epoch) &&
+                              (i + 3 >= g || d >= epoch);
+                    }
+                } while (!__all_sync(0xffffffffu, ok));
+                asm volatile("fence.acq_rel.gpu;" ::: "memory");
+            } else if (kind == 6) {
+                do {
+                    ok = true;
+                    for (int i = lane; i < g; i += 32) {
+                        unsigned v;
+                        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(flags + i) : "memory");
+                        ok &= v >= epoch;
+                    }
+                } while (!__all_sync(0xffffffffu, ok));
+            } else {
+                unsigned share = lane < 8 ? epoch * (unsigned)(g / 8 + (lane < g % 8 ? 1 : 0)) : 0u;
+                do {
+                    unsigned v = 0;
+                    if (lane < 8)
+                        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar + 32 * (1 + lane))
+                                     : "memory");
+                    ok = v >= share;
+                } while (!__all_sync(0xffffffffu, ok));
+            }
+        }
+        __syncthreads();
+        return;
+    }
     if (threadIdx.x == 0) {
         unsigned target = epoch * gridDim.x;
         unsigned v;
@@ -435,7 +497,11 @@ int main(int argc, char** argv) {
     int* bad;
     CHECK(cudaMalloc(&rows, 2 * (size_t)n * 8));  // mode 5: 64-bit words
     CHECK(cudaMemset(rows, 0, 2 * (size_t)n * 8));
-    CHECK(cudaMalloc(&bar, 256));
+    if (kind >= 5 && ctas > 1024) {
+        fprintf(stderr, "barrier kinds 5-7 take at most 1024 CTAs\n");
+        return 2;
+    }
+    CHECK(cudaMalloc(&bar, 8192));  // kinds 5-6: the flags at byte 2048
     CHECK(cudaMalloc(&bad, 4));
     size_t smem = (size_t)n * 9;  // the row, (modes 6-9) the norm weights and the int8 copy
     CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -472,7 +538,7 @@ int main(int argc, char** argv) {
     CHECK(cudaEventCreate(&e1));
     float best = 1e30f;
     for (int rep = 0; rep < 5; rep++) {
-        CHECK(cudaMemset(bar, 0, 256));
+        CHECK(cudaMemset(bar, 0, 8192));
         CHECK(cudaMemset(bad, 0, 4));
         CHECK(cudaEventRecord(e0));
         cudaError_t le = cudaLaunchKernelEx(&cfg, kern, rows, bar, bad, n, iters, mode, cl, kind);

@@ -15,3 +15,9 @@ $B 4 2560 2 1 0 20000
 for n in 2560 6912; do for m in 0 1 9; do
   $B $m $n 264 1 0 2000 256; $B $m $n 132 1 0 2000 256; $B $m $n 132 1 0 2000 512
 done; done
+# Session 23 (gpu-barrier-kinds-s23-h200.txt): barrier kinds 5-7 (a flag per CTA, eight
+# counters) against the fused kernel's (0), twice.
+for rep in 1 2; do for shape in "132 512" "264 256"; do set -- $shape
+  for m in 0 1 9; do for k in 0 5 6 7; do $B $m 2560 $1 1 $k 2000 $2; done; done
+  for k in 0 5 6 7; do $B 9 6912 $1 1 $k 2000 $2; done
+done; done
