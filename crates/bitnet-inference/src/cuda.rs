@@ -892,7 +892,7 @@ impl Backend for CudaBackend {
             .into(),
             quantization: "i2s".into(),
             detail: format!(
-                "{} (cc {major}.{minor}), device {}, {} KV slots{}{}, head on {}{}{}",
+                "{} (cc {major}.{minor}), device {}, {} KV slots{}{}, head on {}{}{}, kernels: {}",
                 self.gpu.name(),
                 self.gpu.ordinal(),
                 self.kv_slots,
@@ -919,7 +919,8 @@ impl Backend for CudaBackend {
                     HeadImpl::Kernels => format!("our kernels ({})", self.gpu.cublas_note()),
                 },
                 if self.gpu.pdl_enabled() { ", programmatic dependent launch" } else { "" },
-                if self.gpu.cluster_ok() { ", cluster ternary kernels" } else { "" }
+                if self.gpu.cluster_ok() { ", cluster ternary kernels" } else { "" },
+                self.gpu.ptx_origin()
             ),
         }
     }

@@ -115,6 +115,9 @@ pub fn open_gpu(
     };
     let gpu = &gpus[0];
     let precision = select_precision(precision.request(), gpu.compute_capability).map_err(|e| e.to_string())?;
+    if let Some(notice) = bitnet_inference::kernel_compile_notice(gpu.ordinal, gpu.compute_capability) {
+        eprintln!("[{notice}]");
+    }
     let config = bitnet_inference::CudaBackendConfig {
         ordinal: gpu.ordinal,
         precision,

@@ -470,15 +470,45 @@ type LaunchEvents = (&'static str, CudaEvent, CudaEvent);
 
 /// The kernel module of each device's primary context, loaded once per
 /// process (every `GpuContext` on a device shares the primary context).
+type Loaded = (Arc<CudaModule>, Functions, PtxOrigin);
+
+/// The kernels' module of each device this process has opened.
+fn modules() -> std::sync::MutexGuard<'static, std::collections::HashMap<usize, Loaded>> {
+    static MODULES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Loaded>>> =
+        std::sync::OnceLock::new();
+    MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A line for the user when opening device `ordinal` (compute capability
+/// `cc`, as the device probe reports it) is about to compile the kernels
+/// with NVRTC (about a minute, once per build and architecture: no PTX built
+/// in by nvcc, none cached, the module not loaded yet in this process);
+/// `None` otherwise.
+pub fn kernel_compile_notice(ordinal: usize, cc: (i32, i32)) -> Option<String> {
+    if modules().contains_key(&ordinal) {
+        return None;
+    }
+    let cc = (cc.0.max(0) as u32, cc.1.max(0) as u32);
+    let dir = ptx::cache_dir();
+    if !ptx::will_compile(cc, dir.as_deref()).unwrap_or(false) {
+        return None;
+    }
+    let cached = match &dir {
+        Some(d) => format!("then cached in {}", d.display()),
+        None => "not cached: no cache folder (set BITNET_PTX_CACHE or HOME)".to_string(),
+    };
+    Some(format!(
+        "compiling the CUDA kernels for compute_{}{} with NVRTC (about a minute on first use; {cached})",
+        cc.0, cc.1
+    ))
+}
+
 fn load_module_once(
     ctx: &Arc<CudaContext>,
     ordinal: usize,
     cc: (u32, u32),
 ) -> Result<(Arc<CudaModule>, Functions, PtxOrigin), CudaError> {
-    type Loaded = (Arc<CudaModule>, Functions, PtxOrigin);
-    static MODULES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Loaded>>> =
-        std::sync::OnceLock::new();
-    let mut modules = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut modules = modules();
     if let Some(loaded) = modules.get(&ordinal) {
         return Ok(loaded.clone());
     }

@@ -31,6 +31,16 @@ pub enum PtxOrigin {
     Compiled { arch: String, seconds: f64 },
 }
 
+impl std::fmt::Display for PtxOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Prebuilt => write!(f, "PTX built in by nvcc"),
+            Self::Cached(_) => write!(f, "cached NVRTC PTX"),
+            Self::Compiled { arch, seconds } => write!(f, "compiled by NVRTC for {arch} in {seconds:.1} s"),
+        }
+    }
+}
+
 /// Whether libnvrtc can be loaded (cudarc would panic on first use if not).
 pub fn nvrtc_present() -> bool {
     // SAFETY: `is_culib_present` only tries to dlopen libnvrtc under its
@@ -146,12 +156,9 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
     let mut last_err = None;
     let extra = dev_options()?;
     for arch in [cc, MIN_COMPUTE_CAPABILITY] {
-        let key = cache_key(SOURCE, arch, &extra);
-        let path = cache_dir().map(|d| d.join(format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)));
-        if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-            if text.contains(".entry") {
-                return Ok((Ptx::from_src(text), PtxOrigin::Cached(path.unwrap_or_default())));
-            }
+        let path = cache_path(cache_dir().as_deref(), arch, &extra);
+        if let Some(text) = path.as_ref().and_then(|p| read_cached(p)) {
+            return Ok((Ptx::from_src(text), PtxOrigin::Cached(path.unwrap_or_default())));
         }
         let start = std::time::Instant::now();
         match compile_with(SOURCE, arch, &extra) {
@@ -173,6 +180,30 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
         }
     }
     Err(last_err.unwrap_or(CudaError::NoNvrtc))
+}
+
+/// The cache file of the kernels for `arch` under `dir`.
+fn cache_path(dir: Option<&std::path::Path>, arch: (u32, u32), extra: &[String]) -> Option<PathBuf> {
+    let key = cache_key(SOURCE, arch, extra);
+    dir.map(|d| d.join(format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)))
+}
+
+/// A cache file's PTX, if it holds any kernel (a truncated or foreign file
+/// is compiled again).
+fn read_cached(path: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().filter(|text| text.contains(".entry"))
+}
+
+/// Whether [`load`] for a device of compute capability `cc` will compile
+/// the kernels with NVRTC, which takes about a minute: no PTX built in by
+/// nvcc (or developer options asked for another build) and none cached
+/// under `dir` for that architecture. Callers tell the user first
+/// ([`super::kernel_compile_notice`]).
+pub fn will_compile(cc: (u32, u32), dir: Option<&std::path::Path>) -> Result<bool, CudaError> {
+    if PREBUILT.is_some() && requested_defines()?.is_empty() {
+        return Ok(false);
+    }
+    Ok(cache_path(dir, cc, &dev_options()?).and_then(|p| read_cached(&p)).is_none())
 }
 
 /// The PTX cache key: the source, the architecture and the developer
@@ -219,6 +250,27 @@ mod tests {
         // Definitions give their own key.
         let d = ["-DFUSED_SUBTRACE=1".to_string()];
         assert_ne!(cache_key("src", (9, 0), &d), cache_key("src", (9, 0), &[]));
+    }
+
+    #[test]
+    fn a_compile_is_announced_only_without_prebuilt_or_cached_ptx() {
+        let dir = std::env::temp_dir().join(format!("bitnet-ptx-notice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let extra = dev_options().unwrap();
+        let path = cache_path(Some(&dir), (9, 0), &extra).unwrap();
+        let prebuilt = PREBUILT.is_some() && requested_defines().unwrap().is_empty();
+        // Nothing cached: a compile unless nvcc built the PTX in.
+        assert_eq!(will_compile((9, 0), Some(&dir)).unwrap(), !prebuilt);
+        assert_eq!(will_compile((9, 0), None).unwrap(), !prebuilt);
+        // A file without any kernel (truncated, foreign) does not count.
+        std::fs::write(&path, "// PTX header only\n").unwrap();
+        assert_eq!(will_compile((9, 0), Some(&dir)).unwrap(), !prebuilt);
+        // Cached PTX for this architecture: no compile; another
+        // architecture's file does not answer for it.
+        std::fs::write(&path, ".visible .entry k(){}").unwrap();
+        assert!(!will_compile((9, 0), Some(&dir)).unwrap());
+        assert_eq!(will_compile((8, 0), Some(&dir)).unwrap(), !prebuilt);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

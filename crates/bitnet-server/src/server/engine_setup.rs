@@ -135,7 +135,7 @@ fn cuda_primary(model: Arc<BitNetModel>, options: &EngineOptions, probe: &GpuPro
     let hooks: Option<Arc<dyn DeviceHooks>> =
         if options.fault_plan.is_empty() { None } else { Some(injector as Arc<dyn DeviceHooks>) };
     let untied_head = model.output.is_some();
-    let (ordinal, free) = (gpu.ordinal, gpu.free_memory_bytes);
+    let (ordinal, free, compute_capability) = (gpu.ordinal, gpu.free_memory_bytes, gpu.compute_capability);
     let (max_batch_tokens, utilization) = (options.engine.max_batch_tokens, options.engine.gpu_memory_utilization);
     let factory: bitnet_inference::engine::BackendFactory = Box::new(move |precision| {
         let fixed = gpu_memory_plan_for_model(&model, precision, 0, max_batch_tokens).total();
@@ -150,6 +150,9 @@ fn cuda_primary(model: Arc<BitNetModel>, options: &EngineOptions, probe: &GpuPro
                 "{} B free leave room for only {kv_slots} KV positions at {precision:?}",
                 free
             )));
+        }
+        if let Some(notice) = bitnet_inference::kernel_compile_notice(ordinal, compute_capability) {
+            eprintln!("bitnet serve: {notice}");
         }
         let config = CudaBackendConfig {
             ordinal,
