@@ -481,7 +481,8 @@ fn modules() -> std::sync::MutexGuard<'static, std::collections::HashMap<usize, 
 
 /// A line for the user when opening device `ordinal` (compute capability
 /// `cc`, as the device probe reports it) is about to compile the kernels
-/// with NVRTC (about a minute, once per build and architecture: no PTX built
+/// with NVRTC (33 s on the H200 machine's host, once per build and
+/// architecture: no PTX built
 /// in by nvcc, none cached, the module not loaded yet in this process);
 /// `None` otherwise.
 pub fn kernel_compile_notice(ordinal: usize, cc: (i32, i32)) -> Option<String> {
@@ -497,10 +498,7 @@ pub fn kernel_compile_notice(ordinal: usize, cc: (i32, i32)) -> Option<String> {
         Some(d) => format!("then cached in {}", d.display()),
         None => "not cached: no cache folder (set BITNET_PTX_CACHE or HOME)".to_string(),
     };
-    Some(format!(
-        "compiling the CUDA kernels for compute_{}{} with NVRTC (about a minute on first use; {cached})",
-        cc.0, cc.1
-    ))
+    Some(format!("compiling the CUDA kernels for compute_{}{} with NVRTC (up to a minute, once; {cached})", cc.0, cc.1))
 }
 
 fn load_module_once(

@@ -195,7 +195,7 @@ fn read_cached(path: &std::path::Path) -> Option<String> {
 }
 
 /// Whether [`load`] for a device of compute capability `cc` will compile
-/// the kernels with NVRTC, which takes about a minute: no PTX built in by
+/// the kernels with NVRTC, which takes half a minute or more: no PTX built in by
 /// nvcc (or developer options asked for another build) and none cached
 /// under `dir` for that architecture. Callers tell the user first
 /// ([`super::kernel_compile_notice`]).
