@@ -31,7 +31,7 @@ pub mod simulated_gpu;
 
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
 #[cfg(feature = "cuda")]
-pub use bitnet_kernels::cuda::{kernel_compile_notice, DeviceHooks};
+pub use bitnet_kernels::cuda::{kernel_compile_notice, kernel_source_status, DeviceHooks};
 pub use cpu::{CpuBackend, CpuBackendConfig, KvCachePrecision};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};

@@ -88,6 +88,8 @@ pub enum PrecisionChoice {
 }
 
 impl PrecisionChoice {
+    // Only the CUDA build opens a GPU.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn request(self) -> bitnet_device::PrecisionRequest {
         use bitnet_device::{Precision, PrecisionRequest};
         match self {

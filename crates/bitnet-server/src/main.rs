@@ -73,7 +73,7 @@ fn devices(json: bool) -> anyhow::Result<()> {
             "cpu": bitnet_server::server::devices::cpu_json(&cpu),
             "cuda": probe.to_string(),
             "gpus": bitnet_server::server::devices::gpus_json(&probe),
-            "gpu_backend": "not implemented yet: inference runs on the CPU backend",
+            "gpu_backend": bitnet_server::server::devices::gpu_backend_json(&probe),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -97,7 +97,9 @@ fn devices(json: bool) -> anyhow::Result<()> {
                 caps.tensor_cores
             );
         }
-        println!("gpu backend: not implemented yet (inference runs on the CPU backend)");
+        for line in bitnet_server::server::devices::gpu_backend_lines(&probe) {
+            println!("{line}");
+        }
     }
     Ok(())
 }

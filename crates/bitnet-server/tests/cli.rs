@@ -247,3 +247,27 @@ fn convert_gguf_to_hf_and_back_preserves_the_model() {
     assert_eq!(gen(Path::new(DEFAULT_MODEL)), gen(&gguf));
     assert_eq!(gen(Path::new(DEFAULT_MODEL)), gen(&hf));
 }
+
+#[test]
+fn devices_reports_the_gpu_backend_of_this_build() {
+    let text = bitnet(&["devices"]);
+    assert!(text.status.success(), "{}", stderr(&text));
+    let json = bitnet(&["devices", "--json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("devices --json prints JSON");
+    let backend = &v["gpu_backend"];
+    // This test binary is built with the default features, which include `cuda`.
+    assert_eq!(backend["built"], cfg!(feature = "cuda"), "{backend}");
+    if cfg!(feature = "cuda") {
+        assert!(stdout(&text).contains("gpu backend: CUDA (fp32, fp16, bf16)"), "{}", stdout(&text));
+        // One kernel line per GPU the probe found, in both forms.
+        let gpus = v["gpus"].as_array().expect("gpus").len();
+        assert_eq!(backend["gpus"].as_array().expect("gpu_backend.gpus").len(), gpus, "{backend}");
+        assert_eq!(stdout(&text).matches(" kernels: ").count(), gpus, "{}", stdout(&text));
+        if gpus == 0 {
+            assert!(stdout(&text).contains("no GPU to run on here"), "{}", stdout(&text));
+        }
+    } else {
+        assert!(stdout(&text).contains("gpu backend: not in this build"), "{}", stdout(&text));
+    }
+}

@@ -501,6 +501,29 @@ pub fn kernel_compile_notice(ordinal: usize, cc: (i32, i32)) -> Option<String> {
     Some(format!("compiling the CUDA kernels for compute_{}{} with NVRTC (up to a minute, once; {cached})", cc.0, cc.1))
 }
 
+/// Where the kernels for a device of compute capability `cc` (as the probe
+/// reports it) would come from, for `bitnet devices`; opens no context.
+pub fn kernel_source_status(cc: (i32, i32)) -> String {
+    let cc = (cc.0.max(0) as u32, cc.1.max(0) as u32);
+    if cc < ptx::MIN_COMPUTE_CAPABILITY {
+        let (major, minor) = ptx::MIN_COMPUTE_CAPABILITY;
+        return format!("none: the kernels need compute capability {major}.{minor} or newer");
+    }
+    let dir = ptx::cache_dir();
+    let shown = dir.as_ref().map_or("nowhere (no cache folder)".to_string(), |d| d.display().to_string());
+    match ptx::will_compile(cc, dir.as_deref()) {
+        Err(e) => format!("unknown: {e}"),
+        Ok(false) if ptx::prebuilt() => "PTX built in by nvcc".to_string(),
+        Ok(false) => format!("cached NVRTC PTX for compute_{}{} in {shown}", cc.0, cc.1),
+        Ok(true) if ptx::nvrtc_present() => {
+            format!("compiled by NVRTC for compute_{}{} on first use, then cached in {shown}", cc.0, cc.1)
+        }
+        Ok(true) => "cannot be compiled here: libnvrtc not found (put it on the loader path, e.g. \
+                     LD_LIBRARY_PATH=/usr/local/cuda/lib64)"
+            .to_string(),
+    }
+}
+
 fn load_module_once(
     ctx: &Arc<CudaContext>,
     ordinal: usize,

@@ -182,6 +182,12 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
     Err(last_err.unwrap_or(CudaError::NoNvrtc))
 }
 
+/// Whether nvcc built the kernels' PTX into this binary (used unless
+/// developer definitions ask for another build).
+pub fn prebuilt() -> bool {
+    PREBUILT.is_some() && requested_defines().is_ok_and(|d| d.is_empty())
+}
+
 /// The cache file of the kernels for `arch` under `dir`.
 fn cache_path(dir: Option<&std::path::Path>, arch: (u32, u32), extra: &[String]) -> Option<PathBuf> {
     let key = cache_key(SOURCE, arch, extra);
@@ -271,6 +277,25 @@ mod tests {
         assert!(!will_compile((9, 0), Some(&dir)).unwrap());
         assert_eq!(will_compile((8, 0), Some(&dir)).unwrap(), !prebuilt);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn kernel_status_names_the_source_or_the_missing_capability() {
+        let old = super::super::kernel_source_status((7, 5));
+        assert!(old.contains("compute capability 8.0 or newer"), "{old}");
+        let now = super::super::kernel_source_status((9, 0));
+        let expected = if prebuilt() {
+            "PTX built in by nvcc"
+        } else if will_compile((9, 0), cache_dir().as_deref()).unwrap() {
+            if nvrtc_present() {
+                "compiled by NVRTC for compute_90 on first use"
+            } else {
+                "libnvrtc not found"
+            }
+        } else {
+            "cached NVRTC PTX for compute_90"
+        };
+        assert!(now.contains(expected), "{now}");
     }
 
     #[test]

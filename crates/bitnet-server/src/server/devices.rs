@@ -37,3 +37,40 @@ pub fn gpu_json(g: &GpuInfo) -> Value {
         "auto_precision": auto.as_ref().map(|p| p.name()).ok(),
     })
 }
+
+/// What `bitnet devices` says of the GPU backend: whether this build has
+/// it, and for each GPU where its kernels would come from.
+pub fn gpu_backend_json(probe: &GpuProbe) -> Value {
+    #[cfg(feature = "cuda")]
+    {
+        let gpus: Vec<Value> = probe
+            .gpus()
+            .iter()
+            .map(|g| json!({ "ordinal": g.ordinal, "kernels": bitnet_inference::kernel_source_status(g.compute_capability) }))
+            .collect();
+        json!({ "built": true, "precisions": ["fp32", "fp16", "bf16"], "gpus": gpus })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = probe;
+        json!({ "built": false, "why": "this binary was built without the `cuda` feature; inference runs on the CPU" })
+    }
+}
+
+/// The same as lines of text.
+pub fn gpu_backend_lines(probe: &GpuProbe) -> Vec<String> {
+    let v = gpu_backend_json(probe);
+    if v["built"] != true {
+        return vec![format!("gpu backend: not in this build ({})", v["why"].as_str().unwrap_or(""))];
+    }
+    let mut lines = vec!["gpu backend: CUDA (fp32, fp16, bf16)".to_string()];
+    match v["gpus"].as_array() {
+        Some(gpus) if !gpus.is_empty() => {
+            for g in gpus {
+                lines.push(format!("gpu {} kernels: {}", g["ordinal"], g["kernels"].as_str().unwrap_or("")));
+            }
+        }
+        _ => lines.push("gpu backend: no GPU to run on here; inference runs on the CPU".to_string()),
+    }
+    lines
+}
