@@ -631,6 +631,15 @@ pub(crate) fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// "equal/total" of an external comparison's greedy continuations, or "-"
+/// for a comparison without them (the JSON holds "-" for both).
+fn greedy_cell(row: &serde_json::Value) -> String {
+    match (row["greedy_sequences_equal"].as_u64(), row["greedy_sequences"].as_u64()) {
+        (Some(equal), Some(total)) => format!("{equal}/{total}"),
+        _ => "-".to_string(),
+    }
+}
+
 pub fn markdown(report: &serde_json::Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -679,14 +688,13 @@ pub fn markdown(report: &serde_json::Value) -> String {
         for row in ext {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.3e} | {:.4} | {:.8} | {}/{} |",
+                "| {} | {} | {:.3e} | {:.4} | {:.8} | {} |",
                 row["comparison"].as_str().unwrap_or(""),
                 row["status"].as_str().unwrap_or(""),
                 row["max_relative_error"].as_f64().unwrap_or(f64::NAN),
                 row["top1_agreement"].as_f64().unwrap_or(f64::NAN),
                 row["pearson"].as_f64().unwrap_or(f64::NAN),
-                row["greedy_sequences_equal"],
-                row["greedy_sequences"],
+                greedy_cell(row),
             );
         }
     }
@@ -696,6 +704,23 @@ pub fn markdown(report: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn external_rows_show_greedy_counts_or_a_dash() {
+        let report = serde_json::json!({
+            "scenarios": [],
+            "external": [
+                { "comparison": "reference vs hf_float64", "status": "PASS", "max_relative_error": 0.0,
+                  "top1_agreement": 1.0, "pearson": 1.0, "greedy_sequences_equal": 14, "greedy_sequences": 16 },
+                { "comparison": "gpu_bf16 vs hf_float32", "status": "PASS", "max_relative_error": 0.5,
+                  "top1_agreement": 0.99, "pearson": 0.9998, "greedy_sequences_equal": "-", "greedy_sequences": "-" },
+            ],
+        });
+        let md = markdown(&report);
+        assert!(md.contains("| reference vs hf_float64 | PASS | 0.000e0 | 1.0000 | 1.00000000 | 14/16 |"), "{md}");
+        assert!(md.contains("| gpu_bf16 vs hf_float32 | PASS | 5.000e-1 | 0.9900 | 0.99980000 | - |"), "{md}");
+        assert!(!md.contains('"'), "{md}");
+    }
 
     #[test]
     fn kl_and_correlation_by_hand() {
