@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
     /// insufficient_gpu_memory, no_mixed_precision_support, tensor_core_unavailable,
-    /// cuda_context_failure, or all.
+    /// cuda_context_failure, gpu_failure_mid_run, or all.
     #[arg(long)]
     scenario: String,
     #[arg(long, default_value = "models/bitnet-tiny-tasks/bitnet-tiny-tasks.gguf")]
@@ -122,6 +122,16 @@ fn scenarios(model: &BitNetModel, seed: u64, max_batch_tokens: usize) -> anyhow:
             name: "cuda_context_failure",
             plan: parse(&format!("failure_rate=0.3,seed={seed}"))?,
             note: format!("failure_rate=0.3,seed={seed} (30% of CUDA calls fail)"),
+            min_fallback_rate: 0.8,
+        },
+        // A GPU that works through its creation and self-test, then fails
+        // while serving: the running sequences must finish on the CPU. (On
+        // the real CUDA backend cuda_context_failure never gets it created.)
+        Scenario {
+            name: "gpu_failure_mid_run",
+            plan: parse("fail_after_steps=3")?,
+            note: "fail_after_steps=3 (every CUDA call fails from the backend's 4th step on; the self-test is its 1st)"
+                .into(),
             min_fallback_rate: 0.8,
         },
     ])

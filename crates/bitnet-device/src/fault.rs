@@ -53,6 +53,10 @@ pub struct FaultPlan {
     pub seed: u64,
     /// Every launch after this many fails.
     pub fail_after_launches: Option<u64>,
+    /// Every launch fails once the backend, after it was first created
+    /// whole, has started more than this many steps (the engine's self-test
+    /// is the first): a GPU that fails in the middle of serving.
+    pub fail_after_steps: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,7 +65,7 @@ pub enum FaultPlanError {
     #[error("fault plan entry `{entry}` is not of the form key=value")]
     NotKeyValue { entry: String },
     #[error(
-        "unknown fault plan key `{key}` (expected gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after)"
+        "unknown fault plan key `{key}` (expected gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after, fail_after_steps)"
     )]
     UnknownKey { key: String },
     #[error("fault plan key `{key}` is given twice")]
@@ -93,10 +97,11 @@ enum Key {
     FailureRate,
     Seed,
     FailAfter,
+    FailAfterSteps,
 }
 
 /// Each key's canonical name (first) and aliases.
-const KEYS: [(Key, &[&str]); 8] = [
+const KEYS: [(Key, &[&str]); 9] = [
     (Key::MemoryLimit, &["gpu_memory_limit", "memory_limit"]),
     (Key::ComputeCapability, &["cc", "compute_capability"]),
     (Key::Fp16, &["fp16"]),
@@ -105,6 +110,7 @@ const KEYS: [(Key, &[&str]); 8] = [
     (Key::FailureRate, &["failure_rate"]),
     (Key::Seed, &["seed"]),
     (Key::FailAfter, &["fail_after", "fail_after_launches"]),
+    (Key::FailAfterSteps, &["fail_after_steps"]),
 ];
 
 impl FaultPlan {
@@ -114,7 +120,7 @@ impl FaultPlan {
     }
 
     /// Parses `key=value` entries separated by commas, e.g.
-    /// `gpu_memory_limit=500MB,cc=6.1,fp16=false,bf16=false,tensor_cores=false,failure_rate=0.3,seed=7,fail_after=100`.
+    /// `gpu_memory_limit=500MB,cc=6.1,fp16=false,bf16=false,tensor_cores=false,failure_rate=0.3,seed=7,fail_after=100,fail_after_steps=3`.
     ///
     /// Sizes take a unit: B, KB/MB/GB (powers of 1000) or KiB/MiB/GiB
     /// (powers of 1024); a bare number is bytes. Booleans are true/false
@@ -170,6 +176,10 @@ impl FaultPlan {
                 Key::FailAfter => {
                     plan.fail_after_launches =
                         Some(value.parse().map_err(|_| bad("a number of launches (unsigned integer)"))?)
+                }
+                Key::FailAfterSteps => {
+                    plan.fail_after_steps =
+                        Some(value.parse().map_err(|_| bad("a number of steps (unsigned integer)"))?)
                 }
             }
         }
@@ -231,6 +241,9 @@ impl fmt::Display for FaultPlan {
         if let Some(n) = self.fail_after_launches {
             parts.push(format!("fail_after={n}"));
         }
+        if let Some(n) = self.fail_after_steps {
+            parts.push(format!("fail_after_steps={n}"));
+        }
         if parts.is_empty() {
             return f.write_str("none");
         }
@@ -286,6 +299,9 @@ fn parse_bytes(value: &str) -> Option<u64> {
 pub struct FaultInjector {
     plan: FaultPlan,
     launches: AtomicU64,
+    /// Steps started since a backend was first created whole; `u64::MAX`
+    /// until then ([`FaultInjector::on_ready`], [`FaultInjector::on_step`]).
+    steps: AtomicU64,
     allocated: Mutex<u64>,
     rng: Mutex<ChaCha8Rng>,
 }
@@ -293,7 +309,13 @@ pub struct FaultInjector {
 impl FaultInjector {
     pub fn new(plan: FaultPlan) -> Self {
         let rng = ChaCha8Rng::seed_from_u64(plan.seed);
-        Self { plan, launches: AtomicU64::new(0), allocated: Mutex::new(0), rng: Mutex::new(rng) }
+        Self {
+            plan,
+            launches: AtomicU64::new(0),
+            steps: AtomicU64::new(u64::MAX),
+            allocated: Mutex::new(0),
+            rng: Mutex::new(rng),
+        }
     }
 
     pub fn plan(&self) -> &FaultPlan {
@@ -310,13 +332,30 @@ impl FaultInjector {
         *self.allocated.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Call when a backend has been created whole: the step count of
+    /// `fail_after_steps` starts at the first such call (a backend created
+    /// again later does not restart it).
+    pub fn on_ready(&self) {
+        let _ = self.steps.compare_exchange(u64::MAX, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Call when a backend starts a step (counted once one was ready).
+    pub fn on_step(&self) {
+        let _ = self.steps.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| (s != u64::MAX).then(|| s + 1));
+    }
+
     /// Call before every kernel launch or CUDA call: fails with probability
-    /// `failure_rate`, and always once more than `fail_after_launches`
-    /// launches have happened.
+    /// `failure_rate`, always once more than `fail_after_launches` launches
+    /// have happened, and always once more than `fail_after_steps` steps
+    /// have started since a backend was first ready.
     pub fn on_launch(&self, what: &str) -> Result<(), InjectedFault> {
         let launch = self.launches.fetch_add(1, Ordering::Relaxed) + 1;
         let failed = |launch| InjectedFault::LaunchFailed { call: what.to_owned(), launch };
         if self.plan.fail_after_launches.is_some_and(|n| launch > n) {
+            return Err(failed(launch));
+        }
+        let steps = self.steps.load(Ordering::Relaxed);
+        if self.plan.fail_after_steps.is_some_and(|n| steps != u64::MAX && steps > n) {
             return Err(failed(launch));
         }
         if self.plan.failure_rate > 0.0 {
@@ -367,7 +406,8 @@ mod tests {
     #[test]
     fn parses_every_key() {
         let plan = FaultPlan::parse(
-            "gpu_memory_limit=500MB, cc=6.1,fp16=false,bf16=no,tensor_cores=0,failure_rate=0.3,seed=7,fail_after=100",
+            "gpu_memory_limit=500MB, cc=6.1,fp16=false,bf16=no,tensor_cores=0,failure_rate=0.3,seed=7,fail_after=100,\
+             fail_after_steps=3",
         )
         .unwrap();
         assert_eq!(
@@ -381,6 +421,7 @@ mod tests {
                 failure_rate: 0.3,
                 seed: 7,
                 fail_after_launches: Some(100),
+                fail_after_steps: Some(3),
             }
         );
         assert!(!plan.is_empty());
@@ -422,6 +463,7 @@ mod tests {
         check("failure_rate=NaN", &["failure_rate"]);
         check("seed=-1", &["seed"]);
         check("fail_after=soon", &["fail_after"]);
+        check("fail_after_steps=-2", &["fail_after_steps", "number of steps"]);
         check("vram=1GB", &["unknown", "vram"]);
         check("fp16", &["fp16", "key=value"]);
         check("fp16=", &["key=value"]);
@@ -491,6 +533,29 @@ mod tests {
             injector.on_launch("gemm").unwrap_err(),
             InjectedFault::LaunchFailed { call: "gemm".into(), launch: 7 }
         );
+    }
+
+    #[test]
+    fn launches_fail_once_a_ready_backend_has_run_the_planned_steps() {
+        let injector = FaultInjector::new(FaultPlan { fail_after_steps: Some(2), ..FaultPlan::default() });
+        // Steps of a backend not yet created whole do not count.
+        injector.on_step();
+        assert!((0..100).all(|_| injector.on_launch("upload").is_ok()));
+        injector.on_ready();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            injector.on_step();
+            seen.push([injector.on_launch("a").is_ok(), injector.on_launch("b").is_ok()]);
+        }
+        assert_eq!(seen, [[true, true], [true, true], [false, false], [false, false]]);
+        // A backend created again later (its uploads fail, so it would not be;
+        // if it were) does not restart the count.
+        injector.on_ready();
+        assert!(injector.on_launch("c").is_err());
+        // The plan reads back.
+        let plan = FaultPlan { fail_after_steps: Some(2), ..FaultPlan::default() };
+        assert_eq!(plan.to_string(), "fail_after_steps=2");
+        assert_eq!(FaultPlan::parse(&plan.to_string()).unwrap(), plan);
     }
 
     #[test]

@@ -531,6 +531,7 @@ impl CudaBackend {
         let fused = fused.filter(|_| fused_rows > 0);
 
         let max_context = c.max_position_embeddings;
+        gpu.notify_ready();
         Ok(Self {
             precision: config.precision,
             dt,
@@ -822,6 +823,7 @@ impl CudaBackend {
         mut sink: impl FnMut(&Self, &Group) -> Result<(), CudaError>,
     ) -> Result<(), BackendError> {
         validate_step(batch, &self.model.config, |seq| self.sequences.get(&seq).map(|s| (s.len, s.reserved)))?;
+        self.gpu.notify_step();
         let lens: Vec<(SeqId, usize)> = batch.iter().map(|i| (i.seq, self.sequences[&i.seq].len)).collect();
         let groups = self.plan(batch);
         let result = (|| -> Result<(), CudaError> {

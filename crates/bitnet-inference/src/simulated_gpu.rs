@@ -101,6 +101,7 @@ impl SimulatedGpuBackend {
         injector.on_launch("create context").map_err(injected)?;
         let static_bytes = plan.weights.saturating_add(plan.workspace);
         injector.on_alloc(static_bytes).map_err(injected)?;
+        injector.on_ready();
         Ok(Self {
             inner,
             injector,
@@ -168,6 +169,7 @@ impl Backend for SimulatedGpuBackend {
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         // The launch is checked before anything runs, so a failure leaves
         // every sequence as it was (the Backend contract).
+        self.injector.on_step();
         self.injector.on_launch("forward step").map_err(injected)?;
         self.inner.step(batch)
     }

@@ -163,6 +163,10 @@ pub trait DeviceHooks: Send + Sync + fmt::Debug {
     fn on_alloc(&self, bytes: u64) -> Result<(), String>;
     /// Called when an allocation is freed.
     fn on_free(&self, bytes: u64);
+    /// Called when a backend on this context has been created whole.
+    fn on_ready(&self) {}
+    /// Called when such a backend starts a step.
+    fn on_step(&self) {}
 }
 
 /// The fault-injection plan of `bitnet-device` acts on the CUDA layer.
@@ -175,6 +179,12 @@ impl DeviceHooks for bitnet_device::FaultInjector {
     }
     fn on_free(&self, bytes: u64) {
         bitnet_device::FaultInjector::on_free(self, bytes);
+    }
+    fn on_ready(&self) {
+        bitnet_device::FaultInjector::on_ready(self);
+    }
+    fn on_step(&self) {
+        bitnet_device::FaultInjector::on_step(self);
     }
 }
 
@@ -897,6 +907,20 @@ impl GpuContext {
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
         self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))
+    }
+
+    /// Tells the hooks that a backend on this context is ready.
+    pub fn notify_ready(&self) {
+        if let Some(h) = &self.hooks {
+            h.on_ready();
+        }
+    }
+
+    /// Tells the hooks that a backend on this context starts a step.
+    pub fn notify_step(&self) {
+        if let Some(h) = &self.hooks {
+            h.on_step();
+        }
     }
 
     fn hook_launch(&self, what: &str) -> Result<(), CudaError> {
