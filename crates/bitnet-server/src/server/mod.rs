@@ -218,7 +218,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "f32")]
     pub kv_cache: KvCachePrecision,
     /// Faults for the primary device, e.g. `gpu_memory_limit=500MB,cc=6.1,failure_rate=0.3,seed=7`
-    /// (keys: gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after).
+    /// (keys: gpu_memory_limit, cc, fp16, bf16, tensor_cores, failure_rate, seed, fail_after, fail_after_steps).
     #[arg(long, env = "BITNET_FAULT_PLAN")]
     pub fault_plan: Option<String>,
     /// Without a GPU: run a simulated one (the CPU backend as the primary device,
