@@ -478,8 +478,6 @@ type Functions = std::collections::HashMap<&'static str, CudaFunction>;
 /// A profiled launch: kernel name, start and end events.
 type LaunchEvents = (&'static str, CudaEvent, CudaEvent);
 
-/// The kernel module of each device's primary context, loaded once per
-/// process (every `GpuContext` on a device shares the primary context).
 type Loaded = (Arc<CudaModule>, Functions, PtxOrigin);
 
 /// The kernels' module of each device this process has opened.
@@ -491,10 +489,9 @@ fn modules() -> std::sync::MutexGuard<'static, std::collections::HashMap<usize, 
 
 /// A line for the user when opening device `ordinal` (compute capability
 /// `cc`, as the device probe reports it) is about to compile the kernels
-/// with NVRTC (33 s on the H200 machine's host, once per build and
-/// architecture: no PTX built
-/// in by nvcc, none cached, the module not loaded yet in this process);
-/// `None` otherwise.
+/// with NVRTC (33 s on the H200 machine's host; once per build and
+/// architecture: no PTX built in by nvcc, none cached, the module not
+/// loaded yet in this process); `None` otherwise.
 pub fn kernel_compile_notice(ordinal: usize, cc: (i32, i32)) -> Option<String> {
     if modules().contains_key(&ordinal) {
         return None;
@@ -534,6 +531,8 @@ pub fn kernel_source_status(cc: (i32, i32)) -> String {
     }
 }
 
+/// The kernel module of each device's primary context, loaded once per
+/// process (every `GpuContext` on a device shares the primary context).
 fn load_module_once(
     ctx: &Arc<CudaContext>,
     ordinal: usize,

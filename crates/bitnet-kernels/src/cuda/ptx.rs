@@ -201,9 +201,9 @@ fn read_cached(path: &std::path::Path) -> Option<String> {
 }
 
 /// Whether [`load`] for a device of compute capability `cc` will compile
-/// the kernels with NVRTC, which takes half a minute or more: no PTX built in by
-/// nvcc (or developer options asked for another build) and none cached
-/// under `dir` for that architecture. Callers tell the user first
+/// the kernels with NVRTC, which takes half a minute or more: no PTX built
+/// in by nvcc (or developer options asked for another build) and none
+/// cached under `dir` for that architecture. Callers tell the user first
 /// ([`super::kernel_compile_notice`]).
 pub fn will_compile(cc: (u32, u32), dir: Option<&std::path::Path>) -> Result<bool, CudaError> {
     if PREBUILT.is_some() && requested_defines()?.is_empty() {
