@@ -3170,3 +3170,100 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
         out[e] = i0 == 0x7fffffff ? 0 : i0;
     }
 }
+
+// The same argmax with each row split over gridDim.x CTAs of 256 threads
+// (grid (S, rows)): CTA s reduces elements [s * chunk, (s + 1) * chunk) (chunk
+// a multiple of 4 where the row is read as float4) to its first maximum in
+// part_v / part_i[row * S + s]; the last CTA of the row to finish (counted in
+// counter[row], which it sets back to 0 for the next launch) reduces the S
+// partials, ties to the smaller index, so the result is argmax_rows's.
+// One row's 128256 logits are then read by 63 SMs instead of one.
+extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logits, int vocab, int chunk, int* out,
+                                                               int* flags, float* part_v, int* part_i,
+                                                               unsigned* counter) {
+    __shared__ float vs[8];
+    __shared__ int is[8];
+    __shared__ bool last;
+    pdl_begin();
+    const int S = gridDim.x, s = blockIdx.x, e = blockIdx.y, tid = threadIdx.x;
+    const float* l = logits + (size_t)e * vocab;
+    const int lo = s * chunk, hi = min(vocab, lo + chunk);
+    float best = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    bool finite = true;
+    if ((vocab & 3) == 0 && (chunk & 3) == 0 && ((size_t)logits & 15) == 0) {
+        const float4* l4 = (const float4*)l;
+        for (int q = (lo >> 2) + tid; q < (hi >> 2); q += 256) {
+            float4 v = l4[q];
+            float c[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                finite = finite && isfinite(c[k]);
+                if (c[k] > best) {
+                    best = c[k];
+                    bi = 4 * q + k;
+                }
+            }
+        }
+    } else {
+        for (int i = lo + tid; i < hi; i += 256) {
+            float v = l[i];
+            finite = finite && isfinite(v);
+            if (v > best) {
+                best = v;
+                bi = i;
+            }
+        }
+    }
+    if (!finite) atomicOr(flags, FLAG_NONFINITE);
+    // Reduces (best, bi) over the CTA into thread 0's, ties to the smaller index.
+    auto reduce = [&]() {
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        if ((tid & 31) == 0) {
+            vs[tid >> 5] = best;
+            is[tid >> 5] = bi;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < 8; w++) {
+                if (vs[w] > best || (vs[w] == best && is[w] < bi)) {
+                    best = vs[w];
+                    bi = is[w];
+                }
+            }
+        }
+        __syncthreads();
+    };
+    reduce();
+    if (tid == 0) {
+        part_v[(size_t)e * S + s] = best;
+        part_i[(size_t)e * S + s] = bi;
+        __threadfence();
+        last = atomicAdd(counter + e, 1u) == (unsigned)(S - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    best = -__int_as_float(0x7f800000);
+    bi = 0x7fffffff;
+    for (int k = tid; k < S; k += 256) {
+        float v = __ldcg(part_v + (size_t)e * S + k);
+        int i = __ldcg(part_i + (size_t)e * S + k);
+        if (v > best || (v == best && i < bi)) {
+            best = v;
+            bi = i;
+        }
+    }
+    reduce();
+    if (tid == 0) {
+        out[e] = bi == 0x7fffffff ? 0 : bi;
+        counter[e] = 0;
+    }
+}

@@ -574,7 +574,17 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                 })?,
             );
         }
-        add("argmax", n * vocab * 4, time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all()))?);
+        add(
+            "argmax (one CTA a row)",
+            n * vocab * 4,
+            time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), None))?,
+        );
+        let argmax_scratch = gpu.alloc("argmax scratch", GpuContext::argmax_scratch_bytes(n, vocab))?;
+        add(
+            "argmax (rows split over CTAs)",
+            n * vocab * 4,
+            time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), Some(argmax_scratch.all())))?,
+        );
     }
     Ok(json!(rows))
 }

@@ -166,6 +166,8 @@ struct Workspace {
     /// The flags word (i32: FLAG_NONFINITE), then the sampled tokens
     /// (`entries` i32): a greedy step reads both back in one copy.
     flags_tokens: DevBuf,
+    /// The argmax's partial maxima and row counters.
+    argmax_scratch: DevBuf,
     /// The fused decode kernel's barrier and attention counters.
     sync: DevBuf,
 }
@@ -259,6 +261,9 @@ pub struct CudaBackend {
     /// captured too).
     graphs: HashMap<(usize, usize, bool), GpuGraph>,
     use_graphs: bool,
+    /// The greedy argmax splits each row over CTAs (`argmax_split`; session
+    /// 23); `BITNET_CUDA_ARGMAX=rows` keeps one CTA a row (`argmax_rows`).
+    argmax_split: bool,
     /// The layer descriptors of the fused decode kernel, when it is on.
     fused: Option<FusedLayers>,
     /// Decode passes of up to this many rows use it.
@@ -434,6 +439,7 @@ impl CudaBackend {
             head_scratch: alloc("head scratch", gpu.head_scratch_bytes(dt, vocab))?,
             logits: alloc("logits", gpu.head_logits_bytes(dt, entries, vocab))?,
             flags_tokens: alloc("flags and sampled tokens", 4 + entries * 4)?,
+            argmax_scratch: alloc("argmax partials", GpuContext::argmax_scratch_bytes(entries, vocab))?,
             sync: alloc("fused decode counters", GpuContext::fused_sync_bytes(FUSED_ROWS, c.n_heads))?,
         };
         memory.workspace += [
@@ -451,6 +457,7 @@ impl CudaBackend {
             &ws.head_scratch,
             &ws.logits,
             &ws.flags_tokens,
+            &ws.argmax_scratch,
             &ws.sync,
         ]
         .iter()
@@ -547,6 +554,7 @@ impl CudaBackend {
             sequences: HashMap::new(),
             graphs: HashMap::new(),
             use_graphs: config.cuda_graphs,
+            argmax_split: std::env::var("BITNET_CUDA_ARGMAX").map_or(true, |v| v != "rows"),
             fused,
             fused_rows,
             memory,
@@ -803,7 +811,14 @@ impl CudaBackend {
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         gpu.head(dt, head.all(), vocab, h, ws.head_in.all(), n_out, ws.logits.all(), ws.head_scratch.all())?;
         if greedy {
-            gpu.argmax(ws.logits.all(), vocab, n_out, ws.flags_tokens.range(4, n_out * 4)?, ws.flags()?)?;
+            gpu.argmax(
+                ws.logits.all(),
+                vocab,
+                n_out,
+                ws.flags_tokens.range(4, n_out * 4)?,
+                ws.flags()?,
+                self.argmax_split.then(|| ws.argmax_scratch.all()),
+            )?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 #![cfg(feature = "cuda")]
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
-use bitnet_kernels::cuda::{DevBuf, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch};
+use bitnet_kernels::cuda::{DevBuf, DevRange, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic inputs without extra dependencies.
@@ -695,29 +695,51 @@ fn head_matches_host_dot_products() {
     }
 }
 
+/// Both argmax kernels on the same rows (the split one on `scratch`, reused
+/// across calls, so its row counters must come back to zero); they must agree.
+fn argmax_both(g: &GpuContext, logits: DevRange, vocab: usize, n: usize, flags: &DevBuf, scratch: &DevBuf) -> Vec<i32> {
+    let out = g.alloc("o", n * 4).unwrap();
+    g.argmax(logits, vocab, n, out.all(), flags.all(), None).unwrap();
+    let rows = read_i32(g, &out, n);
+    for round in 0..2 {
+        g.argmax(logits, vocab, n, out.all(), flags.all(), Some(scratch.all())).unwrap();
+        assert_eq!(read_i32(g, &out, n), rows, "split kernel, vocab {vocab}, {n} rows, round {round}");
+    }
+    rows
+}
+
 #[test]
 fn argmax_takes_the_first_maximum_and_flags_nan() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(8);
     let (vocab, n) = (128_256, 5);
+    let scratch = g.alloc("argmax scratch", GpuContext::argmax_scratch_bytes(n, vocab)).unwrap();
     let mut logits: Vec<f32> = (0..n * vocab).map(|_| rng.f32(-10.0, 10.0)).collect();
-    // Ties: row 1 has its maximum at 5 and 90_000; row 2 at 0 and the end.
+    // Ties: row 1 has its maximum at 5 and 90_000; row 2 at 0 and the end
+    // (with 63 CTAs a row, in different CTAs); row 3 at both sides of a CTA
+    // boundary (2036 logits a CTA), the later one first in the row's second CTA.
     logits[vocab + 5] = 50.0;
     logits[vocab + 90_000] = 50.0;
     logits[2 * vocab] = 60.0;
     logits[3 * vocab - 1] = 60.0;
-    let (lb, out, flags) = (up_f32(&g, &logits), g.alloc("o", n * 4).unwrap(), g.alloc("f", 4).unwrap());
-    g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
-    let got = read_i32(&g, &out, n);
+    logits[3 * vocab + 2035] = 70.0;
+    logits[3 * vocab + 2036] = 70.0;
+    let flags = g.alloc("f", 4).unwrap();
+    let lb = up_f32(&g, &logits);
+    let got = argmax_both(&g, lb.all(), vocab, n, &flags, &scratch);
     for r in 0..n {
         assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "row {r}");
     }
-    assert_eq!((got[1], got[2]), (5, 0));
+    assert_eq!((got[1], got[2], got[3]), (5, 0, 2035));
     assert_eq!(read_i32(&g, &flags, 1)[0], 0);
     logits[4 * vocab + 17] = f32::NAN;
     let lb = up_f32(&g, &logits);
-    g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
+    let out = g.alloc("o", n * 4).unwrap();
+    g.argmax(lb.all(), vocab, n, out.all(), flags.all(), None).unwrap();
     assert_ne!(read_i32(&g, &flags, 1)[0], 0, "a NaN logit must raise the flag");
+    let flags2 = g.alloc("f", 4).unwrap();
+    g.argmax(lb.all(), vocab, n, out.all(), flags2.all(), Some(scratch.all())).unwrap();
+    assert_ne!(read_i32(&g, &flags2, 1)[0], 0, "a NaN logit must raise the flag (split kernel)");
     // Rows of a multiple of 4 logits are read four at a time, others one at
     // a time: ties inside one group of four, across threads and loads (row
     // 1: index 7 and the row's last two), in a row of odd length, and a row
@@ -728,9 +750,8 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
         (logits[2 * vocab - 2], logits[2 * vocab - 1], logits[vocab + 7]) = (30.0, 30.0, 30.0);
         (logits[2 * vocab + 4], logits[2 * vocab]) = (30.0, 30.0);
         logits[3 * vocab..4 * vocab].fill(f32::NEG_INFINITY);
-        let (lb, out) = (up_f32(&g, &logits), g.alloc("o", n * 4).unwrap());
-        g.argmax(lb.all(), vocab, n, out.all(), flags.all()).unwrap();
-        let got = read_i32(&g, &out, n);
+        let lb = up_f32(&g, &logits);
+        let got = argmax_both(&g, lb.all(), vocab, n, &flags, &scratch);
         for r in 0..n {
             assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "vocab {vocab} row {r}");
         }
@@ -738,9 +759,13 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
         // The same rows 4 bytes into a buffer (not on 16 bytes: one at a time).
         let shifted: Vec<f32> = std::iter::once(0.0).chain(logits.iter().copied()).collect();
         let sb = up_f32(&g, &shifted);
-        g.argmax(sb.all().sub(4, n * vocab * 4).unwrap(), vocab, n, out.all(), flags.all()).unwrap();
-        assert_eq!(read_i32(&g, &out, n), got, "vocab {vocab}, rows 4 bytes off alignment");
+        let got_shifted = argmax_both(&g, sb.all().sub(4, n * vocab * 4).unwrap(), vocab, n, &flags, &scratch);
+        assert_eq!(got_shifted, got, "vocab {vocab}, rows 4 bytes off alignment");
     }
+    // A scratch too small for the rows is refused before any launch.
+    let small = g.alloc("small scratch", GpuContext::argmax_scratch_bytes(1, 128_256)).unwrap();
+    let lb = up_f32(&g, &vec![0.0; 2 * 128_256]);
+    assert!(g.argmax(lb.all(), 128_256, 2, out.all(), flags.all(), Some(small.all())).is_err());
 }
 
 fn argmax_host(l: &[f32]) -> u32 {

@@ -98,6 +98,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "head_bf16_small",
     "add_row_pairs",
     "argmax_rows",
+    "argmax_split",
 ];
 
 /// Element type of a device tensor.

@@ -1168,7 +1168,20 @@ impl GpuContext {
         }
     }
 
+    /// Bytes of the scratch [`Self::argmax`] needs to split rows of `vocab`
+    /// logits over several CTAs, for up to `entries` rows: each row's
+    /// partial maxima and indices, then one counter per row (zero when
+    /// allocated; the kernel leaves it zero).
+    pub fn argmax_scratch_bytes(entries: usize, vocab: usize) -> usize {
+        let (splits, _) = argmax_splits(vocab);
+        entries * (splits * 8 + 4)
+    }
+
     /// `out[e] = argmax(logits[e, :])` (the first index of the maximum).
+    /// With `scratch` of [`Self::argmax_scratch_bytes`] for at least `n`
+    /// rows, each row is split over CTAs of 256 threads (`argmax_split`:
+    /// 63 for 128256 logits) instead of one CTA of 1024 threads
+    /// (`argmax_rows`); the result is the same.
     pub fn argmax(
         &self,
         logits: DevRange,
@@ -1176,10 +1189,32 @@ impl GpuContext {
         n: usize,
         out: DevRange,
         flags: DevRange,
+        scratch: Option<DevRange>,
     ) -> Result<(), CudaError> {
         let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
         let o = out.need("argmax output", n * 4)?;
         let f = flags.need("flags", 4)?;
+        if let Some(scratch) = scratch {
+            let (splits, chunk) = argmax_splits(vocab);
+            let sp = scratch.need("argmax scratch", Self::argmax_scratch_bytes(n, vocab))?;
+            let (values, indices, counters) = (sp, sp + (n * splits * 4) as u64, sp + (n * splits * 8) as u64);
+            return self.launch(
+                "argmax_split",
+                (u32_grid("splits", splits)?, u32_grid("entries", n)?, 1),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::Ptr(lp),
+                    Arg::I32(i32_dim("vocab", vocab)?),
+                    Arg::I32(i32_dim("chunk", chunk)?),
+                    Arg::Ptr(o),
+                    Arg::Ptr(f),
+                    Arg::Ptr(values),
+                    Arg::Ptr(indices),
+                    Arg::Ptr(counters),
+                ],
+            );
+        }
         self.launch(
             "argmax_rows",
             (u32_grid("entries", n)?, 1, 1),
@@ -1188,6 +1223,14 @@ impl GpuContext {
             &[Arg::Ptr(lp), Arg::I32(i32_dim("vocab", vocab)?), Arg::Ptr(o), Arg::Ptr(f)],
         )
     }
+}
+
+/// CTAs per row of [`GpuContext::argmax`]'s split kernel, and the elements
+/// each reduces (a multiple of 4): about 2048, at most 256 CTAs.
+fn argmax_splits(vocab: usize) -> (usize, usize) {
+    let want = vocab.div_ceil(2048).clamp(1, 256);
+    let chunk = vocab.div_ceil(want).next_multiple_of(4).max(4);
+    (vocab.div_ceil(chunk).max(1), chunk)
 }
 
 /// Whether every row of `whole` (rows of `row_bytes` bytes) equals row
@@ -1214,6 +1257,21 @@ fn check_heads(n_heads: usize, n_kv: usize, hd: usize) -> Result<(), CudaError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_splits_cover_every_logit_once() {
+        // 2B-4T's vocabulary: 63 CTAs of 2036 logits (the last 2028).
+        assert_eq!(argmax_splits(128_256), (63, 2036));
+        assert_eq!(argmax_splits(8192), (4, 2048));
+        assert_eq!(argmax_splits(1001), (1, 1004));
+        for vocab in (1..5000).chain([32_000, 128_256, 1 << 20, 3 << 20]) {
+            let (splits, chunk) = argmax_splits(vocab);
+            assert!(chunk.is_multiple_of(4) && (1..=256).contains(&splits), "{vocab}");
+            // Every CTA has logits and together they hold the row.
+            assert!((splits - 1) * chunk < vocab && splits * chunk >= vocab, "{vocab}: {splits} x {chunk}");
+        }
+        assert_eq!(GpuContext::argmax_scratch_bytes(2, 128_256), 2 * (63 * 8 + 4));
+    }
 
     #[test]
     fn head_check_compares_every_row_with_its_repeat() {
