@@ -579,12 +579,16 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
             n * vocab * 4,
             time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), None))?,
         );
-        let argmax_scratch = gpu.alloc("argmax scratch", GpuContext::argmax_scratch_bytes(n, vocab))?;
-        add(
-            "argmax (rows split over CTAs)",
-            n * vocab * 4,
-            time(&|| gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), Some(argmax_scratch.all())))?,
-        );
+        if n <= bitnet_kernels::cuda::ARGMAX_SPLIT_MAX_ROWS {
+            let argmax_scratch = gpu.alloc("argmax scratch", GpuContext::argmax_scratch_bytes(n, vocab))?;
+            add(
+                "argmax (rows split over CTAs)",
+                n * vocab * 4,
+                time(&|| {
+                    gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), Some(argmax_scratch.all()))
+                })?,
+            );
+        }
     }
     Ok(json!(rows))
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use bitnet_device::Precision;
 use bitnet_kernels::cuda::{CudaError, DevBuf, DevRange, DeviceHooks, GpuContext, GpuDType, GpuGraph, HeadImpl};
 use bitnet_kernels::cuda::{FusedLayer, FusedLayers, FusedShape, FusedStep, FUSED_ROWS};
-use bitnet_kernels::cuda::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
+use bitnet_kernels::cuda::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 
 use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
@@ -439,7 +439,10 @@ impl CudaBackend {
             head_scratch: alloc("head scratch", gpu.head_scratch_bytes(dt, vocab))?,
             logits: alloc("logits", gpu.head_logits_bytes(dt, entries, vocab))?,
             flags_tokens: alloc("flags and sampled tokens", 4 + entries * 4)?,
-            argmax_scratch: alloc("argmax partials", GpuContext::argmax_scratch_bytes(entries, vocab))?,
+            argmax_scratch: alloc(
+                "argmax partials",
+                GpuContext::argmax_scratch_bytes(entries.min(ARGMAX_SPLIT_MAX_ROWS), vocab),
+            )?,
             sync: alloc("fused decode counters", GpuContext::fused_sync_bytes(FUSED_ROWS, c.n_heads))?,
         };
         memory.workspace += [

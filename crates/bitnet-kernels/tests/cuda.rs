@@ -8,7 +8,9 @@
 #![cfg(feature = "cuda")]
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
-use bitnet_kernels::cuda::{DevBuf, DevRange, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch};
+use bitnet_kernels::cuda::{
+    DevBuf, DevRange, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch, ARGMAX_SPLIT_MAX_ROWS,
+};
 use half::{bf16, f16};
 
 /// SplitMix64: deterministic inputs without extra dependencies.
@@ -761,6 +763,14 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
         let sb = up_f32(&g, &shifted);
         let got_shifted = argmax_both(&g, sb.all().sub(4, n * vocab * 4).unwrap(), vocab, n, &flags, &scratch);
         assert_eq!(got_shifted, got, "vocab {vocab}, rows 4 bytes off alignment");
+    }
+    // More rows than the split kernel takes: the row kernel, same results.
+    let (vocab, n) = (1000, ARGMAX_SPLIT_MAX_ROWS + 8);
+    let logits: Vec<f32> = (0..n * vocab).map(|_| rng.f32(-10.0, 10.0)).collect();
+    let lb = up_f32(&g, &logits);
+    let got = argmax_both(&g, lb.all(), vocab, n, &flags, &scratch);
+    for r in 0..n {
+        assert_eq!(got[r] as u32, argmax_host(&logits[r * vocab..(r + 1) * vocab]), "{n} rows, row {r}");
     }
     // A scratch too small for the rows is refused before any launch.
     let small = g.alloc("small scratch", GpuContext::argmax_scratch_bytes(1, 128_256)).unwrap();

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 
 pub use fused::{FusedLayer, FusedLayers, FusedShape, FusedStep, FusedTrace, FUSED_ROWS};
-pub use ops::{TernaryActs, ATT_PART_ROWS, FLAG_NONFINITE};
+pub use ops::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
 pub use ptx::PtxOrigin;
 
 /// Every kernel of the module; a missing one is a load error.

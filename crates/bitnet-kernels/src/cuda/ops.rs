@@ -1179,9 +1179,10 @@ impl GpuContext {
 
     /// `out[e] = argmax(logits[e, :])` (the first index of the maximum).
     /// With `scratch` of [`Self::argmax_scratch_bytes`] for at least `n`
-    /// rows, each row is split over CTAs of 256 threads (`argmax_split`:
-    /// 63 for 128256 logits) instead of one CTA of 1024 threads
-    /// (`argmax_rows`); the result is the same.
+    /// rows and at most [`ARGMAX_SPLIT_MAX_ROWS`] rows, each row is split
+    /// over CTAs of 256 threads (`argmax_split`: 63 for 128256 logits)
+    /// instead of one CTA of 1024 threads (`argmax_rows`); the result is
+    /// the same.
     pub fn argmax(
         &self,
         logits: DevRange,
@@ -1194,7 +1195,7 @@ impl GpuContext {
         let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
         let o = out.need("argmax output", n * 4)?;
         let f = flags.need("flags", 4)?;
-        if let Some(scratch) = scratch {
+        if let Some(scratch) = scratch.filter(|_| n <= ARGMAX_SPLIT_MAX_ROWS) {
             let (splits, chunk) = argmax_splits(vocab);
             let sp = scratch.need("argmax scratch", Self::argmax_scratch_bytes(n, vocab))?;
             let (values, indices, counters) = (sp, sp + (n * splits * 4) as u64, sp + (n * splits * 8) as u64);
@@ -1224,6 +1225,12 @@ impl GpuContext {
         )
     }
 }
+
+/// Most rows [`GpuContext::argmax`] splits over CTAs. Measured on the H200
+/// (session 23, 128256 logits a row, `xtask bench --kernels` and the eager
+/// profile): 1 row 9.2 -> 3.4 us, 8 rows 12.1 -> 7.4, 32 rows 9.7 -> 7.9,
+/// but 128 rows 22.3 -> 32.6 (128 CTAs of the row kernel already fill the GPU).
+pub const ARGMAX_SPLIT_MAX_ROWS: usize = 32;
 
 /// CTAs per row of [`GpuContext::argmax`]'s split kernel, and the elements
 /// each reduces (a multiple of 4): about 2048, at most 256 CTAs.
