@@ -3090,6 +3090,31 @@ extern "C" __global__ void __launch_bounds__(256) head_f32(const float* __restri
     }
 }
 
+// The argmax's pieces: (v, i) into a running maximum, ties to the smaller
+// index; a thread's logit, visited in increasing index order (only a
+// greater value replaces the maximum, so a row of -inf and NaN keeps no
+// index: 0); a warp's reduction.
+__device__ __forceinline__ void argmax_pick(float v, int i, float& best, int& bi) {
+    if (v > best || (v == best && i < bi)) {
+        best = v;
+        bi = i;
+    }
+}
+__device__ __forceinline__ void argmax_take(float v, int i, float& best, int& bi, bool& finite) {
+    finite = finite && isfinite(v);
+    if (v > best) {
+        best = v;
+        bi = i;
+    }
+}
+__device__ __forceinline__ void argmax_warp(float& best, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        argmax_pick(ov, oi, best, bi);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Greedy sampling on the device: out[e] = the first index of the maximum of
 // logits[e, :]; a NaN or infinite logit raises FLAG_NONFINITE.
@@ -3123,34 +3148,14 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
                 if (q < n4) {
                     float c[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
 #pragma unroll
-                    for (int k = 0; k < 4; k++) {
-                        finite = finite && isfinite(c[k]);
-                        if (c[k] > best) {
-                            best = c[k];
-                            bi = 4 * q + k;
-                        }
-                    }
+                    for (int k = 0; k < 4; k++) argmax_take(c[k], 4 * q + k, best, bi, finite);
                 }
             }
         }
     } else {
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            float v = l[i];
-            finite = finite && isfinite(v);
-            if (v > best) {
-                best = v;
-                bi = i;
-            }
-        }
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) argmax_take(l[i], i, best, bi, finite);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    argmax_warp(best, bi);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         vs[warp] = best;
@@ -3161,12 +3166,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_rows(const float* logi
     if (threadIdx.x == 0) {
         float b = vs[0];
         int i0 = is[0];
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
-            if (vs[w] > b || (vs[w] == b && is[w] < i0)) {
-                b = vs[w];
-                i0 = is[w];
-            }
-        }
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) argmax_pick(vs[w], is[w], b, i0);
         out[e] = i0 == 0x7fffffff ? 0 : i0;
     }
 }
@@ -3197,47 +3197,22 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
             float4 v = l4[q];
             float c[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                finite = finite && isfinite(c[k]);
-                if (c[k] > best) {
-                    best = c[k];
-                    bi = 4 * q + k;
-                }
-            }
+            for (int k = 0; k < 4; k++) argmax_take(c[k], 4 * q + k, best, bi, finite);
         }
     } else {
-        for (int i = lo + tid; i < hi; i += 256) {
-            float v = l[i];
-            finite = finite && isfinite(v);
-            if (v > best) {
-                best = v;
-                bi = i;
-            }
-        }
+        for (int i = lo + tid; i < hi; i += 256) argmax_take(l[i], i, best, bi, finite);
     }
     if (!finite) atomicOr(flags, FLAG_NONFINITE);
     // Reduces (best, bi) over the CTA into thread 0's, ties to the smaller index.
     auto reduce = [&]() {
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        argmax_warp(best, bi);
         if ((tid & 31) == 0) {
             vs[tid >> 5] = best;
             is[tid >> 5] = bi;
         }
         __syncthreads();
         if (tid == 0) {
-            for (int w = 1; w < 8; w++) {
-                if (vs[w] > best || (vs[w] == best && is[w] < bi)) {
-                    best = vs[w];
-                    bi = is[w];
-                }
-            }
+            for (int w = 1; w < 8; w++) argmax_pick(vs[w], is[w], best, bi);
         }
         __syncthreads();
     };
@@ -3253,14 +3228,8 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
     __threadfence();
     best = -__int_as_float(0x7f800000);
     bi = 0x7fffffff;
-    for (int k = tid; k < S; k += 256) {
-        float v = __ldcg(part_v + (size_t)e * S + k);
-        int i = __ldcg(part_i + (size_t)e * S + k);
-        if (v > best || (v == best && i < bi)) {
-            best = v;
-            bi = i;
-        }
-    }
+    for (int k = tid; k < S; k += 256)
+        argmax_pick(__ldcg(part_v + (size_t)e * S + k), __ldcg(part_i + (size_t)e * S + k), best, bi);
     reduce();
     if (tid == 0) {
         out[e] = bi == 0x7fffffff ? 0 : bi;

@@ -764,6 +764,13 @@ fn argmax_takes_the_first_maximum_and_flags_nan() {
         let got_shifted = argmax_both(&g, sb.all().sub(4, n * vocab * 4).unwrap(), vocab, n, &flags, &scratch);
         assert_eq!(got_shifted, got, "vocab {vocab}, rows 4 bytes off alignment");
     }
+    // Rows of only NaN and -inf have no maximum: index 0 (as on the host),
+    // whichever comes first.
+    let mut odd = vec![f32::NEG_INFINITY; 2 * 8192];
+    (odd[0], odd[8192 + 4000]) = (f32::NAN, f32::NAN);
+    let lb = up_f32(&g, &odd);
+    assert_eq!(argmax_both(&g, lb.all(), 8192, 2, &flags, &scratch), [0, 0]);
+    assert_eq!((argmax_host(&odd[..8192]), argmax_host(&odd[8192..])), (0, 0));
     // More rows than the split kernel takes: the row kernel, same results.
     let (vocab, n) = (1000, ARGMAX_SPLIT_MAX_ROWS + 8);
     let logits: Vec<f32> = (0..n * vocab).map(|_| rng.f32(-10.0, 10.0)).collect();
