@@ -47,6 +47,8 @@ pub enum BackendError {
     OutOfMemory(String),
     #[error("device failure: {0}")]
     Device(String),
+    #[error("a step of {entries} entries was given {wants} wants")]
+    WantsMismatch { entries: usize, wants: usize },
 }
 
 /// What the engine and server need to know about a backend.
@@ -89,6 +91,52 @@ pub trait Backend: Send {
     fn step_greedy(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<u32>, BackendError> {
         Ok(self.step(batch)?.iter().map(|logits| crate::sampling::argmax(logits)).collect())
     }
+
+    /// One step in which each entry asks for what it will use: its logits
+    /// (to sample from), or only its greedy token (greedy requests, and
+    /// prefill chunks whose logits nobody reads). A GPU backend then reads
+    /// back logits only for the entries that want them.
+    fn step_select(&mut self, batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<Vec<StepOutput>, BackendError> {
+        check_wants(batch, wants)?;
+        if wants.iter().all(|&w| w == StepWant::Greedy) {
+            return Ok(self.step_greedy(batch)?.into_iter().map(StepOutput::Token).collect());
+        }
+        Ok(self.step(batch)?.into_iter().zip(wants).map(|(logits, &want)| StepOutput::of(logits, want)).collect())
+    }
+}
+
+/// What one entry of [`Backend::step_select`] needs back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepWant {
+    /// The logits of its last new position.
+    Logits,
+    /// Only the greedy token (the first index of the largest logit).
+    Greedy,
+}
+
+/// One entry's result of [`Backend::step_select`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
+impl StepOutput {
+    /// `logits` as `want` asks: kept, or reduced to the greedy token.
+    pub fn of(logits: Vec<f32>, want: StepWant) -> Self {
+        match want {
+            StepWant::Logits => Self::Logits(logits),
+            StepWant::Greedy => Self::Token(crate::sampling::argmax(&logits)),
+        }
+    }
+}
+
+/// One want per entry, or a clear error.
+pub fn check_wants(batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<(), BackendError> {
+    if wants.len() != batch.len() {
+        return Err(BackendError::WantsMismatch { entries: batch.len(), wants: wants.len() });
+    }
+    Ok(())
 }
 
 /// Checks a batch against the registered sequences before anything runs,
@@ -198,6 +246,7 @@ impl Backend for ReferenceBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::argmax;
     use bitnet_models::synthetic::{self, Preset};
 
     #[test]
@@ -218,6 +267,28 @@ mod tests {
         assert_eq!(second[0], alone(&[4, 5, 6]));
         assert_eq!(second[1], alone(&[1, 2, 3, 7, 8]));
         assert_eq!(backend.sequence_len(1), Some(5));
+    }
+
+    #[test]
+    fn step_select_gives_logits_or_their_argmax() {
+        let model = Arc::new(synthetic::generate(Preset::Tiny, 9).unwrap());
+        let (mut plain, mut selecting) = (ReferenceBackend::new(model.clone()), ReferenceBackend::new(model));
+        for backend in [&mut plain, &mut selecting] {
+            backend.add_sequence(1, 8).unwrap();
+            backend.add_sequence(2, 8).unwrap();
+        }
+        let batch = [StepInput { seq: 1, tokens: &[3, 4] }, StepInput { seq: 2, tokens: &[9] }];
+        let logits = plain.step(&batch).unwrap();
+        let mixed = selecting.step_select(&batch, &[StepWant::Logits, StepWant::Greedy]).unwrap();
+        assert_eq!(mixed, vec![StepOutput::Logits(logits[0].clone()), StepOutput::Token(argmax(&logits[1]))]);
+        let next = [StepInput { seq: 1, tokens: &[5] }, StepInput { seq: 2, tokens: &[6] }];
+        let logits = plain.step(&next).unwrap();
+        let greedy = selecting.step_select(&next, &[StepWant::Greedy; 2]).unwrap();
+        assert_eq!(greedy, logits.iter().map(|l| StepOutput::Token(argmax(l))).collect::<Vec<_>>());
+        // A want per entry, or nothing runs.
+        let err = selecting.step_select(&[StepInput { seq: 1, tokens: &[5] }], &[]).unwrap_err();
+        assert!(matches!(err, BackendError::WantsMismatch { entries: 1, wants: 0 }), "{err}");
+        assert_eq!(selecting.sequence_len(1), Some(3));
     }
 
     #[test]

@@ -32,7 +32,9 @@ use bitnet_kernels::cuda::{FusedLayer, FusedLayers, FusedShape, FusedStep, FUSED
 use bitnet_kernels::cuda::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 
-use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
+use crate::backend::{
+    check_wants, validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput, StepOutput, StepWant,
+};
 use crate::error::InferenceError;
 
 /// How to build a [`CudaBackend`].
@@ -985,14 +987,42 @@ impl Backend for CudaBackend {
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         self.run(batch, false, |this, group| {
             let n_out = group.outputs.len();
-            let mut bytes = vec![0u8; n_out * vocab * 4];
-            this.gpu.read(this.ws.logits.range(0, bytes.len())?, &mut bytes)?;
+            let mut logits = vec![0f32; n_out * vocab];
+            this.gpu.read(this.ws.logits.range(0, n_out * vocab * 4)?, bytemuck::cast_slice_mut(&mut logits))?;
             this.read_flags()?;
             for (i, &(e, _)) in group.outputs.iter().enumerate() {
-                out[e] = bytes[i * vocab * 4..(i + 1) * vocab * 4]
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                out[e] = logits[i * vocab..(i + 1) * vocab].to_vec();
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The greedy step (the argmax on the device) for every entry, then the
+    /// logits of only the entries that want them, one copy each: a step of
+    /// greedy requests and prefill chunks reads back token ids alone.
+    fn step_select(&mut self, batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<Vec<StepOutput>, BackendError> {
+        check_wants(batch, wants)?;
+        let vocab = self.model.config.vocab_size;
+        let mut out: Vec<StepOutput> = vec![StepOutput::Token(0); batch.len()];
+        self.run(batch, true, |this, group| {
+            let n_out = group.outputs.len();
+            let mut bytes = vec![0u8; 4 + n_out * 4];
+            this.gpu.read(this.ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
+            check_flags([bytes[0], bytes[1], bytes[2], bytes[3]])?;
+            for (i, &(e, _)) in group.outputs.iter().enumerate() {
+                out[e] = match wants[e] {
+                    StepWant::Greedy => {
+                        let b = &bytes[4 + 4 * i..8 + 4 * i];
+                        StepOutput::Token(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    }
+                    StepWant::Logits => {
+                        let mut logits = vec![0f32; vocab];
+                        let row = this.ws.logits.range(i * vocab * 4, vocab * 4)?;
+                        this.gpu.read(row, bytemuck::cast_slice_mut(&mut logits))?;
+                        StepOutput::Logits(logits)
+                    }
+                };
             }
             Ok(())
         })?;

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use bitnet_device::{GpuInfo, Precision};
 use bitnet_models::BitNetConfig;
 
-use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
+use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput, StepOutput, StepWant};
 use crate::memory_plan::{gpu_memory_plan, GpuMemoryPlan};
 
 pub use decision::{
@@ -744,7 +744,8 @@ impl Engine {
         let outcomes = {
             let inputs: Vec<StepInput<'_>> =
                 prefill.iter().map(|seq| StepInput { seq: *seq, tokens: &self.sequences[seq].tokens }).collect();
-            run_each(self.cpu.as_mut(), &inputs)
+            // Only the KV cache is wanted: no logits.
+            run_each(self.cpu.as_mut(), &inputs, &vec![StepWant::Greedy; inputs.len()])
         };
         for (seq, outcome) in prefill.iter().zip(outcomes) {
             if let Err(err) = outcome {
@@ -771,10 +772,37 @@ impl Engine {
     /// fails alone; GPU failures move their sequences to the CPU, where the
     /// step's tokens then run.
     pub fn step(&mut self, batch: &[StepInput<'_>]) -> Vec<Result<Vec<f32>, BackendError>> {
+        let wants = vec![StepWant::Logits; batch.len()];
+        self.step_select(batch, &wants)
+            .into_iter()
+            .map(|outcome| match outcome? {
+                StepOutput::Logits(logits) => Ok(logits),
+                StepOutput::Token(_) => Err(BackendError::Device("a step asked for logits returned a token".into())),
+            })
+            .collect()
+    }
+
+    /// [`Engine::step`] in which each entry says what it needs back
+    /// ([`Backend::step_select`]): its logits, or only its greedy token,
+    /// which a GPU computes on the device without reading the logits back.
+    /// `wants` holds one want per entry (a missing want fails its entry).
+    pub fn step_select(
+        &mut self,
+        batch: &[StepInput<'_>],
+        wants: &[StepWant],
+    ) -> Vec<Result<StepOutput, BackendError>> {
         self.poll_health();
-        let mut results: Vec<Option<Result<Vec<f32>, BackendError>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<StepOutput, BackendError>>> = (0..batch.len()).map(|_| None).collect();
+        for (i, result) in results.iter_mut().enumerate() {
+            if i >= wants.len() {
+                *result = Some(Err(BackendError::WantsMismatch { entries: batch.len(), wants: wants.len() }));
+            }
+        }
         let mut seen = HashSet::with_capacity(batch.len());
         for (i, input) in batch.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
             if !seen.insert(input.seq) {
                 results[i] = Some(Err(BackendError::RepeatedInStep { seq: input.seq }));
                 continue;
@@ -806,9 +834,10 @@ impl Engine {
                 continue;
             }
             let inputs: Vec<StepInput<'_>> = indices.iter().map(|&i| batch[i]).collect();
+            let input_wants: Vec<StepWant> = indices.iter().map(|&i| wants[i]).collect();
             let started = Instant::now();
             let outcome = match self.gpu.as_mut().and_then(|g| g.slots.get_mut(&precision)) {
-                Some(slot) => guarded(|| slot.backend.step(&inputs)),
+                Some(slot) => guarded(|| slot.backend.step_select(&inputs, &input_wants)),
                 None => Err(BackendError::Device(format!("the {} GPU backend is gone", precision.name()))),
             };
             let outcome = match outcome {
@@ -851,7 +880,8 @@ impl Engine {
             .filter(|&i| pending(&results, i) && self.sequences[&batch[i].seq].location == Location::Cpu)
             .collect();
         let inputs: Vec<StepInput<'_>> = cpu_indices.iter().map(|&i| batch[i]).collect();
-        for (&i, outcome) in cpu_indices.iter().zip(run_each(self.cpu.as_mut(), &inputs)) {
+        let input_wants: Vec<StepWant> = cpu_indices.iter().map(|&i| wants[i]).collect();
+        for (&i, outcome) in cpu_indices.iter().zip(run_each(self.cpu.as_mut(), &inputs, &input_wants)) {
             results[i] = Some(outcome);
         }
         results
@@ -879,11 +909,15 @@ enum GpuAddError {
 
 /// Runs a batch on one backend; when the batch fails, retries each entry
 /// alone (on error nothing advanced), so a bad entry fails alone.
-fn run_each(backend: &mut dyn Backend, inputs: &[StepInput<'_>]) -> Vec<Result<Vec<f32>, BackendError>> {
+fn run_each(
+    backend: &mut dyn Backend,
+    inputs: &[StepInput<'_>],
+    wants: &[StepWant],
+) -> Vec<Result<StepOutput, BackendError>> {
     if inputs.is_empty() {
         return Vec::new();
     }
-    let outcome = match guarded(|| backend.step(inputs)) {
+    let outcome = match guarded(|| backend.step_select(inputs, wants)) {
         Ok(logits) if logits.len() == inputs.len() => return logits.into_iter().map(Ok).collect(),
         Ok(logits) => Err(BackendError::Device(format!(
             "the backend returned {} results for {} inputs",
@@ -894,7 +928,11 @@ fn run_each(backend: &mut dyn Backend, inputs: &[StepInput<'_>]) -> Vec<Result<V
     };
     match inputs {
         [_] => vec![outcome],
-        _ => inputs.iter().flat_map(|input| run_each(backend, std::slice::from_ref(input))).collect(),
+        _ => inputs
+            .iter()
+            .zip(wants)
+            .flat_map(|(input, want)| run_each(backend, std::slice::from_ref(input), std::slice::from_ref(want)))
+            .collect(),
     }
 }
 

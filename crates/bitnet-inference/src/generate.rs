@@ -61,10 +61,21 @@ pub fn generate(
         return Ok(GenerationOutput { tokens, stop_reason: StopReason::Length });
     }
     backend.add_sequence(GENERATE_SEQ, needed)?;
+    // A greedy generation takes each token from `step_greedy` (on a GPU the
+    // argmax runs on the device and only the token id is read back).
+    let greedy = sampler.config().is_greedy();
+    let mut next = |backend: &mut dyn Backend, tokens: &[u32]| -> Result<u32, BackendError> {
+        let input = [StepInput { seq: GENERATE_SEQ, tokens }];
+        if greedy {
+            let token = backend.step_greedy(&input)?.first().copied();
+            return token.ok_or_else(|| BackendError::Device("the backend returned no token".into()));
+        }
+        let logits = backend.step(&input)?.into_iter().next();
+        Ok(sampler.sample(&logits.ok_or_else(|| BackendError::Device("the backend returned no logits".into()))?))
+    };
     let result: Result<StopReason, BackendError> = (|| {
-        let mut logits = backend.step(&[StepInput { seq: GENERATE_SEQ, tokens: prompt }])?.remove(0);
+        let mut token = next(backend, prompt)?;
         loop {
-            let token = sampler.sample(&logits);
             tokens.push(token);
             on_token(token);
             if config.stop_tokens.contains(&token) {
@@ -73,7 +84,7 @@ pub fn generate(
             if tokens.len() == config.max_new_tokens {
                 return Ok(StopReason::Length);
             }
-            logits = backend.step(&[StepInput { seq: GENERATE_SEQ, tokens: &[token] }])?.remove(0);
+            token = next(backend, &[token])?;
         }
     })();
     backend.remove_sequence(GENERATE_SEQ);

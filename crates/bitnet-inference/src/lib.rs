@@ -29,7 +29,7 @@ mod reference;
 pub mod sampling;
 pub mod simulated_gpu;
 
-pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput};
+pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput, StepOutput, StepWant};
 #[cfg(feature = "cuda")]
 pub use bitnet_kernels::cuda::{kernel_compile_notice, kernel_source_status, DeviceHooks};
 pub use cpu::{CpuBackend, CpuBackendConfig, KvCachePrecision};
@@ -43,4 +43,4 @@ pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use int8_head::HeadPrecision;
 pub use reference::{KvCache, LogitsMode, ReferenceForward};
-pub use sampling::{argmax, Sampler, SamplingConfig};
+pub use sampling::{argmax, sample_each, Sampler, SamplingConfig};

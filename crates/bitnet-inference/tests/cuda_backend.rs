@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bitnet_device::Precision;
 use bitnet_inference::{
     argmax, Backend, BackendError, CpuBackend, CpuBackendConfig, CudaBackend, CudaBackendConfig, LogitsMode,
-    ReferenceForward, StepInput,
+    ReferenceForward, StepInput, StepOutput, StepWant,
 };
 use bitnet_models::synthetic::{self, Preset};
 use bitnet_models::BitNetModel;
@@ -212,6 +212,20 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
         }
         let logits = d.step(&batch).unwrap();
         assert_eq!(greedy, logits.iter().map(|l| argmax(l)).collect::<Vec<_>>(), "{precision:?}");
+        // Each entry as it asks (prefills taking only their greedy token):
+        // the same logits, bit for bit, and the same tokens.
+        let mut e = cuda(&model, precision, |_| {});
+        for (i, p) in ps.iter().enumerate() {
+            e.add_sequence(10 + i as u64, 64).unwrap();
+            let first = e.step_select(&[StepInput { seq: 10 + i as u64, tokens: p }], &[StepWant::Greedy]).unwrap();
+            assert!(matches!(first[..], [StepOutput::Token(_)]), "{precision:?}: {first:?}");
+        }
+        let wants: Vec<StepWant> =
+            (0..ps.len()).map(|i| if i % 3 == 0 { StepWant::Logits } else { StepWant::Greedy }).collect();
+        let selected = e.step_select(&batch, &wants).unwrap();
+        let expected: Vec<StepOutput> =
+            logits.iter().zip(&wants).map(|(l, &want)| StepOutput::of(l.clone(), want)).collect();
+        assert!(selected == expected, "{precision:?}: step_select differs from step");
     }
 }
 

@@ -94,9 +94,17 @@ fn run_all(
             .collect();
         let batch: Vec<StepInput<'_>> =
             requests.iter().zip(&feeds).map(|((seq, _), tokens)| StepInput { seq: *seq, tokens }).collect();
-        let results = engine.step(&batch);
-        for (out, logits) in generated.iter_mut().zip(results) {
-            out.push(argmax(&logits.expect("no request may fail")));
+        // Every other request asks for its greedy token instead of its
+        // logits, so both answers go through every scenario.
+        let step_wants: Vec<StepWant> =
+            requests.iter().map(|(seq, _)| if seq % 2 == 0 { StepWant::Greedy } else { StepWant::Logits }).collect();
+        let results = engine.step_select(&batch, &step_wants);
+        for ((out, output), want) in generated.iter_mut().zip(results).zip(&step_wants) {
+            out.push(match (output.expect("no request may fail"), want) {
+                (StepOutput::Token(token), StepWant::Greedy) => token,
+                (StepOutput::Logits(logits), StepWant::Logits) => argmax(&logits),
+                (other, want) => panic!("asked for {want:?}, got {other:?}"),
+            });
         }
         between(engine, step);
     }
@@ -475,4 +483,44 @@ fn bad_entries_fail_alone_and_bad_preferences_are_errors() {
         ),
         Err(EngineError::Config(_))
     ));
+}
+
+#[test]
+fn step_select_answers_each_entry_as_asked_on_either_device() {
+    // Two engines fed the same steps: one asked for logits everywhere, the
+    // other for a mix; tokens must be the logits' argmax, logits identical.
+    let requests: Vec<(SeqId, RequestPreferences)> = vec![
+        (1, gpu_mixed()),
+        (2, gpu_mixed()),
+        (3, RequestPreferences::default()),
+        (4, RequestPreferences::default()),
+    ];
+    let (mut all_logits, _) = simulated_engine(FaultPlan::default());
+    let (mut mixed, _) = simulated_engine(FaultPlan::default());
+    for engine in [&mut all_logits, &mut mixed] {
+        for (seq, prefs) in &requests {
+            engine.add_sequence(*seq, 16, prefs).unwrap();
+        }
+    }
+    let step_wants = [StepWant::Greedy, StepWant::Logits, StepWant::Greedy, StepWant::Logits];
+    let prompts: Vec<Vec<u32>> = requests.iter().map(|(seq, _)| prompt(*seq)).collect();
+    let batch: Vec<StepInput<'_>> =
+        requests.iter().zip(&prompts).map(|((seq, _), tokens)| StepInput { seq: *seq, tokens }).collect();
+    let logits = all_logits.step(&batch);
+    let selected = mixed.step_select(&batch, &step_wants);
+    for ((logits, selected), want) in logits.into_iter().zip(selected).zip(step_wants) {
+        let logits = logits.unwrap();
+        match (selected.unwrap(), want) {
+            (StepOutput::Token(token), StepWant::Greedy) => assert_eq!(token, argmax(&logits)),
+            (StepOutput::Logits(got), StepWant::Logits) => assert_eq!(got, logits),
+            (other, want) => panic!("asked for {want:?}, got {other:?}"),
+        }
+    }
+    // One want short: that entry fails alone, and it did not advance.
+    let tokens = [5u32];
+    let batch = [StepInput { seq: 1, tokens: &tokens }, StepInput { seq: 3, tokens: &tokens }];
+    let results = mixed.step_select(&batch, &[StepWant::Greedy]);
+    assert!(matches!(results[0], Ok(StepOutput::Token(_))), "{:?}", results[0]);
+    assert!(matches!(results[1], Err(BackendError::WantsMismatch { entries: 2, wants: 1 })), "{:?}", results[1]);
+    assert_eq!(mixed.sequence_len(3), Some(prompts[2].len()));
 }
