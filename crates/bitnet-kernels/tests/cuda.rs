@@ -158,6 +158,26 @@ fn cpu_dots(codes: &[u8], rows: usize, k: usize, q: &[i8], n: usize) -> Vec<i32>
     out
 }
 
+/// Reads below, at and past the page-locked threshold, one longer than the
+/// page-locked buffer (copied in pieces) and sub-ranges at odd offsets come
+/// back byte for byte; a smaller read after the large one reuses the buffer.
+#[test]
+fn reads_through_the_page_locked_buffer_return_every_byte() {
+    let Some(g) = gpu() else { return };
+    let len = bitnet_kernels::cuda::PINNED_MAX_BYTES + 3 * bitnet_kernels::cuda::PINNED_MIN_BYTES + 13;
+    let mut rng = Rng(41);
+    let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    let buf = g.upload("pattern", &data).unwrap();
+    let min = bitnet_kernels::cuda::PINNED_MIN_BYTES;
+    for (offset, n) in
+        [(0, min - 1), (0, min), (7, min + 5), (0, len), (5, len - 5), (len - min - 1, min + 1), (3, 200_000)]
+    {
+        let mut out = vec![0u8; n];
+        g.read(buf.range(offset, n).unwrap(), &mut out).unwrap();
+        assert!(out == data[offset..offset + n], "read of {n} bytes at {offset} differs");
+    }
+}
+
 #[test]
 fn ternary_store_and_add_are_exact() {
     let Some(g) = gpu() else { return };
