@@ -34,6 +34,15 @@ pub struct LoadtestArgs {
     stream: bool,
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// top_p of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// top_k of every request (the server's extension; 0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u64,
     #[arg(long, default_value = "The quick brown fox")]
     prompt: String,
     /// Model id to ask for; the server's first model when omitted.
@@ -173,7 +182,8 @@ async fn drive(args: &LoadtestArgs, base: &str) -> anyhow::Result<Value> {
         }
     };
     let body = Arc::new(json!({
-        "model": model, "prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0,
+        "model": model, "prompt": args.prompt, "max_tokens": args.max_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
         "stream": args.stream, "stream_options": if args.stream { json!({ "include_usage": true }) } else { Value::Null },
     }));
     let url = Arc::new(format!("{base}/v1/completions"));
@@ -308,6 +318,7 @@ fn summarize(args: &LoadtestArgs, samples: &[Sample], wall: f64) -> Value {
         "concurrency": args.concurrency,
         "stream": args.stream,
         "max_tokens": args.max_tokens,
+        "sampling": { "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k },
         "succeeded": ok.len(),
         "failed": failed.len(),
         "rejected_429": samples.iter().filter(|s| s.rejected).count(),
@@ -325,8 +336,8 @@ fn summarize(args: &LoadtestArgs, samples: &[Sample], wall: f64) -> Value {
 
 fn print_table(report: &Value) {
     println!(
-        "requests {} (concurrency {}, stream {}, max_tokens {})",
-        report["requests"], report["concurrency"], report["stream"], report["max_tokens"]
+        "requests {} (concurrency {}, stream {}, max_tokens {}, sampling {})",
+        report["requests"], report["concurrency"], report["stream"], report["max_tokens"], report["sampling"]
     );
     println!(
         "succeeded {}  failed {}  rejected (429) {}",
