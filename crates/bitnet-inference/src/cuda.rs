@@ -987,11 +987,10 @@ impl Backend for CudaBackend {
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         self.run(batch, false, |this, group| {
             let n_out = group.outputs.len();
-            let mut logits = vec![0f32; n_out * vocab];
-            this.gpu.read(this.ws.logits.range(0, n_out * vocab * 4)?, bytemuck::cast_slice_mut(&mut logits))?;
+            let rows = this.gpu.read_rows_f32(this.ws.logits.range(0, n_out * vocab * 4)?, vocab, n_out)?;
             this.read_flags()?;
-            for (i, &(e, _)) in group.outputs.iter().enumerate() {
-                out[e] = logits[i * vocab..(i + 1) * vocab].to_vec();
+            for (&(e, _), row) in group.outputs.iter().zip(rows) {
+                out[e] = row;
             }
             Ok(())
         })?;
@@ -1011,18 +1010,17 @@ impl Backend for CudaBackend {
             this.gpu.read(this.ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
             check_flags([bytes[0], bytes[1], bytes[2], bytes[3]])?;
             for (i, &(e, _)) in group.outputs.iter().enumerate() {
-                out[e] = match wants[e] {
-                    StepWant::Greedy => {
-                        let b = &bytes[4 + 4 * i..8 + 4 * i];
-                        StepOutput::Token(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    }
-                    StepWant::Logits => {
-                        let mut logits = vec![0f32; vocab];
-                        let row = this.ws.logits.range(i * vocab * 4, vocab * 4)?;
-                        this.gpu.read(row, bytemuck::cast_slice_mut(&mut logits))?;
-                        StepOutput::Logits(logits)
-                    }
-                };
+                let b = &bytes[4 + 4 * i..8 + 4 * i];
+                out[e] = StepOutput::Token(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+            // The rows that sample, one read per run of consecutive rows.
+            let wanted: Vec<usize> = (0..n_out).filter(|&i| wants[group.outputs[i].0] == StepWant::Logits).collect();
+            for run in wanted.chunk_by(|a, b| a + 1 == *b) {
+                let (first, n) = (run[0], run.len());
+                let rows = this.gpu.read_rows_f32(this.ws.logits.range(first * vocab * 4, n * vocab * 4)?, vocab, n)?;
+                for (&i, row) in run.iter().zip(rows) {
+                    out[group.outputs[i].0] = StepOutput::Logits(row);
+                }
             }
             Ok(())
         })?;

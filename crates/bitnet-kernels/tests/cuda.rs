@@ -160,7 +160,8 @@ fn cpu_dots(codes: &[u8], rows: usize, k: usize, q: &[i8], n: usize) -> Vec<i32>
 
 /// Reads below, at and past the page-locked threshold, one longer than the
 /// page-locked buffer (copied in pieces) and sub-ranges at odd offsets come
-/// back byte for byte; a smaller read after the large one reuses the buffer.
+/// back byte for byte; a smaller read after the large one reuses the buffer;
+/// rows of f32 come back row by row, also across pieces.
 #[test]
 fn reads_through_the_page_locked_buffer_return_every_byte() {
     let Some(g) = gpu() else { return };
@@ -175,6 +176,17 @@ fn reads_through_the_page_locked_buffer_return_every_byte() {
         let mut out = vec![0u8; n];
         g.read(buf.range(offset, n).unwrap(), &mut out).unwrap();
         assert!(out == data[offset..offset + n], "read of {n} bytes at {offset} differs");
+    }
+    // Rows of logits: 70 rows of 128256 floats span more than the buffer
+    // (pieces of whole rows); 3 rows of 10 go the pageable way.
+    for (rows, row_len) in [(70usize, 128_256usize), (3, 10), (1, 128_256)] {
+        let values: Vec<f32> = (0..rows * row_len).map(|_| rng.f32(-100.0, 100.0)).collect();
+        let buf = up_f32(&g, &values);
+        let got = g.read_rows_f32(buf.range(0, rows * row_len * 4).unwrap(), row_len, rows).unwrap();
+        assert_eq!(got.len(), rows);
+        for (r, row) in got.iter().enumerate() {
+            assert!(row[..] == values[r * row_len..(r + 1) * row_len], "row {r} of {rows} x {row_len}");
+        }
     }
 }
 

@@ -23,10 +23,23 @@ use std::fmt;
 use std::sync::Arc;
 
 use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
+use rayon::prelude::*;
 
 pub use fused::{FusedLayer, FusedLayers, FusedShape, FusedStep, FusedTrace, FUSED_ROWS};
 pub use ops::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
 pub use pinned::{PINNED_MAX_BYTES, PINNED_MIN_BYTES};
+
+/// Little-endian f32 values of `row` (a multiple of 4 bytes): one copy
+/// where the bytes are 4-aligned, as page-locked rows are.
+fn row_to_f32(row: &[u8]) -> Vec<f32> {
+    match bytemuck::try_cast_slice::<u8, f32>(row) {
+        Ok(values) if cfg!(target_endian = "little") => values.to_vec(),
+        _ => row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+    }
+}
+
+/// Bytes per task when the rayon pool copies a page-locked piece out.
+const COPY_OUT_CHUNK: usize = 1 << 20;
 pub use ptx::PtxOrigin;
 
 /// Every kernel of the module; a missing one is a load error.
@@ -997,7 +1010,15 @@ impl GpuContext {
         let ptr = src.need("device-to-host copy", out.len())?;
         self.hook_launch("cuMemcpyDtoHAsync")?;
         if self.pinned_on && out.len() >= PINNED_MIN_BYTES {
-            if let Some(result) = self.read_pinned(ptr, out) {
+            let total = out.len();
+            let copied = self.read_pinned(ptr, total, 1, |offset, staged| {
+                // Large pieces are copied out by the rayon pool.
+                out[offset..offset + staged.len()]
+                    .par_chunks_mut(COPY_OUT_CHUNK)
+                    .zip(staged.par_chunks(COPY_OUT_CHUNK))
+                    .for_each(|(dst, src)| dst.copy_from_slice(src));
+            });
+            if let Some(result) = copied {
                 return result;
             }
         }
@@ -1010,34 +1031,73 @@ impl GpuContext {
         self.synchronize()
     }
 
-    /// [`Self::read`] through the page-locked buffer, grown to the read (up
-    /// to [`PINNED_MAX_BYTES`], longer reads in pieces); `None` when no
-    /// page-locked memory could be allocated. `src` holds `out.len()` bytes.
-    fn read_pinned(&self, src: sys::CUdeviceptr, out: &mut [u8]) -> Option<Result<(), CudaError>> {
+    /// `rows` rows of `row_len` f32 values starting at `src`, one vector a
+    /// row, waiting for all earlier work on the stream: through the
+    /// page-locked buffer in pieces of whole rows, each piece's rows copied
+    /// out by the rayon pool (reading logits row by row through pageable
+    /// memory cost about 0.1 ms a 513 KB row on the H200 host).
+    pub fn read_rows_f32(&self, src: DevRange, row_len: usize, rows: usize) -> Result<Vec<Vec<f32>>, CudaError> {
+        let row_bytes = ops::bytes("rows read", &[row_len, 4])?;
+        let total = ops::bytes("rows read", &[rows, row_len, 4])?;
+        if self.pinned_on && total >= PINNED_MIN_BYTES && row_bytes <= PINNED_MAX_BYTES {
+            self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+            let ptr = src.need("device-to-host copy", total)?;
+            self.hook_launch("cuMemcpyDtoHAsync")?;
+            let mut out: Vec<Vec<f32>> = Vec::with_capacity(rows);
+            let copied = self.read_pinned(ptr, total, row_bytes, |_, staged| {
+                let piece: Vec<Vec<f32>> = staged.par_chunks(row_bytes).map(row_to_f32).collect();
+                out.extend(piece);
+            });
+            if let Some(result) = copied {
+                return result.map(|()| out);
+            }
+        }
+        let mut all = vec![0u8; total];
+        self.read(src, &mut all)?;
+        Ok(all.chunks_exact(row_bytes.max(1)).take(rows).map(row_to_f32).collect())
+    }
+
+    /// Copies `total` bytes at `src` (which holds them) through the
+    /// page-locked buffer, grown to the read (up to [`PINNED_MAX_BYTES`],
+    /// rounded down to a multiple of `align`), in pieces of that size, each
+    /// handed to `sink` with its offset once it has arrived. `None` when no
+    /// page-locked memory could be allocated (nothing was copied then).
+    fn read_pinned(
+        &self,
+        src: sys::CUdeviceptr,
+        total: usize,
+        align: usize,
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> Option<Result<(), CudaError>> {
+        let align = align.max(1);
         let mut slot = self.pinned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let want = out.len().min(PINNED_MAX_BYTES);
+        let want = total.min(PINNED_MAX_BYTES / align * align);
+        if want == 0 {
+            return None;
+        }
         if slot.as_ref().is_none_or(|buffer| buffer.len() < want) {
             // Free the smaller buffer before taking the larger one.
             *slot = None;
             *slot = Some(pinned::PinnedBuffer::new(&self.ctx, want).ok()?);
         }
         let buffer = slot.as_mut()?;
-        let piece_len = buffer.len();
-        for (k, piece) in out.chunks_mut(piece_len).enumerate() {
-            let staged = buffer.bytes_mut(piece.len());
-            // SAFETY: `src` holds `out.len()` bytes (checked by the caller),
-            // so the piece at `k * piece_len` of `piece.len()` bytes lies
-            // inside it; `staged` is page-locked host memory of that length,
-            // borrowed mutably here and read only after the stream is
-            // synchronised below.
-            let copied =
-                unsafe { cu::memcpy_dtoh_async(staged, src + (k * piece_len) as u64, self.stream.cu_stream()) }
-                    .map_err(driver("cuMemcpyDtoHAsync"))
-                    .and_then(|()| self.synchronize());
+        let piece_len = buffer.len().min(PINNED_MAX_BYTES) / align * align;
+        let mut offset = 0;
+        while offset < total {
+            let n = piece_len.min(total - offset);
+            let staged = buffer.bytes_mut(n);
+            // SAFETY: `src` holds `total` bytes (checked by the caller), so
+            // the `n` bytes at `offset` lie inside it; `staged` is page-locked
+            // host memory of `n` bytes, borrowed mutably here and read only
+            // after the stream is synchronised below.
+            let copied = unsafe { cu::memcpy_dtoh_async(staged, src + offset as u64, self.stream.cu_stream()) }
+                .map_err(driver("cuMemcpyDtoHAsync"))
+                .and_then(|()| self.synchronize());
             if let Err(err) = copied {
                 return Some(Err(err));
             }
-            piece.copy_from_slice(buffer.bytes_mut(piece.len()));
+            sink(offset, buffer.bytes_mut(n));
+            offset += n;
         }
         Some(Ok(()))
     }
