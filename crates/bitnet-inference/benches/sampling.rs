@@ -12,6 +12,7 @@
 
 use std::hint::black_box;
 
+use bitnet_inference::sampling::kept_by_full_sort;
 use bitnet_inference::{argmax, Sampler, SamplingConfig};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
@@ -37,32 +38,10 @@ fn logits(peaked: bool) -> Vec<f32> {
     out
 }
 
-/// The sampler before session 24: every finite logit scaled and sorted.
+/// The sampler before session 24: every finite logit scaled and sorted
+/// ([`kept_by_full_sort`]), then the draw.
 fn full_sort(config: &SamplingConfig, logits: &[f32], rng: &mut ChaCha8Rng) -> u32 {
-    let t = f64::from(config.temperature);
-    let mut items: Vec<(u32, f64)> =
-        logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, f64::from(v) / t)).collect();
-    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if config.top_k > 0 {
-        items.truncate(config.top_k);
-    }
-    let max = items[0].1;
-    for item in items.iter_mut() {
-        item.1 = (item.1 - max).exp();
-    }
-    if config.top_p < 1.0 {
-        let total: f64 = items.iter().map(|(_, p)| p).sum();
-        let mut cumulative = 0.0;
-        let mut keep = items.len();
-        for (i, (_, p)) in items.iter().enumerate() {
-            cumulative += p / total;
-            if cumulative >= f64::from(config.top_p) {
-                keep = i + 1;
-                break;
-            }
-        }
-        items.truncate(keep);
-    }
+    let items = kept_by_full_sort(config, logits);
     let total: f64 = items.iter().map(|(_, p)| p).sum();
     let mut r = rng.random::<f64>() * total;
     for &(token, p) in &items {

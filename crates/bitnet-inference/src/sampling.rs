@@ -332,6 +332,43 @@ fn chunk_masses(logits: &[f32], probability: &(impl Fn(f32) -> f64 + Sync)) -> V
     }
 }
 
+/// The definition, written plainly: every finite logit scaled by the
+/// temperature and sorted (larger first, then smaller token), cut to
+/// top-k, turned into `exp(z - max)`, cut to the smallest prefix whose
+/// share reaches top-p. (The sampler before session 24, which sorted the
+/// whole vocabulary for every token.) The tests compare [`Sampler`] with
+/// it and the `sampling` benchmark times it as the baseline; it costs a
+/// sort of the whole vocabulary, so nothing else should call it.
+pub fn kept_by_full_sort(config: &SamplingConfig, logits: &[f32]) -> Vec<(u32, f64)> {
+    let t = f64::from(config.temperature);
+    let mut items: Vec<(u32, f64)> =
+        logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, f64::from(v) / t)).collect();
+    items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if config.top_k > 0 {
+        items.truncate(config.top_k);
+    }
+    let Some(&(_, max)) = items.first() else {
+        return items;
+    };
+    for item in items.iter_mut() {
+        item.1 = (item.1 - max).exp();
+    }
+    if config.top_p < 1.0 {
+        let total: f64 = items.iter().map(|(_, p)| p).sum();
+        let mut cumulative = 0.0;
+        let mut keep = items.len();
+        for (i, (_, p)) in items.iter().enumerate() {
+            cumulative += p / total;
+            if cumulative >= f64::from(config.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        items.truncate(keep);
+    }
+    items
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,45 +419,6 @@ mod tests {
         assert_ne!(run(1), run(2));
     }
 
-    /// The definition, written plainly: every finite logit scaled by the
-    /// temperature and sorted (larger first, then smaller token), cut to
-    /// top-k, turned into `exp(z - max)`, cut to the smallest prefix whose
-    /// share reaches top-p. (The sampler before session 24, which sorted the
-    /// whole vocabulary for every token.)
-    fn naive_kept(config: &SamplingConfig, logits: &[f32]) -> Vec<(u32, f64)> {
-        let t = f64::from(config.temperature);
-        let mut items: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(i, &v)| (i as u32, f64::from(v) / t))
-            .collect();
-        items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if config.top_k > 0 {
-            items.truncate(config.top_k);
-        }
-        let Some(&(_, max)) = items.first() else {
-            return items;
-        };
-        for item in items.iter_mut() {
-            item.1 = (item.1 - max).exp();
-        }
-        if config.top_p < 1.0 {
-            let total: f64 = items.iter().map(|(_, p)| p).sum();
-            let mut cumulative = 0.0;
-            let mut keep = items.len();
-            for (i, (_, p)) in items.iter().enumerate() {
-                cumulative += p / total;
-                if cumulative >= f64::from(config.top_p) {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            items.truncate(keep);
-        }
-        items
-    }
-
     fn kept(config: &SamplingConfig, logits: &[f32]) -> Vec<(u32, f64)> {
         let s = Sampler::new(config.clone()).unwrap();
         s.kept_candidates(logits).iter().map(|c| (c.token, c.p)).collect()
@@ -453,10 +451,10 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let config = SamplingConfig { temperature, top_k, top_p, seed };
-            prop_assert_eq!(kept(&config, &logits), naive_kept(&config, &logits));
+            prop_assert_eq!(kept(&config, &logits), kept_by_full_sort(&config, &logits));
             let mut fast = Sampler::new(config.clone()).unwrap();
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let reference = naive_kept(&config, &logits);
+            let reference = kept_by_full_sort(&config, &logits);
             for _ in 0..4 {
                 let total: f64 = reference.iter().map(|(_, p)| p).sum();
                 let mut r = rng.random::<f64>() * total;
@@ -484,7 +482,7 @@ mod tests {
         ) {
             let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 0 };
             let mut fast = kept(&config, &logits);
-            let mut reference = naive_kept(&config, &logits);
+            let mut reference = kept_by_full_sort(&config, &logits);
             if top_p >= 1.0 {
                 fast.sort_by_key(|&(t, _)| t);
                 reference.sort_by_key(|&(t, _)| t);
@@ -542,7 +540,7 @@ mod tests {
             let config = SamplingConfig { temperature, top_k: 0, top_p: 1.0, seed: 99 };
             let mut fast = Sampler::new(config.clone()).unwrap();
             let mut stream = ChaCha8Rng::seed_from_u64(99);
-            let mut kept = naive_kept(&config, &logits);
+            let mut kept = kept_by_full_sort(&config, &logits);
             let total: f64 = kept.iter().map(|(_, p)| p).sum();
             kept.sort_by_key(|&(t, _)| t);
             let mut differ = 0;
@@ -592,7 +590,7 @@ mod tests {
         let fast = kept(&config, &logits);
         assert!(fast.len() > 4 * NUCLEUS_FIRST_TAKE, "nucleus of {}", fast.len());
         let fast_tokens: Vec<u32> = fast.iter().map(|&(t, _)| t).collect();
-        let reference: Vec<u32> = naive_kept(&config, &logits).iter().map(|&(t, _)| t).collect();
+        let reference: Vec<u32> = kept_by_full_sort(&config, &logits).iter().map(|&(t, _)| t).collect();
         assert_eq!(fast_tokens, reference);
     }
 

@@ -291,8 +291,13 @@ impl Scheduler {
         drop(inputs);
         let drawn = self.draw_all(&plan, &results);
         let moved = self.publish_engine_events();
-        for (((idx, work), result), drawn) in plan.into_iter().zip(results).zip(drawn) {
+        for ((((idx, work), result), drawn), want) in plan.into_iter().zip(results).zip(drawn).zip(wants) {
             let output = match result {
+                // A sampled request must never continue on a greedy token.
+                Ok(StepOutput::Token(_)) if want == StepWant::Logits => {
+                    self.fail(idx, format!("step {batch_id} returned a token where logits were asked for"));
+                    continue;
+                }
                 Ok(output) => output,
                 Err(reason) => {
                     self.fail(idx, format!("sequence failed in step {batch_id}: {reason}"));
