@@ -3236,3 +3236,270 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
         counter[e] = 0;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Sampling on the device: one CTA of SAMPLE_THREADS threads per row draws the
+// token SampleDraw::apply (crates/bitnet-inference/src/sampling.rs) would
+// from the same logits and the same uniform number u: every finite logit v
+// weighs exp(v / T - max / T) (f64), top-k keeps the k largest (ties to the
+// smaller token), top-p the smallest prefix of those, sorted, whose share of
+// their sum reaches p, and the draw walks the kept tokens until u of their
+// mass is passed. Only the exp differs from the host's (CUDA's f64 exp is
+// within 1 ulp), so the two can differ only where u falls within rounding of
+// a boundary. Rows whose temperature is not above 0 are left alone (their
+// token is the argmax already written). The host only sends rows with top_k
+// in 1..=SAMPLE_MAX_K, or top_k 0 with top_p >= 1 (temperature alone).
+
+#define SAMPLE_THREADS 1024
+#define SAMPLE_MAX_K 1024
+
+struct SampleParams {
+    float temperature;
+    int top_k;
+    float top_p;
+    int pad;
+    double u;
+};
+
+// Order-preserving key of a finite float: larger float, larger key (-0.0
+// below +0.0, as f32::total_cmp orders them).
+__device__ __forceinline__ unsigned sample_key(float v) {
+    unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float sample_key_value(unsigned key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+__device__ __forceinline__ bool sample_finite(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
+
+__device__ __forceinline__ double sample_weight(float v, double t, double zmax) {
+    double z = (double)v / t - zmax;
+    return z < -746.0 ? 0.0 : exp(z);
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* logits, int vocab,
+                                                                          const SampleParams* params, int* tokens) {
+    __shared__ float red_f[SAMPLE_THREADS / 32];
+    __shared__ int red_i[SAMPLE_THREADS / 32];
+    __shared__ double part[SAMPLE_THREADS];
+    __shared__ unsigned hist[256];
+    __shared__ int tie_base[SAMPLE_THREADS];
+    __shared__ unsigned cand_key[SAMPLE_MAX_K];
+    __shared__ int cand_tok[SAMPLE_MAX_K];
+    __shared__ unsigned prefix, mask;
+    __shared__ int remaining, n_cand;
+    pdl_begin();
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const SampleParams P = params[row];
+    // Greedy rows, and top-p alone (which the host keeps), stay as they are.
+    if (!(P.temperature > 0.f) || (P.top_k <= 0 && P.top_p < 1.f)) return;
+    const float* x = logits + (size_t)row * vocab;
+    // Each thread owns one contiguous range of tokens (the walks below go
+    // through them in token order).
+    const int per = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int lo = min(vocab, tid * per), hi = min(vocab, lo + per);
+    // The largest finite logit and the number of finite logits.
+    float m = -__int_as_float(0x7f800000);
+    int finite = 0;
+    for (int i = lo; i < hi; i++) {
+        float v = x[i];
+        if (sample_finite(v)) {
+            m = fmaxf(m, v);
+            finite++;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        finite += __shfl_xor_sync(0xffffffffu, finite, o);
+    }
+    if (lane == 0) {
+        red_f[warp] = m;
+        red_i[warp] = finite;
+    }
+    __syncthreads();
+    m = red_f[0];
+    finite = red_i[0];
+    for (int w = 1; w < SAMPLE_THREADS / 32; w++) {
+        m = fmaxf(m, red_f[w]);
+        finite += red_i[w];
+    }
+    if (finite == 0) return;  // the argmax stands, as on the host
+    const double t = (double)P.temperature, zmax = (double)m / t;
+
+    if (P.top_k <= 0) {
+        // Temperature alone: every finite logit, in token order.
+        double s = 0.0;
+        for (int i = lo; i < hi; i++) {
+            float v = x[i];
+            if (sample_finite(v)) s += sample_weight(v, t, zmax);
+        }
+        part[tid] = s;
+        __syncthreads();
+        if (tid == 0) {
+            double total = 0.0;
+            for (int k = 0; k < SAMPLE_THREADS; k++) total += part[k];
+            double r = P.u * total;
+            int token = -1, last = -1;
+            for (int k = 0; k < SAMPLE_THREADS && token < 0; k++) {
+                if (r >= part[k]) {
+                    r -= part[k];
+                    continue;
+                }
+                int a = min(vocab, k * per), b = min(vocab, a + per);
+                for (int i = a; i < b; i++) {
+                    float v = x[i];
+                    if (!sample_finite(v)) continue;
+                    double p = sample_weight(v, t, zmax);
+                    last = i;
+                    if (r < p) {
+                        token = i;
+                        break;
+                    }
+                    r -= p;
+                }
+                if (token < 0 && last >= 0) token = last;  // rounding: the range's last token
+            }
+            if (token < 0) {  // rounding past the end: the last finite token
+                for (int i = vocab - 1; i >= 0; i--)
+                    if (sample_finite(x[i])) {
+                        token = i;
+                        break;
+                    }
+            }
+            tokens[row] = token;
+        }
+        return;
+    }
+
+    // Top-k: the key of the k-th largest finite logit, 8 bits at a time.
+    const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
+    if (tid == 0) {
+        prefix = 0;
+        mask = 0;
+        remaining = k;
+        n_cand = 0;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += SAMPLE_THREADS) hist[b] = 0;
+        __syncthreads();
+        const unsigned pf = prefix, mk = mask;
+        for (int i = lo; i < hi; i++) {
+            float v = x[i];
+            if (!sample_finite(v)) continue;
+            unsigned key = sample_key(v);
+            if ((key & mk) == pf) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int need = remaining;
+            int digit = 0;
+            for (int b = 255; b >= 0; b--) {
+                if ((int)hist[b] >= need) {
+                    digit = b;
+                    break;
+                }
+                need -= (int)hist[b];
+            }
+            remaining = need;
+            prefix = pf | ((unsigned)digit << shift);
+            mask = mk | (255u << shift);
+        }
+        __syncthreads();
+    }
+    const unsigned kth = prefix;
+    const int ties_needed = remaining;  // of the logits whose key is kth, the first ones by token
+    // Ties per thread's range, then their running count in token order.
+    int ties = 0;
+    for (int i = lo; i < hi; i++) {
+        float v = x[i];
+        if (sample_finite(v) && sample_key(v) == kth) ties++;
+    }
+    tie_base[tid] = ties;
+    __syncthreads();
+    if (tid == 0) {
+        int run = 0;
+        for (int q = 0; q < SAMPLE_THREADS; q++) {
+            int c = tie_base[q];
+            tie_base[q] = run;
+            run += c;
+        }
+    }
+    __syncthreads();
+    int seen = tie_base[tid];
+    for (int i = lo; i < hi; i++) {
+        float v = x[i];
+        if (!sample_finite(v)) continue;
+        unsigned key = sample_key(v);
+        bool take = key > kth;
+        if (key == kth) {
+            take = seen < ties_needed;
+            seen++;
+        }
+        if (take) {
+            int slot = atomicAdd(&n_cand, 1);
+            cand_key[slot] = key;
+            cand_tok[slot] = i;
+        }
+    }
+    __syncthreads();
+    // Sort the k candidates, most likely first (larger key, then smaller
+    // token): a bitonic sort over the next power of two, padded.
+    int n = 1;
+    while (n < k) n <<= 1;
+    for (int i = k + tid; i < n; i += SAMPLE_THREADS) {
+        cand_key[i] = 0u;
+        cand_tok[i] = 0x7fffffff;
+    }
+    __syncthreads();
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < n; i += SAMPLE_THREADS) {
+                int j = i ^ stride;
+                if (j > i) {
+                    // "a before b": a is more likely.
+                    unsigned ka = cand_key[i], kb = cand_key[j];
+                    int ta = cand_tok[i], tb = cand_tok[j];
+                    bool i_first = ka > kb || (ka == kb && ta < tb);
+                    bool descending = (i & size) == 0;
+                    if (descending != i_first) {
+                        cand_key[i] = kb;
+                        cand_key[j] = ka;
+                        cand_tok[i] = tb;
+                        cand_tok[j] = ta;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (tid == 0) {
+        double total = 0.0;
+        for (int q = 0; q < k; q++) total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        int keep = k;
+        if (P.top_p < 1.f) {
+            double cumulative = 0.0, top_p = (double)P.top_p;
+            for (int q = 0; q < k; q++) {
+                cumulative += sample_weight(sample_key_value(cand_key[q]), t, zmax) / total;
+                if (cumulative >= top_p) {
+                    keep = q + 1;
+                    break;
+                }
+            }
+        }
+        double kept_total = 0.0;
+        for (int q = 0; q < keep; q++) kept_total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        double r = P.u * kept_total;
+        int token = cand_tok[keep - 1];
+        for (int q = 0; q < keep; q++) {
+            double p = sample_weight(sample_key_value(cand_key[q]), t, zmax);
+            if (r < p) {
+                token = cand_tok[q];
+                break;
+            }
+            r -= p;
+        }
+        tokens[row] = token;
+    }
+}

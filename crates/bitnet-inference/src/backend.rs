@@ -16,6 +16,7 @@ use bitnet_models::{BitNetConfig, BitNetModel};
 
 use crate::error::InferenceError;
 use crate::reference::{KvCache, LogitsMode, ReferenceForward};
+use crate::sampling::SampleDraw;
 
 /// Caller-chosen identifier of a sequence within one backend.
 pub type SeqId = u64;
@@ -101,17 +102,27 @@ pub trait Backend: Send {
         if wants.iter().all(|&w| w == StepWant::Greedy) {
             return Ok(self.step_greedy(batch)?.into_iter().map(StepOutput::Token).collect());
         }
-        Ok(self.step(batch)?.into_iter().zip(wants).map(|(logits, &want)| StepOutput::of(logits, want)).collect())
+        // Sampled entries draw on the rayon pool (a draw scans the vocabulary).
+        use rayon::prelude::*;
+        Ok(self
+            .step(batch)?
+            .into_par_iter()
+            .zip(wants.par_iter())
+            .map(|(logits, &want)| StepOutput::of(logits, want))
+            .collect())
     }
 }
 
 /// What one entry of [`Backend::step_select`] needs back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum StepWant {
     /// The logits of its last new position.
     Logits,
     /// Only the greedy token (the first index of the largest logit).
     Greedy,
+    /// Only the token this draw picks from the logits
+    /// ([`SampleDraw::apply`]; a GPU backend may draw it on the device).
+    Sample(SampleDraw),
 }
 
 /// One entry's result of [`Backend::step_select`].
@@ -127,6 +138,7 @@ impl StepOutput {
         match want {
             StepWant::Logits => Self::Logits(logits),
             StepWant::Greedy => Self::Token(crate::sampling::argmax(&logits)),
+            StepWant::Sample(draw) => Self::Token(draw.apply(&logits)),
         }
     }
 }
@@ -281,14 +293,21 @@ mod tests {
         let logits = plain.step(&batch).unwrap();
         let mixed = selecting.step_select(&batch, &[StepWant::Logits, StepWant::Greedy]).unwrap();
         assert_eq!(mixed, vec![StepOutput::Logits(logits[0].clone()), StepOutput::Token(argmax(&logits[1]))]);
+
         let next = [StepInput { seq: 1, tokens: &[5] }, StepInput { seq: 2, tokens: &[6] }];
         let logits = plain.step(&next).unwrap();
         let greedy = selecting.step_select(&next, &[StepWant::Greedy; 2]).unwrap();
         assert_eq!(greedy, logits.iter().map(|l| StepOutput::Token(argmax(l))).collect::<Vec<_>>());
+        // A draw gives the token its apply picks from the same logits.
+        let draw = crate::SampleDraw { temperature: 0.9, top_k: 5, top_p: 0.8, u: 0.42 };
+        let next = [StepInput { seq: 1, tokens: &[2] }];
+        let logits = plain.step(&next).unwrap();
+        let drawn = selecting.step_select(&next, &[StepWant::Sample(draw)]).unwrap();
+        assert_eq!(drawn, vec![StepOutput::Token(draw.apply(&logits[0]))]);
         // A want per entry, or nothing runs.
         let err = selecting.step_select(&[StepInput { seq: 1, tokens: &[5] }], &[]).unwrap_err();
         assert!(matches!(err, BackendError::WantsMismatch { entries: 1, wants: 0 }), "{err}");
-        assert_eq!(selecting.sequence_len(1), Some(3));
+        assert_eq!(selecting.sequence_len(1), Some(4));
     }
 
     #[test]

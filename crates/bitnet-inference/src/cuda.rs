@@ -29,13 +29,15 @@ use std::sync::Arc;
 use bitnet_device::Precision;
 use bitnet_kernels::cuda::{CudaError, DevBuf, DevRange, DeviceHooks, GpuContext, GpuDType, GpuGraph, HeadImpl};
 use bitnet_kernels::cuda::{FusedLayer, FusedLayers, FusedShape, FusedStep, FUSED_ROWS};
-use bitnet_kernels::cuda::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
+use bitnet_kernels::cuda::{SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
+use rayon::prelude::*;
 
 use crate::backend::{
     check_wants, validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput, StepOutput, StepWant,
 };
 use crate::error::InferenceError;
+use crate::sampling::SampleDraw;
 
 /// How to build a [`CudaBackend`].
 #[derive(Clone)]
@@ -170,6 +172,8 @@ struct Workspace {
     flags_tokens: DevBuf,
     /// The argmax's partial maxima and row counters.
     argmax_scratch: DevBuf,
+    /// The draws of the rows sampled on the device (`sample_rows`).
+    sample_params: DevBuf,
     /// The fused decode kernel's barrier and attention counters.
     sync: DevBuf,
 }
@@ -266,6 +270,10 @@ pub struct CudaBackend {
     /// The greedy argmax splits each row over CTAs (`argmax_split`; session
     /// 23); `BITNET_CUDA_ARGMAX=rows` keeps one CTA a row (`argmax_rows`).
     argmax_split: bool,
+    /// Sampled entries of `step_select` drawn on the device (`sample_rows`)
+    /// where their settings allow; `BITNET_CUDA_SAMPLE=host` reads their
+    /// logits back and draws on the host instead.
+    device_sampling: bool,
     /// The layer descriptors of the fused decode kernel, when it is on.
     fused: Option<FusedLayers>,
     /// Decode passes of up to this many rows use it.
@@ -446,6 +454,7 @@ impl CudaBackend {
                 GpuContext::argmax_scratch_bytes(entries.min(ARGMAX_SPLIT_MAX_ROWS), vocab),
             )?,
             sync: alloc("fused decode counters", GpuContext::fused_sync_bytes(FUSED_ROWS, c.n_heads))?,
+            sample_params: alloc("sampling parameters", GpuContext::sample_params_bytes(entries))?,
         };
         memory.workspace += [
             &ws.inputs,
@@ -464,6 +473,7 @@ impl CudaBackend {
             &ws.flags_tokens,
             &ws.argmax_scratch,
             &ws.sync,
+            &ws.sample_params,
         ]
         .iter()
         .map(|b| b.len())
@@ -560,6 +570,7 @@ impl CudaBackend {
             graphs: HashMap::new(),
             use_graphs: config.cuda_graphs,
             argmax_split: std::env::var("BITNET_CUDA_ARGMAX").map_or(true, |v| v != "rows"),
+            device_sampling: std::env::var("BITNET_CUDA_SAMPLE").map_or(true, |v| v != "host"),
             fused,
             fused_rows,
             memory,
@@ -872,6 +883,11 @@ impl CudaBackend {
     }
 }
 
+/// A draw as the device kernel takes it.
+fn sample_row(draw: &SampleDraw) -> SampleRow {
+    SampleRow { temperature: draw.temperature, top_k: draw.top_k, top_p: draw.top_p, u: draw.u }
+}
+
 impl Workspace {
     /// The flags word kernels raise FLAG_NONFINITE in.
     fn flags(&self) -> Result<DevRange, CudaError> {
@@ -997,30 +1013,66 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// The greedy step (the argmax on the device) for every entry, then the
-    /// logits of only the entries that want them, one copy each: a step of
-    /// greedy requests and prefill chunks reads back token ids alone.
+    /// The greedy step (the argmax on the device) for every entry; then
+    /// the draws of sampled entries on the device (`sample_rows`: top-k up
+    /// to [`bitnet_kernels::cuda::SAMPLE_MAX_K`] with any top-p, or temperature alone), and the
+    /// logits of the entries that want them or whose draw the device does
+    /// not take (top-p alone), one read per run of consecutive rows, those
+    /// draws then made on the host. A step of greedy and device-sampled
+    /// entries reads back token ids alone.
     fn step_select(&mut self, batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<Vec<StepOutput>, BackendError> {
         check_wants(batch, wants)?;
         let vocab = self.model.config.vocab_size;
+        let device_sampling = self.device_sampling;
+        let drawn_here = |want: &StepWant| match want {
+            StepWant::Sample(draw) => device_sampling && sample_row(draw).on_device(),
+            _ => false,
+        };
         let mut out: Vec<StepOutput> = vec![StepOutput::Token(0); batch.len()];
         self.run(batch, true, |this, group| {
             let n_out = group.outputs.len();
+            let ws = &this.ws;
+            if group.outputs.iter().any(|&(e, _)| drawn_here(&wants[e])) {
+                let rows: Vec<SampleRow> = group
+                    .outputs
+                    .iter()
+                    .map(|&(e, _)| match wants[e] {
+                        StepWant::Sample(draw) if drawn_here(&wants[e]) => sample_row(&draw),
+                        _ => SampleRow::KEEP,
+                    })
+                    .collect();
+                let tokens = ws.flags_tokens.range(4, n_out * 4)?;
+                this.gpu.sample_rows(ws.logits.all(), vocab, &rows, ws.sample_params.all(), tokens)?;
+            }
             let mut bytes = vec![0u8; 4 + n_out * 4];
-            this.gpu.read(this.ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
+            this.gpu.read(ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
             check_flags([bytes[0], bytes[1], bytes[2], bytes[3]])?;
             for (i, &(e, _)) in group.outputs.iter().enumerate() {
                 let b = &bytes[4 + 4 * i..8 + 4 * i];
                 out[e] = StepOutput::Token(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             }
-            // The rows that sample, one read per run of consecutive rows.
-            let wanted: Vec<usize> = (0..n_out).filter(|&i| wants[group.outputs[i].0] == StepWant::Logits).collect();
+            // The rows read back, one read per run of consecutive rows.
+            let wanted: Vec<usize> = (0..n_out)
+                .filter(|&i| {
+                    let want = &wants[group.outputs[i].0];
+                    *want == StepWant::Logits || (matches!(want, StepWant::Sample(_)) && !drawn_here(want))
+                })
+                .collect();
+            let mut host_draws: Vec<(usize, SampleDraw, Vec<f32>)> = Vec::new();
             for run in wanted.chunk_by(|a, b| a + 1 == *b) {
                 let (first, n) = (run[0], run.len());
-                let rows = this.gpu.read_rows_f32(this.ws.logits.range(first * vocab * 4, n * vocab * 4)?, vocab, n)?;
+                let rows = this.gpu.read_rows_f32(ws.logits.range(first * vocab * 4, n * vocab * 4)?, vocab, n)?;
                 for (&i, row) in run.iter().zip(rows) {
-                    out[group.outputs[i].0] = StepOutput::Logits(row);
+                    let e = group.outputs[i].0;
+                    match wants[e] {
+                        StepWant::Sample(draw) => host_draws.push((e, draw, row)),
+                        _ => out[e] = StepOutput::Logits(row),
+                    }
                 }
+            }
+            let tokens: Vec<(usize, u32)> = host_draws.par_iter().map(|(e, draw, row)| (*e, draw.apply(row))).collect();
+            for (e, token) in tokens {
+                out[e] = StepOutput::Token(token);
             }
             Ok(())
         })?;

@@ -1,6 +1,6 @@
 //! Autoregressive generation on top of any [`Backend`].
 
-use crate::backend::{Backend, BackendError, SeqId, StepInput};
+use crate::backend::{Backend, BackendError, SeqId, StepInput, StepOutput, StepWant};
 use crate::error::InferenceError;
 use crate::sampling::{Sampler, SamplingConfig};
 
@@ -61,17 +61,18 @@ pub fn generate(
         return Ok(GenerationOutput { tokens, stop_reason: StopReason::Length });
     }
     backend.add_sequence(GENERATE_SEQ, needed)?;
-    // A greedy generation takes each token from `step_greedy` (on a GPU the
-    // argmax runs on the device and only the token id is read back).
+    // Each token comes from `step_select`: the greedy token, or the draw of
+    // the sampler's next random number (on a GPU both are made on the
+    // device and only the token id is read back).
     let greedy = sampler.config().is_greedy();
     let mut next = |backend: &mut dyn Backend, tokens: &[u32]| -> Result<u32, BackendError> {
         let input = [StepInput { seq: GENERATE_SEQ, tokens }];
-        if greedy {
-            let token = backend.step_greedy(&input)?.first().copied();
-            return token.ok_or_else(|| BackendError::Device("the backend returned no token".into()));
+        let want = if greedy { StepWant::Greedy } else { StepWant::Sample(sampler.next_draw()) };
+        match backend.step_select(&input, &[want])?.into_iter().next() {
+            Some(StepOutput::Token(token)) => Ok(token),
+            Some(StepOutput::Logits(_)) => Err(BackendError::Device("the backend returned logits, not a token".into())),
+            None => Err(BackendError::Device("the backend returned no token".into())),
         }
-        let logits = backend.step(&input)?.into_iter().next();
-        Ok(sampler.sample(&logits.ok_or_else(|| BackendError::Device("the backend returned no logits".into()))?))
     };
     let result: Result<StopReason, BackendError> = (|| {
         let mut token = next(backend, prompt)?;

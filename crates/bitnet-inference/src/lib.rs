@@ -43,4 +43,4 @@ pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};
 pub use int8_head::HeadPrecision;
 pub use reference::{KvCache, LogitsMode, ReferenceForward};
-pub use sampling::{argmax, sample_each, Sampler, SamplingConfig};
+pub use sampling::{argmax, SampleDraw, Sampler, SamplingConfig};

@@ -66,13 +66,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&v| v == max).map_or(0, |i| i as u32)
 }
 
-/// Draws one token for each `(sampler, logits)` pair, the pairs spread over
-/// the rayon pool (each sampler's stream is its own, so the tokens do not
-/// depend on the threads).
-pub fn sample_each(jobs: Vec<(&mut Sampler, &[f32])>) -> Vec<u32> {
-    jobs.into_par_iter().map(|(sampler, logits)| sampler.sample(logits)).collect()
-}
-
 /// The largest finite logit (`-inf` when there is none), in eight lanes the
 /// compiler turns into SIMD.
 fn finite_max(logits: &[f32]) -> f32 {
@@ -170,23 +163,55 @@ impl Sampler {
         &self.config
     }
 
-    /// Picks a token from one position's logits.
-    ///
-    /// The draw takes the tokens left by temperature, top-k and top-p with
-    /// probability proportional to `exp((logit - max) / temperature)`. It
-    /// costs one pass over the logits plus a selection: only the top-k, or
-    /// the nucleus of top-p, is ever sorted (a vocabulary of 128256 sorted
-    /// in full took 8-12 ms a token).
+    /// Picks a token from one position's logits: the argmax when greedy,
+    /// else [`SampleDraw::apply`] of [`Self::next_draw`].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.config.is_greedy() {
             return argmax(logits);
         }
-        if self.config.top_k == 0 && self.config.top_p >= 1.0 {
-            return self.sample_all(logits);
+        self.next_draw().apply(logits)
+    }
+
+    /// The next sampled token's settings and uniform random number (one
+    /// number from this sampler's stream per sampled token, as
+    /// [`Self::sample`] takes): a backend that samples on its own device
+    /// draws the same token from it as [`SampleDraw::apply`] would.
+    pub fn next_draw(&mut self) -> SampleDraw {
+        SampleDraw {
+            temperature: self.config.temperature,
+            top_k: self.config.top_k,
+            top_p: self.config.top_p,
+            u: self.rng.random::<f64>(),
+        }
+    }
+}
+
+/// One sampled token's settings (temperature > 0) and the uniform number in
+/// [0, 1) its draw uses, taken from the request's [`Sampler`] beforehand.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleDraw {
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    pub u: f64,
+}
+
+impl SampleDraw {
+    /// Picks the token: among the tokens left by temperature, top-k and
+    /// top-p, with probability proportional to `exp((logit - max) /
+    /// temperature)`, the one where `u` of the cumulative mass falls. It
+    /// costs one pass over the logits plus a selection: only the top-k, or
+    /// the nucleus of top-p, is ever sorted (a vocabulary of 128256 sorted
+    /// in full took 8-14 ms a token).
+    pub fn apply(&self, logits: &[f32]) -> u32 {
+        if self.top_k == 0 && self.top_p >= 1.0 {
+            return self.apply_all(logits);
         }
         let kept = self.kept_candidates(logits);
         let total: f64 = kept.iter().map(|c| c.p).sum();
-        let mut r = self.rng.random::<f64>() * total;
+        let mut r = self.u * total;
         for c in &kept {
             if r < c.p {
                 return c.token;
@@ -201,7 +226,7 @@ impl Sampler {
     /// on the rayon pool (the same sum, so the same token, on any number of
     /// threads); the draw then finds its chunk from the chunk sums and
     /// recomputes only that chunk's probabilities.
-    fn sample_all(&mut self, logits: &[f32]) -> u32 {
+    fn apply_all(&self, logits: &[f32]) -> u32 {
         let max = finite_max(logits);
         if max == f32::NEG_INFINITY {
             return argmax(logits);
@@ -209,7 +234,7 @@ impl Sampler {
         let probability = self.probability(max);
         let masses = chunk_masses(logits, &probability);
         let total: f64 = masses.iter().sum();
-        let mut r = self.rng.random::<f64>() * total;
+        let mut r = self.u * total;
         let mut last_finite = None;
         for (c, (chunk, &mass)) in logits.chunks(SUM_CHUNK).zip(&masses).enumerate() {
             if r >= mass {
@@ -239,7 +264,7 @@ impl Sampler {
 
     /// `logit -> exp((logit - max) / temperature)` in f64.
     fn probability(&self, max: f32) -> impl Fn(f32) -> f64 {
-        let t = f64::from(self.config.temperature);
+        let t = f64::from(self.temperature);
         let scaled_max = f64::from(max) / t;
         move |logit: f32| {
             let z = f64::from(logit) / t - scaled_max;
@@ -262,8 +287,8 @@ impl Sampler {
             return Vec::new();
         }
         let probability = self.probability(max);
-        let top_k = self.config.top_k;
-        let top_p = f64::from(self.config.top_p);
+        let top_k = self.top_k;
+        let top_p = f64::from(self.top_p);
         let all_finite = || -> Vec<Candidate> {
             logits
                 .iter()
@@ -273,7 +298,7 @@ impl Sampler {
                 .collect()
         };
         if top_k == 0 {
-            if self.config.top_p >= 1.0 {
+            if self.top_p >= 1.0 {
                 return all_finite();
             }
             // Top-p alone: the total from the chunk sums, then the most
@@ -297,7 +322,7 @@ impl Sampler {
         for c in candidates.iter_mut() {
             c.p = probability(c.logit);
         }
-        if self.config.top_p >= 1.0 {
+        if self.top_p >= 1.0 {
             return candidates;
         }
         let total: f64 = candidates.iter().map(|c| c.p).sum();
@@ -420,8 +445,8 @@ mod tests {
     }
 
     fn kept(config: &SamplingConfig, logits: &[f32]) -> Vec<(u32, f64)> {
-        let s = Sampler::new(config.clone()).unwrap();
-        s.kept_candidates(logits).iter().map(|c| (c.token, c.p)).collect()
+        let mut s = Sampler::new(config.clone()).unwrap();
+        s.next_draw().kept_candidates(logits).iter().map(|c| (c.token, c.p)).collect()
     }
 
     /// Logits with ties, infinities and NaNs among ordinary values.

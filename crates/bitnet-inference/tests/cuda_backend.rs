@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bitnet_device::Precision;
 use bitnet_inference::{
     argmax, Backend, BackendError, CpuBackend, CpuBackendConfig, CudaBackend, CudaBackendConfig, LogitsMode,
-    ReferenceForward, StepInput, StepOutput, StepWant,
+    ReferenceForward, SampleDraw, StepInput, StepOutput, StepWant,
 };
 use bitnet_models::synthetic::{self, Preset};
 use bitnet_models::BitNetModel;
@@ -213,15 +213,28 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
         let logits = d.step(&batch).unwrap();
         assert_eq!(greedy, logits.iter().map(|l| argmax(l)).collect::<Vec<_>>(), "{precision:?}");
         // Each entry as it asks (prefills taking only their greedy token):
-        // the same logits, bit for bit, and the same tokens.
+        // the same logits, bit for bit, the same greedy tokens, and the
+        // host's draws from those logits.
         let mut e = cuda(&model, precision, |_| {});
         for (i, p) in ps.iter().enumerate() {
             e.add_sequence(10 + i as u64, 64).unwrap();
             let first = e.step_select(&[StepInput { seq: 10 + i as u64, tokens: p }], &[StepWant::Greedy]).unwrap();
             assert!(matches!(first[..], [StepOutput::Token(_)]), "{precision:?}: {first:?}");
         }
-        let wants: Vec<StepWant> =
-            (0..ps.len()).map(|i| if i % 3 == 0 { StepWant::Logits } else { StepWant::Greedy }).collect();
+        // Draws the device makes (top-k with top-p, temperature alone) and
+        // one it leaves to the host (top-p alone).
+        let draws = [
+            SampleDraw { temperature: 0.8, top_k: 40, top_p: 0.9, u: 0.37 },
+            SampleDraw { temperature: 1.0, top_k: 0, top_p: 1.0, u: 0.61 },
+            SampleDraw { temperature: 0.9, top_k: 0, top_p: 0.8, u: 0.12 },
+        ];
+        let wants: Vec<StepWant> = (0..ps.len())
+            .map(|i| match i % 4 {
+                0 => StepWant::Logits,
+                1 => StepWant::Greedy,
+                _ => StepWant::Sample(draws[(i / 4 + i) % 3]),
+            })
+            .collect();
         let selected = e.step_select(&batch, &wants).unwrap();
         let expected: Vec<StepOutput> =
             logits.iter().zip(&wants).map(|(l, &want)| StepOutput::of(l.clone(), want)).collect();

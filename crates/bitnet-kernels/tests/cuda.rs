@@ -9,7 +9,7 @@
 
 use bitnet_kernels::cpu::{self, CpuKernel, I2sMatrixRef};
 use bitnet_kernels::cuda::{
-    DevBuf, DevRange, GpuContext, GpuDType, HeadImpl, TernaryActs, TernaryBatch, ARGMAX_SPLIT_MAX_ROWS,
+    DevBuf, DevRange, GpuContext, GpuDType, HeadImpl, SampleRow, TernaryActs, TernaryBatch, ARGMAX_SPLIT_MAX_ROWS,
 };
 use half::{bf16, f16};
 
@@ -186,6 +186,118 @@ fn reads_through_the_page_locked_buffer_return_every_byte() {
         assert_eq!(got.len(), rows);
         for (r, row) in got.iter().enumerate() {
             assert!(row[..] == values[r * row_len..(r + 1) * row_len], "row {r} of {rows} x {row_len}");
+        }
+    }
+}
+
+/// The draw written plainly (the definition `SampleDraw::apply` in
+/// bitnet-inference implements, with the tests there comparing the two):
+/// finite logits weigh exp(v / T - max / T); top-k keeps the k largest,
+/// ties to the smaller token, sorted; top-p the smallest prefix whose share
+/// reaches p; temperature alone keeps everything in token order; the draw
+/// walks the kept tokens until u of their mass is passed.
+fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
+    let t = f64::from(row.temperature);
+    let mut items: Vec<(u32, f32)> =
+        logits.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v)).collect();
+    let Some(max) = items.iter().map(|&(_, v)| v).reduce(f32::max) else {
+        return 0;
+    };
+    let weight = |v: f32| {
+        let z = f64::from(v) / t - f64::from(max) / t;
+        if z < -746.0 {
+            0.0
+        } else {
+            z.exp()
+        }
+    };
+    if row.top_k > 0 {
+        items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        items.truncate(row.top_k);
+        if row.top_p < 1.0 {
+            let total: f64 = items.iter().map(|&(_, v)| weight(v)).sum();
+            let mut cumulative = 0.0;
+            let mut keep = items.len();
+            for (i, &(_, v)) in items.iter().enumerate() {
+                cumulative += weight(v) / total;
+                if cumulative >= f64::from(row.top_p) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            items.truncate(keep);
+        }
+    }
+    let total: f64 = items.iter().map(|&(_, v)| weight(v)).sum();
+    let mut r = row.u * total;
+    for &(token, v) in &items {
+        let p = weight(v);
+        if r < p {
+            return token;
+        }
+        r -= p;
+    }
+    items.last().map_or(0, |&(token, _)| token)
+}
+
+/// The device draw equals the host's on rows with ties, NaN, infinities and
+/// negative zeros, for temperature alone and top-k 1..1024 with and without
+/// top-p, at vocabularies of 1000 and 128256; rows left alone keep the
+/// token they held, and a top-p-alone row is never drawn on the device.
+#[test]
+fn sample_rows_draw_what_the_host_draws() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(77);
+    for vocab in [1000usize, 128_256] {
+        let configs: Vec<(f32, usize, f32)> = vec![
+            (1.0, 0, 1.0),
+            (0.7, 0, 1.0),
+            (1.3, 1, 1.0),
+            (0.8, 40, 1.0),
+            (0.8, 40, 0.95),
+            (1.0, 256, 0.5),
+            (2.0, 1024, 0.9),
+            (0.6, 1024, 1.0),
+            (1.0, 7, 0.3),
+        ];
+        let rows = configs.len() * 4 + 2;
+        let mut logits: Vec<f32> = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            for i in 0..vocab {
+                logits.push(match (i * 7 + r) % 601 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    3 => -0.0,
+                    4 => 0.0,
+                    5..=40 => 2.5,
+                    _ => rng.f32(-12.0, if r % 2 == 0 { 4.0 } else { 12.0 }),
+                });
+            }
+        }
+        let mut draws: Vec<SampleRow> = Vec::new();
+        for &(temperature, top_k, top_p) in &configs {
+            for _ in 0..4 {
+                let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+                draws.push(SampleRow { temperature, top_k, top_p, u });
+            }
+        }
+        draws.push(SampleRow::KEEP);
+        draws.push(SampleRow { temperature: 0.9, top_k: 0, top_p: 0.9, u: 0.5 });
+        assert!(!draws[rows - 1].on_device() && !draws[rows - 2].on_device());
+        let lb = up_f32(&g, &logits);
+        let before: Vec<i32> = (0..rows as i32).map(|r| -1 - r).collect();
+        let tokens = up_i32(&g, &before);
+        let params = g.alloc("params", GpuContext::sample_params_bytes(rows)).unwrap();
+        g.sample_rows(lb.all(), vocab, &draws, params.all(), tokens.all()).unwrap();
+        let got = read_i32(&g, &tokens, rows);
+        for (r, draw) in draws.iter().enumerate() {
+            if !draw.on_device() {
+                assert_eq!(got[r], before[r], "row {r} ({draw:?}) must keep its token");
+                continue;
+            }
+            let want = host_draw(draw, &logits[r * vocab..(r + 1) * vocab]);
+            assert_eq!(got[r], want as i32, "vocab {vocab}, row {r}: {draw:?}");
         }
     }
 }

@@ -94,14 +94,22 @@ fn run_all(
             .collect();
         let batch: Vec<StepInput<'_>> =
             requests.iter().zip(&feeds).map(|((seq, _), tokens)| StepInput { seq: *seq, tokens }).collect();
-        // Every other request asks for its greedy token instead of its
-        // logits, so both answers go through every scenario.
-        let step_wants: Vec<StepWant> =
-            requests.iter().map(|(seq, _)| if seq % 2 == 0 { StepWant::Greedy } else { StepWant::Logits }).collect();
+        // Requests ask for their logits, their greedy token or a top-1 draw
+        // (the greedy token again), so every answer goes through every
+        // scenario.
+        let top1 = crate::SampleDraw { temperature: 0.8, top_k: 1, top_p: 1.0, u: 0.5 };
+        let step_wants: Vec<StepWant> = requests
+            .iter()
+            .map(|(seq, _)| match seq % 3 {
+                0 => StepWant::Greedy,
+                1 => StepWant::Logits,
+                _ => StepWant::Sample(top1),
+            })
+            .collect();
         let results = engine.step_select(&batch, &step_wants);
         for ((out, output), want) in generated.iter_mut().zip(results).zip(&step_wants) {
             out.push(match (output.expect("no request may fail"), want) {
-                (StepOutput::Token(token), StepWant::Greedy) => token,
+                (StepOutput::Token(token), StepWant::Greedy | StepWant::Sample(_)) => token,
                 (StepOutput::Logits(logits), StepWant::Logits) => argmax(&logits),
                 (other, want) => panic!("asked for {want:?}, got {other:?}"),
             });

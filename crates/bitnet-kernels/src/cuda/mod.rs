@@ -26,7 +26,7 @@ use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, Cu
 use rayon::prelude::*;
 
 pub use fused::{FusedLayer, FusedLayers, FusedShape, FusedStep, FusedTrace, FUSED_ROWS};
-pub use ops::{TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
+pub use ops::{SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE, SAMPLE_MAX_K};
 pub use pinned::{PINNED_MAX_BYTES, PINNED_MIN_BYTES};
 
 /// Little-endian f32 values of `row` (a multiple of 4 bytes): one copy
@@ -106,6 +106,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "fused_decode_f32_wide",
     "fused_decode_f16_wide",
     "fused_decode_bf16_wide",
+    "sample_rows",
     "head_f32",
     "head_f16",
     "head_bf16",

@@ -1226,6 +1226,85 @@ impl GpuContext {
     }
 }
 
+/// Largest top-k [`GpuContext::sample_rows`] draws from on the device.
+pub const SAMPLE_MAX_K: usize = 1024;
+
+/// One row's draw for [`GpuContext::sample_rows`]: temperature (a row whose
+/// temperature is not above 0 keeps its token), top-k (1..=[`SAMPLE_MAX_K`],
+/// or 0 with `top_p >= 1`: temperature alone), top-p, and the uniform number
+/// in [0, 1) the draw uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub u: f64,
+}
+
+impl SampleRow {
+    /// Bytes of one row's parameters on the device (`SampleParams`).
+    pub const BYTES: usize = 24;
+
+    /// A row left alone (its argmax stands).
+    pub const KEEP: Self = Self { temperature: 0.0, top_k: 0, top_p: 1.0, u: 0.0 };
+
+    /// Whether the device kernel draws this row (else the host must).
+    pub fn on_device(&self) -> bool {
+        self.temperature > 0.0
+            && self.temperature.is_finite()
+            && ((1..=SAMPLE_MAX_K).contains(&self.top_k) || (self.top_k == 0 && self.top_p >= 1.0))
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let (temperature, top_k) = if self.on_device() { (self.temperature, self.top_k as i32) } else { (0.0, 0) };
+        out.extend_from_slice(&temperature.to_le_bytes());
+        out.extend_from_slice(&top_k.to_le_bytes());
+        out.extend_from_slice(&self.top_p.to_le_bytes());
+        out.extend_from_slice(&0i32.to_le_bytes());
+        out.extend_from_slice(&self.u.to_le_bytes());
+    }
+}
+
+impl GpuContext {
+    /// Bytes of `sample_rows`'s parameters for `rows` rows.
+    pub fn sample_params_bytes(rows: usize) -> usize {
+        rows * SampleRow::BYTES
+    }
+
+    /// Draws the token of each row of `logits` (`rows.len()` rows of `vocab`)
+    /// whose [`SampleRow::on_device`] holds into `tokens[row]` (i32); other
+    /// rows keep what `tokens` holds (the argmax of a greedy step). `params`
+    /// holds [`Self::sample_params_bytes`] for the rows and is written here.
+    pub fn sample_rows(
+        &self,
+        logits: DevRange,
+        vocab: usize,
+        rows: &[SampleRow],
+        params: DevRange,
+        tokens: DevRange,
+    ) -> Result<(), CudaError> {
+        let n = rows.len();
+        let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
+        let pp = params.need("sample parameters", Self::sample_params_bytes(n))?;
+        let tp = tokens.need("sampled tokens", n * 4)?;
+        if n == 0 || !rows.iter().any(SampleRow::on_device) {
+            return Ok(());
+        }
+        let mut encoded = Vec::with_capacity(Self::sample_params_bytes(n));
+        for row in rows {
+            row.encode(&mut encoded);
+        }
+        self.write(params, &encoded)?;
+        self.launch(
+            "sample_rows",
+            (u32_grid("entries", n)?, 1, 1),
+            (1024, 1, 1),
+            0,
+            &[Arg::Ptr(lp), Arg::I32(i32_dim("vocab", vocab)?), Arg::Ptr(pp), Arg::Ptr(tp)],
+        )
+    }
+}
+
 /// Most rows [`GpuContext::argmax`] splits over CTAs. Measured on the H200
 /// (session 23, 128256 logits a row, `xtask bench --kernels` and the eager
 /// profile): 1 row 9.2 -> 3.4 us, 8 rows 12.1 -> 7.4, 32 rows 9.7 -> 7.9,

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitnet_inference::{
-    sample_each, Engine, EngineEvent, FallbackReason, GpuHealth, RequestPreferences, Sampler, SamplingConfig, SeqId,
-    SequenceReport, StepInput, StepOutput, StepWant,
+    Engine, EngineEvent, FallbackReason, GpuHealth, RequestPreferences, Sampler, SamplingConfig, SeqId, SequenceReport,
+    StepInput, StepOutput, StepWant,
 };
 use bitnet_models::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -254,6 +254,25 @@ impl Scheduler {
         }
         let batch_id = self.next_batch_id;
         self.next_batch_id += 1;
+        // Each entry asks for the token it will use: sampled requests at
+        // their last prompt chunk and decodes for their draw (made on the
+        // GPU where it can), the rest for the greedy token (computed on the
+        // GPU), so logits are never copied off the device for the host.
+        let wants: Vec<StepWant> = plan
+            .iter()
+            .map(|&(idx, work)| {
+                let r = &mut self.running[idx];
+                let samples = match work {
+                    Work::Decode => true,
+                    Work::Prefill { len } => r.prefilled + len >= r.job.prompt.len(),
+                };
+                if samples && !r.sampler.config().is_greedy() {
+                    StepWant::Sample(r.sampler.next_draw())
+                } else {
+                    StepWant::Greedy
+                }
+            })
+            .collect();
         let inputs: Vec<StepInput<'_>> = plan
             .iter()
             .map(|&(idx, work)| {
@@ -265,40 +284,20 @@ impl Scheduler {
                 StepInput { seq: r.seq, tokens }
             })
             .collect();
-        // Logits only where a sampler will read them: greedy requests and
-        // prefill chunks before the last take the greedy token, which a GPU
-        // computes on the device, so their logits are never read back.
-        let wants: Vec<StepWant> = plan
-            .iter()
-            .map(|&(idx, work)| {
-                let r = &self.running[idx];
-                let samples = match work {
-                    Work::Decode => true,
-                    Work::Prefill { len } => r.prefilled + len >= r.job.prompt.len(),
-                };
-                if samples && !r.sampler.config().is_greedy() {
-                    StepWant::Logits
-                } else {
-                    StepWant::Greedy
-                }
-            })
-            .collect();
         // The engine answers every entry: GPU failures are re-run on the
         // CPU inside it, and a bad entry fails alone.
         let results = self.engine.step_select(&inputs, &wants);
         let ran_in = inputs.len();
         self.metrics.batch_size.observe(ran_in as f64);
         drop(inputs);
-        let drawn = self.draw_all(&plan, &results);
         let moved = self.publish_engine_events();
-        for ((((idx, work), result), drawn), want) in plan.into_iter().zip(results).zip(drawn).zip(wants) {
-            let output = match result {
-                // A sampled request must never continue on a greedy token.
-                Ok(StepOutput::Token(_)) if want == StepWant::Logits => {
-                    self.fail(idx, format!("step {batch_id} returned a token where logits were asked for"));
+        for ((idx, work), result) in plan.into_iter().zip(results) {
+            let token = match result {
+                Ok(StepOutput::Token(token)) => token,
+                Ok(StepOutput::Logits(_)) => {
+                    self.fail(idx, format!("step {batch_id} returned logits where a token was asked for"));
                     continue;
                 }
-                Ok(output) => output,
                 Err(reason) => {
                     self.fail(idx, format!("sequence failed in step {batch_id}: {reason}"));
                     continue;
@@ -334,38 +333,8 @@ impl Scheduler {
                 }
                 Work::Decode => {}
             }
-            let token = match output {
-                StepOutput::Token(token) => token,
-                StepOutput::Logits(logits) => drawn.unwrap_or_else(|| r.sampler.sample(&logits)),
-            };
             self.on_token(idx, token);
         }
-    }
-
-    /// Draws the tokens of every entry that came back with logits, the
-    /// entries spread over the rayon pool (a sampled token scans the whole
-    /// vocabulary: about 0.1-0.5 ms for 128256 logits). Indexed like `plan`.
-    fn draw_all(
-        &mut self,
-        plan: &[(usize, Work)],
-        results: &[Result<StepOutput, bitnet_inference::BackendError>],
-    ) -> Vec<Option<u32>> {
-        let mut samplers: Vec<Option<&mut Sampler>> = self.running.iter_mut().map(|r| Some(&mut r.sampler)).collect();
-        let mut jobs = Vec::new();
-        let mut at = Vec::new();
-        for (k, (&(idx, _), result)) in plan.iter().zip(results).enumerate() {
-            if let Ok(StepOutput::Logits(logits)) = result {
-                if let Some(sampler) = samplers[idx].take() {
-                    jobs.push((sampler, logits.as_slice()));
-                    at.push(k);
-                }
-            }
-        }
-        let mut drawn = vec![None; plan.len()];
-        for (k, token) in at.into_iter().zip(sample_each(jobs)) {
-            drawn[k] = Some(token);
-        }
-        drawn
     }
 
     /// Chooses this step's entries: decodes, then prefill chunks, then
