@@ -3247,8 +3247,11 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
 // mass is passed. Only the exp differs from the host's (CUDA's f64 exp is
 // within 1 ulp), so the two can differ only where u falls within rounding of
 // a boundary. Rows whose temperature is not above 0 are left alone (their
-// token is the argmax already written). The host only sends rows with top_k
-// in 1..=SAMPLE_MAX_K, or top_k 0 with top_p >= 1 (temperature alone).
+// token is the argmax already written). The host sends rows with top_k in
+// 0..=SAMPLE_MAX_K; top-p alone (top_k 0, top_p < 1) takes the
+// SAMPLE_MAX_K most likely tokens, and where their share of the whole
+// vocabulary's mass stays below top_p the row's token is set to -1 for the
+// host to draw from the logits.
 
 #define SAMPLE_THREADS 1024
 #define SAMPLE_MAX_K 1024
@@ -3293,8 +3296,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
     pdl_begin();
     const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const SampleParams P = params[row];
-    // Greedy rows, and top-p alone (which the host keeps), stay as they are.
-    if (!(P.temperature > 0.f) || (P.top_k <= 0 && P.top_p < 1.f)) return;
+    // Greedy rows stay as they are.
+    if (!(P.temperature > 0.f)) return;
     const float* x = logits + (size_t)row * vocab;
     // Each thread owns one contiguous range of tokens (the walks below go
     // through them in token order).
@@ -3328,8 +3331,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
     if (finite == 0) return;  // the argmax stands, as on the host
     const double t = (double)P.temperature, zmax = (double)m / t;
 
-    if (P.top_k <= 0) {
-        // Temperature alone: every finite logit, in token order.
+    // The mass of every finite logit, summed over each thread's range.
+    const bool nucleus_only = P.top_k <= 0;
+    if (nucleus_only) {
         double s = 0.0;
         for (int i = lo; i < hi; i++) {
             float v = x[i];
@@ -3337,6 +3341,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         }
         part[tid] = s;
         __syncthreads();
+    }
+    if (nucleus_only && P.top_p >= 1.f) {
+        // Temperature alone: every finite logit, in token order.
         if (tid == 0) {
             double total = 0.0;
             for (int k = 0; k < SAMPLE_THREADS; k++) total += part[k];
@@ -3373,8 +3380,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         return;
     }
 
-    // Top-k: the key of the k-th largest finite logit, 8 bits at a time.
-    const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
+    // Top-k (top-p alone: the SAMPLE_MAX_K most likely): the key of the
+    // k-th largest finite logit, 8 bits at a time.
+    const int k = min(nucleus_only ? SAMPLE_MAX_K : min(P.top_k, SAMPLE_MAX_K), finite);
     if (tid == 0) {
         prefix = 0;
         mask = 0;
@@ -3475,17 +3483,29 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         }
     }
     if (tid == 0) {
+        // Top-p's total: the kept top-k's mass, or top-p alone the whole
+        // vocabulary's.
         double total = 0.0;
-        for (int q = 0; q < k; q++) total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        if (nucleus_only) {
+            for (int q = 0; q < SAMPLE_THREADS; q++) total += part[q];
+        } else {
+            for (int q = 0; q < k; q++) total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        }
         int keep = k;
         if (P.top_p < 1.f) {
             double cumulative = 0.0, top_p = (double)P.top_p;
+            bool reached = false;
             for (int q = 0; q < k; q++) {
                 cumulative += sample_weight(sample_key_value(cand_key[q]), t, zmax) / total;
                 if (cumulative >= top_p) {
                     keep = q + 1;
+                    reached = true;
                     break;
                 }
+            }
+            if (nucleus_only && !reached && k < finite) {
+                tokens[row] = -1;  // the nucleus is wider than the candidates: the host draws
+                return;
             }
         }
         double kept_total = 0.0;

@@ -1015,11 +1015,12 @@ impl Backend for CudaBackend {
 
     /// The greedy step (the argmax on the device) for every entry; then
     /// the draws of sampled entries on the device (`sample_rows`: top-k up
-    /// to [`bitnet_kernels::cuda::SAMPLE_MAX_K`] with any top-p, or temperature alone), and the
-    /// logits of the entries that want them or whose draw the device does
-    /// not take (top-p alone), one read per run of consecutive rows, those
-    /// draws then made on the host. A step of greedy and device-sampled
-    /// entries reads back token ids alone.
+    /// to [`bitnet_kernels::cuda::SAMPLE_MAX_K`] or none, any top-p), and
+    /// the logits of the entries that want them or whose draw the device
+    /// left (a larger top-k, a top-p nucleus wider than the 1024 most likely
+    /// tokens), one read per run of consecutive rows, those draws then made
+    /// on the host. A step of greedy and device-drawn entries reads back
+    /// token ids alone.
     fn step_select(&mut self, batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<Vec<StepOutput>, BackendError> {
         check_wants(batch, wants)?;
         let vocab = self.model.config.vocab_size;
@@ -1047,17 +1048,23 @@ impl Backend for CudaBackend {
             let mut bytes = vec![0u8; 4 + n_out * 4];
             this.gpu.read(ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
             check_flags([bytes[0], bytes[1], bytes[2], bytes[3]])?;
+            // The rows read back (one read per run of consecutive rows):
+            // those that want logits, and draws the device left to the host
+            // (not taken, or a top-p nucleus wider than its candidates: -1).
+            let mut wanted: Vec<usize> = Vec::new();
             for (i, &(e, _)) in group.outputs.iter().enumerate() {
                 let b = &bytes[4 + 4 * i..8 + 4 * i];
-                out[e] = StepOutput::Token(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                let token = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let to_host = match wants[e] {
+                    StepWant::Logits => true,
+                    StepWant::Sample(_) => !drawn_here(&wants[e]) || token < 0,
+                    StepWant::Greedy => false,
+                };
+                if to_host {
+                    wanted.push(i);
+                }
+                out[e] = StepOutput::Token(token.max(0) as u32);
             }
-            // The rows read back, one read per run of consecutive rows.
-            let wanted: Vec<usize> = (0..n_out)
-                .filter(|&i| {
-                    let want = &wants[group.outputs[i].0];
-                    *want == StepWant::Logits || (matches!(want, StepWant::Sample(_)) && !drawn_here(want))
-                })
-                .collect();
             let mut host_draws: Vec<(usize, SampleDraw, Vec<f32>)> = Vec::new();
             for run in wanted.chunk_by(|a, b| a + 1 == *b) {
                 let (first, n) = (run[0], run.len());

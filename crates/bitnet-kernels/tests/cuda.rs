@@ -192,10 +192,11 @@ fn reads_through_the_page_locked_buffer_return_every_byte() {
 
 /// The draw written plainly (the definition `SampleDraw::apply` in
 /// bitnet-inference implements, with the tests there comparing the two):
-/// finite logits weigh exp(v / T - max / T); top-k keeps the k largest,
-/// ties to the smaller token, sorted; top-p the smallest prefix whose share
-/// reaches p; temperature alone keeps everything in token order; the draw
-/// walks the kept tokens until u of their mass is passed.
+/// finite logits weigh exp(v / T - max / T); top-k and top-p sort them
+/// (larger first, ties to the smaller token), top-k keeps the k first,
+/// top-p the smallest prefix whose share reaches p; temperature alone keeps
+/// everything in token order; the draw walks the kept tokens until u of
+/// their mass is passed.
 fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
     let t = f64::from(row.temperature);
     let mut items: Vec<(u32, f32)> =
@@ -211,9 +212,11 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
             z.exp()
         }
     };
-    if row.top_k > 0 {
+    if row.top_k > 0 || row.top_p < 1.0 {
         items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        items.truncate(row.top_k);
+        if row.top_k > 0 {
+            items.truncate(row.top_k);
+        }
         if row.top_p < 1.0 {
             let total: f64 = items.iter().map(|&(_, v)| weight(v)).sum();
             let mut cumulative = 0.0;
@@ -248,6 +251,7 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
 fn sample_rows_draw_what_the_host_draws() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(77);
+    let (mut left_to_host, mut drawn_top_p_alone, mut drawn_top_p_wide_vocab) = (0, 0, 0);
     for vocab in [1000usize, 128_256] {
         let configs: Vec<(f32, usize, f32)> = vec![
             (1.0, 0, 1.0),
@@ -259,6 +263,9 @@ fn sample_rows_draw_what_the_host_draws() {
             (2.0, 1024, 0.9),
             (0.6, 1024, 1.0),
             (1.0, 7, 0.3),
+            (0.9, 0, 0.9),
+            (0.5, 0, 0.5),
+            (3.0, 0, 0.95),
         ];
         let rows = configs.len() * 4 + 2;
         let mut logits: Vec<f32> = Vec::with_capacity(rows * vocab);
@@ -274,6 +281,14 @@ fn sample_rows_draw_what_the_host_draws() {
                     _ => rng.f32(-12.0, if r % 2 == 0 { 4.0 } else { 12.0 }),
                 });
             }
+            // Every third row peaked: a few tokens far above the rest, so a
+            // top-p nucleus fits in the device's candidates.
+            if r % 3 == 2 {
+                for j in 0..5 {
+                    let at = r * vocab + (r * 9973 + j * 26_111) % vocab;
+                    logits[at] = 30.0 + j as f32;
+                }
+            }
         }
         let mut draws: Vec<SampleRow> = Vec::new();
         for &(temperature, top_k, top_p) in &configs {
@@ -283,7 +298,7 @@ fn sample_rows_draw_what_the_host_draws() {
             }
         }
         draws.push(SampleRow::KEEP);
-        draws.push(SampleRow { temperature: 0.9, top_k: 0, top_p: 0.9, u: 0.5 });
+        draws.push(SampleRow { temperature: 0.9, top_k: 1025, top_p: 0.9, u: 0.5 });
         assert!(!draws[rows - 1].on_device() && !draws[rows - 2].on_device());
         let lb = up_f32(&g, &logits);
         let before: Vec<i32> = (0..rows as i32).map(|r| -1 - r).collect();
@@ -296,10 +311,42 @@ fn sample_rows_draw_what_the_host_draws() {
                 assert_eq!(got[r], before[r], "row {r} ({draw:?}) must keep its token");
                 continue;
             }
-            let want = host_draw(draw, &logits[r * vocab..(r + 1) * vocab]);
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            if got[r] == -1 {
+                // Left to the host: only top-p alone, and only when its
+                // nucleus is wider than the candidates.
+                assert!(draw.top_k == 0 && draw.top_p < 1.0, "row {r}: {draw:?}");
+                let nucleus = host_nucleus(draw, row);
+                assert!(nucleus > bitnet_kernels::cuda::SAMPLE_MAX_K, "row {r}: nucleus of {nucleus}");
+                left_to_host += 1;
+                continue;
+            }
+            let want = host_draw(draw, row);
             assert_eq!(got[r], want as i32, "vocab {vocab}, row {r}: {draw:?}");
+            drawn_top_p_alone += usize::from(draw.top_k == 0 && draw.top_p < 1.0);
+            drawn_top_p_wide_vocab += usize::from(draw.top_k == 0 && draw.top_p < 1.0 && vocab > 1024);
         }
     }
+    assert!(left_to_host > 0 && drawn_top_p_alone > 0, "{left_to_host} left to the host, {drawn_top_p_alone} drawn");
+    assert!(drawn_top_p_wide_vocab > 0, "no top-p-alone row was drawn on the device at 128256 logits");
+}
+
+/// How many tokens top-p alone keeps on the host (the definition).
+fn host_nucleus(row: &SampleRow, logits: &[f32]) -> usize {
+    let t = f64::from(row.temperature);
+    let mut values: Vec<f32> = logits.iter().copied().filter(|v| v.is_finite()).collect();
+    values.sort_by(|a, b| b.total_cmp(a));
+    let max = values[0];
+    let weights: Vec<f64> = values.iter().map(|&v| (f64::from(v) / t - f64::from(max) / t).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = 0.0;
+    for (i, w) in weights.iter().enumerate() {
+        cumulative += w / total;
+        if cumulative >= f64::from(row.top_p) {
+            return i + 1;
+        }
+    }
+    weights.len()
 }
 
 #[test]

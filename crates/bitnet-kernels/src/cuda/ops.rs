@@ -1230,9 +1230,9 @@ impl GpuContext {
 pub const SAMPLE_MAX_K: usize = 1024;
 
 /// One row's draw for [`GpuContext::sample_rows`]: temperature (a row whose
-/// temperature is not above 0 keeps its token), top-k (1..=[`SAMPLE_MAX_K`],
-/// or 0 with `top_p >= 1`: temperature alone), top-p, and the uniform number
-/// in [0, 1) the draw uses.
+/// temperature is not above 0 keeps its token), top-k (0: off, else at most
+/// [`SAMPLE_MAX_K`]), top-p (1: off), and the uniform number in [0, 1) the
+/// draw uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleRow {
     pub temperature: f32,
@@ -1250,9 +1250,7 @@ impl SampleRow {
 
     /// Whether the device kernel draws this row (else the host must).
     pub fn on_device(&self) -> bool {
-        self.temperature > 0.0
-            && self.temperature.is_finite()
-            && ((1..=SAMPLE_MAX_K).contains(&self.top_k) || (self.top_k == 0 && self.top_p >= 1.0))
+        self.temperature > 0.0 && self.temperature.is_finite() && self.top_k <= SAMPLE_MAX_K
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -1273,8 +1271,10 @@ impl GpuContext {
 
     /// Draws the token of each row of `logits` (`rows.len()` rows of `vocab`)
     /// whose [`SampleRow::on_device`] holds into `tokens[row]` (i32); other
-    /// rows keep what `tokens` holds (the argmax of a greedy step). `params`
-    /// holds [`Self::sample_params_bytes`] for the rows and is written here.
+    /// rows keep what `tokens` holds (the argmax of a greedy step). A row of
+    /// top-p alone whose nucleus is wider than the [`SAMPLE_MAX_K`] most
+    /// likely tokens gets -1: its draw is left to the host. `params` holds
+    /// [`Self::sample_params_bytes`] for the rows and is written here.
     pub fn sample_rows(
         &self,
         logits: DevRange,
