@@ -244,9 +244,11 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
 }
 
 /// The device draw equals the host's on rows with ties, NaN, infinities and
-/// negative zeros, for temperature alone and top-k 1..1024 with and without
-/// top-p, at vocabularies of 1000 and 128256; rows left alone keep the
-/// token they held, and a top-p-alone row is never drawn on the device.
+/// negative zeros, for temperature alone, top-k 1..1024 with and without
+/// top-p, and top-p alone, at vocabularies of 1000 and 128256; rows left
+/// alone (greedy, top-k above 1024) keep the token they held, and a
+/// top-p-alone row comes back -1 (for the host) only when its nucleus is
+/// wider than the 1024 candidates.
 #[test]
 fn sample_rows_draw_what_the_host_draws() {
     let Some(g) = gpu() else { return };
