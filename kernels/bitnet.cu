@@ -3291,6 +3291,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
     __shared__ int tie_base[SAMPLE_THREADS];
     __shared__ unsigned cand_key[SAMPLE_MAX_K];
     __shared__ int cand_tok[SAMPLE_MAX_K];
+    __shared__ double cand_w[SAMPLE_MAX_K];
     __shared__ unsigned prefix, mask;
     __shared__ int remaining, n_cand;
     pdl_begin();
@@ -3482,6 +3483,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
             __syncthreads();
         }
     }
+    // Each candidate's weight, once, by the whole CTA.
+    for (int q = tid; q < k; q += SAMPLE_THREADS) cand_w[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
+    __syncthreads();
     if (tid == 0) {
         // Top-p's total: the kept top-k's mass, or top-p alone the whole
         // vocabulary's.
@@ -3489,14 +3493,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         if (nucleus_only) {
             for (int q = 0; q < SAMPLE_THREADS; q++) total += part[q];
         } else {
-            for (int q = 0; q < k; q++) total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+            for (int q = 0; q < k; q++) total += cand_w[q];
         }
         int keep = k;
         if (P.top_p < 1.f) {
             double cumulative = 0.0, top_p = (double)P.top_p;
             bool reached = false;
             for (int q = 0; q < k; q++) {
-                cumulative += sample_weight(sample_key_value(cand_key[q]), t, zmax) / total;
+                cumulative += cand_w[q] / total;
                 if (cumulative >= top_p) {
                     keep = q + 1;
                     reached = true;
@@ -3509,11 +3513,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
             }
         }
         double kept_total = 0.0;
-        for (int q = 0; q < keep; q++) kept_total += sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        for (int q = 0; q < keep; q++) kept_total += cand_w[q];
         double r = P.u * kept_total;
         int token = cand_tok[keep - 1];
         for (int q = 0; q < keep; q++) {
-            double p = sample_weight(sample_key_value(cand_key[q]), t, zmax);
+            double p = cand_w[q];
             if (r < p) {
                 token = cand_tok[q];
                 break;

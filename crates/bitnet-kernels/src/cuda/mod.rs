@@ -1023,11 +1023,18 @@ impl GpuContext {
                 return result;
             }
         }
+        self.read_pageable(ptr, out)
+    }
+
+    /// The copy of [`Self::read`] straight into `out` (pageable memory, the
+    /// driver staging it); `src` holds `out.len()` bytes, the context is
+    /// bound and the hooks were consulted.
+    fn read_pageable(&self, src: sys::CUdeviceptr, out: &mut [u8]) -> Result<(), CudaError> {
         if !out.is_empty() {
             // SAFETY: `src` lies inside a live allocation with at least
-            // `out.len()` bytes; the stream is synchronised below before
-            // `out` is used or freed.
-            unsafe { cu::memcpy_dtoh_async(out, ptr, self.stream.cu_stream()) }.map_err(driver("cuMemcpyDtoHAsync"))?;
+            // `out.len()` bytes (checked by the caller); the stream is
+            // synchronised below before `out` is used or freed.
+            unsafe { cu::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }.map_err(driver("cuMemcpyDtoHAsync"))?;
         }
         self.synchronize()
     }
@@ -1040,10 +1047,10 @@ impl GpuContext {
     pub fn read_rows_f32(&self, src: DevRange, row_len: usize, rows: usize) -> Result<Vec<Vec<f32>>, CudaError> {
         let row_bytes = ops::bytes("rows read", &[row_len, 4])?;
         let total = ops::bytes("rows read", &[rows, row_len, 4])?;
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        let ptr = src.need("device-to-host copy", total)?;
+        self.hook_launch("cuMemcpyDtoHAsync")?;
         if self.pinned_on && total >= PINNED_MIN_BYTES && row_bytes <= PINNED_MAX_BYTES {
-            self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
-            let ptr = src.need("device-to-host copy", total)?;
-            self.hook_launch("cuMemcpyDtoHAsync")?;
             let mut out: Vec<Vec<f32>> = Vec::with_capacity(rows);
             let copied = self.read_pinned(ptr, total, row_bytes, |_, staged| {
                 let piece: Vec<Vec<f32>> = staged.par_chunks(row_bytes).map(row_to_f32).collect();
@@ -1054,7 +1061,7 @@ impl GpuContext {
             }
         }
         let mut all = vec![0u8; total];
-        self.read(src, &mut all)?;
+        self.read_pageable(ptr, &mut all)?;
         Ok(all.chunks_exact(row_bytes.max(1)).take(rows).map(row_to_f32).collect())
     }
 
