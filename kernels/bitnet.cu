@@ -3241,17 +3241,20 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
 // Sampling on the device: one CTA of SAMPLE_THREADS threads per row draws the
 // token SampleDraw::apply (crates/bitnet-inference/src/sampling.rs) would
 // from the same logits and the same uniform number u: every finite logit v
-// weighs exp(v / T - max / T) (f64), top-k keeps the k largest (ties to the
-// smaller token), top-p the smallest prefix of those, sorted, whose share of
-// their sum reaches p, and the draw walks the kept tokens until u of their
-// mass is passed. Only the exp differs from the host's (CUDA's f64 exp is
-// within 1 ulp), so the two can differ only where u falls within rounding of
-// a boundary. Rows whose temperature is not above 0 are left alone (their
-// token is the argmax already written). The host sends rows with top_k in
-// 0..=SAMPLE_MAX_K; top-p alone (top_k 0, top_p < 1) takes the
-// SAMPLE_MAX_K most likely tokens, and where their share of the whole
-// vocabulary's mass stays below top_p the row's token is set to -1 for the
-// host to draw from the logits.
+// weighs exp(v / T - max / T) (f64); top-k keeps the k largest (ties to the
+// smaller token), sorted, then top-p the smallest prefix of those whose
+// share of their sum reaches p; top-p alone keeps the smallest set of most
+// likely tokens (ties to the smaller token) whose share of the whole
+// vocabulary's mass reaches p; and the draw walks the kept tokens (sorted
+// for top-k, in token order for temperature alone and top-p alone) until u
+// of their mass is passed. The host sends rows with top_k in
+// 0..=SAMPLE_MAX_K. Sums are made in other orders than the host's (prefix
+// sums over segments and warps) and the f64 exp is CUDA's (within 1 ulp),
+// and top-p alone finds its nucleus from masses in fixed point (2^-42 a
+// token: integer sums, the same in any order, so the same row always gives
+// the same token), so device and host can differ only where u, or p, falls
+// within rounding of a boundary. Rows whose temperature is not above 0 are
+// left alone (their token is the argmax already written).
 
 #define SAMPLE_THREADS 1024
 #define SAMPLE_MAX_K 1024
@@ -3282,32 +3285,87 @@ __device__ __forceinline__ double sample_weight(float v, double t, double zmax) 
     return z < -746.0 ? 0.0 : exp(z);
 }
 
+// A weight (at most 1) in fixed point, 2^42 to one: SAMPLE_MAX_VOCAB such
+// weights sum below 2^63.
+#define SAMPLE_MAX_VOCAB (1 << 21)
+__device__ __forceinline__ unsigned long long sample_fx(double w) { return (unsigned long long)rint(w * 4398046511104.0); }
+
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+
+__device__ __forceinline__ double sample_warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Warp-wide: the inclusive prefix sums of vals[0, n) (n <= SAMPLE_THREADS)
+// into out, in one fixed order (lane l sums its block of ceil(n / 32) in
+// order, the block sums are scanned, then each lane runs through its block
+// again from the sum of the blocks before).
+__device__ void sample_prefix(const double* vals, double* out, int n, int lane) {
+    const int B = (n + 31) >> 5;
+    const int a = min(n, lane * B), b = min(n, a + B);
+    double s = 0.0;
+    for (int i = a; i < b; i++) s += vals[i];
+    double incl = s;
+    for (int o = 1; o < 32; o <<= 1) {
+        double y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    double run = __shfl_up_sync(0xffffffffu, incl, 1);
+    if (lane == 0) run = 0.0;
+    for (int i = a; i < b; i++) {
+        run += vals[i];
+        out[i] = run;
+    }
+}
+
+// The first i in [0, n) with r < pre[i] (pre non-decreasing), or -1.
+__device__ int sample_first_above(const double* pre, int n, double r) {
+    if (n <= 0 || !(r < pre[n - 1])) return -1;
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (r < pre[mid])
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+// The row is split into SAMPLE_THREADS segments of `per` consecutive tokens;
+// warp w takes segments w, w + SAMPLE_WARPS, ..., each 32 tokens at a time
+// (coalesced loads, token order kept within and across the chunks). Passes
+// that need no order (maximum, histograms) stride over the row.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* logits, int vocab,
                                                                           const SampleParams* params, int* tokens) {
-    __shared__ float red_f[SAMPLE_THREADS / 32];
-    __shared__ int red_i[SAMPLE_THREADS / 32];
+    __shared__ float red_f[SAMPLE_WARPS];
+    __shared__ int red_i[SAMPLE_WARPS];
     __shared__ double part[SAMPLE_THREADS];
+    __shared__ double pre[SAMPLE_THREADS];
     __shared__ unsigned hist[256];
+    __shared__ unsigned long long hist_mass[256];
     __shared__ int tie_base[SAMPLE_THREADS];
     __shared__ unsigned cand_key[SAMPLE_MAX_K];
     __shared__ int cand_tok[SAMPLE_MAX_K];
     __shared__ double cand_w[SAMPLE_MAX_K];
+    __shared__ unsigned long long above, target;
     __shared__ unsigned prefix, mask;
-    __shared__ int remaining, n_cand;
+    __shared__ int remaining, n_cand, seg_hit;
+    __shared__ double r_left;
     pdl_begin();
     const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned lanes_below = (1u << lane) - 1u;
     const SampleParams P = params[row];
     // Greedy rows stay as they are.
     if (!(P.temperature > 0.f)) return;
     const float* x = logits + (size_t)row * vocab;
-    // Each thread owns one contiguous range of tokens (the walks below go
-    // through them in token order).
     const int per = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-    const int lo = min(vocab, tid * per), hi = min(vocab, lo + per);
+    const float nan = __int_as_float(0x7fc00000);
     // The largest finite logit and the number of finite logits.
     float m = -__int_as_float(0x7f800000);
     int finite = 0;
-    for (int i = lo; i < hi; i++) {
+    for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
         float v = x[i];
         if (sample_finite(v)) {
             m = fmaxf(m, v);
@@ -3325,205 +3383,415 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
     __syncthreads();
     m = red_f[0];
     finite = red_i[0];
-    for (int w = 1; w < SAMPLE_THREADS / 32; w++) {
+    for (int w = 1; w < SAMPLE_WARPS; w++) {
         m = fmaxf(m, red_f[w]);
         finite += red_i[w];
     }
     if (finite == 0) return;  // the argmax stands, as on the host
     const double t = (double)P.temperature, zmax = (double)m / t;
 
-    // The mass of every finite logit, summed over each thread's range.
-    const bool nucleus_only = P.top_k <= 0;
-    if (nucleus_only) {
-        double s = 0.0;
-        for (int i = lo; i < hi; i++) {
-            float v = x[i];
-            if (sample_finite(v)) s += sample_weight(v, t, zmax);
+    // Radix selection, 8 bits of the key a time, from each bucket's count
+    // (top-k) or fixed-point mass (top-p alone) of the finite logits whose
+    // key matches the prefix chosen so far. Masses: the warps stride over
+    // the row and the lanes of a warp that share a bucket add to it once
+    // (most lanes share the top bits).
+    auto histogram = [&](int shift, bool with_mass) {
+        for (int b = tid; b < 256; b += SAMPLE_THREADS) {
+            hist[b] = 0;
+            hist_mass[b] = 0;
         }
-        part[tid] = s;
         __syncthreads();
-    }
-    if (nucleus_only && P.top_p >= 1.f) {
-        // Temperature alone: every finite logit, in token order.
-        if (tid == 0) {
-            double total = 0.0;
-            for (int k = 0; k < SAMPLE_THREADS; k++) total += part[k];
+        const unsigned pf = prefix, mk = mask;
+        if (!with_mass) {
+            // Counts alone: each thread its segment in order, one atomic a
+            // matching logit (measured faster on the H200 than striding
+            // the row with each warp's lanes of one bucket adding once:
+            // 180 against 230 us a top-k row of 128256).
+            const int lo = min(vocab, tid * per), hi = min(vocab, lo + per);
+            for (int i = lo; i < hi; i++) {
+                const float v = x[i];
+                if (!sample_finite(v)) continue;
+                const unsigned key = sample_key(v);
+                if ((key & mk) == pf) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            return;
+        }
+        for (int i0 = warp * 32; i0 < vocab; i0 += SAMPLE_THREADS) {
+            const int i = i0 + lane;
+            const float v = i < vocab ? x[i] : nan;
+            const unsigned key = sample_key(v);
+            const bool match = sample_finite(v) && (key & mk) == pf;
+            if (__ballot_sync(0xffffffffu, match) == 0) continue;
+            const unsigned d = (key >> shift) & 255u;
+            // The lanes of one bucket add once, through their lowest lane
+            // (a weight below 2^42 summed as two 21-bit halves).
+            const unsigned peers = __match_any_sync(0xffffffffu, match ? d : 0x100u);
+            if (match) {
+                const bool leader = (peers & lanes_below) == 0u;
+                if (with_mass) {
+                    const unsigned long long w = sample_fx(sample_weight(v, t, zmax));
+                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
+                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(w >> 21));
+                    if (leader) atomicAdd(&hist_mass[d], ((unsigned long long)hi << 21) + lo);
+                }
+                if (leader) atomicAdd(&hist[d], (unsigned)__popc(peers));
+            }
+        }
+        __syncthreads();
+    };
+    // tie_base[s] = how many finite logits of key kth lie before segment s.
+    auto tie_bases = [&](unsigned kth) {
+        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
+            const int a = min(vocab, s * per), b = min(vocab, a + per);
+            int count = 0;
+            for (int c = a; c < b; c += 32) {
+                const int i = c + lane;
+                const float v = i < b ? x[i] : nan;
+                count += __popc(__ballot_sync(0xffffffffu, sample_finite(v) && sample_key(v) == kth));
+            }
+            if (lane == 0) tie_base[s] = count;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const int B = SAMPLE_THREADS / 32, a = lane * B;
+            int sum = 0;
+            for (int q = a; q < a + B; q++) sum += tie_base[q];
+            int incl = sum;
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            int run = incl - sum;
+            for (int q = a; q < a + B; q++) {
+                int c = tie_base[q];
+                tie_base[q] = run;
+                run += c;
+            }
+        }
+        __syncthreads();
+    };
+    // For the lane's token i of a chunk (v its logit, i < b): whether it is
+    // kept: key above kth, or equal to it among the first ties_needed such
+    // logits of the row; `seen` counts the ties before the chunk (warp-wide).
+    auto kept = [&](float v, bool in, unsigned kth, int ties_needed, int& seen) -> bool {
+        const bool fin = in && sample_finite(v);
+        const unsigned key = sample_key(v);
+        const bool tie = fin && key == kth;
+        const unsigned tb = __ballot_sync(0xffffffffu, tie);
+        const int rank = seen + __popc(tb & lanes_below);
+        seen += __popc(tb);
+        return (fin && key > kth) || (tie && rank < ties_needed);
+    };
+    // Draws in token order among the kept tokens (key above kth, or the
+    // first ties_needed of key kth; kth = 0 keeps every finite logit):
+    // each segment's kept mass, their prefix sums, the segment where u of
+    // the total falls, then the token within it, 32 at a time.
+    auto draw_in_token_order = [&](unsigned kth, int ties_needed) {
+        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
+            const int a = min(vocab, s * per), b = min(vocab, a + per);
+            int seen = kth == 0u ? 0 : tie_base[s];
+            double sum = 0.0;
+            for (int c = a; c < b; c += 32) {
+                const int i = c + lane;
+                const float v = i < b ? x[i] : nan;
+                if (kept(v, i < b, kth, ties_needed, seen)) sum += sample_weight(v, t, zmax);
+            }
+            sum = sample_warp_sum(sum);
+            if (lane == 0) part[s] = sum;
+        }
+        __syncthreads();
+        if (warp != 0) return;
+        sample_prefix(part, pre, SAMPLE_THREADS, lane);
+        __syncwarp();
+        if (lane == 0) {
+            const double total = pre[SAMPLE_THREADS - 1];
             double r = P.u * total;
-            int token = -1, last = -1;
-            for (int k = 0; k < SAMPLE_THREADS && token < 0; k++) {
-                if (r >= part[k]) {
-                    r -= part[k];
-                    continue;
+            int s = sample_first_above(pre, SAMPLE_THREADS, r);
+            // Rounding past the end: the last segment that adds mass (the
+            // first whose prefix sum is the total), walked with all of it.
+            if (s < 0) {
+                int lo = 0, hi = SAMPLE_THREADS - 1;
+                while (lo < hi) {
+                    int mid = (lo + hi) >> 1;
+                    if (pre[mid] >= total)
+                        hi = mid;
+                    else
+                        lo = mid + 1;
                 }
-                int a = min(vocab, k * per), b = min(vocab, a + per);
-                for (int i = a; i < b; i++) {
-                    float v = x[i];
-                    if (!sample_finite(v)) continue;
-                    double p = sample_weight(v, t, zmax);
-                    last = i;
-                    if (r < p) {
-                        token = i;
+                s = lo;
+                r = part[s];
+            } else {
+                r -= s > 0 ? pre[s - 1] : 0.0;
+            }
+            seg_hit = s;
+            r_left = r;
+        }
+        __syncwarp();
+        const int s = seg_hit;
+        double r = r_left;
+        const int a = min(vocab, s * per), b = min(vocab, a + per);
+        int seen = kth == 0u ? 0 : tie_base[s];
+        int token = -1, last = -1;
+        for (int c = a; c < b && token < 0; c += 32) {
+            const int i = c + lane;
+            const float v = i < b ? x[i] : nan;
+            const bool k = kept(v, i < b, kth, ties_needed, seen);
+            double incl = k ? sample_weight(v, t, zmax) : 0.0;
+            for (int o = 1; o < 32; o <<= 1) {
+                double y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const unsigned hit = __ballot_sync(0xffffffffu, k && r < incl);
+            const unsigned kb = __ballot_sync(0xffffffffu, k);
+            if (hit) {
+                token = c + __ffs(hit) - 1;
+            } else {
+                r -= __shfl_sync(0xffffffffu, incl, 31);
+                if (kb) last = c + 31 - __clz(kb);
+            }
+        }
+        if (token < 0) token = last;  // rounding: the segment's last kept token
+        if (lane == 0) tokens[row] = token;
+    };
+
+    if (P.top_k <= 0 && P.top_p >= 1.f) {
+        // Temperature alone: every finite logit.
+        draw_in_token_order(0u, 0);
+        return;
+    }
+
+    // The k most likely finite logits (ties to the smaller token) sorted
+    // most likely first into cand_key / cand_tok, their weights into cand_w
+    // and the weights' prefix sums into pre: the key of the k-th largest by
+    // counts, 8 bits at a time, then the keys above it and the first of
+    // those equal to it, then a bitonic sort.
+    auto select_top = [&](int k) {
+        if (tid == 0) {
+            prefix = 0;
+            mask = 0;
+            remaining = k;
+            n_cand = 0;
+        }
+        __syncthreads();
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            histogram(shift, false);
+            if (tid == 0) {
+                int need = remaining;
+                int digit = 0;
+                for (int b = 255; b >= 0; b--) {
+                    if ((int)hist[b] >= need) {
+                        digit = b;
                         break;
                     }
-                    r -= p;
+                    need -= (int)hist[b];
                 }
-                if (token < 0 && last >= 0) token = last;  // rounding: the range's last token
+                remaining = need;
+                prefix = prefix | ((unsigned)digit << shift);
+                mask = mask | (255u << shift);
             }
-            if (token < 0) {  // rounding past the end: the last finite token
-                for (int i = vocab - 1; i >= 0; i--)
-                    if (sample_finite(x[i])) {
-                        token = i;
-                        break;
+            __syncthreads();
+        }
+        const unsigned kth = prefix;
+        const int ties_needed = remaining;  // of the logits whose key is kth, the first ones by token
+        tie_bases(kth);
+        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
+            const int a = min(vocab, s * per), b = min(vocab, a + per);
+            int seen = tie_base[s];
+            for (int c = a; c < b; c += 32) {
+                const int i = c + lane;
+                const float v = i < b ? x[i] : nan;
+                const bool k_ = kept(v, i < b, kth, ties_needed, seen);
+                const unsigned kb = __ballot_sync(0xffffffffu, k_);
+                if (kb == 0) continue;
+                int base = 0;
+                if (lane == 0) base = atomicAdd(&n_cand, __popc(kb));
+                base = __shfl_sync(0xffffffffu, base, 0);
+                if (k_) {
+                    const int slot = base + __popc(kb & lanes_below);
+                    cand_key[slot] = sample_key(v);
+                    cand_tok[slot] = i;
+                }
+            }
+        }
+        __syncthreads();
+        // Most likely first (larger key, then smaller token): a bitonic
+        // sort over the next power of two, padded.
+        int n = 1;
+        while (n < k) n <<= 1;
+        for (int i = k + tid; i < n; i += SAMPLE_THREADS) {
+            cand_key[i] = 0u;
+            cand_tok[i] = 0x7fffffff;
+        }
+        __syncthreads();
+        for (int size = 2; size <= n; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int i = tid; i < n; i += SAMPLE_THREADS) {
+                    int j = i ^ stride;
+                    if (j > i) {
+                        unsigned ka = cand_key[i], kb = cand_key[j];
+                        int ta = cand_tok[i], tb = cand_tok[j];
+                        bool i_first = ka > kb || (ka == kb && ta < tb);
+                        bool descending = (i & size) == 0;
+                        if (descending != i_first) {
+                            cand_key[i] = kb;
+                            cand_key[j] = ka;
+                            cand_tok[i] = tb;
+                            cand_tok[j] = ta;
+                        }
                     }
+                }
+                __syncthreads();
             }
-            tokens[row] = token;
+        }
+        for (int q = tid; q < k; q += SAMPLE_THREADS)
+            cand_w[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        __syncthreads();
+        if (warp == 0) sample_prefix(cand_w, pre, k, lane);
+        __syncthreads();
+    };
+    // The first q < k with pre[q] >= p * total: how many of the sorted
+    // candidates top-p keeps (0: their mass falls short).
+    auto nucleus_of = [&](int k, double total) -> int {
+        const double tg = (double)P.top_p * total;
+        if (!(pre[k - 1] >= tg)) return 0;
+        int lo = 0, hi = k - 1;
+        while (lo < hi) {
+            int mid = (lo + hi) >> 1;
+            if (pre[mid] >= tg)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        return lo + 1;
+    };
+
+    if (P.top_k > 0) {
+        // Top-k, then top-p among them; the draw walks them sorted.
+        const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
+        select_top(k);
+        if (tid == 0) {
+            const int keep = P.top_p < 1.f ? nucleus_of(k, pre[k - 1]) : k;
+            const double r = P.u * pre[keep - 1];
+            const int q = sample_first_above(pre, keep, r);
+            tokens[row] = cand_tok[q < 0 ? keep - 1 : q];
         }
         return;
     }
 
-    // Top-k (top-p alone: the SAMPLE_MAX_K most likely): the key of the
-    // k-th largest finite logit, 8 bits at a time.
-    const int k = min(nucleus_only ? SAMPLE_MAX_K : min(P.top_k, SAMPLE_MAX_K), finite);
-    if (tid == 0) {
-        prefix = 0;
-        mask = 0;
-        remaining = k;
-        n_cand = 0;
-    }
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = tid; b < 256; b += SAMPLE_THREADS) hist[b] = 0;
-        __syncthreads();
-        const unsigned pf = prefix, mk = mask;
-        for (int i = lo; i < hi; i++) {
-            float v = x[i];
-            if (!sample_finite(v)) continue;
-            unsigned key = sample_key(v);
-            if ((key & mk) == pf) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    // Top-p alone: the whole vocabulary's mass (each warp's in a fixed
+    // order, then the warps'), then the nucleus among the SAMPLE_MAX_K most
+    // likely; a wider one is found by mass below.
+    {
+        double s = 0.0;
+        for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
+            const float v = x[i];
+            if (sample_finite(v)) s += sample_weight(v, t, zmax);
         }
-        __syncthreads();
-        if (tid == 0) {
-            int need = remaining;
-            int digit = 0;
-            for (int b = 255; b >= 0; b--) {
-                if ((int)hist[b] >= need) {
-                    digit = b;
-                    break;
-                }
-                need -= (int)hist[b];
-            }
-            remaining = need;
-            prefix = pf | ((unsigned)digit << shift);
-            mask = mk | (255u << shift);
+        s = sample_warp_sum(s);
+        if (lane == 0) part[warp] = s;
+    }
+    __syncthreads();
+    double total = 0.0;
+    for (int w = 0; w < SAMPLE_WARPS; w++) total += part[w];
+    const int k = min(SAMPLE_MAX_K, finite);
+    select_top(k);
+    const int keep = nucleus_of(k, total);
+    if (keep > 0) {
+        // The nucleus in token order (a bitonic sort of its tokens and
+        // weights), then the draw.
+        int n = 1;
+        while (n < keep) n <<= 1;
+        for (int i = keep + tid; i < n; i += SAMPLE_THREADS) {
+            cand_tok[i] = 0x7fffffff;
+            cand_w[i] = 0.0;
         }
         __syncthreads();
-    }
-    const unsigned kth = prefix;
-    const int ties_needed = remaining;  // of the logits whose key is kth, the first ones by token
-    // Ties per thread's range, then their running count in token order.
-    int ties = 0;
-    for (int i = lo; i < hi; i++) {
-        float v = x[i];
-        if (sample_finite(v) && sample_key(v) == kth) ties++;
-    }
-    tie_base[tid] = ties;
-    __syncthreads();
-    if (tid == 0) {
-        int run = 0;
-        for (int q = 0; q < SAMPLE_THREADS; q++) {
-            int c = tie_base[q];
-            tie_base[q] = run;
-            run += c;
-        }
-    }
-    __syncthreads();
-    int seen = tie_base[tid];
-    for (int i = lo; i < hi; i++) {
-        float v = x[i];
-        if (!sample_finite(v)) continue;
-        unsigned key = sample_key(v);
-        bool take = key > kth;
-        if (key == kth) {
-            take = seen < ties_needed;
-            seen++;
-        }
-        if (take) {
-            int slot = atomicAdd(&n_cand, 1);
-            cand_key[slot] = key;
-            cand_tok[slot] = i;
-        }
-    }
-    __syncthreads();
-    // Sort the k candidates, most likely first (larger key, then smaller
-    // token): a bitonic sort over the next power of two, padded.
-    int n = 1;
-    while (n < k) n <<= 1;
-    for (int i = k + tid; i < n; i += SAMPLE_THREADS) {
-        cand_key[i] = 0u;
-        cand_tok[i] = 0x7fffffff;
-    }
-    __syncthreads();
-    for (int size = 2; size <= n; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = tid; i < n; i += SAMPLE_THREADS) {
-                int j = i ^ stride;
-                if (j > i) {
-                    // "a before b": a is more likely.
-                    unsigned ka = cand_key[i], kb = cand_key[j];
-                    int ta = cand_tok[i], tb = cand_tok[j];
-                    bool i_first = ka > kb || (ka == kb && ta < tb);
-                    bool descending = (i & size) == 0;
-                    if (descending != i_first) {
-                        cand_key[i] = kb;
-                        cand_key[j] = ka;
-                        cand_tok[i] = tb;
-                        cand_tok[j] = ta;
+        for (int size = 2; size <= n; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int i = tid; i < n; i += SAMPLE_THREADS) {
+                    int j = i ^ stride;
+                    if (j > i) {
+                        int ta = cand_tok[i], tb = cand_tok[j];
+                        bool ascending = (i & size) == 0;
+                        if ((ta > tb) == ascending) {
+                            double wa = cand_w[i];
+                            cand_tok[i] = tb;
+                            cand_tok[j] = ta;
+                            cand_w[i] = cand_w[j];
+                            cand_w[j] = wa;
+                        }
                     }
                 }
+                __syncthreads();
+            }
+        }
+        if (warp == 0) sample_prefix(cand_w, pre, keep, lane);
+        __syncthreads();
+        if (tid == 0) {
+            const double r = P.u * pre[keep - 1];
+            const int q = sample_first_above(pre, keep, r);
+            tokens[row] = cand_tok[q < 0 ? keep - 1 : q];
+        }
+        return;
+    }
+    {
+        // A nucleus wider than SAMPLE_MAX_K: every key above some kth plus the
+        // first few logits (by token) of key kth: the smallest set of most
+        // likely tokens whose fixed-point mass reaches target = ceil(p *
+        // total). The integer sums do not depend on the atomics' order, and
+        // each pass's buckets add up exactly to the bucket the pass before
+        // chose.
+        if (tid == 0) {
+            prefix = 0;
+            mask = 0;
+            above = 0;
+        }
+        __syncthreads();
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            histogram(shift, true);
+            if (tid == 0) {
+                if (shift == 24) {
+                    unsigned long long fx_total = 0;
+                    for (int b = 0; b < 256; b++) fx_total += hist_mass[b];
+                    double want = ceil((double)P.top_p * (double)fx_total);
+                    unsigned long long tg = want < 1.0 ? 1ull : (unsigned long long)want;
+                    target = tg < fx_total ? tg : fx_total;
+                }
+                unsigned long long a = above;
+                int digit = -1, lowest = -1;
+                for (int b = 255; b >= 0; b--) {
+                    if (hist[b] == 0) continue;
+                    lowest = b;
+                    if (a + hist_mass[b] >= target) {
+                        digit = b;
+                        break;
+                    }
+                    a += hist_mass[b];
+                }
+                // (Cannot happen: the chosen bucket's mass reached the
+                // target. Were it ever short, the whole bucket is kept.)
+                if (digit < 0) {
+                    digit = lowest;
+                    a -= hist_mass[lowest];
+                }
+                above = a;
+                remaining = (int)hist[digit];
+                prefix = prefix | ((unsigned)digit << shift);
+                mask = mask | (255u << shift);
             }
             __syncthreads();
         }
+        const unsigned kth = prefix;
+        // Of the logits of key kth (equal weights w), the first
+        // ceil((target - above) / w) by token.
+        const unsigned long long wk = sample_fx(sample_weight(sample_key_value(kth), t, zmax));
+        const unsigned long long gap = target > above ? target - above : 0ull;
+        const unsigned long long need = wk == 0 ? (unsigned long long)remaining : (gap + wk - 1) / wk;
+        const int ties_needed = need < (unsigned long long)remaining ? (int)need : remaining;
+        tie_bases(kth);
+        draw_in_token_order(kth, ties_needed);
+        return;
     }
-    // Each candidate's weight, once, by the whole CTA.
-    for (int q = tid; q < k; q += SAMPLE_THREADS) cand_w[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
-    __syncthreads();
-    if (tid == 0) {
-        // Top-p's total: the kept top-k's mass, or top-p alone the whole
-        // vocabulary's.
-        double total = 0.0;
-        if (nucleus_only) {
-            for (int q = 0; q < SAMPLE_THREADS; q++) total += part[q];
-        } else {
-            for (int q = 0; q < k; q++) total += cand_w[q];
-        }
-        int keep = k;
-        if (P.top_p < 1.f) {
-            double cumulative = 0.0, top_p = (double)P.top_p;
-            bool reached = false;
-            for (int q = 0; q < k; q++) {
-                cumulative += cand_w[q] / total;
-                if (cumulative >= top_p) {
-                    keep = q + 1;
-                    reached = true;
-                    break;
-                }
-            }
-            if (nucleus_only && !reached && k < finite) {
-                tokens[row] = -1;  // the nucleus is wider than the candidates: the host draws
-                return;
-            }
-        }
-        double kept_total = 0.0;
-        for (int q = 0; q < keep; q++) kept_total += cand_w[q];
-        double r = P.u * kept_total;
-        int token = cand_tok[keep - 1];
-        for (int q = 0; q < keep; q++) {
-            double p = cand_w[q];
-            if (r < p) {
-                token = cand_tok[q];
-                break;
-            }
-            r -= p;
-        }
-        tokens[row] = token;
-    }
+
 }

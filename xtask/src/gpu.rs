@@ -382,7 +382,7 @@ fn throughput_vs_fp32(rows: &[serde_json::Value]) -> Vec<(String, u64, f64)> {
 /// Separates a kernel's own time from launch gaps, which an eager profile
 /// (events around each launch) includes.
 pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
-    use bitnet_kernels::cuda::{GpuContext, GpuDType, HeadImpl, TernaryActs};
+    use bitnet_kernels::cuda::{GpuContext, GpuDType, HeadImpl, SampleRow, TernaryActs};
     let gpu = GpuContext::open(0, None)?;
     let (h, inter, vocab, heads, kv_heads, hd) = (2560usize, 6912usize, 128_256usize, 20usize, 5usize, 128usize);
     let kv_dim = kv_heads * hd;
@@ -441,6 +441,46 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
     let row_ids = gpu.upload("rows", &row_ids)?;
     let tokens_out = gpu.alloc("tokens", max_rows * 4)?;
 
+    // Logits for the sampling kernel: rows of uniform values in [-1, 1]
+    // (flat: top-p nuclei of most of the vocabulary), in [-12, 12] (nuclei
+    // of thousands), and those with every 1000th raised by 20 (peaked:
+    // nuclei within the 1024 most likely).
+    let uniform = |spread: f32, bytes: Vec<u8>| -> Vec<u8> {
+        bytes
+            .chunks_exact(4)
+            .flat_map(|b| {
+                let u = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32 / u32::MAX as f32;
+                ((2.0 * u - 1.0) * spread).to_le_bytes()
+            })
+            .collect()
+    };
+    let sample_flat = gpu.upload("flat logits", &uniform(1.0, random(max_rows * vocab * 4)))?;
+    let spread = uniform(12.0, random(max_rows * vocab * 4));
+    let sample_spread = gpu.upload("spread logits", &spread)?;
+    let peaked: Vec<u8> = spread
+        .chunks_exact(4)
+        .enumerate()
+        .flat_map(|(i, b)| {
+            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (if i % 1000 == 0 { v + 20.0 } else { v }).to_le_bytes()
+        })
+        .collect();
+    let sample_peaked = gpu.upload("peaked logits", &peaked)?;
+    let sample_params = gpu.alloc("sample parameters", GpuContext::sample_params_bytes(max_rows))?;
+    // Kernels launched eagerly (sample_rows copies its parameters from the
+    // host, which a graph capture would not take): the median of five runs
+    // of 20 calls.
+    let time_eager = |f: &dyn Fn() -> Result<(), bitnet_kernels::cuda::CudaError>| -> anyhow::Result<f64> {
+        const REPS: usize = 20;
+        f()?;
+        gpu.synchronize()?;
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            samples.push(f64::from(gpu.time_ms(|| (0..REPS).try_for_each(|_| f()))?));
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[2] * 1e3 / REPS as f64)
+    };
     let time = |f: &dyn Fn() -> Result<(), bitnet_kernels::cuda::CudaError>| -> anyhow::Result<f64> {
         const REPS: usize = 20;
         f()?;
@@ -588,6 +628,23 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                     gpu.argmax(logits.all(), vocab, n, tokens_out.all(), flags.all(), Some(argmax_scratch.all()))
                 })?,
             );
+        }
+        for (what, sample_logits) in [("flat", &sample_flat), ("spread", &sample_spread), ("peaked", &sample_peaked)] {
+            let settings = [
+                ("T 0.8", SampleRow { temperature: 0.8, top_k: 0, top_p: 1.0, u: 0.5 }),
+                ("k 40 p 0.95", SampleRow { temperature: 0.8, top_k: 40, top_p: 0.95, u: 0.5 }),
+                ("p 0.95", SampleRow { temperature: 0.8, top_k: 0, top_p: 0.95, u: 0.5 }),
+            ];
+            for (name, draw) in settings {
+                let draws = vec![draw; n];
+                add(
+                    &format!("sample {name} {what}"),
+                    n * vocab * 4,
+                    time_eager(&|| {
+                        gpu.sample_rows(sample_logits.all(), vocab, &draws, sample_params.all(), tokens_out.all())
+                    })?,
+                );
+            }
         }
     }
     Ok(json!(rows))

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use bitnet_device::Precision;
 use bitnet_kernels::cuda::{CudaError, DevBuf, DevRange, DeviceHooks, GpuContext, GpuDType, GpuGraph, HeadImpl};
 use bitnet_kernels::cuda::{FusedLayer, FusedLayers, FusedShape, FusedStep, FUSED_ROWS};
-use bitnet_kernels::cuda::{SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE};
+use bitnet_kernels::cuda::{
+    SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE, SAMPLE_MAX_VOCAB,
+};
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
 use rayon::prelude::*;
 
@@ -1017,14 +1019,13 @@ impl Backend for CudaBackend {
     /// the draws of sampled entries on the device (`sample_rows`: top-k up
     /// to [`bitnet_kernels::cuda::SAMPLE_MAX_K`] or none, any top-p), and
     /// the logits of the entries that want them or whose draw the device
-    /// left (a larger top-k, a top-p nucleus wider than the 1024 most likely
-    /// tokens), one read per run of consecutive rows, those draws then made
-    /// on the host. A step of greedy and device-drawn entries reads back
-    /// token ids alone.
+    /// does not make (a larger top-k, `BITNET_CUDA_SAMPLE=host`), one read
+    /// per run of consecutive rows, those draws then made on the host. A
+    /// step of greedy and device-drawn entries reads back token ids alone.
     fn step_select(&mut self, batch: &[StepInput<'_>], wants: &[StepWant]) -> Result<Vec<StepOutput>, BackendError> {
         check_wants(batch, wants)?;
         let vocab = self.model.config.vocab_size;
-        let device_sampling = self.device_sampling;
+        let device_sampling = self.device_sampling && vocab <= SAMPLE_MAX_VOCAB;
         let drawn_here = |want: &StepWant| match want {
             StepWant::Sample(draw) => device_sampling && sample_row(draw).on_device(),
             _ => false,
@@ -1049,21 +1050,28 @@ impl Backend for CudaBackend {
             this.gpu.read(ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;
             check_flags([bytes[0], bytes[1], bytes[2], bytes[3]])?;
             // The rows read back (one read per run of consecutive rows):
-            // those that want logits, and draws the device left to the host
-            // (not taken, or a top-p nucleus wider than its candidates: -1).
+            // those that want logits, and draws the device does not make.
             let mut wanted: Vec<usize> = Vec::new();
             for (i, &(e, _)) in group.outputs.iter().enumerate() {
                 let b = &bytes[4 + 4 * i..8 + 4 * i];
                 let token = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 let to_host = match wants[e] {
                     StepWant::Logits => true,
-                    StepWant::Sample(_) => !drawn_here(&wants[e]) || token < 0,
+                    StepWant::Sample(_) => !drawn_here(&wants[e]),
                     StepWant::Greedy => false,
                 };
                 if to_host {
                     wanted.push(i);
+                    continue;
                 }
-                out[e] = StepOutput::Token(token.max(0) as u32);
+                match u32::try_from(token) {
+                    Ok(t) if (t as usize) < vocab => out[e] = StepOutput::Token(t),
+                    _ => {
+                        return Err(CudaError::Shape(format!(
+                            "the device returned token {token} for entry {e} (vocabulary of {vocab})"
+                        )))
+                    }
+                }
             }
             let mut host_draws: Vec<(usize, SampleDraw, Vec<f32>)> = Vec::new();
             for run in wanted.chunk_by(|a, b| a + 1 == *b) {

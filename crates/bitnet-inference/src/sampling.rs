@@ -201,10 +201,13 @@ pub struct SampleDraw {
 impl SampleDraw {
     /// Picks the token: among the tokens left by temperature, top-k and
     /// top-p, with probability proportional to `exp((logit - max) /
-    /// temperature)`, the one where `u` of the cumulative mass falls. It
-    /// costs one pass over the logits plus a selection: only the top-k, or
-    /// the nucleus of top-p, is ever sorted (a vocabulary of 128256 sorted
-    /// in full took 8-14 ms a token).
+    /// temperature)`, the one where `u` of the cumulative mass falls,
+    /// walking the kept tokens most likely first under top-k, in token order
+    /// otherwise (temperature alone, top-p alone: the order a device can
+    /// walk a wide nucleus in without sorting it; the order does not change
+    /// the distribution). It costs one pass over the logits plus a
+    /// selection: only the top-k, or the nucleus of top-p, is ever sorted
+    /// (a vocabulary of 128256 sorted in full took 8-14 ms a token).
     pub fn apply(&self, logits: &[f32]) -> u32 {
         if self.top_k == 0 && self.top_p >= 1.0 {
             return self.apply_all(logits);
@@ -278,9 +281,8 @@ impl SampleDraw {
     }
 
     /// The candidates left after temperature, top-k and top-p, with their
-    /// unnormalised probabilities. Sorted most likely first where top-k or
-    /// top-p applies; in token order when neither does (the draw's order
-    /// does not change its distribution).
+    /// unnormalised probabilities: sorted most likely first under top-k, in
+    /// token order without it (the order the draw walks them in).
     fn kept_candidates(&self, logits: &[f32]) -> Vec<Candidate> {
         let max = finite_max(logits);
         if max == f32::NEG_INFINITY {
@@ -302,7 +304,7 @@ impl SampleDraw {
                 return all_finite();
             }
             // Top-p alone: the total from the chunk sums, then the most
-            // likely few; only a nucleus wider than them sorts everything.
+            // likely few; a nucleus wider than them is found by mass.
             let total: f64 = chunk_masses(logits, &probability).iter().sum();
             let mut first = top_candidates(logits, NUCLEUS_FIRST_TAKE);
             for c in first.iter_mut() {
@@ -310,13 +312,10 @@ impl SampleDraw {
             }
             if let Some(keep) = nucleus_len(&first, total, top_p) {
                 first.truncate(keep);
+                first.sort_unstable_by_key(|c| c.token);
                 return first;
             }
-            let mut all = all_finite();
-            all.sort_unstable_by(more_likely);
-            let keep = nucleus_len(&all, total, top_p).unwrap_or(all.len());
-            all.truncate(keep);
-            return all;
+            return nucleus_by_mass(logits, &probability, total, top_p);
         }
         let mut candidates = top_candidates(logits, top_k);
         for c in candidates.iter_mut() {
@@ -343,6 +342,93 @@ fn nucleus_len(sorted: &[Candidate], total: f64, top_p: f64) -> Option<usize> {
         }
     }
     None
+}
+
+/// Order key of a finite logit: larger logit, larger key, in
+/// `f32::total_cmp`'s order (-0.0 below +0.0).
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The logit whose [`order_key`] is `key`.
+fn key_value(key: u32) -> f32 {
+    f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key })
+}
+
+/// Top-p alone's nucleus, in token order, without sorting the vocabulary:
+/// every logit above some threshold plus the first few (by token) equal to
+/// it, the smallest such set of most likely tokens whose mass reaches
+/// `top_p * total`. The threshold's order key is found 8 bits at a time
+/// from each bucket's mass (a radix selection, as the GPU's `sample_rows`
+/// does): four passes over the finite logits instead of a sort (a
+/// vocabulary of 128256 sorted in full took 8-14 ms).
+fn nucleus_by_mass(
+    logits: &[f32],
+    probability: &(impl Fn(f32) -> f64 + Sync),
+    total: f64,
+    top_p: f64,
+) -> Vec<Candidate> {
+    let keyed = |(i, &logit): (usize, &f32)| {
+        logit.is_finite().then(|| (order_key(logit), Candidate { token: i as u32, logit, p: probability(logit) }))
+    };
+    let all: Vec<(u32, Candidate)> = if logits.len() >= PARALLEL_SUM_MIN {
+        logits.par_iter().enumerate().filter_map(keyed).collect()
+    } else {
+        logits.iter().enumerate().filter_map(keyed).collect()
+    };
+    let target = top_p * total;
+    let (mut prefix, mut mask, mut above, mut at_threshold) = (0u32, 0u32, 0.0f64, 0usize);
+    for shift in [24u32, 16, 8, 0] {
+        let mut count = [0usize; 256];
+        let mut mass = [0.0f64; 256];
+        for (key, c) in &all {
+            if key & mask == prefix {
+                let d = ((key >> shift) & 255) as usize;
+                count[d] += 1;
+                mass[d] += c.p;
+            }
+        }
+        let mut digit = None;
+        let mut lowest = 0;
+        for d in (0..256).rev() {
+            if count[d] == 0 {
+                continue;
+            }
+            lowest = d;
+            if above + mass[d] >= target {
+                digit = Some(d);
+                break;
+            }
+            above += mass[d];
+        }
+        // Rounding can leave the buckets' sum just short of the bucket
+        // chosen before: then its last bucket is the one.
+        let d = digit.unwrap_or_else(|| {
+            above -= mass[lowest];
+            lowest
+        });
+        at_threshold = count[d];
+        prefix |= (d as u32) << shift;
+        mask |= 0xff << shift;
+    }
+    let (threshold, w) = (prefix, probability(key_value(prefix)));
+    let need = if w > 0.0 { (((target - above) / w).ceil().max(1.0) as usize).min(at_threshold) } else { at_threshold };
+    let mut ties = 0;
+    all.into_iter()
+        .filter(|&(key, _)| {
+            key > threshold
+                || (key == threshold && {
+                    ties += 1;
+                    ties <= need
+                })
+        })
+        .map(|(_, c)| c)
+        .collect()
 }
 
 /// The probabilities' sum over each fixed chunk of the vocabulary (finite
@@ -495,10 +581,10 @@ mod tests {
             }
         }
 
-        /// Without top-k: top-p keeps the definition's tokens in its order
-        /// (the total is summed in another order, so probabilities may
-        /// differ in the last bit); with neither, every finite logit is kept
-        /// (in token order) with its probability.
+        /// Without top-k: top-p keeps the definition's tokens, in token
+        /// order (the total is summed in another order, so probabilities
+        /// may differ in the last bit); with neither, every finite logit is
+        /// kept with its probability.
         #[test]
         fn top_p_alone_and_plain_temperature_keep_the_definition(
             logits in logits_strategy(),
@@ -506,12 +592,9 @@ mod tests {
             top_p in prop_oneof![Just(1.0f32), 0.05f32..1.0],
         ) {
             let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 0 };
-            let mut fast = kept(&config, &logits);
+            let fast = kept(&config, &logits);
             let mut reference = kept_by_full_sort(&config, &logits);
-            if top_p >= 1.0 {
-                fast.sort_by_key(|&(t, _)| t);
-                reference.sort_by_key(|&(t, _)| t);
-            }
+            reference.sort_by_key(|&(t, _)| t);
             prop_assert_eq!(
                 fast.iter().map(|&(t, _)| t).collect::<Vec<_>>(),
                 reference.iter().map(|&(t, _)| t).collect::<Vec<_>>()
@@ -581,6 +664,32 @@ mod tests {
         }
     }
 
+    /// Top-p alone draws from its nucleus in token order: the plain walk
+    /// over the definition's nucleus sorted by token, fed the same random
+    /// numbers, for nuclei inside and far beyond the first take.
+    #[test]
+    fn top_p_alone_draws_its_nucleus_in_token_order() {
+        let mut gen = ChaCha8Rng::seed_from_u64(23);
+        let cases = [(100usize, 1.0f32, 0.9f32, 12.0f32), (5000, 0.8, 0.5, 1.0), (20_000, 1.2, 0.95, 0.5)];
+        for (n, temperature, top_p, spread) in cases {
+            let logits: Vec<f32> =
+                (0..n).map(|i| if i % 613 == 7 { f32::NAN } else { gen.random_range(-spread..spread) }).collect();
+            let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 5 };
+            let mut nucleus = kept_by_full_sort(&config, &logits);
+            nucleus.sort_by_key(|&(t, _)| t);
+            let total: f64 = nucleus.iter().map(|(_, p)| p).sum();
+            let mut fast = Sampler::new(config).unwrap();
+            let mut stream = ChaCha8Rng::seed_from_u64(5);
+            for _ in 0..200 {
+                let u = stream.random::<f64>();
+                assert_eq!(fast.sample(&logits), naive_walk(&nucleus, total, u), "vocabulary {n}, u {u}");
+            }
+            if n == 20_000 {
+                assert!(nucleus.len() > 16 * NUCLEUS_FIRST_TAKE, "nucleus of {}", nucleus.len());
+            }
+        }
+    }
+
     /// Across chunk boundaries (tokens 8191, 8192, 39999 of 40000, everything
     /// else -inf or NaN) the frequencies follow 1 : 2 : 3 (logits ln 1, ln 2,
     /// ln 3 at T = 1).
@@ -615,8 +724,30 @@ mod tests {
         let fast = kept(&config, &logits);
         assert!(fast.len() > 4 * NUCLEUS_FIRST_TAKE, "nucleus of {}", fast.len());
         let fast_tokens: Vec<u32> = fast.iter().map(|&(t, _)| t).collect();
-        let reference: Vec<u32> = kept_by_full_sort(&config, &logits).iter().map(|&(t, _)| t).collect();
+        let mut reference: Vec<u32> = kept_by_full_sort(&config, &logits).iter().map(|&(t, _)| t).collect();
+        reference.sort_unstable();
         assert_eq!(fast_tokens, reference);
+    }
+
+    /// Wide nuclei whose edge falls inside a run of equal logits (13
+    /// distinct values): the mass selection keeps the definition's tokens,
+    /// the first of the tied ones by token.
+    #[test]
+    fn wide_nucleus_with_ties_at_its_edge() {
+        for (n, top_p) in [(3000usize, 0.4219f32), (50_000, 0.7321), (128_256, 0.9137)] {
+            let logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
+            let config = SamplingConfig { temperature: 1.0, top_k: 0, top_p, seed: 0 };
+            let fast: Vec<u32> = kept(&config, &logits).iter().map(|&(t, _)| t).collect();
+            let reference = kept_by_full_sort(&config, &logits);
+            let edge = logits[reference.last().unwrap().0 as usize];
+            let kept_at_edge = reference.iter().filter(|&&(t, _)| logits[t as usize] == edge).count();
+            let all_at_edge = logits.iter().filter(|&&v| v == edge).count();
+            assert!(kept_at_edge < all_at_edge, "n {n}: the edge is not inside a run of ties");
+            let mut reference: Vec<u32> = reference.iter().map(|&(t, _)| t).collect();
+            reference.sort_unstable();
+            assert!(reference.len() > NUCLEUS_FIRST_TAKE, "n {n}");
+            assert_eq!(fast, reference, "n {n}");
+        }
     }
 
     /// Plain temperature draws in token order: the frequencies still follow

@@ -221,18 +221,19 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
             let first = e.step_select(&[StepInput { seq: 10 + i as u64, tokens: p }], &[StepWant::Greedy]).unwrap();
             assert!(matches!(first[..], [StepOutput::Token(_)]), "{precision:?}: {first:?}");
         }
-        // Draws the device makes (top-k with top-p, temperature alone) and
-        // one it leaves to the host (top-p alone).
+        // Draws the device makes (top-k with top-p, temperature alone,
+        // top-p alone) and one it leaves to the host (top-k above 1024).
         let draws = [
             SampleDraw { temperature: 0.8, top_k: 40, top_p: 0.9, u: 0.37 },
             SampleDraw { temperature: 1.0, top_k: 0, top_p: 1.0, u: 0.61 },
             SampleDraw { temperature: 0.9, top_k: 0, top_p: 0.8, u: 0.12 },
+            SampleDraw { temperature: 1.1, top_k: 2000, top_p: 0.9, u: 0.44 },
         ];
         let wants: Vec<StepWant> = (0..ps.len())
             .map(|i| match i % 4 {
                 0 => StepWant::Logits,
                 1 => StepWant::Greedy,
-                _ => StepWant::Sample(draws[(i / 4 + i) % 3]),
+                _ => StepWant::Sample(draws[(i / 4 + i) % 4]),
             })
             .collect();
         let selected = e.step_select(&batch, &wants).unwrap();

@@ -194,9 +194,9 @@ fn reads_through_the_page_locked_buffer_return_every_byte() {
 /// bitnet-inference implements, with the tests there comparing the two):
 /// finite logits weigh exp(v / T - max / T); top-k and top-p sort them
 /// (larger first, ties to the smaller token), top-k keeps the k first,
-/// top-p the smallest prefix whose share reaches p; temperature alone keeps
-/// everything in token order; the draw walks the kept tokens until u of
-/// their mass is passed.
+/// top-p the smallest prefix whose share reaches p; the draw walks the kept
+/// tokens until u of their mass is passed: sorted under top-k, in token
+/// order for temperature alone (everything) and top-p alone (its nucleus).
 fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
     let t = f64::from(row.temperature);
     let mut items: Vec<(u32, f32)> =
@@ -230,6 +230,9 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
             }
             items.truncate(keep);
         }
+        if row.top_k == 0 {
+            items.sort_by_key(|&(token, _)| token);
+        }
     }
     let total: f64 = items.iter().map(|&(_, v)| weight(v)).sum();
     let mut r = row.u * total;
@@ -245,15 +248,16 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
 
 /// The device draw equals the host's on rows with ties, NaN, infinities and
 /// negative zeros, for temperature alone, top-k 1..1024 with and without
-/// top-p, and top-p alone, at vocabularies of 1000 and 128256; rows left
-/// alone (greedy, top-k above 1024) keep the token they held, and a
-/// top-p-alone row comes back -1 (for the host) only when its nucleus is
-/// wider than the 1024 candidates.
+/// top-p, and top-p alone with nuclei of a few tokens to most of the
+/// vocabulary, at vocabularies of 1000 and 128256; rows left alone
+/// (greedy, top-k above 1024) keep the token they held. Then a row of equal
+/// logits, whose nucleus ends inside one run of ties, and a vocabulary
+/// beyond SAMPLE_MAX_VOCAB, refused.
 #[test]
 fn sample_rows_draw_what_the_host_draws() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(77);
-    let (mut left_to_host, mut drawn_top_p_alone, mut drawn_top_p_wide_vocab) = (0, 0, 0);
+    let (mut drawn_narrow_nucleus, mut drawn_wide_nucleus) = (0, 0);
     for vocab in [1000usize, 128_256] {
         let configs: Vec<(f32, usize, f32)> = vec![
             (1.0, 0, 1.0),
@@ -268,6 +272,8 @@ fn sample_rows_draw_what_the_host_draws() {
             (0.9, 0, 0.9),
             (0.5, 0, 0.5),
             (3.0, 0, 0.95),
+            (1.0, 0, 0.99),
+            (0.7, 0, 0.2),
         ];
         let rows = configs.len() * 4 + 2;
         let mut logits: Vec<f32> = Vec::with_capacity(rows * vocab);
@@ -283,8 +289,9 @@ fn sample_rows_draw_what_the_host_draws() {
                     _ => rng.f32(-12.0, if r % 2 == 0 { 4.0 } else { 12.0 }),
                 });
             }
-            // Every third row peaked: a few tokens far above the rest, so a
-            // top-p nucleus fits in the device's candidates.
+            // Every third row peaked: a few tokens far above the rest, so
+            // top-p nuclei of a few tokens; the others flat enough for
+            // nuclei of thousands.
             if r % 3 == 2 {
                 for j in 0..5 {
                     let at = r * vocab + (r * 9973 + j * 26_111) % vocab;
@@ -314,23 +321,59 @@ fn sample_rows_draw_what_the_host_draws() {
                 continue;
             }
             let row = &logits[r * vocab..(r + 1) * vocab];
-            if got[r] == -1 {
-                // Left to the host: only top-p alone, and only when its
-                // nucleus is wider than the candidates.
-                assert!(draw.top_k == 0 && draw.top_p < 1.0, "row {r}: {draw:?}");
-                let nucleus = host_nucleus(draw, row);
-                assert!(nucleus > bitnet_kernels::cuda::SAMPLE_MAX_K, "row {r}: nucleus of {nucleus}");
-                left_to_host += 1;
-                continue;
-            }
             let want = host_draw(draw, row);
             assert_eq!(got[r], want as i32, "vocab {vocab}, row {r}: {draw:?}");
-            drawn_top_p_alone += usize::from(draw.top_k == 0 && draw.top_p < 1.0);
-            drawn_top_p_wide_vocab += usize::from(draw.top_k == 0 && draw.top_p < 1.0 && vocab > 1024);
+            if draw.top_k == 0 && draw.top_p < 1.0 && vocab > bitnet_kernels::cuda::SAMPLE_MAX_K {
+                // The kernel takes the 1024 most likely first, a wider
+                // nucleus by mass: both ways are drawn.
+                if host_nucleus(draw, row) > bitnet_kernels::cuda::SAMPLE_MAX_K {
+                    drawn_wide_nucleus += 1;
+                } else {
+                    drawn_narrow_nucleus += 1;
+                }
+            }
         }
     }
-    assert!(left_to_host > 0 && drawn_top_p_alone > 0, "{left_to_host} left to the host, {drawn_top_p_alone} drawn");
-    assert!(drawn_top_p_wide_vocab > 0, "no top-p-alone row was drawn on the device at 128256 logits");
+    assert!(
+        drawn_narrow_nucleus > 0 && drawn_wide_nucleus > 0,
+        "{drawn_narrow_nucleus} narrow, {drawn_wide_nucleus} wide"
+    );
+
+    // Equal logits: the nucleus is the first ceil(p * n) tokens (p * n kept
+    // away from an integer, so no rounding can move it), drawn in token
+    // order: token floor(u * nucleus). Nuclei of 475 and 42757 tokens, one
+    // on each of the kernel's ways.
+    let vocab = 128_256;
+    let flat: Vec<f32> = (0..vocab).map(|i| if i % 1000 == 999 { f32::NAN } else { 1.0 }).collect();
+    let finite = vocab - vocab / 1000;
+    let us = [0.0, 0.25, 0.5, 0.999_99];
+    let draws: Vec<SampleRow> = [0.0037f32, 0.3337]
+        .iter()
+        .flat_map(|&top_p| us.iter().map(move |&u| SampleRow { temperature: 1.0, top_k: 0, top_p, u }))
+        .collect();
+    let rows = draws.len();
+    let logits: Vec<f32> = (0..rows).flat_map(|_| flat.iter().copied()).collect();
+    let lb = up_f32(&g, &logits);
+    let tokens = up_i32(&g, &vec![0; rows]);
+    let params = g.alloc("params", GpuContext::sample_params_bytes(rows)).unwrap();
+    g.sample_rows(lb.all(), vocab, &draws, params.all(), tokens.all()).unwrap();
+    let got = read_i32(&g, &tokens, rows);
+    for (r, draw) in draws.iter().enumerate() {
+        let nucleus = (f64::from(draw.top_p) * finite as f64).ceil() as usize;
+        assert_eq!(host_nucleus(draw, &flat), nucleus);
+        let nth = (draw.u * nucleus as f64) as usize;
+        // The nth finite token: NaN every 1000th.
+        let token = nth + nth / 999;
+        assert_eq!(got[r], token as i32, "u {}", draw.u);
+        assert_eq!(got[r], host_draw(draw, &flat) as i32, "u {}", draw.u);
+    }
+
+    // A vocabulary too large for the fixed-point sums is refused, not drawn.
+    let vocab = bitnet_kernels::cuda::SAMPLE_MAX_VOCAB + 1;
+    let lb = g.alloc("logits", vocab * 4).unwrap();
+    let draw = [SampleRow { temperature: 1.0, top_k: 0, top_p: 0.5, u: 0.5 }];
+    let err = g.sample_rows(lb.all(), vocab, &draw, params.all(), tokens.all()).unwrap_err().to_string();
+    assert!(err.contains("vocabularies of at most"), "{err}");
 }
 
 /// How many tokens top-p alone keeps on the host (the definition).

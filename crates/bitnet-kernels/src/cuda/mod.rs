@@ -26,7 +26,9 @@ use cudarc::driver::{result as cu, sys, CudaContext, CudaEvent, CudaFunction, Cu
 use rayon::prelude::*;
 
 pub use fused::{FusedLayer, FusedLayers, FusedShape, FusedStep, FusedTrace, FUSED_ROWS};
-pub use ops::{SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE, SAMPLE_MAX_K};
+pub use ops::{
+    SampleRow, TernaryActs, ARGMAX_SPLIT_MAX_ROWS, ATT_PART_ROWS, FLAG_NONFINITE, SAMPLE_MAX_K, SAMPLE_MAX_VOCAB,
+};
 pub use pinned::{PINNED_MAX_BYTES, PINNED_MIN_BYTES};
 
 /// Little-endian f32 values of `row` (a multiple of 4 bytes): one copy

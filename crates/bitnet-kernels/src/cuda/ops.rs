@@ -1229,6 +1229,11 @@ impl GpuContext {
 /// Largest top-k [`GpuContext::sample_rows`] draws from on the device.
 pub const SAMPLE_MAX_K: usize = 1024;
 
+/// Largest vocabulary [`GpuContext::sample_rows`] takes: top-p alone sums
+/// the weights (each at most 1) in fixed point with 42 fractional bits,
+/// which this many keep below 2^63.
+pub const SAMPLE_MAX_VOCAB: usize = 1 << 21;
+
 /// One row's draw for [`GpuContext::sample_rows`]: temperature (a row whose
 /// temperature is not above 0 keeps its token), top-k (0: off, else at most
 /// [`SAMPLE_MAX_K`]), top-p (1: off), and the uniform number in [0, 1) the
@@ -1269,11 +1274,11 @@ impl GpuContext {
         rows * SampleRow::BYTES
     }
 
-    /// Draws the token of each row of `logits` (`rows.len()` rows of `vocab`)
-    /// whose [`SampleRow::on_device`] holds into `tokens[row]` (i32); other
-    /// rows keep what `tokens` holds (the argmax of a greedy step). A row of
-    /// top-p alone whose nucleus is wider than the [`SAMPLE_MAX_K`] most
-    /// likely tokens gets -1: its draw is left to the host. `params` holds
+    /// Draws the token of each row of `logits` (`rows.len()` rows of `vocab`,
+    /// at most [`SAMPLE_MAX_VOCAB`]) whose [`SampleRow::on_device`] holds
+    /// into `tokens[row]` (i32); other rows keep what `tokens` holds (the
+    /// argmax of a greedy step). Every drawn row gets a token: top-p alone
+    /// finds its nucleus however wide it is. `params` holds
     /// [`Self::sample_params_bytes`] for the rows and is written here.
     pub fn sample_rows(
         &self,
@@ -1289,6 +1294,11 @@ impl GpuContext {
         let tp = tokens.need("sampled tokens", n * 4)?;
         if n == 0 || !rows.iter().any(SampleRow::on_device) {
             return Ok(());
+        }
+        if vocab > SAMPLE_MAX_VOCAB {
+            return Err(CudaError::Shape(format!(
+                "sampling on the device takes vocabularies of at most {SAMPLE_MAX_VOCAB} tokens, not {vocab}"
+            )));
         }
         let mut encoded = Vec::with_capacity(Self::sample_params_bytes(n));
         for row in rows {
