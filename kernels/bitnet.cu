@@ -3333,6 +3333,21 @@ __device__ int sample_first_above(const double* pre, int n, double r) {
     return lo;
 }
 
+// A bitonic sort of n (a power of two) items by the whole CTA: before(i, j)
+// says whether item i belongs before item j, swap(i, j) exchanges them.
+template <class Before, class Swap>
+__device__ void sample_bitonic(int n, Before before, Swap swap) {
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n; i += blockDim.x) {
+                const int j = i ^ stride;
+                if (j > i && before(i, j) != ((i & size) == 0)) swap(i, j);
+            }
+            __syncthreads();
+        }
+    }
+}
+
 // The row is split into SAMPLE_THREADS segments of `per` consecutive tokens;
 // warp w takes segments w, w + SAMPLE_WARPS, ..., each 32 tokens at a time
 // (coalesced loads, token order kept within and across the chunks). Passes
@@ -3624,26 +3639,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
             cand_tok[i] = 0x7fffffff;
         }
         __syncthreads();
-        for (int size = 2; size <= n; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                for (int i = tid; i < n; i += SAMPLE_THREADS) {
-                    int j = i ^ stride;
-                    if (j > i) {
-                        unsigned ka = cand_key[i], kb = cand_key[j];
-                        int ta = cand_tok[i], tb = cand_tok[j];
-                        bool i_first = ka > kb || (ka == kb && ta < tb);
-                        bool descending = (i & size) == 0;
-                        if (descending != i_first) {
-                            cand_key[i] = kb;
-                            cand_key[j] = ka;
-                            cand_tok[i] = tb;
-                            cand_tok[j] = ta;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        sample_bitonic(
+            n,
+            [&](int i, int j) {
+                return cand_key[i] > cand_key[j] || (cand_key[i] == cand_key[j] && cand_tok[i] < cand_tok[j]);
+            },
+            [&](int i, int j) {
+                const unsigned kk = cand_key[i];
+                const int tt = cand_tok[i];
+                cand_key[i] = cand_key[j];
+                cand_tok[i] = cand_tok[j];
+                cand_key[j] = kk;
+                cand_tok[j] = tt;
+            });
         for (int q = tid; q < k; q += SAMPLE_THREADS)
             cand_w[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
         __syncthreads();
@@ -3707,25 +3715,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
             cand_w[i] = 0.0;
         }
         __syncthreads();
-        for (int size = 2; size <= n; size <<= 1) {
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                for (int i = tid; i < n; i += SAMPLE_THREADS) {
-                    int j = i ^ stride;
-                    if (j > i) {
-                        int ta = cand_tok[i], tb = cand_tok[j];
-                        bool ascending = (i & size) == 0;
-                        if ((ta > tb) == ascending) {
-                            double wa = cand_w[i];
-                            cand_tok[i] = tb;
-                            cand_tok[j] = ta;
-                            cand_w[i] = cand_w[j];
-                            cand_w[j] = wa;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        }
+        sample_bitonic(
+            n, [&](int i, int j) { return cand_tok[i] < cand_tok[j]; },
+            [&](int i, int j) {
+                const int tt = cand_tok[i];
+                const double ww = cand_w[i];
+                cand_tok[i] = cand_tok[j];
+                cand_w[i] = cand_w[j];
+                cand_tok[j] = tt;
+                cand_w[j] = ww;
+            });
         if (warp == 0) sample_prefix(cand_w, pre, keep, lane);
         __syncthreads();
         if (tid == 0) {
