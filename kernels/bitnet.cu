@@ -3238,26 +3238,45 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
 }
 
 // ---------------------------------------------------------------------------
-// Sampling on the device: one CTA of SAMPLE_THREADS threads per row draws the
-// token SampleDraw::apply (crates/bitnet-inference/src/sampling.rs) would
-// from the same logits and the same uniform number u: every finite logit v
-// weighs exp(v / T - max / T) (f64); top-k keeps the k largest (ties to the
-// smaller token), sorted, then top-p the smallest prefix of those whose
-// share of their sum reaches p; top-p alone keeps the smallest set of most
-// likely tokens (ties to the smaller token) whose share of the whole
-// vocabulary's mass reaches p; and the draw walks the kept tokens (sorted
-// for top-k, in token order for temperature alone and top-p alone) until u
-// of their mass is passed. The host sends rows with top_k in
-// 0..=SAMPLE_MAX_K. Sums are made in other orders than the host's (prefix
-// sums over segments and warps) and the f64 exp is CUDA's (within 1 ulp),
-// and top-p alone finds its nucleus from masses in fixed point (2^-42 a
-// token: integer sums, the same in any order, so the same row always gives
-// the same token), so device and host can differ only where u, or p, falls
-// within rounding of a boundary. Rows whose temperature is not above 0 are
-// left alone (their token is the argmax already written).
+// Sampling on the device. Each drawn row is split into chunks of SAMPLE_CHUNK
+// tokens, one CTA a chunk, over a few kernels launched one after another:
+// sample_stats (each chunk's largest finite logit and count of finite
+// logits), sample_hist four times where a row keeps its k most likely tokens
+// or a top-p nucleus (a radix selection, 8 bits of the key a pass),
+// sample_gather (top-k's candidates; every other row's kept mass a chunk),
+// sample_final (one CTA a row: the draw). The kernel boundaries are the only
+// synchronisation: every CTA of a row derives what it needs of the row from
+// what the kernels before left, in one fixed order, so all of them see the
+// same numbers, and a row's draw never depends on the other rows of the call.
+//
+// The draw is the token SampleDraw::apply (crates/bitnet-inference/src/
+// sampling.rs) would make from the same logits and the same uniform number u:
+// every finite logit v weighs exp(v / T - max / T) (f64); top-k keeps the k
+// largest (ties to the smaller token), sorted, then top-p the smallest prefix
+// of those whose share of their sum reaches p; top-p alone keeps the smallest
+// set of most likely tokens (ties to the smaller token) whose share of the
+// whole vocabulary's mass reaches p; and the draw walks the kept tokens
+// (sorted for top-k, in token order for temperature alone and top-p alone)
+// until u of their mass is passed. The host sends rows with top_k in
+// 0..=SAMPLE_MAX_K. Sums are made in other orders than the host's (chunks,
+// warps, lanes) and the f64 exp is CUDA's (within 1 ulp), and top-p alone
+// finds its nucleus from masses in fixed point (2^-42 a token: integer sums,
+// the same in any order), so device and host can differ only where u, or p,
+// falls within rounding of a boundary. Rows whose temperature is not above 0
+// are left alone (their token is the argmax already written).
 
-#define SAMPLE_THREADS 1024
 #define SAMPLE_MAX_K 1024
+// Tokens a chunk CTA takes, its threads, and the tokens each of its warps
+// walks in order (its segment).
+#define SAMPLE_CHUNK 2048
+#define SAMPLE_CTA 256
+#define SAMPLE_CTA_WARPS (SAMPLE_CTA / 32)
+#define SAMPLE_SEG (SAMPLE_CHUNK / SAMPLE_CTA_WARPS)
+#define SAMPLE_FINAL 1024
+// A weight (at most 1) in fixed point, 2^42 to one: SAMPLE_MAX_VOCAB such
+// weights sum below 2^63.
+#define SAMPLE_MAX_VOCAB (1 << 21)
+#define SAMPLE_MAX_CHUNKS (SAMPLE_MAX_VOCAB / SAMPLE_CHUNK)
 
 struct SampleParams {
     float temperature;
@@ -3267,8 +3286,20 @@ struct SampleParams {
     double u;
 };
 
+#define SAMPLE_KEEP 0
+#define SAMPLE_TEMP 1
+#define SAMPLE_TOPK 2
+#define SAMPLE_TOPP 3
+
+__device__ __forceinline__ int sample_kind(const SampleParams& P) {
+    if (!(P.temperature > 0.f)) return SAMPLE_KEEP;
+    if (P.top_k > 0) return SAMPLE_TOPK;
+    return P.top_p < 1.f ? SAMPLE_TOPP : SAMPLE_TEMP;
+}
+
 // Order-preserving key of a finite float: larger float, larger key (-0.0
-// below +0.0, as f32::total_cmp orders them).
+// below +0.0, as f32::total_cmp orders them). Every finite float's key is
+// at least 0x00800000, so key 0 stands for "keep every finite logit".
 __device__ __forceinline__ unsigned sample_key(float v) {
     unsigned b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
@@ -3285,22 +3316,17 @@ __device__ __forceinline__ double sample_weight(float v, double t, double zmax) 
     return z < -746.0 ? 0.0 : exp(z);
 }
 
-// A weight (at most 1) in fixed point, 2^42 to one: SAMPLE_MAX_VOCAB such
-// weights sum below 2^63.
-#define SAMPLE_MAX_VOCAB (1 << 21)
 __device__ __forceinline__ unsigned long long sample_fx(double w) { return (unsigned long long)rint(w * 4398046511104.0); }
-
-#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 
 __device__ __forceinline__ double sample_warp_sum(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
-// Warp-wide: the inclusive prefix sums of vals[0, n) (n <= SAMPLE_THREADS)
-// into out, in one fixed order (lane l sums its block of ceil(n / 32) in
-// order, the block sums are scanned, then each lane runs through its block
-// again from the sum of the blocks before).
+// Warp-wide: the inclusive prefix sums of vals[0, n) (n <= 1024) into out,
+// in one fixed order (lane l sums its block of ceil(n / 32) in order, the
+// block sums are scanned, then each lane runs through its block again from
+// the sum of the blocks before).
 __device__ void sample_prefix(const double* vals, double* out, int n, int lane) {
     const int B = (n + 31) >> 5;
     const int a = min(n, lane * B), b = min(n, a + B);
@@ -3319,13 +3345,14 @@ __device__ void sample_prefix(const double* vals, double* out, int n, int lane) 
     }
 }
 
-// The first i in [0, n) with r < pre[i] (pre non-decreasing), or -1.
-__device__ int sample_first_above(const double* pre, int n, double r) {
-    if (n <= 0 || !(r < pre[n - 1])) return -1;
+// The first i in [0, n) where pre[i] (non-decreasing) passes r (r < pre[i])
+// or, with `reach`, reaches it (r <= pre[i]); -1 if none does.
+__device__ int sample_search(const double* pre, int n, double r, bool reach) {
+    if (n <= 0 || !(reach ? r <= pre[n - 1] : r < pre[n - 1])) return -1;
     int lo = 0, hi = n - 1;
     while (lo < hi) {
         int mid = (lo + hi) >> 1;
-        if (r < pre[mid])
+        if (reach ? r <= pre[mid] : r < pre[mid])
             hi = mid;
         else
             lo = mid + 1;
@@ -3348,40 +3375,309 @@ __device__ void sample_bitonic(int n, Before before, Swap swap) {
     }
 }
 
-// The row is split into SAMPLE_THREADS segments of `per` consecutive tokens;
-// warp w takes segments w, w + SAMPLE_WARPS, ..., each 32 tokens at a time
-// (coalesced loads, token order kept within and across the chunks). Passes
-// that need no order (maximum, histograms) stride over the row.
-extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const float* logits, int vocab,
-                                                                          const SampleParams* params, int* tokens) {
-    __shared__ float red_f[SAMPLE_WARPS];
-    __shared__ int red_i[SAMPLE_WARPS];
-    __shared__ double part[SAMPLE_THREADS];
-    __shared__ double pre[SAMPLE_THREADS];
-    __shared__ unsigned hist[256];
-    __shared__ unsigned long long hist_mass[256];
-    __shared__ int tie_base[SAMPLE_THREADS];
-    __shared__ unsigned cand_key[SAMPLE_MAX_K];
-    __shared__ int cand_tok[SAMPLE_MAX_K];
-    __shared__ double cand_w[SAMPLE_MAX_K];
-    __shared__ unsigned long long above, target;
-    __shared__ unsigned prefix, mask;
-    __shared__ int remaining, n_cand, seg_hit;
-    __shared__ double r_left;
+// Where a row's radix selection stands: the key bits chosen so far (prefix
+// under mask); for top-k how many of the logits matching the prefix are
+// still to keep (remaining); for top-p alone the fixed-point mass of the
+// keys above the prefix's range (above), the mass to reach (target) and
+// how many logits match the prefix (remaining). After the last pass the
+// prefix is the kept key kth and ties how many logits of key kth (the first
+// by token) are kept.
+struct SampleState {
+    unsigned prefix, mask;
+    int remaining, ties;
+    unsigned long long above, target;
+};
+
+// One row's scratch (host twin: sample_row_bytes in
+// crates/bitnet-kernels/src/cuda/ops.rs).
+struct SampleScratch {
+    unsigned long long* hmass;  // [4][256] each pass's bucket masses (top-p alone)
+    SampleState* st;            // [5]: [j] the state pass j starts from (j = 1..3), [4] the final one
+    double* csum;               // [C] each chunk's kept mass
+    float* cmax;                // [C] each chunk's largest finite logit
+    int* cfin;                  // [C] its finite logits
+    unsigned* hcnt;             // [4][256] each pass's bucket counts
+    unsigned* chist;            // [C][256] each chunk's counts in the last pass
+    unsigned* cand_key;         // [SAMPLE_MAX_K] top-k's candidates, in no order
+    int* cand_tok;              // [SAMPLE_MAX_K]
+    unsigned* n_cand;
+};
+
+__device__ __forceinline__ int sample_chunks(int vocab) { return (vocab + SAMPLE_CHUNK - 1) / SAMPLE_CHUNK; }
+
+__device__ __forceinline__ size_t sample_row_bytes(int C) {
+    size_t b = (size_t)4 * 256 * 8 + 5 * sizeof(SampleState) + (size_t)C * (8 + 4 + 4 + 256 * 4) + 4 * 256 * 4 +
+               (size_t)SAMPLE_MAX_K * 8 + 4;
+    return (b + 255) & ~(size_t)255;
+}
+
+__device__ SampleScratch sample_scratch(unsigned char* base, int row, int C) {
+    unsigned char* p = base + (size_t)row * sample_row_bytes(C);
+    SampleScratch s;
+    s.hmass = (unsigned long long*)p;
+    p += 4 * 256 * 8;
+    s.st = (SampleState*)p;
+    p += 5 * sizeof(SampleState);
+    s.csum = (double*)p;
+    p += (size_t)C * 8;
+    s.cmax = (float*)p;
+    p += (size_t)C * 4;
+    s.cfin = (int*)p;
+    p += (size_t)C * 4;
+    s.hcnt = (unsigned*)p;
+    p += 4 * 256 * 4;
+    s.chist = (unsigned*)p;
+    p += (size_t)C * 256 * 4;
+    s.cand_key = (unsigned*)p;
+    p += SAMPLE_MAX_K * 4;
+    s.cand_tok = (int*)p;
+    p += SAMPLE_MAX_K * 4;
+    s.n_cand = (unsigned*)p;
+    return s;
+}
+
+// The row's largest finite logit and number of finite logits, from its
+// chunks' (every CTA of the row gets the same numbers). The whole CTA calls it.
+__device__ void sample_row_stats(const SampleScratch& S, int C, float& m, int& finite) {
+    __shared__ float rf[32];
+    __shared__ int ri[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float mm = -__int_as_float(0x7f800000);
+    int ff = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        mm = fmaxf(mm, S.cmax[c]);
+        ff += S.cfin[c];
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        ff += __shfl_xor_sync(0xffffffffu, ff, o);
+    }
+    if (lane == 0) {
+        rf[warp] = mm;
+        ri[warp] = ff;
+    }
+    __syncthreads();
+    m = rf[0];
+    finite = ri[0];
+    for (int w = 1; w < nw; w++) {
+        m = fmaxf(m, rf[w]);
+        finite += ri[w];
+    }
+}
+
+__device__ SampleState sample_start(const SampleParams& P, int kind, int finite) {
+    SampleState s;
+    s.prefix = 0u;
+    s.mask = 0u;
+    s.remaining = kind == SAMPLE_TOPK ? min(min(P.top_k, SAMPLE_MAX_K), finite) : 0;
+    s.ties = 0;
+    s.above = 0ull;
+    s.target = 0ull;
+    return s;
+}
+
+// One warp: from the state a pass started at and that pass's buckets (cnt,
+// and mass for top-p alone), the state after it. Counts: the bucket (digit)
+// holding the k-th largest key, remaining how many of it are still to keep.
+// Masses: the bucket where the mass above it plus its own reaches the target
+// (after the first pass, shift 24, target = ceil(p * the row's mass)),
+// remaining its count. Lane l takes buckets 255 - 8l down to 248 - 8l; the
+// first lane whose walk stops chooses, which is the bucket a walk from 255
+// down chooses.
+__device__ SampleState sample_advance(SampleState s, const unsigned* cnt, const unsigned long long* mass, int shift,
+                                      bool with_mass, float top_p) {
+    const int lane = threadIdx.x & 31;
+    unsigned c8[8];
+    unsigned long long m8[8];
+    unsigned cl = 0u;
+    unsigned long long ml = 0ull;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int b = 255 - 8 * lane - i;
+        c8[i] = cnt[b];
+        m8[i] = with_mass ? mass[b] : 0ull;
+        cl += c8[i];
+        ml += m8[i];
+    }
+    unsigned ci = cl;
+    unsigned long long mi = ml;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned cy = __shfl_up_sync(0xffffffffu, ci, o);
+        const unsigned long long my = __shfl_up_sync(0xffffffffu, mi, o);
+        if (lane >= o) {
+            ci += cy;
+            mi += my;
+        }
+    }
+    const unsigned long long total = __shfl_sync(0xffffffffu, mi, 31);
+    if (with_mass && shift == 24) {
+        const double want = ceil((double)top_p * (double)total);
+        const unsigned long long tg = want < 1.0 ? 1ull : (unsigned long long)want;
+        s.target = tg < total ? tg : total;
+    }
+    unsigned long long a = s.above + (mi - ml);
+    int need = s.remaining - (int)(ci - cl);
+    int found = -1;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (found >= 0) continue;
+        if (with_mass) {
+            if (c8[i] == 0u) continue;
+            if (a + m8[i] >= s.target)
+                found = i;
+            else
+                a += m8[i];
+        } else {
+            if ((int)c8[i] >= need)
+                found = i;
+            else
+                need -= (int)c8[i];
+        }
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, found >= 0);
+    int digit;
+    if (hit) {
+        const int src = __ffs(hit) - 1;
+        digit = 255 - 8 * src - __shfl_sync(0xffffffffu, found, src);
+        if (with_mass) {
+            s.above = __shfl_sync(0xffffffffu, a, src);
+            s.remaining = (int)cnt[digit];
+        } else {
+            s.remaining = __shfl_sync(0xffffffffu, need, src);
+        }
+    } else {
+        // (Cannot happen: the bucket the pass before chose holds the k-th
+        // key, or reaches the target. Were it ever short, the lowest
+        // non-empty bucket is kept whole.)
+        int lowest = 256;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (c8[i] != 0u) lowest = 255 - 8 * lane - i;
+        for (int o = 16; o > 0; o >>= 1) lowest = min(lowest, __shfl_xor_sync(0xffffffffu, lowest, o));
+        digit = lowest == 256 ? 0 : lowest;
+        s.above = s.above + total - (with_mass ? mass[digit] : 0ull);
+        s.remaining = (int)cnt[digit];
+    }
+    s.prefix |= (unsigned)digit << shift;
+    s.mask |= 255u << shift;
+    return s;
+}
+
+// One warp, after the last pass: the kept key (prefix) and how many of its
+// logits are kept (ties): top-k the remaining count; top-p alone, with the
+// key's weight w in fixed point, the first ceil((target - above) / w).
+__device__ SampleState sample_finish(const SampleScratch& S, const SampleParams& P, int kind, double t, double zmax) {
+    SampleState s = sample_advance(S.st[3], S.hcnt + 3 * 256, S.hmass + 3 * 256, 0, kind == SAMPLE_TOPP, P.top_p);
+    if (kind == SAMPLE_TOPK) {
+        s.ties = s.remaining;
+    } else {
+        const unsigned long long wk = sample_fx(sample_weight(sample_key_value(s.prefix), t, zmax));
+        const unsigned long long gap = s.target > s.above ? s.target - s.above : 0ull;
+        const unsigned long long need = wk == 0 ? (unsigned long long)s.remaining : (gap + wk - 1) / wk;
+        s.ties = need < (unsigned long long)s.remaining ? (int)need : s.remaining;
+    }
+    return s;
+}
+
+// For the lane's token (v its logit, `in` whether it is one): whether it is
+// kept: key above kth, or equal to it among the first `ties` such logits of
+// the row; `seen` counts the ties before this group of 32 (warp-wide).
+__device__ __forceinline__ bool sample_kept(float v, bool in, unsigned kth, int ties, int& seen) {
+    const unsigned lanes_below = (1u << (threadIdx.x & 31)) - 1u;
+    const bool fin = in && sample_finite(v);
+    const unsigned key = sample_key(v);
+    const bool tie = fin && key == kth;
+    const unsigned tb = __ballot_sync(0xffffffffu, tie);
+    const int rank = seen + __popc(tb & lanes_below);
+    seen += __popc(tb);
+    return (fin && key > kth) || (tie && rank < ties);
+}
+
+// Warp w (< SAMPLE_CTA_WARPS) of a chunk CTA walks tokens [a, b) of the row:
+__device__ __forceinline__ void sample_segment(int chunk, int vocab, int w, int& a, int& b) {
+    const int hi = min(vocab, (chunk + 1) * SAMPLE_CHUNK);
+    a = min(hi, chunk * SAMPLE_CHUNK + w * SAMPLE_SEG);
+    b = min(hi, a + SAMPLE_SEG);
+}
+
+// seen[w] = how many logits of key kth (kth != 0) lie before warp w's
+// segment of chunk c in the row (the chunks before from their last-pass
+// counts). The whole CTA calls it; warps 0..SAMPLE_CTA_WARPS-1 count.
+__device__ void sample_chunk_ties(const SampleScratch& S, const float* x, int vocab, int c, unsigned kth, int* seen) {
+    __shared__ int base;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp < SAMPLE_CTA_WARPS) {
+        int n = 0;
+        if (kth != 0u) {
+            int a, b;
+            sample_segment(c, vocab, warp, a, b);
+            for (int c0 = a; c0 < b; c0 += 32) {
+                const int i = c0 + lane;
+                const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
+                n += __popc(__ballot_sync(0xffffffffu, sample_finite(v) && sample_key(v) == kth));
+            }
+        }
+        if (lane == 0) seen[warp] = n;
+    }
+    if (warp == 0) {
+        int s = 0;
+        if (kth != 0u)
+            for (int q = lane; q < c; q += 32) s += (int)S.chist[(size_t)q * 256 + (kth & 255u)];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) base = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int run = base;
+        for (int w = 0; w < SAMPLE_CTA_WARPS; w++) {
+            const int n = seen[w];
+            seen[w] = run;
+            run += n;
+        }
+    }
+    __syncthreads();
+}
+
+// The kept mass of [a, b) (each lane its tokens in order, then the lanes by
+// xor butterfly): sample_gather and sample_final compute it alike.
+__device__ double sample_segment_mass(const float* x, int a, int b, unsigned kth, int ties, int seen, double t,
+                                      double zmax) {
+    double sum = 0.0;
+    for (int c0 = a; c0 < b; c0 += 32) {
+        const int i = c0 + (threadIdx.x & 31);
+        const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
+        if (sample_kept(v, i < b, kth, ties, seen)) sum += sample_weight(v, t, zmax);
+    }
+    return sample_warp_sum(sum);
+}
+
+// grid (chunks, rows), SAMPLE_CTA threads: each chunk's largest finite logit
+// and count of finite logits; the row's histograms and candidate count
+// cleared for the passes that follow.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_stats(const float* logits, int vocab,
+                                                                       const SampleParams* params,
+                                                                       unsigned char* scratch) {
+    __shared__ float rf[SAMPLE_CTA_WARPS];
+    __shared__ int ri[SAMPLE_CTA_WARPS];
     pdl_begin();
-    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const unsigned lanes_below = (1u << lane) - 1u;
+    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab), tid = threadIdx.x;
     const SampleParams P = params[row];
-    // Greedy rows stay as they are.
-    if (!(P.temperature > 0.f)) return;
+    const int kind = sample_kind(P);
+    if (kind == SAMPLE_KEEP) return;
+    const SampleScratch S = sample_scratch(scratch, row, C);
+    if (kind != SAMPLE_TEMP) {
+        for (int i = c * SAMPLE_CTA + tid; i < 4 * 256; i += C * SAMPLE_CTA) {
+            S.hcnt[i] = 0u;
+            S.hmass[i] = 0ull;
+        }
+        if (c == 0 && tid == 0) *S.n_cand = 0u;
+    }
     const float* x = logits + (size_t)row * vocab;
-    const int per = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
-    const float nan = __int_as_float(0x7fc00000);
-    // The largest finite logit and the number of finite logits.
+    const int hi = min(vocab, (c + 1) * SAMPLE_CHUNK);
     float m = -__int_as_float(0x7f800000);
     int finite = 0;
-    for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
-        float v = x[i];
+    for (int i = c * SAMPLE_CHUNK + tid; i < hi; i += SAMPLE_CTA) {
+        const float v = x[i];
         if (sample_finite(v)) {
             m = fmaxf(m, v);
             finite++;
@@ -3391,252 +3687,206 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         finite += __shfl_xor_sync(0xffffffffu, finite, o);
     }
-    if (lane == 0) {
-        red_f[warp] = m;
-        red_i[warp] = finite;
+    if ((tid & 31) == 0) {
+        rf[tid >> 5] = m;
+        ri[tid >> 5] = finite;
     }
     __syncthreads();
-    m = red_f[0];
-    finite = red_i[0];
-    for (int w = 1; w < SAMPLE_WARPS; w++) {
-        m = fmaxf(m, red_f[w]);
-        finite += red_i[w];
+    if (tid == 0) {
+        for (int w = 1; w < SAMPLE_CTA_WARPS; w++) {
+            m = fmaxf(m, rf[w]);
+            finite += ri[w];
+        }
+        S.cmax[c] = m;
+        S.cfin[c] = finite;
     }
+}
+
+// grid (chunks, rows), SAMPLE_CTA threads; pass 0..3 (key bits 31-24 down
+// to 7-0), for rows of top-k or top-p alone: the state this pass starts
+// from (the pass before's buckets; CTA 0 stores it for the next pass), then
+// the chunk's counts (and fixed-point masses) of the finite logits whose key
+// matches the prefix, by the pass's 8 bits, added to the row's buckets (the
+// lanes of a warp that share a bucket add once: most share the top bits);
+// the last pass also keeps each chunk's counts.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_hist(const float* logits, int vocab,
+                                                                      const SampleParams* params,
+                                                                      unsigned char* scratch, int pass) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned long long hmass[256];
+    __shared__ SampleState cur;
+    pdl_begin();
+    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const SampleParams P = params[row];
+    const int kind = sample_kind(P);
+    if (kind != SAMPLE_TOPK && kind != SAMPLE_TOPP) return;
+    const SampleScratch S = sample_scratch(scratch, row, C);
+    float m;
+    int finite;
+    sample_row_stats(S, C, m, finite);
     if (finite == 0) return;  // the argmax stands, as on the host
+    const bool with_mass = kind == SAMPLE_TOPP;
     const double t = (double)P.temperature, zmax = (double)m / t;
-
-    // Radix selection, 8 bits of the key a time, from each bucket's count
-    // (top-k) or fixed-point mass (top-p alone) of the finite logits whose
-    // key matches the prefix chosen so far. Masses: the warps stride over
-    // the row and the lanes of a warp that share a bucket add to it once
-    // (most lanes share the top bits).
-    auto histogram = [&](int shift, bool with_mass) {
-        for (int b = tid; b < 256; b += SAMPLE_THREADS) {
-            hist[b] = 0;
-            hist_mass[b] = 0;
+    for (int b = tid; b < 256; b += SAMPLE_CTA) {
+        hist[b] = 0u;
+        hmass[b] = 0ull;
+    }
+    if (warp == 0) {
+        SampleState s = sample_start(P, kind, finite);
+        if (pass > 0) {
+            if (pass > 1) s = S.st[pass - 1];
+            s = sample_advance(s, S.hcnt + (pass - 1) * 256, S.hmass + (pass - 1) * 256, 32 - 8 * pass, with_mass,
+                               P.top_p);
         }
-        __syncthreads();
-        const unsigned pf = prefix, mk = mask;
-        if (!with_mass) {
-            // Counts alone: each thread its segment in order, one atomic a
-            // matching logit (measured faster on the H200 than striding
-            // the row with each warp's lanes of one bucket adding once:
-            // 180 against 230 us a top-k row of 128256).
-            const int lo = min(vocab, tid * per), hi = min(vocab, lo + per);
-            for (int i = lo; i < hi; i++) {
-                const float v = x[i];
-                if (!sample_finite(v)) continue;
-                const unsigned key = sample_key(v);
-                if ((key & mk) == pf) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-            }
-            __syncthreads();
-            return;
-        }
-        for (int i0 = warp * 32; i0 < vocab; i0 += SAMPLE_THREADS) {
-            const int i = i0 + lane;
-            const float v = i < vocab ? x[i] : nan;
-            const unsigned key = sample_key(v);
-            const bool match = sample_finite(v) && (key & mk) == pf;
-            if (__ballot_sync(0xffffffffu, match) == 0) continue;
-            const unsigned d = (key >> shift) & 255u;
-            // The lanes of one bucket add once, through their lowest lane
-            // (a weight below 2^42 summed as two 21-bit halves).
-            const unsigned peers = __match_any_sync(0xffffffffu, match ? d : 0x100u);
-            if (match) {
-                const bool leader = (peers & lanes_below) == 0u;
-                if (with_mass) {
-                    const unsigned long long w = sample_fx(sample_weight(v, t, zmax));
-                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
-                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(w >> 21));
-                    if (leader) atomicAdd(&hist_mass[d], ((unsigned long long)hi << 21) + lo);
-                }
-                if (leader) atomicAdd(&hist[d], (unsigned)__popc(peers));
-            }
-        }
-        __syncthreads();
-    };
-    // tie_base[s] = how many finite logits of key kth lie before segment s.
-    auto tie_bases = [&](unsigned kth) {
-        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
-            const int a = min(vocab, s * per), b = min(vocab, a + per);
-            int count = 0;
-            for (int c = a; c < b; c += 32) {
-                const int i = c + lane;
-                const float v = i < b ? x[i] : nan;
-                count += __popc(__ballot_sync(0xffffffffu, sample_finite(v) && sample_key(v) == kth));
-            }
-            if (lane == 0) tie_base[s] = count;
-        }
-        __syncthreads();
-        if (warp == 0) {
-            const int B = SAMPLE_THREADS / 32, a = lane * B;
-            int sum = 0;
-            for (int q = a; q < a + B; q++) sum += tie_base[q];
-            int incl = sum;
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += y;
-            }
-            int run = incl - sum;
-            for (int q = a; q < a + B; q++) {
-                int c = tie_base[q];
-                tie_base[q] = run;
-                run += c;
-            }
-        }
-        __syncthreads();
-    };
-    // For the lane's token i of a chunk (v its logit, i < b): whether it is
-    // kept: key above kth, or equal to it among the first ties_needed such
-    // logits of the row; `seen` counts the ties before the chunk (warp-wide).
-    auto kept = [&](float v, bool in, unsigned kth, int ties_needed, int& seen) -> bool {
-        const bool fin = in && sample_finite(v);
-        const unsigned key = sample_key(v);
-        const bool tie = fin && key == kth;
-        const unsigned tb = __ballot_sync(0xffffffffu, tie);
-        const int rank = seen + __popc(tb & lanes_below);
-        seen += __popc(tb);
-        return (fin && key > kth) || (tie && rank < ties_needed);
-    };
-    // Draws in token order among the kept tokens (key above kth, or the
-    // first ties_needed of key kth; kth = 0 keeps every finite logit):
-    // each segment's kept mass, their prefix sums, the segment where u of
-    // the total falls, then the token within it, 32 at a time.
-    auto draw_in_token_order = [&](unsigned kth, int ties_needed) {
-        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
-            const int a = min(vocab, s * per), b = min(vocab, a + per);
-            int seen = kth == 0u ? 0 : tie_base[s];
-            double sum = 0.0;
-            for (int c = a; c < b; c += 32) {
-                const int i = c + lane;
-                const float v = i < b ? x[i] : nan;
-                if (kept(v, i < b, kth, ties_needed, seen)) sum += sample_weight(v, t, zmax);
-            }
-            sum = sample_warp_sum(sum);
-            if (lane == 0) part[s] = sum;
-        }
-        __syncthreads();
-        if (warp != 0) return;
-        sample_prefix(part, pre, SAMPLE_THREADS, lane);
-        __syncwarp();
         if (lane == 0) {
-            const double total = pre[SAMPLE_THREADS - 1];
-            double r = P.u * total;
-            int s = sample_first_above(pre, SAMPLE_THREADS, r);
-            // Rounding past the end: the last segment that adds mass (the
-            // first whose prefix sum is the total), walked with all of it.
-            if (s < 0) {
-                int lo = 0, hi = SAMPLE_THREADS - 1;
-                while (lo < hi) {
-                    int mid = (lo + hi) >> 1;
-                    if (pre[mid] >= total)
-                        hi = mid;
-                    else
-                        lo = mid + 1;
-                }
-                s = lo;
-                r = part[s];
-            } else {
-                r -= s > 0 ? pre[s - 1] : 0.0;
-            }
-            seg_hit = s;
-            r_left = r;
+            cur = s;
+            if (c == 0 && pass > 0) S.st[pass] = s;
         }
-        __syncwarp();
-        const int s = seg_hit;
-        double r = r_left;
-        const int a = min(vocab, s * per), b = min(vocab, a + per);
-        int seen = kth == 0u ? 0 : tie_base[s];
-        int token = -1, last = -1;
-        for (int c = a; c < b && token < 0; c += 32) {
-            const int i = c + lane;
-            const float v = i < b ? x[i] : nan;
-            const bool k = kept(v, i < b, kth, ties_needed, seen);
-            double incl = k ? sample_weight(v, t, zmax) : 0.0;
-            for (int o = 1; o < 32; o <<= 1) {
-                double y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += y;
+    }
+    __syncthreads();
+    const unsigned pf = cur.prefix, mk = cur.mask, lanes_below = (1u << lane) - 1u;
+    const int shift = 24 - 8 * pass;
+    const float* x = logits + (size_t)row * vocab;
+    const int hi = min(vocab, (c + 1) * SAMPLE_CHUNK);
+    for (int i0 = c * SAMPLE_CHUNK + warp * 32; i0 < hi; i0 += SAMPLE_CTA) {
+        const int i = i0 + lane;
+        const float v = i < hi ? x[i] : __int_as_float(0x7fc00000);
+        const unsigned key = sample_key(v);
+        const bool match = sample_finite(v) && (key & mk) == pf;
+        if (__ballot_sync(0xffffffffu, match) == 0u) continue;
+        const unsigned d = (key >> shift) & 255u;
+        const unsigned peers = __match_any_sync(0xffffffffu, match ? d : 0x100u);
+        if (match) {
+            const bool leader = (peers & lanes_below) == 0u;
+            if (with_mass) {
+                // A weight below 2^42 summed as two 21-bit halves.
+                const unsigned long long w = sample_fx(sample_weight(v, t, zmax));
+                const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
+                const unsigned hi2 = __reduce_add_sync(peers, (unsigned)(w >> 21));
+                if (leader) atomicAdd(&hmass[d], ((unsigned long long)hi2 << 21) + lo);
             }
-            const unsigned hit = __ballot_sync(0xffffffffu, k && r < incl);
-            const unsigned kb = __ballot_sync(0xffffffffu, k);
-            if (hit) {
-                token = c + __ffs(hit) - 1;
-            } else {
-                r -= __shfl_sync(0xffffffffu, incl, 31);
-                if (kb) last = c + 31 - __clz(kb);
-            }
+            if (leader) atomicAdd(&hist[d], (unsigned)__popc(peers));
         }
-        if (token < 0) token = last;  // rounding: the segment's last kept token
-        if (lane == 0) tokens[row] = token;
-    };
+    }
+    __syncthreads();
+    for (int b = tid; b < 256; b += SAMPLE_CTA) {
+        if (hist[b] != 0u) atomicAdd(S.hcnt + pass * 256 + b, hist[b]);
+        if (hmass[b] != 0ull) atomicAdd(S.hmass + pass * 256 + b, hmass[b]);
+        if (pass == 3) S.chist[(size_t)c * 256 + b] = hist[b];
+    }
+}
 
-    if (P.top_k <= 0 && P.top_p >= 1.f) {
-        // Temperature alone: every finite logit.
-        draw_in_token_order(0u, 0);
+// grid (chunks, rows), SAMPLE_CTA threads: the kept key and its ties after
+// the last pass (CTA 0 stores them); then top-k's kept logits of the chunk
+// into the row's candidates, or every other row's kept mass of the chunk
+// (temperature alone: every finite logit), the sum of its warps' in order.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_gather(const float* logits, int vocab,
+                                                                        const SampleParams* params,
+                                                                        unsigned char* scratch) {
+    __shared__ SampleState fin;
+    __shared__ int seen[SAMPLE_CTA_WARPS];
+    __shared__ double wsum[SAMPLE_CTA_WARPS];
+    pdl_begin();
+    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const SampleParams P = params[row];
+    const int kind = sample_kind(P);
+    if (kind == SAMPLE_KEEP) return;
+    const SampleScratch S = sample_scratch(scratch, row, C);
+    float m;
+    int finite;
+    sample_row_stats(S, C, m, finite);
+    if (finite == 0) return;
+    const double t = (double)P.temperature, zmax = (double)m / t;
+    unsigned kth = 0u;
+    int ties = 0;
+    if (kind != SAMPLE_TEMP) {
+        if (warp == 0) {
+            const SampleState s = sample_finish(S, P, kind, t, zmax);
+            if (lane == 0) {
+                fin = s;
+                if (c == 0) S.st[4] = s;
+            }
+        }
+        __syncthreads();
+        kth = fin.prefix;
+        ties = fin.ties;
+    }
+    const float* x = logits + (size_t)row * vocab;
+    sample_chunk_ties(S, x, vocab, c, kth, seen);
+    int a, b;
+    sample_segment(c, vocab, warp, a, b);
+    if (kind == SAMPLE_TOPK) {
+        const unsigned lanes_below = (1u << lane) - 1u;
+        int sn = seen[warp];
+        for (int c0 = a; c0 < b; c0 += 32) {
+            const int i = c0 + lane;
+            const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
+            const bool keep = sample_kept(v, i < b, kth, ties, sn);
+            const unsigned kb = __ballot_sync(0xffffffffu, keep);
+            if (kb == 0u) continue;
+            unsigned base = 0u;
+            if (lane == 0) base = atomicAdd(S.n_cand, (unsigned)__popc(kb));
+            base = __shfl_sync(0xffffffffu, base, 0);
+            const unsigned slot = base + (unsigned)__popc(kb & lanes_below);
+            if (keep && slot < SAMPLE_MAX_K) {
+                S.cand_key[slot] = sample_key(v);
+                S.cand_tok[slot] = i;
+            }
+        }
         return;
     }
+    const double sum = sample_segment_mass(x, a, b, kth, ties, seen[warp], t, zmax);
+    if (lane == 0) wsum[warp] = sum;
+    __syncthreads();
+    if (tid == 0) {
+        double s = 0.0;
+        for (int w = 0; w < SAMPLE_CTA_WARPS; w++) s += wsum[w];
+        S.csum[c] = s;
+    }
+}
 
-    // The k most likely finite logits (ties to the smaller token) sorted
-    // most likely first into cand_key / cand_tok, their weights into cand_w
-    // and the weights' prefix sums into pre: the key of the k-th largest by
-    // counts, 8 bits at a time, then the keys above it and the first of
-    // those equal to it, then a bitonic sort.
-    auto select_top = [&](int k) {
-        if (tid == 0) {
-            prefix = 0;
-            mask = 0;
-            remaining = k;
-            n_cand = 0;
-        }
-        __syncthreads();
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            histogram(shift, false);
-            if (tid == 0) {
-                int need = remaining;
-                int digit = 0;
-                for (int b = 255; b >= 0; b--) {
-                    if ((int)hist[b] >= need) {
-                        digit = b;
-                        break;
-                    }
-                    need -= (int)hist[b];
-                }
-                remaining = need;
-                prefix = prefix | ((unsigned)digit << shift);
-                mask = mask | (255u << shift);
-            }
-            __syncthreads();
-        }
-        const unsigned kth = prefix;
-        const int ties_needed = remaining;  // of the logits whose key is kth, the first ones by token
-        tie_bases(kth);
-        for (int s = warp; s < SAMPLE_THREADS; s += SAMPLE_WARPS) {
-            const int a = min(vocab, s * per), b = min(vocab, a + per);
-            int seen = tie_base[s];
-            for (int c = a; c < b; c += 32) {
-                const int i = c + lane;
-                const float v = i < b ? x[i] : nan;
-                const bool k_ = kept(v, i < b, kth, ties_needed, seen);
-                const unsigned kb = __ballot_sync(0xffffffffu, k_);
-                if (kb == 0) continue;
-                int base = 0;
-                if (lane == 0) base = atomicAdd(&n_cand, __popc(kb));
-                base = __shfl_sync(0xffffffffu, base, 0);
-                if (k_) {
-                    const int slot = base + __popc(kb & lanes_below);
-                    cand_key[slot] = sample_key(v);
-                    cand_tok[slot] = i;
-                }
-            }
-        }
-        __syncthreads();
-        // Most likely first (larger key, then smaller token): a bitonic
-        // sort over the next power of two, padded.
+// grid (rows), SAMPLE_FINAL threads: the draw. Top-k: the candidates sorted
+// most likely first (larger key, then smaller token), their weights' prefix
+// sums, top-p among them, the token where u of the kept mass falls. Others:
+// the chunk where u of the row's kept mass falls (prefix sums of the
+// chunks'), the warp segment within it (the chunk's sums again, in the same
+// order), then the token, 32 at a time in token order.
+extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const float* logits, int vocab,
+                                                                         const SampleParams* params,
+                                                                         unsigned char* scratch, int* tokens) {
+    __shared__ double part[SAMPLE_MAX_K > SAMPLE_MAX_CHUNKS ? SAMPLE_MAX_K : SAMPLE_MAX_CHUNKS];
+    __shared__ double pre[SAMPLE_MAX_K > SAMPLE_MAX_CHUNKS ? SAMPLE_MAX_K : SAMPLE_MAX_CHUNKS];
+    __shared__ unsigned cand_key[SAMPLE_MAX_K];
+    __shared__ int cand_tok[SAMPLE_MAX_K];
+    __shared__ int seen[SAMPLE_CTA_WARPS];
+    __shared__ double wsum[SAMPLE_CTA_WARPS];
+    __shared__ int hit_c, hit_w;
+    __shared__ double r_left;
+    pdl_begin();
+    const int row = blockIdx.x, C = sample_chunks(vocab);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const SampleParams P = params[row];
+    const int kind = sample_kind(P);
+    if (kind == SAMPLE_KEEP) return;
+    const SampleScratch S = sample_scratch(scratch, row, C);
+    float m;
+    int finite;
+    sample_row_stats(S, C, m, finite);
+    if (finite == 0) return;
+    const double t = (double)P.temperature, zmax = (double)m / t;
+    const float* x = logits + (size_t)row * vocab;
+
+    if (kind == SAMPLE_TOPK) {
+        const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
+        const int nc = min((int)*S.n_cand, k);  // k: the gather keeps exactly k
+        if (nc <= 0) return;
         int n = 1;
-        while (n < k) n <<= 1;
-        for (int i = k + tid; i < n; i += SAMPLE_THREADS) {
-            cand_key[i] = 0u;
-            cand_tok[i] = 0x7fffffff;
+        while (n < nc) n <<= 1;
+        for (int i = tid; i < n; i += SAMPLE_FINAL) {
+            cand_key[i] = i < nc ? S.cand_key[i] : 0u;
+            cand_tok[i] = i < nc ? S.cand_tok[i] : 0x7fffffff;
         }
         __syncthreads();
         sample_bitonic(
@@ -3652,145 +3902,104 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS) sample_rows(const f
                 cand_key[j] = kk;
                 cand_tok[j] = tt;
             });
-        for (int q = tid; q < k; q += SAMPLE_THREADS)
-            cand_w[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
+        for (int q = tid; q < nc; q += SAMPLE_FINAL) part[q] = sample_weight(sample_key_value(cand_key[q]), t, zmax);
         __syncthreads();
-        if (warp == 0) sample_prefix(cand_w, pre, k, lane);
+        if (warp == 0) sample_prefix(part, pre, nc, lane);
         __syncthreads();
-    };
-    // The first q < k with pre[q] >= p * total: how many of the sorted
-    // candidates top-p keeps (0: their mass falls short).
-    auto nucleus_of = [&](int k, double total) -> int {
-        const double tg = (double)P.top_p * total;
-        if (!(pre[k - 1] >= tg)) return 0;
-        int lo = 0, hi = k - 1;
-        while (lo < hi) {
-            int mid = (lo + hi) >> 1;
-            if (pre[mid] >= tg)
-                hi = mid;
-            else
-                lo = mid + 1;
-        }
-        return lo + 1;
-    };
-
-    if (P.top_k > 0) {
-        // Top-k, then top-p among them; the draw walks them sorted.
-        const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
-        select_top(k);
         if (tid == 0) {
-            const int keep = P.top_p < 1.f ? nucleus_of(k, pre[k - 1]) : k;
-            const double r = P.u * pre[keep - 1];
-            const int q = sample_first_above(pre, keep, r);
+            // Top-p: the first q with pre[q] >= p * total.
+            int keep = nc;
+            if (P.top_p < 1.f) {
+                const int q = sample_search(pre, nc, (double)P.top_p * pre[nc - 1], true);
+                keep = q < 0 ? nc : q + 1;
+            }
+            const int q = sample_search(pre, keep, P.u * pre[keep - 1], false);
             tokens[row] = cand_tok[q < 0 ? keep - 1 : q];
         }
         return;
     }
 
-    // Top-p alone: the whole vocabulary's mass (each warp's in a fixed
-    // order, then the warps'), then the nucleus among the SAMPLE_MAX_K most
-    // likely; a wider one is found by mass below.
-    {
-        double s = 0.0;
-        for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
-            const float v = x[i];
-            if (sample_finite(v)) s += sample_weight(v, t, zmax);
+    unsigned kth = 0u;
+    int ties = 0;
+    if (kind == SAMPLE_TOPP) {
+        kth = S.st[4].prefix;
+        ties = S.st[4].ties;
+    }
+    for (int q = tid; q < C; q += SAMPLE_FINAL) part[q] = S.csum[q];
+    __syncthreads();
+    if (warp == 0) {
+        sample_prefix(part, pre, C, lane);
+        __syncwarp();
+        if (lane == 0) {
+            const double total = pre[C - 1];
+            double r = P.u * total;
+            int c = sample_search(pre, C, r, false);
+            if (c < 0) {
+                // Rounding past the end: the first chunk whose prefix sum
+                // is the total, walked with all of its mass.
+                c = max(0, sample_search(pre, C, total, true));
+                r = part[c];
+            } else {
+                r -= c > 0 ? pre[c - 1] : 0.0;
+            }
+            hit_c = c;
+            r_left = r;
         }
-        s = sample_warp_sum(s);
-        if (lane == 0) part[warp] = s;
     }
     __syncthreads();
-    double total = 0.0;
-    for (int w = 0; w < SAMPLE_WARPS; w++) total += part[w];
-    const int k = min(SAMPLE_MAX_K, finite);
-    select_top(k);
-    const int keep = nucleus_of(k, total);
-    if (keep > 0) {
-        // The nucleus in token order (a bitonic sort of its tokens and
-        // weights), then the draw.
-        int n = 1;
-        while (n < keep) n <<= 1;
-        for (int i = keep + tid; i < n; i += SAMPLE_THREADS) {
-            cand_tok[i] = 0x7fffffff;
-            cand_w[i] = 0.0;
-        }
-        __syncthreads();
-        sample_bitonic(
-            n, [&](int i, int j) { return cand_tok[i] < cand_tok[j]; },
-            [&](int i, int j) {
-                const int tt = cand_tok[i];
-                const double ww = cand_w[i];
-                cand_tok[i] = cand_tok[j];
-                cand_w[i] = cand_w[j];
-                cand_tok[j] = tt;
-                cand_w[j] = ww;
-            });
-        if (warp == 0) sample_prefix(cand_w, pre, keep, lane);
-        __syncthreads();
-        if (tid == 0) {
-            const double r = P.u * pre[keep - 1];
-            const int q = sample_first_above(pre, keep, r);
-            tokens[row] = cand_tok[q < 0 ? keep - 1 : q];
-        }
-        return;
+    const int c = hit_c;
+    sample_chunk_ties(S, x, vocab, c, kth, seen);
+    int a, b;
+    sample_segment(c, vocab, warp < SAMPLE_CTA_WARPS ? warp : 0, a, b);
+    if (warp < SAMPLE_CTA_WARPS) {
+        const double s = sample_segment_mass(x, a, b, kth, ties, seen[warp], t, zmax);
+        if (lane == 0) wsum[warp] = s;
     }
-    {
-        // A nucleus wider than SAMPLE_MAX_K: every key above some kth plus the
-        // first few logits (by token) of key kth: the smallest set of most
-        // likely tokens whose fixed-point mass reaches target = ceil(p *
-        // total). The integer sums do not depend on the atomics' order, and
-        // each pass's buckets add up exactly to the bucket the pass before
-        // chose.
-        if (tid == 0) {
-            prefix = 0;
-            mask = 0;
-            above = 0;
-        }
-        __syncthreads();
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            histogram(shift, true);
-            if (tid == 0) {
-                if (shift == 24) {
-                    unsigned long long fx_total = 0;
-                    for (int b = 0; b < 256; b++) fx_total += hist_mass[b];
-                    double want = ceil((double)P.top_p * (double)fx_total);
-                    unsigned long long tg = want < 1.0 ? 1ull : (unsigned long long)want;
-                    target = tg < fx_total ? tg : fx_total;
-                }
-                unsigned long long a = above;
-                int digit = -1, lowest = -1;
-                for (int b = 255; b >= 0; b--) {
-                    if (hist[b] == 0) continue;
-                    lowest = b;
-                    if (a + hist_mass[b] >= target) {
-                        digit = b;
-                        break;
-                    }
-                    a += hist_mass[b];
-                }
-                // (Cannot happen: the chosen bucket's mass reached the
-                // target. Were it ever short, the whole bucket is kept.)
-                if (digit < 0) {
-                    digit = lowest;
-                    a -= hist_mass[lowest];
-                }
-                above = a;
-                remaining = (int)hist[digit];
-                prefix = prefix | ((unsigned)digit << shift);
-                mask = mask | (255u << shift);
+    __syncthreads();
+    if (tid == 0) {
+        // The running sum of the warps' masses is the chunk's (same order).
+        double r = r_left, run = 0.0;
+        int w_hit = -1, w_last = -1;
+        for (int w = 0; w < SAMPLE_CTA_WARPS; w++) {
+            const double next = run + wsum[w];
+            if (wsum[w] > 0.0) w_last = w;
+            if (w_hit < 0 && r < next) {
+                w_hit = w;
+                r -= run;
             }
-            __syncthreads();
+            run = next;
         }
-        const unsigned kth = prefix;
-        // Of the logits of key kth (equal weights w), the first
-        // ceil((target - above) / w) by token.
-        const unsigned long long wk = sample_fx(sample_weight(sample_key_value(kth), t, zmax));
-        const unsigned long long gap = target > above ? target - above : 0ull;
-        const unsigned long long need = wk == 0 ? (unsigned long long)remaining : (gap + wk - 1) / wk;
-        const int ties_needed = need < (unsigned long long)remaining ? (int)need : remaining;
-        tie_bases(kth);
-        draw_in_token_order(kth, ties_needed);
-        return;
+        if (w_hit < 0 && w_last >= 0) {
+            // Rounding: the last segment with mass, walked with all of it.
+            w_hit = w_last;
+            r = wsum[w_last];
+        }
+        hit_w = w_hit;
+        r_left = r;
     }
-
+    __syncthreads();
+    if (warp != hit_w) return;
+    double r = r_left;
+    int sn = seen[warp];
+    int token = -1, last = -1;
+    for (int c0 = a; c0 < b && token < 0; c0 += 32) {
+        const int i = c0 + lane;
+        const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
+        const bool k = sample_kept(v, i < b, kth, ties, sn);
+        double incl = k ? sample_weight(v, t, zmax) : 0.0;
+        for (int o = 1; o < 32; o <<= 1) {
+            double y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, k && r < incl);
+        const unsigned kb = __ballot_sync(0xffffffffu, k);
+        if (hit) {
+            token = c0 + __ffs(hit) - 1;
+        } else {
+            r -= __shfl_sync(0xffffffffu, incl, 31);
+            if (kb) last = c0 + 31 - __clz(kb);
+        }
+    }
+    if (token < 0) token = last;  // rounding: the segment's last kept token
+    if (lane == 0 && token >= 0) tokens[row] = token;
 }

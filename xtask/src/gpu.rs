@@ -466,7 +466,7 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
         })
         .collect();
     let sample_peaked = gpu.upload("peaked logits", &peaked)?;
-    let sample_params = gpu.alloc("sample parameters", GpuContext::sample_params_bytes(max_rows))?;
+    let sample_workspace = gpu.alloc("sampling workspace", GpuContext::sample_workspace_bytes(max_rows, vocab))?;
     // Kernels launched eagerly (sample_rows copies its parameters from the
     // host, which a graph capture would not take): the median of five runs
     // of 20 calls.
@@ -641,7 +641,7 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
                     &format!("sample {name} {what}"),
                     n * vocab * 4,
                     time_eager(&|| {
-                        gpu.sample_rows(sample_logits.all(), vocab, &draws, sample_params.all(), tokens_out.all())
+                        gpu.sample_rows(sample_logits.all(), vocab, &draws, sample_workspace.all(), tokens_out.all())
                     })?,
                 );
             }

@@ -174,8 +174,9 @@ struct Workspace {
     flags_tokens: DevBuf,
     /// The argmax's partial maxima and row counters.
     argmax_scratch: DevBuf,
-    /// The draws of the rows sampled on the device (`sample_rows`).
-    sample_params: DevBuf,
+    /// The draws of the rows sampled on the device and their scratch
+    /// (`sample_rows`).
+    sample_workspace: DevBuf,
     /// The fused decode kernel's barrier and attention counters.
     sync: DevBuf,
 }
@@ -456,7 +457,7 @@ impl CudaBackend {
                 GpuContext::argmax_scratch_bytes(entries.min(ARGMAX_SPLIT_MAX_ROWS), vocab),
             )?,
             sync: alloc("fused decode counters", GpuContext::fused_sync_bytes(FUSED_ROWS, c.n_heads))?,
-            sample_params: alloc("sampling parameters", GpuContext::sample_params_bytes(entries))?,
+            sample_workspace: alloc("sampling workspace", GpuContext::sample_workspace_bytes(entries, vocab))?,
         };
         memory.workspace += [
             &ws.inputs,
@@ -475,7 +476,7 @@ impl CudaBackend {
             &ws.flags_tokens,
             &ws.argmax_scratch,
             &ws.sync,
-            &ws.sample_params,
+            &ws.sample_workspace,
         ]
         .iter()
         .map(|b| b.len())
@@ -1044,7 +1045,7 @@ impl Backend for CudaBackend {
                     })
                     .collect();
                 let tokens = ws.flags_tokens.range(4, n_out * 4)?;
-                this.gpu.sample_rows(ws.logits.all(), vocab, &rows, ws.sample_params.all(), tokens)?;
+                this.gpu.sample_rows(ws.logits.all(), vocab, &rows, ws.sample_workspace.all(), tokens)?;
             }
             let mut bytes = vec![0u8; 4 + n_out * 4];
             this.gpu.read(ws.flags_tokens.range(0, bytes.len())?, &mut bytes)?;

@@ -249,16 +249,18 @@ fn host_draw(row: &SampleRow, logits: &[f32]) -> u32 {
 /// The device draw equals the host's on rows with ties, NaN, infinities and
 /// negative zeros, for temperature alone, top-k 1..1024 with and without
 /// top-p, and top-p alone with nuclei of a few tokens to most of the
-/// vocabulary, at vocabularies of 1000 and 128256; rows left alone
-/// (greedy, top-k above 1024) keep the token they held. Then a row of equal
-/// logits, whose nucleus ends inside one run of ties, and a vocabulary
+/// vocabulary, at vocabularies of 1000 (one chunk of the kernels), 4097 (two
+/// whole chunks of 2048 and one token) and 128256; rows left alone (greedy,
+/// top-k above 1024) keep the token they held; a row drawn alone gets the
+/// token it got among the others. Then rows of equal logits, whose nucleus
+/// ends inside one run of ties spread over many chunks, and a vocabulary
 /// beyond SAMPLE_MAX_VOCAB, refused.
 #[test]
 fn sample_rows_draw_what_the_host_draws() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(77);
     let (mut drawn_narrow_nucleus, mut drawn_wide_nucleus) = (0, 0);
-    for vocab in [1000usize, 128_256] {
+    for vocab in [1000usize, 4097, 128_256] {
         let configs: Vec<(f32, usize, f32)> = vec![
             (1.0, 0, 1.0),
             (0.7, 0, 1.0),
@@ -312,7 +314,7 @@ fn sample_rows_draw_what_the_host_draws() {
         let lb = up_f32(&g, &logits);
         let before: Vec<i32> = (0..rows as i32).map(|r| -1 - r).collect();
         let tokens = up_i32(&g, &before);
-        let params = g.alloc("params", GpuContext::sample_params_bytes(rows)).unwrap();
+        let params = g.alloc("sampling workspace", GpuContext::sample_workspace_bytes(rows, vocab)).unwrap();
         g.sample_rows(lb.all(), vocab, &draws, params.all(), tokens.all()).unwrap();
         let got = read_i32(&g, &tokens, rows);
         for (r, draw) in draws.iter().enumerate() {
@@ -324,14 +326,22 @@ fn sample_rows_draw_what_the_host_draws() {
             let want = host_draw(draw, row);
             assert_eq!(got[r], want as i32, "vocab {vocab}, row {r}: {draw:?}");
             if draw.top_k == 0 && draw.top_p < 1.0 && vocab > bitnet_kernels::cuda::SAMPLE_MAX_K {
-                // The kernel takes the 1024 most likely first, a wider
-                // nucleus by mass: both ways are drawn.
+                // Nuclei within and beyond the 1024 most likely tokens are
+                // both drawn.
                 if host_nucleus(draw, row) > bitnet_kernels::cuda::SAMPLE_MAX_K {
                     drawn_wide_nucleus += 1;
                 } else {
                     drawn_narrow_nucleus += 1;
                 }
             }
+        }
+        // A row's draw does not depend on the rows around it: each of a
+        // few rows drawn alone (one row a call, from its own copy).
+        for r in [0usize, 13, 27, 41, rows - 3] {
+            let one = up_f32(&g, &logits[r * vocab..(r + 1) * vocab]);
+            let tok = up_i32(&g, &[-5]);
+            g.sample_rows(one.all(), vocab, &draws[r..r + 1], params.all(), tok.all()).unwrap();
+            assert_eq!(read_i32(&g, &tok, 1)[0], got[r], "vocab {vocab}, row {r} alone: {:?}", draws[r]);
         }
     }
     assert!(
@@ -341,8 +351,8 @@ fn sample_rows_draw_what_the_host_draws() {
 
     // Equal logits: the nucleus is the first ceil(p * n) tokens (p * n kept
     // away from an integer, so no rounding can move it), drawn in token
-    // order: token floor(u * nucleus). Nuclei of 475 and 42757 tokens, one
-    // on each of the kernel's ways.
+    // order: token floor(u * nucleus). Nuclei of 475 and 42757 tokens (the
+    // second's run of ties spans 21 chunks of the kernels).
     let vocab = 128_256;
     let flat: Vec<f32> = (0..vocab).map(|i| if i % 1000 == 999 { f32::NAN } else { 1.0 }).collect();
     let finite = vocab - vocab / 1000;
@@ -355,7 +365,7 @@ fn sample_rows_draw_what_the_host_draws() {
     let logits: Vec<f32> = (0..rows).flat_map(|_| flat.iter().copied()).collect();
     let lb = up_f32(&g, &logits);
     let tokens = up_i32(&g, &vec![0; rows]);
-    let params = g.alloc("params", GpuContext::sample_params_bytes(rows)).unwrap();
+    let params = g.alloc("sampling workspace", GpuContext::sample_workspace_bytes(rows, vocab)).unwrap();
     g.sample_rows(lb.all(), vocab, &draws, params.all(), tokens.all()).unwrap();
     let got = read_i32(&g, &tokens, rows);
     for (r, draw) in draws.iter().enumerate() {

@@ -1268,29 +1268,50 @@ impl SampleRow {
     }
 }
 
+/// Tokens each CTA of the sampling kernels takes (`SAMPLE_CHUNK` in
+/// kernels/bitnet.cu).
+const SAMPLE_CHUNK: usize = 2048;
+
+/// Bytes of one row's scratch in [`GpuContext::sample_rows`]'s workspace for
+/// rows of `chunks` chunks (device twin: `sample_row_bytes` in
+/// kernels/bitnet.cu): the radix passes' bucket masses, five states of 32
+/// bytes, each chunk's kept mass, largest logit, finite count and last-pass
+/// counts, the passes' bucket counts, top-k's candidates and their count.
+fn sample_row_bytes(chunks: usize) -> usize {
+    let bytes = 4 * 256 * 8 + 5 * 32 + chunks * (8 + 4 + 4 + 256 * 4) + 4 * 256 * 4 + SAMPLE_MAX_K * 8 + 4;
+    bytes.next_multiple_of(256)
+}
+
 impl GpuContext {
-    /// Bytes of `sample_rows`'s parameters for `rows` rows.
-    pub fn sample_params_bytes(rows: usize) -> usize {
-        rows * SampleRow::BYTES
+    /// Bytes of [`Self::sample_rows`]'s workspace for `rows` rows of `vocab`
+    /// logits: the rows' parameters, then each row's scratch.
+    pub fn sample_workspace_bytes(rows: usize, vocab: usize) -> usize {
+        Self::sample_params_span(rows) + rows * sample_row_bytes(vocab.div_ceil(SAMPLE_CHUNK).max(1))
+    }
+
+    fn sample_params_span(rows: usize) -> usize {
+        (rows * SampleRow::BYTES).next_multiple_of(256)
     }
 
     /// Draws the token of each row of `logits` (`rows.len()` rows of `vocab`,
     /// at most [`SAMPLE_MAX_VOCAB`]) whose [`SampleRow::on_device`] holds
     /// into `tokens[row]` (i32); other rows keep what `tokens` holds (the
     /// argmax of a greedy step). Every drawn row gets a token: top-p alone
-    /// finds its nucleus however wide it is. `params` holds
-    /// [`Self::sample_params_bytes`] for the rows and is written here.
+    /// finds its nucleus however wide it is. Each row is split over CTAs of
+    /// 2048 logits (`sample_stats`, four `sample_hist` passes when a row
+    /// keeps its top-k or a top-p nucleus, `sample_gather`, then
+    /// `sample_final`, one CTA a row). `workspace` holds at least
+    /// [`Self::sample_workspace_bytes`] for the rows and is written here.
     pub fn sample_rows(
         &self,
         logits: DevRange,
         vocab: usize,
         rows: &[SampleRow],
-        params: DevRange,
+        workspace: DevRange,
         tokens: DevRange,
     ) -> Result<(), CudaError> {
         let n = rows.len();
         let lp = logits.need("logits", bytes("logits", &[n, vocab, 4])?)?;
-        let pp = params.need("sample parameters", Self::sample_params_bytes(n))?;
         let tp = tokens.need("sampled tokens", n * 4)?;
         if n == 0 || !rows.iter().any(SampleRow::on_device) {
             return Ok(());
@@ -1300,18 +1321,30 @@ impl GpuContext {
                 "sampling on the device takes vocabularies of at most {SAMPLE_MAX_VOCAB} tokens, not {vocab}"
             )));
         }
-        let mut encoded = Vec::with_capacity(Self::sample_params_bytes(n));
+        if n > 65_535 {
+            return Err(CudaError::Shape(format!("sampling on the device takes at most 65535 rows a call, not {n}")));
+        }
+        let wp = workspace.need("sampling workspace", Self::sample_workspace_bytes(n, vocab))?;
+        let params = workspace.sub(0, n * SampleRow::BYTES)?;
+        let scratch = wp + Self::sample_params_span(n) as u64;
+        let mut encoded = Vec::with_capacity(n * SampleRow::BYTES);
         for row in rows {
             row.encode(&mut encoded);
         }
         self.write(params, &encoded)?;
-        self.launch(
-            "sample_rows",
-            (u32_grid("entries", n)?, 1, 1),
-            (1024, 1, 1),
-            0,
-            &[Arg::Ptr(lp), Arg::I32(i32_dim("vocab", vocab)?), Arg::Ptr(pp), Arg::Ptr(tp)],
-        )
+        let chunks = u32_grid("chunks", vocab.div_ceil(SAMPLE_CHUNK).max(1))?;
+        let grid = (chunks, u32_grid("entries", n)?, 1);
+        let v = Arg::I32(i32_dim("vocab", vocab)?);
+        let pp = Arg::Ptr(wp);
+        let sp = Arg::Ptr(scratch);
+        self.launch("sample_stats", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp])?;
+        if rows.iter().any(|r| r.on_device() && (r.top_k > 0 || r.top_p < 1.0)) {
+            for pass in 0..4 {
+                self.launch("sample_hist", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp, Arg::I32(pass)])?;
+            }
+        }
+        self.launch("sample_gather", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp])?;
+        self.launch("sample_final", (grid.1, 1, 1), (1024, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp, Arg::Ptr(tp)])
     }
 }
 
