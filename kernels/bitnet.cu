@@ -3260,7 +3260,7 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
 // until u of their mass is passed. The host sends rows with top_k in
 // 0..=SAMPLE_MAX_K. Sums are made in other orders than the host's (chunks,
 // warps, lanes) and the f64 exp is CUDA's (within 1 ulp), and top-p alone
-// finds its nucleus from masses in fixed point (2^-42 a token: integer sums,
+// finds its nucleus from masses in fixed point (2^-41 a token: integer sums,
 // the same in any order), so device and host can differ only where u, or p,
 // falls within rounding of a boundary. Rows whose temperature is not above 0
 // are left alone (their token is the argmax already written).
@@ -3273,8 +3273,9 @@ extern "C" __global__ void __launch_bounds__(256) argmax_split(const float* logi
 #define SAMPLE_CTA_WARPS (SAMPLE_CTA / 32)
 #define SAMPLE_SEG (SAMPLE_CHUNK / SAMPLE_CTA_WARPS)
 #define SAMPLE_FINAL 1024
-// A weight (at most 1) in fixed point, 2^42 to one: SAMPLE_MAX_VOCAB such
-// weights sum below 2^63.
+// A weight (at most 1) in fixed point, 2^41 to one: at most 2^41, two halves
+// of 21 and 20 bits, so a chunk's 2048 sum in 32-bit counters, and
+// SAMPLE_MAX_VOCAB weights below 2^63.
 #define SAMPLE_MAX_VOCAB (1 << 21)
 #define SAMPLE_MAX_CHUNKS (SAMPLE_MAX_VOCAB / SAMPLE_CHUNK)
 
@@ -3316,7 +3317,7 @@ __device__ __forceinline__ double sample_weight(float v, double t, double zmax) 
     return z < -746.0 ? 0.0 : exp(z);
 }
 
-__device__ __forceinline__ unsigned long long sample_fx(double w) { return (unsigned long long)rint(w * 4398046511104.0); }
+__device__ __forceinline__ unsigned long long sample_fx(double w) { return (unsigned long long)rint(w * 2199023255552.0); }
 
 __device__ __forceinline__ double sample_warp_sum(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -3593,134 +3594,175 @@ __device__ __forceinline__ bool sample_kept(float v, bool in, unsigned kth, int 
     return (fin && key > kth) || (tie && rank < ties);
 }
 
-// Warp w (< SAMPLE_CTA_WARPS) of a chunk CTA walks tokens [a, b) of the row:
-__device__ __forceinline__ void sample_segment(int chunk, int vocab, int w, int& a, int& b) {
-    const int hi = min(vocab, (chunk + 1) * SAMPLE_CHUNK);
-    a = min(hi, chunk * SAMPLE_CHUNK + w * SAMPLE_SEG);
-    b = min(hi, a + SAMPLE_SEG);
+// Warp w (< SAMPLE_CTA_WARPS) of a chunk CTA walks tokens [a, b) of the row,
+// its segment: lane l holds tokens a + 32 j + l (j < SAMPLE_SEG / 32), NaN
+// past b, all loaded at once (one round trip instead of one a group of 32).
+#define SAMPLE_PER_LANE (SAMPLE_SEG / 32)
+struct SampleSeg {
+    float v[SAMPLE_PER_LANE];
+    int a, b;
+};
+
+__device__ __forceinline__ void sample_load(SampleSeg& g, const float* x, int vocab, int chunk, int w) {
+    const int hi = min(vocab, (chunk + 1) * SAMPLE_CHUNK), lane = threadIdx.x & 31;
+    g.a = min(hi, chunk * SAMPLE_CHUNK + w * SAMPLE_SEG);
+    g.b = min(hi, g.a + SAMPLE_SEG);
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++) {
+        const int i = g.a + 32 * j + lane;
+        g.v[j] = i < g.b ? x[i] : __int_as_float(0x7fc00000);
+    }
 }
 
-// seen[w] = how many logits of key kth (kth != 0) lie before warp w's
-// segment of chunk c in the row (the chunks before from their last-pass
-// counts). The whole CTA calls it; warps 0..SAMPLE_CTA_WARPS-1 count.
-__device__ void sample_chunk_ties(const SampleScratch& S, const float* x, int vocab, int c, unsigned kth, int* seen) {
-    __shared__ int base;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (warp < SAMPLE_CTA_WARPS) {
-        int n = 0;
-        if (kth != 0u) {
-            int a, b;
-            sample_segment(c, vocab, warp, a, b);
-            for (int c0 = a; c0 < b; c0 += 32) {
-                const int i = c0 + lane;
-                const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
-                n += __popc(__ballot_sync(0xffffffffu, sample_finite(v) && sample_key(v) == kth));
-            }
-        }
-        if (lane == 0) seen[warp] = n;
-    }
-    if (warp == 0) {
-        int s = 0;
-        if (kth != 0u)
-            for (int q = lane; q < c; q += 32) s += (int)S.chist[(size_t)q * 256 + (kth & 255u)];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) base = s;
-    }
+// The segment's logits of key kth (warp-wide).
+__device__ __forceinline__ int sample_seg_ties(const SampleSeg& g, unsigned kth) {
+    int n = 0;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++)
+        n += __popc(__ballot_sync(0xffffffffu, sample_finite(g.v[j]) && sample_key(g.v[j]) == kth));
+    return n;
+}
+
+// The row's logits of key kth (kth != 0) in the chunks before c, from
+// their last-pass counts (one warp; every lane gets the sum).
+__device__ int sample_ties_before(const SampleScratch& S, int c, unsigned kth) {
+    int s = 0;
+    for (int q = threadIdx.x & 31; q < c; q += 32) s += (int)S.chist[(size_t)q * 256 + (kth & 255u)];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// seen[w] = *base plus the counts n of the warps below w (warps below
+// SAMPLE_CTA_WARPS), then *base moves past the chunk. The whole CTA calls
+// it.
+__device__ void sample_seen(int n, int* base, int* seen) {
+    const int warp = threadIdx.x >> 5;
+    if (warp < SAMPLE_CTA_WARPS && (threadIdx.x & 31) == 0) seen[warp] = n;
     __syncthreads();
     if (threadIdx.x == 0) {
-        int run = base;
+        int run = *base;
         for (int w = 0; w < SAMPLE_CTA_WARPS; w++) {
-            const int n = seen[w];
+            const int k = seen[w];
             seen[w] = run;
-            run += n;
+            run += k;
         }
+        *base = run;
     }
     __syncthreads();
 }
 
-// The kept mass of [a, b) (each lane its tokens in order, then the lanes by
-// xor butterfly): sample_gather and sample_final compute it alike.
-__device__ double sample_segment_mass(const float* x, int a, int b, unsigned kth, int ties, int seen, double t,
-                                      double zmax) {
+// Whether each of the lane's logits is kept (bit j), from the ties before
+// the segment (seen): key above kth, or equal to it among the first `ties`
+// such logits of the row (warp-wide).
+__device__ __forceinline__ unsigned sample_seg_kept(const SampleSeg& g, unsigned kth, int ties, int seen) {
+    unsigned bits = 0u;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++)
+        if (sample_kept(g.v[j], true, kth, ties, seen)) bits |= 1u << j;
+    return bits;
+}
+
+// The kept logits' weights (0 for the others), computed side by side.
+__device__ __forceinline__ void sample_seg_weights(const SampleSeg& g, unsigned kept, double t, double zmax,
+                                                   double* w) {
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++) w[j] = (kept >> j) & 1u ? sample_weight(g.v[j], t, zmax) : 0.0;
+}
+
+// The kept mass of a segment (each lane its weights in order, then the
+// lanes by xor butterfly): sample_gather and sample_final compute it alike.
+__device__ __forceinline__ double sample_seg_mass(const double* w) {
     double sum = 0.0;
-    for (int c0 = a; c0 < b; c0 += 32) {
-        const int i = c0 + (threadIdx.x & 31);
-        const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
-        if (sample_kept(v, i < b, kth, ties, seen)) sum += sample_weight(v, t, zmax);
-    }
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++) sum += w[j];
     return sample_warp_sum(sum);
 }
 
-// grid (chunks, rows), SAMPLE_CTA threads: each chunk's largest finite logit
-// and count of finite logits; the row's histograms and candidate count
-// cleared for the passes that follow.
-extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_stats(const float* logits, int vocab,
+// The chunk kernels: grid (ceil(chunks / group), rows), SAMPLE_CTA threads;
+// CTA b takes chunks [b * group, (b + 1) * group) one after another, each
+// exactly as a CTA of its own would (the next chunk's logits loaded while
+// this one is worked on), so how many a CTA takes changes no result.
+
+// Each chunk's largest finite logit and count of finite logits; the row's
+// histograms and candidate count cleared for the passes that follow.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_stats(const float* logits, int vocab,
                                                                        const SampleParams* params,
-                                                                       unsigned char* scratch) {
+                                                                       unsigned char* scratch, int group) {
     __shared__ float rf[SAMPLE_CTA_WARPS];
     __shared__ int ri[SAMPLE_CTA_WARPS];
     pdl_begin();
-    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab), tid = threadIdx.x;
+    const int row = blockIdx.y, C = sample_chunks(vocab), tid = threadIdx.x, warp = tid >> 5;
+    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
     const SampleParams P = params[row];
     const int kind = sample_kind(P);
     if (kind == SAMPLE_KEEP) return;
+    const float* x = logits + (size_t)row * vocab;
+    SampleSeg g;
+    sample_load(g, x, vocab, c0, warp);
     const SampleScratch S = sample_scratch(scratch, row, C);
     if (kind != SAMPLE_TEMP) {
-        for (int i = c * SAMPLE_CTA + tid; i < 4 * 256; i += C * SAMPLE_CTA) {
+        for (int i = blockIdx.x * SAMPLE_CTA + tid; i < 4 * 256; i += gridDim.x * SAMPLE_CTA) {
             S.hcnt[i] = 0u;
             S.hmass[i] = 0ull;
         }
-        if (c == 0 && tid == 0) *S.n_cand = 0u;
+        if (blockIdx.x == 0 && tid == 0) *S.n_cand = 0u;
     }
-    const float* x = logits + (size_t)row * vocab;
-    const int hi = min(vocab, (c + 1) * SAMPLE_CHUNK);
-    float m = -__int_as_float(0x7f800000);
-    int finite = 0;
-    for (int i = c * SAMPLE_CHUNK + tid; i < hi; i += SAMPLE_CTA) {
-        const float v = x[i];
-        if (sample_finite(v)) {
-            m = fmaxf(m, v);
-            finite++;
+    for (int c = c0; c < c1; c++) {
+        SampleSeg next;
+        if (c + 1 < c1) sample_load(next, x, vocab, c + 1, warp);
+        float m = -__int_as_float(0x7f800000);
+        int finite = 0;
+#pragma unroll
+        for (int j = 0; j < SAMPLE_PER_LANE; j++) {
+            if (sample_finite(g.v[j])) {
+                m = fmaxf(m, g.v[j]);
+                finite++;
+            }
         }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        finite += __shfl_xor_sync(0xffffffffu, finite, o);
-    }
-    if ((tid & 31) == 0) {
-        rf[tid >> 5] = m;
-        ri[tid >> 5] = finite;
-    }
-    __syncthreads();
-    if (tid == 0) {
-        for (int w = 1; w < SAMPLE_CTA_WARPS; w++) {
-            m = fmaxf(m, rf[w]);
-            finite += ri[w];
+        for (int o = 16; o > 0; o >>= 1) {
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            finite += __shfl_xor_sync(0xffffffffu, finite, o);
         }
-        S.cmax[c] = m;
-        S.cfin[c] = finite;
+        if ((tid & 31) == 0) {
+            rf[warp] = m;
+            ri[warp] = finite;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < SAMPLE_CTA_WARPS; w++) {
+                m = fmaxf(m, rf[w]);
+                finite += ri[w];
+            }
+            S.cmax[c] = m;
+            S.cfin[c] = finite;
+        }
+        __syncthreads();
+        if (c + 1 < c1) g = next;
     }
 }
 
-// grid (chunks, rows), SAMPLE_CTA threads; pass 0..3 (key bits 31-24 down
-// to 7-0), for rows of top-k or top-p alone: the state this pass starts
-// from (the pass before's buckets; CTA 0 stores it for the next pass), then
-// the chunk's counts (and fixed-point masses) of the finite logits whose key
-// matches the prefix, by the pass's 8 bits, added to the row's buckets (the
-// lanes of a warp that share a bucket add once: most share the top bits);
-// the last pass also keeps each chunk's counts.
-extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_hist(const float* logits, int vocab,
+// Pass 0..3 (key bits 31-24 down to 7-0), for rows of top-k or top-p alone:
+// the state this pass starts from (the pass before's buckets; CTA 0 stores
+// it for the next pass), then the counts (and fixed-point masses) of the
+// finite logits whose key matches the prefix, by the pass's 8 bits, added
+// to the row's buckets (the lanes of a warp that share a bucket add once:
+// most share the top bits); the last pass also keeps each chunk's counts.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const float* logits, int vocab,
                                                                       const SampleParams* params,
-                                                                      unsigned char* scratch, int pass) {
-    __shared__ unsigned hist[256];
+                                                                      unsigned char* scratch, int group, int pass) {
+    __shared__ unsigned hist[256], hc[256], mlo[256], mhi[256];
     __shared__ unsigned long long hmass[256];
     __shared__ SampleState cur;
     pdl_begin();
-    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab);
+    const int row = blockIdx.y, C = sample_chunks(vocab);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
     const SampleParams P = params[row];
     const int kind = sample_kind(P);
     if (kind != SAMPLE_TOPK && kind != SAMPLE_TOPP) return;
+    const float* x = logits + (size_t)row * vocab;
+    SampleSeg g;
+    sample_load(g, x, vocab, c0, warp);
     const SampleScratch S = sample_scratch(scratch, row, C);
     float m;
     int finite;
@@ -3730,6 +3772,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_hist(const float
     const double t = (double)P.temperature, zmax = (double)m / t;
     for (int b = tid; b < 256; b += SAMPLE_CTA) {
         hist[b] = 0u;
+        hc[b] = 0u;
+        mlo[b] = 0u;
+        mhi[b] = 0u;
         hmass[b] = 0ull;
     }
     if (warp == 0) {
@@ -3741,58 +3786,94 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_hist(const float
         }
         if (lane == 0) {
             cur = s;
-            if (c == 0 && pass > 0) S.st[pass] = s;
+            if (blockIdx.x == 0 && pass > 0) S.st[pass] = s;
         }
     }
     __syncthreads();
     const unsigned pf = cur.prefix, mk = cur.mask, lanes_below = (1u << lane) - 1u;
     const int shift = 24 - 8 * pass;
-    const float* x = logits + (size_t)row * vocab;
-    const int hi = min(vocab, (c + 1) * SAMPLE_CHUNK);
-    for (int i0 = c * SAMPLE_CHUNK + warp * 32; i0 < hi; i0 += SAMPLE_CTA) {
-        const int i = i0 + lane;
-        const float v = i < hi ? x[i] : __int_as_float(0x7fc00000);
-        const unsigned key = sample_key(v);
-        const bool match = sample_finite(v) && (key & mk) == pf;
-        if (__ballot_sync(0xffffffffu, match) == 0u) continue;
-        const unsigned d = (key >> shift) & 255u;
-        const unsigned peers = __match_any_sync(0xffffffffu, match ? d : 0x100u);
-        if (match) {
-            const bool leader = (peers & lanes_below) == 0u;
-            if (with_mass) {
-                // A weight below 2^42 summed as two 21-bit halves.
-                const unsigned long long w = sample_fx(sample_weight(v, t, zmax));
-                const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
-                const unsigned hi2 = __reduce_add_sync(peers, (unsigned)(w >> 21));
-                if (leader) atomicAdd(&hmass[d], ((unsigned long long)hi2 << 21) + lo);
+    // The last pass counts each chunk apart (hc), then adds it to the CTA's;
+    // masses are summed a chunk at a time in two 32-bit halves (mlo, mhi),
+    // then added to the CTA's in 64 bits (no 64-bit shared atomics).
+    unsigned* counts = pass == 3 ? hc : hist;
+    const bool per_chunk = pass == 3 || with_mass;
+    for (int c = c0; c < c1; c++) {
+        SampleSeg next;
+        if (c + 1 < c1) sample_load(next, x, vocab, c + 1, warp);
+        unsigned match = 0u;
+#pragma unroll
+        for (int j = 0; j < SAMPLE_PER_LANE; j++)
+            if (sample_finite(g.v[j]) && (sample_key(g.v[j]) & mk) == pf) match |= 1u << j;
+        // The weights first, side by side (inside the warp steps below each
+        // would wait for the one before).
+        unsigned long long wfx[SAMPLE_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < SAMPLE_PER_LANE; j++)
+            wfx[j] = with_mass && ((match >> j) & 1u) ? sample_fx(sample_weight(g.v[j], t, zmax)) : 0ull;
+#pragma unroll
+        for (int j = 0; j < SAMPLE_PER_LANE; j++) {
+            const bool mj = (match >> j) & 1u;
+            if (__ballot_sync(0xffffffffu, mj) == 0u) continue;
+            const unsigned d = (sample_key(g.v[j]) >> shift) & 255u;
+            const unsigned peers = __match_any_sync(0xffffffffu, mj ? d : 0x100u);
+            if (mj) {
+                const bool leader = (peers & lanes_below) == 0u;
+                if (with_mass) {
+                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(wfx[j] & 0x1fffffull));
+                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(wfx[j] >> 21));
+                    if (leader) {
+                        atomicAdd(&mlo[d], lo);
+                        atomicAdd(&mhi[d], hi);
+                    }
+                }
+                if (leader) atomicAdd(&counts[d], (unsigned)__popc(peers));
             }
-            if (leader) atomicAdd(&hist[d], (unsigned)__popc(peers));
         }
+        if (per_chunk) {
+            __syncthreads();
+            for (int b = tid; b < 256; b += SAMPLE_CTA) {
+                if (pass == 3) {
+                    S.chist[(size_t)c * 256 + b] = hc[b];
+                    hist[b] += hc[b];
+                    hc[b] = 0u;
+                }
+                if (with_mass) {
+                    hmass[b] += ((unsigned long long)mhi[b] << 21) + mlo[b];
+                    mlo[b] = 0u;
+                    mhi[b] = 0u;
+                }
+            }
+            __syncthreads();
+        }
+        if (c + 1 < c1) g = next;
     }
     __syncthreads();
     for (int b = tid; b < 256; b += SAMPLE_CTA) {
         if (hist[b] != 0u) atomicAdd(S.hcnt + pass * 256 + b, hist[b]);
         if (hmass[b] != 0ull) atomicAdd(S.hmass + pass * 256 + b, hmass[b]);
-        if (pass == 3) S.chist[(size_t)c * 256 + b] = hist[b];
     }
 }
 
-// grid (chunks, rows), SAMPLE_CTA threads: the kept key and its ties after
-// the last pass (CTA 0 stores them); then top-k's kept logits of the chunk
-// into the row's candidates, or every other row's kept mass of the chunk
-// (temperature alone: every finite logit), the sum of its warps' in order.
-extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_gather(const float* logits, int vocab,
+// The kept key and its ties after the last pass (CTA 0 stores them); then
+// top-k's kept logits of each chunk into the row's candidates, or every
+// other row's kept mass of each chunk (temperature alone: every finite
+// logit), the sum of its warps' in order.
+extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_gather(const float* logits, int vocab,
                                                                         const SampleParams* params,
-                                                                        unsigned char* scratch) {
+                                                                        unsigned char* scratch, int group) {
     __shared__ SampleState fin;
-    __shared__ int seen[SAMPLE_CTA_WARPS];
+    __shared__ int seen[SAMPLE_CTA_WARPS], base;
     __shared__ double wsum[SAMPLE_CTA_WARPS];
     pdl_begin();
-    const int row = blockIdx.y, c = blockIdx.x, C = sample_chunks(vocab);
+    const int row = blockIdx.y, C = sample_chunks(vocab);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
     const SampleParams P = params[row];
     const int kind = sample_kind(P);
     if (kind == SAMPLE_KEEP) return;
+    const float* x = logits + (size_t)row * vocab;
+    SampleSeg g;
+    sample_load(g, x, vocab, c0, warp);
     const SampleScratch S = sample_scratch(scratch, row, C);
     float m;
     int finite;
@@ -3804,46 +3885,53 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA) sample_gather(const flo
     if (kind != SAMPLE_TEMP) {
         if (warp == 0) {
             const SampleState s = sample_finish(S, P, kind, t, zmax);
+            const int before = sample_ties_before(S, c0, s.prefix);
             if (lane == 0) {
                 fin = s;
-                if (c == 0) S.st[4] = s;
+                base = before;
+                if (blockIdx.x == 0) S.st[4] = s;
             }
         }
         __syncthreads();
         kth = fin.prefix;
         ties = fin.ties;
+    } else if (tid == 0) {
+        base = 0;
     }
-    const float* x = logits + (size_t)row * vocab;
-    sample_chunk_ties(S, x, vocab, c, kth, seen);
-    int a, b;
-    sample_segment(c, vocab, warp, a, b);
-    if (kind == SAMPLE_TOPK) {
-        const unsigned lanes_below = (1u << lane) - 1u;
-        int sn = seen[warp];
-        for (int c0 = a; c0 < b; c0 += 32) {
-            const int i = c0 + lane;
-            const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
-            const bool keep = sample_kept(v, i < b, kth, ties, sn);
-            const unsigned kb = __ballot_sync(0xffffffffu, keep);
-            if (kb == 0u) continue;
-            unsigned base = 0u;
-            if (lane == 0) base = atomicAdd(S.n_cand, (unsigned)__popc(kb));
-            base = __shfl_sync(0xffffffffu, base, 0);
-            const unsigned slot = base + (unsigned)__popc(kb & lanes_below);
-            if (keep && slot < SAMPLE_MAX_K) {
-                S.cand_key[slot] = sample_key(v);
-                S.cand_tok[slot] = i;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (int c = c0; c < c1; c++) {
+        SampleSeg next;
+        if (c + 1 < c1) sample_load(next, x, vocab, c + 1, warp);
+        sample_seen(kth != 0u ? sample_seg_ties(g, kth) : 0, &base, seen);
+        const unsigned kept = sample_seg_kept(g, kth, ties, seen[warp]);
+        if (kind == SAMPLE_TOPK) {
+#pragma unroll
+            for (int j = 0; j < SAMPLE_PER_LANE; j++) {
+                const bool keep = (kept >> j) & 1u;
+                const unsigned kb = __ballot_sync(0xffffffffu, keep);
+                if (kb == 0u) continue;
+                unsigned at = 0u;
+                if (lane == 0) at = atomicAdd(S.n_cand, (unsigned)__popc(kb));
+                at = __shfl_sync(0xffffffffu, at, 0);
+                const unsigned slot = at + (unsigned)__popc(kb & lanes_below);
+                if (keep && slot < SAMPLE_MAX_K) {
+                    S.cand_key[slot] = sample_key(g.v[j]);
+                    S.cand_tok[slot] = g.a + 32 * j + lane;
+                }
+            }
+        } else {
+            double w[SAMPLE_PER_LANE];
+            sample_seg_weights(g, kept, t, zmax, w);
+            const double sum = sample_seg_mass(w);
+            if (lane == 0) wsum[warp] = sum;
+            __syncthreads();
+            if (tid == 0) {
+                double s = 0.0;
+                for (int q = 0; q < SAMPLE_CTA_WARPS; q++) s += wsum[q];
+                S.csum[c] = s;
             }
         }
-        return;
-    }
-    const double sum = sample_segment_mass(x, a, b, kth, ties, seen[warp], t, zmax);
-    if (lane == 0) wsum[warp] = sum;
-    __syncthreads();
-    if (tid == 0) {
-        double s = 0.0;
-        for (int w = 0; w < SAMPLE_CTA_WARPS; w++) s += wsum[w];
-        S.csum[c] = s;
+        if (c + 1 < c1) g = next;
     }
 }
 
@@ -3860,7 +3948,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
     __shared__ double pre[SAMPLE_MAX_K > SAMPLE_MAX_CHUNKS ? SAMPLE_MAX_K : SAMPLE_MAX_CHUNKS];
     __shared__ unsigned cand_key[SAMPLE_MAX_K];
     __shared__ int cand_tok[SAMPLE_MAX_K];
-    __shared__ int seen[SAMPLE_CTA_WARPS];
+    __shared__ int seen[SAMPLE_CTA_WARPS], base;
     __shared__ double wsum[SAMPLE_CTA_WARPS];
     __shared__ int hit_c, hit_w;
     __shared__ double r_left;
@@ -3876,7 +3964,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
     sample_row_stats(S, C, m, finite);
     if (finite == 0) return;
     const double t = (double)P.temperature, zmax = (double)m / t;
-    const float* x = logits + (size_t)row * vocab;
 
     if (kind == SAMPLE_TOPK) {
         const int k = min(min(P.top_k, SAMPLE_MAX_K), finite);
@@ -3947,12 +4034,23 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
         }
     }
     __syncthreads();
+    // The chunk's segments again (warps 0..SAMPLE_CTA_WARPS-1), as the
+    // gather summed them.
+    SampleSeg g;
+    double w[SAMPLE_PER_LANE];
+    const bool seg = warp < SAMPLE_CTA_WARPS;
     const int c = hit_c;
-    sample_chunk_ties(S, x, vocab, c, kth, seen);
-    int a, b;
-    sample_segment(c, vocab, warp < SAMPLE_CTA_WARPS ? warp : 0, a, b);
-    if (warp < SAMPLE_CTA_WARPS) {
-        const double s = sample_segment_mass(x, a, b, kth, ties, seen[warp], t, zmax);
+    if (seg) sample_load(g, logits + (size_t)row * vocab, vocab, c, warp);
+    if (warp == 0) {
+        const int before = kth != 0u ? sample_ties_before(S, c, kth) : 0;
+        if (lane == 0) base = before;
+    }
+    sample_seen(seg && kth != 0u ? sample_seg_ties(g, kth) : 0, &base, seen);
+    unsigned kept = 0u;
+    if (seg) {
+        kept = sample_seg_kept(g, kth, ties, seen[warp]);
+        sample_seg_weights(g, kept, t, zmax, w);
+        const double s = sample_seg_mass(w);
         if (lane == 0) wsum[warp] = s;
     }
     __syncthreads();
@@ -3960,11 +4058,11 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
         // The running sum of the warps' masses is the chunk's (same order).
         double r = r_left, run = 0.0;
         int w_hit = -1, w_last = -1;
-        for (int w = 0; w < SAMPLE_CTA_WARPS; w++) {
-            const double next = run + wsum[w];
-            if (wsum[w] > 0.0) w_last = w;
+        for (int q = 0; q < SAMPLE_CTA_WARPS; q++) {
+            const double next = run + wsum[q];
+            if (wsum[q] > 0.0) w_last = q;
             if (w_hit < 0 && r < next) {
-                w_hit = w;
+                w_hit = q;
                 r -= run;
             }
             run = next;
@@ -3978,15 +4076,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
         r_left = r;
     }
     __syncthreads();
-    if (warp != hit_w) return;
+    if (!seg || warp != hit_w) return;
     double r = r_left;
-    int sn = seen[warp];
     int token = -1, last = -1;
-    for (int c0 = a; c0 < b && token < 0; c0 += 32) {
-        const int i = c0 + lane;
-        const float v = i < b ? x[i] : __int_as_float(0x7fc00000);
-        const bool k = sample_kept(v, i < b, kth, ties, sn);
-        double incl = k ? sample_weight(v, t, zmax) : 0.0;
+#pragma unroll
+    for (int j = 0; j < SAMPLE_PER_LANE; j++) {
+        if (token >= 0) break;
+        const bool k = (kept >> j) & 1u;
+        double incl = w[j];
         for (int o = 1; o < 32; o <<= 1) {
             double y = __shfl_up_sync(0xffffffffu, incl, o);
             if (lane >= o) incl += y;
@@ -3994,10 +4091,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_FINAL) sample_final(const fl
         const unsigned hit = __ballot_sync(0xffffffffu, k && r < incl);
         const unsigned kb = __ballot_sync(0xffffffffu, k);
         if (hit) {
-            token = c0 + __ffs(hit) - 1;
+            token = g.a + 32 * j + __ffs(hit) - 1;
         } else {
             r -= __shfl_sync(0xffffffffu, incl, 31);
-            if (kb) last = c0 + 31 - __clz(kb);
+            if (kb) last = g.a + 32 * j + 31 - __clz(kb);
         }
     }
     if (token < 0) token = last;  // rounding: the segment's last kept token

@@ -358,6 +358,10 @@ pub struct GpuContext {
     cluster_ok: bool,
     /// Streaming multiprocessors of the device.
     sms: usize,
+    /// Chunks of 2048 logits each CTA of the sampling kernels takes
+    /// (`BITNET_CUDA_SAMPLE_GROUP`; 0, the default: as many as make a call's
+    /// grid about one wave, see [`GpuContext::sample_rows`]).
+    sample_group: usize,
     /// CTAs of the fused decode kernel by (kernel, shared memory bytes).
     fused_grid: std::sync::Mutex<fused::FusedGrids>,
     /// Most fused-decode CTAs per SM (`BITNET_CUDA_FUSED_CTAS`, default 2).
@@ -658,6 +662,7 @@ impl GpuContext {
             staged_ok: false,
             cluster_ok: false,
             sms: 0,
+            sample_group: env_in("BITNET_CUDA_SAMPLE_GROUP", 0..=1024, 0),
             fused_grid: Default::default(),
             fused_ctas_per_sm: env_in("BITNET_CUDA_FUSED_CTAS", 1..=2, 2),
             pinned: std::sync::Mutex::new(None),

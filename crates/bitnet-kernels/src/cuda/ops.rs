@@ -1230,7 +1230,7 @@ impl GpuContext {
 pub const SAMPLE_MAX_K: usize = 1024;
 
 /// Largest vocabulary [`GpuContext::sample_rows`] takes: top-p alone sums
-/// the weights (each at most 1) in fixed point with 42 fractional bits,
+/// the weights (each at most 1) in fixed point with 41 fractional bits,
 /// which this many keep below 2^63.
 pub const SAMPLE_MAX_VOCAB: usize = 1 << 21;
 
@@ -1272,6 +1272,16 @@ impl SampleRow {
 /// kernels/bitnet.cu).
 const SAMPLE_CHUNK: usize = 2048;
 
+/// Chunks each CTA of the sampling kernels takes for `rows` rows of `chunks`
+/// chunks on `sms` multiprocessors: as many as keep the grid within about
+/// four CTAs an SM (one wave: the chunk kernels are held to 64 registers a
+/// thread, so four CTAs of 256 threads fit an SM), at least one. A CTA works its
+/// chunks one after another exactly as CTAs of their own would, so this
+/// changes the time, never the draw.
+fn sample_group(rows: usize, chunks: usize, sms: usize) -> usize {
+    (rows * chunks).div_ceil(4 * sms.max(1)).clamp(1, chunks.max(1))
+}
+
 /// Bytes of one row's scratch in [`GpuContext::sample_rows`]'s workspace for
 /// rows of `chunks` chunks (device twin: `sample_row_bytes` in
 /// kernels/bitnet.cu): the radix passes' bucket masses, five states of 32
@@ -1297,10 +1307,12 @@ impl GpuContext {
     /// at most [`SAMPLE_MAX_VOCAB`]) whose [`SampleRow::on_device`] holds
     /// into `tokens[row]` (i32); other rows keep what `tokens` holds (the
     /// argmax of a greedy step). Every drawn row gets a token: top-p alone
-    /// finds its nucleus however wide it is. Each row is split over CTAs of
-    /// 2048 logits (`sample_stats`, four `sample_hist` passes when a row
-    /// keeps its top-k or a top-p nucleus, `sample_gather`, then
-    /// `sample_final`, one CTA a row). `workspace` holds at least
+    /// finds its nucleus however wide it is. Each row is split into chunks
+    /// of 2048 logits worked by CTAs of 256 threads, one or more chunks a
+    /// CTA ([`sample_group`]): `sample_stats`, four `sample_hist` passes when
+    /// a row keeps its top-k or a top-p nucleus, `sample_gather`, then
+    /// `sample_final` (one CTA a row). A row's draw depends on its logits,
+    /// parameters and u alone, never on the other rows or the grid. `workspace` holds at least
     /// [`Self::sample_workspace_bytes`] for the rows and is written here.
     pub fn sample_rows(
         &self,
@@ -1332,19 +1344,22 @@ impl GpuContext {
             row.encode(&mut encoded);
         }
         self.write(params, &encoded)?;
-        let chunks = u32_grid("chunks", vocab.div_ceil(SAMPLE_CHUNK).max(1))?;
-        let grid = (chunks, u32_grid("entries", n)?, 1);
-        let v = Arg::I32(i32_dim("vocab", vocab)?);
-        let pp = Arg::Ptr(wp);
-        let sp = Arg::Ptr(scratch);
-        self.launch("sample_stats", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp])?;
+        let chunks = vocab.div_ceil(SAMPLE_CHUNK).max(1);
+        let group = match self.sample_group {
+            0 => sample_group(n, chunks, self.sms),
+            g => g.min(chunks),
+        };
+        let grid = (u32_grid("chunk groups", chunks.div_ceil(group))?, u32_grid("entries", n)?, 1);
+        let (v, g) = (Arg::I32(i32_dim("vocab", vocab)?), Arg::I32(i32_dim("chunk group", group)?));
+        let (lp, pp, sp) = (Arg::Ptr(lp), Arg::Ptr(wp), Arg::Ptr(scratch));
+        self.launch("sample_stats", grid, (256, 1, 1), 0, &[lp, v, pp, sp, g])?;
         if rows.iter().any(|r| r.on_device() && (r.top_k > 0 || r.top_p < 1.0)) {
             for pass in 0..4 {
-                self.launch("sample_hist", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp, Arg::I32(pass)])?;
+                self.launch("sample_hist", grid, (256, 1, 1), 0, &[lp, v, pp, sp, g, Arg::I32(pass)])?;
             }
         }
-        self.launch("sample_gather", grid, (256, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp])?;
-        self.launch("sample_final", (grid.1, 1, 1), (1024, 1, 1), 0, &[Arg::Ptr(lp), v, pp, sp, Arg::Ptr(tp)])
+        self.launch("sample_gather", grid, (256, 1, 1), 0, &[lp, v, pp, sp, g])?;
+        self.launch("sample_final", (grid.1, 1, 1), (1024, 1, 1), 0, &[lp, v, pp, sp, Arg::Ptr(tp)])
     }
 }
 
@@ -1400,6 +1415,26 @@ mod tests {
             assert!((splits - 1) * chunk < vocab && splits * chunk >= vocab, "{vocab}: {splits} x {chunk}");
         }
         assert_eq!(GpuContext::argmax_scratch_bytes(2, 128_256), 2 * (63 * 8 + 4));
+    }
+
+    #[test]
+    fn sampling_grid_stays_about_one_wave() {
+        // 2B-4T's 63 chunks on the H200's 132 SMs (528 CTAs a wave).
+        assert_eq!(sample_group(1, 63, 132), 1);
+        assert_eq!(sample_group(8, 63, 132), 1);
+        assert_eq!(sample_group(64, 63, 132), 8); // 8 CTAs a row, 512 in all
+        assert_eq!(sample_group(128, 63, 132), 16);
+        assert_eq!(sample_group(100_000, 63, 132), 63); // one CTA a row at most
+        assert_eq!(sample_group(3, 1, 0), 1);
+        for rows in 1..300 {
+            let g = sample_group(rows, 63, 132);
+            let ctas = rows * 63usize.div_ceil(g);
+            assert!(g == 1 || ctas <= 528 + rows, "{rows} rows: {g} chunks a CTA, {ctas} CTAs");
+        }
+        // The workspace: parameters, then one scratch a row (2B-4T: 86164
+        // bytes, rounded up to 86272).
+        assert_eq!(sample_row_bytes(63), 86_272);
+        assert_eq!(GpuContext::sample_workspace_bytes(3, 128_256), 256 + 3 * 86_272);
     }
 
     #[test]
