@@ -3804,12 +3804,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const fl
 #pragma unroll
         for (int j = 0; j < SAMPLE_PER_LANE; j++)
             if (sample_finite(g.v[j]) && (sample_key(g.v[j]) & mk) == pf) match |= 1u << j;
-        // The weights first, side by side (inside the warp steps below each
-        // would wait for the one before).
-        unsigned long long wfx[SAMPLE_PER_LANE];
-#pragma unroll
-        for (int j = 0; j < SAMPLE_PER_LANE; j++)
-            wfx[j] = with_mass && ((match >> j) & 1u) ? sample_fx(sample_weight(g.v[j], t, zmax)) : 0ull;
 #pragma unroll
         for (int j = 0; j < SAMPLE_PER_LANE; j++) {
             const bool mj = (match >> j) & 1u;
@@ -3819,8 +3813,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const fl
             if (mj) {
                 const bool leader = (peers & lanes_below) == 0u;
                 if (with_mass) {
-                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(wfx[j] & 0x1fffffull));
-                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(wfx[j] >> 21));
+                    const unsigned long long w = sample_fx(sample_weight(g.v[j], t, zmax));
+                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
+                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(w >> 21));
                     if (leader) {
                         atomicAdd(&mlo[d], lo);
                         atomicAdd(&mhi[d], hi);
