@@ -444,7 +444,7 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
     // Logits for the sampling kernel: rows of uniform values in [-1, 1]
     // (flat: top-p nuclei of most of the vocabulary), in [-12, 12] (nuclei
     // of thousands), and those with every 1000th raised by 20 (peaked:
-    // nuclei within the 1024 most likely).
+    // nuclei among the 129 raised tokens).
     let uniform = |spread: f32, bytes: Vec<u8>| -> Vec<u8> {
         bytes
             .chunks_exact(4)

@@ -364,8 +364,8 @@ fn key_value(key: u32) -> f32 {
 /// every logit above some threshold plus the first few (by token) equal to
 /// it, the smallest such set of most likely tokens whose mass reaches
 /// `top_p * total`. The threshold's order key is found 8 bits at a time
-/// from each bucket's mass (a radix selection, as the GPU's `sample_rows`
-/// does): four passes over the finite logits instead of a sort (a
+/// from each bucket's mass (a radix selection, as the GPU's `sample_hist`
+/// passes do): four passes over the finite logits instead of a sort (a
 /// vocabulary of 128256 sorted in full took 8-14 ms).
 fn nucleus_by_mass(
     logits: &[f32],
