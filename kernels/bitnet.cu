@@ -3678,6 +3678,37 @@ __device__ __forceinline__ double sample_seg_mass(const double* w) {
     return sample_warp_sum(sum);
 }
 
+// What a chunk kernel's CTA works from: its row, the row's chunks (C), the
+// chunks it takes [c0, c1), the row's settings and kind, logits and scratch.
+struct SampleCta {
+    int row, C, c0, c1, kind;
+    SampleParams P;
+    const float* x;
+    SampleScratch S;
+};
+
+__device__ __forceinline__ SampleCta sample_cta(const float* logits, int vocab, const SampleParams* params,
+                                                unsigned char* scratch, int group) {
+    SampleCta k;
+    k.row = blockIdx.y;
+    k.C = sample_chunks(vocab);
+    k.c0 = blockIdx.x * group;
+    k.c1 = min(k.C, k.c0 + group);
+    k.P = params[k.row];
+    k.kind = sample_kind(k.P);
+    k.x = logits + (size_t)k.row * vocab;
+    k.S = sample_scratch(scratch, k.row, k.C);
+    return k;
+}
+
+// The first steps of a chunk CTA after sample_stats: its first chunk's
+// logits loaded (in flight while) the row's largest finite logit and finite
+// count are read.
+__device__ __forceinline__ void sample_begin(const SampleCta& K, int vocab, SampleSeg& g, float& m, int& finite) {
+    sample_load(g, K.x, vocab, K.c0, threadIdx.x >> 5);
+    sample_row_stats(K.S, K.C, m, finite);
+}
+
 // The chunk kernels: grid (ceil(chunks / group), rows), SAMPLE_CTA threads;
 // CTA b takes chunks [b * group, (b + 1) * group) one after another, each
 // exactly as a CTA of its own would (the next chunk's logits loaded while
@@ -3691,15 +3722,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_stats(const f
     __shared__ float rf[SAMPLE_CTA_WARPS];
     __shared__ int ri[SAMPLE_CTA_WARPS];
     pdl_begin();
-    const int row = blockIdx.y, C = sample_chunks(vocab), tid = threadIdx.x, warp = tid >> 5;
-    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
-    const SampleParams P = params[row];
-    const int kind = sample_kind(P);
+    const SampleCta K = sample_cta(logits, vocab, params, scratch, group);
+    const int tid = threadIdx.x, warp = tid >> 5, kind = K.kind, c0 = K.c0, c1 = K.c1;
     if (kind == SAMPLE_KEEP) return;
-    const float* x = logits + (size_t)row * vocab;
+    const float* x = K.x;
+    const SampleScratch& S = K.S;
     SampleSeg g;
     sample_load(g, x, vocab, c0, warp);
-    const SampleScratch S = sample_scratch(scratch, row, C);
     if (kind != SAMPLE_TEMP) {
         for (int i = blockIdx.x * SAMPLE_CTA + tid; i < 4 * 256; i += gridDim.x * SAMPLE_CTA) {
             S.hcnt[i] = 0u;
@@ -3754,19 +3783,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const fl
     __shared__ unsigned long long hmass[256];
     __shared__ SampleState cur;
     pdl_begin();
-    const int row = blockIdx.y, C = sample_chunks(vocab);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
-    const SampleParams P = params[row];
-    const int kind = sample_kind(P);
+    const SampleCta K = sample_cta(logits, vocab, params, scratch, group);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, kind = K.kind, c0 = K.c0, c1 = K.c1;
     if (kind != SAMPLE_TOPK && kind != SAMPLE_TOPP) return;
-    const float* x = logits + (size_t)row * vocab;
     SampleSeg g;
-    sample_load(g, x, vocab, c0, warp);
-    const SampleScratch S = sample_scratch(scratch, row, C);
     float m;
     int finite;
-    sample_row_stats(S, C, m, finite);
+    sample_begin(K, vocab, g, m, finite);
+    const SampleParams& P = K.P;
+    const float* x = K.x;
+    const SampleScratch& S = K.S;
     if (finite == 0) return;  // the argmax stands, as on the host
     const bool with_mass = kind == SAMPLE_TOPP;
     const double t = (double)P.temperature, zmax = (double)m / t;
@@ -3860,19 +3886,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_gather(const 
     __shared__ int seen[SAMPLE_CTA_WARPS], base;
     __shared__ double wsum[SAMPLE_CTA_WARPS];
     pdl_begin();
-    const int row = blockIdx.y, C = sample_chunks(vocab);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int c0 = blockIdx.x * group, c1 = min(C, c0 + group);
-    const SampleParams P = params[row];
-    const int kind = sample_kind(P);
+    const SampleCta K = sample_cta(logits, vocab, params, scratch, group);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, kind = K.kind, c0 = K.c0, c1 = K.c1;
+    const SampleParams& P = K.P;
+    const float* x = K.x;
+    const SampleScratch& S = K.S;
     if (kind == SAMPLE_KEEP) return;
-    const float* x = logits + (size_t)row * vocab;
     SampleSeg g;
-    sample_load(g, x, vocab, c0, warp);
-    const SampleScratch S = sample_scratch(scratch, row, C);
     float m;
     int finite;
-    sample_row_stats(S, C, m, finite);
+    sample_begin(K, vocab, g, m, finite);
     if (finite == 0) return;
     const double t = (double)P.temperature, zmax = (double)m / t;
     unsigned kth = 0u;
