@@ -270,6 +270,8 @@ pub struct CudaBackend {
     /// captured too).
     graphs: HashMap<(usize, usize, bool), GpuGraph>,
     use_graphs: bool,
+    /// Graph captures the driver invalidated (see [`Self::captures_broken`]).
+    captures_broken: usize,
     /// The greedy argmax splits each row over CTAs (`argmax_split`; session
     /// 23); `BITNET_CUDA_ARGMAX=rows` keeps one CTA a row (`argmax_rows`).
     argmax_split: bool,
@@ -572,6 +574,7 @@ impl CudaBackend {
             sequences: HashMap::new(),
             graphs: HashMap::new(),
             use_graphs: config.cuda_graphs,
+            captures_broken: 0,
             argmax_split: std::env::var("BITNET_CUDA_ARGMAX").map_or(true, |v| v != "rows"),
             device_sampling: std::env::var("BITNET_CUDA_SAMPLE").map_or(true, |v| v != "host"),
             fused,
@@ -585,6 +588,14 @@ impl CudaBackend {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Decode-graph captures the driver invalidated because another thread
+    /// synchronised the device while they ran; each cost only its graph
+    /// (that step ran eagerly, and the next step of its shape captures
+    /// again), never a failed step.
+    pub fn captures_broken(&self) -> usize {
+        self.captures_broken
     }
 
     /// Device memory this backend allocated, by purpose.
@@ -692,9 +703,21 @@ impl CudaBackend {
             self.launch_forward(n, n_out, window, fused, true, greedy)?;
             self.gpu.begin_capture()?;
             let captured = self.launch_forward(n, n_out, window, fused, true, greedy);
-            let graph = self.gpu.end_capture();
-            captured?;
-            self.graphs.insert((n, window, greedy), graph?);
+            match (captured, self.gpu.end_capture()) {
+                (Ok(()), Ok(graph)) => {
+                    self.graphs.insert((n, window, greedy), graph);
+                }
+                // The driver invalidated the capture: another thread
+                // synchronised the device meanwhile (a cuCtxSynchronize, a
+                // synchronous copy or free on another context user). The
+                // eager run above already produced this step's results and
+                // a capture records without running, so only the graph is
+                // lost: the next step of this shape tries again.
+                (_, Err(CudaError::CaptureBroken { .. })) | (Err(CudaError::CaptureBroken { .. }), Ok(_)) => {
+                    self.captures_broken += 1;
+                }
+                (Err(e), _) | (Ok(()), Err(e)) => return Err(e),
+            }
             return Ok(());
         }
         self.launch_forward(n, n_out, window, fused, group.decode_only, greedy)
@@ -937,7 +960,14 @@ impl Backend for CudaBackend {
                 self.gpu.name(),
                 self.gpu.ordinal(),
                 self.kv_slots,
-                if self.use_graphs { ", CUDA graphs" } else { "" },
+                match (self.use_graphs, self.captures_broken) {
+                    (false, _) => String::new(),
+                    (true, 0) => ", CUDA graphs".into(),
+                    (true, n) => format!(
+                        ", CUDA graphs ({n} captures broken by another thread's device-wide synchronisation: \
+                         those steps ran without a graph)"
+                    ),
+                },
                 if self.fused.is_some() {
                     format!(", fused decode kernel (up to {} rows)", self.fused_rows)
                 } else {

@@ -6,7 +6,8 @@
 mod common;
 
 use common::pearson;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bitnet_device::Precision;
 use bitnet_inference::{
@@ -26,6 +27,19 @@ fn gpu_present() -> bool {
             false
         }
     }
+}
+
+/// The tests of this binary share the GPU (the harness runs them on
+/// parallel threads); the one that measures free memory takes it alone,
+/// since another test's allocations would move its figure.
+static GPU: RwLock<()> = RwLock::new(());
+
+fn gpu_shared() -> RwLockReadGuard<'static, ()> {
+    GPU.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn gpu_alone() -> RwLockWriteGuard<'static, ()> {
+    GPU.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn cuda(model: &Arc<BitNetModel>, precision: Precision, tweak: impl FnOnce(&mut CudaBackendConfig)) -> CudaBackend {
@@ -85,6 +99,7 @@ fn logits_track_the_reference_on_the_small_preset() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = Arc::new(synthetic::generate(Preset::Small, 7).unwrap());
     let ps = prompts(4, 64, model.config.vocab_size, 1);
     let reference = reference_all(&model, &ps);
@@ -114,6 +129,7 @@ fn trained_model_top1_and_greedy_match_in_every_precision() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = trained_model().unwrap();
     let texts = ["221+696=", "Reverse: hello world ->", "12*34=", "sort 9 3 7 1 ->"];
     let ps: Vec<Vec<u32>> = texts
@@ -162,6 +178,7 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = Arc::new(synthetic::generate(Preset::Tiny, 5).unwrap());
     // 34 sequences: more entries together than the largest small cuBLAS
     // head call takes (32), so the batched steps run the whole-chunk head
@@ -243,11 +260,71 @@ fn batching_splitting_and_graphs_do_not_change_a_bit() {
     }
 }
 
+/// Device hooks that, at the second `embed` launch of one step (the first
+/// launch of that step's graph capture: the eager run launches `embed`
+/// once, then the capture does), have another thread synchronise the whole
+/// context, as a second user of the GPU in the process may at any time.
+#[derive(Debug, Default)]
+struct SyncElsewhere {
+    embeds_this_step: AtomicUsize,
+    fired: AtomicUsize,
+}
+
+impl bitnet_kernels::cuda::DeviceHooks for SyncElsewhere {
+    fn on_launch(&self, what: &str) -> Result<(), String> {
+        if what.starts_with("embed") && self.embeds_this_step.fetch_add(1, Ordering::SeqCst) == 1 {
+            // Once: the next step captures again, undisturbed.
+            if self.fired.swap(1, Ordering::SeqCst) == 0 {
+                std::thread::spawn(|| {
+                    let ctx = cudarc::driver::CudaContext::new(0).expect("the primary context");
+                    // Its own result does not matter: the capture's does.
+                    let _ = ctx.synchronize();
+                })
+                .join()
+                .expect("the synchronising thread");
+            }
+        }
+        Ok(())
+    }
+    fn on_alloc(&self, _bytes: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn on_free(&self, _bytes: u64) {}
+    fn on_step(&self) {
+        self.embeds_this_step.store(0, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_capture_broken_by_another_thread_costs_only_its_graph() {
+    if !gpu_present() {
+        return;
+    }
+    let _gpu = gpu_shared();
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 21).unwrap());
+    let ps = prompts(1, 24, model.config.vocab_size, 31);
+    // Every step eagerly: the logits a broken capture must not change.
+    let mut eager = cuda(&model, Precision::Bf16, |c| c.cuda_graphs = false);
+    let expected = prefill_then_decode(&mut eager, &ps, 4);
+    let hooks = Arc::new(SyncElsewhere::default());
+    let mut b = cuda(&model, Precision::Bf16, |c| c.hooks = Some(hooks.clone()));
+    // Decode step 1 captures (broken: the context synchronised from another
+    // thread mid-capture), step 2 captures again, steps 3-4 replay.
+    let got = prefill_then_decode(&mut b, &ps, 4);
+    assert_eq!(hooks.fired.load(Ordering::SeqCst), 1, "the hook never reached a capture");
+    // (At least: another test's device-wide synchronisation may break one too.)
+    assert!(b.captures_broken() >= 1, "the driver did not invalidate the capture (or it went unnoticed)");
+    assert_eq!(got, expected, "a broken capture changed the logits");
+    assert!(b.info().detail.contains("captures broken"), "{}", b.info().detail);
+    println!("a capture broken by another thread's cuCtxSynchronize: the step ran eagerly, logits unchanged");
+}
+
 #[test]
 fn bad_steps_fail_cleanly_and_leave_sequences_untouched() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = Arc::new(synthetic::generate(Preset::Tiny, 6).unwrap());
     let mut b = cuda(&model, Precision::Bf16, |c| c.kv_slots = 100);
     b.add_sequence(1, 60).unwrap();
@@ -274,6 +351,7 @@ fn allocations_match_free_memory_and_bf16_needs_less() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_alone();
     let model = Arc::new(synthetic::generate(Preset::Small, 8).unwrap());
     let mut totals = Vec::new();
     for precision in [Precision::Fp32, Precision::Bf16] {
@@ -353,6 +431,7 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     for precision in [Precision::Fp16, Precision::Bf16] {
@@ -404,6 +483,7 @@ fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     let ps = vec![prompts(1, 2100, vocab, 100).remove(0)];
@@ -434,6 +514,7 @@ fn fused_decode_kernel_equals_the_per_operation_kernels() {
     if !gpu_present() {
         return;
     }
+    let _gpu = gpu_shared();
     // The small preset (head_dim 64, 4 query heads per kv head), a model
     // with head_dim 256 (the _wide kernels), 3 query heads per kv head, an
     // FFN wider than the fused norm keeps in registers (as 2B-4T's) and a

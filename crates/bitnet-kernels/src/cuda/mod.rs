@@ -162,6 +162,12 @@ pub enum CudaError {
     Compile { arch: String, log: String },
     #[error("CUDA driver error in {call}: {message}")]
     Driver { call: &'static str, message: String },
+    /// A stream capture that the driver invalidated: another thread
+    /// synchronised the device (cuCtxSynchronize, a synchronous copy or
+    /// free) while this stream was capturing a graph. Only the capture is
+    /// lost; the stream works again once the capture has ended.
+    #[error("CUDA graph capture broken in {call}: {message}")]
+    CaptureBroken { call: &'static str, message: String },
     #[error("out of GPU memory allocating {bytes} bytes for {what}: {message}")]
     OutOfMemory { what: String, bytes: usize, message: String },
     #[error("{what}: needs {needed} bytes, the buffer has {available}")]
@@ -173,7 +179,16 @@ pub enum CudaError {
 }
 
 fn driver(call: &'static str) -> impl FnOnce(cu::DriverError) -> CudaError {
-    move |e| CudaError::Driver { call, message: e.to_string() }
+    move |e| {
+        use sys::CUresult::*;
+        let message = e.to_string();
+        match e.0 {
+            CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+            | CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+            | CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => CudaError::CaptureBroken { call, message },
+            _ => CudaError::Driver { call, message },
+        }
+    }
 }
 
 /// Hooks the device layer consults before each allocation and launch: the
