@@ -3774,8 +3774,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_stats(const f
 // the state this pass starts from (the pass before's buckets; CTA 0 stores
 // it for the next pass), then the counts (and fixed-point masses) of the
 // finite logits whose key matches the prefix, by the pass's 8 bits, added
-// to the row's buckets (the lanes of a warp that share a bucket add once:
-// most share the top bits); the last pass also keeps each chunk's counts.
+// to the row's buckets in shared memory (those of a group of 32 in the first
+// active lane's bucket once, by one warp reduction; each other one by an
+// atomic of its own: session 27 measured this 1.4x faster for top-p alone
+// than adding once per bucket after __match_any_sync, whose groups and
+// per-group reductions cost the more the more buckets a group of 32
+// spans); the last pass also keeps each chunk's counts.
 extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const float* logits, int vocab,
                                                                       const SampleParams* params,
                                                                       unsigned char* scratch, int group, int pass) {
@@ -3830,24 +3834,39 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const fl
 #pragma unroll
         for (int j = 0; j < SAMPLE_PER_LANE; j++)
             if (sample_finite(g.v[j]) && (sample_key(g.v[j]) & mk) == pf) match |= 1u << j;
+        // Each group of 32 logits: the lanes in the first active lane's
+        // bucket (most, in the first pass: they share the top bits) add
+        // once, by one reduction; every other lane adds its own.
 #pragma unroll
         for (int j = 0; j < SAMPLE_PER_LANE; j++) {
             const bool mj = (match >> j) & 1u;
-            if (__ballot_sync(0xffffffffu, mj) == 0u) continue;
+            const unsigned act = __ballot_sync(0xffffffffu, mj);
+            if (act == 0u) continue;
             const unsigned d = (sample_key(g.v[j]) >> shift) & 255u;
-            const unsigned peers = __match_any_sync(0xffffffffu, mj ? d : 0x100u);
+            const int src = __ffs(act) - 1;
+            const unsigned d0 = __shfl_sync(0xffffffffu, d, src);
+            const unsigned same = __ballot_sync(0xffffffffu, mj && d == d0);
             if (mj) {
-                const bool leader = (peers & lanes_below) == 0u;
+                unsigned lo = 0u, hi = 0u, n = 1u;
                 if (with_mass) {
                     const unsigned long long w = sample_fx(sample_weight(g.v[j], t, zmax));
-                    const unsigned lo = __reduce_add_sync(peers, (unsigned)(w & 0x1fffffull));
-                    const unsigned hi = __reduce_add_sync(peers, (unsigned)(w >> 21));
-                    if (leader) {
+                    lo = (unsigned)(w & 0x1fffffull);
+                    hi = (unsigned)(w >> 21);
+                }
+                if (d == d0) {
+                    if (with_mass) {
+                        lo = __reduce_add_sync(same, lo);
+                        hi = __reduce_add_sync(same, hi);
+                    }
+                    n = (unsigned)__popc(same);
+                }
+                if (d != d0 || lane == src) {
+                    if (with_mass) {
                         atomicAdd(&mlo[d], lo);
                         atomicAdd(&mhi[d], hi);
                     }
+                    atomicAdd(&counts[d], n);
                 }
-                if (leader) atomicAdd(&counts[d], (unsigned)__popc(peers));
             }
         }
         if (per_chunk) {
