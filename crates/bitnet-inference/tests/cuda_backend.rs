@@ -34,12 +34,14 @@ fn gpu_present() -> bool {
 /// since another test's allocations would move its figure.
 static GPU: RwLock<()> = RwLock::new(());
 
-fn gpu_shared() -> RwLockReadGuard<'static, ()> {
-    GPU.read().unwrap_or_else(|e| e.into_inner())
+/// The GPU, shared with the other tests; `None` (SKIPPED printed) without one.
+fn gpu_shared() -> Option<RwLockReadGuard<'static, ()>> {
+    gpu_present().then(|| GPU.read().unwrap_or_else(|e| e.into_inner()))
 }
 
-fn gpu_alone() -> RwLockWriteGuard<'static, ()> {
-    GPU.write().unwrap_or_else(|e| e.into_inner())
+/// The GPU, no other test of this binary running on it meanwhile.
+fn gpu_alone() -> Option<RwLockWriteGuard<'static, ()>> {
+    gpu_present().then(|| GPU.write().unwrap_or_else(|e| e.into_inner()))
 }
 
 fn cuda(model: &Arc<BitNetModel>, precision: Precision, tweak: impl FnOnce(&mut CudaBackendConfig)) -> CudaBackend {
@@ -96,10 +98,7 @@ fn reference_all(model: &BitNetModel, prompts: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>
 
 #[test]
 fn logits_track_the_reference_on_the_small_preset() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate(Preset::Small, 7).unwrap());
     let ps = prompts(4, 64, model.config.vocab_size, 1);
     let reference = reference_all(&model, &ps);
@@ -126,10 +125,7 @@ fn trained_model() -> Option<Arc<BitNetModel>> {
 
 #[test]
 fn trained_model_top1_and_greedy_match_in_every_precision() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = trained_model().unwrap();
     let texts = ["221+696=", "Reverse: hello world ->", "12*34=", "sort 9 3 7 1 ->"];
     let ps: Vec<Vec<u32>> = texts
@@ -175,10 +171,7 @@ fn trained_model_top1_and_greedy_match_in_every_precision() {
 
 #[test]
 fn batching_splitting_and_graphs_do_not_change_a_bit() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate(Preset::Tiny, 5).unwrap());
     // 34 sequences: more entries together than the largest small cuBLAS
     // head call takes (32), so the batched steps run the whole-chunk head
@@ -297,10 +290,7 @@ impl bitnet_kernels::cuda::DeviceHooks for SyncElsewhere {
 
 #[test]
 fn a_capture_broken_by_another_thread_costs_only_its_graph() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate(Preset::Tiny, 21).unwrap());
     let ps = prompts(1, 24, model.config.vocab_size, 31);
     // Every step eagerly: the logits a broken capture must not change.
@@ -321,10 +311,7 @@ fn a_capture_broken_by_another_thread_costs_only_its_graph() {
 
 #[test]
 fn bad_steps_fail_cleanly_and_leave_sequences_untouched() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate(Preset::Tiny, 6).unwrap());
     let mut b = cuda(&model, Precision::Bf16, |c| c.kv_slots = 100);
     b.add_sequence(1, 60).unwrap();
@@ -348,10 +335,7 @@ fn bad_steps_fail_cleanly_and_leave_sequences_untouched() {
 
 #[test]
 fn allocations_match_free_memory_and_bf16_needs_less() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_alone();
+    let Some(_gpu) = gpu_alone() else { return };
     let model = Arc::new(synthetic::generate(Preset::Small, 8).unwrap());
     let mut totals = Vec::new();
     for precision in [Precision::Fp32, Precision::Bf16] {
@@ -428,10 +412,7 @@ fn hd128_backend(model: &Arc<BitNetModel>, precision: Precision, fused_rows: usi
 /// differ from the default split count's only in the last bits.
 #[test]
 fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     for precision in [Precision::Fp16, Precision::Bf16] {
@@ -480,10 +461,7 @@ fn one_attention_split_keeps_fused_and_per_operation_kernels_identical() {
 /// kernel in CTAs of two halves by default; both CTA sizes are checked.
 #[test]
 fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     let model = Arc::new(synthetic::generate_with_config(hd128_config(), 13).unwrap());
     let vocab = model.config.vocab_size;
     let ps = vec![prompts(1, 2100, vocab, 100).remove(0)];
@@ -511,10 +489,7 @@ fn fused_and_per_operation_attention_agree_at_odd_split_counts() {
 
 #[test]
 fn fused_decode_kernel_equals_the_per_operation_kernels() {
-    if !gpu_present() {
-        return;
-    }
-    let _gpu = gpu_shared();
+    let Some(_gpu) = gpu_shared() else { return };
     // The small preset (head_dim 64, 4 query heads per kv head), a model
     // with head_dim 256 (the _wide kernels), 3 query heads per kv head, an
     // FFN wider than the fused norm keeps in registers (as 2B-4T's) and a
