@@ -3820,7 +3820,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_CTA, 4) sample_hist(const fl
         }
     }
     __syncthreads();
-    const unsigned pf = cur.prefix, mk = cur.mask, lanes_below = (1u << lane) - 1u;
+    const unsigned pf = cur.prefix, mk = cur.mask;
     const int shift = 24 - 8 * pass;
     // The last pass counts each chunk apart (hc), then adds it to the CTA's;
     // masses are summed a chunk at a time in two 32-bit halves (mlo, mhi),
