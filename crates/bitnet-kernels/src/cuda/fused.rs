@@ -80,7 +80,18 @@ pub(crate) fn choose_halves(setting: usize, att_mma: bool, splits: usize) -> (us
 #[derive(Debug, Default)]
 pub(crate) struct FusedGrids {
     grids: std::collections::HashMap<(&'static str, usize, u32), u32>,
-    allowed: std::collections::HashMap<&'static str, usize>,
+}
+
+/// The dynamic shared memory each fused kernel is allowed, by (GPU, kernel).
+/// Process-wide, as the module and so each kernel's attributes are shared
+/// by every `GpuContext` of that GPU: a context that set a kernel's limit
+/// below what another context's launches use made them fail
+/// (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, backend tests on parallel
+/// threads, session 27). The limit only ever rises, under this lock.
+fn smem_allowed() -> std::sync::MutexGuard<'static, std::collections::HashMap<(usize, &'static str), usize>> {
+    static ALLOWED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<(usize, &'static str), usize>>> =
+        std::sync::OnceLock::new();
+    ALLOWED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The model dimensions a [`FusedLayers`] was built for.
@@ -291,10 +302,14 @@ impl GpuContext {
         }
         let f = self.function(name)?;
         let smem_i = i32::try_from(smem).map_err(|_| CudaError::Shape("fused decode shared memory".into()))?;
-        if smem > 48 * 1024 && cache.allowed.get(name).is_none_or(|&a| a < smem) {
-            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i)
-                .map_err(driver("cuFuncSetAttribute"))?;
-            cache.allowed.insert(name, smem);
+        if smem > 48 * 1024 {
+            let mut allowed = smem_allowed();
+            let key = (self.ordinal, name);
+            if allowed.get(&key).is_none_or(|&a| a < smem) {
+                f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_i)
+                    .map_err(driver("cuFuncSetAttribute"))?;
+                allowed.insert(key, smem);
+            }
         }
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
