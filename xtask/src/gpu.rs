@@ -485,9 +485,9 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
         const REPS: usize = 20;
         f()?;
         gpu.synchronize()?;
-        gpu.begin_capture()?;
+        let capturing = gpu.begin_capture()?;
         let captured = (0..REPS).try_for_each(|_| f());
-        let graph = gpu.end_capture();
+        let graph = gpu.end_capture(capturing);
         captured?;
         let graph = graph?;
         gpu.launch_graph(&graph)?;

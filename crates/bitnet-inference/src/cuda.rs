@@ -701,9 +701,9 @@ impl CudaBackend {
             // First run of this shape: run eagerly (warms up and checks
             // every launch), then capture for the next time.
             self.launch_forward(n, n_out, window, fused, true, greedy)?;
-            self.gpu.begin_capture()?;
+            let capturing = self.gpu.begin_capture()?;
             let captured = self.launch_forward(n, n_out, window, fused, true, greedy);
-            match (captured, self.gpu.end_capture()) {
+            match (captured, self.gpu.end_capture(capturing)) {
                 (Ok(()), Ok(graph)) => {
                     self.graphs.insert((n, window, greedy), graph);
                 }

@@ -31,7 +31,8 @@ fn gpu_present() -> bool {
 
 /// The tests of this binary share the GPU (the harness runs them on
 /// parallel threads); the one that measures free memory takes it alone,
-/// since another test's allocations would move its figure.
+/// since another test's allocations would move its figure, and so does the
+/// one that synchronises the whole context from another thread.
 static GPU: RwLock<()> = RwLock::new(());
 
 /// The GPU, shared with the other tests; `None` (SKIPPED printed) without one.
@@ -290,7 +291,10 @@ impl bitnet_kernels::cuda::DeviceHooks for SyncElsewhere {
 
 #[test]
 fn a_capture_broken_by_another_thread_costs_only_its_graph() {
-    let Some(_gpu) = gpu_shared() else { return };
+    // Alone: libcuda (580.159.04) crashed in a cuCtxSynchronize that ran
+    // while other threads destroyed streams and instantiated graphs; this
+    // test's hook makes exactly such a call.
+    let Some(_gpu) = gpu_alone() else { return };
     let model = Arc::new(synthetic::generate(Preset::Tiny, 21).unwrap());
     let ps = prompts(1, 24, model.config.vocab_size, 31);
     // Every step eagerly: the logits a broken capture must not change.
@@ -302,11 +306,36 @@ fn a_capture_broken_by_another_thread_costs_only_its_graph() {
     // thread mid-capture), step 2 captures again, steps 3-4 replay.
     let got = prefill_then_decode(&mut b, &ps, 4);
     assert!(hooks.fired.load(Ordering::SeqCst), "the hook never reached a capture");
-    // (At least: another test's device-wide synchronisation may break one too.)
     assert!(b.captures_broken() >= 1, "the driver did not invalidate the capture (or it went unnoticed)");
     assert_eq!(got, expected, "a broken capture changed the logits");
     assert!(b.info().detail.contains("captures broken"), "{}", b.info().detail);
     println!("a capture broken by another thread's cuCtxSynchronize: the step ran eagerly, logits unchanged");
+}
+
+#[test]
+fn backends_made_used_and_dropped_on_parallel_threads_stay_exact() {
+    let Some(_gpu) = gpu_shared() else { return };
+    // Each thread opens backends, decodes (capturing and instantiating the
+    // step graphs) and drops them (cuBLAS handle destruction and frees),
+    // over and over, all on the one primary context. libcuda 580.159.04
+    // crashed when one thread synchronised the context while another
+    // instantiated a graph (session 28), which these threads do often.
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 23).unwrap());
+    let ps = prompts(2, 20, model.config.vocab_size, 37);
+    let expected = prefill_then_decode(&mut cuda(&model, Precision::Bf16, |c| c.cuda_graphs = false), &ps, 3);
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (model, ps, expected) = (&model, &ps, &expected);
+            scope.spawn(move || {
+                for round in 0..6 {
+                    let mut b = cuda(model, Precision::Bf16, |_| {});
+                    let got = prefill_then_decode(&mut b, ps, 3);
+                    assert_eq!(&got, expected, "thread {t} round {round}");
+                }
+            });
+        }
+    });
+    println!("4 threads x 6 backends made, used with graphs and dropped: same logits as one eager backend");
 }
 
 #[test]

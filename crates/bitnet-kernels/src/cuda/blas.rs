@@ -31,6 +31,8 @@ unsafe impl Sync for Blas {}
 
 impl Drop for Blas {
     fn drop(&mut self) {
+        // cublasDestroy synchronises the whole context (see context_wide).
+        let _wide = super::context_wide();
         // SAFETY: the handle was created by `Blas::new` and is destroyed once.
         let _ = unsafe { blas::destroy_handle(self.handle) };
     }
@@ -47,7 +49,10 @@ impl Blas {
         if !unsafe { bsys::is_culib_present() } {
             return Err("libcublas not found".into());
         }
-        let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
+        let handle = {
+            let _wide = super::context_wide();
+            blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?
+        };
         let me = Self { handle, _workspace: workspace };
         // SAFETY: `handle` is live; `stream` belongs to the current context.
         unsafe { blas::set_stream(handle, stream as _) }.map_err(|e| format!("cublasSetStream: {e:?}"))?;

@@ -228,7 +228,9 @@ impl DeviceHooks for bitnet_device::FaultInjector {
 /// A device allocation (bytes), made with `cuMemAlloc` (not the stream-ordered
 /// pool, so free-memory figures are exact) and freed on drop.
 pub struct DevBuf {
-    ctx: Arc<CudaContext>,
+    /// The stream of the context that made it: every use of the buffer is
+    /// queued there (and the stream keeps the context alive).
+    stream: Arc<CudaStream>,
     ptr: u64,
     len: usize,
     hooks: Option<Arc<dyn DeviceHooks>>,
@@ -245,11 +247,19 @@ impl Drop for DevBuf {
         if let Some(hooks) = &self.hooks {
             hooks.on_free(self.len as u64);
         }
-        // Work that may still use the buffer must finish first.
-        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+        // Work that may still use the buffer must finish first. That work
+        // is all on the owning context's one stream, so waiting for that
+        // stream suffices; a context-wide cuCtxSynchronize would also wait
+        // for every other user of the device in this process, break their
+        // graph captures, and crashed inside libcuda (580.159.04, H200)
+        // while other threads destroyed streams and instantiated graphs
+        // (backend tests on parallel threads, session 28).
+        if self.stream.context().bind_to_thread().is_ok() && self.stream.synchronize().is_ok() {
             // SAFETY: `ptr` came from `cuMemAlloc` in this context, is freed
-            // exactly once (here), and the context was synchronised above,
-            // so no queued kernel can still touch it.
+            // exactly once (here), and every use of it was queued on
+            // `stream` (DevBuf's owner launches only there), synchronised
+            // above, so no queued kernel or copy can still touch it.
+            let _wide = context_wide();
             let _ = unsafe { cu::free_sync(self.ptr) };
         }
     }
@@ -530,6 +540,58 @@ fn modules() -> std::sync::MutexGuard<'static, std::collections::HashMap<usize, 
     static MODULES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Loaded>>> =
         std::sync::OnceLock::new();
     MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Holds the process-wide lock on driver calls that act on a whole context
+/// (see [`context_wide`]); a no-op when this thread already held it.
+pub(crate) struct ContextWide(Option<std::sync::MutexGuard<'static, ()>>);
+
+thread_local! {
+    static CONTEXT_WIDE_HELD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Drop for ContextWide {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            CONTEXT_WIDE_HELD.set(false);
+        }
+    }
+}
+
+/// Serialises, across every `GpuContext` of the process, the driver calls
+/// that synchronise or restructure a whole context: graph capture and
+/// instantiation, `cuMemFree`, cuBLAS handle creation and destruction
+/// (`cublasDestroy` synchronises the context). Every context of a device
+/// is its primary context, and libcuda 580.159.04 on the H200 crashed
+/// (null dereference at 0x298 inside cuCtxSynchronize) when one thread
+/// synchronised the context while another instantiated a graph (backend
+/// tests on parallel threads, session 28); a context synchronisation also
+/// invalidates any capture running meanwhile. These calls are rare (setup,
+/// teardown, the first step of each shape), so the lock costs nothing on
+/// the replayed steps. Re-entrant on one thread (a nested call is a no-op),
+/// so a buffer freed while its thread captures cannot deadlock.
+pub(crate) fn context_wide() -> ContextWide {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if CONTEXT_WIDE_HELD.get() {
+        return ContextWide(None);
+    }
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    CONTEXT_WIDE_HELD.set(true);
+    ContextWide(Some(guard))
+}
+
+/// A capture in progress ([`GpuContext::begin_capture`]): holds
+/// [`context_wide`] until [`GpuContext::end_capture`] has instantiated the
+/// graph, so no other context user of this process breaks it.
+#[must_use = "pass it to GpuContext::end_capture"]
+pub struct Capturing {
+    _lock: ContextWide,
+}
+
+impl fmt::Debug for Capturing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Capturing")
+    }
 }
 
 /// A line for the user when opening device `ordinal` (compute capability
@@ -995,7 +1057,7 @@ impl GpuContext {
             }
             CudaError::OutOfMemory { what: what.to_string(), bytes, message: e.to_string() }
         })?;
-        let buf = DevBuf { ctx: self.ctx.clone(), ptr, len: bytes, hooks: self.hooks.clone() };
+        let buf = DevBuf { stream: self.stream.clone(), ptr, len: bytes, hooks: self.hooks.clone() };
         // On this stream, so later copies and kernels on it are ordered after
         // it (the legacy-stream cuMemsetD8 is not ordered with a
         // non-blocking stream and could zero the buffer after an upload).
@@ -1164,15 +1226,21 @@ impl GpuContext {
         self.stream.synchronize().map_err(driver("cuStreamSynchronize"))
     }
 
-    /// Starts capturing the stream's launches into a graph.
-    pub fn begin_capture(&self) -> Result<(), CudaError> {
+    /// Starts capturing the stream's launches into a graph; hand the token
+    /// to [`Self::end_capture`]. Until then this process's other context
+    /// users wait to free buffers, capture or destroy cuBLAS handles (see
+    /// [`context_wide`]), and this thread must not wait on them.
+    pub fn begin_capture(&self) -> Result<Capturing, CudaError> {
+        let lock = context_wide();
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(driver("cuStreamBeginCapture"))
+            .map_err(driver("cuStreamBeginCapture"))?;
+        Ok(Capturing { _lock: lock })
     }
 
     /// Ends the capture and instantiates the graph.
-    pub fn end_capture(&self) -> Result<GpuGraph, CudaError> {
+    pub fn end_capture(&self, capturing: Capturing) -> Result<GpuGraph, CudaError> {
+        let _capturing = capturing;
         let graph = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
