@@ -560,7 +560,7 @@ impl Drop for ContextWide {
 
 /// Serialises, across every `GpuContext` of the process, the driver calls
 /// that synchronise or restructure a whole context: graph capture and
-/// instantiation, `cuMemFree`, cuBLAS handle creation and destruction
+/// instantiation, `cuMemFree`, `cuMemFreeHost`, cuBLAS handle creation and destruction
 /// (`cublasDestroy` synchronises the context). Every context of a device
 /// is its primary context, and libcuda 580.159.04 on the H200 crashed
 /// (null dereference at 0x298 inside cuCtxSynchronize) when one thread

@@ -64,6 +64,8 @@ impl PinnedBuffer {
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
+            // cuMemFreeHost may synchronise the whole context (see context_wide).
+            let _wide = super::context_wide();
             // SAFETY: `ptr` came from cu::malloc_host in `new`, is not null,
             // and is freed exactly once, here; no slice of it outlives `self`.
             let _ = unsafe { cu::free_host(self.ptr as *mut std::ffi::c_void) };
