@@ -103,6 +103,13 @@ fn more_likely(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
     b.logit.total_cmp(&a.logit).then(a.token.cmp(&b.token))
 }
 
+thread_local! {
+    /// Top-p alone's probabilities of every token, reused from token to
+    /// token on each sampling thread (a vocabulary of 128256 takes 1 MB; a
+    /// fresh allocation's page faults cost more than the draw gained).
+    static PROBABILITIES: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// Candidates taken from the most likely end before the top-p scan sorts
 /// everything: the nucleus of a trained model's step is usually far smaller.
 const NUCLEUS_FIRST_TAKE: usize = 256;
@@ -212,16 +219,18 @@ impl SampleDraw {
         if self.top_k == 0 && self.top_p >= 1.0 {
             return self.apply_all(logits);
         }
-        let kept = self.kept_candidates(logits);
-        let total: f64 = kept.iter().map(|c| c.p).sum();
-        let mut r = self.u * total;
-        for c in &kept {
-            if r < c.p {
-                return c.token;
+        if self.top_k == 0 {
+            let max = finite_max(logits);
+            if max == f32::NEG_INFINITY {
+                return argmax(logits);
             }
-            r -= c.p;
+            let probability = self.probability(max);
+            return self.top_p_alone(logits, &probability, |logits, p, few| match few {
+                Ok(kept) => walk(&kept, self.u).unwrap_or_else(|| argmax(logits)),
+                Err(wide) => wide.draw(logits, p, self.u).unwrap_or_else(|| argmax(logits)),
+            });
         }
-        kept.last().map_or_else(|| argmax(logits), |c| c.token)
+        walk(&self.kept_candidates(logits), self.u).unwrap_or_else(|| argmax(logits))
     }
 
     /// Temperature alone: every finite logit is a candidate, drawn in token
@@ -303,19 +312,10 @@ impl SampleDraw {
             if self.top_p >= 1.0 {
                 return all_finite();
             }
-            // Top-p alone: the total from the chunk sums, then the most
-            // likely few; a nucleus wider than them is found by mass.
-            let total: f64 = chunk_masses(logits, &probability).iter().sum();
-            let mut first = top_candidates(logits, NUCLEUS_FIRST_TAKE);
-            for c in first.iter_mut() {
-                c.p = probability(c.logit);
-            }
-            if let Some(keep) = nucleus_len(&first, total, top_p) {
-                first.truncate(keep);
-                first.sort_unstable_by_key(|c| c.token);
-                return first;
-            }
-            return nucleus_by_mass(logits, &probability, total, top_p);
+            return self.top_p_alone(logits, &probability, |logits, p, few| match few {
+                Ok(kept) => kept,
+                Err(wide) => wide.kept(logits, p),
+            });
         }
         let mut candidates = top_candidates(logits, top_k);
         for c in candidates.iter_mut() {
@@ -329,6 +329,60 @@ impl SampleDraw {
         candidates.truncate(keep);
         candidates
     }
+}
+
+impl SampleDraw {
+    /// Top-p alone: the total from the chunk sums (each probability kept in
+    /// this thread's scratch buffer), then the most likely few; a nucleus
+    /// wider than them is found by mass. `finish` gets the logits, every
+    /// token's probability (0 where not finite) and either the nucleus, in
+    /// token order, or the wide nucleus's description. The logits hold a
+    /// finite value (the caller checked `max`).
+    fn top_p_alone<T>(
+        &self,
+        logits: &[f32],
+        probability: &(impl Fn(f32) -> f64 + Sync),
+        finish: impl FnOnce(&[f32], &[f64], Result<Vec<Candidate>, WideNucleus>) -> T,
+    ) -> T {
+        let top_p = f64::from(self.top_p);
+        // Taken out of the cell, not borrowed: rayon may run another draw
+        // on this thread while this one waits (that one then allocates).
+        let mut scratch = PROBABILITIES.take();
+        if scratch.len() < logits.len() {
+            scratch.resize(logits.len(), 0.0);
+        }
+        let p = &mut scratch[..logits.len()];
+        let total: f64 = chunk_masses_kept(logits, probability, p).iter().sum();
+        let mut first = top_candidates(logits, NUCLEUS_FIRST_TAKE);
+        for c in first.iter_mut() {
+            c.p = probability(c.logit);
+        }
+        let few = match nucleus_len(&first, total, top_p) {
+            Some(keep) => {
+                first.truncate(keep);
+                first.sort_unstable_by_key(|c| c.token);
+                Ok(first)
+            }
+            None => Err(nucleus_by_mass(logits, p, probability, total, top_p)),
+        };
+        let out = finish(logits, p, few);
+        PROBABILITIES.set(scratch);
+        out
+    }
+}
+
+/// The token where `u` of the candidates' total mass falls, walking them
+/// in order; `None` without candidates.
+fn walk(kept: &[Candidate], u: f64) -> Option<u32> {
+    let total: f64 = kept.iter().map(|c| c.p).sum();
+    let mut r = u * total;
+    for c in kept {
+        if r < c.p {
+            return Some(c.token);
+        }
+        r -= c.p;
+    }
+    kept.last().map(|c| c.token)
 }
 
 /// How many of `sorted` (most likely first) the smallest prefix whose share
@@ -360,75 +414,245 @@ fn key_value(key: u32) -> f32 {
     f32::from_bits(if key & 0x8000_0000 != 0 { key & 0x7fff_ffff } else { !key })
 }
 
-/// Top-p alone's nucleus, in token order, without sorting the vocabulary:
-/// every logit above some threshold plus the first few (by token) equal to
-/// it, the smallest such set of most likely tokens whose mass reaches
-/// `top_p * total`. The threshold's order key is found 8 bits at a time
-/// from each bucket's mass (a radix selection, as the GPU's `sample_hist`
-/// passes do): four passes over the finite logits instead of a sort (a
-/// vocabulary of 128256 sorted in full took 8-14 ms).
+/// A top-p nucleus wider than the first take: every finite token whose
+/// [`order_key`] is above `threshold`, and the first `need` (by token) of
+/// those whose key equals it (each of probability `w`).
+#[derive(Debug, Clone, Copy)]
+struct WideNucleus {
+    threshold: u32,
+    need: usize,
+    w: f64,
+}
+
+impl WideNucleus {
+    /// Its tokens in token order; `p` holds every token's probability.
+    fn kept(&self, logits: &[f32], p: &[f64]) -> Vec<Candidate> {
+        let mut ties = 0;
+        logits
+            .iter()
+            .zip(p)
+            .enumerate()
+            .filter(|&(_, (&logit, _))| {
+                logit.is_finite() && {
+                    let key = order_key(logit);
+                    key > self.threshold
+                        || (key == self.threshold && {
+                            ties += 1;
+                            ties <= self.need
+                        })
+                }
+            })
+            .map(|(i, (&logit, &p))| Candidate { token: i as u32, logit, p })
+            .collect()
+    }
+
+    /// The token where `u` of its mass falls, walking it in token order
+    /// without building it: each fixed chunk's kept mass on the rayon pool
+    /// (the same sums on any number of threads), then the tokens of the one
+    /// chunk `u` falls in. `None` if it is empty.
+    fn draw(&self, logits: &[f32], p: &[f64], u: f64) -> Option<u32> {
+        let threshold = self.threshold;
+        // A chunk's mass and count above the threshold and its tokens at it.
+        let part = |(chunk, ps): (&[f32], &[f64])| -> (f64, usize, usize) {
+            let (mut mass, mut count, mut ties) = (0.0f64, 0usize, 0usize);
+            for (&v, &pv) in chunk.iter().zip(ps) {
+                // Not finite: p is 0, and no finite key equals the threshold's.
+                let (key, finite) = (order_key(v), v.is_finite());
+                mass += if key > threshold { pv } else { 0.0 };
+                count += usize::from(finite && key > threshold);
+                ties += usize::from(finite && key == threshold);
+            }
+            (mass, count, ties)
+        };
+        let parts: Vec<(f64, usize, usize)> = if logits.len() >= PARALLEL_SUM_MIN {
+            logits.par_chunks(SUM_CHUNK).zip(p.par_chunks(SUM_CHUNK)).map(part).collect()
+        } else {
+            logits.chunks(SUM_CHUNK).zip(p.chunks(SUM_CHUNK)).map(part).collect()
+        };
+        // Ties are kept first by token: each chunk's share of `need`.
+        let mut left = self.need;
+        let chunks: Vec<(f64, usize, usize)> = parts
+            .iter()
+            .map(|&(mass, count, ties)| {
+                let kept = ties.min(left);
+                left -= kept;
+                (mass + kept as f64 * self.w, count + kept, kept)
+            })
+            .collect();
+        let total: f64 = chunks.iter().map(|c| c.0).sum();
+        let mut r = u * total;
+        for (c, &(mass, _, ties_kept)) in chunks.iter().enumerate() {
+            if r >= mass {
+                r -= mass;
+                continue;
+            }
+            let start = c * SUM_CHUNK;
+            let end = (start + SUM_CHUNK).min(logits.len());
+            let mut last = None;
+            for (j, _) in self.kept_in(&logits[start..end], ties_kept) {
+                last = Some((start + j) as u32);
+                if r < p[start + j] {
+                    return last;
+                }
+                r -= p[start + j];
+            }
+            // Rounding left r just above the chunk's sum: its last token.
+            return last;
+        }
+        // Rounding past the end: the last kept token.
+        let (c, &(_, _, ties_kept)) = chunks.iter().enumerate().rev().find(|(_, c)| c.1 > 0)?;
+        let start = c * SUM_CHUNK;
+        let end = (start + SUM_CHUNK).min(logits.len());
+        self.kept_in(&logits[start..end], ties_kept).last().map(|(j, _)| (start + j) as u32)
+    }
+
+    /// The kept tokens of one chunk (index in the chunk, logit) whose first
+    /// `ties_kept` ties are kept.
+    fn kept_in<'a>(&self, chunk: &'a [f32], ties_kept: usize) -> impl Iterator<Item = (usize, &'a f32)> + 'a {
+        let threshold = self.threshold;
+        let mut ties = 0;
+        chunk.iter().enumerate().filter(move |&(_, &v)| {
+            let key = order_key(v);
+            v.is_finite()
+                && (key > threshold
+                    || (key == threshold && {
+                        ties += 1;
+                        ties <= ties_kept
+                    }))
+        })
+    }
+}
+
+/// Top-p alone's nucleus when wider than the first take, without sorting
+/// the vocabulary: every logit above some threshold plus the first few (by
+/// token) equal to it, the smallest such set of most likely tokens whose
+/// mass reaches `top_p * total`. The threshold's order key is found 8 bits
+/// at a time from each bucket's mass (a radix selection, as the GPU's
+/// `sample_hist` passes do) instead of a sort (a vocabulary of 128256
+/// sorted in full took 8-14 ms). `p` holds each token's probability (0
+/// where not finite). The first pass, and the list of tokens left in the
+/// threshold's top-byte bucket, run on the rayon pool in fixed chunks
+/// whose bucket sums are added in chunk order (the same sums on any number
+/// of threads); the later passes see only the tokens still in the
+/// threshold's bucket.
 fn nucleus_by_mass(
     logits: &[f32],
-    probability: &(impl Fn(f32) -> f64 + Sync),
+    p: &[f64],
+    probability: &impl Fn(f32) -> f64,
     total: f64,
     top_p: f64,
-) -> Vec<Candidate> {
-    let keyed = |(i, &logit): (usize, &f32)| {
-        logit.is_finite().then(|| (order_key(logit), Candidate { token: i as u32, logit, p: probability(logit) }))
-    };
-    let all: Vec<(u32, Candidate)> = if logits.len() >= PARALLEL_SUM_MIN {
-        logits.par_iter().enumerate().filter_map(keyed).collect()
-    } else {
-        logits.iter().enumerate().filter_map(keyed).collect()
-    };
+) -> WideNucleus {
+    struct Buckets {
+        count: [usize; 256],
+        mass: [f64; 256],
+    }
+    impl Buckets {
+        fn new() -> Self {
+            Self { count: [0; 256], mass: [0.0; 256] }
+        }
+    }
     let target = top_p * total;
-    let (mut prefix, mut mask, mut above, mut at_threshold) = (0u32, 0u32, 0.0f64, 0usize);
-    for shift in [24u32, 16, 8, 0] {
-        let mut count = [0usize; 256];
-        let mut mass = [0.0f64; 256];
-        for (key, c) in &all {
-            if key & mask == prefix {
-                let d = ((key >> shift) & 255) as usize;
-                count[d] += 1;
-                mass[d] += c.p;
+    let parallel = logits.len() >= PARALLEL_SUM_MIN;
+    // Pass 0: the key's top byte.
+    let first = |(src, ps): (&[f32], &[f64])| -> Buckets {
+        let mut b = Buckets::new();
+        for (&logit, &v) in src.iter().zip(ps) {
+            if logit.is_finite() {
+                let d = (order_key(logit) >> 24) as usize;
+                b.count[d] += 1;
+                b.mass[d] += v;
             }
         }
-        let mut digit = None;
+        b
+    };
+    let parts: Vec<Buckets> = if parallel {
+        logits.par_chunks(SUM_CHUNK).zip(p.par_chunks(SUM_CHUNK)).map(first).collect()
+    } else {
+        logits.chunks(SUM_CHUNK).zip(p.chunks(SUM_CHUNK)).map(first).collect()
+    };
+    let mut buckets = Buckets::new();
+    for part in &parts {
+        for d in 0..256 {
+            buckets.count[d] += part.count[d];
+            buckets.mass[d] += part.mass[d];
+        }
+    }
+    let mut above = 0.0f64;
+    // The bucket of the threshold: the first, from the top, whose mass
+    // brings `above` to the target.
+    let choose = |b: &Buckets, above: &mut f64| -> usize {
         let mut lowest = 0;
         for d in (0..256).rev() {
-            if count[d] == 0 {
+            if b.count[d] == 0 {
                 continue;
             }
             lowest = d;
-            if above + mass[d] >= target {
-                digit = Some(d);
-                break;
+            if *above + b.mass[d] >= target {
+                return d;
             }
-            above += mass[d];
+            *above += b.mass[d];
         }
         // Rounding can leave the buckets' sum just short of the bucket
         // chosen before: then its last bucket is the one.
-        let d = digit.unwrap_or_else(|| {
-            above -= mass[lowest];
-            lowest
-        });
-        at_threshold = count[d];
+        *above -= b.mass[lowest];
+        lowest
+    };
+    let d = choose(&buckets, &mut above);
+    let mut at_threshold = buckets.count[d];
+    let mut prefix = (d as u32) << 24;
+    // The tokens still in the threshold's bucket, in token order (written
+    // without a branch: the test is a coin toss for most tokens).
+    let in_bucket = |(c, chunk): (usize, &[f32])| -> Vec<u32> {
+        let mut out = vec![0u32; chunk.len()];
+        let mut n = 0;
+        for (j, &v) in chunk.iter().enumerate() {
+            out[n] = (c * SUM_CHUNK + j) as u32;
+            n += usize::from(v.is_finite() && order_key(v) >> 24 == d as u32);
+        }
+        out.truncate(n);
+        out
+    };
+    let mut edge: Vec<u32> = if parallel {
+        logits.par_chunks(SUM_CHUNK).enumerate().map(in_bucket).collect::<Vec<_>>().concat()
+    } else {
+        logits.chunks(SUM_CHUNK).enumerate().map(in_bucket).collect::<Vec<_>>().concat()
+    };
+    for shift in [16u32, 8, 0] {
+        let mut b = Buckets::new();
+        for &i in &edge {
+            let d = ((order_key(logits[i as usize]) >> shift) & 255) as usize;
+            b.count[d] += 1;
+            b.mass[d] += p[i as usize];
+        }
+        let d = choose(&b, &mut above);
+        at_threshold = b.count[d];
         prefix |= (d as u32) << shift;
-        mask |= 0xff << shift;
+        if shift > 0 {
+            let mask = !0u32 << shift;
+            edge.retain(|&i| order_key(logits[i as usize]) & mask == prefix);
+        }
     }
     let (threshold, w) = (prefix, probability(key_value(prefix)));
     let need = if w > 0.0 { (((target - above) / w).ceil().max(1.0) as usize).min(at_threshold) } else { at_threshold };
-    let mut ties = 0;
-    all.into_iter()
-        .filter(|&(key, _)| {
-            key > threshold
-                || (key == threshold && {
-                    ties += 1;
-                    ties <= need
-                })
-        })
-        .map(|(_, c)| c)
-        .collect()
+    WideNucleus { threshold, need, w }
+}
+
+/// [`chunk_masses`], also writing each token's probability into `p` (as
+/// long as `logits`; 0 where the logit is not finite).
+fn chunk_masses_kept(logits: &[f32], probability: &(impl Fn(f32) -> f64 + Sync), p: &mut [f64]) -> Vec<f64> {
+    let chunk_mass = |(chunk, out): (&[f32], &mut [f64])| -> f64 {
+        let mut sum = 0.0;
+        for (&v, o) in chunk.iter().zip(out) {
+            *o = if v.is_finite() { probability(v) } else { 0.0 };
+            sum += *o;
+        }
+        sum
+    };
+    if logits.len() >= PARALLEL_SUM_MIN {
+        logits.par_chunks(SUM_CHUNK).zip(p.par_chunks_mut(SUM_CHUNK)).map(chunk_mass).collect()
+    } else {
+        logits.chunks(SUM_CHUNK).zip(p.chunks_mut(SUM_CHUNK)).map(chunk_mass).collect()
+    }
 }
 
 /// The probabilities' sum over each fixed chunk of the vocabulary (finite
@@ -690,6 +914,37 @@ mod tests {
         }
     }
 
+    /// Wide nuclei drawn without being built (chunk masses on the rayon
+    /// pool), including edges inside runs of ties that span chunks: the
+    /// plain walk over the definition's nucleus fed the same numbers.
+    #[test]
+    fn wide_nucleus_draws_equal_the_plain_walk() {
+        let mut gen = ChaCha8Rng::seed_from_u64(31);
+        let random: Vec<f32> = (0..50_000)
+            .map(|i| if i % 997 == 3 { f32::NEG_INFINITY } else { gen.random_range(-2.0f32..2.0) })
+            .collect();
+        let ties: Vec<f32> = (0..128_256).map(|i| ((i * 7919) % 13) as f32 * 0.25).collect();
+        for (name, logits, temperature, top_p) in
+            [("random", &random, 0.9f32, 0.93f32), ("ties", &ties, 1.0, 0.9137), ("ties", &ties, 0.7, 0.4219)]
+        {
+            let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 9 };
+            let mut nucleus = kept_by_full_sort(&config, logits);
+            assert!(nucleus.len() > NUCLEUS_FIRST_TAKE, "{name}: nucleus of {}", nucleus.len());
+            nucleus.sort_by_key(|&(t, _)| t);
+            let total: f64 = nucleus.iter().map(|(_, p)| p).sum();
+            let mut fast = Sampler::new(config).unwrap();
+            let mut stream = ChaCha8Rng::seed_from_u64(9);
+            for _ in 0..200 {
+                let u = stream.random::<f64>();
+                assert_eq!(fast.sample(logits), naive_walk(&nucleus, total, u), "{name} T {temperature}, u {u}");
+            }
+            // The ends: the first kept token, and the last (u just below 1).
+            let draw = |u: f64| SampleDraw { temperature, top_k: 0, top_p, u }.apply(logits);
+            assert_eq!(draw(0.0), nucleus[0].0, "{name}");
+            assert_eq!(draw(1.0 - f64::EPSILON), naive_walk(&nucleus, total, 1.0 - f64::EPSILON), "{name}");
+        }
+    }
+
     /// Across chunk boundaries (tokens 8191, 8192, 39999 of 40000, everything
     /// else -inf or NaN) the frequencies follow 1 : 2 : 3 (logits ln 1, ln 2,
     /// ln 3 at T = 1).
@@ -727,6 +982,37 @@ mod tests {
         let mut reference: Vec<u32> = kept_by_full_sort(&config, &logits).iter().map(|&(t, _)| t).collect();
         reference.sort_unstable();
         assert_eq!(fast_tokens, reference);
+    }
+
+    /// Wide nuclei over vocabularies of several chunks, summed on the rayon
+    /// pool (random logits with NaNs and infinities; temperatures and top-p
+    /// across their ranges): the definition's tokens and probabilities.
+    #[test]
+    fn wide_nucleus_over_many_chunks_keeps_the_definition() {
+        let mut rng = ChaCha8Rng::seed_from_u64(29);
+        for case in 0..12 {
+            let n = PARALLEL_SUM_MIN + rng.random_range(0..3 * SUM_CHUNK);
+            let spread = [0.3f32, 1.0, 4.0][case % 3];
+            let logits: Vec<f32> = (0..n)
+                .map(|_| match rng.random_range(0..1000) {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    _ => rng.random_range(-spread..spread),
+                })
+                .collect();
+            let temperature = [0.5f32, 1.0, 2.0][case % 3];
+            let top_p = rng.random_range(0.3f32..0.99);
+            let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 0 };
+            let fast = kept(&config, &logits);
+            let mut reference = kept_by_full_sort(&config, &logits);
+            reference.sort_by_key(|&(t, _)| t);
+            assert!(reference.len() > NUCLEUS_FIRST_TAKE, "case {case}: nucleus of {}", reference.len());
+            let tokens = |v: &[(u32, f64)]| v.iter().map(|&(t, _)| t).collect::<Vec<_>>();
+            assert_eq!(tokens(&fast), tokens(&reference), "case {case}: n {n}, T {temperature}, top-p {top_p}");
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!((a.1 - b.1).abs() <= 1e-15 * b.1.abs().max(1e-300), "case {case}: {a:?} vs {b:?}");
+            }
+        }
     }
 
     /// Wide nuclei whose edge falls inside a run of equal logits (13
