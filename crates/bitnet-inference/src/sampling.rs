@@ -856,6 +856,22 @@ mod tests {
         kept_in_token_order.last().map_or(0, |&(t, _)| t)
     }
 
+    /// 200 draws of `config` (seeded by its seed) equal the plain walk over
+    /// the definition's nucleus, in token order, fed the same numbers; that
+    /// nucleus and its total.
+    fn draws_follow_the_walk(logits: &[f32], config: SamplingConfig, label: &str) -> (Vec<(u32, f64)>, f64) {
+        let mut nucleus = kept_by_full_sort(&config, logits);
+        nucleus.sort_by_key(|&(t, _)| t);
+        let total: f64 = nucleus.iter().map(|(_, p)| p).sum();
+        let mut stream = ChaCha8Rng::seed_from_u64(config.seed);
+        let mut fast = Sampler::new(config).unwrap();
+        for _ in 0..200 {
+            let u = stream.random::<f64>();
+            assert_eq!(fast.sample(logits), naive_walk(&nucleus, total, u), "{label}, u {u}");
+        }
+        (nucleus, total)
+    }
+
     /// Draws over vocabularies of one to nine chunks, on the serial and the
     /// rayon sum, equal the plain walk fed the same random numbers.
     #[test]
@@ -899,15 +915,7 @@ mod tests {
             let logits: Vec<f32> =
                 (0..n).map(|i| if i % 613 == 7 { f32::NAN } else { gen.random_range(-spread..spread) }).collect();
             let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 5 };
-            let mut nucleus = kept_by_full_sort(&config, &logits);
-            nucleus.sort_by_key(|&(t, _)| t);
-            let total: f64 = nucleus.iter().map(|(_, p)| p).sum();
-            let mut fast = Sampler::new(config).unwrap();
-            let mut stream = ChaCha8Rng::seed_from_u64(5);
-            for _ in 0..200 {
-                let u = stream.random::<f64>();
-                assert_eq!(fast.sample(&logits), naive_walk(&nucleus, total, u), "vocabulary {n}, u {u}");
-            }
+            let (nucleus, _) = draws_follow_the_walk(&logits, config, &format!("vocabulary {n}"));
             if n == 20_000 {
                 assert!(nucleus.len() > 16 * NUCLEUS_FIRST_TAKE, "nucleus of {}", nucleus.len());
             }
@@ -928,16 +936,8 @@ mod tests {
             [("random", &random, 0.9f32, 0.93f32), ("ties", &ties, 1.0, 0.9137), ("ties", &ties, 0.7, 0.4219)]
         {
             let config = SamplingConfig { temperature, top_k: 0, top_p, seed: 9 };
-            let mut nucleus = kept_by_full_sort(&config, logits);
+            let (nucleus, total) = draws_follow_the_walk(logits, config, &format!("{name} T {temperature}"));
             assert!(nucleus.len() > NUCLEUS_FIRST_TAKE, "{name}: nucleus of {}", nucleus.len());
-            nucleus.sort_by_key(|&(t, _)| t);
-            let total: f64 = nucleus.iter().map(|(_, p)| p).sum();
-            let mut fast = Sampler::new(config).unwrap();
-            let mut stream = ChaCha8Rng::seed_from_u64(9);
-            for _ in 0..200 {
-                let u = stream.random::<f64>();
-                assert_eq!(fast.sample(logits), naive_walk(&nucleus, total, u), "{name} T {temperature}, u {u}");
-            }
             // The ends: the first kept token, and the last (u just below 1).
             let draw = |u: f64| SampleDraw { temperature, top_k: 0, top_p, u }.apply(logits);
             assert_eq!(draw(0.0), nucleus[0].0, "{name}");
