@@ -1,17 +1,17 @@
 //! CUDA kernels (`kernels/bitnet.cu`) and their launch wrappers.
 //!
-//! [`GpuContext::open`] checks that libcuda and libnvrtc can be loaded
+//! [`GpuContext::open`](crate::cuda::GpuContext::open) checks that libcuda and libnvrtc can be loaded
 //! (cudarc would panic otherwise), creates a context and a stream on one
 //! device, and loads the kernel module once (prebuilt PTX, cached PTX or an
-//! NVRTC compile; see [`ptx`]). Device memory is handed out as [`DevBuf`]s
-//! and addressed through checked [`DevRange`]s: every launch wrapper checks
+//! NVRTC compile; see [`ptx`](crate::cuda::ptx)). Device memory is handed out as [`DevBuf`](crate::cuda::DevBuf)s
+//! and addressed through checked [`DevRange`](crate::cuda::DevRange)s: every launch wrapper checks
 //! that each range covers what the kernel will touch for the dimensions it
 //! is given before anything is launched. The only values a kernel reads that
 //! the wrapper cannot check are indices stored in device memory (token ids,
 //! positions, cache slots); their producers validate them on the host.
 //!
 //! Launches are asynchronous; errors of a kernel show up at the next
-//! synchronising call ([`GpuContext::read`], [`GpuContext::synchronize`]).
+//! synchronising call ([`GpuContext::read`](crate::cuda::GpuContext::read), [`GpuContext::synchronize`](crate::cuda::GpuContext::synchronize)).
 
 mod blas;
 mod fused;
@@ -581,7 +581,7 @@ pub(crate) fn context_wide() -> ContextWide {
 }
 
 /// A capture in progress ([`GpuContext::begin_capture`]): holds
-/// [`context_wide`] until [`GpuContext::end_capture`] has instantiated the
+/// `context_wide` until [`GpuContext::end_capture`] has instantiated the
 /// graph, so no other context user of this process breaks it.
 #[must_use = "pass it to GpuContext::end_capture"]
 pub struct Capturing {
@@ -1229,7 +1229,7 @@ impl GpuContext {
     /// Starts capturing the stream's launches into a graph; hand the token
     /// to [`Self::end_capture`]. Until then this process's other context
     /// users wait to free buffers, capture or destroy cuBLAS handles (see
-    /// [`context_wide`]), and this thread must not wait on them.
+    /// `context_wide`), and this thread must not wait on them.
     pub fn begin_capture(&self) -> Result<Capturing, CudaError> {
         let lock = context_wide();
         self.stream

@@ -363,7 +363,7 @@ impl GpuContext {
     /// Lets calls of few entries run the cuBLAS head on chunks of that many
     /// entries instead of whole chunks, where the two shapes give every
     /// entry the same bits on these weights: checks each size of
-    /// [`HEAD_SMALL_CHUNKS`] (or `BITNET_CUDA_HEAD_SMALL`, a comma-separated
+    /// `HEAD_SMALL_CHUNKS` (or `BITNET_CUDA_HEAD_SMALL`, a comma-separated
     /// list; 0: none) that divides the whole chunk and keeps those that
     /// pass; a call then takes the smallest kept size that holds all its
     /// entries. A call's shape picks cuBLAS's algorithm, whose summation
@@ -1309,7 +1309,7 @@ impl GpuContext {
     /// argmax of a greedy step). Every drawn row gets a token: top-p alone
     /// finds its nucleus however wide it is. Each row is split into chunks
     /// of 2048 logits worked by CTAs of 256 threads, one or more chunks a
-    /// CTA ([`sample_group`]): `sample_stats`, four `sample_hist` passes when
+    /// CTA (`sample_group`): `sample_stats`, four `sample_hist` passes when
     /// a row keeps its top-k or a top-p nucleus, `sample_gather`, then
     /// `sample_final` (one CTA a row). A row's draw depends on its logits,
     /// parameters and u alone, never on the other rows or the grid. `workspace` holds at least

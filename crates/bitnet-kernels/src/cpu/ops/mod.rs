@@ -120,7 +120,7 @@ fn isa(kernel: CpuKernel) -> Result<Isa, KernelError> {
 
 /// The wrapping sum of `words`: the read-bandwidth probe of the benchmarks.
 /// The x86 kernels read 128 bytes per step into four accumulators and
-/// prefetch [`PREFETCH_AHEAD`](super::PREFETCH_AHEAD) bytes ahead, as the
+/// prefetch `PREFETCH_AHEAD` bytes ahead, as the
 /// decode kernels stream their weights, so a floor measured with it is not
 /// one those kernels beat by prefetching alone. Identical on every kernel
 /// (wrapping addition is exact in any order).
