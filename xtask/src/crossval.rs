@@ -409,7 +409,7 @@ pub fn measure(backend: &mut dyn Backend, reference: &ReferenceRun) -> anyhow::R
     measure_keeping(backend, reference, None)
 }
 
-/// [`measure`], also appending the teacher-forced logits to `keep`.
+/// `measure`, also appending the teacher-forced logits to `keep`.
 pub fn measure_keeping(
     backend: &mut dyn Backend,
     reference: &ReferenceRun,
