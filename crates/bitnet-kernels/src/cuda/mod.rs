@@ -255,11 +255,12 @@ impl Drop for DevBuf {
         // while other threads destroyed streams and instantiated graphs
         // (backend tests on parallel threads, session 28).
         if self.stream.context().bind_to_thread().is_ok() && self.stream.synchronize().is_ok() {
+            // cuMemFree may synchronise the whole context (see context_wide).
+            let _wide = context_wide();
             // SAFETY: `ptr` came from `cuMemAlloc` in this context, is freed
             // exactly once (here), and every use of it was queued on
             // `stream` (DevBuf's owner launches only there), synchronised
             // above, so no queued kernel or copy can still touch it.
-            let _wide = context_wide();
             let _ = unsafe { cu::free_sync(self.ptr) };
         }
     }
