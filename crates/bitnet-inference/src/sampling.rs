@@ -427,23 +427,7 @@ struct WideNucleus {
 impl WideNucleus {
     /// Its tokens in token order; `p` holds every token's probability.
     fn kept(&self, logits: &[f32], p: &[f64]) -> Vec<Candidate> {
-        let mut ties = 0;
-        logits
-            .iter()
-            .zip(p)
-            .enumerate()
-            .filter(|&(_, (&logit, _))| {
-                logit.is_finite() && {
-                    let key = order_key(logit);
-                    key > self.threshold
-                        || (key == self.threshold && {
-                            ties += 1;
-                            ties <= self.need
-                        })
-                }
-            })
-            .map(|(i, (&logit, &p))| Candidate { token: i as u32, logit, p })
-            .collect()
+        self.kept_in(logits, self.need).map(|(i, &logit)| Candidate { token: i as u32, logit, p: p[i] }).collect()
     }
 
     /// The token where `u` of its mass falls, walking it in token order
@@ -506,8 +490,8 @@ impl WideNucleus {
         self.kept_in(&logits[start..end], ties_kept).last().map(|(j, _)| (start + j) as u32)
     }
 
-    /// The kept tokens of one chunk (index in the chunk, logit) whose first
-    /// `ties_kept` ties are kept.
+    /// The kept tokens of a run of logits (index in the run, logit) whose
+    /// first `ties_kept` ties are kept: one chunk, or all of them.
     fn kept_in<'a>(&self, chunk: &'a [f32], ties_kept: usize) -> impl Iterator<Item = (usize, &'a f32)> + 'a {
         let threshold = self.threshold;
         let mut ties = 0;
