@@ -672,3 +672,53 @@ mod tests {
         assert!((r[1].2 - 1.5).abs() < 1e-12);
     }
 }
+
+#[derive(Debug, clap::Args)]
+pub struct PtxArgs {
+    /// Cache folder to fill: the bundle's by default, where its run.sh points
+    /// BITNET_PTX_CACHE (run after `cargo xtask gpu-smoke`, which empties the
+    /// bundle).
+    #[arg(long, default_value = "target/gpu-bundle/ptx-cache")]
+    out: PathBuf,
+    /// Compute capability of the GPU that will load the PTX, MAJOR.MINOR.
+    #[arg(long, default_value = "9.0")]
+    arch: String,
+    /// One variant's BITNET_CUDA_DEFINES (e.g. `FUSED_SUBTRACE=1`), exactly as
+    /// the run will set it: the cache key follows their order. Repeat for
+    /// several variants; none: the default build.
+    #[arg(long)]
+    defines: Vec<String>,
+    /// Compile with -lineinfo, as runs with BITNET_CUDA_LINEINFO=1 do.
+    #[arg(long)]
+    lineinfo: bool,
+}
+
+/// Compiles the kernels with this machine's NVRTC for each variant and
+/// writes them where the GPU machine's runs of the same variants look for
+/// them, so those runs skip NVRTC (a minute or more of device time each).
+pub fn ptx(args: PtxArgs) -> anyhow::Result<()> {
+    use bitnet_kernels::cuda::ptx;
+    let (major, minor) = args
+        .arch
+        .split_once('.')
+        .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+        .ok_or_else(|| anyhow::anyhow!("--arch {}: expected MAJOR.MINOR, e.g. 9.0", args.arch))?;
+    anyhow::ensure!(
+        ptx::nvrtc_present(),
+        "libnvrtc not found: install it (python3 -m pip install --target DIR nvidia-cuda-nvrtc-cu12) and put \
+         DIR/nvidia/cuda_nvrtc/lib on LD_LIBRARY_PATH"
+    );
+    let variants = if args.defines.is_empty() { vec![String::new()] } else { args.defines };
+    for defines in &variants {
+        let start = std::time::Instant::now();
+        let path = ptx::precompile(&args.out, (major, minor), defines, args.lineinfo)?;
+        println!(
+            "{} ({}{}; {:.1} s)",
+            path.display(),
+            if defines.is_empty() { "default build" } else { defines },
+            if args.lineinfo { ", -lineinfo" } else { "" },
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

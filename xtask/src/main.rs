@@ -39,6 +39,8 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Build the GPU tests and the CLI here, bundle them, print the device command.
     GpuSmoke(gpu::GpuSmokeArgs),
+    /// Compile the CUDA kernels here (NVRTC) into a GPU bundle's PTX cache, per BITNET_CUDA_DEFINES variant.
+    Ptx(gpu::PtxArgs),
     /// GPU fallback scenarios through the HTTP server (fault plans; outputs vs a CPU-only run).
     Test(scenario::TestArgs),
 }
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Logits(args) => logits::run(args),
         Command::Loadtest(args) => loadtest::run(args),
         Command::GpuSmoke(args) => gpu::smoke(args),
+        Command::Ptx(args) => gpu::ptx(args),
         Command::Test(args) => scenario::run(args),
     };
     match result {

@@ -190,8 +190,13 @@ pub fn prebuilt() -> bool {
 
 /// The cache file of the kernels for `arch` under `dir`.
 fn cache_path(dir: Option<&std::path::Path>, arch: (u32, u32), extra: &[String]) -> Option<PathBuf> {
+    dir.map(|d| d.join(cache_name(arch, extra)))
+}
+
+/// The cache file's name for `arch` and these options.
+fn cache_name(arch: (u32, u32), extra: &[String]) -> String {
     let key = cache_key(SOURCE, arch, extra);
-    dir.map(|d| d.join(format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)))
+    format!("bitnet-{key:016x}-compute_{}{}.ptx", arch.0, arch.1)
 }
 
 /// A cache file's PTX, if it holds any kernel (a truncated or foreign file
@@ -219,6 +224,32 @@ fn cache_key(source: &str, arch: (u32, u32), extra: &[String]) -> u64 {
     let mut parts: Vec<&[u8]> = vec![source.as_bytes(), arch.as_bytes()];
     parts.extend(extra.iter().map(|o| o.as_bytes()));
     fnv1a(&parts)
+}
+
+/// Compiles the kernels for `arch` with this machine's NVRTC, with the
+/// options a run with `BITNET_CUDA_DEFINES=defines` (and, if `lineinfo`,
+/// `BITNET_CUDA_LINEINFO=1`) would use, and writes the PTX into `dir` under
+/// the name [`load`] looks for with those settings. `cargo xtask ptx` fills
+/// a GPU bundle's cache this way, so the GPU machine does not spend a minute
+/// or more compiling each variant of an experiment (its PTX then comes from
+/// this NVRTC, not the GPU machine's). Returns the file written.
+pub fn precompile(
+    dir: &std::path::Path,
+    arch: (u32, u32),
+    defines: &str,
+    lineinfo: bool,
+) -> Result<PathBuf, CudaError> {
+    let mut extra = Vec::new();
+    if lineinfo {
+        extra.push("-lineinfo".to_string());
+    }
+    extra.extend(parse_defines(defines)?);
+    let text = compile_with(SOURCE, arch, &extra)?;
+    let path = dir.join(cache_name(arch, &extra));
+    let write = |what: &str, e: std::io::Error| CudaError::Shape(format!("{what} {}: {e}", path.display()));
+    std::fs::create_dir_all(dir).map_err(|e| write("cannot create the folder of", e))?;
+    std::fs::write(&path, text).map_err(|e| write("cannot write", e))?;
+    Ok(path)
 }
 
 /// Writes the cache file atomically (temporary file, then rename); a cache
@@ -345,8 +376,24 @@ mod tests {
                 }
             }
         }
-        // With -lineinfo (profiling builds) the PTX carries source lines.
-        let ptx = compile_with(SOURCE, (9, 0), &["-lineinfo".to_string()]).unwrap_or_else(|e| panic!("{e}"));
+        // With -lineinfo (profiling builds) the PTX carries source lines;
+        // compiled ahead (`cargo xtask ptx --lineinfo`), it lands where a
+        // run with BITNET_CUDA_LINEINFO=1 looks for it.
+        let dir = std::env::temp_dir().join(format!("bitnet-ptx-precompile-{}", std::process::id()));
+        let path = precompile(&dir, (9, 0), "", true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(Some(&path), cache_path(Some(&dir), (9, 0), &["-lineinfo".to_string()]).as_ref());
+        let ptx = read_cached(&path).expect("the precompiled PTX reads back as a cache file");
         assert!(ptx.contains(".loc"), "-lineinfo PTX has no .loc directives");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A bad definition is refused before any compile (no NVRTC needed),
+    /// naming the item, and writes nothing.
+    #[test]
+    fn precompile_refuses_a_bad_definition() {
+        let dir = std::env::temp_dir().join(format!("bitnet-ptx-bad-define-{}", std::process::id()));
+        let err = precompile(&dir, (9, 0), "FUSED_SUBTRACE=1,2BAD", false).unwrap_err().to_string();
+        assert!(err.contains("`2BAD`"), "{err}");
+        assert!(!dir.exists(), "a refused definition created {}", dir.display());
     }
 }
