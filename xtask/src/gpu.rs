@@ -650,29 +650,6 @@ pub fn kernel_bench(rows_list: &[usize]) -> anyhow::Result<serde_json::Value> {
     Ok(json!(rows))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn throughput_ratios_pair_each_precision_with_fp32_of_the_same_batch() {
-        let row = |p: &str, b: u64, t: f64| json!({"precision": p, "batch": b, "decode_tok_per_s": t});
-        let rows = [
-            row("fp32", 1, 400.0),
-            row("fp32", 32, 7000.0),
-            row("bf16", 1, 520.0),
-            row("bf16", 32, 10500.0),
-            row("fp16", 8, 3000.0), // no fp32 row at batch 8: left out
-        ];
-        let r = throughput_vs_fp32(&rows);
-        assert_eq!(r.len(), 2);
-        assert_eq!((r[0].0.as_str(), r[0].1), ("bf16", 1));
-        assert!((r[0].2 - 1.3).abs() < 1e-12);
-        assert_eq!((r[1].0.as_str(), r[1].1), ("bf16", 32));
-        assert!((r[1].2 - 1.5).abs() < 1e-12);
-    }
-}
-
 #[derive(Debug, clap::Args)]
 pub struct PtxArgs {
     /// Cache folder to fill: the bundle's by default, where its run.sh points
@@ -721,4 +698,27 @@ pub fn ptx(args: PtxArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_ratios_pair_each_precision_with_fp32_of_the_same_batch() {
+        let row = |p: &str, b: u64, t: f64| json!({"precision": p, "batch": b, "decode_tok_per_s": t});
+        let rows = [
+            row("fp32", 1, 400.0),
+            row("fp32", 32, 7000.0),
+            row("bf16", 1, 520.0),
+            row("bf16", 32, 10500.0),
+            row("fp16", 8, 3000.0), // no fp32 row at batch 8: left out
+        ];
+        let r = throughput_vs_fp32(&rows);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].0.as_str(), r[0].1), ("bf16", 1));
+        assert!((r[0].2 - 1.3).abs() < 1e-12);
+        assert_eq!((r[1].0.as_str(), r[1].1), ("bf16", 32));
+        assert!((r[1].2 - 1.5).abs() < 1e-12);
+    }
 }
