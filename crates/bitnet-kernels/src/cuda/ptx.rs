@@ -124,11 +124,17 @@ pub fn compile(source: &str, arch: (u32, u32)) -> Result<String, CudaError> {
 
 /// The options of a developer build: `-lineinfo`, then the definitions.
 fn dev_options() -> Result<Vec<String>, CudaError> {
+    options(lineinfo_requested(), &std::env::var("BITNET_CUDA_DEFINES").unwrap_or_default())
+}
+
+/// `-lineinfo` if asked, then the definitions of `defines` (a
+/// `BITNET_CUDA_DEFINES` value): a run's options and its cache key.
+fn options(lineinfo: bool, defines: &str) -> Result<Vec<String>, CudaError> {
     let mut extra = Vec::new();
-    if lineinfo_requested() {
+    if lineinfo {
         extra.push("-lineinfo".to_string());
     }
-    extra.extend(requested_defines()?);
+    extra.extend(parse_defines(defines)?);
     Ok(extra)
 }
 
@@ -164,7 +170,9 @@ pub fn load(cc: (u32, u32)) -> Result<(Ptx, PtxOrigin), CudaError> {
         match compile_with(SOURCE, arch, &extra) {
             Ok(text) => {
                 if let Some(path) = &path {
-                    store(path, &text);
+                    // A cache that cannot be written is no error, only
+                    // slower next time.
+                    let _ = store(path, &text);
                 }
                 let origin = PtxOrigin::Compiled {
                     arch: format!("compute_{}{}", arch.0, arch.1),
@@ -239,31 +247,24 @@ pub fn precompile(
     defines: &str,
     lineinfo: bool,
 ) -> Result<PathBuf, CudaError> {
-    let mut extra = Vec::new();
-    if lineinfo {
-        extra.push("-lineinfo".to_string());
-    }
-    extra.extend(parse_defines(defines)?);
+    let extra = options(lineinfo, defines)?;
     let text = compile_with(SOURCE, arch, &extra)?;
     let path = dir.join(cache_name(arch, &extra));
-    let write = |what: &str, e: std::io::Error| CudaError::Shape(format!("{what} {}: {e}", path.display()));
-    std::fs::create_dir_all(dir).map_err(|e| write("cannot create the folder of", e))?;
-    std::fs::write(&path, text).map_err(|e| write("cannot write", e))?;
+    store(&path, &text).map_err(|e| CudaError::Shape(format!("cannot write {}: {e}", path.display())))?;
     Ok(path)
 }
 
-/// Writes the cache file atomically (temporary file, then rename); a cache
-/// that cannot be written is not an error, only slower next time.
-fn store(path: &std::path::Path, text: &str) {
-    let Some(dir) = path.parent() else { return };
-    if std::fs::create_dir_all(dir).is_err() {
-        return;
-    }
+/// Writes a cache file atomically (temporary file, then rename), creating
+/// its folder.
+fn store(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let tmp =
         dir.join(format!(".tmp-{}-{}", std::process::id(), path.file_name().map_or("", |n| n.to_str().unwrap_or(""))));
-    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-    }
+    })
 }
 
 #[cfg(test)]
