@@ -234,16 +234,26 @@ impl Scheduler {
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|job| !job.events.is_closed());
-        let mut cancelled = before - self.waiting.len();
-        for r in &mut self.running {
-            if r.job.events.is_closed() {
-                self.engine.remove_sequence(r.seq);
-                r.done = true;
-                cancelled += 1;
-            }
+        self.metrics.requests_cancelled_total.fetch_add((before - self.waiting.len()) as u64, Ordering::Relaxed);
+        for idx in 0..self.running.len() {
+            self.cancel_if_abandoned(idx);
         }
         self.running.retain(|r| !r.done);
-        self.metrics.requests_cancelled_total.fetch_add(cancelled as u64, Ordering::Relaxed);
+    }
+
+    /// Ends a running request whose handler is gone; says whether it did.
+    /// A request is checked again after every step, so one whose client
+    /// left while the step ran is counted as cancelled, never as a success
+    /// (a stop token sampled in that step would otherwise finish it).
+    fn cancel_if_abandoned(&mut self, idx: usize) -> bool {
+        let r = &mut self.running[idx];
+        if r.done || !r.job.events.is_closed() {
+            return false;
+        }
+        self.engine.remove_sequence(r.seq);
+        r.done = true;
+        self.metrics.requests_cancelled_total.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Plans and runs one batched step, then samples and reports.
@@ -292,6 +302,9 @@ impl Scheduler {
         drop(inputs);
         let moved = self.publish_engine_events();
         for ((idx, work), result) in plan.into_iter().zip(results) {
+            if self.cancel_if_abandoned(idx) {
+                continue;
+            }
             let token = match result {
                 Ok(StepOutput::Token(token)) => token,
                 Ok(StepOutput::Logits(_)) => {

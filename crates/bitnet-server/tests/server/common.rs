@@ -242,12 +242,22 @@ pub fn completion_prompt_tokens(prompt: &str) -> Vec<u32> {
 pub struct GatedBackend {
     pub inner: ReferenceBackend,
     pub gate: Arc<(Mutex<bool>, Condvar)>,
+    /// When set, every step's logits put this token first (by a margin of 100).
+    pub favour: Option<u32>,
 }
 
 impl GatedBackend {
     pub fn new() -> (Self, Arc<(Mutex<bool>, Condvar)>) {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
-        (Self { inner: ReferenceBackend::new(model()), gate: gate.clone() }, gate)
+        (Self { inner: ReferenceBackend::new(model()), gate: gate.clone(), favour: None }, gate)
+    }
+
+    /// A gated backend whose greedy choice is always the end-of-sequence
+    /// token, so every request ends at its first generated token.
+    pub fn stopping_at_once() -> (Self, Arc<(Mutex<bool>, Condvar)>) {
+        let (mut backend, gate) = Self::new();
+        backend.favour = Some(model().tokenizer.eos_id().expect("the test model has an end-of-sequence token"));
+        (backend, gate)
     }
 }
 
@@ -275,6 +285,13 @@ impl Backend for GatedBackend {
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         let (open, cv) = &*self.gate;
         let _open = cv.wait_while(open.lock().unwrap(), |open| !*open).unwrap();
-        self.inner.step(batch)
+        let mut logits = self.inner.step(batch)?;
+        if let Some(token) = self.favour {
+            for row in &mut logits {
+                let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row[token as usize] = top + 100.0;
+            }
+        }
+        Ok(logits)
     }
 }

@@ -200,3 +200,25 @@ async fn requests_past_the_timeout_get_504() {
     server.wait_until(|s| s.metric("bitnet_requests_cancelled_total"), 2.0).await;
     server.shutdown().await.unwrap();
 }
+
+/// A request whose client gave up while its step ran, and which that step
+/// finished (here with a stop token), is cancelled: it is not a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_finished_after_its_client_left_counts_as_cancelled() {
+    let (backend, gate) = GatedBackend::stopping_at_once();
+    let mut config = common::config();
+    config.request_timeout = std::time::Duration::from_millis(200);
+    let server = common::start_with(Box::new(backend), config).await;
+    let body = json!({ "model": MODEL_ID, "prompt": "Hello", "max_tokens": 3, "temperature": 0 });
+    let (status, value) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 504, "{value}");
+    open_gate(&gate);
+    server.wait_until(|s| s.metric("bitnet_requests_cancelled_total"), 1.0).await;
+    assert_eq!(server.metric("bitnet_request_success_total{finish_reason=\"stop\"}").await, 0.0);
+    // The same backend with the client still there: the stop token ends it.
+    let (status, value) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{value}");
+    assert_eq!(value["choices"][0]["finish_reason"], "stop", "{value}");
+    assert_eq!(server.metric("bitnet_request_success_total{finish_reason=\"stop\"}").await, 1.0);
+    server.shutdown().await.unwrap();
+}
