@@ -4,13 +4,25 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
+use bitnet_models::config::SUPPORTED_ARCHITECTURES;
 use bitnet_models::hf;
 use bitnet_models::synthetic::{self, Preset};
+use bitnet_models::TernaryGgufType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Gguf,
     Hf,
+}
+
+/// How a GGUF output stores the ternary projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ternary {
+    I2s,
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    #[value(name = "tq1_0")]
+    Tq1_0,
 }
 
 #[derive(Debug, clap::Args)]
@@ -25,15 +37,37 @@ pub struct GenModelArgs {
     /// Output .gguf file, or folder for --format hf.
     #[arg(long)]
     out: PathBuf,
+    /// Ternary type of a GGUF output: bitnet.cpp's I2_S, or llama.cpp's
+    /// TQ2_0 / TQ1_0 with the tensor scales in `<proj>.scale` tensors.
+    #[arg(long, value_enum, default_value = "i2s")]
+    ternary: Ternary,
+    /// Architecture name of a GGUF output (upstream llama.cpp reads `bitnet`).
+    #[arg(long, default_value = "bitnet-b1.58")]
+    arch: String,
 }
 
 pub fn run(args: GenModelArgs) -> anyhow::Result<()> {
     let start = Instant::now();
-    let model =
+    anyhow::ensure!(
+        SUPPORTED_ARCHITECTURES.contains(&args.arch.as_str()),
+        "--arch {:?} is not one of {SUPPORTED_ARCHITECTURES:?}",
+        args.arch
+    );
+    anyhow::ensure!(
+        args.format == Format::Gguf || (args.ternary == Ternary::I2s && args.arch == "bitnet-b1.58"),
+        "--ternary and --arch apply to a GGUF output"
+    );
+    let mut model =
         synthetic::generate(args.preset, args.seed).with_context(|| format!("generating preset {}", args.preset))?;
+    model.config.architecture = args.arch.clone();
     let name = format!("synthetic-{}-seed{}", args.preset, args.seed);
+    let ternary = match args.ternary {
+        Ternary::I2s => TernaryGgufType::I2S,
+        Ternary::Tq2_0 => TernaryGgufType::Tq2_0,
+        Ternary::Tq1_0 => TernaryGgufType::Tq1_0,
+    };
     match args.format {
-        Format::Gguf => model.write_gguf(&args.out, &name)?,
+        Format::Gguf => model.write_gguf_as(&args.out, &name, ternary)?,
         Format::Hf => {
             let report = hf::write_hf_dir(&model, &args.out)?;
             // Synthetic values are drawn on the bf16 grid: any rounding is a bug.

@@ -26,6 +26,6 @@ pub mod tokenizer;
 pub use bytes::SharedBytes;
 pub use config::BitNetConfig;
 pub use error::ModelError;
-pub use model::{BitNetModel, LayerWeights, LoadReport, PROJECTIONS};
+pub use model::{BitNetModel, LayerWeights, LoadReport, TernaryGgufType, PROJECTIONS};
 pub use tensor::{FloatDType, FloatTensor, TernaryMatrix};
 pub use tokenizer::Tokenizer;

@@ -152,6 +152,20 @@ impl BitNetModel {
     /// dtype (F16 when it was BF16, as bitnet.cpp writes it), F32 norms, the
     /// config and tokenizer metadata.
     pub fn to_gguf_writer(&self, name: &str) -> Result<GgufWriter, ModelError> {
+        self.to_gguf_writer_as(name, TernaryGgufType::I2S)
+    }
+
+    /// [`Self::to_gguf_writer`] with the projections stored as `ternary`.
+    ///
+    /// TQ2_0 and TQ1_0 (llama.cpp's types) carry one f16 scale per 256
+    /// values; an f32 tensor scale rounded to f16 would change the weights,
+    /// so every block's scale is 1 and the tensor's scale goes into an F32
+    /// `blk.N.<proj>.scale` tensor, as upstream llama.cpp's `bitnet`
+    /// architecture reads it (the product is multiplied by it). Exact: the
+    /// file loads back to the same ternary values and scales. Their blocks
+    /// never span rows, so every projection's input width must be a
+    /// multiple of 256.
+    pub fn to_gguf_writer_as(&self, name: &str, ternary: TernaryGgufType) -> Result<GgufWriter, ModelError> {
         let mut writer = GgufWriter::new();
         let mut metadata = self.config.to_gguf_metadata();
         metadata.insert(1, ("general.name".into(), MetadataValue::String(name.to_owned())));
@@ -186,7 +200,16 @@ impl BitNetModel {
             }
             for (short, matrix) in PROJECTIONS.iter().zip(layer.projections()) {
                 let dims = vec![matrix.in_features() as u64, matrix.out_features() as u64];
-                writer.add_tensor(format!("blk.{idx}.{short}.weight"), dims, GgmlType::I2_S, matrix.to_i2s_bytes())?;
+                let tensor = format!("blk.{idx}.{short}.weight");
+                let (ty, bytes) = match ternary {
+                    TernaryGgufType::I2S => (GgmlType::I2_S, matrix.to_i2s_bytes()),
+                    TernaryGgufType::Tq2_0 | TernaryGgufType::Tq1_0 => {
+                        let bytes = tq_bytes(matrix, ternary, &tensor)?;
+                        norm(&mut writer, &[matrix.scale()], &format!("blk.{idx}.{short}.scale"))?;
+                        (ternary.ggml_type(), bytes)
+                    }
+                };
+                writer.add_tensor(tensor, dims, ty, bytes)?;
             }
         }
         debug_assert!(h > 0);
@@ -195,7 +218,13 @@ impl BitNetModel {
 
     /// Writes the model as a GGUF file (atomically: temp file, then rename).
     pub fn write_gguf(&self, path: &Path, name: &str) -> Result<(), ModelError> {
-        self.to_gguf_writer(name)?.write_to_path(path)?;
+        self.write_gguf_as(path, name, TernaryGgufType::I2S)
+    }
+
+    /// [`Self::write_gguf`] with the projections stored as `ternary`
+    /// (see [`Self::to_gguf_writer_as`]).
+    pub fn write_gguf_as(&self, path: &Path, name: &str, ternary: TernaryGgufType) -> Result<(), ModelError> {
+        self.to_gguf_writer_as(name, ternary)?.write_to_path(path)?;
         Ok(())
     }
 
@@ -207,6 +236,51 @@ impl BitNetModel {
             + self.embedding.bytes().len()
             + self.output.as_ref().map_or(0, |o| o.bytes().len())
             + self.output_norm.len() * 4
+    }
+}
+
+/// The GGUF type of the ternary projections a writer stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TernaryGgufType {
+    /// bitnet.cpp's I2_S (type 36): one f32 scale per tensor; what the
+    /// official 2B-4T file uses.
+    #[default]
+    I2S,
+    /// llama.cpp's TQ2_0 (type 35), with a `.scale` tensor per projection.
+    Tq2_0,
+    /// llama.cpp's TQ1_0 (type 34), with a `.scale` tensor per projection.
+    Tq1_0,
+}
+
+impl TernaryGgufType {
+    pub fn ggml_type(self) -> GgmlType {
+        match self {
+            Self::I2S => GgmlType::I2_S,
+            Self::Tq2_0 => GgmlType::TQ2_0,
+            Self::Tq1_0 => GgmlType::TQ1_0,
+        }
+    }
+}
+
+/// A projection as TQ2_0 / TQ1_0 blocks of scale 1 (its scale is written apart).
+fn tq_bytes(matrix: &TernaryMatrix, ternary: TernaryGgufType, tensor: &str) -> Result<Vec<u8>, ModelError> {
+    const BLOCK: usize = 256;
+    if matrix.in_features() % BLOCK != 0 {
+        return Err(ModelError::UnsupportedTensor {
+            tensor: tensor.to_owned(),
+            reason: format!(
+                "{} stores rows in blocks of {BLOCK} values, and its rows have {}",
+                ternary.ggml_type().name(),
+                matrix.in_features()
+            ),
+        });
+    }
+    let values = matrix.to_ternary();
+    let scales = vec![1.0f32; values.len() / BLOCK];
+    let quant = |source| ModelError::Quant { tensor: tensor.to_owned(), source };
+    match ternary {
+        TernaryGgufType::Tq1_0 => tq1::encode_tq1_0(&values, &scales).map_err(quant),
+        _ => tq2::encode_tq2_0(&values, &scales).map_err(quant),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use bitnet_models::gguf::{GgmlType, GgufFile, GgufWriter, MetadataValue};
 use bitnet_models::synthetic::{self, Preset};
-use bitnet_models::{hf, BitNetModel, ModelError, SharedBytes};
+use bitnet_models::{hf, BitNetModel, ModelError, SharedBytes, TernaryGgufType};
 
 fn tiny() -> BitNetModel {
     synthetic::generate(Preset::Tiny, 42).unwrap()
@@ -295,6 +295,69 @@ fn tq2_0_projections_load_as_the_same_ternary_values() {
     assert_eq!(back.layers[0].ffn_up.to_ternary(), values);
     // TQ2_0 stores the scale as f16.
     assert_eq!(back.layers[0].ffn_up.scale(), half::f16::from_f32(m.scale()).to_f32());
+}
+
+/// Decodes TQ2_0 bytes with the rule as FORMATS.md states it, independently
+/// of bitnet-quant: 66-byte blocks of 256 values, `qs[64]` then an f16 `d`;
+/// byte m of half h holds element h*128 + m + 32n in bits 2n..2n+1; value =
+/// code - 1 (times d).
+fn decode_tq2_0_by_rule(bytes: &[u8], n: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(bytes.len(), n / 256 * 66);
+    let mut values = vec![0i8; n];
+    let mut scales = Vec::new();
+    for (b, block) in bytes.chunks_exact(66).enumerate() {
+        for h in 0..2 {
+            for m in 0..32 {
+                for f in 0..4 {
+                    let code = (block[h * 32 + m] >> (2 * f)) & 3;
+                    assert_ne!(code, 3, "code 3 in block {b}");
+                    values[b * 256 + h * 128 + m + 32 * f] = code as i8 - 1;
+                }
+            }
+        }
+        scales.push(half::f16::from_le_bytes([block[64], block[65]]).to_f32());
+    }
+    (values, scales)
+}
+
+/// A synthetic model whose projections' rows are whole 256-value blocks.
+fn blockable() -> BitNetModel {
+    let config =
+        bitnet_models::BitNetConfig { hidden_size: 256, n_heads: 8, intermediate_size: 512, ..Preset::Tiny.config() };
+    synthetic::generate_with_config(config, 42).unwrap()
+}
+
+#[test]
+fn models_written_with_llama_cpp_ternary_types_load_back_exactly() {
+    let model = blockable();
+    for ternary in [TernaryGgufType::Tq2_0, TernaryGgufType::Tq1_0] {
+        let bytes = model.to_gguf_writer_as("test", ternary).unwrap().to_bytes().unwrap();
+        let back = load_gguf(bytes.clone()).unwrap();
+        assert_same_model(&model, &back);
+        let file = GgufFile::from_bytes(SharedBytes::from_vec(bytes)).unwrap();
+        for (idx, layer) in model.layers.iter().enumerate() {
+            for (short, matrix) in bitnet_models::PROJECTIONS.iter().zip(layer.projections()) {
+                let name = format!("blk.{idx}.{short}.weight");
+                assert_eq!(file.tensor_info(&name).unwrap().ggml_type, ternary.ggml_type(), "{name}");
+                // The tensor scale, exact in f32, beside blocks of scale 1.
+                let scale = file.tensor_bytes(&format!("blk.{idx}.{short}.scale")).unwrap();
+                assert_eq!(f32::from_le_bytes(scale[..4].try_into().unwrap()), matrix.scale(), "{name}");
+                if ternary == TernaryGgufType::Tq2_0 {
+                    let n = matrix.in_features() * matrix.out_features();
+                    let (values, scales) = decode_tq2_0_by_rule(&file.tensor_bytes(&name).unwrap(), n);
+                    assert_eq!(values, matrix.to_ternary(), "{name}");
+                    assert!(scales.iter().all(|&d| d == 1.0), "{name}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_cpp_ternary_types_refuse_rows_that_are_not_whole_blocks() {
+    // The tiny preset's rows hold 128 values; TQ blocks hold 256 of one row.
+    let err = tiny().to_gguf_writer_as("test", TernaryGgufType::Tq2_0).unwrap_err().to_string();
+    assert!(err.contains("blk.0.attn_q.weight") && err.contains("256") && err.contains("128"), "{err}");
 }
 
 #[test]

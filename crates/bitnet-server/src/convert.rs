@@ -1,9 +1,10 @@
-//! `bitnet convert`: GGUF (I2_S) <-> HF safetensors folders.
+//! `bitnet convert`: GGUF (I2_S, or llama.cpp's TQ2_0 / TQ1_0) <-> HF safetensors folders.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use bitnet_models::{hf, BitNetModel, FloatDType};
+use bitnet_models::config::SUPPORTED_ARCHITECTURES;
+use bitnet_models::{hf, BitNetModel, FloatDType, TernaryGgufType};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -16,6 +17,29 @@ pub enum EmbeddingDType {
     F32,
     F16,
     Bf16,
+}
+
+/// How a GGUF output stores the ternary projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ternary {
+    /// bitnet.cpp's I2_S, as in the official 2B-4T file.
+    I2s,
+    /// llama.cpp's TQ2_0, with the tensor scale in `<proj>.scale` (exact).
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    /// llama.cpp's TQ1_0, with the tensor scale in `<proj>.scale` (exact).
+    #[value(name = "tq1_0")]
+    Tq1_0,
+}
+
+impl Ternary {
+    pub fn gguf_type(self) -> TernaryGgufType {
+        match self {
+            Self::I2s => TernaryGgufType::I2S,
+            Self::Tq2_0 => TernaryGgufType::Tq2_0,
+            Self::Tq1_0 => TernaryGgufType::Tq1_0,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -32,6 +56,14 @@ pub struct ConvertArgs {
     /// Embedding dtype in a GGUF output (bitnet.cpp writes F16).
     #[arg(long, value_enum, default_value = "f16")]
     embedding_dtype: EmbeddingDType,
+    /// Type of the ternary projections in a GGUF output. TQ2_0 / TQ1_0
+    /// need rows of a multiple of 256 values (2B-4T's are).
+    #[arg(long, value_enum, default_value = "i2s")]
+    ternary: Ternary,
+    /// Architecture name of a GGUF output (its metadata keys' prefix); upstream
+    /// llama.cpp reads `bitnet`, bitnet.cpp `bitnet-b1.58`. By default the input's.
+    #[arg(long)]
+    arch: Option<String>,
     /// Name recorded in GGUF `general.name`.
     #[arg(long, default_value = "bitnet")]
     name: String,
@@ -39,6 +71,14 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let to = args.to.unwrap_or(if args.input.is_dir() { Format::Gguf } else { Format::Hf });
+    if to == Format::Hf && (args.ternary != Ternary::I2s || args.arch.is_some()) {
+        bail!("--ternary and --arch apply to a GGUF output; HF folders store packed uint8 weights");
+    }
+    if let Some(arch) = &args.arch {
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            bail!("--arch {arch:?} is not one of {SUPPORTED_ARCHITECTURES:?}");
+        }
+    }
     if args.output.exists() && args.output.canonicalize().ok() == args.input.canonicalize().ok() {
         bail!("the output {} is the input; write to a new path", args.output.display());
     }
@@ -59,7 +99,12 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
                 eprintln!("note: embedding rounded to {}: largest change {loss:e}", dtype.name());
             }
             model.embedding = embedding;
-            model.write_gguf(&args.output, &args.name).with_context(|| format!("writing {}", args.output.display()))?;
+            if let Some(arch) = args.arch {
+                model.config.architecture = arch;
+            }
+            model
+                .write_gguf_as(&args.output, &args.name, args.ternary.gguf_type())
+                .with_context(|| format!("writing {}", args.output.display()))?;
         }
         Format::Hf => {
             let report =

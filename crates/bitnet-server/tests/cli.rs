@@ -271,3 +271,79 @@ fn devices_reports_the_gpu_backend_of_this_build() {
         assert!(stdout(&text).contains("gpu backend: not in this build"), "{}", stdout(&text));
     }
 }
+
+#[test]
+fn convert_writes_llama_cpp_ternary_types_that_load_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.gguf");
+    // Rows of 256 values: TQ blocks never span rows.
+    let config = bitnet_models::BitNetConfig {
+        hidden_size: 256,
+        n_heads: 8,
+        intermediate_size: 512,
+        ..bitnet_models::synthetic::Preset::Tiny.config()
+    };
+    let model = bitnet_models::synthetic::generate_with_config(config, 7).unwrap();
+    model.write_gguf(&source, "source").unwrap();
+    let gen = |path: &Path| {
+        let out = bitnet(&["generate", "--model", path.to_str().unwrap(), "--prompt", "abc", "--max-tokens", "8"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    for ternary in ["tq2_0", "tq1_0"] {
+        let out_path = dir.path().join(format!("{ternary}.gguf"));
+        let out = bitnet(&[
+            "convert",
+            "--input",
+            source.to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+            "--to",
+            "gguf",
+            "--embedding-dtype",
+            "f32",
+            "--ternary",
+            ternary,
+            "--arch",
+            "bitnet",
+        ]);
+        assert!(out.status.success(), "{ternary}: {}", stderr(&out));
+        let (back, report) = BitNetModel::load(&out_path).unwrap();
+        assert!(report.unused_tensors.is_empty(), "{ternary}: {:?}", report.unused_tensors);
+        assert_eq!(back.config.architecture, "bitnet");
+        assert_eq!(back.config.hidden_size, model.config.hidden_size);
+        for (la, lb) in model.layers.iter().zip(&back.layers) {
+            for (pa, pb) in la.projections().iter().zip(lb.projections()) {
+                assert!(pa.to_ternary() == pb.to_ternary() && pa.scale() == pb.scale(), "{ternary}: {}", pa.name());
+            }
+        }
+        assert_eq!(gen(&out_path), gen(&source), "{ternary}");
+    }
+    // The trained model's rows hold 384 values: refused, naming the tensor.
+    let out = bitnet(&[
+        "convert",
+        "--input",
+        DEFAULT_MODEL,
+        "--output",
+        dir.path().join("no.gguf").to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--ternary",
+        "tq2_0",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("blk.0.attn_q.weight") && stderr(&out).contains("256"), "{}", stderr(&out));
+    assert!(!dir.path().join("no.gguf").exists());
+    // A folder output cannot take them.
+    let out = bitnet(&[
+        "convert",
+        "--input",
+        source.to_str().unwrap(),
+        "--output",
+        dir.path().join("hf").to_str().unwrap(),
+        "--ternary",
+        "tq2_0",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--ternary"), "{}", stderr(&out));
+}
