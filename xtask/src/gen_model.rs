@@ -15,16 +15,6 @@ pub enum Format {
     Hf,
 }
 
-/// How a GGUF output stores the ternary projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Ternary {
-    I2s,
-    #[value(name = "tq2_0")]
-    Tq2_0,
-    #[value(name = "tq1_0")]
-    Tq1_0,
-}
-
 #[derive(Debug, clap::Args)]
 pub struct GenModelArgs {
     /// tiny, small or 2b4t (the real 2B-4T shapes).
@@ -37,10 +27,10 @@ pub struct GenModelArgs {
     /// Output .gguf file, or folder for --format hf.
     #[arg(long)]
     out: PathBuf,
-    /// Ternary type of a GGUF output: bitnet.cpp's I2_S, or llama.cpp's
-    /// TQ2_0 / TQ1_0 with the tensor scales in `<proj>.scale` tensors.
-    #[arg(long, value_enum, default_value = "i2s")]
-    ternary: Ternary,
+    /// Ternary type of a GGUF output: i2s (bitnet.cpp's I2_S), or llama.cpp's
+    /// tq2_0 / tq1_0 with the tensor scales in `<proj>.scale` tensors.
+    #[arg(long, default_value = "i2s")]
+    ternary: TernaryGgufType,
     /// Architecture name of a GGUF output (upstream llama.cpp reads `bitnet`).
     #[arg(long, default_value = "bitnet-b1.58")]
     arch: String,
@@ -54,20 +44,15 @@ pub fn run(args: GenModelArgs) -> anyhow::Result<()> {
         args.arch
     );
     anyhow::ensure!(
-        args.format == Format::Gguf || (args.ternary == Ternary::I2s && args.arch == "bitnet-b1.58"),
+        args.format == Format::Gguf || (args.ternary == TernaryGgufType::I2S && args.arch == "bitnet-b1.58"),
         "--ternary and --arch apply to a GGUF output"
     );
     let mut model =
         synthetic::generate(args.preset, args.seed).with_context(|| format!("generating preset {}", args.preset))?;
     model.config.architecture = args.arch.clone();
     let name = format!("synthetic-{}-seed{}", args.preset, args.seed);
-    let ternary = match args.ternary {
-        Ternary::I2s => TernaryGgufType::I2S,
-        Ternary::Tq2_0 => TernaryGgufType::Tq2_0,
-        Ternary::Tq1_0 => TernaryGgufType::Tq1_0,
-    };
     match args.format {
-        Format::Gguf => model.write_gguf_as(&args.out, &name, ternary)?,
+        Format::Gguf => model.write_gguf_as(&args.out, &name, args.ternary)?,
         Format::Hf => {
             let report = hf::write_hf_dir(&model, &args.out)?;
             // Synthetic values are drawn on the bf16 grid: any rounding is a bug.

@@ -252,6 +252,20 @@ pub enum TernaryGgufType {
     Tq1_0,
 }
 
+impl std::str::FromStr for TernaryGgufType {
+    type Err = String;
+
+    /// `i2s`, `tq2_0` or `tq1_0` (the command lines' `--ternary`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "i2s" | "i2_s" => Ok(Self::I2S),
+            "tq2_0" => Ok(Self::Tq2_0),
+            "tq1_0" => Ok(Self::Tq1_0),
+            _ => Err(format!("unknown ternary type {s:?}; expected i2s, tq2_0 or tq1_0")),
+        }
+    }
+}
+
 impl TernaryGgufType {
     pub fn ggml_type(self) -> GgmlType {
         match self {

@@ -19,29 +19,6 @@ pub enum EmbeddingDType {
     Bf16,
 }
 
-/// How a GGUF output stores the ternary projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Ternary {
-    /// bitnet.cpp's I2_S, as in the official 2B-4T file.
-    I2s,
-    /// llama.cpp's TQ2_0, with the tensor scale in `<proj>.scale` (exact).
-    #[value(name = "tq2_0")]
-    Tq2_0,
-    /// llama.cpp's TQ1_0, with the tensor scale in `<proj>.scale` (exact).
-    #[value(name = "tq1_0")]
-    Tq1_0,
-}
-
-impl Ternary {
-    pub fn gguf_type(self) -> TernaryGgufType {
-        match self {
-            Self::I2s => TernaryGgufType::I2S,
-            Self::Tq2_0 => TernaryGgufType::Tq2_0,
-            Self::Tq1_0 => TernaryGgufType::Tq1_0,
-        }
-    }
-}
-
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
     /// Input: a .gguf file or an HF folder.
@@ -56,10 +33,12 @@ pub struct ConvertArgs {
     /// Embedding dtype in a GGUF output (bitnet.cpp writes F16).
     #[arg(long, value_enum, default_value = "f16")]
     embedding_dtype: EmbeddingDType,
-    /// Type of the ternary projections in a GGUF output. TQ2_0 / TQ1_0
-    /// need rows of a multiple of 256 values (2B-4T's are).
-    #[arg(long, value_enum, default_value = "i2s")]
-    ternary: Ternary,
+    /// Type of the ternary projections in a GGUF output: i2s (bitnet.cpp's
+    /// I2_S, as in the official 2B-4T file), or llama.cpp's tq2_0 / tq1_0
+    /// with each tensor's exact scale in a `<proj>.scale` tensor; those need
+    /// rows of a multiple of 256 values (2B-4T's are).
+    #[arg(long, default_value = "i2s")]
+    ternary: TernaryGgufType,
     /// Architecture name of a GGUF output (its metadata keys' prefix); upstream
     /// llama.cpp reads `bitnet`, bitnet.cpp `bitnet-b1.58`. By default the input's.
     #[arg(long)]
@@ -71,7 +50,7 @@ pub struct ConvertArgs {
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let to = args.to.unwrap_or(if args.input.is_dir() { Format::Gguf } else { Format::Hf });
-    if to == Format::Hf && (args.ternary != Ternary::I2s || args.arch.is_some()) {
+    if to == Format::Hf && (args.ternary != TernaryGgufType::I2S || args.arch.is_some()) {
         bail!("--ternary and --arch apply to a GGUF output; HF folders store packed uint8 weights");
     }
     if let Some(arch) = &args.arch {
@@ -103,7 +82,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
                 model.config.architecture = arch;
             }
             model
-                .write_gguf_as(&args.output, &args.name, args.ternary.gguf_type())
+                .write_gguf_as(&args.output, &args.name, args.ternary)
                 .with_context(|| format!("writing {}", args.output.display()))?;
         }
         Format::Hf => {

@@ -334,6 +334,10 @@ fn convert_writes_llama_cpp_ternary_types_that_load_back_exactly() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("blk.0.attn_q.weight") && stderr(&out).contains("256"), "{}", stderr(&out));
     assert!(!dir.path().join("no.gguf").exists());
+    // An unknown type is refused with the ones there are.
+    let out = bitnet(&["convert", "--input", DEFAULT_MODEL, "--output", "x.gguf", "--ternary", "q4_0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("i2s, tq2_0 or tq1_0"), "{}", stderr(&out));
     // A folder output cannot take them.
     let out = bitnet(&[
         "convert",
