@@ -419,3 +419,39 @@ fn bad_hf_folders_get_clear_errors() {
     let err = BitNetModel::load(broken.path()).unwrap_err().to_string();
     assert!(err.contains("llama"), "{err}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Random byte edits of a valid model file, mostly in its header and
+    /// metadata (config, tokenizer), sometimes in its tensor data: loading
+    /// gives a model or an error, never a panic, and a model it gives has a
+    /// configuration that validates and weights of the shapes it names.
+    #[test]
+    fn corrupted_model_files_load_or_fail_without_panicking(
+        edits in proptest::collection::vec(
+            (proptest::bool::weighted(0.8), proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+            1..6,
+        ),
+    ) {
+        let bytes = gguf_bytes(&tiny());
+        let header = GgufFile::from_bytes(SharedBytes::from_vec(bytes.clone())).unwrap().data_offset() as usize;
+        let mut bytes = bytes;
+        for (in_header, index, byte) in edits {
+            let i = if in_header { index.index(header) } else { header + index.index(bytes.len() - header) };
+            bytes[i] = byte;
+        }
+        if let Ok(model) = load_gguf(bytes) {
+            let c = &model.config;
+            proptest::prop_assert!(c.validate().is_ok());
+            proptest::prop_assert_eq!(model.layers.len(), c.n_layers);
+            proptest::prop_assert_eq!(model.embedding.rows(), c.vocab_size);
+            proptest::prop_assert_eq!(model.embedding.cols(), c.hidden_size);
+            for layer in &model.layers {
+                proptest::prop_assert_eq!(layer.attn_q.in_features(), c.hidden_size);
+                proptest::prop_assert_eq!(layer.ffn_down.in_features(), c.intermediate_size);
+            }
+            proptest::prop_assert!(model.tokenizer.vocab_size() <= c.vocab_size);
+        }
+    }
+}
