@@ -442,16 +442,64 @@ proptest::proptest! {
             bytes[i] = byte;
         }
         if let Ok(model) = load_gguf(bytes) {
-            let c = &model.config;
-            proptest::prop_assert!(c.validate().is_ok());
-            proptest::prop_assert_eq!(model.layers.len(), c.n_layers);
-            proptest::prop_assert_eq!(model.embedding.rows(), c.vocab_size);
-            proptest::prop_assert_eq!(model.embedding.cols(), c.hidden_size);
-            for layer in &model.layers {
-                proptest::prop_assert_eq!(layer.attn_q.in_features(), c.hidden_size);
-                proptest::prop_assert_eq!(layer.ffn_down.in_features(), c.intermediate_size);
-            }
-            proptest::prop_assert!(model.tokenizer.vocab_size() <= c.vocab_size);
+            check_consistent(&model)?;
         }
     }
+
+    /// The same for an HF folder: random byte edits of config.json,
+    /// tokenizer.json, tokenizer_config.json or model.safetensors (mostly
+    /// its JSON header).
+    #[test]
+    fn corrupted_hf_folders_load_or_fail_without_panicking(
+        edits in proptest::collection::vec(
+            (0..4usize, proptest::bool::weighted(0.8), proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+            1..6,
+        ),
+    ) {
+        const FILES: [&str; 4] = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+        static CLEAN: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+        let clean = CLEAN.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            hf::write_hf_dir(&tiny(), dir.path()).unwrap();
+            FILES.iter().map(|f| std::fs::read(dir.path().join(f)).unwrap()).collect()
+        });
+        // safetensors: an 8-byte length, then the JSON header (measured
+        // before any edit, which may hit the length itself).
+        let header_len = |bytes: &[u8]| 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let headers: Vec<usize> =
+            clean.iter().enumerate().map(|(f, b)| if f == 3 { header_len(b) } else { b.len() }).collect();
+        let mut files = clean.clone();
+        for (file, in_header, index, byte) in edits {
+            let (bytes, header) = (&mut files[file], headers[file]);
+            let i = if in_header || header == bytes.len() {
+                index.index(header)
+            } else {
+                header + index.index(bytes.len() - header)
+            };
+            bytes[i] = byte;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in FILES.iter().zip(&files) {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        if let Ok((model, _)) = BitNetModel::load(dir.path()) {
+            check_consistent(&model)?;
+        }
+    }
+}
+
+/// What any model a load returns must hold: a configuration that validates
+/// and weights of the shapes it names.
+fn check_consistent(model: &BitNetModel) -> Result<(), proptest::test_runner::TestCaseError> {
+    let c = &model.config;
+    proptest::prop_assert!(c.validate().is_ok());
+    proptest::prop_assert_eq!(model.layers.len(), c.n_layers);
+    proptest::prop_assert_eq!(model.embedding.rows(), c.vocab_size);
+    proptest::prop_assert_eq!(model.embedding.cols(), c.hidden_size);
+    for layer in &model.layers {
+        proptest::prop_assert_eq!(layer.attn_q.in_features(), c.hidden_size);
+        proptest::prop_assert_eq!(layer.ffn_down.in_features(), c.intermediate_size);
+    }
+    proptest::prop_assert!(model.tokenizer.vocab_size() <= c.vocab_size);
+    Ok(())
 }
