@@ -8,5 +8,6 @@ mod common;
 mod errors;
 mod fallback;
 mod openai_client;
+mod random_requests;
 mod shutdown;
 mod snapshots;
