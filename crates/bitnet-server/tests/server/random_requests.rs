@@ -156,9 +156,9 @@ fn check_answer(i: usize, body: &Value, status: u16, text: &str) -> bool {
         vec![serde_json::from_str(text).unwrap_or_else(|e| panic!("request {i}: not JSON ({e}): {text}"))]
     };
     assert!(chunks.iter().all(|c| c.get("error").is_none()), "request {i} ({body}): {text}");
-    let finish = chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).last();
+    let finish = chunks.iter().filter_map(|c| c["choices"][0]["finish_reason"].as_str()).next_back();
     assert!(matches!(finish, Some("stop" | "length")), "request {i} ({body}): finish {finish:?}: {text}");
-    let completion_tokens = chunks.iter().filter_map(|c| c["usage"]["completion_tokens"].as_u64()).last();
+    let completion_tokens = chunks.iter().filter_map(|c| c["usage"]["completion_tokens"].as_u64()).next_back();
     let limit = body.get("max_completion_tokens").or(body.get("max_tokens")).and_then(Value::as_u64);
     if let (Some(used), Some(limit)) = (completion_tokens, limit) {
         assert!(used >= 1 && used <= limit, "request {i} ({body}): {used} tokens for max {limit}");
