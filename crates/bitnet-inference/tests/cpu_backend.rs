@@ -190,3 +190,19 @@ fn f16_kv_cache_tracks_the_reference_and_differs_from_the_f32_cache() {
     assert_eq!("f16".parse::<KvCachePrecision>(), Ok(KvCachePrecision::F16));
     assert!("bf16".parse::<KvCachePrecision>().unwrap_err().contains("expected f32 or f16"));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Random sequences of adds, removes and batched steps (valid and not:
+    /// unknown or repeated sequences, empty inputs, tokens past the
+    /// vocabulary, reservations overrun) give the CPU backend the reference
+    /// backend's answers: the same errors, the same sequence lengths after
+    /// every operation, and logits that track the reference's.
+    #[test]
+    fn random_operations_match_the_reference_backend(ops in common::ops::case()) {
+        let model = common::ops::model();
+        let mut cpu = CpuBackend::new(model.clone(), &CpuBackendConfig { threads: 1, ..Default::default() }).unwrap();
+        common::ops::check(&mut cpu, &ops, 0.999)?;
+    }
+}

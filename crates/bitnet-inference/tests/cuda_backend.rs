@@ -362,6 +362,28 @@ fn bad_steps_fail_cleanly_and_leave_sequences_untouched() {
     b.add_sequence(3, 100).unwrap();
 }
 
+/// The CPU backend's model-based test (`common::ops`) on the CUDA backend,
+/// one backend per precision serving every case: random adds, removes and
+/// batched steps, valid and not, give the reference backend's errors and
+/// sequence lengths, and logits that track the reference's.
+#[test]
+fn random_operations_match_the_reference_backend() {
+    let Some(_gpu) = gpu_shared() else { return };
+    let model = common::ops::model();
+    for precision in PRECISIONS {
+        let backend = std::cell::RefCell::new(cuda(&model, precision, |_| {}));
+        let min_r = if precision == Precision::Fp32 { 0.999 } else { 0.99 };
+        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+            cases: 24,
+            failure_persistence: None,
+            ..Default::default()
+        });
+        runner
+            .run(&common::ops::case(), |ops| common::ops::check(&mut *backend.borrow_mut(), &ops, min_r))
+            .unwrap_or_else(|e| panic!("{precision:?}: {e}"));
+    }
+}
+
 #[test]
 fn allocations_match_free_memory_and_bf16_needs_less() {
     let Some(_gpu) = gpu_alone() else { return };

@@ -14,3 +14,115 @@ pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
     }
     sab / (saa * sbb).sqrt()
 }
+
+/// Random operations on a backend, checked against the reference backend
+/// (the model-based tests of the CPU and CUDA backends).
+pub mod ops {
+    use std::sync::{Arc, OnceLock};
+
+    use bitnet_inference::{Backend, ReferenceBackend, StepInput};
+    use bitnet_models::synthetic::{self, Preset};
+    use bitnet_models::BitNetModel;
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    /// Sequence ids the operations use.
+    pub const SEQS: u64 = 5;
+
+    /// One operation on a backend.
+    #[derive(Debug, Clone)]
+    pub enum Op {
+        Add { seq: u64, max_positions: usize },
+        Remove { seq: u64 },
+        Step { entries: Vec<(u64, Vec<u32>)> },
+    }
+
+    /// The tiny synthetic model (seed 25) the operations run on.
+    pub fn model() -> Arc<BitNetModel> {
+        static MODEL: OnceLock<Arc<BitNetModel>> = OnceLock::new();
+        MODEL.get_or_init(|| Arc::new(synthetic::generate(Preset::Tiny, 25).unwrap())).clone()
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Sequences 0..3 are added at the start of every case and 3 and 4
+        // only by chance; reservations up to 16 positions; one token in 25
+        // past the tiny vocabulary of 512, one input in 10 empty.
+        let seq = prop_oneof![9 => 0..3u64, 1 => 3..SEQS];
+        let token = prop_oneof![24 => 0..512u32, 1 => 512..600u32];
+        let tokens = prop_oneof![1 => Just(Vec::new()), 9 => proptest::collection::vec(token, 1..5)];
+        prop_oneof![
+            2 => (0..SEQS, 0..16usize).prop_map(|(seq, max_positions)| Op::Add { seq, max_positions }),
+            1 => (0..SEQS).prop_map(|seq| Op::Remove { seq }),
+            6 => proptest::collection::vec((seq, tokens), 1..4).prop_map(|entries| Op::Step { entries }),
+        ]
+    }
+
+    /// Adds of sequences 0, 1 and 2, then up to 15 random operations.
+    pub fn case() -> impl Strategy<Value = Vec<Op>> {
+        (proptest::collection::vec(0..16usize, 3), proptest::collection::vec(op(), 1..16)).prop_map(
+            |(reserved, ops)| {
+                let adds = reserved
+                    .into_iter()
+                    .enumerate()
+                    .map(|(seq, max_positions)| Op::Add { seq: seq as u64, max_positions });
+                adds.chain(ops).collect()
+            },
+        )
+    }
+
+    /// Runs `ops` on `ours` and on a fresh reference backend: the same
+    /// errors, the same sequence lengths after every operation, and logits
+    /// with Pearson above `min_r` against the reference's. Removes every
+    /// sequence from `ours` at the end, so one backend can serve many cases.
+    pub fn check(ours: &mut dyn Backend, ops: &[Op], min_r: f64) -> Result<(), TestCaseError> {
+        let mut reference = ReferenceBackend::new(model());
+        let result = run(ours, &mut reference, ops, min_r);
+        for seq in 0..SEQS {
+            ours.remove_sequence(seq);
+        }
+        result
+    }
+
+    fn run(
+        ours: &mut dyn Backend,
+        reference: &mut ReferenceBackend,
+        ops: &[Op],
+        min_r: f64,
+    ) -> Result<(), TestCaseError> {
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::Add { seq, max_positions } => {
+                    prop_assert_eq!(
+                        ours.add_sequence(*seq, *max_positions),
+                        reference.add_sequence(*seq, *max_positions),
+                        "op {}: {:?}",
+                        i,
+                        op
+                    );
+                }
+                Op::Remove { seq } => {
+                    ours.remove_sequence(*seq);
+                    reference.remove_sequence(*seq);
+                }
+                Op::Step { entries } => {
+                    let batch: Vec<StepInput<'_>> =
+                        entries.iter().map(|(seq, tokens)| StepInput { seq: *seq, tokens }).collect();
+                    match (ours.step(&batch), reference.step(&batch)) {
+                        (Ok(got), Ok(want)) => {
+                            prop_assert_eq!(got.len(), want.len());
+                            for (row, (a, b)) in got.iter().zip(&want).enumerate() {
+                                let r = super::pearson(a, b);
+                                prop_assert!(r > min_r, "op {}: {:?}: row {}: Pearson {}", i, op, row, r);
+                            }
+                        }
+                        (got, want) => prop_assert_eq!(got.err(), want.err(), "op {}: {:?}", i, op),
+                    }
+                }
+            }
+            for seq in 0..SEQS {
+                prop_assert_eq!(ours.sequence_len(seq), reference.sequence_len(seq), "op {}: {:?}: seq {}", i, op, seq);
+            }
+        }
+        Ok(())
+    }
+}
