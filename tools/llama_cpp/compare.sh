@@ -3,6 +3,10 @@
 #
 #   bash tools/llama_cpp/compare.sh [THREADS...]      (default: 2 1)
 #
+# Environment: WORK (default /tmp/bitnet-llama-cpp), ROUNDS (2), XTASK (an
+# xtask binary, e.g. a GPU bundle's), DEBS (a folder of the .deb files, for a
+# machine without network access).
+#
 # Upstream llama.cpp reads neither bitnet.cpp's I2_S nor the `bitnet-b1.58`
 # architecture, so the 2b4t preset is written as `cargo xtask gen-model
 # --ternary tq2_0 --arch bitnet` (TQ2_0 blocks of scale 1, the exact tensor
@@ -26,14 +30,29 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 PKGS="llama.cpp-tools libllama0 libggml0 libc6 libstdc++6 libgcc-s1 libgomp1 libssl3t64 zlib1g libzstd1"
 mkdir -p "$WORK/debs" "$WORK/out"
 L=$WORK/root/usr/lib/x86_64-linux-gnu
+# A machine without network access (the GPU machine) takes the packages
+# from DEBS, a folder of the .deb files this script downloaded elsewhere
+# ($WORK/debs).
+extract() {
+    if command -v dpkg-deb >/dev/null; then
+        dpkg-deb -x "$1" "$WORK/root"
+    else
+        ar p "$1" "$(ar t "$1" | grep '^data.tar')" | tar -xJ -C "$WORK/root"
+    fi
+}
 if [ ! -x "$WORK/root/usr/bin/llama-bench" ]; then
-    curl -sf "$MIRROR/dists/sid/main/binary-amd64/Packages.xz" | xz -dc >"$WORK/Packages"
-    for p in $PKGS; do
-        f=$(awk -v P="$p" '$0 == "Package: " P { f = 1 } f && /^Filename:/ { print $2; exit }' "$WORK/Packages")
-        [ -n "$f" ] || { echo "package $p not found in sid" >&2; exit 1; }
-        curl -sf -o "$WORK/debs/$(basename "$f")" "$MIRROR/$f"
-        dpkg-deb -x "$WORK/debs/$(basename "$f")" "$WORK/root"
-    done
+    mkdir -p "$WORK/root"
+    if [ -n "${DEBS:-}" ]; then
+        for deb in "$DEBS"/*.deb; do extract "$deb"; done
+    else
+        curl -sf "$MIRROR/dists/sid/main/binary-amd64/Packages.xz" | xz -dc >"$WORK/Packages"
+        for p in $PKGS; do
+            f=$(awk -v P="$p" '$0 == "Package: " P { f = 1 } f && /^Filename:/ { print $2; exit }' "$WORK/Packages")
+            [ -n "$f" ] || { echo "package $p not found in sid" >&2; exit 1; }
+            curl -sf -o "$WORK/debs/$(basename "$f")" "$MIRROR/$f"
+            extract "$WORK/debs/$(basename "$f")"
+        done
+    fi
 fi
 # ggml looks for its CPU variants (one per instruction set; it loads the best
 # this CPU runs) only under /usr/lib/x86_64-linux-gnu/ggml.
