@@ -20,8 +20,7 @@
 #
 # Caveat: llama.cpp's `bitnet` graph applies SiLU in the FFN (2B-4T uses
 # relu^2; upstream PR 26751, which would read it from the file, was closed),
-# so its tokens are wrong for
-# this model; the work per token is the same.
+# so its tokens are wrong for this model; the work per token is the same.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${WORK:-/tmp/bitnet-llama-cpp}
