@@ -1004,11 +1004,14 @@ impl Backend for CudaBackend {
         if self.sequences.contains_key(&seq) {
             return Err(BackendError::DuplicateSequence(seq));
         }
-        if max_positions == 0 {
-            return Err(InferenceError::EmptyPrompt.into());
-        }
         if max_positions > self.max_context {
             return Err(InferenceError::ContextOverflow { needed: max_positions, max: self.max_context }.into());
+        }
+        if max_positions == 0 {
+            // As on the other backends: a sequence with no room, which every
+            // step refuses (ReservationExceeded); it holds no KV slots.
+            self.sequences.insert(seq, Sequence { base: 0, reserved: 0, len: 0 });
+            return Ok(());
         }
         let base = self.pool.take(max_positions).ok_or_else(|| {
             BackendError::OutOfMemory(format!(
@@ -1023,7 +1026,9 @@ impl Backend for CudaBackend {
 
     fn remove_sequence(&mut self, seq: SeqId) {
         if let Some(s) = self.sequences.remove(&seq) {
-            self.pool.give(s.base, s.reserved);
+            if s.reserved > 0 {
+                self.pool.give(s.base, s.reserved);
+            }
         }
     }
 
