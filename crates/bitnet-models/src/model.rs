@@ -79,12 +79,18 @@ impl BitNetModel {
     }
 
     /// Loads a model from a `.gguf` file (read into memory in 2 MiB pages,
-    /// [`GgufFile::read`]) or an HF folder (with config.json).
+    /// [`GgufFile::read_selected`]) or an HF folder (with config.json).
+    ///
+    /// Only the tensors the model uses in place are read into that memory
+    /// (I2_S projections, the embedding and head); the rest (norms, the
+    /// `.scale` tensors, TQ2_0 / TQ1_0 projections repacked to I2_S) are read
+    /// from the file as they are converted, so a TQ2_0 file costs no more
+    /// memory than an I2_S one.
     pub fn load(path: &Path) -> Result<(Self, LoadReport), ModelError> {
         if path.is_dir() {
             return crate::hf::load_hf_dir(path);
         }
-        let file = GgufFile::read(path)?;
+        let file = GgufFile::read_selected(path, used_in_place)?;
         Self::from_gguf(&file)
     }
 
@@ -295,6 +301,17 @@ fn tq_bytes(matrix: &TernaryMatrix, ternary: TernaryGgufType, tensor: &str) -> R
     match ternary {
         TernaryGgufType::Tq1_0 => tq1::encode_tq1_0(&values, &scales).map_err(quant),
         _ => tq2::encode_tq2_0(&values, &scales).map_err(quant),
+    }
+}
+
+/// Whether [`BitNetModel::from_gguf`] keeps a tensor's bytes as they lie in
+/// the file (I2_S projections, float matrices), rather than converting them
+/// into memory of its own.
+fn used_in_place(info: &GgufTensorInfo) -> bool {
+    match info.ggml_type {
+        GgmlType::I2_S => true,
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => info.dims.len() >= 2,
+        _ => false,
     }
 }
 

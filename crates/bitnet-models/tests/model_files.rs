@@ -23,7 +23,9 @@ fn load_gguf(bytes: Vec<u8>) -> Result<BitNetModel, ModelError> {
 /// Asserts two models hold the same numbers, tensor by tensor.
 fn assert_same_model(a: &BitNetModel, b: &BitNetModel) {
     assert_eq!(a.config, b.config);
-    assert_eq!(a.embedding.to_f32_vec(), b.embedding.to_f32_vec());
+    // Bit for bit: a corrupted file's embedding may hold NaNs.
+    let bits = |m: &BitNetModel| m.embedding.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(a), bits(b));
     assert_eq!(a.output_norm, b.output_norm);
     assert_eq!(a.layers.len(), b.layers.len());
     for (la, lb) in a.layers.iter().zip(&b.layers) {
@@ -334,6 +336,11 @@ fn models_written_with_llama_cpp_ternary_types_load_back_exactly() {
         let bytes = model.to_gguf_writer_as("test", ternary).unwrap().to_bytes().unwrap();
         let back = load_gguf(bytes.clone()).unwrap();
         assert_same_model(&model, &back);
+        // From a file, whose TQ blocks are read from disk as they are repacked.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tq.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        assert_same_model(&model, &BitNetModel::load(&path).unwrap().0);
         let file = GgufFile::from_bytes(SharedBytes::from_vec(bytes)).unwrap();
         for (idx, layer) in model.layers.iter().enumerate() {
             for (short, matrix) in bitnet_models::PROJECTIONS.iter().zip(layer.projections()) {
@@ -380,7 +387,7 @@ fn gguf_files_load_read_into_memory_or_mapped_alike() {
     assert_same_model(&model, &read);
     assert_same_model(&model, &mapped);
     let file = GgufFile::read(&path).unwrap();
-    assert_eq!(file.bytes().as_slice(), &bytes[..]);
+    assert_eq!(file.bytes().unwrap().as_slice(), &bytes[..]);
     // A truncated file fails in the mapped parse, before its data is read, naming the file.
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
@@ -388,6 +395,41 @@ fn gguf_files_load_read_into_memory_or_mapped_alike() {
     assert!(err.contains("cut.gguf"), "{err}");
     let err = BitNetModel::load(&dir.path().join("missing.gguf")).unwrap_err().to_string();
     assert!(err.contains("missing.gguf"), "{err}");
+}
+
+/// A file read in part hands out every tensor's data as the file holds it:
+/// the kept ones from memory, the others read from disk when asked for.
+#[test]
+fn gguf_files_read_in_part_give_every_tensor_its_bytes() {
+    let bytes = gguf_bytes(&tiny());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let whole = GgufFile::from_bytes(SharedBytes::from_vec(bytes.clone())).unwrap();
+    let keep = |t: &bitnet_models::gguf::GgufTensorInfo| t.dims.len() >= 2;
+    let part = GgufFile::read_selected(&path, keep).unwrap();
+    assert!(part.bytes().is_none(), "a file read in part does not pretend to hold all its bytes");
+    assert_eq!(part.file_size(), bytes.len() as u64);
+    let (kept, unread): (Vec<_>, Vec<_>) = whole.tensors().iter().partition(|t| keep(t));
+    assert!(!kept.is_empty() && !unread.is_empty());
+    for info in whole.tensors() {
+        let start = (whole.data_offset() + info.offset) as usize;
+        let expected = &bytes[start..start + info.n_bytes as usize];
+        assert_eq!(&*part.tensor_bytes(&info.name).unwrap(), expected, "{}", info.name);
+    }
+    // The same model as from the whole file.
+    assert_same_model(&BitNetModel::from_gguf(&whole).unwrap().0, &BitNetModel::from_gguf(&part).unwrap().0);
+
+    // Cut the file short: the kept tensors are in memory still; an unread
+    // tensor past the cut is an error naming the file and the tensor.
+    let last = unread.iter().max_by_key(|t| t.offset).unwrap();
+    let cut_at = (whole.data_offset() + last.offset) as usize;
+    std::fs::write(&path, &bytes[..cut_at]).unwrap();
+    for info in &kept {
+        assert_eq!(part.tensor_bytes(&info.name).unwrap().len() as u64, info.n_bytes);
+    }
+    let err = part.tensor_bytes(&last.name).unwrap_err().to_string();
+    assert!(err.contains("tiny.gguf") && err.contains(&last.name), "{err}");
 }
 
 #[test]
@@ -441,8 +483,18 @@ proptest::proptest! {
             let i = if in_header { index.index(header) } else { header + index.index(bytes.len() - header) };
             bytes[i] = byte;
         }
-        if let Ok(model) = load_gguf(bytes) {
-            check_consistent(&model)?;
+        // The same bytes read from a file (`BitNetModel::load` reads only the
+        // tensors used in place, the rest as they are converted) load alike.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edited.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let from_file = BitNetModel::load(&path);
+        match load_gguf(bytes) {
+            Ok(model) => {
+                check_consistent(&model)?;
+                assert_same_model(&model, &from_file.unwrap().0);
+            }
+            Err(_) => proptest::prop_assert!(from_file.is_err()),
         }
     }
 

@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use bitnet_device::{HugePageBuffer, MappedFile};
 
@@ -73,7 +74,11 @@ impl GgufTensorInfo {
 /// metadata value, every tensor's type and shape, alignment, and that each
 /// tensor's data lies inside the file without overlapping another's.
 pub struct GgufFile {
+    /// The file's bytes; for a file read in part ([`GgufFile::read_selected`])
+    /// the unread tensors' ranges hold zeros and are never handed out.
     bytes: SharedBytes,
+    /// For a file read in part: where to read the other tensors from.
+    unread: Option<Unread>,
     path: Option<PathBuf>,
     version: u32,
     alignment: u64,
@@ -82,6 +87,14 @@ pub struct GgufFile {
     key_index: HashMap<String, usize>,
     tensors: Vec<GgufTensorInfo>,
     tensor_index: HashMap<String, usize>,
+}
+
+/// The tensors [`GgufFile::read_selected`] left on disk, and the open file
+/// their data is read from when asked for.
+struct Unread {
+    file: Mutex<std::fs::File>,
+    /// By index into [`GgufFile::tensors`]: true where the data was not read.
+    tensors: Vec<bool>,
 }
 
 impl GgufFile {
@@ -106,19 +119,63 @@ impl GgufFile {
     /// data; the mapping is dropped before the read (peak RSS stays the file's
     /// size, not twice it).
     pub fn read(path: &Path) -> Result<Self, GgufError> {
-        let len = Self::open(path)?.bytes.len();
+        Self::read_selected(path, |_| true)
+    }
+
+    /// [`GgufFile::read`] of the header and of the tensors `keep` accepts;
+    /// the data of the others stays on disk, and [`GgufFile::tensor_data`]
+    /// reads it from the file (into a fresh buffer) each time it is asked
+    /// for. For data a consumer converts once and drops (norms copied to
+    /// f32, TQ2_0 blocks repacked to I2_S), this keeps it out of the
+    /// resident buffer, whose unread ranges are never touched and so take no
+    /// memory.
+    pub fn read_selected(path: &Path, keep: impl Fn(&GgufTensorInfo) -> bool) -> Result<Self, GgufError> {
+        let mapped = Self::open(path)?;
+        let len = mapped.bytes.len();
         let read_error = |source| GgufError::Read { path: path.to_owned(), source };
+        let kept: Vec<bool> = mapped.tensors.iter().map(&keep).collect();
+        // The header, then each kept tensor's data, by absolute ranges (all
+        // inside the file: the parse checked them), merged where they touch.
+        let header = 0..usize::try_from(mapped.data_offset).unwrap_or(len).min(len);
+        let mut ranges = Vec::with_capacity(mapped.tensors.len() + 1);
+        ranges.push(header);
+        for (info, _) in mapped.tensors.iter().zip(&kept).filter(|(_, &k)| k) {
+            ranges.push(mapped.range_of(info)?);
+        }
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let tensors = mapped.tensors.clone();
+        drop(mapped);
+
         let mut buffer = HugePageBuffer::zeroed(len).map_err(read_error)?;
         let mut file = std::fs::File::open(path).map_err(read_error)?;
-        file.read_exact(buffer.as_bytes_mut()).map_err(read_error)?;
+        let bytes = buffer.as_bytes_mut();
+        for r in merged {
+            file.seek(SeekFrom::Start(r.start as u64)).map_err(read_error)?;
+            file.read_exact(&mut bytes[r]).map_err(read_error)?;
+        }
         // The file must not have grown or shrunk since it was parsed.
-        let mut probe = [0u8; 1];
-        if file.read(&mut probe).map_err(read_error)? != 0 {
-            return Err(read_error(std::io::Error::other("the file grew while it was read")));
+        if file.metadata().map_err(read_error)?.len() != len as u64 {
+            return Err(read_error(std::io::Error::other("the file changed size while it was read")));
         }
         let mut parsed = Self::from_bytes(SharedBytes::from_huge_pages(buffer))
             .map_err(|inner| GgufError::InFile { path: path.to_owned(), inner: Box::new(inner) })?;
+        // The ranges read were those of the first parse: the header read
+        // now must describe the same tensors.
+        if parsed.tensors != tensors {
+            return Err(read_error(std::io::Error::other("the file changed while it was read")));
+        }
         parsed.path = Some(path.to_owned());
+        if kept.iter().any(|&k| !k) {
+            let tensors = kept.iter().map(|&k| !k).collect();
+            parsed.unread = Some(Unread { file: Mutex::new(file), tensors });
+        }
         Ok(parsed)
     }
 
@@ -127,6 +184,7 @@ impl GgufFile {
         let header = Parser::new(&bytes).parse()?;
         Ok(Self {
             bytes,
+            unread: None,
             path: None,
             version: header.version,
             alignment: header.alignment,
@@ -162,9 +220,10 @@ impl GgufFile {
         self.bytes.len() as u64
     }
 
-    /// The whole file.
-    pub fn bytes(&self) -> &SharedBytes {
-        &self.bytes
+    /// The whole file, when all of it is in memory (`None` for a file
+    /// [`GgufFile::read_selected`] read in part).
+    pub fn bytes(&self) -> Option<&SharedBytes> {
+        self.unread.is_none().then_some(&self.bytes)
     }
 
     /// All metadata entries, in file order.
@@ -256,18 +315,45 @@ impl GgufFile {
         self.tensor_data(info)
     }
 
-    /// The data of `info`, which must describe a tensor of this file.
+    /// The data of `info`, which must describe a tensor of this file: a
+    /// slice of the file's bytes, or for a tensor
+    /// [`GgufFile::read_selected`] left on disk, its data read from the file.
     pub fn tensor_data(&self, info: &GgufTensorInfo) -> Result<SharedBytes, GgufError> {
-        let out_of_range = || GgufError::TensorOutOfRange {
+        let range = self.range_of(info)?;
+        if let Some(unread) = &self.unread {
+            let index = self.tensor_index.get(&info.name).copied();
+            if index.is_some_and(|i| unread.tensors[i]) {
+                let path = self.path.clone().unwrap_or_default();
+                let read_error = |source| GgufError::Read { path, source };
+                // The range lies inside the file as parsed; a file cut
+                // short since fails the read, never the allocation.
+                let mut data = vec![0u8; range.len()];
+                let mut file = unread.file.lock().unwrap_or_else(PoisonError::into_inner);
+                file.seek(SeekFrom::Start(range.start as u64)).map_err(read_error)?;
+                file.read_exact(&mut data).map_err(|source| GgufError::Read {
+                    path: self.path.clone().unwrap_or_default(),
+                    source: std::io::Error::new(source.kind(), format!("tensor `{}`: {source}", info.name)),
+                })?;
+                return Ok(SharedBytes::from_vec(data));
+            }
+        }
+        let out_of_range = || self.out_of_range(info);
+        self.bytes.slice(range).ok_or_else(out_of_range)
+    }
+
+    /// The absolute byte range of `info`'s data, checked against the file.
+    fn range_of(&self, info: &GgufTensorInfo) -> Result<std::ops::Range<usize>, GgufError> {
+        data_range(self.data_offset, info.offset, info.n_bytes, self.bytes.len()).ok_or_else(|| self.out_of_range(info))
+    }
+
+    fn out_of_range(&self, info: &GgufTensorInfo) -> GgufError {
+        GgufError::TensorOutOfRange {
             tensor: info.name.clone(),
             offset: info.offset,
             n_bytes: info.n_bytes,
             data_offset: self.data_offset,
             file_size: self.file_size(),
-        };
-        let range =
-            data_range(self.data_offset, info.offset, info.n_bytes, self.bytes.len()).ok_or_else(out_of_range)?;
-        self.bytes.slice(range).ok_or_else(out_of_range)
+        }
     }
 }
 
