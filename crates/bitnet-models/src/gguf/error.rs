@@ -22,7 +22,9 @@ pub enum GgufError {
     #[error(transparent)]
     Map(#[from] MapError),
 
-    /// The file could not be read into memory ([`GgufFile::read`](super::GgufFile::read)).
+    /// The file, or a tensor's data left on disk by
+    /// [`GgufFile::read_selected`](super::GgufFile::read_selected), could not
+    /// be read into memory.
     #[error("cannot read {} into memory: {source}", path.display())]
     Read {
         path: PathBuf,

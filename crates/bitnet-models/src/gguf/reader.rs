@@ -323,17 +323,16 @@ impl GgufFile {
         if let Some(unread) = &self.unread {
             let index = self.tensor_index.get(&info.name).copied();
             if index.is_some_and(|i| unread.tensors[i]) {
-                let path = self.path.clone().unwrap_or_default();
-                let read_error = |source| GgufError::Read { path, source };
+                let read_error = |source: std::io::Error| GgufError::Read {
+                    path: self.path.clone().unwrap_or_default(),
+                    source: std::io::Error::new(source.kind(), format!("tensor `{}`: {source}", info.name)),
+                };
                 // The range lies inside the file as parsed; a file cut
                 // short since fails the read, never the allocation.
                 let mut data = vec![0u8; range.len()];
                 let mut file = unread.file.lock().unwrap_or_else(PoisonError::into_inner);
                 file.seek(SeekFrom::Start(range.start as u64)).map_err(read_error)?;
-                file.read_exact(&mut data).map_err(|source| GgufError::Read {
-                    path: self.path.clone().unwrap_or_default(),
-                    source: std::io::Error::new(source.kind(), format!("tensor `{}`: {source}", info.name)),
-                })?;
+                file.read_exact(&mut data).map_err(read_error)?;
                 return Ok(SharedBytes::from_vec(data));
             }
         }
