@@ -5,13 +5,14 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use half::bf16;
 use safetensors::tensor::{Dtype, TensorInfo, View};
 use safetensors::SafeTensors;
 
-use bitnet_device::MappedFile;
+use bitnet_device::{HugePageBuffer, MappedFile};
 use bitnet_quant::hf_pack;
 
 use crate::bytes::SharedBytes;
@@ -36,25 +37,65 @@ pub const HF_PROJECTIONS: [&str; 7] = [
 pub const HF_NORMS: [&str; 4] =
     ["input_layernorm", "self_attn.attn_sub_norm", "post_attention_layernorm", "mlp.ffn_sub_norm"];
 
-/// One safetensors file, memory-mapped, with its tensor table.
+/// One safetensors file: its tensor table, and the open file each tensor's
+/// data is read from when the loader asks for it.
 struct SafetensorsFile {
     path: PathBuf,
-    bytes: SharedBytes,
+    file: std::fs::File,
+    /// The file's length when its header was parsed.
+    len: usize,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
 }
 
 impl SafetensorsFile {
+    /// Maps the file to parse and check its header (the safetensors crate
+    /// checks every tensor's range against the file's length), keeps the
+    /// table and drops the mapping: the data is read tensor by tensor, so
+    /// what the loader converts (packed projections, norms) never stays
+    /// resident beside what it makes of it.
     fn open(path: &Path) -> Result<Self, ModelError> {
-        let mapped = MappedFile::open(path)
-            .map_err(|e| ModelError::Io { path: path.to_owned(), source: std::io::Error::other(e.to_string()) })?;
+        let io_error = |source| ModelError::Io { path: path.to_owned(), source };
+        let mapped = MappedFile::open(path).map_err(|e| io_error(std::io::Error::other(e.to_string())))?;
         let bytes = SharedBytes::from_mapped(mapped);
         let (header_len, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
             path: path.to_owned(),
             detail: format!("invalid safetensors header: {e}"),
         })?;
         let tensors = metadata.tensors().into_iter().map(|(name, info)| (name, info.clone())).collect();
-        Ok(Self { path: path.to_owned(), bytes, data_start: 8 + header_len, tensors })
+        let len = bytes.len();
+        drop(bytes);
+        let file = std::fs::File::open(path).map_err(io_error)?;
+        Ok(Self { path: path.to_owned(), file, len, data_start: 8 + header_len, tensors })
+    }
+
+    /// The data of `info` (a tensor of this file), read into 2 MiB pages
+    /// when `resident` (kept as it is: the embedding), else onto the heap.
+    fn read(&mut self, name: &str, info: &TensorInfo, resident: bool) -> Result<SharedBytes, ModelError> {
+        let (start, end) = info.data_offsets;
+        let range = self.data_start.checked_add(start).zip(self.data_start.checked_add(end));
+        let Some((start, end)) = range.filter(|&(s, e)| s <= e && e <= self.len) else {
+            return Err(ModelError::Safetensors {
+                path: self.path.clone(),
+                detail: format!("tensor `{name}` data is out of range"),
+            });
+        };
+        let io_error = |source: std::io::Error| ModelError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::new(source.kind(), format!("tensor `{name}`: {source}")),
+        };
+        // The range lies inside the file as parsed: a file cut short since
+        // fails the read, never the allocation.
+        self.file.seek(SeekFrom::Start(start as u64)).map_err(io_error)?;
+        if resident {
+            let mut buffer = HugePageBuffer::zeroed(end - start).map_err(io_error)?;
+            self.file.read_exact(buffer.as_bytes_mut()).map_err(io_error)?;
+            Ok(SharedBytes::from_huge_pages(buffer))
+        } else {
+            let mut data = vec![0u8; end - start];
+            self.file.read_exact(&mut data).map_err(io_error)?;
+            Ok(SharedBytes::from_vec(data))
+        }
     }
 }
 
@@ -65,42 +106,50 @@ struct HfTensors {
 }
 
 impl HfTensors {
-    fn find(&mut self, name: &str) -> Result<(Dtype, Vec<usize>, SharedBytes), ModelError> {
-        for file in &self.files {
+    /// Which shard holds a tensor, and its table entry.
+    fn find(&mut self, name: &str) -> Result<(usize, TensorInfo), ModelError> {
+        for (idx, file) in self.files.iter().enumerate() {
             if let Some(info) = file.tensors.get(name) {
-                let (start, end) = info.data_offsets;
-                let bytes = file.bytes.slice(file.data_start + start..file.data_start + end).ok_or_else(|| {
-                    ModelError::Safetensors {
-                        path: file.path.clone(),
-                        detail: format!("tensor `{name}` data is out of range"),
-                    }
-                })?;
                 self.used.insert(name.to_owned());
-                return Ok((info.dtype, info.shape.clone(), bytes));
+                return Ok((idx, info.clone()));
             }
         }
         Err(ModelError::MissingTensor { name: name.to_owned() })
+    }
+
+    /// The data of a tensor [`HfTensors::find`] found, once its type and
+    /// shape are checked; `resident` as [`SafetensorsFile::read`].
+    fn data(
+        &mut self,
+        (idx, info): &(usize, TensorInfo),
+        name: &str,
+        resident: bool,
+    ) -> Result<SharedBytes, ModelError> {
+        self.files[*idx].read(name, info, resident)
     }
 
     fn contains(&self, name: &str) -> bool {
         self.files.iter().any(|f| f.tensors.contains_key(name))
     }
 
+    /// A float tensor of `shape`; a matrix (the embedding) stays in 2 MiB
+    /// pages, read once, as decode reads it.
     fn float(&mut self, name: &str, shape: &[usize]) -> Result<FloatTensor, ModelError> {
-        let (dtype, found, bytes) = self.find(name)?;
-        if found != shape {
+        let found = self.find(name)?;
+        if found.1.shape != shape {
             return Err(ModelError::BadShape {
                 tensor: name.to_owned(),
                 expected: format!("{shape:?}"),
-                found: format!("{found:?}"),
+                found: format!("{:?}", found.1.shape),
             });
         }
-        let dtype = float_dtype(name, dtype)?;
+        let dtype = float_dtype(name, found.1.dtype)?;
         let (rows, cols) = match shape {
             [n] => (1, *n),
             [r, c] => (*r, *c),
             _ => (1, shape.iter().product()),
         };
+        let bytes = self.data(&found, name, shape.len() >= 2)?;
         FloatTensor::new(name, rows, cols, dtype, bytes)
     }
 
@@ -115,7 +164,8 @@ impl HfTensors {
         in_features: usize,
     ) -> Result<TernaryMatrix, ModelError> {
         let name = format!("{prefix}.weight");
-        let (dtype, shape, bytes) = self.find(&name)?;
+        let found = self.find(&name)?;
+        let (dtype, shape) = (found.1.dtype, &found.1.shape);
         if dtype != Dtype::U8 {
             return Err(ModelError::UnsupportedType {
                 tensor: name,
@@ -123,13 +173,14 @@ impl HfTensors {
                 expected: "U8 (packed ternary, 4 values per byte along the output dimension)",
             });
         }
-        if out_features % 4 != 0 || shape != [out_features / 4, in_features] {
+        if out_features % 4 != 0 || *shape != [out_features / 4, in_features] {
             return Err(ModelError::BadShape {
                 tensor: name,
                 expected: format!("[{}, {in_features}] (packed [out/4, in])", out_features / 4),
                 found: format!("{shape:?}"),
             });
         }
+        let bytes = self.data(&found, &name, false)?;
         let values = hf_pack::unpack_hf(&bytes, out_features, in_features)
             .map_err(|source| ModelError::Quant { tensor: name.clone(), source })?;
         let scale_name = format!("{prefix}.weight_scale");
