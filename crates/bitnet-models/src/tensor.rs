@@ -200,7 +200,10 @@ impl TernaryMatrix {
             expected: format!("at least {} bytes", n / 4),
             found: format!("{} bytes", bytes.len()),
         })?;
-        if let Some(byte_idx) = codes.iter().position(|&b| b & (b >> 1) & 0x55 != 0) {
+        // One vectorised pass over the codes; the search for the first
+        // code 3 only when there is one.
+        if codes.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1))) & 0x55 != 0 {
+            let byte_idx = codes.iter().position(|&b| b & (b >> 1) & 0x55 != 0).unwrap_or(0);
             return Err(ModelError::InvalidData {
                 tensor: name,
                 detail: format!("I2_S code 3 (unused) in byte {byte_idx}"),

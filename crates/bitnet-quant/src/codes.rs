@@ -30,8 +30,21 @@ pub(crate) fn has_unused_code(byte: u8) -> bool {
     byte & (byte >> 1) & 0b0101_0101 != 0
 }
 
+/// True when any byte of `bytes` has a 2-bit field holding code 3: one
+/// pass without an early exit, which the compiler vectorises (a search
+/// for the first such byte does not).
+pub(crate) fn any_unused_code(bytes: &[u8]) -> bool {
+    bytes.iter().fold(0u8, |acc, &byte| acc | (byte & (byte >> 1))) & 0b0101_0101 != 0
+}
+
 /// Rejects the first element that is not -1, 0 or +1.
 pub(crate) fn check_ternary(values: &[i8]) -> Result<(), QuantError> {
+    // The common case, all valid, in one vectorised pass (v + 1, wrapping,
+    // read as u8 is at most 2 exactly for -1, 0 and +1); the search runs
+    // only for an error.
+    if values.iter().fold(0u8, |max, &v| max.max(v.wrapping_add(1) as u8)) <= 2 {
+        return Ok(());
+    }
     match values.iter().position(|value| !(-1..=1).contains(value)) {
         None => Ok(()),
         Some(index) => Err(QuantError::NotTernary { index, value: values[index] }),
@@ -91,5 +104,24 @@ mod tests {
         check(&[-1, 0, 1, 1, 0, -1], Ok(()));
         check(&[0, 1, 2, -5], Err(QuantError::NotTernary { index: 2, value: 2 }));
         check(&[-2], Err(QuantError::NotTernary { index: 0, value: -2 }));
+        // Every i8 alone and after a long valid run (the vectorised pass).
+        for value in i8::MIN..=i8::MAX {
+            let mut values = vec![1i8; 100];
+            values.push(value);
+            let expected =
+                if (-1..=1).contains(&value) { Ok(()) } else { Err(QuantError::NotTernary { index: 100, value }) };
+            check(&values, expected.clone());
+            check(&[value], expected.map_err(|_| QuantError::NotTernary { index: 0, value }));
+        }
+    }
+
+    #[test]
+    fn any_unused_code_matches_a_byte_by_byte_search() {
+        for byte in 0..=u8::MAX {
+            let mut bytes = vec![0b1001_0110u8; 70];
+            bytes.push(byte);
+            assert_eq!(any_unused_code(&bytes), has_unused_code(byte), "byte {byte:#010b}");
+        }
+        assert!(!any_unused_code(&[]));
     }
 }
