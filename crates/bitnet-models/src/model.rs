@@ -376,13 +376,16 @@ impl GgufLoader<'_> {
         let quant = |source| ModelError::Quant { tensor: name.to_owned(), source };
         let matrix = match info.ggml_type {
             GgmlType::I2_S => TernaryMatrix::from_i2s(name, out_features, in_features, bytes)?,
-            GgmlType::TQ2_0 | GgmlType::TQ1_0 => {
-                let blocks = if info.ggml_type == GgmlType::TQ2_0 {
-                    tq2::decode_tq2_0(&bytes, n).map_err(quant)?
-                } else {
-                    tq1::decode_tq1_0(&bytes, n).map_err(quant)?
-                };
-                let (values, scale) = blocks.into_per_tensor().map_err(quant)?;
+            GgmlType::TQ2_0 => {
+                // Byte for byte, without decoding to values (tq2_0_to_i2s).
+                let (i2s, scale) = tq2::tq2_0_to_i2s(&bytes, n).map_err(quant)?;
+                self.report
+                    .notes
+                    .push(format!("{name}: {} repacked to I2_S (uniform block scale {scale})", info.ggml_type.name()));
+                TernaryMatrix::from_i2s(name, out_features, in_features, SharedBytes::from_vec(i2s))?
+            }
+            GgmlType::TQ1_0 => {
+                let (values, scale) = tq1::decode_tq1_0(&bytes, n).and_then(|b| b.into_per_tensor()).map_err(quant)?;
                 self.report
                     .notes
                     .push(format!("{name}: {} repacked to I2_S (uniform block scale {scale})", info.ggml_type.name()));

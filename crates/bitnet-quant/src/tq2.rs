@@ -7,8 +7,11 @@
 //! times `d`; code 3 is never written (ggml's `quantize_row_tq2_0_ref` and
 //! `dequantize_row_tq2_0` in `ggml/src/ggml-quants.c`).
 
+use half::f16;
+
 use crate::blocks::{BlockLayout, TernaryBlocks};
-use crate::codes::{code_from_ternary, has_unused_code, ternary_from_code, CODE_MASK, UNUSED_CODE};
+use crate::codes::{any_unused_code, code_from_ternary, has_unused_code, ternary_from_code, CODE_MASK, UNUSED_CODE};
+use crate::i2s::i2s_nbytes;
 use crate::QuantError;
 
 /// Elements per TQ2_0 block (ggml's `QK_K`).
@@ -88,6 +91,57 @@ pub fn decode_tq2_0(bytes: &[u8], n_elements: usize) -> Result<TernaryBlocks, Qu
         }
     }
     Ok(TernaryBlocks { values, block_scales, block_elems: TQ2_0_BLOCK_ELEMS })
+}
+
+/// A TQ2_0 tensor of `n_elements` elements straight to I2_S bytes (codes,
+/// then the trailer holding the scale) and its per-tensor scale: the same
+/// result, errors included, as [`decode_tq2_0`], then
+/// [`TernaryBlocks::into_per_tensor`], then [`encode_i2s`](crate::i2s::encode_i2s),
+/// without the values in between.
+///
+/// Both formats pack 128 elements in 32 bytes, element `32n + m` of them in
+/// byte `m`; TQ2_0 puts it in bits `2n`, I2_S in bits `6 - 2n` (and both
+/// code a value as `value + 1`), so an I2_S byte is the TQ2_0 byte with its
+/// four 2-bit fields in reverse order, and each TQ2_0 block gives two I2_S
+/// blocks. The block scales must agree (as f16) wherever a block holds a
+/// non-zero value.
+pub fn tq2_0_to_i2s(bytes: &[u8], n_elements: usize) -> Result<(Vec<u8>, f32), QuantError> {
+    let n_blocks = LAYOUT.check_decode_input(bytes, n_elements)?;
+    let mut out = vec![0u8; i2s_nbytes(n_elements)];
+    let (codes, trailer) = out.split_at_mut(n_blocks * QS_BYTES);
+    let mut common: Option<(u16, f32)> = None;
+    // A decoding error in any block comes first, as in `decode_tq2_0`
+    // followed by `into_per_tensor`.
+    let mut non_uniform = None;
+    for (block_idx, (block_bytes, out_qs)) in
+        bytes.chunks_exact(TQ2_0_BLOCK_BYTES).zip(codes.chunks_exact_mut(QS_BYTES)).enumerate()
+    {
+        let scale = LAYOUT.decode_scale(block_idx, block_bytes)?;
+        let qs = &block_bytes[..QS_BYTES];
+        if any_unused_code(qs) {
+            return Err(first_unused_code(block_idx, qs));
+        }
+        for (o, &b) in out_qs.iter_mut().zip(qs) {
+            *o = (b << 6) | ((b << 2) & 0x30) | ((b >> 2) & 0x0C) | (b >> 6);
+        }
+        // All elements zero is every code 1, every byte 0b01_01_01_01.
+        if non_uniform.is_none() && qs.iter().any(|&b| b != 0x55) {
+            let bits = f16::from_f32(scale).to_bits();
+            match common {
+                None => common = Some((bits, scale)),
+                Some((first_bits, first)) if first_bits != bits => {
+                    non_uniform = Some(QuantError::NonUniformScales { first, other: scale, block: block_idx });
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(err) = non_uniform {
+        return Err(err);
+    }
+    let scale = common.map_or(0.0, |(_, scale)| scale);
+    trailer[..4].copy_from_slice(&scale.to_le_bytes());
+    Ok((out, scale))
 }
 
 /// The error for a block known to contain code 3, naming its lowest element index.
@@ -265,5 +319,60 @@ mod tests {
             let expected_bits: Vec<u32> = block_scales.iter().map(|s| s.to_bits()).collect();
             prop_assert_eq!(found_bits, expected_bits);
         }
+
+        /// The direct repack gives what decoding, `into_per_tensor` and
+        /// `encode_i2s` give, errors included: random blocks whose bytes
+        /// are mostly zeros (0x55) or codes 0-2, sometimes code 3, whose
+        /// scales are drawn from a few f16 values (negative, zero, NaN,
+        /// infinite among them) so that uniform and mixed tensors both occur.
+        #[test]
+        fn direct_repack_to_i2s_matches_decode_then_encode(
+            blocks in prop::collection::vec(
+                (
+                    prop::collection::vec(
+                        prop_oneof![
+                            6 => Just(0x55u8),
+                            6 => any::<u8>().prop_map(|b| b & !((b & (b >> 1)) & 0x55)),
+                            1 => any::<u8>(),
+                        ],
+                        QS_BYTES,
+                    ),
+                    prop::sample::select(vec![1.0f32, 1.0, 1.0, 0.5, -2.0, 0.0, f32::NAN, f32::INFINITY]),
+                ),
+                0..6,
+            ),
+        ) {
+            let mut bytes = Vec::new();
+            for (qs, scale) in &blocks {
+                bytes.extend_from_slice(qs);
+                bytes.extend_from_slice(&f16::from_f32(*scale).to_le_bytes());
+            }
+            let n = blocks.len() * TQ2_0_BLOCK_ELEMS;
+            let reference = decode_tq2_0(&bytes, n)
+                .and_then(TernaryBlocks::into_per_tensor)
+                .and_then(|(values, scale)| crate::i2s::encode_i2s(&values, scale).map(|b| (b, scale)));
+            let direct = tq2_0_to_i2s(&bytes, n);
+            match (reference, direct) {
+                (Ok((rb, rs)), Ok((db, ds))) => {
+                    prop_assert_eq!(rb, db);
+                    prop_assert_eq!(rs.to_bits(), ds.to_bits());
+                }
+                (Err(re), Err(de)) => prop_assert_eq!(format!("{re:?}"), format!("{de:?}")),
+                (r, d) => prop_assert!(false, "reference {r:?}, direct {d:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn direct_repack_refuses_what_decoding_refuses() {
+        let mut bytes = vec![0x55u8; TQ2_0_BLOCK_BYTES];
+        bytes[..2].copy_from_slice(&[0b00_00_11_01, 0x55]);
+        bytes[64..].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        // Byte 0, field 1 (bits 3:2) = 3: element 32 of the block.
+        assert_eq!(
+            tq2_0_to_i2s(&bytes, 256).unwrap_err(),
+            QuantError::InvalidCode { format: FORMAT, index: 32, code: UNUSED_CODE }
+        );
+        assert!(matches!(tq2_0_to_i2s(&bytes[..65], 256), Err(QuantError::ByteLength { .. })));
     }
 }
