@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time the phases of the decode steps (norms and other serial work,
+    /// each product, attention, head) and print ms per token for each.
+    #[arg(long)]
+    phases: bool,
     /// `gpu`: the CUDA backend, per precision and batch size (see --batches).
     #[arg(long, value_enum, default_value = "cpu")]
     device: BenchDevice,
@@ -244,12 +248,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let logits = backend.step(&[StepInput { seq: 0, tokens: &prompt }])?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
     let mut token = argmax(&logits);
+    if args.phases {
+        backend.time_phases();
+    }
     let start = Instant::now();
     for _ in 1..args.gen_tokens {
         let logits = backend.step(&[StepInput { seq: 0, tokens: &[token] }])?.remove(0);
         token = argmax(&logits);
     }
     let decode_s = start.elapsed().as_secs_f64();
+    let phases = backend.take_phase_times();
     let decode_steps = args.gen_tokens.saturating_sub(1).max(1);
     let ms_per_token = decode_s * 1e3 / decode_steps as f64;
     // Peak memory first: the bandwidth buffer below must not count.
@@ -322,6 +330,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "pair_steps": args.pair_steps,
         "paired_fraction_of_floor_median": paired_fraction,
+        "decode_phases_ms_per_token": phases.as_ref().map(|p| {
+            p.phases().iter().map(|(name, d)| (name.to_string(), json!(d.as_secs_f64() * 1e3 / p.steps.max(1) as f64)))
+                .collect::<serde_json::Map<_, _>>()
+        }),
     });
     let gb = |b: u64| b as f64 / 1e9;
     println!("bench: {} ({}), {} threads, {}", path.display(), info.detail, threads, cpu);
@@ -369,6 +381,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("| peak RSS | {:.2} GB ({:.2}x file + KV cache) |", gb(r), r as f64 / (file_size + kv_bytes) as f64);
     }
     println!("| model file / KV cache | {:.2} GB / {:.3} GB |", gb(file_size), gb(kv_bytes));
+    if let Some(p) = &phases {
+        let steps = p.steps.max(1) as f64;
+        println!("\n| decode phase ({} steps) | ms/token | share of the phases |\n|---|---:|---:|", p.steps);
+        for (name, d) in p.phases() {
+            let share = d.as_secs_f64() / p.total().as_secs_f64().max(f64::MIN_POSITIVE);
+            println!("| {name} | {:.3} | {:.1}% |", d.as_secs_f64() * 1e3 / steps, 100.0 * share);
+        }
+        println!(
+            "| all phases (the step less its checks and allocations) | {:.3} | of {ms_per_token:.3} ms/token measured |",
+            p.total().as_secs_f64() * 1e3 / steps
+        );
+    }
     if let Some(out) = &args.json {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     }

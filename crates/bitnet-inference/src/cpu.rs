@@ -13,6 +13,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bitnet_device::HugePageBuffer;
 use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
@@ -178,6 +179,91 @@ pub struct CpuBackend {
     int8_head: Option<Int8Head>,
     kv_cache: KvCachePrecision,
     sequences: HashMap<SeqId, CpuSequence>,
+    /// Time per phase of the steps since [`CpuBackend::time_phases`].
+    phase_times: Option<PhaseTimes>,
+}
+
+/// Where the CPU backend's steps spent their time, summed over the steps
+/// since [`CpuBackend::time_phases`] (`cargo xtask bench --phases`). The
+/// phases partition a step from its embedding lookup to its logits, so
+/// their sum is the step's time less the checks and buffer allocations
+/// before it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PhaseTimes {
+    pub steps: u64,
+    /// Embedding rows.
+    pub embedding: Duration,
+    /// Norms, activation quantisation, relu^2 * up and the residual adds:
+    /// the serial work on the calling thread.
+    pub elementwise: Duration,
+    /// RoPE and the KV cache append (serial).
+    pub rope_kv: Duration,
+    /// The q, k and v products, one parallel call.
+    pub qkv: Duration,
+    /// Attention over the KV cache (parallel).
+    pub attention: Duration,
+    /// The attention output product (parallel).
+    pub o_proj: Duration,
+    /// The gate and up products, one parallel call.
+    pub gate_up: Duration,
+    /// The down product (parallel).
+    pub down: Duration,
+    /// The output head, with the final norm.
+    pub head: Duration,
+}
+
+impl PhaseTimes {
+    /// Each phase with its name, in step order.
+    pub fn phases(&self) -> [(&'static str, Duration); 9] {
+        [
+            ("embedding", self.embedding),
+            ("norms, quantisation, relu^2, residual adds", self.elementwise),
+            ("RoPE + KV append", self.rope_kv),
+            ("q/k/v products", self.qkv),
+            ("attention", self.attention),
+            ("o product", self.o_proj),
+            ("gate/up products", self.gate_up),
+            ("down product", self.down),
+            ("head (with final norm)", self.head),
+        ]
+    }
+
+    /// The sum of the phases.
+    pub fn total(&self) -> Duration {
+        self.phases().iter().map(|(_, d)| *d).sum()
+    }
+
+    fn add(&mut self, other: &PhaseTimes) {
+        self.steps += other.steps;
+        self.embedding += other.embedding;
+        self.elementwise += other.elementwise;
+        self.rope_kv += other.rope_kv;
+        self.qkv += other.qkv;
+        self.attention += other.attention;
+        self.o_proj += other.o_proj;
+        self.gate_up += other.gate_up;
+        self.down += other.down;
+        self.head += other.head;
+    }
+}
+
+/// A stopwatch that adds each lap to a phase; does nothing when off.
+struct Laps {
+    last: Option<Instant>,
+}
+
+impl Laps {
+    fn new(on: bool) -> Self {
+        Self { last: on.then(Instant::now) }
+    }
+
+    fn lap(&mut self, phase: &mut Duration) {
+        if let Some(last) = self.last.as_mut() {
+            let now = Instant::now();
+            *phase += now - *last;
+            *last = now;
+        }
+    }
 }
 
 impl fmt::Debug for CpuBackend {
@@ -227,7 +313,20 @@ impl CpuBackend {
             int8_head,
             kv_cache: config.kv_cache,
             sequences: HashMap::new(),
+            phase_times: None,
         })
+    }
+
+    /// Times the phases of every step from now on, from zero (a few tens
+    /// of nanoseconds a phase; off until called).
+    pub fn time_phases(&mut self) {
+        self.phase_times = Some(PhaseTimes::default());
+    }
+
+    /// The phase times summed since [`CpuBackend::time_phases`], which stops
+    /// timing; `None` when it was not called.
+    pub fn take_phase_times(&mut self) -> Option<PhaseTimes> {
+        self.phase_times.take()
     }
 
     pub fn kernel(&self) -> CpuKernel {
@@ -313,9 +412,12 @@ impl CpuBackend {
         }
         let n = rows.len();
         let mut x = vec![0f32; n * h];
+        let mut t = PhaseTimes { steps: 1, ..PhaseTimes::default() };
+        let mut laps = Laps::new(self.phase_times.is_some());
         for (row, &token) in x.chunks_exact_mut(h).zip(&tokens) {
             float_row(kernel, &model.embedding, token as usize, row)?;
         }
+        laps.lap(&mut t.embedding);
 
         let mut normed = vec![0f32; n * h];
         let mut q8 = vec![0i8; n * inter.max(h)];
@@ -347,8 +449,10 @@ impl CpuBackend {
                 // Attention block.
                 rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                laps.lap(&mut t.elementwise);
                 let mut qkv = [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])];
                 awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut qkv))?;
+                laps.lap(&mut t.qkv);
                 for (r, &(_, pos)) in rows.iter().enumerate() {
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
                     k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
@@ -366,29 +470,38 @@ impl CpuBackend {
                         seq.view(c, layer_idx, seq.len + input.tokens.len())
                     })
                     .collect();
+                laps.lap(&mut t.rope_kv);
                 awake.parallel(|| attention(kernel, c, &rows, &caches, &q, &mut attn))?;
+                laps.lap(&mut t.attention);
                 rms_norm_rows(kernel, &attn, &layer.attn_sub_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                laps.lap(&mut t.elementwise);
                 awake.parallel(|| {
                     bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)
                 })?;
+                laps.lap(&mut t.o_proj);
                 add_in_place(&mut x, &proj);
 
                 // Feed-forward block. relu^2 and its sub-norm stay in f32.
                 rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
                 let mut gate_up = [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])];
+                laps.lap(&mut t.elementwise);
                 awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut gate_up))?;
+                laps.lap(&mut t.gate_up);
                 k::relu2_mul_f32(kernel, &mut gate, &up)?;
                 rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
+                laps.lap(&mut t.elementwise);
                 awake.parallel(|| {
                     bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)
                 })?;
+                laps.lap(&mut t.down);
                 add_in_place(&mut x, &proj);
                 if let Some(trace) = trace.as_mut() {
                     trace(layer_idx, &x);
                 }
+                laps.lap(&mut t.elementwise);
             }
 
             // Logits of each entry's last new position, with one pass over the
@@ -400,11 +513,16 @@ impl CpuBackend {
                 k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, normed_row)?;
             }
             awake.stop();
-            match int8_head {
+            let logits = match int8_head {
                 Some(int8_head) => int8_head.logits_batch(kernel, &normed_rows, entries, &mut all_logits),
                 None => head_gemm(kernel, model.head(), &normed_rows, entries, &mut all_logits),
-            }
+            };
+            laps.lap(&mut t.head);
+            logits
         })?;
+        if let Some(times) = self.phase_times.as_mut() {
+            times.add(&t);
+        }
         let out: Vec<Vec<f32>> = all_logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect();
         for input in batch {
             let seq = sequences.get_mut(&input.seq).expect("validated sequence");

@@ -32,7 +32,7 @@ pub mod simulated_gpu;
 pub use backend::{Backend, BackendError, BackendInfo, ReferenceBackend, SeqId, StepInput, StepOutput, StepWant};
 #[cfg(feature = "cuda")]
 pub use bitnet_kernels::cuda::{kernel_compile_notice, kernel_source_status, DeviceHooks};
-pub use cpu::{CpuBackend, CpuBackendConfig, KvCachePrecision};
+pub use cpu::{CpuBackend, CpuBackendConfig, KvCachePrecision, PhaseTimes};
 #[cfg(feature = "cuda")]
 pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};
 pub use engine::{

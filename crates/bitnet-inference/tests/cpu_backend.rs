@@ -206,3 +206,34 @@ proptest::proptest! {
         common::ops::check(&mut cpu, &ops, 0.999)?;
     }
 }
+
+/// Phase timing changes no result, counts the steps it timed, and its
+/// phases, which partition each step, sum to no more than the steps took.
+#[test]
+fn phase_timing_partitions_the_steps_and_changes_nothing() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 24).unwrap());
+    let kernel = CpuKernel::Portable;
+    let mut plain = backend(&model, kernel);
+    let mut timed = backend(&model, kernel);
+    assert_eq!(timed.take_phase_times(), None, "off until asked for");
+    let prompt = [1u32, 5, 9, 2];
+    for b in [&mut plain, &mut timed] {
+        b.add_sequence(0, 16).unwrap();
+        b.step(&[StepInput { seq: 0, tokens: &prompt }]).unwrap();
+    }
+    timed.time_phases();
+    let start = std::time::Instant::now();
+    for token in [3u32, 4, 7] {
+        let a = plain.step(&[StepInput { seq: 0, tokens: &[token] }]).unwrap();
+        let b = timed.step(&[StepInput { seq: 0, tokens: &[token] }]).unwrap();
+        assert_eq!(a, b);
+    }
+    let elapsed = start.elapsed();
+    let times = timed.take_phase_times().expect("timed since time_phases");
+    assert_eq!(times.steps, 3);
+    assert!(times.total() <= elapsed, "{times:?} in {elapsed:?}");
+    for (name, d) in times.phases() {
+        assert!(!d.is_zero(), "{name} was never timed: {times:?}");
+    }
+    assert_eq!(timed.take_phase_times(), None, "taking stops the timing");
+}
