@@ -1,6 +1,7 @@
 //! The GGUF reader: parses and validates the header, metadata and tensor
-//! infos of a (usually memory-mapped) GGUF v2/v3 file, and hands out tensor
-//! data as zero-copy [`SharedBytes`] slices.
+//! infos of a GGUF v2/v3 file (mapped, or read into memory whole or in part),
+//! and hands out tensor data as zero-copy [`SharedBytes`] slices, or, for a
+//! tensor [`GgufFile::read_selected`] left on disk, read from the file.
 //!
 //! Every count and length read from the file is checked against the bytes
 //! that remain before anything is allocated for it, so a corrupt or hostile
