@@ -388,6 +388,13 @@ fn gguf_files_load_read_into_memory_or_mapped_alike() {
     assert_same_model(&model, &mapped);
     let file = GgufFile::read(&path).unwrap();
     assert_eq!(file.bytes().unwrap().as_slice(), &bytes[..]);
+    // Read whole, a file is its bytes, whatever lies between and after its
+    // tensors.
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(&[0xA5; 100]);
+    let padded_path = dir.path().join("padded.gguf");
+    std::fs::write(&padded_path, &padded).unwrap();
+    assert_eq!(GgufFile::read(&padded_path).unwrap().bytes().unwrap().as_slice(), &padded[..]);
     // A truncated file fails in the mapped parse, before its data is read, naming the file.
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

@@ -137,10 +137,12 @@ impl GgufFile {
         let kept: Vec<bool> = mapped.tensors.iter().map(&keep).collect();
         // The header, then each kept tensor's data, by absolute ranges (all
         // inside the file: the parse checked them), merged where they touch.
-        let header = 0..usize::try_from(mapped.data_offset).unwrap_or(len).min(len);
+        let all = kept.iter().all(|&k| k);
+        // A file kept whole is read whole, padding and trailing bytes too.
+        let header = if all { 0..len } else { 0..usize::try_from(mapped.data_offset).unwrap_or(len).min(len) };
         let mut ranges = Vec::with_capacity(mapped.tensors.len() + 1);
         ranges.push(header);
-        for (info, _) in mapped.tensors.iter().zip(&kept).filter(|(_, &k)| k) {
+        for (info, _) in mapped.tensors.iter().zip(&kept).filter(|(_, &k)| k && !all) {
             ranges.push(mapped.range_of(info)?);
         }
         ranges.sort_by_key(|r| r.start);
@@ -173,7 +175,7 @@ impl GgufFile {
             return Err(read_error(std::io::Error::other("the file changed while it was read")));
         }
         parsed.path = Some(path.to_owned());
-        if kept.iter().any(|&k| !k) {
+        if !all {
             let tensors = kept.iter().map(|&k| !k).collect();
             parsed.unread = Some(Unread { file: Mutex::new(file), tensors });
         }
