@@ -11,11 +11,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitnet_device::HugePageBuffer;
+use bitnet_kernels::cpu::team::{self, Team};
 use bitnet_kernels::cpu::{self as k, CpuKernel, FloatMatrixRef, I2sMatrixRef};
 use bitnet_kernels::KernelError;
 use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryMatrix};
@@ -438,20 +438,22 @@ impl CpuBackend {
         let half = hd / 2;
 
         // The head's input and output, allocated before the pool's threads
-        // are kept awake.
+        // are held as a team.
         let entries = batch.len();
         let mut normed_rows = vec![0f32; entries * h];
         let mut all_logits = vec![0f32; entries * c.vocab_size];
         let int8_head = &self.int8_head;
         pool.install(|| -> Result<(), KernelError> {
-            let mut awake = KeepAwake::start();
+            // The pool's other threads spin for the step's parallel calls
+            // (`bitnet_kernels::cpu::team`), until dropped after the head.
+            let team = Team::start();
             for (layer_idx, layer) in model.layers.iter().enumerate() {
                 // Attention block.
                 rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
                 laps.lap(&mut t.elementwise);
                 let mut qkv = [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])];
-                awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut qkv))?;
+                bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut qkv)?;
                 laps.lap(&mut t.qkv);
                 for (r, &(_, pos)) in rows.iter().enumerate() {
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
@@ -471,14 +473,12 @@ impl CpuBackend {
                     })
                     .collect();
                 laps.lap(&mut t.rope_kv);
-                awake.parallel(|| attention(kernel, c, &rows, &caches, &q, &mut attn))?;
+                attention(kernel, c, &rows, &caches, &q, &mut attn)?;
                 laps.lap(&mut t.attention);
                 rms_norm_rows(kernel, &attn, &layer.attn_sub_norm, c.rms_norm_eps, &mut normed, h)?;
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
                 laps.lap(&mut t.elementwise);
-                awake.parallel(|| {
-                    bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)
-                })?;
+                bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)?;
                 laps.lap(&mut t.o_proj);
                 add_in_place(&mut x, &proj);
 
@@ -487,15 +487,13 @@ impl CpuBackend {
                 k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
                 let mut gate_up = [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])];
                 laps.lap(&mut t.elementwise);
-                awake.parallel(|| bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut gate_up))?;
+                bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut gate_up)?;
                 laps.lap(&mut t.gate_up);
                 k::relu2_mul_f32(kernel, &mut gate, &up)?;
                 rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
                 k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
                 laps.lap(&mut t.elementwise);
-                awake.parallel(|| {
-                    bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)
-                })?;
+                bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)?;
                 laps.lap(&mut t.down);
                 add_in_place(&mut x, &proj);
                 if let Some(trace) = trace.as_mut() {
@@ -512,11 +510,11 @@ impl CpuBackend {
                 let r = last - 1;
                 k::rms_norm_f32(kernel, &x[r * h..(r + 1) * h], &model.output_norm, c.rms_norm_eps, normed_row)?;
             }
-            awake.stop();
             let logits = match int8_head {
                 Some(int8_head) => int8_head.logits_batch(kernel, &normed_rows, entries, &mut all_logits),
                 None => head_gemm(kernel, model.head(), &normed_rows, entries, &mut all_logits),
             };
+            drop(team);
             laps.lap(&mut t.head);
             logits
         })?;
@@ -529,65 +527,6 @@ impl CpuBackend {
             seq.len += input.tokens.len();
         }
         Ok(out)
-    }
-}
-
-/// Keeps the pool's other threads spinning while the calling thread runs
-/// the serial work between two parallel calls of a step (norms,
-/// quantisation, RoPE, the KV append). A rayon worker idle for more than
-/// about 10 us goes to sleep, and waking it cost 20-90 us on the 2-vCPU dev
-/// box (session 15, docs/perf/cpu.md: an empty `rayon::broadcast` after a
-/// 20 us gap 38 us, after 50 us 87 us, with the workers spinning 1-3 us),
-/// against 150 parallel calls per 2B-4T decode step with a few to 15 us of
-/// serial work before each. [`KeepAwake::parallel`] stops the spinners just
-/// before its call (they return at once, and their threads find the call's
-/// work) and starts them again after it; dropping it stops them, so nothing
-/// spins outside a step.
-struct KeepAwake {
-    stop: Option<Arc<AtomicBool>>,
-}
-
-impl KeepAwake {
-    /// Starts one spinner on every thread of the current pool (the calling
-    /// thread's own copy runs, and returns at once, the next time it waits
-    /// inside the pool, which is after [`KeepAwake::stop`]).
-    fn start() -> Self {
-        let mut awake = Self { stop: None };
-        awake.spin();
-        awake
-    }
-
-    fn spin(&mut self) {
-        if self.stop.is_none() && rayon::current_num_threads() > 1 {
-            let stop = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&stop);
-            rayon::spawn_broadcast(move |_| {
-                while !flag.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
-                }
-            });
-            self.stop = Some(stop);
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.store(true, Ordering::Release);
-        }
-    }
-
-    /// Runs `f` (a parallel call) with the spinners stopped, then restarts them.
-    fn parallel<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        self.stop();
-        let result = f();
-        self.spin();
-        result
-    }
-}
-
-impl Drop for KeepAwake {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -798,20 +737,22 @@ impl Attention<'_> {
         let (hd, group) = (self.c.head_dim, self.c.group_size());
         let heads = heads_per_task(self.rows.len(), self.c.n_kv_heads, group, threads);
         let tasks_per_row = self.c.n_heads / heads;
-        out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
-            let (r, first) = (idx / tasks_per_row, idx % tasks_per_row * heads);
-            let n = self.rows[r].1 + 1;
-            let mut scores = vec![0f32; heads * n];
-            self.scores(r, first, heads, 0..n, &mut scores)?;
-            for head_scores in scores.chunks_exact_mut(n) {
-                k::softmax_f32(self.kernel, head_scores)?;
-            }
-            self.weighted(r, first, &scores, 0..hd, out_heads)
+        team::rayon_section(|| {
+            out.par_chunks_mut(heads * hd).enumerate().try_for_each(|(idx, out_heads)| -> Result<(), KernelError> {
+                let (r, first) = (idx / tasks_per_row, idx % tasks_per_row * heads);
+                let n = self.rows[r].1 + 1;
+                let mut scores = vec![0f32; heads * n];
+                self.scores(r, first, heads, 0..n, &mut scores)?;
+                for head_scores in scores.chunks_exact_mut(n) {
+                    k::softmax_f32(self.kernel, head_scores)?;
+                }
+                self.weighted(r, first, &scores, 0..hd, out_heads)
+            })
         })
     }
 
     /// [`attention`] for a few rows, in two passes on every thread of the current
-    /// pool (`rayon::broadcast`), each thread taking one contiguous run of the work:
+    /// pool (`team::broadcast`), each thread taking one contiguous run of the work:
     /// first the scores, the (row, KV head, position) triples cut into equal
     /// runs, so each thread reads about the same bytes of keys as one or two
     /// long streams; then softmax and the weighted sums, the (row, KV head,
@@ -837,8 +778,7 @@ impl Attention<'_> {
         // Pass 1: thread t scores positions [t * total / threads, (t + 1) * total / threads)
         // of the (row, KV head, position) sequence.
         let total = offsets.last().copied().unwrap_or(0) / group.max(1);
-        let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
-            let (t, n_threads) = (ctx.index(), ctx.num_threads());
+        let parts = team::broadcast(|t, n_threads| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
             let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
             let mut parts = Vec::new();
             for (unit, &offset) in offsets[..rows.len() * kv_heads].iter().enumerate() {
@@ -870,8 +810,7 @@ impl Attention<'_> {
         let blocks = hd.div_ceil(SPLIT_DIMS);
         let total = rows.len() * kv_heads * blocks;
         let scores = &scores;
-        let parts = rayon::broadcast(|ctx| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
-            let (t, n_threads) = (ctx.index(), ctx.num_threads());
+        let parts = team::broadcast(|t, n_threads| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
             let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
             let mut parts = Vec::new();
             for unit in from / blocks..to.div_ceil(blocks) {
@@ -1032,32 +971,6 @@ mod tests {
                 && !splits_positions(8, 5, 2)
                 && !splits_positions(1, 5, 1)
         );
-    }
-
-    /// The spinners never hold up a parallel call, stop when dropped, and
-    /// spin only between calls.
-    #[test]
-    fn keep_awake_spins_between_parallel_calls_only() {
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let mut awake = KeepAwake::start();
-                assert_eq!(awake.stop.is_some(), threads > 1);
-                for _ in 0..50 {
-                    // Every thread takes part in the call (none is stuck in a spinner).
-                    let mut seen = awake.parallel(|| rayon::broadcast(|ctx| ctx.index()));
-                    seen.sort_unstable();
-                    assert_eq!(seen, (0..threads).collect::<Vec<_>>());
-                    let sum: u64 = awake.parallel(|| (0..10_000u64).into_par_iter().sum());
-                    assert_eq!(sum, 49_995_000);
-                }
-                let flag = awake.stop.clone();
-                drop(awake);
-                assert!(flag.is_none_or(|f| f.load(Ordering::Acquire)), "dropping stops the spinners");
-            });
-            // Outside a step nothing spins: a broadcast still reaches every thread.
-            assert_eq!(pool.broadcast(|ctx| ctx.index()).len(), threads);
-        }
     }
 
     #[test]

@@ -94,6 +94,54 @@ fn batch_composition_does_not_change_results() {
     }
 }
 
+/// Every output is computed by the same operations in the same order
+/// whichever thread computes it, so the logits are the same bits on any
+/// number of threads: one thread (no team), and pools whose other threads
+/// are held as a team for the step's parallel calls (some of them rayon's
+/// own, in the batched steps). A call index run twice or not at all, or a
+/// result read before its index finished, changes bits here.
+#[test]
+fn logits_do_not_depend_on_the_thread_count() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 26).unwrap());
+    let kernel = CpuKernel::all_available().into_iter().last().unwrap();
+    let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[40, 41], &[300, 1, 2]];
+    let run = |threads: usize| -> Vec<Vec<f32>> {
+        let config = CpuBackendConfig { threads, kernel: Some(kernel), ..Default::default() };
+        let mut b = CpuBackend::new(model.clone(), &config).unwrap();
+        assert_eq!(b.threads(), threads);
+        let mut out = Vec::new();
+        for i in 0..3u64 {
+            b.add_sequence(i, 64).unwrap();
+        }
+        let batch: Vec<StepInput<'_>> =
+            prompts.iter().enumerate().map(|(i, p)| StepInput { seq: i as u64, tokens: p }).collect();
+        out.extend(b.step(&batch).unwrap());
+        // Decode: one sequence alone (the team's calls), then all three.
+        for _ in 0..20 {
+            let next = [argmax(out.last().unwrap())];
+            out.extend(b.step(&[StepInput { seq: 0, tokens: &next }]).unwrap());
+        }
+        for _ in 0..4 {
+            let nexts: Vec<[u32; 1]> = out[out.len() - 3..].iter().map(|l| [argmax(l)]).collect();
+            let batch: Vec<StepInput<'_>> =
+                nexts.iter().enumerate().map(|(i, t)| StepInput { seq: i as u64, tokens: t }).collect();
+            out.extend(b.step(&batch).unwrap());
+        }
+        out
+    };
+    let one = run(1);
+    for threads in [2, 3, 4, 5, 8] {
+        let many = run(threads);
+        assert_eq!(many.len(), one.len());
+        for (step, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{threads} threads: logits {step} differ from one thread's"
+            );
+        }
+    }
+}
+
 #[test]
 fn failed_steps_leave_sequences_untouched_and_errors_match_the_reference() {
     let model = Arc::new(synthetic::generate(Preset::Tiny, 24).unwrap());

@@ -7,8 +7,10 @@
 //! halted vCPU. Session 15 on the 2-vCPU Intel dev box: 1.1-1.5 us up to an
 //! 8 us gap, 20-40 us after 10-20 us, 71-101 us after 50-300 us idle;
 //! 0.9-3.6 us at every gap with the threads spinning (docs/perf/cpu.md).
+//! Session 32 adds the team column.
 //!
 //! `cargo run --release -p bitnet-kernels --example wake_cost`
+use bitnet_kernels::cpu::team::{self, Team};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +46,20 @@ fn main() {
                 let us = total_ns as f64 / calls as f64 / 1000.0;
                 line += &format!(" {} {us:.1} us", if spin { "spinning" } else { "idle" });
             }
+            let team = Team::start();
+            let calls = 1000;
+            let mut total_ns = 0u128;
+            for _ in 0..calls {
+                let gap = Instant::now();
+                while gap.elapsed().as_micros() < gap_us {
+                    std::hint::spin_loop();
+                }
+                let call = Instant::now();
+                team::broadcast(|index, _| std::hint::black_box(index));
+                total_ns += call.elapsed().as_nanos();
+            }
+            drop(team);
+            line += &format!(" team {:.1} us", total_ns as f64 / calls as f64 / 1000.0);
             println!("{line}");
         }
     });

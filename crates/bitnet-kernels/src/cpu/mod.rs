@@ -20,6 +20,10 @@ mod kernel;
 mod ops;
 mod partition;
 mod stream;
+/// A pool's threads held for a step's parallel calls; `unsafe` in one place,
+/// handing a borrowed call to the other threads (its `// SAFETY:` invariant).
+#[allow(unsafe_code)]
+pub mod team;
 mod token;
 
 /// How far ahead of the current read the streaming kernels prefetch, in bytes

@@ -13,6 +13,8 @@
 //! threads running at the same speed finish within one small piece of each
 //! other.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -110,6 +112,38 @@ pub(crate) fn share_blocks(part: &[Segment], row_bytes: usize) -> Vec<Segment> {
     blocks
 }
 
+/// Shapes whose cuts [`share_plan`] remembers, per thread.
+const PLANS_KEPT: usize = 16;
+
+/// One remembered cut: the jobs' `(rows, row_bytes)`, the thread count, the blocks.
+type Plan = (Vec<(usize, usize)>, usize, Rc<[Vec<Segment>]>);
+
+thread_local! {
+    static PLANS: RefCell<Vec<Plan>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Every share's blocks for `jobs` (`(rows, row_bytes)` each, one row width)
+/// on `n_parts` threads: [`stream_parts`], then [`share_blocks`] of each
+/// part. A decode step asks for the same few cuts (q/k/v, o, gate/up, down,
+/// the head) about 150 times, and computing one cost 2-3.5 us on the dev box
+/// (session 32), so the calling thread keeps the last [`PLANS_KEPT`].
+pub(crate) fn share_plan(jobs: &[(usize, usize)], n_parts: usize) -> Rc<[Vec<Segment>]> {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        if let Some((_, _, plan)) = plans.iter().find(|(j, n, _)| j.as_slice() == jobs && *n == n_parts) {
+            return Rc::clone(plan);
+        }
+        let row_bytes = jobs.first().map_or(0, |&(_, b)| b);
+        let plan: Rc<[Vec<Segment>]> =
+            stream_parts(jobs, n_parts).iter().map(|part| share_blocks(part, row_bytes)).collect();
+        if plans.len() == PLANS_KEPT {
+            plans.remove(0);
+        }
+        plans.push((jobs.to_vec(), n_parts, Rc::clone(&plan)));
+        plan
+    })
+}
+
 /// One row-major matrix of `out.len()` rows of `row_len` elements each
 /// (`values`), one output per row, cut into one share per thread
 /// ([`stream_parts`], by bytes) of blocks of [`block_rows`] rows: each
@@ -123,9 +157,9 @@ pub(crate) fn matrix_shares<'v, 'o, E, T>(
     let row_bytes = row_len * std::mem::size_of::<E>();
     let mut rest = out;
     let mut shares = Vec::with_capacity(threads);
-    for part in stream_parts(&[(rest.len(), row_bytes)], threads) {
-        let mut blocks = Vec::new();
-        for block in share_blocks(&part, row_bytes) {
+    for part in share_plan(&[(rest.len(), row_bytes)], threads).iter() {
+        let mut blocks = Vec::with_capacity(part.len());
+        for block in part {
             let (mine, tail) = std::mem::take(&mut rest).split_at_mut(block.end - block.start);
             rest = tail;
             blocks.push((&values[block.start * row_len..block.end * row_len], mine));
@@ -142,12 +176,15 @@ pub(crate) fn matrix_shares<'v, 'o, E, T>(
 /// when all have run.
 pub(crate) fn run_shares<B: Send>(shares: Vec<Vec<B>>, work: impl Fn(B) + Sync) {
     // Per share: unclaimed blocks are `front..back`, packed as
-    // `back << 32 | front`, claimed with compare-and-swap.
+    // `back << 32 | front`, claimed with compare-and-swap. Every share's
+    // blocks in one list, share `i`'s from `first[i]`.
     let mut bounds = Vec::with_capacity(shares.len());
-    let mut slots: Vec<Vec<Mutex<Option<B>>>> = Vec::with_capacity(shares.len());
+    let mut first = Vec::with_capacity(shares.len());
+    let mut slots: Vec<Mutex<Option<B>>> = Vec::with_capacity(shares.iter().map(Vec::len).sum());
     for share in shares {
         bounds.push(AtomicU64::new((share.len() as u64) << 32));
-        slots.push(share.into_iter().map(|b| Mutex::new(Some(b))).collect());
+        first.push(slots.len());
+        slots.extend(share.into_iter().map(|b| Mutex::new(Some(b))));
     }
     let claim = |share: usize, from_front: bool| -> Option<usize> {
         let state = &bounds[share];
@@ -166,12 +203,12 @@ pub(crate) fn run_shares<B: Send>(shares: Vec<Vec<B>>, work: impl Fn(B) + Sync) 
         }
     };
     let run = |share: usize, block: usize| {
-        let taken = slots[share][block].lock().unwrap_or_else(PoisonError::into_inner).take();
+        let taken = slots[first[share] + block].lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(b) = taken {
             work(b);
         }
     };
-    let n = slots.len();
+    let n = bounds.len();
     if n == 0 {
         return;
     }
@@ -187,7 +224,7 @@ pub(crate) fn run_shares<B: Send>(shares: Vec<Vec<B>>, work: impl Fn(B) + Sync) 
             }
         }
     };
-    rayon::broadcast(|ctx| drain(ctx.index()));
+    super::team::broadcast(|index, _| drain(index));
     // Every block was claimed by some thread before `broadcast` returned;
     // this only matters if the pool had no threads to broadcast to.
     drain(n);

@@ -364,10 +364,12 @@ fn gemm_par<T: FloatWeight>(
     }
     let chunk_rows = par_chunk_rows(w.rows, row_bytes, rayon::current_num_threads());
     let per_chunk = chunk_outputs(out, w.rows, chunk_rows);
-    per_chunk.into_par_iter().zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(outs, bytes)| {
-        for (t, o) in outs.into_iter().enumerate() {
-            gemv_rows::<T>(resolved, bytes, &x[t * w.k..(t + 1) * w.k], o);
-        }
+    crate::cpu::team::rayon_section(|| {
+        per_chunk.into_par_iter().zip(w.bytes.par_chunks(chunk_rows * row_bytes)).for_each(|(outs, bytes)| {
+            for (t, o) in outs.into_iter().enumerate() {
+                gemv_rows::<T>(resolved, bytes, &x[t * w.k..(t + 1) * w.k], o);
+            }
+        });
     });
     Ok(())
 }

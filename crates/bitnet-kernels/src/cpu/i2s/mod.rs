@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 use super::kernel::{CpuKernel, Resolved};
 use super::partition::{chunk_outputs, par_chunk_rows};
-use super::stream::{self, stream_parts};
+use super::stream;
 use crate::KernelError;
 
 /// Elements per I2_S block.
@@ -226,8 +226,8 @@ pub fn gemm_i2s_i8_par_group(
     let acts = prepare(resolved, q, n_tokens, k);
     let threads = rayon::current_num_threads();
     if n_tokens <= TOKEN_TILE {
-        let shares = stream_blocks(jobs, threads);
-        stream::run_shares(shares, |(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
+        let shares = stream_blocks(jobs, n_tokens, threads);
+        stream::run_shares(shares, |(codes, mut outs, n)| gemm_rows(resolved, codes, &acts, &mut outs[..n]));
         return Ok(());
     }
     let mut tasks: Vec<(&[u8], Vec<&mut [i32]>)> = Vec::new();
@@ -239,55 +239,67 @@ pub fn gemm_i2s_i8_par_group(
         let outs = chunk_outputs(out, w.rows, chunk_rows);
         tasks.extend(w.codes.chunks(chunk_rows * (k / 4)).zip(outs));
     }
-    tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
+    super::team::rayon_section(|| {
+        tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
+    });
     Ok(())
 }
 
-/// A block of rows: its codes and each token's outputs for those rows.
-type Block<'c, 'o> = (&'c [u8], Vec<&'o mut [i32]>);
+/// A block of rows: its codes and each token's outputs for those rows (the
+/// first `.2` of the array; at most [`TOKEN_TILE`] tokens take this path, so
+/// a block needs no allocation of its own).
+type Block<'c, 'o> = (&'c [u8], [&'o mut [i32]; TOKEN_TILE], usize);
 
 /// Cuts the jobs' rows (all of width `k`) into one share per thread, each a
 /// list of blocks of about `stream::STREAM_BLOCK_BYTES` in stream order
-/// (`stream::share_blocks`: the last one in halving pieces), and
+/// (`stream::share_plan`: the last one in halving pieces), and
 /// hands every block its rows of each token's output (`out` is
-/// `[n_tokens, rows]` per job).
-fn stream_blocks<'c, 'o>(jobs: &'o mut [(I2sMatrixRef<'c>, &mut [i32])], threads: usize) -> Vec<Vec<Block<'c, 'o>>> {
+/// `[n_tokens, rows]` per job, `n_tokens` at most [`TOKEN_TILE`]).
+fn stream_blocks<'c, 'o>(
+    jobs: &'o mut [(I2sMatrixRef<'c>, &mut [i32])],
+    n_tokens: usize,
+    threads: usize,
+) -> Vec<Vec<Block<'c, 'o>>> {
+    debug_assert!(n_tokens <= TOKEN_TILE);
     let Some(row_bytes) = jobs.first().map(|(w, _)| w.k / 4) else { return Vec::new() };
     let sizes: Vec<(usize, usize)> = jobs.iter().map(|(w, _)| (w.rows, row_bytes)).collect();
-    // Blocks in stream order per share, as (job, first row, end row).
-    let shares: Vec<Vec<(usize, usize, usize)>> = stream_parts(&sizes, threads)
-        .iter()
-        .map(|part| stream::share_blocks(part, row_bytes).into_iter().map(|b| (b.job, b.start, b.end)).collect())
+    let plan = stream::share_plan(&sizes, threads);
+    let jobs_codes_len: Vec<usize> = jobs.iter().map(|(w, _)| w.codes.len()).collect();
+    let jobs_rows_done = |total: usize, left: usize, row_bytes: usize| (total - left) / row_bytes.max(1);
+    // What is left of each job's codes and of each token's output row: the
+    // shares cover the jobs' rows in order, share after share, so the blocks
+    // taken in that order take each job's rows front to back.
+    let mut rest: Vec<(&'c [u8], [&'o mut [i32]; TOKEN_TILE])> = jobs
+        .iter_mut()
+        .map(|(w, out)| {
+            let mut tokens: [&'o mut [i32]; TOKEN_TILE] = Default::default();
+            for (slot, token_out) in tokens.iter_mut().zip(out.chunks_mut(w.rows.max(1))) {
+                *slot = token_out;
+            }
+            (w.codes, tokens)
+        })
         .collect();
-    // Each job's blocks in row order (shares are in stream order, so this
-    // is the order they were pushed in), to split its outputs.
-    let mut per_job: Vec<Vec<(usize, usize)>> = vec![Vec::new(); jobs.len()];
-    for (s, blocks) in shares.iter().enumerate() {
-        for (b, &(job, _, _)) in blocks.iter().enumerate() {
-            per_job[job].push((s, b));
-        }
-    }
-    let mut out: Vec<Vec<Block<'c, 'o>>> = shares
-        .iter()
+    plan.iter()
         .map(|blocks| {
             blocks
                 .iter()
-                .map(|&(job, first, end)| (&jobs[job].0.codes[first * row_bytes..end * row_bytes], Vec::new()))
+                .map(|b| {
+                    let len = b.end - b.start;
+                    let (codes, tokens) = &mut rest[b.job];
+                    debug_assert_eq!(jobs_rows_done(jobs_codes_len[b.job], codes.len(), row_bytes), b.start);
+                    let (mine, tail) = codes.split_at(len * row_bytes);
+                    *codes = tail;
+                    let mut outs: [&'o mut [i32]; TOKEN_TILE] = Default::default();
+                    for (slot, token) in outs.iter_mut().zip(tokens.iter_mut()).take(n_tokens) {
+                        let (o, t) = std::mem::take(token).split_at_mut(len);
+                        *slot = o;
+                        *token = t;
+                    }
+                    (mine, outs, n_tokens)
+                })
                 .collect()
         })
-        .collect();
-    for ((w, token_outs), order) in jobs.iter_mut().zip(&per_job) {
-        for token_out in token_outs.chunks_mut(w.rows.max(1)) {
-            let mut rest = token_out;
-            for &(s, b) in order {
-                let len = out[s][b].0.len() / row_bytes;
-                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(len);
-                out[s][b].1.push(mine);
-                rest = tail;
-            }
-        }
-    }
-    out
+        .collect()
 }
 
 fn check_shapes(w: I2sMatrixRef<'_>, q: &[i8], n_tokens: usize, out: &mut [i32]) -> Result<(), KernelError> {

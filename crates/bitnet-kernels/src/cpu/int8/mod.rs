@@ -151,10 +151,12 @@ pub fn gemm_i8_i8_par(
     }
     let chunk_rows = par_chunk_rows(w.rows, w.k, rayon::current_num_threads());
     let per_chunk = chunk_outputs(out, w.rows, chunk_rows);
-    per_chunk.into_par_iter().zip(w.values.par_chunks(chunk_rows * w.k)).for_each(|(outs, values)| {
-        for (t, o) in outs.into_iter().enumerate() {
-            gemv_rows(resolved, values, &q[t * w.k..(t + 1) * w.k], o);
-        }
+    super::team::rayon_section(|| {
+        per_chunk.into_par_iter().zip(w.values.par_chunks(chunk_rows * w.k)).for_each(|(outs, values)| {
+            for (t, o) in outs.into_iter().enumerate() {
+                gemv_rows(resolved, values, &q[t * w.k..(t + 1) * w.k], o);
+            }
+        });
     });
     Ok(())
 }
