@@ -20,8 +20,8 @@ mod kernel;
 mod ops;
 mod partition;
 mod stream;
-/// A pool's threads held for a step's parallel calls; `unsafe` in one place,
-/// handing a borrowed call to the other threads (its `// SAFETY:` invariant).
+// A pool's threads held for a step's parallel calls; `unsafe` in one place,
+// handing a borrowed call to the other threads (its `// SAFETY:` invariant).
 #[allow(unsafe_code)]
 pub mod team;
 mod token;
