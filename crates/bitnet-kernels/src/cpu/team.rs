@@ -190,7 +190,9 @@ impl Shared {
                 turns = 0;
                 continue;
             }
-            turns = turns.saturating_add(1);
+            // Wrapping: after 2^32 idle turns it spins 4096 turns again, and
+            // keeps looking for rayon work every YIELD_EVERY.
+            turns = turns.wrapping_add(1);
             if turns.is_multiple_of(YIELD_EVERY) {
                 rayon::yield_now();
             } else {
