@@ -315,6 +315,32 @@ mod tests {
         run_shares(Vec::<Vec<usize>>::new(), |_| unreachable!("no blocks"));
     }
 
+    /// The remembered cuts are the cuts: every shape asked for, again after
+    /// more than [`PLANS_KEPT`] other shapes pushed it out, gives what
+    /// [`stream_parts`] and [`share_blocks`] give.
+    #[test]
+    fn share_plans_equal_fresh_cuts() {
+        let fresh = |jobs: &[(usize, usize)], n: usize| -> Vec<Vec<Segment>> {
+            let row_bytes = jobs.first().map_or(0, |&(_, b)| b);
+            stream_parts(jobs, n).iter().map(|part| share_blocks(part, row_bytes)).collect()
+        };
+        let shapes: Vec<(Vec<(usize, usize)>, usize)> = (0..2 * PLANS_KEPT)
+            .map(|i| (vec![(2560 + 16 * i, 640), (640, 640), (640, 640)], 1 + i % 5))
+            .chain([
+                (vec![(6912, 640), (6912, 640)], 16),
+                (vec![(6912, 640), (6912, 640)], 8),
+                (vec![(2560, 1728)], 2),
+                (vec![], 3),
+            ])
+            .collect();
+        for _ in 0..2 {
+            for (jobs, n) in &shapes {
+                assert_eq!(share_plan(jobs, *n).to_vec(), fresh(jobs, *n), "{jobs:?} on {n}");
+                assert_eq!(share_plan(jobs, *n).to_vec(), fresh(jobs, *n), "{jobs:?} on {n}, remembered");
+            }
+        }
+    }
+
     #[test]
     fn share_blocks_cover_the_share_in_order_with_a_halving_tail() {
         // An I2_S gate|up share of 2B-4T on two threads: 6912 rows of 640 bytes.

@@ -294,6 +294,7 @@ pub fn broadcast<R: Send>(f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
         return rayon::broadcast(|ctx| f(ctx.index(), ctx.num_threads()));
     };
     let n = rayon::current_num_threads();
+    debug_assert_eq!(n, shared.claimed.len(), "a team serves the pool it was started on");
     let results: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let run = |i: usize| {
         let value = f(i, n);

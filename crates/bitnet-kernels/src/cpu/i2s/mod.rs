@@ -250,6 +250,10 @@ pub fn gemm_i2s_i8_par_group(
 /// a block needs no allocation of its own).
 type Block<'c, 'o> = (&'c [u8], [&'o mut [i32]; TOKEN_TILE], usize);
 
+/// A job's codes, the rows of it handed out so far, and what is left of
+/// each token's output row.
+type JobRest<'c, 'o> = (&'c [u8], usize, [&'o mut [i32]; TOKEN_TILE]);
+
 /// Cuts the jobs' rows (all of width `k`) into one share per thread, each a
 /// list of blocks of about `stream::STREAM_BLOCK_BYTES` in stream order
 /// (`stream::share_plan`: the last one in halving pieces), and
@@ -264,19 +268,18 @@ fn stream_blocks<'c, 'o>(
     let Some(row_bytes) = jobs.first().map(|(w, _)| w.k / 4) else { return Vec::new() };
     let sizes: Vec<(usize, usize)> = jobs.iter().map(|(w, _)| (w.rows, row_bytes)).collect();
     let plan = stream::share_plan(&sizes, threads);
-    let jobs_codes_len: Vec<usize> = jobs.iter().map(|(w, _)| w.codes.len()).collect();
-    let jobs_rows_done = |total: usize, left: usize, row_bytes: usize| (total - left) / row_bytes.max(1);
-    // What is left of each job's codes and of each token's output row: the
-    // shares cover the jobs' rows in order, share after share, so the blocks
-    // taken in that order take each job's rows front to back.
-    let mut rest: Vec<(&'c [u8], [&'o mut [i32]; TOKEN_TILE])> = jobs
+    // Each job's codes, and what is left of each token's output row with
+    // the rows handed out so far: the shares cover the jobs' rows in order,
+    // share after share, so the blocks taken in that order take each job's
+    // output rows front to back.
+    let mut rest: Vec<JobRest<'c, 'o>> = jobs
         .iter_mut()
         .map(|(w, out)| {
             let mut tokens: [&'o mut [i32]; TOKEN_TILE] = Default::default();
             for (slot, token_out) in tokens.iter_mut().zip(out.chunks_mut(w.rows.max(1))) {
                 *slot = token_out;
             }
-            (w.codes, tokens)
+            (w.codes, 0, tokens)
         })
         .collect();
     plan.iter()
@@ -284,18 +287,16 @@ fn stream_blocks<'c, 'o>(
             blocks
                 .iter()
                 .map(|b| {
-                    let len = b.end - b.start;
-                    let (codes, tokens) = &mut rest[b.job];
-                    debug_assert_eq!(jobs_rows_done(jobs_codes_len[b.job], codes.len(), row_bytes), b.start);
-                    let (mine, tail) = codes.split_at(len * row_bytes);
-                    *codes = tail;
+                    let (codes, done, tokens) = &mut rest[b.job];
+                    debug_assert_eq!(*done, b.start, "blocks in row order");
+                    *done = b.end;
                     let mut outs: [&'o mut [i32]; TOKEN_TILE] = Default::default();
                     for (slot, token) in outs.iter_mut().zip(tokens.iter_mut()).take(n_tokens) {
-                        let (o, t) = std::mem::take(token).split_at_mut(len);
+                        let (o, t) = std::mem::take(token).split_at_mut(b.end - b.start);
                         *slot = o;
                         *token = t;
                     }
-                    (mine, outs, n_tokens)
+                    (&codes[b.start * row_bytes..b.end * row_bytes], outs, n_tokens)
                 })
                 .collect()
         })
