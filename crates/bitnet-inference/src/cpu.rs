@@ -947,7 +947,7 @@ mod tests {
                             .collect();
                         let mut tasks = vec![0f32; q.len()];
                         Attention { kernel, c: &c, rows: &rows, caches: &caches, q: &q }.tasks(&mut tasks, 2).unwrap();
-                        for threads in [2, 3, 5] {
+                        for threads in [2, 3, 5, 16] {
                             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                             let mut split = vec![f32::NAN; q.len()];
                             pool.install(|| {

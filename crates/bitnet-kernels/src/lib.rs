@@ -18,8 +18,9 @@
 //!   [`cpu::relu2_mul_f32`], [`cpu::rope_neox_f32`], [`cpu::quantize_act_i8`].
 //!
 //! This crate knows nothing of models or files: it sees slices and shapes.
-//! `unsafe` is confined to the per-ISA modules and [`cpu::team`] (one block:
-//! a call's borrowed closure handed to the pool's other threads), each block
+//! `unsafe` is confined to the per-ISA modules, [`cpu::team`] (one block:
+//! a call's borrowed closure handed to the pool's other threads) and
+//! `cpu::rows` (a decode product's claimed output rows made slices), each block
 //! with a `// SAFETY:` comment; the `#[target_feature]` functions are private
 //! and reached only through a token that proves the CPU was checked.
 //!

@@ -19,6 +19,11 @@ mod int8;
 mod kernel;
 mod ops;
 mod partition;
+// Decode products' rows claimed at run time by the pool's threads; `unsafe`
+// for one step, a claimed range of output rows made a slice (`SharedRows`,
+// its `// SAFETY:` invariants).
+#[allow(unsafe_code)]
+mod rows;
 mod stream;
 // A pool's threads held for a step's parallel calls; `unsafe` in one place,
 // handing a borrowed call to the other threads (its `// SAFETY:` invariant).

@@ -311,15 +311,15 @@ fn gemv_par<T: FloatWeight>(
         return Ok(());
     }
     let row_bytes = w.k * T::SIZE;
-    let threads = rayon::current_num_threads();
     if row_bytes == 0 {
         out.fill(0.0);
         return Ok(());
     }
-    // One contiguous share per pool thread, in blocks: one sequential
-    // stream each (the `stream` module).
-    let shares = super::stream::matrix_shares(w.bytes, row_bytes, out, threads);
-    super::stream::run_shares(shares, |(bytes, out)| gemv_rows::<T>(resolved, bytes, x, out));
+    // One contiguous share per pool thread: one sequential stream each (the
+    // `rows` module).
+    super::rows::run_rows(&[(w.rows, row_bytes)], &mut [out], 1, |_, rows, outs| {
+        gemv_rows::<T>(resolved, &w.bytes[rows.start * row_bytes..rows.end * row_bytes], x, &mut *outs[0])
+    });
     Ok(())
 }
 

@@ -88,8 +88,9 @@ pub fn gemv_i8_i8(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i3
 }
 
 /// [`gemv_i8_i8`] split over rows on the current rayon pool: one contiguous
-/// share per thread, in blocks of a multiple of 16 rows (whole cache lines of
-/// output) of about 1 MiB of weights (the `stream` module).
+/// share per thread, claimed in runs of a multiple of 16 rows (whole cache
+/// lines of output), threads that finish early taking small runs of the
+/// others' (the `rows` module).
 pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i32]) -> Result<(), KernelError> {
     let resolved = kernel.resolve()?;
     check_shapes(w, q, out)?;
@@ -100,10 +101,11 @@ pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut
         out.fill(0);
         return Ok(());
     }
-    // One contiguous share per pool thread, in blocks: one sequential
-    // stream each (the `stream` module).
-    let shares = super::stream::matrix_shares(w.values, w.k, out, rayon::current_num_threads());
-    super::stream::run_shares(shares, |(values, out)| gemv_rows(resolved, values, q, out));
+    // One contiguous share per pool thread: one sequential stream each (the
+    // `rows` module).
+    super::rows::run_rows(&[(w.rows, w.k)], &mut [out], 1, |_, rows, outs| {
+        gemv_rows(resolved, &w.values[rows.start * w.k..rows.end * w.k], q, &mut *outs[0])
+    });
     Ok(())
 }
 
