@@ -438,6 +438,8 @@ fn gemv_rows<T: FloatWeight>(resolved: Resolved, bytes: &[u8], x: &[f32], out: &
 /// streams; an odd last row alone (`one`). `bytes` holds `out.len()` rows of
 /// `row_bytes` bytes. Inlined into each ISA's `#[target_feature]` kernel.
 #[inline(always)]
+// Only the x86 kernels read two streams.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn two_streams(
     bytes: &[u8],
     row_bytes: usize,
