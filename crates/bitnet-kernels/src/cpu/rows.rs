@@ -48,17 +48,18 @@ unsafe impl<T: Send> Send for SharedRows<'_, T> {}
 unsafe impl<T: Send> Sync for SharedRows<'_, T> {}
 
 impl<'o, T> SharedRows<'o, T> {
-    /// `outs[j]` is job `j`'s output, `tokens * rows[j]` values.
+    /// `outs[j]` is job `j`'s output, `tokens * jobs[j].0` values (`jobs`
+    /// as [`run_rows`] takes them: `(rows, row_bytes)`).
     ///
     /// # Panics
     /// When the lengths disagree (a caller's bug: the public functions check
     /// their shapes before this).
-    pub(crate) fn new(outs: &'o mut [&mut [T]], rows: &[usize], tokens: usize) -> Self {
-        assert_eq!(outs.len(), rows.len(), "one output per job");
+    pub(crate) fn new(outs: &'o mut [&mut [T]], jobs: &[(usize, usize)], tokens: usize) -> Self {
+        assert_eq!(outs.len(), jobs.len(), "one output per job");
         let jobs = outs
             .iter_mut()
-            .zip(rows)
-            .map(|(out, &r)| {
+            .zip(jobs)
+            .map(|(out, &(r, _))| {
                 assert_eq!(Some(out.len()), r.checked_mul(tokens), "an output of tokens * rows values");
                 (out.as_mut_ptr(), r)
             })
@@ -194,8 +195,7 @@ pub(crate) fn run_rows<T: Send>(
     work: impl Fn(usize, Range<usize>, &mut [&mut [T]]) + Sync,
 ) {
     assert!(tokens <= MAX_TOKENS, "at most {MAX_TOKENS} tokens a call");
-    let rows: Vec<usize> = jobs.iter().map(|j| j.0).collect();
-    let out = SharedRows::new(outputs, &rows, tokens);
+    let out = SharedRows::new(outputs, jobs, tokens);
     let plan = row_plan(jobs, rayon::current_num_threads());
     let plan = &*plan;
     let total = plan.offsets.last().copied().unwrap_or(0);
@@ -291,7 +291,7 @@ mod tests {
         let mut b = vec![0i32; 2 * 5];
         {
             let mut outs: Vec<&mut [i32]> = vec![&mut a, &mut b];
-            let shared = SharedRows::new(&mut outs, &[3, 5], 2);
+            let shared = SharedRows::new(&mut outs, &[(3, 4), (5, 4)], 2);
             // SAFETY: each slice is dropped before the next is made.
             unsafe {
                 shared.rows(0, 1, 1..3).copy_from_slice(&[1, 2]);
@@ -308,7 +308,7 @@ mod tests {
     fn rows_past_a_job_panic() {
         let mut a = vec![0i32; 4];
         let mut outs: Vec<&mut [i32]> = vec![&mut a];
-        let shared = SharedRows::new(&mut outs, &[4], 1);
+        let shared = SharedRows::new(&mut outs, &[(4, 4)], 1);
         // SAFETY: the only slice.
         let _ = unsafe { shared.rows(0, 0, 2..5) };
     }

@@ -6,8 +6,8 @@
 //! cold) and costs a task. Here a call's rows are cut into exactly one
 //! contiguous share per pool thread ([`stream_parts`], by bytes, at multiples
 //! of 16 rows), which thread `i` reads front to back; `rows::run_rows` runs
-//! them, with threads that finish early taking small runs from the back of
-//! the shares with the most left.
+//! them, with threads that finish early claiming runs from the back of the
+//! shares with the most left.
 
 /// The most a thread claims of its own share at once (`rows::run_rows`).
 /// The decode kernels read a claim as two streams (its two halves), and each

@@ -193,7 +193,7 @@ pub fn gemm_i2s_i8_par(
 /// Up to four tokens (decode: every weight is read once per call), the
 /// group's rows, concatenated, are cut into one contiguous share per pool
 /// thread, each read as one sequential stream, threads that finish early
-/// taking small runs of the others' (the `rows` module; docs/perf/cpu.md,
+/// claiming runs of the others' (the `rows` module; docs/perf/cpu.md,
 /// "One share per thread"). Larger batches cut each
 /// matrix into chunks of a multiple of 16 rows (whole 64-byte cache lines of
 /// `i32` output per token, so threads never share a line), about eight per

@@ -89,7 +89,7 @@ pub fn gemv_i8_i8(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i3
 
 /// [`gemv_i8_i8`] split over rows on the current rayon pool: one contiguous
 /// share per thread, claimed in runs of a multiple of 16 rows (whole cache
-/// lines of output), threads that finish early taking small runs of the
+/// lines of output), threads that finish early claiming runs of the
 /// others' (the `rows` module).
 pub fn gemv_i8_i8_par(kernel: CpuKernel, w: I8MatrixRef<'_>, q: &[i8], out: &mut [i32]) -> Result<(), KernelError> {
     let resolved = kernel.resolve()?;
