@@ -756,7 +756,10 @@ impl Attention<'_> {
     /// first the scores, the (row, KV head, position) triples cut into equal
     /// runs, so each thread reads about the same bytes of keys as one or two
     /// long streams; then softmax and the weighted sums, the (row, KV head,
-    /// 16 output dimensions) triples cut the same way. Each score and each
+    /// 16 output dimensions) triples cut the same way, each thread copying
+    /// the scores of the (row, KV head)s it takes from the first pass's pieces
+    /// (until session 34 the caller copied all of them into one buffer between
+    /// the passes, a serial step: docs/perf/cpu.md). Each score and each
     /// output element goes through the same operations in the same order as in
     /// the per-head tasks of [`Attention::tasks`] (the kernels score each position
     /// alone and sum each element over the positions in order), so the two give
@@ -794,26 +797,25 @@ impl Attention<'_> {
             }
             Ok(parts)
         });
-        let mut scores = vec![0f32; offsets.last().copied().unwrap_or(0)];
-        for (unit, a, part) in parts.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().flatten() {
-            let n = (offsets[unit + 1] - offsets[unit]) / group;
-            let m = part.len() / group;
-            for (head, run) in part.chunks_exact(m).enumerate() {
-                let at = offsets[unit] + head * n + a;
-                scores[at..at + m].copy_from_slice(run);
-            }
+        let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // The pieces of each (row, KV head)'s scores: (first position, `group`
+        // runs of scores), in position order (threads in index order).
+        let mut pieces: Vec<Vec<(usize, &[f32])>> = vec![Vec::new(); rows.len() * kv_heads];
+        for (unit, a, part) in parts.iter().flatten() {
+            pieces[*unit].push((*a, part.as_slice()));
         }
         // Pass 2: thread t takes units [t * total / threads, ...) of the
         // (row, KV head, block of SPLIT_DIMS outputs) sequence; each (row, KV
-        // head) it touches gets its softmax (computed again by the other thread
-        // where a cut falls inside one).
+        // head) it touches gets its scores from the pieces and its softmax
+        // (computed again by the other thread where a cut falls inside one).
         let blocks = hd.div_ceil(SPLIT_DIMS);
         let total = rows.len() * kv_heads * blocks;
-        let scores = &scores;
+        let pieces = &pieces;
         let parts = team::broadcast(|t, n_threads| -> Result<Vec<(usize, usize, Vec<f32>)>, KernelError> {
             let (from, to) = (t * total / n_threads, (t + 1) * total / n_threads);
             let mut parts = Vec::new();
-            for unit in from / blocks..to.div_ceil(blocks) {
+            let first = from / blocks;
+            for (unit, unit_pieces) in pieces.iter().enumerate().take(to.div_ceil(blocks)).skip(first) {
                 let (b0, b1) = (from.max(unit * blocks) - unit * blocks, to.min((unit + 1) * blocks) - unit * blocks);
                 if b0 >= b1 {
                     continue;
@@ -821,7 +823,13 @@ impl Attention<'_> {
                 let (d0, d1) = (b0 * SPLIT_DIMS, (b1 * SPLIT_DIMS).min(hd));
                 let (row, g) = (unit / kv_heads, unit % kv_heads);
                 let n = rows[row].1 + 1;
-                let mut weights = scores[offsets[unit]..offsets[unit + 1]].to_vec();
+                let mut weights = vec![0f32; group * n];
+                for &(a, part) in unit_pieces {
+                    let m = part.len() / group;
+                    for (head, run) in part.chunks_exact(m).enumerate() {
+                        weights[head * n + a..head * n + a + m].copy_from_slice(run);
+                    }
+                }
                 for head_scores in weights.chunks_exact_mut(n) {
                     k::softmax_f32(kernel, head_scores)?;
                 }
