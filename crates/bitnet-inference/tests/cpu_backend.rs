@@ -3,6 +3,7 @@
 mod common;
 
 use common::pearson;
+use std::io::Write;
 use std::sync::Arc;
 
 use bitnet_inference::{
@@ -58,6 +59,52 @@ fn prefill_in_one_step_equals_decoding_token_by_token() {
     let prefill = b.step(&[StepInput { seq: 7, tokens: &tokens }]).unwrap();
     // Every row is computed independently of the others in the step: exact equality.
     assert_eq!(prefill[0], *step_by_step.last().unwrap());
+}
+
+/// The AMX kernel differs from the AVX-512 one only in how the integer
+/// products of passes of 16 or more tokens are summed (exactly, on tiles), so
+/// every logit of a prefill, a batch of prefills and the decode steps after
+/// them must be the same bits. `small` has widths 512 and 1536, which the
+/// tiles take.
+#[test]
+fn amx_prefill_gives_the_avx512_kernels_bits() {
+    if !CpuKernel::Amx.is_available() {
+        // Past the harness's capture, so the skip shows in every run.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: amx not available on this CPU (amx_prefill_gives_the_avx512_kernels_bits)"
+        );
+        return;
+    }
+    let model = Arc::new(synthetic::generate(Preset::Small, 23).unwrap());
+    let prompts: Vec<Vec<u32>> = [40usize, 24, 17]
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| (0..len as u32).map(|i| (i * 61 + 7 + s as u32 * 101) % 4096).collect())
+        .collect();
+    let run = |kernel: CpuKernel| {
+        let mut b = backend(&model, kernel);
+        let mut logits = Vec::new();
+        // One long prompt alone, then two together (41 rows in one pass), then decode steps.
+        b.add_sequence(0, 64).unwrap();
+        logits.extend(b.step(&[StepInput { seq: 0, tokens: &prompts[0] }]).unwrap());
+        b.add_sequence(1, 64).unwrap();
+        b.add_sequence(2, 64).unwrap();
+        let batch = [StepInput { seq: 1, tokens: &prompts[1] }, StepInput { seq: 2, tokens: &prompts[2] }];
+        logits.extend(b.step(&batch).unwrap());
+        for t in 0..4u32 {
+            let tokens = [[t + 1], [t + 2], [t + 3]];
+            let step: Vec<StepInput<'_>> =
+                tokens.iter().enumerate().map(|(s, tok)| StepInput { seq: s as u64, tokens: tok }).collect();
+            logits.extend(b.step(&step).unwrap());
+        }
+        logits
+    };
+    let (amx, avx512) = (run(CpuKernel::Amx), run(CpuKernel::Avx512Vnni));
+    assert_eq!(amx.len(), avx512.len());
+    for (i, (a, b)) in amx.iter().zip(&avx512).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "logits row {i} differ");
+    }
 }
 
 #[test]

@@ -92,6 +92,70 @@ fn matches_scalar_on_random_inputs(kernel: CpuKernel) {
 }
 test_each_kernel!(random_inputs_match_scalar, matches_scalar_on_random_inputs);
 
+/// Passes of 16 to 70 tokens (AMX's tiles: one token group, several, an odd
+/// count, a partial last one), 0..=80 rows (blocks of 32 and 16 rows and a
+/// remainder below 16) and 0..=5 blocks (even counts on the tiles, odd ones
+/// on the AVX-512 kernel), arbitrary code bytes: exactly the scalar kernel's
+/// result, in one call and split over a pool.
+fn many_token_passes_match_scalar(kernel: CpuKernel) {
+    let strategy = (0..=80usize, 0..=5usize, 16..=70usize).prop_flat_map(|(rows, blocks, n_tokens)| {
+        let k = blocks * 128;
+        (
+            Just((rows, k, n_tokens)),
+            prop::collection::vec(any::<u8>(), rows * k / 4),
+            prop::collection::vec(any::<i8>(), n_tokens * k),
+        )
+    });
+    runner(48)
+        .run(&strategy, |((rows, k, n_tokens), codes, q)| {
+            let expected = gemm(CpuKernel::Scalar, &codes, rows, k, &q, n_tokens);
+            prop_assert_eq!(&gemm(kernel, &codes, rows, k, &q, n_tokens), &expected);
+            let w = I2sMatrixRef::new(&codes, rows, k).unwrap();
+            let mut par = vec![i32::MIN; n_tokens * rows];
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            pool.install(|| cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par)).unwrap();
+            prop_assert_eq!(&par, &expected);
+            Ok(())
+        })
+        .unwrap();
+}
+test_each_kernel!(many_token_passes, many_token_passes_match_scalar);
+
+/// Prefill at the 2B-4T widths (k = 2560 and 6912: 10 and 27 block pairs),
+/// 200 rows (six blocks of 32 and 8 rows left over), 16, 37 and 128 tokens,
+/// ternary weights against the decode-then-dot reference, extreme
+/// activations included: one call and the parallel one on 1 and 4 threads.
+fn prefill_matches_reference_at_model_widths(kernel: CpuKernel) {
+    for k in [2560, 6912] {
+        let rows = 200;
+        let ternary: Vec<i8> = (0..rows * k).map(|i| ((i * 7 + i / 13) % 3) as i8 - 1).collect();
+        let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
+        for n_tokens in [16, 37, 128] {
+            let q: Vec<i8> = (0..n_tokens * k)
+                .map(|i| match i % 97 {
+                    0 => -128,
+                    1 => 127,
+                    _ => ((i * 31 + 7) % 256) as u8 as i8,
+                })
+                .collect();
+            let expected = naive_gemm(&ternary, rows, k, &q, n_tokens);
+            assert_eq!(
+                gemm(kernel, &codes[..rows * k / 4], rows, k, &q, n_tokens),
+                expected,
+                "k {k}, {n_tokens} tokens"
+            );
+            let w = I2sMatrixRef::new(&codes[..rows * k / 4], rows, k).unwrap();
+            for threads in [1, 4] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut par = vec![i32::MIN; n_tokens * rows];
+                pool.install(|| cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par)).unwrap();
+                assert_eq!(par, expected, "k {k}, {n_tokens} tokens, {threads} threads");
+            }
+        }
+    }
+}
+test_each_kernel!(prefill_at_model_widths, prefill_matches_reference_at_model_widths);
+
 /// The 2B-4T projection width (k = 2560, 20 blocks) with enough rows for
 /// several parallel chunks, ternary weights, and a prefill of 7 tokens.
 fn matches_reference_at_model_width(kernel: CpuKernel) {

@@ -9,7 +9,7 @@ use crate::KernelError;
 /// Environment variable that overrides [`select_kernel`]'s choice.
 pub const KERNEL_ENV_VAR: &str = "BITNET_CPU_KERNEL";
 
-const KERNEL_NAMES: &str = "scalar, portable, avx2, avxvnni, avx512, neon";
+const KERNEL_NAMES: &str = "scalar, portable, avx2, avxvnni, avx512, amx, neon";
 
 /// An implementation of every kernel in this crate for one instruction set.
 ///
@@ -29,6 +29,12 @@ pub enum CpuKernel {
     /// AVX-512 F/BW/VL/VNNI: 512-bit `vpdpbusd` for I2_S, 16-wide float GEMV;
     /// element-wise kernels as [`CpuKernel::Avx2`].
     Avx512Vnni,
+    /// [`CpuKernel::Avx512Vnni`] plus AMX-INT8 tiles (Intel Sapphire Rapids
+    /// and later, where the OS grants the tile state): I2_S products of
+    /// batches of [`crate::cpu::AMX_MIN_TOKENS`] tokens or more (prefill,
+    /// batched decode) on `tdpbusd`; decode and every other kernel as
+    /// [`CpuKernel::Avx512Vnni`], with the same results.
+    Amx,
     /// AArch64 Advanced SIMD: I2_S with `smull`/`sadalp`, 4-wide float GEMV;
     /// element-wise kernels as [`CpuKernel::Portable`] (which is NEON there).
     Neon,
@@ -46,13 +52,16 @@ pub(crate) enum Resolved {
     AvxVnni(token::AvxVnniToken),
     #[cfg(target_arch = "x86_64")]
     Avx512(token::Avx512Token),
+    #[cfg(target_arch = "x86_64")]
+    Amx(token::AmxToken),
     #[cfg(target_arch = "aarch64")]
     Neon(token::NeonToken),
 }
 
 impl CpuKernel {
     /// Every kernel, best first on its architecture.
-    pub const ALL: [CpuKernel; 6] = [
+    pub const ALL: [CpuKernel; 7] = [
+        CpuKernel::Amx,
         CpuKernel::Avx512Vnni,
         CpuKernel::AvxVnni,
         CpuKernel::Avx2,
@@ -69,6 +78,7 @@ impl CpuKernel {
             CpuKernel::Avx2 => "avx2",
             CpuKernel::AvxVnni => "avxvnni",
             CpuKernel::Avx512Vnni => "avx512",
+            CpuKernel::Amx => "amx",
             CpuKernel::Neon => "neon",
         }
     }
@@ -93,11 +103,13 @@ impl CpuKernel {
     /// reporting and tests; the kernels themselves never trust a `CpuInfo`.
     pub fn is_supported_by(self, info: &CpuInfo) -> bool {
         let avx2 = info.arch == "x86_64" && info.avx2 && info.fma && info.f16c;
+        let avx512 = avx2 && info.avx512f && info.avx512bw && info.avx512vl && info.avx512_vnni;
         match self {
             CpuKernel::Scalar | CpuKernel::Portable => true,
             CpuKernel::Avx2 => avx2,
             CpuKernel::AvxVnni => avx2 && info.avx_vnni,
-            CpuKernel::Avx512Vnni => avx2 && info.avx512f && info.avx512bw && info.avx512vl && info.avx512_vnni,
+            CpuKernel::Avx512Vnni => avx512,
+            CpuKernel::Amx => avx512 && info.amx_int8,
             CpuKernel::Neon => info.arch == "aarch64" && info.neon,
         }
     }
@@ -123,6 +135,8 @@ impl CpuKernel {
             CpuKernel::AvxVnni => token::AvxVnniToken::detect().map(Resolved::AvxVnni).ok_or(unavailable),
             #[cfg(target_arch = "x86_64")]
             CpuKernel::Avx512Vnni => token::Avx512Token::detect().map(Resolved::Avx512).ok_or(unavailable),
+            #[cfg(target_arch = "x86_64")]
+            CpuKernel::Amx => token::AmxToken::detect().map(Resolved::Amx).ok_or(unavailable),
             #[cfg(target_arch = "aarch64")]
             CpuKernel::Neon => token::NeonToken::detect().map(Resolved::Neon).ok_or(unavailable),
             #[allow(unreachable_patterns)]
@@ -138,7 +152,7 @@ impl std::fmt::Display for CpuKernel {
 }
 
 /// The best available kernel, or the one named by `BITNET_CPU_KERNEL`
-/// (`scalar|portable|avx2|avxvnni|avx512|neon`).
+/// (`scalar|portable|avx2|avxvnni|avx512|amx|neon`).
 ///
 /// An unknown name is [`KernelError::UnknownKernel`]; a known kernel this CPU
 /// lacks is [`KernelError::KernelUnavailable`]: an explicit request is never
@@ -212,15 +226,19 @@ mod tests {
         let mut info = CpuInfo::probe();
         info.arch = "x86_64";
         info.neon = false;
-        for (avx2, vnni, avx512, expected) in [
-            (false, false, false, CpuKernel::Portable),
-            (true, false, false, CpuKernel::Avx2),
-            (true, true, false, CpuKernel::AvxVnni),
-            (true, true, true, CpuKernel::Avx512Vnni),
-            (true, false, true, CpuKernel::Avx512Vnni),
+        for (avx2, vnni, avx512, amx, expected) in [
+            (false, false, false, false, CpuKernel::Portable),
+            (true, false, false, false, CpuKernel::Avx2),
+            (true, true, false, false, CpuKernel::AvxVnni),
+            (true, true, true, false, CpuKernel::Avx512Vnni),
+            (true, false, true, false, CpuKernel::Avx512Vnni),
+            (true, true, true, true, CpuKernel::Amx),
+            // AMX without AVX-512 (no such CPU) is not used.
+            (true, true, false, true, CpuKernel::AvxVnni),
         ] {
             (info.avx2, info.fma, info.f16c, info.avx_vnni) = (avx2, avx2, avx2, vnni);
             (info.avx512f, info.avx512bw, info.avx512vl, info.avx512_vnni) = (avx512, avx512, avx512, avx512);
+            info.amx_int8 = amx;
             assert_eq!(CpuKernel::best_for(&info), expected);
         }
         info.arch = "aarch64";

@@ -58,8 +58,8 @@ pub use float::{
     FloatDtype, FloatMatrixRef, FloatWeight,
 };
 pub use i2s::{
-    gemm_i2s_i8, gemm_i2s_i8_par, gemm_i2s_i8_par_group, gemv_i2s_i8, gemv_i2s_i8_par, I2sMatrixRef, I2S_BLOCK_BYTES,
-    I2S_BLOCK_ELEMS, I2S_MAX_K,
+    gemm_i2s_i8, gemm_i2s_i8_par, gemm_i2s_i8_par_group, gemv_i2s_i8, gemv_i2s_i8_par, I2sMatrixRef, AMX_MIN_TOKENS,
+    I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS, I2S_MAX_K,
 };
 pub use int8::{gemm_i8_i8_par, gemv_i8_i8, gemv_i8_i8_par, I8MatrixRef, I8_MAX_K};
 pub use kernel::{select_kernel, select_kernel_from, CpuKernel, KERNEL_ENV_VAR};

@@ -8,7 +8,7 @@
 //! and could be wrong).
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2Token, Avx512Token, AvxVnniToken};
+pub(crate) use x86::{AmxToken, Avx2Token, Avx512Token, AvxVnniToken};
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) use arm::NeonToken;
@@ -59,6 +59,25 @@ mod x86 {
         }
 
         pub(crate) fn avx2(self) -> Avx2Token {
+            self.0
+        }
+    }
+
+    /// AMX-TILE and AMX-INT8 with the OS's tile state granted to this
+    /// process, on top of [`Avx512Token`]. `std`'s AMX detection is not
+    /// stable, so this asks `bitnet_device::cpu::amx_int8_usable`, which
+    /// reads CPUID and XCR0 itself and requests the Linux permission
+    /// (never a caller-supplied `CpuInfo`).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct AmxToken(Avx512Token);
+
+    impl AmxToken {
+        pub(crate) fn detect() -> Option<Self> {
+            let avx512 = Avx512Token::detect()?;
+            bitnet_device::cpu::amx_int8_usable().then_some(Self(avx512))
+        }
+
+        pub(crate) fn avx512(self) -> Avx512Token {
             self.0
         }
     }

@@ -26,7 +26,7 @@ pub fn runner(cases: u32) -> TestRunner {
     TestRunner::new(Config { cases, failure_persistence: None, ..Config::default() })
 }
 
-/// Generates `mod $name { #[test] fn scalar() .. fn neon() }`: one test per
+/// Generates `mod $name { #[test] fn scalar() .. fn amx() .. fn neon() }`: one test per
 /// kernel, each running `$body(kernel)` or printing SKIPPED.
 macro_rules! test_each_kernel {
     ($name:ident, $body:ident) => {
@@ -60,6 +60,11 @@ macro_rules! test_each_kernel {
             #[test]
             fn avx512() {
                 run(CpuKernel::Avx512Vnni);
+            }
+
+            #[test]
+            fn amx() {
+                run(CpuKernel::Amx);
             }
 
             #[test]

@@ -407,6 +407,8 @@ fn convert<T: FloatWeight>(kernel: CpuKernel, src_le: &[u8], out: &mut [f32]) ->
         Resolved::AvxVnni(token) => avx2::convert::<T>(token.avx2(), src_le, out),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(token) => avx2::convert::<T>(token.avx2(), src_le, out),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => avx2::convert::<T>(token.avx512().avx2(), src_le, out),
         // `wide` is NEON on AArch64, so the NEON kernel's conversion is the portable one.
         _ => portable::convert::<T>(src_le, out),
     }
@@ -428,6 +430,8 @@ fn gemv_rows<T: FloatWeight>(resolved: Resolved, bytes: &[u8], x: &[f32], out: &
         Resolved::AvxVnni(token) => avx2::gemv_rows::<T>(token.avx2(), bytes, x, out),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(token) => avx512::gemv_rows::<T>(token, bytes, x, out),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => avx512::gemv_rows::<T>(token.avx512(), bytes, x, out),
         #[cfg(target_arch = "aarch64")]
         Resolved::Neon(token) => neon::gemv_rows::<T>(token, bytes, x, out),
     }

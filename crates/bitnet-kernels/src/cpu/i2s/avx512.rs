@@ -9,6 +9,8 @@
 
 use std::arch::x86_64::*;
 
+use rayon::prelude::*;
+
 use super::{token_tiles, Activations, I2S_BLOCK_BYTES, I2S_BLOCK_ELEMS};
 use crate::cpu::token::Avx512Token;
 use crate::cpu::I2S_PREFETCH_AHEAD;
@@ -20,12 +22,14 @@ const PAIR_ELEMS: usize = 2 * I2S_BLOCK_ELEMS;
 /// group `g` of the first block is followed by group `g` of the second:
 /// `[b0 g0, b1 g0, b0 g1, b1 g1, ...]`, 32 values each. An odd last block
 /// keeps its order.
-pub(super) fn interleave_activations(q: &[i8], k: usize) -> Vec<i8> {
+/// `parallel`: tokens split over the current pool (the caller marks the
+/// rayon work, see `team`).
+pub(super) fn interleave_activations(q: &[i8], k: usize, parallel: bool) -> Vec<i8> {
     let mut interleaved = vec![0i8; q.len()];
     if k == 0 {
         return interleaved;
     }
-    for (src_token, dst_token) in q.chunks_exact(k).zip(interleaved.chunks_exact_mut(k)) {
+    let one = |(src_token, dst_token): (&[i8], &mut [i8])| {
         let mut src_pairs = src_token.chunks_exact(PAIR_ELEMS);
         let mut dst_pairs = dst_token.chunks_exact_mut(PAIR_ELEMS);
         for (src, dst) in (&mut src_pairs).zip(&mut dst_pairs) {
@@ -35,6 +39,11 @@ pub(super) fn interleave_activations(q: &[i8], k: usize) -> Vec<i8> {
             }
         }
         dst_pairs.into_remainder().copy_from_slice(src_pairs.remainder());
+    };
+    if parallel {
+        q.par_chunks_exact(k).zip(interleaved.par_chunks_exact_mut(k)).for_each(one);
+    } else {
+        q.chunks_exact(k).zip(interleaved.chunks_exact_mut(k)).for_each(one);
     }
     interleaved
 }
@@ -329,7 +338,8 @@ mod tests {
         // Three blocks: the first two are interleaved, the third kept.
         let k = 3 * I2S_BLOCK_ELEMS;
         let q: Vec<i8> = (0..k).map(|i| (i % 251) as i8).collect();
-        let interleaved = interleave_activations(&q, k);
+        let interleaved = interleave_activations(&q, k, false);
+        assert_eq!(interleave_activations(&q, k, true), interleaved);
         for g in 0..4 {
             for j in 0..32 {
                 assert_eq!(interleaved[g * 64 + j], q[g * 32 + j]);

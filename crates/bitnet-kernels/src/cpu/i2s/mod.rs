@@ -16,6 +16,9 @@ mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
@@ -42,6 +45,11 @@ pub const I2S_BLOCK_BYTES: usize = 32;
 /// Largest supported `k`: `|sum(code * q)| <= 2 * 128 * k` must fit an `i32`
 /// with room to spare.
 pub const I2S_MAX_K: usize = 1 << 22;
+
+/// Fewest tokens a pass must have for [`CpuKernel::Amx`] to run it on AMX
+/// tiles (fewer take its AVX-512 kernel, whose 4-token tiles waste no
+/// arithmetic on padding; a tile holds 16 tokens).
+pub const AMX_MIN_TOKENS: usize = 16;
 
 /// Token tile of the GEMM kernels: each unpacked weight block is used for
 /// this many tokens before moving on.
@@ -129,6 +137,10 @@ pub(super) struct Activations<'a> {
     pub(super) q: Cow<'a, [i8]>,
     pub(super) sums: Vec<i32>,
     pub(super) k: usize,
+    /// The AMX kernel's `B` tiles of `q` (`amx::tile_activations`), when
+    /// this pass runs on the tiles.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) tiles: Option<Vec<i8>>,
 }
 
 impl Activations<'_> {
@@ -164,7 +176,7 @@ pub fn gemm_i2s_i8(
     if w.rows == 0 || n_tokens == 0 {
         return Ok(());
     }
-    let acts = prepare(resolved, q, n_tokens, w.k);
+    let acts = prepare(resolved, q, n_tokens, w.k, false);
     let mut outs: Vec<&mut [i32]> = out.chunks_mut(w.rows).collect();
     gemm_rows(resolved, w.codes, &acts, &mut outs);
     Ok(())
@@ -224,9 +236,9 @@ pub fn gemm_i2s_i8_par_group(
         jobs.iter_mut().for_each(|(_, out)| out.fill(0));
         return Ok(());
     }
-    let acts = prepare(resolved, q, n_tokens, k);
     let threads = rayon::current_num_threads();
     if n_tokens <= TOKEN_TILE {
+        let acts = prepare(resolved, q, n_tokens, k, false);
         let row_bytes = k / 4;
         let sizes: Vec<(usize, usize)> = jobs.iter().map(|(w, _)| (w.rows, row_bytes)).collect();
         let codes: Vec<&[u8]> = jobs.iter().map(|(w, _)| w.codes).collect();
@@ -245,7 +257,10 @@ pub fn gemm_i2s_i8_par_group(
         let outs = chunk_outputs(out, w.rows, chunk_rows);
         tasks.extend(w.codes.chunks(chunk_rows * (k / 4)).zip(outs));
     }
+    // The activations are prepared inside the section too: the AMX kernel's
+    // tile layout is built in parallel.
     super::team::rayon_section(|| {
+        let acts = prepare(resolved, q, n_tokens, k, true);
         tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
     });
     Ok(())
@@ -279,26 +294,38 @@ fn check_shapes(w: I2sMatrixRef<'_>, q: &[i8], n_tokens: usize, out: &mut [i32])
     Ok(())
 }
 
-fn prepare(resolved: Resolved, q: &[i8], n_tokens: usize, k: usize) -> Activations<'_> {
+/// The activations as the kernel wants them; `parallel`: on the current
+/// pool (inside a `team::rayon_section`), for passes of many tokens.
+fn prepare(resolved: Resolved, q: &[i8], n_tokens: usize, k: usize, parallel: bool) -> Activations<'_> {
+    // Sums of 256 values fit an `i16` (256 * -128 = i16::MIN), which the
+    // compiler vectorises twice as wide as an `i32` sum: 0.2 instead of 0.3
+    // us for 2560 values on the dev box, on the calling thread of every
+    // decode product.
+    let token_sum = |token: &[i8]| {
+        token.chunks(256).map(|c| i32::from(c.iter().fold(0i16, |a, &v| a.wrapping_add(i16::from(v))))).sum()
+    };
     let sums = if k == 0 {
         vec![0; n_tokens]
+    } else if parallel {
+        q.par_chunks_exact(k).map(token_sum).collect()
     } else {
-        // Sums of 256 values fit an `i16` (256 * -128 = i16::MIN), which the
-        // compiler vectorises twice as wide as an `i32` sum: 0.2 instead of
-        // 0.3 us for 2560 values on the dev box, on the calling thread of
-        // every decode product.
-        q.chunks_exact(k)
-            .map(|token| {
-                token.chunks(256).map(|c| i32::from(c.iter().fold(0i16, |a, &v| a.wrapping_add(i16::from(v))))).sum()
-            })
-            .collect()
+        q.chunks_exact(k).map(token_sum).collect()
     };
+    let mut tiles = None;
     let q = match resolved {
         #[cfg(target_arch = "x86_64")]
-        Resolved::Avx512(_) => Cow::Owned(avx512::interleave_activations(q, k)),
+        Resolved::Avx512(_) => Cow::Owned(avx512::interleave_activations(q, k, parallel)),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(_) => {
+            let interleaved = avx512::interleave_activations(q, k, parallel);
+            if n_tokens >= AMX_MIN_TOKENS && amx::takes_width(k) {
+                tiles = Some(amx::tile_activations(&interleaved, n_tokens, k));
+            }
+            Cow::Owned(interleaved)
+        }
         _ => Cow::Borrowed(q),
     };
-    Activations { q, sums, k }
+    Activations { q, sums, k, tiles }
 }
 
 /// Runs one chunk of rows: `codes` holds `out[t].len()` rows, `out[t]` is
@@ -313,6 +340,8 @@ fn gemm_rows(resolved: Resolved, codes: &[u8], acts: &Activations<'_>, out: &mut
         Resolved::AvxVnni(token) => avx2::gemm_rows_avxvnni(token, codes, acts, out),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(token) => avx512::gemm_rows(token, codes, acts, out),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => amx::gemm_rows(token, codes, acts, out),
         #[cfg(target_arch = "aarch64")]
         Resolved::Neon(token) => neon::gemm_rows(token, codes, acts, out),
     }

@@ -192,6 +192,8 @@ fn gemv_rows(resolved: Resolved, values: &[i8], q: &[i8], out: &mut [i32]) {
         Resolved::AvxVnni(token) => avx2::gemv_rows(token.avx2(), values, q, out),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(token) => avx512::gemv_rows(token, values, q, out),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => avx512::gemv_rows(token.avx512(), values, q, out),
         // NEON runs the scalar loop, which the compiler vectorizes for it.
         #[cfg(target_arch = "aarch64")]
         Resolved::Neon(_) => scalar::gemv_rows(values, q, out),

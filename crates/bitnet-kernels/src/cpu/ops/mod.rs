@@ -113,6 +113,8 @@ fn isa(kernel: CpuKernel) -> Result<Isa, KernelError> {
         Resolved::AvxVnni(token) => Isa::Avx2(token.avx2()),
         #[cfg(target_arch = "x86_64")]
         Resolved::Avx512(token) => Isa::Avx2(token.avx2()),
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => Isa::Avx2(token.avx512().avx2()),
         #[cfg(target_arch = "aarch64")]
         Resolved::Neon(_) => Isa::Portable,
     })
