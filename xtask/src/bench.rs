@@ -46,7 +46,7 @@ pub struct BenchArgs {
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Time the phases of the decode steps (norms and other serial work,
+    /// Time the phases of the prefill step and of the decode steps (norms and other serial work,
     /// each product, attention, head) and print ms per token for each.
     #[arg(long)]
     phases: bool,
@@ -244,9 +244,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let positions = args.prompt_tokens + args.gen_tokens;
     anyhow::ensure!(positions <= c.max_position_embeddings, "prompt + generation exceed the context");
     backend.add_sequence(0, positions)?;
+    if args.phases {
+        backend.time_phases();
+    }
     let start = Instant::now();
     let logits = backend.step(&[StepInput { seq: 0, tokens: &prompt }])?.remove(0);
     let prefill_s = start.elapsed().as_secs_f64();
+    let prefill_phases = backend.take_phase_times();
     let mut token = argmax(&logits);
     if args.phases {
         backend.time_phases();
@@ -330,6 +334,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "pair_steps": args.pair_steps,
         "paired_fraction_of_floor_median": paired_fraction,
+        "prefill_phases_ms": prefill_phases.as_ref().map(|p| {
+            p.phases().iter().map(|(name, d)| (name.to_string(), json!(d.as_secs_f64() * 1e3)))
+                .collect::<serde_json::Map<_, _>>()
+        }),
         "decode_phases_ms_per_token": phases.as_ref().map(|p| {
             p.phases().iter().map(|(name, d)| (name.to_string(), json!(d.as_secs_f64() * 1e3 / p.steps.max(1) as f64)))
                 .collect::<serde_json::Map<_, _>>()
@@ -381,6 +389,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("| peak RSS | {:.2} GB ({:.2}x file + KV cache) |", gb(r), r as f64 / (file_size + kv_bytes) as f64);
     }
     println!("| model file / KV cache | {:.2} GB / {:.3} GB |", gb(file_size), gb(kv_bytes));
+    if let Some(p) = &prefill_phases {
+        println!(
+            "\n| prefill phase ({} tokens, one step) | ms | share of the phases |\n|---|---:|---:|",
+            args.prompt_tokens
+        );
+        for (name, d) in p.phases() {
+            let share = d.as_secs_f64() / p.total().as_secs_f64().max(f64::MIN_POSITIVE);
+            println!("| {name} | {:.1} | {:.1}% |", d.as_secs_f64() * 1e3, 100.0 * share);
+        }
+        println!("| all phases | {:.1} | of {:.1} ms measured |", p.total().as_secs_f64() * 1e3, prefill_s * 1e3);
+    }
     if let Some(p) = &phases {
         let steps = p.steps.max(1) as f64;
         println!("\n| decode phase ({} steps) | ms/token | share of the phases |\n|---|---:|---:|", p.steps);

@@ -449,17 +449,26 @@ impl CpuBackend {
             let team = Team::start();
             for (layer_idx, layer) in model.layers.iter().enumerate() {
                 // Attention block.
-                rms_norm_rows(kernel, &x, &layer.attn_norm, c.rms_norm_eps, &mut normed, h)?;
-                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                norm_quant_rows(
+                    kernel,
+                    &x,
+                    &layer.attn_norm,
+                    c.rms_norm_eps,
+                    &mut normed,
+                    &mut q8[..n * h],
+                    &mut scales,
+                )?;
                 laps.lap(&mut t.elementwise);
                 let mut qkv = [(&layer.attn_q, &mut q[..]), (&layer.attn_k, &mut kk[..]), (&layer.attn_v, &mut vv[..])];
                 bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut qkv)?;
                 laps.lap(&mut t.qkv);
-                for (r, &(_, pos)) in rows.iter().enumerate() {
+                let rope = |r: usize, q_row: &mut [f32], k_row: &mut [f32]| {
+                    let pos = rows[r].1;
                     let (cos, sin) = (&rope_cos[pos * half..(pos + 1) * half], &rope_sin[pos * half..(pos + 1) * half]);
-                    k::rope_neox_f32(kernel, &mut q[r * h..(r + 1) * h], hd, cos, sin)?;
-                    k::rope_neox_f32(kernel, &mut kk[r * kv_dim..(r + 1) * kv_dim], hd, cos, sin)?;
-                }
+                    k::rope_neox_f32(kernel, q_row, hd, cos, sin)?;
+                    k::rope_neox_f32(kernel, k_row, hd, cos, sin)
+                };
+                for_rows2(&mut q, h, &mut kk, kv_dim, rope)?;
                 for (r, &(e, pos)) in rows.iter().enumerate() {
                     let seq = sequences.get_mut(&batch[e].seq).expect("validated sequence");
                     let span = r * kv_dim..(r + 1) * kv_dim;
@@ -475,27 +484,48 @@ impl CpuBackend {
                 laps.lap(&mut t.rope_kv);
                 attention(kernel, c, &rows, &caches, &q, &mut attn)?;
                 laps.lap(&mut t.attention);
-                rms_norm_rows(kernel, &attn, &layer.attn_sub_norm, c.rms_norm_eps, &mut normed, h)?;
-                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                norm_quant_rows(
+                    kernel,
+                    &attn,
+                    &layer.attn_sub_norm,
+                    c.rms_norm_eps,
+                    &mut normed,
+                    &mut q8[..n * h],
+                    &mut scales,
+                )?;
                 laps.lap(&mut t.elementwise);
                 bitlinear(kernel, &q8[..n * h], &scales, n, &layer.attn_output, &mut acc, &mut proj)?;
                 laps.lap(&mut t.o_proj);
-                add_in_place(&mut x, &proj);
+                add_rows(&mut x, &proj, h);
 
                 // Feed-forward block. relu^2 and its sub-norm stay in f32.
-                rms_norm_rows(kernel, &x, &layer.ffn_norm, c.rms_norm_eps, &mut normed, h)?;
-                k::quantize_act_i8_rows(kernel, &normed, h, &mut q8[..n * h], &mut scales)?;
+                norm_quant_rows(
+                    kernel,
+                    &x,
+                    &layer.ffn_norm,
+                    c.rms_norm_eps,
+                    &mut normed,
+                    &mut q8[..n * h],
+                    &mut scales,
+                )?;
                 let mut gate_up = [(&layer.ffn_gate, &mut gate[..]), (&layer.ffn_up, &mut up[..])];
                 laps.lap(&mut t.elementwise);
                 bitlinear_group(kernel, &q8[..n * h], &scales, n, &mut acc, &mut gate_up)?;
                 laps.lap(&mut t.gate_up);
-                k::relu2_mul_f32(kernel, &mut gate, &up)?;
-                rms_norm_rows(kernel, &gate, &layer.ffn_sub_norm, c.rms_norm_eps, &mut act_normed, inter)?;
-                k::quantize_act_i8_rows(kernel, &act_normed, inter, &mut q8[..n * inter], &mut scales)?;
+                relu2_mul_rows(kernel, &mut gate, &up, inter)?;
+                norm_quant_rows(
+                    kernel,
+                    &gate,
+                    &layer.ffn_sub_norm,
+                    c.rms_norm_eps,
+                    &mut act_normed,
+                    &mut q8[..n * inter],
+                    &mut scales,
+                )?;
                 laps.lap(&mut t.elementwise);
                 bitlinear(kernel, &q8[..n * inter], &scales, n, &layer.ffn_down, &mut acc, &mut proj)?;
                 laps.lap(&mut t.down);
-                add_in_place(&mut x, &proj);
+                add_rows(&mut x, &proj, h);
                 if let Some(trace) = trace.as_mut() {
                     trace(layer_idx, &x);
                 }
@@ -558,6 +588,132 @@ fn head_gemm(kernel: CpuKernel, head: &FloatTensor, x: &[f32], n: usize, out: &m
     }
 }
 
+/// Steps of at least this many rows (prefill, batched decode) run their
+/// per-row work (norms, quantisation, the products' rescaling, relu^2, RoPE,
+/// residual adds) split over the pool's threads, in contiguous runs of rows;
+/// fewer rows (decode) stay on the calling thread, where a parallel call
+/// costs more than the work. Rows are independent, so the bits are the same
+/// either way. On the H200 host (session 35, 16 threads) this work took
+/// about 0.4 s of a 512-token prefill's 1.3 s on the calling thread alone.
+const PAR_ROWS_MIN: usize = 8;
+
+/// Rows per parallel run: one run per pool thread.
+fn rows_per_run(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// `f(first_row, a_rows, b_rows)` over matching runs of rows of `a` (rows of
+/// `wa`) and `b` (rows of `wb`): in parallel from [`PAR_ROWS_MIN`] rows on.
+fn for_rows2<A: Send, B: Send>(
+    a: &mut [A],
+    wa: usize,
+    b: &mut [B],
+    wb: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) -> Result<(), KernelError> + Sync,
+) -> Result<(), KernelError> {
+    let n = a.len() / wa.max(1);
+    let each = |first: usize, a: &mut [A], b: &mut [B]| -> Result<(), KernelError> {
+        for (i, (ar, br)) in a.chunks_exact_mut(wa).zip(b.chunks_exact_mut(wb)).enumerate() {
+            f(first + i, ar, br)?;
+        }
+        Ok(())
+    };
+    if n < PAR_ROWS_MIN || wa == 0 || wb == 0 {
+        return each(0, a, b);
+    }
+    let per = rows_per_run(n);
+    team::rayon_section(|| {
+        a.par_chunks_mut(per * wa)
+            .zip(b.par_chunks_mut(per * wb))
+            .enumerate()
+            .try_for_each(|(i, (a, b))| each(i * per, a, b))
+    })
+}
+
+/// RMSNorm then int8 quantisation of every row of `x` (`width` wide):
+/// `normed` and `q8` rows, one scale per row.
+fn norm_quant_rows(
+    kernel: CpuKernel,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    normed: &mut [f32],
+    q8: &mut [i8],
+    scales: &mut [f32],
+) -> Result<(), KernelError> {
+    let width = weight.len();
+    let run = |first: usize, x: &[f32], normed: &mut [f32], q8: &mut [i8], scales: &mut [f32]| {
+        rms_norm_rows(kernel, x, weight, eps, normed, width)?;
+        k::quantize_act_i8_rows(kernel, normed, width, q8, scales).map_err(|e| match e {
+            // The index within the step, not within this run.
+            KernelError::NonFiniteValue { what, index, value } => {
+                KernelError::NonFiniteValue { what, index: index + first * width, value }
+            }
+            e => e,
+        })
+    };
+    let n = scales.len();
+    if n < PAR_ROWS_MIN || width == 0 {
+        return run(0, x, normed, q8, scales);
+    }
+    let per = rows_per_run(n);
+    team::rayon_section(|| {
+        x.par_chunks(per * width)
+            .zip(normed.par_chunks_mut(per * width))
+            .zip(q8.par_chunks_mut(per * width))
+            .zip(scales.par_chunks_mut(per))
+            .enumerate()
+            .try_for_each(|(i, (((x, normed), q8), scales))| run(i * per, x, normed, q8, scales))
+    })
+}
+
+/// `gate = relu(gate)^2 * up`, rows of `width`.
+fn relu2_mul_rows(kernel: CpuKernel, gate: &mut [f32], up: &[f32], width: usize) -> Result<(), KernelError> {
+    let n = gate.len() / width.max(1);
+    if n < PAR_ROWS_MIN {
+        return k::relu2_mul_f32(kernel, gate, up);
+    }
+    let per = rows_per_run(n) * width;
+    team::rayon_section(|| {
+        gate.par_chunks_mut(per).zip(up.par_chunks(per)).try_for_each(|(g, u)| k::relu2_mul_f32(kernel, g, u))
+    })
+}
+
+/// `x += y`, rows of `width`.
+fn add_rows(x: &mut [f32], y: &[f32], width: usize) {
+    let n = x.len() / width.max(1);
+    if n < PAR_ROWS_MIN {
+        add_in_place(x, y);
+        return;
+    }
+    let per = rows_per_run(n) * width;
+    team::rayon_section(|| x.par_chunks_mut(per).zip(y.par_chunks(per)).for_each(|(x, y)| add_in_place(x, y)));
+}
+
+/// `out[t, j] = acc[t, j] * (w_scale / s[t])` for rows of `rows` outputs.
+fn rescale_rows(out: &mut [f32], acc: &[i32], scales: &[f32], rows: usize, w_scale: f32) {
+    let run = |out: &mut [f32], acc: &[i32], scales: &[f32]| {
+        for ((out_row, acc_row), s) in out.chunks_exact_mut(rows).zip(acc.chunks_exact(rows)).zip(scales) {
+            let factor = w_scale / s;
+            for (o, a) in out_row.iter_mut().zip(acc_row) {
+                *o = *a as f32 * factor;
+            }
+        }
+    };
+    let n = scales.len();
+    if n < PAR_ROWS_MIN || rows == 0 {
+        run(out, acc, scales);
+        return;
+    }
+    let per = rows_per_run(n);
+    team::rayon_section(|| {
+        out.par_chunks_mut(per * rows)
+            .zip(acc.par_chunks(per * rows))
+            .zip(scales.par_chunks(per))
+            .for_each(|((out, acc), scales)| run(out, acc, scales))
+    });
+}
+
 fn rms_norm_rows(
     kernel: CpuKernel,
     x: &[f32],
@@ -586,12 +742,7 @@ fn bitlinear(
     let matrix = I2sMatrixRef::new(w.codes(), rows, w.in_features())?;
     let acc = &mut acc[..n * rows];
     k::gemm_i2s_i8_par(kernel, matrix, q8, n, acc)?;
-    for ((out_row, acc_row), s) in out[..n * rows].chunks_exact_mut(rows).zip(acc.chunks_exact(rows)).zip(scales) {
-        let factor = w.scale() / s;
-        for (o, a) in out_row.iter_mut().zip(acc_row) {
-            *o = *a as f32 * factor;
-        }
-    }
+    rescale_rows(&mut out[..n * rows], acc, &scales[..n], rows, w.scale());
     Ok(())
 }
 
@@ -617,12 +768,7 @@ fn bitlinear_group(
     k::gemm_i2s_i8_par_group(kernel, &mut jobs, q8, n)?;
     for ((w, out), (_, acc)) in mats.iter_mut().zip(&jobs) {
         let rows = w.out_features();
-        for ((out_row, acc_row), s) in out[..n * rows].chunks_exact_mut(rows).zip(acc.chunks_exact(rows)).zip(scales) {
-            let factor = w.scale() / s;
-            for (o, a) in out_row.iter_mut().zip(acc_row.iter()) {
-                *o = *a as f32 * factor;
-            }
-        }
+        rescale_rows(&mut out[..n * rows], acc, &scales[..n], rows, w.scale());
     }
     Ok(())
 }

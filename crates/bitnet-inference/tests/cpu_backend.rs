@@ -150,8 +150,17 @@ fn batch_composition_does_not_change_results() {
 #[test]
 fn logits_do_not_depend_on_the_thread_count() {
     let model = Arc::new(synthetic::generate(Preset::Tiny, 26).unwrap());
-    let kernel = CpuKernel::all_available().into_iter().last().unwrap();
-    let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[40, 41], &[300, 1, 2]];
+    // A long prompt too: steps of many rows split their per-row work (norms,
+    // rescaling, RoPE, residual adds) over the threads.
+    let long: Vec<u32> = (0..40).map(|i| (i * 13 + 2) % 500).collect();
+    let prompts: [&[u32]; 3] = [&[5, 6, 7, 8, 9], &[40, 41], &long];
+    // The scalar kernel and the best one.
+    for kernel in [CpuKernel::Scalar, CpuKernel::all_available()[0]] {
+        same_logits_on_any_thread_count(&model, kernel, &prompts);
+    }
+}
+
+fn same_logits_on_any_thread_count(model: &Arc<bitnet_models::BitNetModel>, kernel: CpuKernel, prompts: &[&[u32]; 3]) {
     let run = |threads: usize| -> Vec<Vec<f32>> {
         let config = CpuBackendConfig { threads, kernel: Some(kernel), ..Default::default() };
         let mut b = CpuBackend::new(model.clone(), &config).unwrap();
@@ -183,7 +192,7 @@ fn logits_do_not_depend_on_the_thread_count() {
         for (step, (a, b)) in one.iter().zip(&many).enumerate() {
             assert!(
                 a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{threads} threads: logits {step} differ from one thread's"
+                "{kernel}, {threads} threads: logits {step} differ from one thread's"
             );
         }
     }
