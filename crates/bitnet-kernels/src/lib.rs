@@ -2,7 +2,7 @@
 //! with a scalar reference and SIMD versions chosen at run time.
 //!
 //! Everything lives in [`cpu`]. A [`cpu::CpuKernel`] names an instruction set
-//! (scalar, portable `wide` SIMD, AVX2, AVX-VNNI, AVX-512 VNNI, NEON); every
+//! (scalar, portable `wide` SIMD, AVX2, AVX-VNNI, AVX-512 VNNI, AMX-INT8, NEON); every
 //! operation takes one and refuses with [`KernelError::KernelUnavailable`]
 //! when the CPU lacks it, so a wrong choice is an error, never an illegal
 //! instruction. [`cpu::select_kernel`] picks the best one (or the one named in
