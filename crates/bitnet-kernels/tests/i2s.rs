@@ -57,28 +57,57 @@ fn scalar_matches_decode_then_dot() {
         .unwrap();
 }
 
-/// Arbitrary code bytes, including the unused code 3: every kernel computes
-/// `sum(code * q) - sum(q)`, so even those must agree exactly.
-fn matches_scalar_on_random_inputs(kernel: CpuKernel) {
-    let strategy = shape().prop_flat_map(|(rows, k, n_tokens)| {
+/// Shapes `(rows, k, n_tokens)` from `shapes` with arbitrary code bytes and activations.
+fn random_inputs(
+    shapes: impl Strategy<Value = (usize, usize, usize)>,
+) -> impl Strategy<Value = ((usize, usize, usize), Vec<u8>, Vec<i8>)> {
+    shapes.prop_flat_map(|(rows, k, n_tokens)| {
         (
             Just((rows, k, n_tokens)),
             prop::collection::vec(any::<u8>(), rows * k / 4),
             prop::collection::vec(any::<i8>(), n_tokens * k),
         )
-    });
-    runner(96)
-        .run(&strategy, |((rows, k, n_tokens), codes, q)| {
+    })
+}
+
+/// Arbitrary code bytes, including the unused code 3: every kernel computes
+/// `sum(code * q) - sum(q)`, so even those must agree exactly.
+fn matches_scalar_on_random_inputs(kernel: CpuKernel) {
+    matches_scalar_on(kernel, shape(), 96, true);
+}
+test_each_kernel!(random_inputs_match_scalar, matches_scalar_on_random_inputs);
+
+/// Passes of 16 to 70 tokens (AMX's tiles: one token group, several, an odd
+/// count, a partial last one), 0..=80 rows (blocks of 32 and 16 rows and a
+/// remainder below 16) and 0..=5 blocks (even counts on the tiles, odd ones
+/// on the AVX-512 kernel).
+fn many_token_passes_match_scalar(kernel: CpuKernel) {
+    let shapes =
+        (0..=80usize, 0..=5usize, 16..=70usize).prop_map(|(rows, blocks, n_tokens)| (rows, blocks * 128, n_tokens));
+    matches_scalar_on(kernel, shapes, 48, false);
+}
+
+/// `cases` random inputs of `shapes`: exactly the scalar kernel's result in
+/// one call and split over a pool of 3 threads, and (`per_token`) token by
+/// token through the GEMV entry points.
+fn matches_scalar_on(
+    kernel: CpuKernel,
+    shapes: impl Strategy<Value = (usize, usize, usize)>,
+    cases: u32,
+    per_token: bool,
+) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    runner(cases)
+        .run(&random_inputs(shapes), |((rows, k, n_tokens), codes, q)| {
             let expected = gemm(CpuKernel::Scalar, &codes, rows, k, &q, n_tokens);
             prop_assert_eq!(&gemm(kernel, &codes, rows, k, &q, n_tokens), &expected);
 
             let w = I2sMatrixRef::new(&codes, rows, k).unwrap();
             let mut par = vec![i32::MIN; n_tokens * rows];
-            cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par).unwrap();
+            pool.install(|| cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par)).unwrap();
             prop_assert_eq!(&par, &expected);
 
-            // Token by token through the GEMV entry points.
-            for t in 0..n_tokens {
+            for t in (0..n_tokens).filter(|_| per_token) {
                 let token_q = &q[t * k..(t + 1) * k];
                 let mut single = vec![i32::MIN; rows];
                 cpu::gemv_i2s_i8(kernel, w, token_q, &mut single).unwrap();
@@ -90,39 +119,11 @@ fn matches_scalar_on_random_inputs(kernel: CpuKernel) {
         })
         .unwrap();
 }
-test_each_kernel!(random_inputs_match_scalar, matches_scalar_on_random_inputs);
-
-/// Passes of 16 to 70 tokens (AMX's tiles: one token group, several, an odd
-/// count, a partial last one), 0..=80 rows (blocks of 32 and 16 rows and a
-/// remainder below 16) and 0..=5 blocks (even counts on the tiles, odd ones
-/// on the AVX-512 kernel), arbitrary code bytes: exactly the scalar kernel's
-/// result, in one call and split over a pool.
-fn many_token_passes_match_scalar(kernel: CpuKernel) {
-    let strategy = (0..=80usize, 0..=5usize, 16..=70usize).prop_flat_map(|(rows, blocks, n_tokens)| {
-        let k = blocks * 128;
-        (
-            Just((rows, k, n_tokens)),
-            prop::collection::vec(any::<u8>(), rows * k / 4),
-            prop::collection::vec(any::<i8>(), n_tokens * k),
-        )
-    });
-    runner(48)
-        .run(&strategy, |((rows, k, n_tokens), codes, q)| {
-            let expected = gemm(CpuKernel::Scalar, &codes, rows, k, &q, n_tokens);
-            prop_assert_eq!(&gemm(kernel, &codes, rows, k, &q, n_tokens), &expected);
-            let w = I2sMatrixRef::new(&codes, rows, k).unwrap();
-            let mut par = vec![i32::MIN; n_tokens * rows];
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-            pool.install(|| cpu::gemm_i2s_i8_par(kernel, w, &q, n_tokens, &mut par)).unwrap();
-            prop_assert_eq!(&par, &expected);
-            Ok(())
-        })
-        .unwrap();
-}
 test_each_kernel!(many_token_passes, many_token_passes_match_scalar);
 
 /// Prefill at the 2B-4T widths (k = 2560 and 6912: 10 and 27 block pairs),
-/// 200 rows (six blocks of 32 and 8 rows left over), 16, 37 and 128 tokens,
+/// 200 rows (six blocks of 32 and 8 rows left over), 16, 37, 128 and 200
+/// tokens (AMX tasks take blocks of 128 tokens),
 /// ternary weights against the decode-then-dot reference, extreme
 /// activations included: one call and the parallel one on 1 and 4 threads.
 fn prefill_matches_reference_at_model_widths(kernel: CpuKernel) {
@@ -130,7 +131,7 @@ fn prefill_matches_reference_at_model_widths(kernel: CpuKernel) {
         let rows = 200;
         let ternary: Vec<i8> = (0..rows * k).map(|i| ((i * 7 + i / 13) % 3) as i8 - 1).collect();
         let codes = i2s::encode_i2s(&ternary, 1.0).unwrap();
-        for n_tokens in [16, 37, 128] {
+        for n_tokens in [16, 37, 128, 200] {
             let q: Vec<i8> = (0..n_tokens * k)
                 .map(|i| match i % 97 {
                     0 => -128,

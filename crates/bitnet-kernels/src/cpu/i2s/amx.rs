@@ -23,7 +23,10 @@
 //! ([`tile_activations`]: for each group of 16 tokens and each chunk, 1 KiB,
 //! the tokens past the end zero). Per block of 32 rows the codes are
 //! unpacked once into a per-thread buffer (`[chunk][row][64]`, so each `A`
-//! tile is 1 KiB contiguous) and reused for every token group.
+//! tile is 1 KiB contiguous) and reused for every token group of the task.
+//! A parallel pass is cut into tasks of 64 rows x 128 tokens
+//! ([`gemm_tiled_tokens`]), so that a task's unpacked codes and activation
+//! tiles stay in its core's L2.
 //!
 //! Safety. Tile instructions fault unless this thread loaded a tile
 //! configuration, and kill the process unless Linux granted it the tile
@@ -106,23 +109,16 @@ impl TileConfig {
 /// `acts.tiles`), the rest on the AVX-512 kernel; `out[t]` is token `t`'s
 /// output for these rows.
 pub(super) fn gemm_rows(token: AmxToken, codes: &[u8], acts: &Activations<'_>, out: &mut [&mut [i32]]) {
-    let Some(tiles) = acts.tiles.as_deref() else {
+    if acts.tiles.is_none() {
         super::avx512::gemm_rows(token.avx512(), codes, acts, out);
         return;
-    };
+    }
     let row_bytes = acts.k / 4;
     let n_rows = codes.len() / row_bytes;
     let tiled = n_rows / TILE_ROWS * TILE_ROWS;
     if tiled > 0 {
-        UNPACKED.with(|unpacked| {
-            let mut unpacked = unpacked.borrow_mut();
-            unpacked.resize(2 * TILE_ROWS * acts.k, 0);
-            // SAFETY: the token proves AMX-INT8 with the tile state granted to
-            // this process and AVX-512 F/BW; `tiled_rows` loads the tile
-            // configuration before its first tile instruction and releases the
-            // tiles before it returns.
-            unsafe { tiled_rows(&codes[..tiled * row_bytes], acts, tiles, &mut unpacked, out) };
-        });
+        let mut tiled_out: Vec<&mut [i32]> = out.iter_mut().map(|token_out| &mut token_out[..tiled]).collect();
+        gemm_tiled_tokens(token, &codes[..tiled * row_bytes], acts, &mut tiled_out, 0..acts.n_tokens());
     }
     if tiled < n_rows {
         let mut rest: Vec<&mut [i32]> = out.iter_mut().map(|token_out| &mut token_out[tiled..]).collect();
@@ -130,16 +126,51 @@ pub(super) fn gemm_rows(token: AmxToken, codes: &[u8], acts: &Activations<'_>, o
     }
 }
 
-/// `codes` holds a multiple of 16 rows.
+/// Rows of `codes` (a multiple of 16) for the tokens `tokens` only (`out[i]`
+/// is token `tokens.start + i`'s output): one task of a pass cut by rows and
+/// tokens. `tokens.start` must be a multiple of 16 and `acts.tiles` present.
+pub(super) fn gemm_tiled_tokens(
+    _token: AmxToken,
+    codes: &[u8],
+    acts: &Activations<'_>,
+    out: &mut [&mut [i32]],
+    tokens: std::ops::Range<usize>,
+) {
+    let Some(tiles) = acts.tiles.as_deref() else {
+        unreachable!("a pass cut by tokens for the tiles has its tile layout")
+    };
+    assert!(tokens.start.is_multiple_of(TILE_ROWS) && tokens.end <= acts.n_tokens() && out.len() == tokens.len());
+    if codes.is_empty() || tokens.is_empty() {
+        return;
+    }
+    UNPACKED.with(|unpacked| {
+        let mut unpacked = unpacked.borrow_mut();
+        unpacked.resize(2 * TILE_ROWS * acts.k, 0);
+        // SAFETY: the token proves AMX-INT8 with the tile state granted to
+        // this process and AVX-512 F/BW; `tiled_rows` loads the tile
+        // configuration before its first tile instruction and releases the
+        // tiles before it returns.
+        unsafe { tiled_rows(codes, acts, tiles, &mut unpacked, out, tokens) };
+    });
+}
+
+/// `codes` holds a multiple of 16 rows; `out[i]` is token `tokens.start + i`.
 ///
 /// # Safety
 /// AMX-INT8 and AVX-512 F/BW must be present and the tile state granted.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn tiled_rows(codes: &[u8], acts: &Activations<'_>, tiles: &[i8], unpacked: &mut [u8], out: &mut [&mut [i32]]) {
+unsafe fn tiled_rows(
+    codes: &[u8],
+    acts: &Activations<'_>,
+    tiles: &[i8],
+    unpacked: &mut [u8],
+    out: &mut [&mut [i32]],
+    tokens: std::ops::Range<usize>,
+) {
     let k = acts.k;
     let row_bytes = k / 4;
     let n_rows = codes.len() / row_bytes;
-    let n_tokens = acts.n_tokens();
+    let n_tokens = tokens.end;
     let groups = n_tokens.div_ceil(TILE_ROWS);
     let config = TileConfig::full();
     // SAFETY: the caller guarantees AMX with the tile state granted; the
@@ -151,7 +182,7 @@ unsafe fn tiled_rows(codes: &[u8], acts: &Activations<'_>, tiles: &[i8], unpacke
         let block_codes = &codes[block * row_bytes..(block + block_rows) * row_bytes];
         let block_unpacked = &mut unpacked[..block_rows * k];
         unpack_rows(block_codes, row_bytes, block_rows, block_unpacked);
-        let mut group = 0;
+        let mut group = tokens.start / TILE_ROWS;
         while group < groups {
             let two_groups = groups - group >= 2;
             let mut c = [[0i32; TILE_ROWS * TILE_ROWS]; 4];
@@ -169,13 +200,15 @@ unsafe fn tiled_rows(codes: &[u8], acts: &Activations<'_>, tiles: &[i8], unpacke
                 for b in 0..tile_groups {
                     let first_token = (group + b) * TILE_ROWS;
                     // Tokens (rows of the transposed tile) that exist.
-                    let tokens = TILE_ROWS.min(n_tokens - first_token);
+                    let valid = TILE_ROWS.min(n_tokens - first_token);
                     let by_token = transpose16(load_tile(&c[2 * a + b]));
-                    for (n, values) in by_token.into_iter().take(tokens).enumerate() {
+                    for (n, values) in by_token.into_iter().take(valid).enumerate() {
                         let token = first_token + n;
                         let corrected = _mm512_sub_epi32(values, _mm512_set1_epi32(acts.sums[token]));
-                        let token_out: &mut [i32; TILE_ROWS] =
-                            (&mut out[token][block + a * TILE_ROWS..block + (a + 1) * TILE_ROWS]).try_into().unwrap();
+                        let token_out: &mut [i32; TILE_ROWS] = (&mut out[token - tokens.start]
+                            [block + a * TILE_ROWS..block + (a + 1) * TILE_ROWS])
+                            .try_into()
+                            .unwrap();
                         // SAFETY: `token_out` is 16 writable `i32`; no alignment needed.
                         unsafe { _mm512_storeu_si512(token_out.as_mut_ptr().cast(), corrected) };
                     }

@@ -248,20 +248,50 @@ pub fn gemm_i2s_i8_par_group(
         });
         return Ok(());
     }
-    let mut tasks: Vec<(&[u8], Vec<&mut [i32]>)> = Vec::new();
+    // Each task: a chunk of rows, for every token (`None`) or, on the AMX
+    // tiles, for one block of tokens.
+    type Task<'t> = (&'t [u8], Vec<&'t mut [i32]>, Option<std::ops::Range<usize>>);
+    let mut tasks: Vec<Task<'_>> = Vec::new();
+    let tiles = takes_tiles(resolved, n_tokens, k);
     for (w, out) in jobs.iter_mut() {
         if w.rows == 0 {
             continue;
         }
+        if tiles {
+            // Chunks of AMX_TASK_ROWS rows x AMX_TASK_TOKENS tokens: a
+            // task's unpacked codes and activation tiles stay in its core's
+            // L2 (row chunks alone streamed the whole pass's activations per
+            // 32 rows, from L3 at the down product's width).
+            let outs = chunk_outputs(out, w.rows, AMX_TASK_ROWS);
+            for (codes, mut chunk_outs) in w.codes.chunks(AMX_TASK_ROWS * (k / 4)).zip(outs) {
+                if codes.len() / (k / 4) % 16 != 0 {
+                    // The last chunk, with rows past the last whole tile.
+                    tasks.push((codes, chunk_outs, None));
+                    continue;
+                }
+                let mut first = 0;
+                while !chunk_outs.is_empty() {
+                    let rest = chunk_outs.split_off(AMX_TASK_TOKENS.min(chunk_outs.len()));
+                    let n = chunk_outs.len();
+                    tasks.push((codes, chunk_outs, Some(first..first + n)));
+                    first += n;
+                    chunk_outs = rest;
+                }
+            }
+            continue;
+        }
         let chunk_rows = par_chunk_rows(w.rows, k / 4, threads);
         let outs = chunk_outputs(out, w.rows, chunk_rows);
-        tasks.extend(w.codes.chunks(chunk_rows * (k / 4)).zip(outs));
+        tasks.extend(w.codes.chunks(chunk_rows * (k / 4)).zip(outs).map(|(codes, outs)| (codes, outs, None)));
     }
     // The activations are prepared inside the section too: the AMX kernel's
     // tile layout is built in parallel.
     super::team::rayon_section(|| {
         let acts = prepare(resolved, q, n_tokens, k, true);
-        tasks.into_par_iter().for_each(|(codes, mut outs)| gemm_rows(resolved, codes, &acts, &mut outs));
+        tasks.into_par_iter().for_each(|(codes, mut outs, tokens)| match tokens {
+            None => gemm_rows(resolved, codes, &acts, &mut outs),
+            Some(tokens) => tiled_tokens(resolved, codes, &acts, &mut outs, tokens),
+        });
     });
     Ok(())
 }
@@ -318,7 +348,7 @@ fn prepare(resolved: Resolved, q: &[i8], n_tokens: usize, k: usize, parallel: bo
         #[cfg(target_arch = "x86_64")]
         Resolved::Amx(_) => {
             let interleaved = avx512::interleave_activations(q, k, parallel);
-            if n_tokens >= AMX_MIN_TOKENS && amx::takes_width(k) {
+            if takes_tiles(resolved, n_tokens, k) {
                 tiles = Some(amx::tile_activations(&interleaved, n_tokens, k));
             }
             Cow::Owned(interleaved)
@@ -326,6 +356,40 @@ fn prepare(resolved: Resolved, q: &[i8], n_tokens: usize, k: usize, parallel: bo
         _ => Cow::Borrowed(q),
     };
     Activations { q, sums, k, tiles }
+}
+
+/// Rows per AMX task (two blocks of 32).
+const AMX_TASK_ROWS: usize = 64;
+
+/// Tokens per AMX task (eight tiles of 16): 128 tokens of the widest 2B-4T
+/// input (6912) are 0.9 MB of activation tiles, which with the task's 0.4 MB
+/// of unpacked codes fit a core's 2 MiB L2.
+const AMX_TASK_TOKENS: usize = 128;
+
+/// Whether a pass runs on the AMX tiles (and its activations get their tile layout).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn takes_tiles(resolved: Resolved, n_tokens: usize, k: usize) -> bool {
+    match resolved {
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(_) => n_tokens >= AMX_MIN_TOKENS && amx::takes_width(k),
+        _ => false,
+    }
+}
+
+/// A task of rows (a multiple of 16) x the tokens `tokens` on the AMX tiles.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn tiled_tokens(
+    resolved: Resolved,
+    codes: &[u8],
+    acts: &Activations<'_>,
+    out: &mut [&mut [i32]],
+    tokens: std::ops::Range<usize>,
+) {
+    match resolved {
+        #[cfg(target_arch = "x86_64")]
+        Resolved::Amx(token) => amx::gemm_tiled_tokens(token, codes, acts, out, tokens),
+        _ => unreachable!("only the AMX kernel's passes are cut by tokens"),
+    }
 }
 
 /// Runs one chunk of rows: `codes` holds `out[t].len()` rows, `out[t]` is
