@@ -341,20 +341,15 @@ fn prepare(resolved: Resolved, q: &[i8], n_tokens: usize, k: usize, parallel: bo
     } else {
         q.chunks_exact(k).map(token_sum).collect()
     };
-    let mut tiles = None;
     let q = match resolved {
         #[cfg(target_arch = "x86_64")]
-        Resolved::Avx512(_) => Cow::Owned(avx512::interleave_activations(q, k, parallel)),
-        #[cfg(target_arch = "x86_64")]
-        Resolved::Amx(_) => {
-            let interleaved = avx512::interleave_activations(q, k, parallel);
-            if takes_tiles(resolved, n_tokens, k) {
-                tiles = Some(amx::tile_activations(&interleaved, n_tokens, k));
-            }
-            Cow::Owned(interleaved)
-        }
+        Resolved::Avx512(_) | Resolved::Amx(_) => Cow::Owned(avx512::interleave_activations(q, k, parallel)),
         _ => Cow::Borrowed(q),
     };
+    #[cfg(target_arch = "x86_64")]
+    let tiles = takes_tiles(resolved, n_tokens, k).then(|| amx::tile_activations(&q, n_tokens, k));
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = None;
     Activations { q, sums, k, tiles }
 }
 
