@@ -193,10 +193,11 @@ pub struct PhaseTimes {
     pub steps: u64,
     /// Embedding rows.
     pub embedding: Duration,
-    /// Norms, activation quantisation, relu^2 * up and the residual adds:
-    /// the serial work on the calling thread.
+    /// Norms, activation quantisation, relu^2 * up and the residual adds
+    /// (on the calling thread, or split over the pool's threads for steps of
+    /// 8 rows or more).
     pub elementwise: Duration,
-    /// RoPE and the KV cache append (serial).
+    /// RoPE (split like the norms) and the KV cache append (on the calling thread).
     pub rope_kv: Duration,
     /// The q, k and v products, one parallel call.
     pub qkv: Duration,
