@@ -50,6 +50,10 @@ pub enum BackendError {
     Device(String),
     #[error("a step of {entries} entries was given {wants} wants")]
     WantsMismatch { entries: usize, wants: usize },
+    #[error("cannot copy {len} positions of sequence {src} into sequence {dst}: {reason}")]
+    PrefixCopy { src: SeqId, dst: SeqId, len: usize, reason: String },
+    #[error("this backend cannot {0}")]
+    Unsupported(&'static str),
 }
 
 /// What the engine and server need to know about a backend.
@@ -80,6 +84,18 @@ pub trait Backend: Send {
 
     /// Positions already processed for `seq`.
     fn sequence_len(&self, seq: SeqId) -> Option<usize>;
+
+    /// Makes `dst`, a registered sequence with no positions yet, hold the
+    /// first `len` positions of `src` (their keys and values copied), as if
+    /// `dst` had run the same tokens: its next step continues at position
+    /// `len` and gives the bits a step of `src`'s at that length would. `src`
+    /// is unchanged. The prefix cache of [`crate::Engine`] rests on this. On
+    /// error `dst` is unchanged. Backends that cannot copy say
+    /// [`BackendError::Unsupported`] (the default).
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        let _ = (src, dst, len);
+        Err(BackendError::Unsupported("copy a KV-cache prefix"))
+    }
 
     /// Runs one batched step and returns, for each input in order, the
     /// logits (`vocab` values) of its last new position. On error no
@@ -188,6 +204,29 @@ pub fn validate_step(
     Ok(())
 }
 
+/// Checks a [`Backend::copy_prefix`] before anything is copied: `src` holds
+/// `src_len` positions, `dst` is `(len, reserved)` (`None`: unknown).
+pub fn validate_prefix_copy(
+    (src, src_len): (SeqId, Option<usize>),
+    (dst, dst_state): (SeqId, Option<(usize, usize)>),
+    len: usize,
+) -> Result<(), BackendError> {
+    let src_len = src_len.ok_or(BackendError::UnknownSequence(src))?;
+    let (dst_len, reserved) = dst_state.ok_or(BackendError::UnknownSequence(dst))?;
+    let reason = if src == dst {
+        "a sequence cannot be copied into itself".to_owned()
+    } else if dst_len != 0 {
+        format!("sequence {dst} already holds {dst_len} positions")
+    } else if len > src_len {
+        format!("sequence {src} holds only {src_len}")
+    } else if len > reserved {
+        format!("sequence {dst} reserved only {reserved}")
+    } else {
+        return Ok(());
+    };
+    Err(BackendError::PrefixCopy { src, dst, len, reason })
+}
+
 /// The reference forward pass as a [`Backend`]: each sequence runs on its
 /// own, one after another. Slow and exact; the yardstick for the others.
 pub struct ReferenceBackend {
@@ -239,6 +278,14 @@ impl Backend for ReferenceBackend {
 
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.sequences.get(&seq).map(|(cache, _)| cache.len())
+    }
+
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        let dst_state = self.sequences.get(&dst).map(|(cache, reserved)| (cache.len(), *reserved));
+        validate_prefix_copy((src, self.sequence_len(src)), (dst, dst_state), len)?;
+        let prefix = self.sequences[&src].0.prefix(len);
+        self.sequences.get_mut(&dst).expect("validated above").0 = prefix;
+        Ok(())
     }
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {

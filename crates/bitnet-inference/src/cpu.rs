@@ -22,7 +22,7 @@ use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryM
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::backend::{validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
+use crate::backend::{validate_prefix_copy, validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput};
 use crate::error::InferenceError;
 use crate::int8_head::{HeadPrecision, Int8Head};
 
@@ -146,6 +146,21 @@ impl CpuSequence {
                 }
             }
         }
+    }
+
+    /// Copies the first `len` positions of every run of `src` (same model
+    /// and precision; `len` fits both reservations) into `self`, byte for
+    /// byte, and makes them `self`'s positions.
+    fn copy_prefix_from(&mut self, c: &BitNetConfig, src: &CpuSequence, len: usize) {
+        let e = self.precision.bytes();
+        let n = len * c.head_dim * e;
+        // Runs follow one another in `[layer][keys, values][KV head]` order, `reserved * head_dim` apart.
+        let (src_run, dst_run) = (src.reserved * c.head_dim * e, self.reserved * c.head_dim * e);
+        let (from, to) = (src.kv.as_bytes(), self.kv.as_bytes_mut());
+        for run in 0..c.n_layers * 2 * c.n_kv_heads {
+            to[run * dst_run..][..n].copy_from_slice(&from[run * src_run..][..n]);
+        }
+        self.len = len;
     }
 
     /// Layer `layer`'s keys and values of the first `positions` positions.
@@ -1045,6 +1060,16 @@ impl Backend for CpuBackend {
 
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.sequences.get(&seq).map(|s| s.len)
+    }
+
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        let dst_state = self.sequences.get(&dst).map(|s| (s.len, s.reserved));
+        validate_prefix_copy((src, self.sequence_len(src)), (dst, dst_state), len)?;
+        // Both are in the map (validated, and distinct): take `dst` out to borrow `src` beside it.
+        let mut target = self.sequences.remove(&dst).expect("validated above");
+        target.copy_prefix_from(&self.model.config, &self.sequences[&src], len);
+        self.sequences.insert(dst, target);
+        Ok(())
     }
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {

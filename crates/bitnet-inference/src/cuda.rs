@@ -36,7 +36,8 @@ use bitnet_models::{BitNetConfig, BitNetModel, FloatDType, FloatTensor, TernaryM
 use rayon::prelude::*;
 
 use crate::backend::{
-    check_wants, validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput, StepOutput, StepWant,
+    check_wants, validate_prefix_copy, validate_step, Backend, BackendError, BackendInfo, SeqId, StepInput, StepOutput,
+    StepWant,
 };
 use crate::error::InferenceError;
 use crate::sampling::SampleDraw;
@@ -1034,6 +1035,26 @@ impl Backend for CudaBackend {
 
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.sequences.get(&seq).map(|s| s.len)
+    }
+
+    /// One device-to-device copy per layer for the keys and one for the
+    /// values (a sequence's slots are contiguous), queued on the step's
+    /// stream, so the next step reads them after the copy.
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        let dst_state = self.sequences.get(&dst).map(|s| (s.len, s.reserved));
+        validate_prefix_copy((src, self.sequence_len(src)), (dst, dst_state), len)?;
+        if len > 0 {
+            let row = self.model.config.kv_dim() * self.dt.size();
+            let (from, to) = (self.sequences[&src].base * row, self.sequences[&dst].base * row);
+            for layer in &self.layers {
+                for cache in [&layer.k_cache, &layer.v_cache] {
+                    let (to, from) = (cache.range(to, len * row), cache.range(from, len * row));
+                    self.gpu.copy(to.map_err(cuda_error)?, from.map_err(cuda_error)?).map_err(cuda_error)?;
+                }
+            }
+        }
+        self.sequences.get_mut(&dst).expect("validated above").len = len;
+        Ok(())
     }
 
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {

@@ -97,6 +97,12 @@ pub struct EngineConfig {
     pub cool_down: Duration,
     /// The cool-down doubles after each failed recovery, up to this.
     pub max_cool_down: Duration,
+    /// The prefix cache's size, in KV positions (0: off). A sequence ended
+    /// with [`Engine::retire_sequence`] keeps its KV cache while the entries
+    /// fit this many positions together (least recently used evicted first);
+    /// [`Engine::reuse_prefix`] starts a new sequence from the longest one
+    /// its prompt begins with.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +112,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             cool_down: Duration::from_secs(1),
             max_cool_down: Duration::from_secs(60),
+            prefix_cache_tokens: 0,
         }
     }
 }
@@ -169,11 +176,18 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    #[error("sequence id {0} is in the range the engine keeps for itself ({FIRST_INTERNAL_SEQ} and up)")]
+    ReservedSequence(SeqId),
 }
 
 /// The sequence id the engine uses for self-tests, on backends that hold no
 /// other sequence at that moment.
 const SELF_TEST_SEQ: SeqId = SeqId::MAX;
+
+/// The first of the ids the engine gives its own sequences (the self-test's
+/// and the prefix cache's entries, counting down from [`SeqId::MAX`]);
+/// callers' ids must stay below it.
+pub const FIRST_INTERNAL_SEQ: SeqId = SeqId::MAX - (1 << 32);
 
 /// Smallest Pearson correlation between a recreated GPU backend's logits and
 /// the CPU backend's on the self-test prompt. fp16/bf16 and f32 forward
@@ -190,13 +204,66 @@ enum Location {
 struct SequenceState {
     location: Location,
     max_positions: usize,
-    /// Every token fed so far, kept while on the GPU for a re-run on the CPU.
+    /// Every token its cache holds: for a re-run on the CPU when it is on
+    /// the GPU, and as the key of its prefix-cache entry once retired.
     tokens: Vec<u32>,
     /// KV bytes planned on the GPU.
     kv_bytes: u64,
     report: SequenceReport,
     /// Why moving to the CPU failed; the sequence then fails at its next step.
     failed: Option<String>,
+}
+
+/// A retired sequence kept for its KV cache: the prefix cache's entry.
+struct CachedPrefix {
+    /// The engine's own id for it, on the backend at `location`.
+    seq: SeqId,
+    location: Location,
+    /// The tokens of the positions it holds (it reserved exactly these).
+    tokens: Vec<u32>,
+    /// KV bytes planned on the GPU.
+    kv_bytes: u64,
+    /// When it was stored or last reused ([`PrefixCache::clock`]).
+    last_used: u64,
+}
+
+/// The prefix cache: entries, and what it has done (for metrics).
+#[derive(Default)]
+struct PrefixCache {
+    entries: Vec<CachedPrefix>,
+    clock: u64,
+    next_seq: SeqId,
+    stats: PrefixCacheStats,
+}
+
+/// What the prefix cache holds and has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Entries held now.
+    pub entries: usize,
+    /// Positions they hold together.
+    pub tokens: usize,
+    /// New sequences that started from an entry, and the positions copied.
+    pub hits: u64,
+    pub reused_tokens: u64,
+    /// Entries evicted to stay within the budget or to make room on the GPU.
+    pub evictions: u64,
+}
+
+impl PrefixCache {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn tokens(&self) -> usize {
+        self.entries.iter().map(|e| e.tokens.len()).sum()
+    }
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 struct GpuSlot {
@@ -269,6 +336,7 @@ pub struct Engine {
     events: Vec<EngineEvent>,
     /// The CPU backend's logits for the self-test prompt.
     self_test: (Vec<u32>, Vec<f32>),
+    prefix_cache: PrefixCache,
 }
 
 impl fmt::Debug for Engine {
@@ -342,6 +410,12 @@ fn self_test(backend: &mut dyn Backend, tokens: &[u32], expected: &[f32]) -> Res
 impl Engine {
     /// An engine without a GPU: every request runs on `cpu`.
     pub fn cpu_only(cpu: Box<dyn Backend>) -> Self {
+        Self::cpu_only_with(cpu, EngineConfig::default())
+    }
+
+    /// [`Engine::cpu_only`] with `settings` (of which only the prefix
+    /// cache's matters without a GPU).
+    pub fn cpu_only_with(cpu: Box<dyn Backend>, settings: EngineConfig) -> Self {
         let cpu_info = cpu.info();
         let config = cpu.config().clone();
         Self {
@@ -349,10 +423,11 @@ impl Engine {
             cpu_info,
             config,
             gpu: None,
-            settings: EngineConfig::default(),
+            settings,
             sequences: HashMap::new(),
             events: Vec::new(),
             self_test: (Vec::new(), Vec::new()),
+            prefix_cache: PrefixCache { next_seq: SELF_TEST_SEQ - 1, ..PrefixCache::default() },
         }
     }
 
@@ -367,8 +442,7 @@ impl Engine {
         if settings.max_batch_tokens == 0 {
             return Err(EngineError::Config("max_batch_tokens must be at least 1".into()));
         }
-        let mut engine = Self::cpu_only(cpu);
-        engine.settings = settings;
+        let mut engine = Self::cpu_only_with(cpu, settings);
         let vocab = engine.config.vocab_size as u32;
         let tokens: Vec<u32> = (1..=4u32).map(|t| t % vocab).collect();
         engine.cpu.add_sequence(SELF_TEST_SEQ, tokens.len())?;
@@ -561,11 +635,17 @@ impl Engine {
         max_positions: usize,
         prefs: &RequestPreferences,
     ) -> Result<&SequenceReport, EngineError> {
-        if self.sequences.contains_key(&seq) || seq == SELF_TEST_SEQ {
+        if seq >= FIRST_INTERNAL_SEQ {
+            return Err(EngineError::ReservedSequence(seq));
+        }
+        if self.sequences.contains_key(&seq) {
             return Err(BackendError::DuplicateSequence(seq).into());
         }
         self.poll_health();
         let started = Instant::now();
+        // The prefix cache's GPU entries give way to a new sequence
+        // (`make_room_on_gpu`), so they count as free here.
+        let cached: u64 = self.prefix_cache.entries.iter().map(|e| e.kv_bytes).sum();
         let placement = {
             let config = &self.config;
             let batch_tokens = self.settings.max_batch_tokens;
@@ -576,7 +656,8 @@ impl Engine {
                     }
                     let plan = gpu.plan(config, precision, max_positions, batch_tokens);
                     let new_static = if gpu.slots.contains_key(&precision) { 0 } else { plan.weights + plan.workspace };
-                    gpu.used().saturating_add(new_static).saturating_add(plan.kv_cache) <= gpu.budget
+                    gpu.used().saturating_sub(cached).saturating_add(new_static).saturating_add(plan.kv_cache)
+                        <= gpu.budget
                 })
             };
             let view = self.gpu.as_ref().map(|gpu| GpuView {
@@ -614,19 +695,33 @@ impl Engine {
     /// Places a sequence on the GPU; on success it is registered.
     fn add_on_gpu(&mut self, seq: SeqId, max_positions: usize, precision: Precision) -> Result<(), GpuAddError> {
         let exists = self.gpu.as_ref().is_some_and(|g| g.slots.contains_key(&precision));
+        let Some(plan) = self.gpu.as_ref().map(|g| g.plan(&self.config, precision, max_positions, 0)) else {
+            return Err(GpuAddError::Fallback(FallbackReason::GpuUnavailable));
+        };
+        let new_static = if exists { 0 } else { plan.weights + plan.workspace };
+        self.make_room_on_gpu(new_static + plan.kv_cache);
         if !exists {
             if let Err(err) = self.create_slot(precision) {
                 return Err(self.gpu_add_failed(err));
             }
         }
+        let kv_bytes = plan.kv_cache;
+        let mut added = self.gpu_slot(precision).map(|b| guarded(|| b.add_sequence(seq, max_positions)));
+        if matches!(added, Some(Err(BackendError::OutOfMemory(_))))
+            && self.evict_where(|e| e.location == Location::Gpu(precision))
+        {
+            // The KV pool's ranges, not the plan, ran out: entries hold them.
+            added = self.gpu_slot(precision).map(|b| guarded(|| b.add_sequence(seq, max_positions)));
+        }
+        match added {
+            None => return Err(GpuAddError::Fallback(FallbackReason::GpuUnavailable)),
+            Some(Err(err)) => return Err(self.gpu_add_failed(err)),
+            Some(Ok(())) => {}
+        }
         let Some(gpu) = &mut self.gpu else { return Err(GpuAddError::Fallback(FallbackReason::GpuUnavailable)) };
-        let kv_bytes = gpu.plan(&self.config, precision, max_positions, 0).kv_cache;
-        let Some(slot) = gpu.slots.get_mut(&precision) else {
+        let Some(slot) = gpu.slots.get(&precision) else {
             return Err(GpuAddError::Fallback(FallbackReason::GpuUnavailable));
         };
-        if let Err(err) = guarded(|| slot.backend.add_sequence(seq, max_positions)) {
-            return Err(self.gpu_add_failed(err));
-        }
         gpu.kv_bytes += kv_bytes;
         let report = SequenceReport {
             device: slot.info.device.clone(),
@@ -669,6 +764,7 @@ impl Engine {
             return Err(BackendError::Device(format!("sequence {seq} is on the GPU, not the CPU")));
         }
         self.cpu.remove_sequence(seq);
+        state.tokens.clear();
         if let Err(err) = self.cpu.add_sequence(seq, state.max_positions) {
             state.failed = Some(err.to_string());
             return Err(err);
@@ -706,6 +802,8 @@ impl Engine {
         gpu.slots.clear();
         gpu.unfit.clear();
         gpu.kv_bytes = 0;
+        // The prefix cache's GPU entries went with the backends.
+        self.prefix_cache.entries.retain(|e| e.location == Location::Cpu);
         let wait = self.settings.cool_down;
         gpu.health = Health::CoolingDown { until: Instant::now() + wait };
         self.events.push(EngineEvent::Health {
@@ -761,10 +859,167 @@ impl Engine {
             let report = self.cpu_report(fallback);
             if let Some(state) = self.sequences.get_mut(&seq) {
                 state.report = report;
-                state.tokens = Vec::new();
                 self.events.push(EngineEvent::Fallback { seq, reason, cost });
             }
         }
+    }
+
+    /// The backend at `location`, if it is there.
+    fn backend_at(&mut self, location: Location) -> Option<&mut Box<dyn Backend>> {
+        match location {
+            Location::Cpu => Some(&mut self.cpu),
+            Location::Gpu(precision) => self.gpu_slot(precision),
+        }
+    }
+
+    fn gpu_slot(&mut self, precision: Precision) -> Option<&mut Box<dyn Backend>> {
+        self.gpu.as_mut()?.slots.get_mut(&precision).map(|slot| &mut slot.backend)
+    }
+
+    /// What the prefix cache holds and has done.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        let cache = &self.prefix_cache;
+        PrefixCacheStats { entries: cache.entries.len(), tokens: cache.tokens(), ..cache.stats }
+    }
+
+    /// Frees a prefix-cache entry's sequence and its planned GPU bytes.
+    fn drop_entry(&mut self, entry: CachedPrefix) {
+        if let Location::Gpu(_) = entry.location {
+            if let Some(gpu) = &mut self.gpu {
+                gpu.kv_bytes = gpu.kv_bytes.saturating_sub(entry.kv_bytes);
+            }
+        }
+        if let Some(backend) = self.backend_at(entry.location) {
+            backend.remove_sequence(entry.seq);
+        }
+    }
+
+    /// Evicts the least recently used entry that `which` accepts; says
+    /// whether there was one.
+    fn evict_where(&mut self, which: impl Fn(&CachedPrefix) -> bool) -> bool {
+        let lru =
+            self.prefix_cache.entries.iter().enumerate().filter(|(_, e)| which(e)).min_by_key(|(_, e)| e.last_used);
+        let Some((index, _)) = lru else { return false };
+        let entry = self.prefix_cache.entries.swap_remove(index);
+        self.prefix_cache.stats.evictions += 1;
+        self.drop_entry(entry);
+        true
+    }
+
+    /// Evicts GPU entries, least recently used first, until `bytes` more fit
+    /// the GPU's budget (or none is left).
+    fn make_room_on_gpu(&mut self, bytes: u64) {
+        while self.gpu.as_ref().is_some_and(|g| g.used().saturating_add(bytes) > g.budget) {
+            if !self.evict_where(|e| e.location != Location::Cpu) {
+                break;
+            }
+        }
+    }
+
+    /// A free id for a prefix-cache entry.
+    fn next_entry_seq(&mut self) -> SeqId {
+        loop {
+            let seq = self.prefix_cache.next_seq;
+            self.prefix_cache.next_seq = if seq <= FIRST_INTERNAL_SEQ { SELF_TEST_SEQ - 1 } else { seq - 1 };
+            if !self.prefix_cache.entries.iter().any(|e| e.seq == seq) {
+                return seq;
+            }
+        }
+    }
+
+    /// Ends a finished sequence as [`Engine::remove_sequence`] does, but
+    /// with the prefix cache on ([`EngineConfig::prefix_cache_tokens`]) keeps
+    /// its KV cache for later requests that start with the same tokens: its
+    /// positions are copied into a sequence that reserves exactly them (the
+    /// rest of its reservation is freed), on the same device, then the least
+    /// recently used entries are evicted until the entries fit the budget.
+    /// A sequence longer than the whole budget, or one whose step failed, is
+    /// only removed. A GPU error while copying is handled as a failed step's.
+    pub fn retire_sequence(&mut self, seq: SeqId) {
+        let budget = self.settings.prefix_cache_tokens;
+        let Some(state) = self.sequences.get(&seq) else { return };
+        let (len, location) = (state.tokens.len(), state.location);
+        if len == 0 || len > budget || state.failed.is_some() || self.sequence_len(seq) != Some(len) {
+            return self.remove_sequence(seq);
+        }
+        let tokens = state.tokens.clone();
+        let kv_bytes = match location {
+            Location::Gpu(precision) => {
+                self.gpu.as_ref().map_or(0, |g| g.plan(&self.config, precision, len, 0).kv_cache)
+            }
+            Location::Cpu => 0,
+        };
+        let entry = self.next_entry_seq();
+        let copied = match self.backend_at(location) {
+            Some(backend) => guarded(|| {
+                backend.add_sequence(entry, len)?;
+                backend.copy_prefix(seq, entry, len)
+            }),
+            None => Err(BackendError::Device("the sequence's backend is gone".into())),
+        };
+        self.remove_sequence(seq);
+        if let Err(err) = copied {
+            if let Some(backend) = self.backend_at(location) {
+                backend.remove_sequence(entry);
+            }
+            if location != Location::Cpu && poisons(&err) {
+                self.poison(format!("keeping a finished sequence's KV cache failed: {err}"), Duration::ZERO);
+            }
+            return;
+        }
+        if let Some(gpu) = self.gpu.as_mut().filter(|_| location != Location::Cpu) {
+            gpu.kv_bytes += kv_bytes;
+        }
+        let last_used = self.prefix_cache.tick();
+        self.prefix_cache.entries.push(CachedPrefix { seq: entry, location, tokens, kv_bytes, last_used });
+        while self.prefix_cache.tokens() > budget && self.evict_where(|_| true) {}
+    }
+
+    /// Starts `seq` (just added, nothing run yet) from the prefix-cache
+    /// entry on its device that shares the longest prefix with `prompt`:
+    /// the KV cache of those positions is copied, and the caller then feeds
+    /// `prompt[n..]`, where `n` is returned (0: nothing reused). `n` stops
+    /// short of the prompt's last token, so the step that feeds the rest
+    /// still gives the prompt's logits, and within what `seq` reserved.
+    /// Every backend computes a position the same way whichever step ran it,
+    /// so the results are the same bits as without the cache. Ties go to the
+    /// most recently used entry. A GPU error while copying is handled as a
+    /// failed step's (the sequence may then be on the CPU, reusing nothing).
+    pub fn reuse_prefix(&mut self, seq: SeqId, prompt: &[u32]) -> usize {
+        let Some(state) = self.sequences.get(&seq) else { return 0 };
+        if state.failed.is_some() || !state.tokens.is_empty() || self.sequence_len(seq) != Some(0) {
+            return 0;
+        }
+        let (location, limit) = (state.location, prompt.len().saturating_sub(1).min(state.max_positions));
+        let best = self
+            .prefix_cache
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.location == location)
+            .map(|(i, e)| (common_prefix(&e.tokens, &prompt[..limit]), e.last_used, i))
+            .max();
+        let Some((len, _, index)) = best.filter(|&(len, _, _)| len > 0) else { return 0 };
+        let src = self.prefix_cache.entries[index].seq;
+        let copied = match self.backend_at(location) {
+            Some(backend) => guarded(|| backend.copy_prefix(src, seq, len)),
+            None => Err(BackendError::Device("the sequence's backend is gone".into())),
+        };
+        if let Err(err) = copied {
+            if location != Location::Cpu && poisons(&err) {
+                self.poison(format!("copying a cached prefix failed: {err}"), Duration::ZERO);
+            }
+            return 0;
+        }
+        if let Some(state) = self.sequences.get_mut(&seq) {
+            state.tokens = prompt[..len].to_vec();
+        }
+        let cache = &mut self.prefix_cache;
+        cache.entries[index].last_used = cache.clock + 1;
+        cache.clock += 1;
+        cache.stats.hits += 1;
+        cache.stats.reused_tokens += len as u64;
+        len
     }
 
     /// Runs one batched step over sequences on either device and returns,
@@ -882,6 +1137,11 @@ impl Engine {
         let inputs: Vec<StepInput<'_>> = cpu_indices.iter().map(|&i| batch[i]).collect();
         let input_wants: Vec<StepWant> = cpu_indices.iter().map(|&i| wants[i]).collect();
         for (&i, outcome) in cpu_indices.iter().zip(run_each(self.cpu.as_mut(), &inputs, &input_wants)) {
+            if outcome.is_ok() {
+                if let Some(state) = self.sequences.get_mut(&batch[i].seq) {
+                    state.tokens.extend_from_slice(batch[i].tokens);
+                }
+            }
             results[i] = Some(outcome);
         }
         results

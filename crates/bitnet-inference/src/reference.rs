@@ -46,6 +46,13 @@ impl KvCache {
         self.len == 0
     }
 
+    /// A copy of the first `len` positions (all of them if `len` is larger).
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let len = len.min(self.len);
+        let copy = |layers: &[Vec<f64>]| layers.iter().map(|l| l[..len * self.kv_dim].to_vec()).collect();
+        KvCache { keys: copy(&self.keys), values: copy(&self.values), kv_dim: self.kv_dim, len }
+    }
+
     /// Drops every position from `len` on (e.g. to re-run a suffix).
     pub fn truncate(&mut self, len: usize) {
         if len >= self.len {

@@ -166,6 +166,12 @@ impl Backend for SimulatedGpuBackend {
         self.inner.sequence_len(seq)
     }
 
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        // A copy on the device is a launch: an injected launch failure fails it.
+        self.injector.on_launch("KV prefix copy").map_err(injected)?;
+        self.inner.copy_prefix(src, dst, len)
+    }
+
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         // The launch is checked before anything runs, so a failure leaves
         // every sequence as it was (the Backend contract).

@@ -311,6 +311,22 @@ proptest::proptest! {
     }
 }
 
+/// A sequence started from a copy of another's first positions continues
+/// with the same bits as one that ran them itself: the reference backend,
+/// and the CPU backend on every kernel with either KV-cache precision.
+#[test]
+fn copied_prefixes_continue_bit_for_bit() {
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 26).unwrap());
+    common::prefix::check(&mut ReferenceBackend::new(model.clone()), "reference");
+    for kernel in CpuKernel::all_available() {
+        for kv_cache in [KvCachePrecision::F32, KvCachePrecision::F16] {
+            let config = CpuBackendConfig { threads: 2, kernel: Some(kernel), kv_cache, ..Default::default() };
+            let mut b = CpuBackend::new(model.clone(), &config).unwrap();
+            common::prefix::check(&mut b, &format!("{} kernel, {} KV cache", kernel.name(), kv_cache.name()));
+        }
+    }
+}
+
 /// Phase timing changes no result, counts the steps it timed, and its
 /// phases, which partition each step, sum to no more than the steps took.
 #[test]

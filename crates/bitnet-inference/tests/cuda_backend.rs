@@ -384,6 +384,19 @@ fn random_operations_match_the_reference_backend() {
     }
 }
 
+/// `copy_prefix` on the device (a copy per layer of the keys and of the
+/// values): a sequence started from a copy continues with the same bits as
+/// one that ran those tokens, in every precision (the CPU backend's check,
+/// `common::prefix`).
+#[test]
+fn copied_prefixes_continue_bit_for_bit() {
+    let Some(_gpu) = gpu_shared() else { return };
+    let model = Arc::new(synthetic::generate(Preset::Tiny, 26).unwrap());
+    for precision in PRECISIONS {
+        common::prefix::check(&mut cuda(&model, precision, |_| {}), &format!("{precision:?}"));
+    }
+}
+
 #[test]
 fn allocations_match_free_memory_and_bf16_needs_less() {
     let Some(_gpu) = gpu_alone() else { return };

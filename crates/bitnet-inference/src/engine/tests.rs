@@ -12,6 +12,8 @@ use super::*;
 use crate::simulated_gpu::{simulated_gpu_info, simulated_primary, SimulatedGpuBackend, SIMULATED_GPU_DEVICE};
 use crate::{argmax, generate, CpuBackend, CpuBackendConfig, GenerationConfig};
 
+mod prefix_cache;
+
 /// The tiny synthetic model with an untied random head, so that greedy
 /// outputs depend on everything fed (the tied synthetic head mostly repeats
 /// the last token, which would hide a wrong re-run).
@@ -280,6 +282,9 @@ impl Backend for Switchable {
     }
     fn sequence_len(&self, seq: SeqId) -> Option<usize> {
         self.inner.sequence_len(seq)
+    }
+    fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
+        self.inner.copy_prefix(src, dst, len)
     }
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         if self.broken.load(Ordering::SeqCst) {

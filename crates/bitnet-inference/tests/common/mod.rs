@@ -32,9 +32,22 @@ pub mod ops {
     /// One operation on a backend.
     #[derive(Debug, Clone)]
     pub enum Op {
-        Add { seq: u64, max_positions: usize },
-        Remove { seq: u64 },
-        Step { entries: Vec<(u64, Vec<u32>)> },
+        Add {
+            seq: u64,
+            max_positions: usize,
+        },
+        Remove {
+            seq: u64,
+        },
+        Step {
+            entries: Vec<(u64, Vec<u32>)>,
+        },
+        /// `Backend::copy_prefix`.
+        Copy {
+            src: u64,
+            dst: u64,
+            len: usize,
+        },
     }
 
     /// The tiny synthetic model (seed 25) the operations run on.
@@ -54,6 +67,7 @@ pub mod ops {
             2 => (0..SEQS, 0..16usize).prop_map(|(seq, max_positions)| Op::Add { seq, max_positions }),
             1 => (0..SEQS).prop_map(|seq| Op::Remove { seq }),
             6 => proptest::collection::vec((seq, tokens), 1..4).prop_map(|entries| Op::Step { entries }),
+            1 => (0..SEQS, 0..SEQS, 0..12usize).prop_map(|(src, dst, len)| Op::Copy { src, dst, len }),
         ]
     }
 
@@ -104,6 +118,15 @@ pub mod ops {
                     ours.remove_sequence(*seq);
                     reference.remove_sequence(*seq);
                 }
+                Op::Copy { src, dst, len } => {
+                    prop_assert_eq!(
+                        ours.copy_prefix(*src, *dst, *len),
+                        reference.copy_prefix(*src, *dst, *len),
+                        "op {}: {:?}",
+                        i,
+                        op
+                    );
+                }
                 Op::Step { entries } => {
                     let batch: Vec<StepInput<'_>> =
                         entries.iter().map(|(seq, tokens)| StepInput { seq: *seq, tokens }).collect();
@@ -124,5 +147,74 @@ pub mod ops {
             }
         }
         Ok(())
+    }
+}
+
+/// `Backend::copy_prefix`: a sequence started from a copy of another's first
+/// positions gives the same bits as one that ran those tokens itself, the
+/// source is unchanged, and a bad copy is refused without touching anything.
+pub mod prefix {
+    use bitnet_inference::{Backend, BackendError, StepInput};
+
+    fn bits(rows: &[Vec<f32>]) -> Vec<Vec<u32>> {
+        rows.iter().map(|r| r.iter().map(|x| x.to_bits()).collect()).collect()
+    }
+
+    /// Runs the checks on `b` (empty, a model with a vocabulary of at least 64).
+    pub fn check(b: &mut dyn Backend, what: &str) {
+        let vocab = b.config().vocab_size as u32;
+        let prompt: Vec<u32> = (0..20).map(|i| (i * 73 + 5) % vocab).collect();
+        let step =
+            |b: &mut dyn Backend, seq: u64, tokens: &[u32]| b.step(&[StepInput { seq, tokens }]).unwrap().remove(0);
+        // The source: the prompt in two steps (13 + 7 tokens), then three decode steps.
+        b.add_sequence(100, 40).unwrap();
+        step(b, 100, &prompt[..13]);
+        step(b, 100, &prompt[13..]);
+        let mut held = prompt.clone();
+        for t in [7, 8, 9] {
+            step(b, 100, &[t]);
+            held.push(t);
+        }
+        let (suffix, next) = ([11u32, 12], [13u32]);
+        for len in [0, 1, 12, 13, 22, 23] {
+            // Fresh: the held tokens and the suffix in one step, then a decode step.
+            b.add_sequence(200, len + 3).unwrap();
+            let tokens: Vec<u32> = held[..len].iter().chain(&suffix).copied().collect();
+            let fresh = [step(b, 200, &tokens), step(b, 200, &next)];
+            // From a copy: only the suffix is run.
+            b.add_sequence(201, len + 3).unwrap();
+            b.copy_prefix(100, 201, len).unwrap();
+            assert_eq!(b.sequence_len(201), Some(len), "{what}: length after a copy of {len}");
+            let copied = [step(b, 201, &suffix), step(b, 201, &next)];
+            assert!(bits(&fresh) == bits(&copied), "{what}: a copy of {len} positions continues differently");
+            b.remove_sequence(200);
+            b.remove_sequence(201);
+        }
+        // The source continues as a sequence that ran all its tokens at once.
+        assert_eq!(b.sequence_len(100), Some(held.len()));
+        b.add_sequence(202, 40).unwrap();
+        step(b, 202, &held);
+        let (a, c) = (step(b, 202, &[14]), step(b, 100, &[14]));
+        assert!(bits(&[a]) == bits(&[c]), "{what}: copying changed the source");
+        // Refused copies leave the destination as it was.
+        b.add_sequence(300, 5).unwrap();
+        step(b, 300, &[1]);
+        b.add_sequence(301, 5).unwrap();
+        let held_len = held.len() + 1;
+        let refused =
+            [(100, 300, 1), (100, 301, 6), (100, 301, held_len + 1), (999, 301, 1), (100, 998, 1), (100, 100, 1)];
+        for (src, dst, len) in refused {
+            let err = b.copy_prefix(src, dst, len).unwrap_err();
+            let expected_kind = match (src, dst) {
+                (999, _) => matches!(err, BackendError::UnknownSequence(999)),
+                (_, 998) => matches!(err, BackendError::UnknownSequence(998)),
+                _ => matches!(err, BackendError::PrefixCopy { .. }),
+            };
+            assert!(expected_kind, "{what}: copy ({src}, {dst}, {len}) gave {err}");
+        }
+        assert_eq!((b.sequence_len(300), b.sequence_len(301)), (Some(1), Some(0)), "{what}");
+        for seq in [100, 202, 300, 301] {
+            b.remove_sequence(seq);
+        }
     }
 }

@@ -321,6 +321,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// OpenAI's `prompt_tokens_details`: how many prompt tokens came from
+    /// the prefix cache.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -329,6 +337,7 @@ impl Usage {
             prompt_tokens: finished.prompt_tokens,
             completion_tokens: finished.completion_tokens,
             total_tokens: finished.prompt_tokens + finished.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: finished.cached_tokens },
         }
     }
 }

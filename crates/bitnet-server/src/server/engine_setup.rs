@@ -78,7 +78,7 @@ pub fn build_engine(model: Arc<BitNetModel>, options: &EngineOptions, probe: &Gp
                 options.fault_plan
             );
         }
-        return Ok(Engine::cpu_only(cpu));
+        return Ok(Engine::cpu_only_with(cpu, options.engine.clone()));
     };
     let gpu = &primary.gpu;
     let caps = gpu.capabilities();

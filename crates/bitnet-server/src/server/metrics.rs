@@ -115,6 +115,12 @@ pub struct Metrics {
     pub request_queue_time: Histogram,
     pub batch_size: Histogram,
     pub prompt_tokens_total: AtomicU64,
+    /// Prompt tokens whose KV cache was copied from the prefix cache.
+    pub prompt_tokens_cached_total: AtomicU64,
+    /// The prefix cache's hits, evictions and held positions (from the engine).
+    pub prefix_cache_hits_total: AtomicU64,
+    pub prefix_cache_evictions_total: AtomicU64,
+    pub prefix_cache_tokens: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub requests_cancelled_total: AtomicU64,
     pub requests_failed_total: AtomicU64,
@@ -140,6 +146,10 @@ impl Default for Metrics {
             request_queue_time: Histogram::new(LATENCY_BUCKETS),
             batch_size: Histogram::new(BATCH_BUCKETS),
             prompt_tokens_total: AtomicU64::new(0),
+            prompt_tokens_cached_total: AtomicU64::new(0),
+            prefix_cache_hits_total: AtomicU64::new(0),
+            prefix_cache_evictions_total: AtomicU64::new(0),
+            prefix_cache_tokens: AtomicU64::new(0),
             generation_tokens_total: AtomicU64::new(0),
             requests_cancelled_total: AtomicU64::new(0),
             requests_failed_total: AtomicU64::new(0),
@@ -208,6 +218,30 @@ impl Metrics {
         );
         self.batch_size.render(&mut out, "bitnet_batch_size", "Sequences per engine step.");
         counter(&mut out, "bitnet_prompt_tokens_total", "Prompt tokens processed.", &self.prompt_tokens_total);
+        counter(
+            &mut out,
+            "bitnet_prompt_tokens_cached_total",
+            "Prompt tokens taken from the prefix cache instead of processed.",
+            &self.prompt_tokens_cached_total,
+        );
+        counter(
+            &mut out,
+            "bitnet_prefix_cache_hits_total",
+            "Requests that started from a prefix-cache entry.",
+            &self.prefix_cache_hits_total,
+        );
+        counter(
+            &mut out,
+            "bitnet_prefix_cache_evictions_total",
+            "Prefix-cache entries evicted (budget, or room for a new sequence on the GPU).",
+            &self.prefix_cache_evictions_total,
+        );
+        gauge(
+            &mut out,
+            "bitnet_prefix_cache_tokens",
+            "KV positions the prefix cache holds.",
+            &self.prefix_cache_tokens,
+        );
         counter(&mut out, "bitnet_generation_tokens_total", "Tokens generated.", &self.generation_tokens_total);
         counter(
             &mut out,

@@ -89,6 +89,8 @@ pub struct Finished {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV cache came from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub stats: RunStats,
 }
@@ -137,8 +139,10 @@ struct Running {
     seq: SeqId,
     job: Job,
     sampler: Sampler,
-    /// Prompt tokens already run.
+    /// Prompt tokens already run (or copied from the prefix cache).
     prefilled: usize,
+    /// Prompt tokens copied from the prefix cache at admission.
+    cached: usize,
     generated: Vec<u32>,
     output: OutputText,
     admitted: Instant,
@@ -228,6 +232,10 @@ impl Scheduler {
     fn publish_gauges(&self) {
         self.metrics.num_requests_running.store(self.running.len() as u64, Ordering::Relaxed);
         self.metrics.num_requests_waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
+        let cache = self.engine.prefix_cache_stats();
+        self.metrics.prefix_cache_hits_total.store(cache.hits, Ordering::Relaxed);
+        self.metrics.prefix_cache_evictions_total.store(cache.evictions, Ordering::Relaxed);
+        self.metrics.prefix_cache_tokens.store(cache.tokens as u64, Ordering::Relaxed);
     }
 
     /// Frees the requests whose handler is gone (client disconnected or timed out).
@@ -326,6 +334,7 @@ impl Scheduler {
                 }
                 let r = &mut self.running[idx];
                 r.prefilled = 0;
+                r.cached = 0;
                 r.generated.clear();
                 r.output = OutputText::new(r.job.stop.clone());
                 match Sampler::new(r.job.sampling.clone()) {
@@ -375,7 +384,8 @@ impl Scheduler {
         while budget > 0 && self.running.len() < self.config.max_batch_size {
             let Some(job) = self.waiting.pop_front() else { break };
             let Some(idx) = self.admit(job) else { continue };
-            let len = self.running[idx].job.prompt.len().min(budget);
+            let r = &self.running[idx];
+            let len = (r.job.prompt.len() - r.prefilled).min(budget);
             plan.push((idx, Work::Prefill { len }));
             budget -= len;
         }
@@ -399,6 +409,11 @@ impl Scheduler {
             self.metrics.requests_failed_total.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        // Positions another request already computed are copied, not run
+        // again (the same bits either way); at least the last prompt token
+        // is left to run, for the first token's logits.
+        let cached = self.engine.reuse_prefix(seq, &job.prompt);
+        self.metrics.prompt_tokens_cached_total.fetch_add(cached as u64, Ordering::Relaxed);
         let now = Instant::now();
         self.metrics.request_queue_time.observe_duration(now.duration_since(job.arrived));
         let stops = job.stop.clone();
@@ -406,7 +421,8 @@ impl Scheduler {
             seq,
             job,
             sampler,
-            prefilled: 0,
+            prefilled: cached,
+            cached,
             generated: Vec::new(),
             output: OutputText::new(stops),
             admitted: now,
@@ -462,7 +478,9 @@ impl Scheduler {
         let Some(report) = self.engine.report(r.seq).cloned() else {
             return self.fail(idx, "the engine lost the sequence".into());
         };
-        self.engine.remove_sequence(r.seq);
+        // Kept in the prefix cache (when it is on) for requests that start
+        // with the same tokens: a follow-up turn of a chat, a shared prompt.
+        self.engine.retire_sequence(r.seq);
         r.done = true;
         self.metrics.e2e_request_latency.observe_duration(now.duration_since(r.job.arrived));
         self.metrics.request_success.inc(finish_reason.as_str());
@@ -470,6 +488,7 @@ impl Scheduler {
             text: final_text,
             finish_reason,
             prompt_tokens: r.job.prompt.len(),
+            cached_tokens: r.cached,
             completion_tokens: r.generated.len(),
             stats: RunStats {
                 batch_id: r.first_batch_id.unwrap_or_default(),

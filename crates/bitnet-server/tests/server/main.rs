@@ -8,6 +8,7 @@ mod common;
 mod errors;
 mod fallback;
 mod openai_client;
+mod prefix_cache;
 mod random_requests;
 mod shutdown;
 mod snapshots;
