@@ -67,6 +67,33 @@ impl HugePageBuffer {
             None => &mut [],
         }
     }
+
+    /// Shortens the buffer to its first `keep` bytes (no-op if it is not
+    /// longer) and gives the whole 2 MiB pages after them back to the OS
+    /// (`MADV_DONTNEED`: no longer resident). The kept bytes are untouched.
+    #[allow(unsafe_code)]
+    pub fn truncate(&mut self, keep: usize) {
+        if keep >= self.len {
+            return;
+        }
+        self.len = keep;
+        #[cfg(unix)]
+        if let Some(map) = &self.map {
+            // The mapping starts on a page boundary, so a multiple of 2 MiB from
+            // it is one on any page size up to 2 MiB; it is at or past the end
+            // of the kept bytes.
+            let start = (self.offset + keep).div_ceil(HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES;
+            if start < map.len() {
+                // SAFETY: `start..map.len()` lies inside the mapping and is page
+                // aligned; no reference into it outlives this `&mut self` call,
+                // and `len` now ends before it, so nothing reads those bytes
+                // before the buffer is dropped. Advice only: an error leaves the
+                // pages resident, which is still correct.
+                let _ =
+                    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, map.len() - start) };
+            }
+        }
+    }
 }
 
 impl AsRef<[u8]> for HugePageBuffer {
@@ -100,6 +127,18 @@ mod tests {
                 assert_eq!(buf.as_bytes()[len - 1], if len == 1 { 7 } else { 9 });
             }
         }
+        // Truncation keeps the first bytes and shortens the buffer.
+        let mut buf = HugePageBuffer::zeroed(3 * HUGE_PAGE_BYTES).unwrap();
+        for (i, b) in buf.as_bytes_mut().iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        for keep in [3 * HUGE_PAGE_BYTES, 2 * HUGE_PAGE_BYTES + 4097, HUGE_PAGE_BYTES, 100, 0] {
+            buf.truncate(keep);
+            assert_eq!(buf.len(), keep);
+            assert!(buf.as_bytes().iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "keep {keep}");
+        }
+        buf.truncate(10);
+        assert_eq!(buf.len(), 0);
         // Far beyond any address space: an error, not a panic.
         assert!(HugePageBuffer::zeroed(usize::MAX - 10).is_err());
         assert!(HugePageBuffer::zeroed(usize::MAX / 2).is_err());

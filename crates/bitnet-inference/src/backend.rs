@@ -97,6 +97,15 @@ pub trait Backend: Send {
         Err(BackendError::Unsupported("copy a KV-cache prefix"))
     }
 
+    /// Frees what `seq` reserved beyond the positions it holds: its
+    /// reservation becomes its length, so it can be stepped no further (a
+    /// finished sequence kept for [`Backend::copy_prefix`]). Backends that
+    /// cannot say [`BackendError::Unsupported`] (the default).
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        let _ = seq;
+        Err(BackendError::Unsupported("shrink a sequence's reservation"))
+    }
+
     /// Runs one batched step and returns, for each input in order, the
     /// logits (`vocab` values) of its last new position. On error no
     /// sequence of the batch has advanced.
@@ -285,6 +294,12 @@ impl Backend for ReferenceBackend {
         validate_prefix_copy((src, self.sequence_len(src)), (dst, dst_state), len)?;
         let prefix = self.sequences[&src].0.prefix(len);
         self.sequences.get_mut(&dst).expect("validated above").0 = prefix;
+        Ok(())
+    }
+
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        let (cache, reserved) = self.sequences.get_mut(&seq).ok_or(BackendError::UnknownSequence(seq))?;
+        *reserved = cache.len();
         Ok(())
     }
 

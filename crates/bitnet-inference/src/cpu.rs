@@ -163,6 +163,21 @@ impl CpuSequence {
         self.len = len;
     }
 
+    /// Makes the reservation the length: each run moved down to its place
+    /// at the new stride (in run order, so a run never overwrites one not
+    /// yet moved), then the buffer's tail given back to the OS.
+    fn shrink_to_fit(&mut self, c: &BitNetConfig) {
+        let e = self.precision.bytes();
+        let (old, new) = (self.reserved * c.head_dim * e, self.len * c.head_dim * e);
+        let runs = c.n_layers * 2 * c.n_kv_heads;
+        let bytes = self.kv.as_bytes_mut();
+        for run in 1..runs {
+            bytes.copy_within(run * old..run * old + new, run * new);
+        }
+        self.kv.truncate(runs * new);
+        self.reserved = self.len;
+    }
+
     /// Layer `layer`'s keys and values of the first `positions` positions.
     fn view(&self, c: &BitNetConfig, layer: usize, positions: usize) -> (KvView<'_>, KvView<'_>) {
         let n = positions * c.head_dim;
@@ -1069,6 +1084,12 @@ impl Backend for CpuBackend {
         let mut target = self.sequences.remove(&dst).expect("validated above");
         target.copy_prefix_from(&self.model.config, &self.sequences[&src], len);
         self.sequences.insert(dst, target);
+        Ok(())
+    }
+
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        let sequence = self.sequences.get_mut(&seq).ok_or(BackendError::UnknownSequence(seq))?;
+        sequence.shrink_to_fit(&self.model.config);
         Ok(())
     }
 

@@ -1057,6 +1057,18 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        let s = self.sequences.get_mut(&seq).ok_or(BackendError::UnknownSequence(seq))?;
+        if s.reserved > s.len {
+            self.pool.give(s.base + s.len, s.reserved - s.len);
+            s.reserved = s.len;
+            if s.len == 0 {
+                s.base = 0;
+            }
+        }
+        Ok(())
+    }
+
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         let vocab = self.model.config.vocab_size;
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];

@@ -176,18 +176,11 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("invalid engine configuration: {0}")]
     Config(String),
-    #[error("sequence id {0} is in the range the engine keeps for itself ({FIRST_INTERNAL_SEQ} and up)")]
-    ReservedSequence(SeqId),
 }
 
 /// The sequence id the engine uses for self-tests, on backends that hold no
 /// other sequence at that moment.
 const SELF_TEST_SEQ: SeqId = SeqId::MAX;
-
-/// The first of the ids the engine gives its own sequences (the self-test's
-/// and the prefix cache's entries, counting down from [`SeqId::MAX`]);
-/// callers' ids must stay below it.
-pub const FIRST_INTERNAL_SEQ: SeqId = SeqId::MAX - (1 << 32);
 
 /// Smallest Pearson correlation between a recreated GPU backend's logits and
 /// the CPU backend's on the self-test prompt. fp16/bf16 and f32 forward
@@ -216,10 +209,11 @@ struct SequenceState {
 
 /// A retired sequence kept for its KV cache: the prefix cache's entry.
 struct CachedPrefix {
-    /// The engine's own id for it, on the backend at `location`.
+    /// The retired sequence's id, still held on the backend at `location`
+    /// (a caller adding a sequence of that id evicts the entry).
     seq: SeqId,
     location: Location,
-    /// The tokens of the positions it holds (it reserved exactly these).
+    /// The tokens of the positions it holds (its reservation shrunk to them).
     tokens: Vec<u32>,
     /// KV bytes planned on the GPU.
     kv_bytes: u64,
@@ -232,7 +226,6 @@ struct CachedPrefix {
 struct PrefixCache {
     entries: Vec<CachedPrefix>,
     clock: u64,
-    next_seq: SeqId,
     stats: PrefixCacheStats,
 }
 
@@ -427,7 +420,7 @@ impl Engine {
             sequences: HashMap::new(),
             events: Vec::new(),
             self_test: (Vec::new(), Vec::new()),
-            prefix_cache: PrefixCache { next_seq: SELF_TEST_SEQ - 1, ..PrefixCache::default() },
+            prefix_cache: PrefixCache::default(),
         }
     }
 
@@ -635,12 +628,11 @@ impl Engine {
         max_positions: usize,
         prefs: &RequestPreferences,
     ) -> Result<&SequenceReport, EngineError> {
-        if seq >= FIRST_INTERNAL_SEQ {
-            return Err(EngineError::ReservedSequence(seq));
-        }
-        if self.sequences.contains_key(&seq) {
+        if self.sequences.contains_key(&seq) || seq == SELF_TEST_SEQ {
             return Err(BackendError::DuplicateSequence(seq).into());
         }
+        // A retired sequence of that id is only a cache entry: it gives way.
+        self.evict_where(|e| e.seq == seq);
         self.poll_health();
         let started = Instant::now();
         // The prefix cache's GPU entries give way to a new sequence
@@ -916,25 +908,16 @@ impl Engine {
         }
     }
 
-    /// A free id for a prefix-cache entry.
-    fn next_entry_seq(&mut self) -> SeqId {
-        loop {
-            let seq = self.prefix_cache.next_seq;
-            self.prefix_cache.next_seq = if seq <= FIRST_INTERNAL_SEQ { SELF_TEST_SEQ - 1 } else { seq - 1 };
-            if !self.prefix_cache.entries.iter().any(|e| e.seq == seq) {
-                return seq;
-            }
-        }
-    }
-
     /// Ends a finished sequence as [`Engine::remove_sequence`] does, but
     /// with the prefix cache on ([`EngineConfig::prefix_cache_tokens`]) keeps
     /// its KV cache for later requests that start with the same tokens: its
-    /// positions are copied into a sequence that reserves exactly them (the
-    /// rest of its reservation is freed), on the same device, then the least
-    /// recently used entries are evicted until the entries fit the budget.
-    /// A sequence longer than the whole budget, or one whose step failed, is
-    /// only removed. A GPU error while copying is handled as a failed step's.
+    /// reservation shrinks to the positions it holds ([`Backend::shrink_to_fit`]:
+    /// nothing copied, the rest of its memory freed) and it stays on its
+    /// device as an entry, then the least recently used entries are evicted
+    /// until the entries fit the budget. A sequence longer than the whole
+    /// budget, one whose step failed, or one on a backend that cannot shrink
+    /// is only removed. A GPU error while shrinking is handled as a failed
+    /// step's.
     pub fn retire_sequence(&mut self, seq: SeqId) {
         let budget = self.settings.prefix_cache_tokens;
         let Some(state) = self.sequences.get(&seq) else { return };
@@ -942,36 +925,25 @@ impl Engine {
         if len == 0 || len > budget || state.failed.is_some() || self.sequence_len(seq) != Some(len) {
             return self.remove_sequence(seq);
         }
-        let tokens = state.tokens.clone();
-        let kv_bytes = match location {
-            Location::Gpu(precision) => {
-                self.gpu.as_ref().map_or(0, |g| g.plan(&self.config, precision, len, 0).kv_cache)
-            }
-            Location::Cpu => 0,
-        };
-        let entry = self.next_entry_seq();
-        let copied = match self.backend_at(location) {
-            Some(backend) => guarded(|| {
-                backend.add_sequence(entry, len)?;
-                backend.copy_prefix(seq, entry, len)
-            }),
+        let shrunk = match self.backend_at(location) {
+            Some(backend) => guarded(|| backend.shrink_to_fit(seq)),
             None => Err(BackendError::Device("the sequence's backend is gone".into())),
         };
-        self.remove_sequence(seq);
-        if let Err(err) = copied {
-            if let Some(backend) = self.backend_at(location) {
-                backend.remove_sequence(entry);
-            }
+        if let Err(err) = shrunk {
+            self.remove_sequence(seq);
             if location != Location::Cpu && poisons(&err) {
                 self.poison(format!("keeping a finished sequence's KV cache failed: {err}"), Duration::ZERO);
             }
             return;
         }
-        if let Some(gpu) = self.gpu.as_mut().filter(|_| location != Location::Cpu) {
-            gpu.kv_bytes += kv_bytes;
+        let Some(state) = self.sequences.remove(&seq) else { return };
+        let mut kv_bytes = 0;
+        if let (Location::Gpu(precision), Some(gpu)) = (location, self.gpu.as_mut()) {
+            kv_bytes = gpu.plan(&self.config, precision, len, 0).kv_cache;
+            gpu.kv_bytes = gpu.kv_bytes.saturating_sub(state.kv_bytes) + kv_bytes;
         }
         let last_used = self.prefix_cache.tick();
-        self.prefix_cache.entries.push(CachedPrefix { seq: entry, location, tokens, kv_bytes, last_used });
+        self.prefix_cache.entries.push(CachedPrefix { seq, location, tokens: state.tokens, kv_bytes, last_used });
         while self.prefix_cache.tokens() > budget && self.evict_where(|_| true) {}
     }
 

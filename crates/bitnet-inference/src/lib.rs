@@ -37,7 +37,7 @@ pub use cpu::{CpuBackend, CpuBackendConfig, KvCachePrecision, PhaseTimes};
 pub use cuda::{CudaBackend, CudaBackendConfig, CudaMemory};
 pub use engine::{
     DevicePreference, Engine, EngineConfig, EngineError, EngineEvent, FallbackReason, GpuHealth, PrecisionPreference,
-    PrefixCacheStats, PrimaryDevice, QuantizationPreference, RequestPreferences, SequenceReport, FIRST_INTERNAL_SEQ,
+    PrefixCacheStats, PrimaryDevice, QuantizationPreference, RequestPreferences, SequenceReport,
 };
 pub use error::InferenceError;
 pub use generate::{generate, GenerationConfig, GenerationOutput, StopReason};

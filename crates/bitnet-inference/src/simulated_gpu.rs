@@ -172,6 +172,17 @@ impl Backend for SimulatedGpuBackend {
         self.inner.copy_prefix(src, dst, len)
     }
 
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        self.inner.shrink_to_fit(seq)?;
+        let len = self.inner.sequence_len(seq).unwrap_or(0);
+        let kept = self.kv_bytes_per_position.saturating_mul(len as u64);
+        if let Some(bytes) = self.kv_bytes.get_mut(&seq) {
+            self.injector.on_free(bytes.saturating_sub(kept));
+            *bytes = kept.min(*bytes);
+        }
+        Ok(())
+    }
+
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         // The launch is checked before anything runs, so a failure leaves
         // every sequence as it was (the Backend contract).

@@ -286,6 +286,9 @@ impl Backend for Switchable {
     fn copy_prefix(&mut self, src: SeqId, dst: SeqId, len: usize) -> Result<(), BackendError> {
         self.inner.copy_prefix(src, dst, len)
     }
+    fn shrink_to_fit(&mut self, seq: SeqId) -> Result<(), BackendError> {
+        self.inner.shrink_to_fit(seq)
+    }
     fn step(&mut self, batch: &[StepInput<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
         if self.broken.load(Ordering::SeqCst) {
             return Err(BackendError::Device("illegal address (test)".into()));

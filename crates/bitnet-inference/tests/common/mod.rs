@@ -196,11 +196,23 @@ pub mod prefix {
         step(b, 202, &held);
         let (a, c) = (step(b, 202, &[14]), step(b, 100, &[14]));
         assert!(bits(&[a]) == bits(&[c]), "{what}: copying changed the source");
+        // Shrunk to its length, the source holds the same positions, copies
+        // from it still continue exactly, and it can grow no further.
+        let held_len = held.len() + 1;
+        b.shrink_to_fit(100).unwrap();
+        assert_eq!(b.sequence_len(100), Some(held_len), "{what}");
+        let err = b.step(&[StepInput { seq: 100, tokens: &[15] }]).unwrap_err();
+        assert!(matches!(err, BackendError::ReservationExceeded { seq: 100, .. }), "{what}: {err}");
+        b.add_sequence(203, held_len + 1).unwrap();
+        b.copy_prefix(100, 203, held_len).unwrap();
+        let (a, c) = (step(b, 202, &[15]), step(b, 203, &[15]));
+        assert!(bits(&[a]) == bits(&[c]), "{what}: a copy from a shrunk sequence continues differently");
+        b.remove_sequence(203);
+        assert_eq!(b.shrink_to_fit(998).unwrap_err(), BackendError::UnknownSequence(998));
         // Refused copies leave the destination as it was.
         b.add_sequence(300, 5).unwrap();
         step(b, 300, &[1]);
         b.add_sequence(301, 5).unwrap();
-        let held_len = held.len() + 1;
         let refused =
             [(100, 300, 1), (100, 301, 6), (100, 301, held_len + 1), (999, 301, 1), (100, 998, 1), (100, 100, 1)];
         for (src, dst, len) in refused {

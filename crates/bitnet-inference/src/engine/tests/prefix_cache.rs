@@ -113,11 +113,11 @@ fn the_cache_keeps_to_its_budget_least_recently_used_first() {
     off.retire_sequence(1);
     assert_eq!(off.prefix_cache_stats(), PrefixCacheStats::default());
     assert_eq!(generate_cached(&mut off, 2, &prompts[0], 1, &cpu_prefs).1, 0);
-    // The engine's own ids are refused to callers.
-    assert_eq!(
-        off.add_sequence(FIRST_INTERNAL_SEQ, 4, &cpu_prefs).unwrap_err(),
-        EngineError::ReservedSequence(FIRST_INTERNAL_SEQ)
-    );
+    // A retired sequence's id is free again: its entry gives way.
+    engine.add_sequence(1, 4, &cpu_prefs).unwrap();
+    let stats = engine.prefix_cache_stats();
+    assert_eq!((stats.entries, stats.evictions), (1, 2));
+    assert_eq!(engine.sequence_len(1), Some(0));
 }
 
 #[test]
